@@ -132,15 +132,16 @@ class StageScheduleCallback(Callback):
                 StageProblem("give either `stage_schedule` or `config`, not both", name="StageScheduleCallback",
                              field="config", value=str(config))
             )
+        problems: list[StageProblem] = []
+        total_epochs = None
         if config is not None:
             from_file = StageSchedule.from_config(os.fspath(config))
-            schedule = StageSchedule(
-                stages=from_file.stages,
-                loss_weights=loss_weights if loss_weights is not None else from_file.loss_weights,
-                distillation=distillation if distillation is not None else from_file.distillation,
-                lambda_coef=lambda_coef if lambda_coef is not None else from_file.lambda_coef,
-                total_epochs=from_file.total_epochs,
-            )
+            stages = from_file.stages
+            if from_file.loss_weights is not None or loss_weights is not None:
+                loss_weights = {**(from_file.loss_weights or {}), **(loss_weights or {})}
+            distillation = distillation if distillation is not None else from_file.distillation
+            lambda_coef = lambda_coef if lambda_coef is not None else from_file.lambda_coef
+            total_epochs = from_file.total_epochs
         else:
             if stage_schedule is not None and (
                 isinstance(stage_schedule, (str, bytes, Mapping)) or not isinstance(stage_schedule, Sequence)
@@ -149,12 +150,22 @@ class StageScheduleCallback(Callback):
                     StageProblem(f"must be a list of stages, not {type(stage_schedule).__name__}",
                                  name="StageScheduleCallback", field="stage_schedule", value=stage_schedule)
                 )
+            stages = tuple(stage_schedule or ())
+        # the base weights given here override the module's declared ones key by key (checked against them in
+        # setup), so the schedule is built without them and they are kept apart
+        try:
+            StageSchedule(loss_weights=loss_weights)
+        except StageConfigError as err:
+            problems += err.problems
+        try:
             schedule = StageSchedule(
-                stages=tuple(stage_schedule or ()),
-                loss_weights=loss_weights,
-                distillation=distillation,
-                lambda_coef=lambda_coef,
+                stages=stages, distillation=distillation, lambda_coef=lambda_coef, total_epochs=total_epochs
             )
+        except StageConfigError as err:
+            problems += err.problems
+        if problems:
+            raise StageConfigError(problems)
+        self.base_loss_weights: Optional[dict[str, float]] = dict(loss_weights) if loss_weights is not None else None
         self.schedule = schedule
         self.verbose = verbose
         self.resolved_schedule: Optional[StageSchedule] = None
@@ -179,7 +190,7 @@ class StageScheduleCallback(Callback):
         """
         declared = _declared_base(pl_module)
         problems: list[StageProblem] = []
-        base_weights = self.schedule.loss_weights
+        base_weights = self.base_loss_weights
         if declared["loss_weights"] is not None:
             known = declared["loss_weights"]
             for key, value in (base_weights or {}).items():
@@ -201,7 +212,7 @@ class StageScheduleCallback(Callback):
                 lambda_coef=self.schedule.lambda_coef
                 if self.schedule.lambda_coef is not None
                 else declared["lambda_coef"],
-                total_epochs=self.schedule.total_epochs if self.schedule.total_epochs is not None else max_epochs,
+                total_epochs=self.schedule.total_epochs,
             )
         except StageConfigError as err:
             raise StageConfigError([*problems, *err.problems]) from None
@@ -210,6 +221,9 @@ class StageScheduleCallback(Callback):
             problems += resolved.epoch_problems(max_epochs)
         if problems:
             raise StageConfigError(problems)
+        if resolved.total_epochs is None and max_epochs is not None:
+            # stages without `end_epoch` end with the run
+            resolved = resolved.with_base(total_epochs=max_epochs)
         return resolved
 
     def _first_distilling(self, schedule: StageSchedule) -> str:
