@@ -258,6 +258,7 @@ class StageScheduleCallback(Callback):
                 )
             pl_module.prepare_teachers(needed_by=needed_by)
         if fitting:
+            self._reported_epoch = self._reported_stage = None
             self._warn_about_coverage(trainer, schedule)
             self._apply(pl_module, schedule.at(trainer.current_epoch))
         else:
