@@ -76,6 +76,10 @@ class StageConfigError(ValueError):
         head = f"{count} problem{'s' if count != 1 else ''} in the stage schedule:"
         super().__init__("\n".join([head, *(f"  - {p}" for p in self.problems)]))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # rebuild from the problems, not from the message (e.g. when a worker process sends the error back)
+        return type(self), (self.problems,)
+
 
 def did_you_mean(word: str, candidates: Sequence[str]) -> Optional[str]:
     """Return ``"did you mean `x`?"`` for the closest candidate to ``word``, or ``None``.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -12,8 +13,13 @@ __all__ = ["FeatureAdapter", "feature_mse", "logit_kd", "mask_kd"]
 
 
 def _check_temperature(temperature: float) -> None:
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
-        raise ValueError(f"Expected argument `temperature` to be a positive number but got {temperature!r}")
+    if (
+        not isinstance(temperature, (int, float))
+        or isinstance(temperature, bool)
+        or not math.isfinite(temperature)
+        or not temperature > 0
+    ):
+        raise ValueError(f"Expected argument `temperature` to be a positive finite number but got {temperature!r}")
 
 
 def _check_shapes(student: Tensor, teacher: Tensor, name: str) -> None:
@@ -44,8 +50,10 @@ def logit_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float 
     _check_shapes(student_logits, teacher_logits, name)
     log_p_student = F.log_softmax(student_logits / temperature, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
-    kl = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(dim=1)
-    return kl.mean() * (temperature**2)
+    p_teacher = log_p_teacher.exp()
+    # classes the teacher gives probability 0 (e.g. a logit of -inf) add 0, not 0 * -inf = NaN as in F.kl_div
+    terms = torch.where(p_teacher > 0, p_teacher * (log_p_teacher - log_p_student), torch.zeros_like(p_teacher))
+    return terms.sum(dim=1).mean() * (temperature**2)
 
 
 def mask_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, name: str = "mask_kd") -> Tensor:

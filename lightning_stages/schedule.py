@@ -5,7 +5,8 @@ from __future__ import annotations
 import bisect
 import math
 import os
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Union
 
@@ -55,6 +56,18 @@ def _near_miss(section: Mapping[str, Any], wanted: Sequence[str], prefix: str) -
                              hint=hint)
             )
     return problems
+
+
+def _starts_beyond(indexed: Iterable[tuple[int, Stage]], max_epochs: int, label: str) -> list[StageProblem]:
+    """Stages (with their index as written) that start at or after ``max_epochs`` and so would never run."""
+    return [
+        StageProblem(
+            f"starts at or beyond {label} ({max_epochs}), so it would never run",
+            index=index, name=stage.name, field="start_epoch", value=stage.start_epoch,
+        )
+        for index, stage in indexed
+        if isinstance(stage.start_epoch, int) and stage.start_epoch >= max_epochs
+    ]
 
 
 @dataclass(frozen=True)
@@ -117,13 +130,19 @@ class StageSchedule:
                 )
             )
         stages: list[Stage] = []
-        valid: list[bool] = []
+        # (index as written, stage) of the stages whose epoch range is well-formed: checked against each other
+        # even when other fields have problems, so that every problem is reported at once
+        ranged: list[tuple[int, Stage]] = []
+        weighted: list[tuple[int, Stage]] = []
         for index, entry in enumerate(raw):
             stage, found = parse_stage(entry, index)
             problems += found
             if stage is not None:
                 stages.append(stage)
-                valid.append(not found)
+                if not any(p.field in ("start_epoch", "end_epoch") for p in found):
+                    ranged.append((index, stage))
+                if stage.loss_weights is None or isinstance(stage.loss_weights, Mapping):
+                    weighted.append((index, stage))
         object.__setattr__(self, "stages", tuple(stages))
 
         if self.loss_weights is not None:
@@ -145,14 +164,15 @@ class StageSchedule:
             )
         if self.lambda_coef is not None:
             problems += _check_base_number(self.lambda_coef, "lambda_coef")
-        if self.total_epochs is not None and (
-            not isinstance(self.total_epochs, int) or isinstance(self.total_epochs, bool) or self.total_epochs < 1
-        ):
+        total_ok = self.total_epochs is None or (
+            isinstance(self.total_epochs, int) and not isinstance(self.total_epochs, bool) and self.total_epochs >= 1
+        )
+        if not total_ok:
             problems.append(_base_problem("must be a positive integer", "total_epochs", self.total_epochs))
 
-        if not problems:
-            problems += self._range_problems()
-            problems += self._weight_key_problems()
+        problems += self._range_problems(ranged, check_total=total_ok)
+        if self.loss_weights is None or isinstance(self.loss_weights, Mapping):
+            problems += self._weight_key_problems(indexed=weighted)
         if problems:
             raise StageConfigError(problems)
 
@@ -162,31 +182,36 @@ class StageSchedule:
 
     # ------------------------------------------------------------------ checks
 
-    def _range_problems(self) -> list[StageProblem]:
+    def _range_problems(self, ranged: list[tuple[int, Stage]], check_total: bool = True) -> list[StageProblem]:
         problems = []
-        order = sorted(range(len(self.stages)), key=lambda i: self.stages[i].start_epoch)
-        for prev, cur in zip(order, order[1:]):
-            a, b = self.stages[prev], self.stages[cur]
-            a_end = a.end_epoch if a.end_epoch is not None else math.inf
-            if b.start_epoch < a_end:
-                a_range = f"[{a.start_epoch}, {a.end_epoch if a.end_epoch is not None else 'end'})"
-                problems.append(
-                    StageProblem(
-                        f"overlaps stage {prev}{f' ({a.name!r})' if a.name else ''} which covers epochs {a_range}",
-                        index=cur, name=b.name, field="start_epoch", value=b.start_epoch,
-                        hint=None if a.end_epoch is not None else "a stage without `end_epoch` runs to the last epoch",
+        ordered = sorted(ranged, key=lambda item: item[1].start_epoch)
+        # compare each stage with every earlier-starting one that is still running, not only its neighbour:
+        # [0, 10), [2, 4), [5, 8) has two overlaps
+        for pos, (cur, b) in enumerate(ordered):
+            for prev, a in ordered[:pos]:
+                a_end = a.end_epoch if a.end_epoch is not None else math.inf
+                if b.start_epoch < a_end:
+                    a_range = f"[{a.start_epoch}, {a.end_epoch if a.end_epoch is not None else 'end'})"
+                    problems.append(
+                        StageProblem(
+                            f"overlaps stage {prev}{f' ({a.name!r})' if a.name else ''} which covers epochs {a_range}",
+                            index=cur, name=b.name, field="start_epoch", value=b.start_epoch,
+                            hint=None if a.end_epoch is not None
+                            else "a stage without `end_epoch` runs to the last epoch",
+                        )
                     )
-                )
-        if self.total_epochs is not None:
-            problems += self.epoch_problems(self.total_epochs, label="total_epochs")
+        if check_total and self.total_epochs is not None:
+            problems += _starts_beyond(ranged, self.total_epochs, "total_epochs")
         return problems
 
-    def _weight_key_problems(self, known: Optional[Sequence[str]] = None) -> list[StageProblem]:
+    def _weight_key_problems(
+        self, known: Optional[Sequence[str]] = None, indexed: Optional[list[tuple[int, Stage]]] = None
+    ) -> list[StageProblem]:
         problems = []
         if known is None and self.loss_weights is not None:
             known = list(self.loss_weights)
         if known is not None:
-            for index, stage in enumerate(self.stages):
+            for index, stage in indexed if indexed is not None else enumerate(self.stages):
                 for key, value in (stage.loss_weights or {}).items():
                     if key not in known:
                         hint = did_you_mean(key, known)
@@ -232,16 +257,7 @@ class StageSchedule:
             >>> [str(p) for p in StageSchedule([{"start_epoch": 0, "end_epoch": 5}, {"start_epoch": 5}]).epoch_problems(5)]
             ['stage 1: `start_epoch` = 5: starts at or beyond max_epochs (5), so it would never run']
         """
-        problems = []
-        for index, stage in enumerate(self.stages):
-            if isinstance(stage.start_epoch, int) and stage.start_epoch >= max_epochs:
-                problems.append(
-                    StageProblem(
-                        f"starts at or beyond {label} ({max_epochs}), so it would never run",
-                        index=index, name=stage.name, field="start_epoch", value=stage.start_epoch,
-                    )
-                )
-        return problems
+        return _starts_beyond(enumerate(self.stages), max_epochs, label)
 
     def weight_key_problems(self, loss_keys: Sequence[str]) -> list[StageProblem]:
         """Problems of weight keys that name no task loss in ``loss_keys`` (with a did-you-mean).
@@ -288,14 +304,20 @@ class StageSchedule:
                 return {}
             return value
 
-        problems += _near_miss(data, _ROOT_KEYS, "")
+        # a misspelt `stage_schedule` would silently train single-stage: an error. Near-misses of the base keys
+        # may be keys of an older config (`training`, `distillation.lambda`) that must keep working: a warning.
+        root = _near_miss(data, _ROOT_KEYS, "")
+        problems += [p for p in root if p.hint == "did you mean `stage_schedule`?"]
         train, distillation = section("train"), section("distillation")
-        problems += _near_miss(train, _TRAIN_KEYS, "train.")
-        problems += _near_miss(distillation, _DISTILLATION_KEYS, "distillation.")
+        suspicious = [p for p in root if p not in problems]
+        suspicious += _near_miss(train, _TRAIN_KEYS, "train.") + _near_miss(distillation, _DISTILLATION_KEYS, "distillation.")
+        for problem in suspicious:
+            warnings.warn(f"{problem} (ignored)", UserWarning, stacklevel=2)
         if problems:
             raise StageConfigError(problems)
         return cls(
-            stages=data.get("stage_schedule") or (),
+            # only an absent (or null) `stage_schedule` means "no stages"; `{}` or `""` is a mistake the check names
+            stages=data.get("stage_schedule") if data.get("stage_schedule") is not None else (),
             loss_weights=train.get("loss_weights"),
             distillation=distillation.get("enable"),
             lambda_coef=distillation.get("lambda_coef"),

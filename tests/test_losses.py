@@ -1,0 +1,178 @@
+"""Distillation losses against hand-written references (explicit sums over math.exp/math.log)."""
+
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_stages.losses import FeatureAdapter, feature_mse, logit_kd, mask_kd
+
+
+def _softmax(row, temperature):
+    scaled = [x / temperature for x in row]
+    top = max(v for v in scaled if v != -math.inf)
+    exps = [math.exp(v - top) if v != -math.inf else 0.0 for v in scaled]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def _kl(p, q):
+    """KL(p || q) with 0 * log(0 / q) = 0."""
+    return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q) if pi > 0)
+
+
+def _logit_kd_reference(student, teacher, temperature):
+    """T^2 * mean over every (sample, position) of KL(softmax(t / T) || softmax(s / T)) along dim 1."""
+    s = student.movedim(1, -1).reshape(-1, student.shape[1]).tolist()
+    t = teacher.movedim(1, -1).reshape(-1, teacher.shape[1]).tolist()
+    kls = [_kl(_softmax(tr, temperature), _softmax(sr, temperature)) for sr, tr in zip(s, t)]
+    return temperature**2 * sum(kls) / len(kls)
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def _mask_kd_reference(student, teacher, temperature):
+    total = 0.0
+    values = list(zip(student.flatten().tolist(), teacher.flatten().tolist()))
+    for s, t in values:
+        p, q = _sigmoid(t / temperature), _sigmoid(s / temperature)
+        total += -(p * math.log(q) + (1 - p) * math.log(1 - q))
+    return temperature**2 * total / len(values)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.5, 0.5])
+@pytest.mark.parametrize("shape", [(4, 5), (2, 3, 6), (2, 4, 3, 3)])
+def test_logit_kd_matches_the_hand_formula(temperature, shape):
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
+    teacher = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
+    got = logit_kd(student, teacher, temperature=temperature)
+    assert got.shape == ()
+    assert float(got) == pytest.approx(_logit_kd_reference(student, teacher, temperature), rel=1e-9)
+
+
+def test_logit_kd_is_zero_for_identical_logits_and_positive_otherwise():
+    logits = torch.tensor([[1.0, -2.0, 0.5], [3.0, 3.0, 3.0]])
+    assert float(logit_kd(logits, logits.clone(), temperature=3.0)) == pytest.approx(0.0, abs=1e-7)
+    assert float(logit_kd(logits, logits.flip(1))) > 0
+
+
+def test_logit_kd_with_zero_teacher_probability_gives_no_nan():
+    student = torch.tensor([[0.0, 1.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    teacher = torch.tensor([[0.0, 1.0, -math.inf]], dtype=torch.float64)
+    loss = logit_kd(student, teacher, temperature=2.0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert loss.item() == pytest.approx(_logit_kd_reference(student.detach(), teacher, 2.0), rel=1e-9)
+    assert torch.isfinite(student.grad).all()
+
+
+def test_logit_kd_with_extreme_logits_stays_finite():
+    student = torch.tensor([[0.0, 0.0]])
+    teacher = torch.tensor([[0.0, 1000.0]])
+    # teacher is one-hot on class 1, student uniform: KL = log 2
+    assert float(logit_kd(student, teacher)) == pytest.approx(math.log(2), rel=1e-6)
+    assert torch.isfinite(logit_kd(teacher, student))
+
+
+def test_logit_kd_gradient_reaches_the_student_only():
+    student = torch.randn(3, 4, requires_grad=True)
+    teacher = torch.randn(3, 4)
+    logit_kd(student, teacher, temperature=2.0).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+@pytest.mark.parametrize("shape", [(6,), (2, 1, 4, 4), (3, 5)])
+def test_mask_kd_matches_the_hand_formula(temperature, shape):
+    gen = torch.Generator().manual_seed(1)
+    student = torch.randn(shape, generator=gen, dtype=torch.float64) * 4
+    teacher = torch.randn(shape, generator=gen, dtype=torch.float64) * 4
+    got = mask_kd(student, teacher, temperature=temperature)
+    assert float(got) == pytest.approx(_mask_kd_reference(student, teacher, temperature), rel=1e-9)
+
+
+def test_mask_kd_with_certain_teacher_gives_no_nan():
+    student = torch.tensor([2.0, -3.0, 0.0, 50.0], requires_grad=True)
+    teacher = torch.tensor([math.inf, -math.inf, math.inf, -math.inf])
+    loss = mask_kd(student, teacher)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+    # targets 1, 0, 1, 0: -log sigmoid(2), -log(1 - sigmoid(-3)), -log sigmoid(0), -log(1 - sigmoid(50))
+    expected = (
+        -math.log(_sigmoid(2.0)) - math.log(1 - _sigmoid(-3.0)) - math.log(0.5) + (50 + math.log1p(math.exp(-50)))
+    ) / 4
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", [logit_kd, mask_kd])
+@pytest.mark.parametrize("temperature", [0, -1.0, math.nan, math.inf, True, "2"])
+def test_bad_temperature_is_named(loss, temperature):
+    with pytest.raises(ValueError, match=re.escape(f"`temperature` to be a positive finite number but got {temperature!r}")):
+        loss(torch.zeros(1, 2), torch.zeros(1, 2), temperature=temperature)
+
+
+@pytest.mark.parametrize("loss", [logit_kd, mask_kd])
+def test_logit_shape_mismatch_names_the_pair_and_both_shapes(loss):
+    with pytest.raises(ValueError, match=re.escape("head.cls: student shape (2, 3) does not match teacher shape (2, 4)")):
+        loss(torch.zeros(2, 3), torch.zeros(2, 4), name="head.cls")
+
+
+@pytest.mark.parametrize(
+    ("shape", "reference"),
+    [
+        ((4, 3), lambda x, w, b: x @ w.T + b),
+        ((2, 3, 7), lambda x, w, b: F.conv1d(x, w[:, :, None], b)),
+        ((2, 3, 5, 6), lambda x, w, b: F.conv2d(x, w[:, :, None, None], b)),
+    ],
+)
+def test_feature_adapter_is_a_1x1_projection_of_the_channels(shape, reference):
+    torch.manual_seed(0)
+    adapter = FeatureAdapter(3, 8)
+    x = torch.randn(shape)
+    out = adapter(x)
+    assert out.shape == (shape[0], 8, *shape[2:])
+    weight, bias = adapter.proj.weight, adapter.proj.bias
+    torch.testing.assert_close(out, reference(x, weight, bias))
+
+
+def test_feature_adapter_5d_shape():
+    assert FeatureAdapter(2, 5)(torch.zeros(1, 2, 3, 4, 6)).shape == (1, 5, 3, 4, 6)
+
+
+def test_feature_mse_matches_the_hand_formula():
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)
+    b = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)
+    expected = sum((x - y) ** 2 for x, y in zip(a.flatten().tolist(), b.flatten().tolist())) / a.numel()
+    assert float(feature_mse(a, b)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_feature_mse_with_adapter_trains_the_adapter():
+    torch.manual_seed(0)
+    adapter = FeatureAdapter(4, 6)
+    student = torch.randn(2, 4, 3, 3)
+    teacher = torch.randn(2, 6, 3, 3)
+    loss = feature_mse(student, teacher, adapter=adapter)
+    projected = F.conv2d(student, adapter.proj.weight[:, :, None, None], adapter.proj.bias)
+    assert loss.item() == pytest.approx(((projected - teacher) ** 2).mean().item(), rel=1e-6)
+    loss.backward()
+    assert adapter.proj.weight.grad is not None and adapter.proj.weight.grad.abs().sum() > 0
+
+
+def test_feature_mse_shape_mismatch_names_the_layer_and_both_shapes():
+    with pytest.raises(ValueError, match=re.escape("encoder.layer3: student features (2, 8, 4, 4) do not match "
+                                                   "teacher features (2, 16, 4, 4)")) as info:
+        feature_mse(torch.zeros(2, 8, 4, 4), torch.zeros(2, 16, 4, 4), name="encoder.layer3")
+    assert "FeatureAdapter(student_channels, teacher_channels)" in str(info.value)
+
+
+def test_feature_mse_mismatch_after_the_adapter_names_the_adapted_shape():
+    adapter = FeatureAdapter(8, 12)
+    with pytest.raises(ValueError, match=re.escape("neck: student features (2, 12, 4, 4) do not match teacher "
+                                                   "features (2, 16, 4, 4)")):
+        feature_mse(torch.zeros(2, 8, 4, 4), torch.zeros(2, 16, 4, 4), adapter=adapter, name="neck")
