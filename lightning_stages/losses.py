@@ -51,8 +51,9 @@ def logit_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float 
     log_p_student = F.log_softmax(student_logits / temperature, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
     p_teacher = log_p_teacher.exp()
-    # classes the teacher gives probability 0 (e.g. a logit of -inf) add 0, not 0 * -inf = NaN as in F.kl_div
-    terms = torch.where(p_teacher > 0, p_teacher * (log_p_teacher - log_p_student), torch.zeros_like(p_teacher))
+    # classes the teacher gives probability 0 (a logit of -inf) add 0, not 0 * -inf = NaN as in F.kl_div;
+    # a NaN from a broken teacher still comes through
+    terms = torch.where(p_teacher == 0, torch.zeros_like(p_teacher), p_teacher * (log_p_teacher - log_p_student))
     return terms.sum(dim=1).mean() * (temperature**2)
 
 

@@ -176,3 +176,8 @@ def test_feature_mse_mismatch_after_the_adapter_names_the_adapted_shape():
     with pytest.raises(ValueError, match=re.escape("neck: student features (2, 12, 4, 4) do not match teacher "
                                                    "features (2, 16, 4, 4)")):
         feature_mse(torch.zeros(2, 8, 4, 4), torch.zeros(2, 16, 4, 4), adapter=adapter, name="neck")
+
+
+def test_logit_kd_lets_a_nan_teacher_through_so_it_can_be_caught():
+    teacher = torch.tensor([[float("nan"), 0.0, 1.0]])
+    assert torch.isnan(logit_kd(torch.zeros(1, 3), teacher))
