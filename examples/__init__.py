@@ -1,0 +1,1 @@
+"""Worked examples of lightning-stages (run from the repository root, e.g. ``python -m examples.segmentation``)."""

@@ -1,0 +1,140 @@
+"""The ``lightning-stages`` command line: ``validate``, ``show`` and ``compare`` stage schedules.
+
+``validate`` and ``show`` read a config without training: the seed's JSON format (root ``stage_schedule``,
+``train``, ``distillation``) or a ``LightningCLI`` YAML whose ``trainer.callbacks`` hold a
+:class:`~lightning_stages.StageScheduleCallback`. ``compare`` trains each ``LightningCLI`` config with the same
+seeds, and writes a report that answers which schedule is better, where the seeds allow an answer.
+
+The work is done in :mod:`~lightning_stages.lightning_config` (reading configs),
+:mod:`~lightning_stages.timeline` (what ``show`` prints and draws), :mod:`~lightning_stages.stages_lightning_cli`
+(:class:`StagesLightningCLI`), :mod:`~lightning_stages.compare` and :mod:`~lightning_stages.compare_report`; their
+public names are importable from here as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional
+
+from lightning_stages.compare import CompareResult, run_compare
+from lightning_stages.compare_report import verdict
+from lightning_stages.errors import StageConfigError
+from lightning_stages.lightning_config import (
+    add_working_directory_to_path,
+    check_lightning_config,
+    like_for_like_differences,
+    schedule_of_config,
+)
+from lightning_stages.stages_lightning_cli import StagesLightningCLI
+from lightning_stages.timeline import PLOT_HINT, format_summary, format_table, plot_timeline
+
+__all__ = [
+    "PLOT_HINT",
+    "CompareResult",
+    "StagesLightningCLI",
+    "check_lightning_config",
+    "format_table",
+    "like_for_like_differences",
+    "main",
+    "plot_timeline",
+    "run_compare",
+    "schedule_of_config",
+    "verdict",
+]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-stages",
+        description="Check, show and compare stage schedules of lightning-stages.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("validate", help="check configs without training (exit 0: OK, exit 2: errors)")
+    p.add_argument("configs", nargs="+", metavar="CONFIG", help="seed-format JSON/YAML or LightningCLI YAML")
+    p.add_argument("--max-epochs", type=int, default=None, help="check against this many epochs")
+    p.add_argument("--stages", default=None, help="a seed-format schedule used with a LightningCLI config")
+    p = sub.add_parser("show", help="print the resolved schedule as a table, optionally draw a timeline PNG")
+    p.add_argument("config", metavar="CONFIG")
+    p.add_argument("--max-epochs", type=int, default=None, help="resolve against this many epochs")
+    p.add_argument("--stages", default=None, help="a seed-format schedule used with a LightningCLI config")
+    p.add_argument("--plot", default=None, metavar="PNG", help="draw the timeline into this PNG (needs matplotlib)")
+    p = sub.add_parser("compare", help="train each LightningCLI config over the same seeds and write a report")
+    p.add_argument("configs", nargs="+", metavar="CONFIG", help="LightningCLI YAML configs, one per schedule")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1), default 3")
+    p.add_argument("--out", default="runs/compare", help="output directory (report.md, curves.png, tb/)")
+    p.add_argument("--metrics", nargs="+", default=["test/iou", "test/dice", "test/acc"],
+                   help="test metrics of the table; the first decides the verdict")
+    p.add_argument("--curve-metric", default="val/iou", help="validation metric drawn per epoch")
+    return parser
+
+
+def _validate(args: argparse.Namespace) -> int:
+    code = 0
+    for path in args.configs:
+        try:
+            schedule = schedule_of_config(path, args.max_epochs, args.stages)
+        except StageConfigError as err:
+            print(f"{path}: {err}", file=sys.stderr)
+            code = 2
+        else:
+            print(f"OK {path}: {format_summary(schedule)}")
+    return code
+
+
+def _show(args: argparse.Namespace) -> int:
+    try:
+        schedule = schedule_of_config(args.config, args.max_epochs, args.stages)
+    except StageConfigError as err:
+        print(f"{args.config}: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.config}: {format_summary(schedule)}")
+    print(format_table(schedule))
+    if args.plot:
+        try:
+            png = plot_timeline(schedule, args.plot)
+        except ImportError as err:
+            print(str(err), file=sys.stderr)
+            return 1
+        print(f"timeline written to {png}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    for path in args.configs:
+        if not Path(path).is_file():
+            print(f"compare: no such config: {path}", file=sys.stderr)
+            return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
+        result = run_compare(args.configs, seeds=args.seeds, out=args.out, metrics=args.metrics,
+                             curve_metric=args.curve_metric, echo=lambda line: print(line, flush=True))
+    print(f"report: {result.report}")
+    if result.curves is not None:
+        print(f"curves: {result.curves}")
+    print(f"tensorboard --logdir {result.tensorboard}")
+    return 1 if result.failed else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``lightning-stages`` console script; returns the exit code.
+
+    Example::
+
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "s.json"
+        >>> _ = p.write_text('{"stage_schedule": [{"start_epoch": 0, "lambda_coef": -1}]}')
+        >>> main(["validate", str(p)])
+        2
+    """
+    args = _parser().parse_args(list(argv) if argv is not None else None)
+    add_working_directory_to_path()
+    command = {"validate": _validate, "show": _show, "compare": _compare}[args.command]
+    return command(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Reading a config without training: the schedule it trains with, and what else two configs differ in.
+
+A config is either the seed's format (root ``stage_schedule``, ``train``, ``distillation``) or a ``LightningCLI``
+YAML whose ``trainer.callbacks`` hold a :class:`~lightning_stages.StageScheduleCallback`; the base settings of a
+LightningCLI config come from its model's ``init_args`` or ``__init__`` defaults, as the callback would take them
+from the module. Every problem is raised as the library's :class:`~lightning_stages.StageConfigError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Optional, Union
+
+from lightning_stages.config import load_config
+from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
+from lightning_stages.schedule import StageSchedule
+from lightning_stages.stage_schedule_callback import StageScheduleCallback
+
+__all__ = [
+    "add_working_directory_to_path",
+    "check_lightning_config",
+    "like_for_like_differences",
+    "schedule_of_config",
+    "two_schedules_problem",
+]
+
+_CALLBACK_NAME = StageScheduleCallback.__name__
+# model settings that belong to the schedule, not to the model: the base the callback takes from the module, and
+# what is left out when judging whether two configs compare like for like
+_SCHEDULE_MODEL_KEYS = ("loss_weights", "use_distillation", "lambda_coef")
+
+
+def add_working_directory_to_path() -> None:
+    """Let class paths in configs resolve from the working directory, as with ``python -m``.
+
+    Example::
+
+        >>> add_working_directory_to_path()
+        >>> os.getcwd() in sys.path
+        True
+    """
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
+def _is_lightning_config(data: Mapping[str, Any]) -> bool:
+    return any(key in data for key in ("trainer", "model", "data", "fit"))
+
+
+def _section(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = data.get(key)
+    return value if isinstance(value, Mapping) else {}
+
+
+def _fit_section(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The ``fit`` section of a ``LightningCLI`` config that has one (the config itself otherwise)."""
+    fit = data.get("fit")
+    return fit if isinstance(fit, Mapping) else data
+
+
+def _import(class_path: str) -> Optional[type]:
+    module, _, name = class_path.rpartition(".")
+    if not module:
+        return None
+    with contextlib.suppress(Exception):
+        return getattr(importlib.import_module(module), name)
+    return None
+
+
+def _callback_entries(data: Mapping[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """``(position in trainer.callbacks, init_args)`` of every StageScheduleCallback in a LightningCLI config."""
+    callbacks = _section(_fit_section(data), "trainer").get("callbacks")
+    if isinstance(callbacks, (Mapping, str)):
+        callbacks = [callbacks]
+    found = []
+    for position, entry in enumerate(callbacks or []):
+        if isinstance(entry, str):
+            class_path: Any = entry
+        else:
+            class_path = entry.get("class_path") if isinstance(entry, Mapping) else None
+        if not isinstance(class_path, str):
+            continue
+        cls = _import(class_path) if "." in class_path else None
+        if class_path == _CALLBACK_NAME or (isinstance(cls, type) and issubclass(cls, StageScheduleCallback)):
+            init_args = entry.get("init_args") if isinstance(entry, Mapping) else None
+            found.append((position, dict(init_args or {})))
+    return found
+
+
+def _build_callback(init_args: Mapping[str, Any], position: int) -> StageScheduleCallback:
+    """``StageScheduleCallback(**init_args)``, with unknown arguments reported like any other schedule problem."""
+    where = f"trainer.callbacks[{position}] ({_CALLBACK_NAME})"
+    accepted = [p for p in inspect.signature(StageScheduleCallback.__init__).parameters if p != "self"]
+    problems = [
+        StageProblem("is not an argument of StageScheduleCallback", name=where, field=str(key), value=value,
+                     hint=did_you_mean(str(key), accepted) or f"the arguments are: {', '.join(accepted)}")
+        for key, value in init_args.items() if key not in accepted
+    ]
+    try:
+        callback = StageScheduleCallback(**{k: v for k, v in init_args.items() if k in accepted}, verbose=False)
+    except StageConfigError as err:
+        raise StageConfigError([*problems, *err.problems]) from None
+    if problems:
+        raise StageConfigError(problems)
+    return callback
+
+
+def check_lightning_config(data: Mapping[str, Any]) -> list[StageScheduleCallback]:
+    """Build every ``StageScheduleCallback`` of a LightningCLI config, raising the library's error for bad ones.
+
+    Raises:
+        StageConfigError: a schedule problem (each naming stage, field and value), or more than one callback.
+
+    Example::
+
+        >>> cfg = {"trainer": {"callbacks": [{"class_path": "lightning_stages.StageScheduleCallback",
+        ...        "init_args": {"stage_schedule": [{"name": "warm", "start_epoch": 0, "lamda_coef": 0.5}]}}]}}
+        >>> check_lightning_config(cfg)
+        Traceback (most recent call last):
+        ...
+        lightning_stages.errors.StageConfigError: 1 problem in the stage schedule:
+          - stage 0 ('warm'): `lamda_coef` = 0.5: is not a stage field; did you mean `lambda_coef`?
+    """
+    entries = _callback_entries(data)
+    callbacks, problems = [], []
+    for position, init_args in entries:
+        try:
+            callbacks.append(_build_callback(init_args, position))
+        except StageConfigError as err:
+            problems += err.problems
+    if len(entries) > 1:
+        problems.append(
+            StageProblem("holds more than one StageScheduleCallback; give one schedule per run", name="config",
+                         field="trainer.callbacks", value=[p for p, _ in entries])
+        )
+    if problems:
+        raise StageConfigError(problems)
+    return callbacks
+
+
+def _model_defaults(model: Mapping[str, Any]) -> dict[str, Any]:
+    """What the model declares: ``loss_weights``, ``use_distillation``, ``lambda_coef`` from init_args or defaults."""
+    init_args = dict(_section(model, "init_args"))
+    for key, value in model.items():  # jsonargparse also accepts init args next to class_path
+        if key not in ("class_path", "init_args", "dict_kwargs"):
+            init_args.setdefault(key, value)
+    cls = _import(model["class_path"]) if isinstance(model.get("class_path"), str) else None
+    defaults: dict[str, Any] = {}
+    if isinstance(cls, type):
+        with contextlib.suppress(TypeError, ValueError):
+            for name, parameter in inspect.signature(cls.__init__).parameters.items():
+                if parameter.default is not inspect.Parameter.empty:
+                    defaults[name] = parameter.default
+    return {name: init_args.get(name, defaults.get(name)) for name in _SCHEDULE_MODEL_KEYS}
+
+
+def _max_epochs_of(data: Mapping[str, Any]) -> Optional[int]:
+    value = _section(_fit_section(data), "trainer").get("max_epochs")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def schedule_of_config(
+    path: Union[str, os.PathLike], max_epochs: Optional[int] = None, stages: Union[str, os.PathLike, None] = None
+) -> StageSchedule:
+    """The schedule a config trains with, every base setting resolved, checked the way ``fit`` would check it.
+
+    Reads the seed's format (``stage_schedule``, ``train``, ``distillation``) or a LightningCLI YAML with a
+    :class:`~lightning_stages.StageScheduleCallback` in ``trainer.callbacks`` (a YAML without one is the plain
+    single-stage run). The base loss weights, ``use_distillation`` and ``lambda_coef`` come from the model's
+    ``init_args`` or its ``__init__`` defaults, as the callback would take them from the module.
+
+    Args:
+        path: the config file.
+        max_epochs: the run's epochs; defaults to ``trainer.max_epochs`` or the seed's ``train.epochs``.
+        stages: a schedule in the seed's format to use with a LightningCLI config (its ``--stages`` option).
+
+    Raises:
+        StageConfigError: every problem, each naming stage, field and value.
+
+    Example::
+
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "s.json"
+        >>> _ = p.write_text('{"train": {"epochs": 6, "loss_weights": {"bce": 1, "cls": 1}},'
+        ...                  ' "stage_schedule": [{"name": "kd", "start_epoch": 0, "end_epoch": 2,'
+        ...                  ' "distillation": true, "loss_weights": {"bce": 0}}]}')
+        >>> [(r.name, r.start_epoch, r.end_epoch, r.loss_weights["bce"]) for r in schedule_of_config(p).timeline()]
+        [('kd', 0, 2, 0.0), ('base', 2, 6, 1.0)]
+    """
+    data = load_config(path)
+    if not _is_lightning_config(data):
+        schedule = StageSchedule.from_config(data)
+        if stages is not None:
+            raise StageConfigError(StageProblem("`--stages` goes with a LightningCLI config, not a schedule file",
+                                                name="config", field="stages", value=str(stages)))
+        module = SimpleNamespace(loss_weights=schedule.loss_weights)
+        callback = StageScheduleCallback(stage_schedule=list(schedule.stages), loss_weights=schedule.loss_weights,
+                                         distillation=schedule.distillation, lambda_coef=schedule.lambda_coef,
+                                         verbose=False)
+        total = max_epochs if max_epochs is not None else schedule.total_epochs
+    else:
+        callbacks = check_lightning_config(data)
+        if stages is not None:
+            if callbacks:
+                raise StageConfigError(two_schedules_problem(stages))
+            callbacks = [StageScheduleCallback(config=os.fspath(stages), verbose=False)]
+        callback = callbacks[0] if callbacks else StageScheduleCallback(verbose=False)
+        model = _section(data.get("fit", data), "model")
+        module = SimpleNamespace(**_model_defaults(model))
+        total = max_epochs if max_epochs is not None else _max_epochs_of(data)
+        if total is None:
+            total = callback.schedule.total_epochs
+    trainer = SimpleNamespace(max_epochs=total)
+    return callback.resolve(trainer, module)  # type: ignore[arg-type]
+
+
+def two_schedules_problem(stages: Union[str, os.PathLike]) -> StageProblem:
+    """The problem of a ``--stages`` file given with a config that already has a ``StageScheduleCallback``.
+
+    Example::
+
+        >>> two_schedules_problem("s.json").field
+        'stages'
+    """
+    return StageProblem("the config already has a StageScheduleCallback in trainer.callbacks; give one schedule",
+                        name="config", field="stages", value=os.fspath(stages))
+
+
+def like_for_like_differences(configs: Sequence[Union[str, os.PathLike]]) -> list[str]:
+    """Data, model or epoch settings in which the configs differ from the first (the schedule aside).
+
+    Everything under ``data`` and ``model`` counts, except the model's schedule settings (``loss_weights``,
+    ``use_distillation``, ``lambda_coef``); so does ``trainer.max_epochs``.
+
+    Example::
+
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / "a.yaml").write_text("data: {init_args: {num_train: 64}}\\nmodel: {init_args: {lambda_coef: 1}}")
+        >>> _ = (d / "b.yaml").write_text("data: {init_args: {num_train: 32}}\\nmodel: {init_args: {lambda_coef: 2}}")
+        >>> like_for_like_differences([d / "a.yaml", d / "b.yaml"])
+        ['b.yaml: data.init_args.num_train = 32, but 64 in a.yaml']
+    """
+
+    def settings(path: Union[str, os.PathLike]) -> dict[str, Any]:
+        data = _fit_section(load_config(path))
+        flat: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, Mapping):
+                for key, item in value.items():
+                    walk(f"{prefix}.{key}", item)
+            else:
+                flat[prefix] = value
+
+        walk("data", data.get("data"))
+        model = dict(_section(data, "model"))
+        model["init_args"] = {k: v for k, v in _section(model, "init_args").items() if k not in _SCHEDULE_MODEL_KEYS}
+        for key in _SCHEDULE_MODEL_KEYS:
+            model.pop(key, None)
+        walk("model", model)
+        flat["trainer.max_epochs"] = _max_epochs_of(data)
+        return flat
+
+    if len(configs) < 2:
+        return []
+    first = settings(configs[0])
+    first_name = Path(configs[0]).name
+    out = []
+    for path in configs[1:]:
+        other = settings(path)
+        for key in sorted(set(first) | set(other)):
+            mine, theirs = first.get(key), other.get(key)
+            if mine != theirs:
+                out.append(f"{Path(path).name}: {key} = {theirs!r}, but {mine!r} in {first_name}")
+    return out

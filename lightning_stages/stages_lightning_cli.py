@@ -1,0 +1,102 @@
+"""The ``LightningCLI`` of lightning-stages: a ``--stages`` option, and stage schedules checked before parsing.
+
+:class:`StagesLightningCLI` is the ``LightningCLI`` the ``compare`` command and the examples use; it adds
+``--stages path.json`` (train with a schedule in the seed's format) and checks every stage schedule of its config
+files before parsing, so a bad schedule fails with the library's :class:`~lightning_stages.StageConfigError` rather
+than a parser message.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningCLI
+from typing_extensions import override
+
+from lightning_stages.config import load_config
+from lightning_stages.errors import StageConfigError
+from lightning_stages.lightning_config import check_lightning_config, two_schedules_problem
+from lightning_stages.schedule import StageSchedule
+from lightning_stages.stage_schedule_callback import StageScheduleCallback
+
+__all__ = ["StagesLightningCLI"]
+
+
+def _config_paths(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The ``--config`` and ``--stages`` files named on a command line."""
+    configs: list[str] = []
+    stages: list[str] = []
+    for i, arg in enumerate(args):
+        for flag, out in (("--config", configs), ("-c", configs), ("--stages", stages)):
+            if arg == flag and i + 1 < len(args):
+                out.append(args[i + 1])
+            elif arg.startswith(flag + "="):
+                out.append(arg[len(flag) + 1:])
+    return configs, stages
+
+
+class StagesLightningCLI(LightningCLI):
+    """``LightningCLI`` with a ``--stages path.json`` option and stage schedules checked before parsing.
+
+    * ``--stages path``: train with a schedule in the seed's JSON format (``stage_schedule``,
+      ``train.loss_weights``, ``distillation``); it adds ``StageScheduleCallback(config=path)`` to the Trainer.
+    * Before parsing, every ``--config`` file's ``StageScheduleCallback`` and every ``--stages`` file is built, so
+      a bad schedule fails with :class:`~lightning_stages.StageConfigError` naming stage, field and value (the
+      parser alone would only say that ``trainer.callbacks`` does not validate).
+
+    Takes ``LightningCLI``'s arguments; ``model_class`` and ``datamodule_class`` default to ``None`` (any
+    class given by ``class_path`` in the config).
+
+    Example::
+
+        >>> import tempfile, pathlib
+        >>> cfg = pathlib.Path(tempfile.mkdtemp()) / "bad.yaml"
+        >>> _ = cfg.write_text("trainer:\\n  callbacks:\\n  - class_path: lightning_stages.StageScheduleCallback\\n"
+        ...                    "    init_args: {stage_schedule: [{start_epoch: 0, lambda_coef: -1}]}\\n")
+        >>> try:
+        ...     StagesLightningCLI(args=["fit", "--config", str(cfg)])
+        ... except StageConfigError as err:
+        ...     print(err.problems[0])
+        stage 0: `lambda_coef` = -1: must be >= 0
+    """
+
+    @override
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_argument(
+            "--stages", type=Optional[str], default=None,
+            help="Train with a stage schedule in the seed's JSON format (stage_schedule, train.loss_weights, "
+                 "distillation); adds StageScheduleCallback(config=STAGES) to the trainer.",
+        )
+
+    @override
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        if args is None or isinstance(args, (list, tuple)):
+            configs, stages = _config_paths(list(sys.argv[1:] if args is None else args))
+            for path in configs:
+                if Path(path).is_file():
+                    data = load_config(path)
+                    found = check_lightning_config(data)
+                    if found and stages:
+                        raise StageConfigError(two_schedules_problem(stages[0]))
+            for path in stages:
+                StageSchedule.from_config(path)
+        with warnings.catch_warnings():
+            # giving `args` from Python (compare, tests) is what we mean to do; LightningCLI warns about it anyway
+            warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+            super().parse_arguments(parser, args)
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        stages = self._get(self.config_init, "stages")
+        if stages:
+            callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+            callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+            if any(isinstance(cb, StageScheduleCallback) for cb in callbacks):
+                raise StageConfigError(two_schedules_problem(stages))
+            kwargs["callbacks"] = [*callbacks, StageScheduleCallback(config=stages)]
+        return super().instantiate_trainer(**kwargs)

@@ -1,0 +1,180 @@
+"""The ``lightning-stages`` command line: validate, show, compare."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_example import make_tiny_teacher, tiny_config
+
+from lightning_stages.cli import like_for_like_differences, main, run_compare, verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+SEED_BASE = {"bce": 1.0, "focal": 15, "dice": 1.0, "iou": 1.0, "cls": 1.0}
+SCHEDULES = ["distill_finetune", "finetune_distill", "joint", "no_schedule"]
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_teacher(tmp_path_factory.mktemp("teacher") / "teacher.ckpt")
+
+
+# ---------------------------------------------------------------------------------------------- validate
+
+
+@pytest.mark.parametrize("config", [f"segmentation_{n}.{ext}" for n in SCHEDULES for ext in ("yaml", "json")]
+                         + ["segmentation_teacher.yaml"])
+def test_validate_accepts_the_shipped_configs(config: str, capsys: pytest.CaptureFixture) -> None:
+    assert main(["validate", str(CONFIGS / config)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith(f"OK {CONFIGS / config}: ")
+
+
+def test_validate_reports_every_error_with_stage_field_and_value(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({
+        "train": {"loss_weights": SEED_BASE},
+        "stage_schedule": [
+            {"name": "distill_only", "start_epoch": 0, "end_epoch": 4, "lamda_coef": 1.0},
+            {"name": "finetune_only", "start_epoch": 4, "lambda_coef": -0.5},
+        ],
+    }))
+    assert main(["validate", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "stage 0 ('distill_only'): `lamda_coef` = 1.0: is not a stage field; did you mean `lambda_coef`?" in err
+    assert "stage 1 ('finetune_only'): `lambda_coef` = -0.5: must be >= 0" in err
+
+
+def test_validate_checks_loss_weights_against_the_model_of_a_lightning_config(tmp_path: Path,
+                                                                               capsys: pytest.CaptureFixture) -> None:
+    stages = [{"name": "kd", "start_epoch": 0, "distillation": True, "loss_weights": {"foacl": 0}}]
+    config = tiny_config("joint", tmp_path, teacher=None, stages=stages)
+    assert main(["validate", str(config)]) == 2
+    assert "stage 0 ('kd'): `loss_weights.foacl` = 0: is not a task loss of this module; did you mean `focal`?" in \
+        capsys.readouterr().err
+
+
+def test_validate_with_max_epochs_flags_stages_that_would_never_run(capsys: pytest.CaptureFixture) -> None:
+    assert main(["validate", str(CONFIGS / "segmentation_distill_finetune.yaml"), "--max-epochs", "3"]) == 2
+    assert "stage 1 ('finetune_only'): `start_epoch` = 4: starts at or beyond max_epochs (3)" in capsys.readouterr().err
+
+
+def test_validate_a_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["validate", str(tmp_path / "nope.json")]) == 2
+    assert "cannot read config file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- show
+
+
+def test_show_prints_every_range_with_its_settings(capsys: pytest.CaptureFixture) -> None:
+    assert main(["show", str(CONFIGS / "segmentation_finetune_distill.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines.index(next(line for line in lines if line.startswith("epochs")))
+    rows = [line.split() for line in lines[header:]]
+    assert rows[0] == ["epochs", "stage", "distillation", "lambda", "bce", "focal", "dice", "iou", "cls"]
+    assert rows[1] == ["[0,", "4)", "finetune_first", "(1/2)", "off", "0", "1", "15", "1", "1", "1"]
+    assert rows[2] == ["[4,", "12)", "distill_second", "(2/2)", "on", "1", "0", "0", "0", "0", "0"]
+    assert len(rows) == 3
+
+
+def test_show_plot_writes_a_png(tmp_path: Path) -> None:
+    png = tmp_path / "timeline.png"
+    assert main(["show", str(CONFIGS / "segmentation_distill_finetune.yaml"), "--plot", str(png)]) == 0
+    assert png.stat().st_size > 1000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_show_plot_without_matplotlib_says_how_to_get_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    png = tmp_path / "timeline.png"
+    assert main(["show", str(CONFIGS / "segmentation_joint.json"), "--plot", str(png)]) == 1
+    captured = capsys.readouterr()
+    assert "pip install 'lightning-stages[plot]'" in captured.err
+    assert "joint (1/1)" in captured.out  # the table is still printed
+    assert not png.exists()
+
+
+# ---------------------------------------------------------------------------------------------- compare logic
+
+
+def test_verdict_names_a_winner_only_beyond_the_spread() -> None:
+    a, b = [0.80, 0.82, 0.81], [0.70, 0.71, 0.69]
+    gap = statistics.mean(a) - statistics.mean(b)
+    assert gap > statistics.stdev(a) + statistics.stdev(b)
+    assert verdict({"a": a, "b": b}).startswith("**a** is best")
+    assert verdict({"b": b, "a": a}).startswith("**a** is best")
+
+
+def test_verdict_calls_overlapping_results_indistinguishable() -> None:
+    a, b = [0.80, 0.70, 0.75], [0.76, 0.74, 0.75]
+    assert abs(statistics.mean(a) - statistics.mean(b)) < statistics.stdev(a) + statistics.stdev(b)
+    assert "indistinguishable" in verdict({"a": a, "b": b})
+
+
+def test_verdict_with_one_seed_names_no_winner() -> None:
+    assert "no winner" in verdict({"a": [0.9], "b": [0.1]})
+
+
+def test_shipped_schedule_configs_compare_like_for_like() -> None:
+    assert like_for_like_differences([CONFIGS / f"segmentation_{n}.yaml" for n in SCHEDULES]) == []
+
+
+def test_like_for_like_differences_name_the_setting(tmp_path: Path) -> None:
+    a = tiny_config("joint", tmp_path, teacher=None, file_name="a.yaml")
+    b = tiny_config("no_schedule", tmp_path, teacher=None, file_name="b.yaml", data={"num_train": 48})
+    assert like_for_like_differences([a, b]) == ["b.yaml: data.init_args.num_train = 48, but 32 in a.yaml"]
+
+
+def test_compare_warns_when_not_like_for_like(tmp_path: Path) -> None:
+    # both runs fail at once (no teacher): the warning comes before any training
+    a = tiny_config("joint", tmp_path, teacher=None, file_name="a.yaml")
+    b = tiny_config("joint", tmp_path, teacher=None, file_name="b.yaml", data={"batch_size": 8})
+    with pytest.warns(UserWarning, match=r"not like for like: b.yaml: data.init_args.batch_size = 8, but 16 in a.yaml"):
+        result = run_compare([a, b], seeds=1, out=tmp_path / "out", echo=lambda line: None)
+    assert "Warning: not like for like" in result.report.read_text()
+
+
+# ---------------------------------------------------------------------------------------------- compare run
+
+
+def test_tiny_compare_writes_report_curves_and_tensorboard(tmp_path: Path, teacher_ckpt: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    joint = tiny_config("joint", tmp_path, teacher_ckpt, stages=[
+        {"name": "joint", "start_epoch": 0, "distillation": True, "lambda_coef": 1.0}])
+    plain = tiny_config("no_schedule", tmp_path, teacher_ckpt)
+    broken = tiny_config("joint", tmp_path, teacher_ckpt, file_name="broken.yaml",
+                         stages=[{"name": "kd", "start_epoch": 0, "lamda_coef": 1.0}])
+    out = tmp_path / "out"
+    code = main(["compare", str(joint), str(plain), str(broken), "--seeds", "1", "--out", str(out)])
+    stdout = capsys.readouterr().out
+    assert code == 1  # one run failed; the others still ran and the report was written
+    assert re.search(r"^\[1/3\] joint seed 0: test/iou=\d\.\d{3}", stdout, re.M)
+    assert re.search(r"^\[2/3\] no_schedule seed 0: test/iou=\d\.\d{3}", stdout, re.M)
+    assert re.search(r"^\[3/3\] broken seed 0: FAILED: StageConfigError", stdout, re.M)
+    assert f"report: {out / 'report.md'}" in stdout
+
+    report = (out / "report.md").read_text()
+    summary = report.split("## Verdict")[0]  # the first table: one row per schedule
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in summary.splitlines() if line.startswith("| ")}
+    assert rows["schedule"][:3] == ["test IoU", "test Dice", "test accuracy"]
+    for name in ("joint", "no_schedule"):
+        assert all(0.0 <= float(v) <= 1.0 for v in rows[name][:3]) and rows[name][4] == "1/1"
+    assert rows["broken"][4] == "0/1 (FAILED)"
+    assert "- **broken**, seed 0: failed: `StageConfigError" in report and "lamda_coef" in report
+    assert "spread across seeds is unknown, so no winner is named" in report
+
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("joint", "no_schedule"):
+        events = EventAccumulator(str(out / "tb" / name / "seed_0"))
+        events.Reload()
+        assert {"val/iou", "val/dice", "val/acc", "test/iou"} <= set(events.Tags()["scalars"])
