@@ -212,7 +212,7 @@ def schedule_of_config(
                 raise StageConfigError(two_schedules_problem(stages))
             callbacks = [StageScheduleCallback(config=os.fspath(stages), verbose=False)]
         callback = callbacks[0] if callbacks else StageScheduleCallback(verbose=False)
-        model = _section(data.get("fit", data), "model")
+        model = _section(_fit_section(data), "model")
         module = SimpleNamespace(**_model_defaults(model))
         total = max_epochs if max_epochs is not None else _max_epochs_of(data)
         if total is None:
