@@ -83,7 +83,7 @@ class CompareResult:
 
 def _schedule_names(configs: Sequence[Union[str, os.PathLike]]) -> list[str]:
     stems = [Path(c).stem for c in configs]
-    prefix = os.path.commonprefix(stems) if len(stems) > 1 else ""
+    prefix = os.path.commonprefix(stems) if len(stems) > 1 else ""  # noqa: RUF071 - a common prefix of names, not paths
     prefix = prefix[: prefix.rfind("_") + 1] if "_" in prefix else ""
     names = [s[len(prefix):] or s for s in stems]
     seen: dict[str, int] = {}
@@ -144,7 +144,7 @@ def _one_run(config: Path, name: str, seed: int, out: Path, curve_metric: str, m
                 boundaries = [(r.start_epoch, r.name) for r in callback.resolved_schedule.timeline()]
     except KeyboardInterrupt:
         raise
-    except BaseException as err:  # noqa: BLE001 - a failed run (even a parser's SystemExit) must not stop the others
+    except BaseException as err:
         run.error = f"{type(err).__name__}: {err}".strip()
         logging.getLogger(__name__).debug("run %s seed %s failed", name, seed, exc_info=True)
         if os.environ.get("LIGHTNING_STAGES_DEBUG"):

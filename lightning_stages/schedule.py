@@ -534,7 +534,7 @@ class StageSchedule:
         for index, (a, b) in enumerate(zip(self.stages, other.stages)):
             where = f"stage {index}" + (f" ({a.name!r})" if a.name is not None else "")
             da, db = a.to_dict(), b.to_dict()
-            for key in [k for k in ("name", "start_epoch", "end_epoch", "distillation", "lambda_coef", "loss_weights")]:
+            for key in ("name", "start_epoch", "end_epoch", "distillation", "lambda_coef", "loss_weights"):
                 if da.get(key) != db.get(key):
                     changes.append(f"{where}: {key} {da.get(key)!r} -> {db.get(key)!r}")
         return changes

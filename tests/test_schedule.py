@@ -596,7 +596,7 @@ def test_problems_keep_the_written_index_after_a_non_mapping_entry():
 
 @pytest.mark.parametrize("stages", [{"start_epoch": 0}, "stage", 5])
 def test_stage_schedule_must_be_a_list(stages):
-    with pytest.raises(StageConfigError, match="`stage_schedule` = .*: must be a list of stages"):
+    with pytest.raises(StageConfigError, match=r"`stage_schedule` = .*: must be a list of stages"):
         StageSchedule(stages)
 
 

@@ -90,7 +90,7 @@ def test_stage_problems_name_field_value_and_reason(kwargs, field, fragment):
     value = problem.value
     expected = kwargs[field] if field in kwargs else kwargs["loss_weights"][field.split(".", 1)[1]]
     assert value is expected or value == expected or (isinstance(value, float) and math.isnan(value))
-    assert f"stage 4" in str(problem) and f"`{field}`" in str(problem)
+    assert "stage 4" in str(problem) and f"`{field}`" in str(problem)
 
 
 def test_stage_problems_carry_the_stage_name():
@@ -149,8 +149,8 @@ def test_parse_stage_collects_every_problem_of_one_stage():
 
 
 def _resolved(**overrides):
-    values = dict(name="kd", index=1, position=2, num_stages=3, start_epoch=10, end_epoch=20,
-                  distillation=True, lambda_coef=0.5, loss_weights={"bce": 1.0})
+    values = {"name": "kd", "index": 1, "position": 2, "num_stages": 3, "start_epoch": 10, "end_epoch": 20,
+                  "distillation": True, "lambda_coef": 0.5, "loss_weights": {"bce": 1.0}}
     values.update(overrides)
     return ResolvedStage(**values)
 

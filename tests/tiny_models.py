@@ -115,15 +115,15 @@ class Student(DistillationModule, PlainStudent):
 
 
 def trainer(tmp_path, max_epochs: int = 4, callbacks=(), **kwargs) -> pl.Trainer:
-    defaults = dict(
-        default_root_dir=tmp_path,
-        max_epochs=max_epochs,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        deterministic=True,
-    )
+    defaults = {
+        "default_root_dir": tmp_path,
+        "max_epochs": max_epochs,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "logger": False,
+        "enable_checkpointing": False,
+        "num_sanity_val_steps": 0,
+        "deterministic": True,
+    }
     defaults.update(kwargs)
     return pl.Trainer(callbacks=list(callbacks), **defaults)
