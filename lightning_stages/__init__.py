@@ -8,17 +8,22 @@ from lightning_stages.errors import StageConfigError, StageProblem
 from lightning_stages.schedule import StageSchedule
 from lightning_stages.stage import ResolvedStage, Stage
 from lightning_stages.stage_schedule_callback import StageScheduleCallback
+from lightning_stages.teacher_cache import IndexedDataset, TeacherCache
+from lightning_stages.teacher_checkpoint import load_teacher_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DistillationModule",
+    "IndexedDataset",
     "ResolvedStage",
     "Stage",
     "StageConfigError",
     "StageProblem",
     "StageSchedule",
     "StageScheduleCallback",
+    "TeacherCache",
+    "load_teacher_checkpoint",
     "losses",
 ]
 

@@ -10,6 +10,7 @@ from typing import Any, Optional, Union
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
@@ -173,6 +174,7 @@ class StageScheduleCallback(Callback):
         self._applied_epoch: Optional[int] = None
         self._reported_epoch: Optional[int] = None
         self._reported_stage: Optional[tuple[Optional[int], str]] = None
+        self._distilling_until = 0.0  # exclusive end epoch of the last distilling range (inf: open-ended)
 
     @property
     @override
@@ -243,6 +245,7 @@ class StageScheduleCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         schedule = self.resolve(trainer, pl_module)
         self.resolved_schedule = schedule
+        self._distilling_until = _distilling_until(schedule)
         fitting = stage == "fit"
         needs_teachers = schedule.needs_teachers if fitting else schedule.base_distillation
         if needs_teachers:
@@ -256,6 +259,7 @@ class StageScheduleCallback(Callback):
                         name=needed_by, field="distillation", value=True,
                     )
                 )
+            _refuse_sharded_strategy(trainer, needed_by)
             pl_module.prepare_teachers(needed_by=needed_by)
         if fitting:
             self._reported_epoch = self._reported_stage = None
@@ -313,6 +317,9 @@ class StageScheduleCallback(Callback):
         pl_module.use_distillation = resolved.distillation
         pl_module.lambda_coef = resolved.lambda_coef
         pl_module.stage_name = resolved.name
+        if isinstance(pl_module, DistillationModule):  # offload_teachers: does a current or later stage distill?
+            later = resolved.end_epoch is not None and self._distilling_until > resolved.end_epoch
+            pl_module.update_teacher_placement(resolved.distillation, later)
 
     def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ResolvedStage:
         """Resolve and apply the stage of ``trainer.current_epoch``. Idempotent; returns the stage applied."""
@@ -371,6 +378,30 @@ class StageScheduleCallback(Callback):
                 "StageScheduleCallback: the checkpoint was written without this callback; each epoch resumes with "
                 "the stage the schedule given now assigns to it."
             )
+
+
+def _refuse_sharded_strategy(trainer: pl.Trainer, needed_by: str) -> None:
+    """Teachers live outside the module that FSDP, DeepSpeed and ModelParallel shard; refuse them there, at setup."""
+    strategy = getattr(trainer, "strategy", None)
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+        raise StageConfigError(
+            StageProblem(
+                f"distillation is not supported under {type(strategy).__name__}: the teachers are kept outside the "
+                "module this strategy shards, so every rank would hold a whole, unsharded copy that the strategy "
+                "neither shards nor places on the device",
+                name=needed_by, field="distillation", value=True,
+                hint="use strategy='ddp' (or 'ddp_spawn'), or a schedule whose stages do not distill",
+            )
+        )
+
+
+def _distilling_until(schedule: StageSchedule) -> float:
+    """The exclusive end epoch of the schedule's last distilling range: ``inf`` if open-ended, 0 if none."""
+    until = 0.0
+    for resolved in schedule.timeline():
+        if resolved.distillation:
+            until = float("inf") if resolved.end_epoch is None else max(until, float(resolved.end_epoch))
+    return until
 
 
 def _base_of(schedule: StageSchedule) -> ResolvedStage:
