@@ -14,6 +14,7 @@ deterministic inputs per sample index (no random augmentation, or augmentation a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -225,7 +226,7 @@ class TeacherCache:
         self.directory = os.fspath(directory) if directory is not None else None
         self.dtype = dtype
         self.num_samples = num_samples
-        #: batches read from the cache / batches that ran the teachers, since the last :meth:`bind` that dropped
+        #: lookups that found every sample / lookups that did not, since the last change of fingerprint
         self.hits = 0
         self.misses = 0
         self._reset()
@@ -461,7 +462,5 @@ class TeacherCache:
             return
         count = len((meta.get("layout") or {}).get("leaves", []))
         for name in [*(f"leaf{k}.bin" for k in range(count)), _FILLED_FILE, _META_FILE]:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(self._path(name))
-            except FileNotFoundError:
-                pass
