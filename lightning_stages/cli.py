@@ -112,10 +112,7 @@ def _compare(args: argparse.Namespace) -> int:
         warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
         result = run_compare(args.configs, seeds=args.seeds, out=args.out, metrics=args.metrics,
                              curve_metric=args.curve_metric, echo=lambda line: print(line, flush=True))
-    print(f"report: {result.report}")
-    if result.curves is not None:
-        print(f"curves: {result.curves}")
-    print(f"tensorboard --logdir {result.tensorboard}")
+    print("\n".join(result.locations()))
     return 1 if result.failed else 0
 
 

@@ -80,6 +80,20 @@ class CompareResult:
         """Whether any run failed."""
         return any(run.error is not None for runs in self.runs.values() for run in runs)
 
+    def locations(self) -> list[str]:
+        """The lines that tell the user where the report, the curves and the TensorBoard runs are.
+
+        Example::
+
+            >>> CompareResult(Path("out/report.md"), None, Path("out/tb"), {}, []).locations()
+            ['report: out/report.md', 'tensorboard --logdir out/tb']
+        """
+        lines = [f"report: {self.report}"]
+        if self.curves is not None:
+            lines.append(f"curves: {self.curves}")
+        lines.append(f"tensorboard --logdir {self.tensorboard}")
+        return lines
+
 
 def _schedule_names(configs: Sequence[Union[str, os.PathLike]]) -> list[str]:
     stems = [Path(c).stem for c in configs]

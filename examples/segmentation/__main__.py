@@ -73,10 +73,7 @@ def demo(argv: Optional[list[str]] = None) -> int:
         )
     minutes = (time.perf_counter() - start) / 60
     print(f"demo: done in {minutes:.1f} min")
-    print(f"report: {result.report}")
-    if result.curves is not None:
-        print(f"curves: {result.curves}")
-    print(f"tensorboard --logdir {result.tensorboard}")
+    print("\n".join(result.locations()))
     return 1 if result.failed else 0
 
 
