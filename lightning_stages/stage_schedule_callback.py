@@ -229,15 +229,12 @@ class StageScheduleCallback(Callback):
         return resolved
 
     def _first_distilling(self, schedule: StageSchedule) -> str:
+        """The first stage (by start epoch) that needs teachers, as named in error messages."""
         if schedule.base_distillation:
             return "base (distillation.enable)"
-        for resolved in schedule.timeline():
-            if resolved.distillation:
-                return f"stage {resolved.index} ({resolved.name!r})"
-        for index, stage in enumerate(schedule.stages):
-            if stage.distillation:
-                return f"stage {index} ({stage.name or f'stage_{index}'!r})"
-        return "a stage"
+        by_start = sorted(range(len(schedule.stages)), key=lambda i: schedule.stages[i].start_epoch)
+        index = next(i for i in by_start if schedule.stages[i].distillation)
+        return f"stage {index} ({schedule.stages[index].name or f'stage_{index}'!r})"
 
     # ------------------------------------------------------------------ hooks
 
