@@ -3,13 +3,13 @@
 import logging as _logging
 
 from lightning_stages import losses
-from lightning_stages.distillation_module import DistillationModule
+from lightning_stages.distillation.distillation_module import DistillationModule
+from lightning_stages.distillation.teacher_cache import IndexedDataset, TeacherCache
+from lightning_stages.distillation.teacher_checkpoint import load_teacher_checkpoint
 from lightning_stages.errors import StageConfigError, StageProblem
 from lightning_stages.schedule import StageSchedule
-from lightning_stages.stage import ResolvedStage, Stage
+from lightning_stages.schedule.stage import ResolvedStage, Stage
 from lightning_stages.stage_schedule_callback import StageScheduleCallback
-from lightning_stages.teacher_cache import IndexedDataset, TeacherCache
-from lightning_stages.teacher_checkpoint import load_teacher_checkpoint
 
 __version__ = "0.1.0"
 

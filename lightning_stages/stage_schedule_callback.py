@@ -14,10 +14,10 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
-from lightning_stages.distillation_module import DistillationModule
+from lightning_stages.distillation.distillation_module import DistillationModule
 from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
 from lightning_stages.schedule import StageSchedule
-from lightning_stages.stage import ResolvedStage, Stage
+from lightning_stages.schedule.stage import ResolvedStage, Stage
 
 __all__ = ["StageScheduleCallback"]
 

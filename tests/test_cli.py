@@ -12,7 +12,10 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_example import make_tiny_teacher, tiny_config
 
-from lightning_stages.cli import like_for_like_differences, main, run_compare, verdict
+from lightning_stages.cli import main
+from lightning_stages.cli.compare import run_compare
+from lightning_stages.cli.compare_report import verdict
+from lightning_stages.cli.lightning_config import like_for_like_differences
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

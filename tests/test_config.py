@@ -6,7 +6,7 @@ import re
 import pytest
 
 from lightning_stages import StageConfigError, StageSchedule
-from lightning_stages.config import load_config, strip_json_comments
+from lightning_stages.schedule.seed_format import load_config, strip_json_comments
 
 CONFIG = {
     "dataset": {"root": "/data"},

@@ -196,7 +196,7 @@ class _GradProbe(pl.Callback):
 
 
 def _fit_in_process(tmp_path, monkeypatch, as_if_ddp: bool):
-    import lightning_stages.distillation_module as distillation_module
+    import lightning_stages.distillation.distillation_module as distillation_module
 
     walks = []
     if as_if_ddp:  # what the mixin does under DDP, here on one process: walk the graph, add the zero term

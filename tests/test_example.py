@@ -24,7 +24,8 @@ from examples.segmentation import (
     task_losses,
 )
 from lightning_stages import StageConfigError, StageScheduleCallback
-from lightning_stages.cli import StagesLightningCLI, schedule_of_config
+from lightning_stages.cli import StagesLightningCLI
+from lightning_stages.cli.lightning_config import schedule_of_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_stages.distillation_module as distillation_module
+import lightning_stages.distillation.distillation_module as distillation_module
 from lightning_stages import DistillationModule, StageConfigError, StageScheduleCallback, load_teacher_checkpoint
 
 FINETUNE_THEN_DISTILL = [

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from lightning_stages import ResolvedStage, Stage, StageProblem
-from lightning_stages.stage import parse_stage, stage_problems
+from lightning_stages.schedule.stage import parse_stage, stage_problems
 
 
 def test_stage_has_exactly_the_seed_fields():

@@ -34,7 +34,8 @@ def _quiet_warnings() -> None:
 def demo(argv: Optional[list[str]] = None) -> int:
     """Teacher (if missing), then compare the schedules; prints where the report is. Returns the exit code."""
     from examples.segmentation.module import TEACHER_CHECKPOINT, SegmentationTeacher
-    from lightning_stages.cli import StagesLightningCLI, run_compare
+    from lightning_stages.cli import StagesLightningCLI
+    from lightning_stages.cli.compare import run_compare
 
     parser = argparse.ArgumentParser(prog="python -m examples.segmentation demo", description=demo.__doc__)
     parser.add_argument("--seeds", type=int, default=3, help="seeds per schedule (default 3)")

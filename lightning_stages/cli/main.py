@@ -5,9 +5,9 @@
 :class:`~lightning_stages.StageScheduleCallback`. ``compare`` trains each ``LightningCLI`` config with the same
 seeds, and writes a report that answers which schedule is better, where the seeds allow an answer.
 
-The work is done in :mod:`~lightning_stages.lightning_config` (reading configs),
-:mod:`~lightning_stages.timeline` (what ``show`` prints and draws), :mod:`~lightning_stages.stages_lightning_cli`
-(:class:`StagesLightningCLI`), :mod:`~lightning_stages.compare` and :mod:`~lightning_stages.compare_report`; their
+The work is done in :mod:`~lightning_stages.cli.lightning_config` (reading configs),
+:mod:`~lightning_stages.timeline` (what ``show`` prints and draws), :mod:`~lightning_stages.cli.stages_lightning_cli`
+(:class:`StagesLightningCLI`), :mod:`~lightning_stages.cli.compare` and :mod:`~lightning_stages.cli.compare_report`; their
 public names are importable from here as well.
 """
 
@@ -20,31 +20,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-from lightning_stages.compare import CompareResult, run_compare
-from lightning_stages.compare_report import verdict
-from lightning_stages.errors import StageConfigError
-from lightning_stages.lightning_config import (
+from lightning_stages.cli.compare import run_compare
+from lightning_stages.cli.lightning_config import (
     add_working_directory_to_path,
-    check_lightning_config,
-    like_for_like_differences,
     schedule_of_config,
 )
-from lightning_stages.stages_lightning_cli import StagesLightningCLI
-from lightning_stages.timeline import PLOT_HINT, format_summary, format_table, plot_timeline
+from lightning_stages.cli.plots import plot_timeline
+from lightning_stages.errors import StageConfigError
+from lightning_stages.schedule.render import format_summary, format_table
 
-__all__ = [
-    "PLOT_HINT",
-    "CompareResult",
-    "StagesLightningCLI",
-    "check_lightning_config",
-    "format_table",
-    "like_for_like_differences",
-    "main",
-    "plot_timeline",
-    "run_compare",
-    "schedule_of_config",
-    "verdict",
-]
+__all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:

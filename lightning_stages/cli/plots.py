@@ -1,4 +1,4 @@
-"""What ``lightning-stages show`` prints and draws: a one-line summary, a table and a timeline PNG of a schedule."""
+"""The PNGs of the command line: a schedule's timeline (``show --plot``) and the curves of ``compare``."""
 
 from __future__ import annotations
 
@@ -8,71 +8,11 @@ from pathlib import Path
 from typing import Any, Union
 
 from lightning_stages.schedule import StageSchedule
-from lightning_stages.stage import ResolvedStage
+from lightning_stages.schedule.render import weight_keys
 
-__all__ = ["PLOT_HINT", "format_summary", "format_table", "plot_timeline", "require_matplotlib"]
+__all__ = ["PLOT_HINT", "plot_timeline", "require_matplotlib"]
 
 PLOT_HINT = "drawing needs matplotlib: pip install 'lightning-stages[plot]'"
-
-
-def format_summary(schedule: StageSchedule) -> str:
-    """The schedule in one line: how many stages over how many epochs, their ranges, whether teachers are needed.
-
-    Example::
-
-        >>> s = StageSchedule([{"name": "kd", "start_epoch": 0, "end_epoch": 2, "distillation": True}],
-        ...                   loss_weights={"bce": 1.0}, total_epochs=5)
-        >>> format_summary(s)
-        '1 stage over 5 epochs (kd [0, 2), base [2, 5)); teachers needed'
-        >>> format_summary(StageSchedule([]))
-        'no stage schedule: single-stage training with the base settings'
-    """
-    if not schedule.stages:
-        return "no stage schedule: single-stage training with the base settings"
-    total = schedule.total_epochs
-    parts = [f"{r.name} [{r.start_epoch}, {r.end_epoch if r.end_epoch is not None else 'end'})"
-             for r in schedule.timeline()]
-    over = f" over {total} epochs" if total is not None else ""
-    teachers = "; teachers needed" if schedule.needs_teachers else "; no teacher needed"
-    count = len(schedule.stages)
-    return f"{count} stage{'s' if count != 1 else ''}{over} ({', '.join(parts)}){teachers}"
-
-
-def _number(value: float) -> str:
-    return f"{value:g}"
-
-
-def _weight_keys(schedule: StageSchedule, timeline: list[ResolvedStage]) -> list[str]:
-    """The base loss weights' keys, then any other key a stage of the timeline sets, in order of appearance."""
-    keys = list(schedule.base_loss_weights)
-    for resolved in timeline:
-        keys += [k for k in resolved.loss_weights if k not in keys]
-    return keys
-
-
-def format_table(schedule: StageSchedule) -> str:
-    """The resolved schedule as a text table: epochs, stage, distillation, lambda and every loss weight.
-
-    Example::
-
-        >>> s = StageSchedule([{"name": "kd", "start_epoch": 0, "end_epoch": 2, "distillation": True,
-        ...                     "loss_weights": {"bce": 0}}], loss_weights={"bce": 1.0}, total_epochs=5)
-        >>> print(format_table(s))
-        epochs  stage     distillation  lambda  bce
-        [0, 2)  kd (1/1)  on            1       0
-        [2, 5)  base      off           1       1
-    """
-    timeline = schedule.timeline()
-    keys = _weight_keys(schedule, timeline)
-    header = ["epochs", "stage", "distillation", "lambda", *keys]
-    rows = [header]
-    for r in timeline:
-        end = r.end_epoch if r.end_epoch is not None else "end"
-        rows.append([f"[{r.start_epoch}, {end})", r.label if not r.is_base else r.name,
-                     "on" if r.distillation else "off", _number(r.lambda_coef),
-                     *(_number(r.loss_weights[k]) if k in r.loss_weights else "-" for k in keys)])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def require_matplotlib() -> Any:
@@ -115,7 +55,7 @@ def plot_timeline(schedule: StageSchedule, path: Union[str, os.PathLike]) -> Pat
     timeline = schedule.timeline()
     last = timeline[-1]
     total = last.end_epoch if last.end_epoch is not None else last.start_epoch + max(1, last.start_epoch // 4 or 1)
-    keys = _weight_keys(schedule, timeline)
+    keys = weight_keys(schedule, timeline)
     fig, (ax_w, ax_l) = plt.subplots(2, 1, sharex=True, figsize=(8, 5), gridspec_kw={"height_ratios": [2, 1]})
     ends = [r.end_epoch if r.end_epoch is not None else total for r in timeline]
     edges = [r.start_epoch for r in timeline] + [ends[-1]]

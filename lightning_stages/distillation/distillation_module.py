@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from lightning_stages.distillation.teacher_cache import TeacherCache, teacher_fingerprint
+from lightning_stages.distillation.unused_parameters import keep_in_graph, unreached_parameters
 from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
-from lightning_stages.teacher_cache import TeacherCache, teacher_fingerprint
-from lightning_stages.unused_parameters import keep_in_graph, unreached_parameters
 
 __all__ = ["STUDENT", "DistillationModule"]
 

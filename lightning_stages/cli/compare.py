@@ -1,7 +1,7 @@
 """``lightning-stages compare``: train each ``LightningCLI`` config over the same seeds and report which is better.
 
-Each run goes through :class:`~lightning_stages.stages_lightning_cli.StagesLightningCLI`; the report
-(:mod:`lightning_stages.compare_report`) names a winner only where the seeds allow an answer.
+Each run goes through :class:`~lightning_stages.cli.stages_lightning_cli.StagesLightningCLI`; the report
+(:mod:`lightning_stages.cli.compare_report`) names a winner only where the seeds allow an answer.
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_stages.compare_report import RunOutcome, plot_curves, write_report
-from lightning_stages.errors import StageConfigError
-from lightning_stages.lightning_config import (
+from lightning_stages.cli.compare_report import RunOutcome, plot_curves, write_report
+from lightning_stages.cli.lightning_config import (
     add_working_directory_to_path,
     like_for_like_differences,
     schedule_of_config,
 )
+from lightning_stages.cli.stages_lightning_cli import StagesLightningCLI
+from lightning_stages.errors import StageConfigError
+from lightning_stages.schedule.render import format_summary
 from lightning_stages.stage_schedule_callback import StageScheduleCallback
-from lightning_stages.stages_lightning_cli import StagesLightningCLI
-from lightning_stages.timeline import format_summary
 
 __all__ = ["CompareResult", "run_compare"]
 

@@ -18,10 +18,10 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 from typing_extensions import override
 
-from lightning_stages.config import load_config
+from lightning_stages.cli.lightning_config import check_lightning_config, two_schedules_problem
 from lightning_stages.errors import StageConfigError
-from lightning_stages.lightning_config import check_lightning_config, two_schedules_problem
 from lightning_stages.schedule import StageSchedule
+from lightning_stages.schedule.seed_format import load_config
 from lightning_stages.stage_schedule_callback import StageScheduleCallback
 
 __all__ = ["StagesLightningCLI"]

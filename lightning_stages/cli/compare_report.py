@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from lightning_stages.timeline import PLOT_HINT, require_matplotlib
+from lightning_stages.cli.plots import PLOT_HINT, require_matplotlib
 
 __all__ = ["RunOutcome", "plot_curves", "verdict", "write_report"]
 

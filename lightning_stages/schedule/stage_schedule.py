@@ -10,9 +10,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Union
 
-from lightning_stages.config import load_config
 from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
-from lightning_stages.stage import ResolvedStage, Stage, parse_stage
+from lightning_stages.schedule.seed_format import load_config
+from lightning_stages.schedule.stage import ResolvedStage, Stage, parse_stage
 
 __all__ = ["BASE_STAGE_NAME", "DEFAULT_LAMBDA_COEF", "StageSchedule"]
 
