@@ -6,7 +6,7 @@ from lightning_stages import losses
 from lightning_stages.distillation.distillation_module import DistillationModule
 from lightning_stages.distillation.teacher_cache import IndexedDataset, TeacherCache
 from lightning_stages.distillation.teacher_checkpoint import load_teacher_checkpoint
-from lightning_stages.errors import StageConfigError, StageProblem
+from lightning_stages.errors import DistillationStepError, StageConfigError, StageProblem
 from lightning_stages.schedule import StageSchedule
 from lightning_stages.schedule.stage import ResolvedStage, Stage
 from lightning_stages.stage_schedule_callback import StageScheduleCallback
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DistillationModule",
+    "DistillationStepError",
     "IndexedDataset",
     "ResolvedStage",
     "Stage",

@@ -1,4 +1,8 @@
-"""The one error type of the plugin and the helpers that build its messages."""
+"""The plugin's two error types and the helpers that build their messages.
+
+:class:`StageConfigError` is every problem of a schedule or a config; :class:`DistillationStepError` (its subclass, so
+``except StageConfigError`` still catches it) is a problem found at a training step.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-__all__ = ["StageConfigError", "StageProblem", "did_you_mean"]
+__all__ = ["DistillationStepError", "StageConfigError", "StageProblem", "closest_names", "did_you_mean", "stage_label"]
 
 
 @dataclass(frozen=True)
@@ -38,9 +42,7 @@ class StageProblem:
     @property
     def where(self) -> str:
         """The stage this problem belongs to, as the user would name it."""
-        if self.index is None:
-            return self.name if self.name is not None else "schedule"
-        return f"stage {self.index} ({self.name!r})" if self.name is not None else f"stage {self.index}"
+        return stage_label(self.index, self.name)
 
     def __str__(self) -> str:
         text = self.where
@@ -73,12 +75,68 @@ class StageConfigError(ValueError):
             p if isinstance(p, StageProblem) else StageProblem(str(p)) for p in problems
         )
         count = len(self.problems)
-        head = f"{count} problem{'s' if count != 1 else ''} in the stage schedule:"
+        head = f"{count} problem{'s' if count != 1 else ''} {self._context()}:"
         super().__init__("\n".join([head, *(f"  - {p}" for p in self.problems)]))
+
+    def _context(self) -> str:
+        return "in the stage schedule"
 
     def __reduce__(self) -> tuple[Any, ...]:
         # rebuild from the problems, not from the message (e.g. when a worker process sends the error back)
         return type(self), (self.problems,)
+
+
+class DistillationStepError(StageConfigError):
+    """A problem found at a training step, not in the schedule: a non-finite loss, features that were not captured or
+    do not match, a teacher cache that does not fit the batch.
+
+    A subclass of :class:`StageConfigError`, so ``except StageConfigError`` still catches it.
+
+    Args:
+        problems: the problems found.
+        stage: the name of the stage in force, named in the header.
+        when: the step, as the header says it (``"the first step"`` by default).
+
+    Example::
+
+        >>> err = DistillationStepError(
+        ...     [StageProblem("is not finite", name="stage 'kd'", field="distill_losses.kd", value=float("nan"))],
+        ...     stage="kd")
+        >>> print(err)
+        1 problem at the first step of stage 'kd':
+          - stage 'kd': `distill_losses.kd` = nan: is not finite
+        >>> isinstance(err, StageConfigError)
+        True
+    """
+
+    def __init__(
+        self,
+        problems: Iterable[StageProblem] | StageProblem | str,
+        stage: Optional[str] = None,
+        when: str = "the first step",
+    ) -> None:
+        self.stage = stage
+        self.when = when
+        super().__init__(problems)
+
+    def _context(self) -> str:
+        return f"at {self.when} of stage {self.stage!r}" if self.stage is not None else f"at {self.when} of training"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.problems, self.stage, self.when)
+
+
+def stage_label(index: Optional[int], name: Optional[str]) -> str:
+    """A stage as every message names it: ``stage 1 ('finetune')``, ``stage 1``, or a bare name for the base settings.
+
+    Example::
+
+        >>> stage_label(1, "finetune"), stage_label(1, None), stage_label(None, "base"), stage_label(None, None)
+        ("stage 1 ('finetune')", 'stage 1', 'base', 'schedule')
+    """
+    if index is None:
+        return name if name is not None else "schedule"
+    return f"stage {index} ({name!r})" if name is not None else f"stage {index}"
 
 
 def did_you_mean(word: str, candidates: Sequence[str]) -> Optional[str]:
@@ -91,5 +149,16 @@ def did_you_mean(word: str, candidates: Sequence[str]) -> Optional[str]:
         >>> did_you_mean("zzz", ["bce"]) is None
         True
     """
-    matches = difflib.get_close_matches(str(word), list(candidates), n=1, cutoff=0.6)
+    matches = closest_names(word, candidates, n=1, cutoff=0.6)
     return f"did you mean `{matches[0]}`?" if matches else None
+
+
+def closest_names(word: str, candidates: Sequence[str], n: int = 3, cutoff: float = 0.6) -> list[str]:
+    """The up to ``n`` candidates closest to ``word``, best first (``difflib``'s ratio at least ``cutoff``).
+
+    Example::
+
+        >>> closest_names("encoder.layer3", ["encoder.layer1", "encoder.layer2", "decoder"], n=2, cutoff=0.4)
+        ['encoder.layer1', 'encoder.layer2']
+    """
+    return difflib.get_close_matches(str(word), [str(c) for c in candidates], n=n, cutoff=cutoff)
