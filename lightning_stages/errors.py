@@ -159,6 +159,6 @@ def closest_names(word: str, candidates: Sequence[str], n: int = 3, cutoff: floa
     Example::
 
         >>> closest_names("encoder.layer3", ["encoder.layer1", "encoder.layer2", "decoder"], n=2, cutoff=0.4)
-        ['encoder.layer1', 'encoder.layer2']
+        ['encoder.layer2', 'encoder.layer1']
     """
     return difflib.get_close_matches(str(word), [str(c) for c in candidates], n=n, cutoff=cutoff)
