@@ -69,10 +69,9 @@ class StageConfigError(ValueError):
     """
 
     def __init__(self, problems: Iterable[StageProblem] | StageProblem | str) -> None:
-        if isinstance(problems, (StageProblem, str)):
-            problems = [problems]
+        items: Iterable[StageProblem | str] = [problems] if isinstance(problems, (StageProblem, str)) else problems
         self.problems: tuple[StageProblem, ...] = tuple(
-            p if isinstance(p, StageProblem) else StageProblem(str(p)) for p in problems
+            p if isinstance(p, StageProblem) else StageProblem(str(p)) for p in items
         )
         count = len(self.problems)
         head = f"{count} problem{'s' if count != 1 else ''} {self._context()}:"

@@ -24,6 +24,7 @@ from torch.utils.data import DistributedSampler
 from lightning_stages import StageConfigError, StageScheduleCallback
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
+ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"ddp": 1, "ddp_spawn": 2}  # strategy -> accumulate_grad_batches (ddp_spawn also checks accumulation)
 
 
@@ -40,6 +41,8 @@ def runs(tmp_path_factory):
     for strategy, accumulate in RUNS.items():
         out = tmp_path_factory.mktemp(strategy)
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PYTHONWARNINGS": "ignore"}
+        # the worker imports the checkout under test, not whatever copy of the package is installed
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
         for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK"):
             env.pop(var, None)
         cmd = [sys.executable, str(WORKER), "--strategy", strategy, "--out", str(out), "--accumulate", str(accumulate)]

@@ -144,7 +144,7 @@ def _one_run(config: Path, name: str, seed: int, out: Path, curve_metric: str, m
             cli = StagesLightningCLI(args=args, run=False, parser_kwargs={"exit_on_error": False},
                                      save_config_kwargs={"overwrite": True})
             recorder = _CurveRecorder(curve_metric)
-            cli.trainer.callbacks.append(recorder)
+            cli.trainer.callbacks.append(recorder)  # type: ignore[attr-defined]  # set by Lightning's callback connector, not declared
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
             results = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
         logged = results[0] if results else {}
@@ -153,7 +153,7 @@ def _one_run(config: Path, name: str, seed: int, out: Path, curve_metric: str, m
             raise KeyError(f"the test step logged no {', '.join(missing)} (logged: {', '.join(logged) or 'nothing'})")
         run.metrics = {m: float(logged[m]) for m in metrics}
         run.curve = list(recorder.points)
-        for callback in cli.trainer.callbacks:
+        for callback in cli.trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(callback, StageScheduleCallback) and callback.resolved_schedule is not None:
                 boundaries = [(r.start_epoch, r.name) for r in callback.resolved_schedule.timeline()]
     except KeyboardInterrupt:

@@ -205,11 +205,11 @@ def write_report(result_runs: Mapping[str, Sequence[RunOutcome]], configs: Mappi
         scores = {name: [r.metrics[metric] for r in runs if r.error is None] for name, runs in result_runs.items()}
         text = verdict(scores, _label(metric))
         lines.append(f"- {text}" if i else f"- **{_label(metric)} (primary):** {text}")
-    failed = [(name, r) for name, runs in result_runs.items() for r in runs if r.error is not None]
+    failed = [(name, r.seed, r.error) for name, runs in result_runs.items() for r in runs if r.error is not None]
     if failed:
         lines += ["", "## Failed runs", ""]
-        lines += [f"- **{name}**, seed {r.seed}: failed: `{r.error.splitlines()[0][:300]}`"
-                  + ("".join(f"\n  {line}" for line in r.error.splitlines()[1:8])) for name, r in failed]
+        lines += [f"- **{name}**, seed {seed}: failed: `{error.splitlines()[0][:300]}`"
+                  + ("".join(f"\n  {line}" for line in error.splitlines()[1:8])) for name, seed, error in failed]
     lines += ["", "## Schedules", ""]
     for name, config in configs.items():
         lines.append(f"- **{name}** (`{config}`): {schedules.get(name, 'not read')}")
