@@ -19,13 +19,12 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
+from conftest import TinyNet
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_stages import DistillationModule, StageScheduleCallback
-from lightning_stages.losses import logit_kd
+from lightning_stages import StageScheduleCallback
 
 SCHEDULE = [
     {"name": "finetune_first", "start_epoch": 0, "end_epoch": 1, "distillation": False, "lambda_coef": 0.0},
@@ -50,39 +49,31 @@ def make_teacher() -> nn.Module:
         return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
 
 
-class Student(DistillationModule, pl.LightningModule):
+class Student(TinyNet):
+    """The shared tiny net with two classes, feature hooks and an adapter; records what each step saw."""
+
     def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Linear(4, 8)
-        self.head = nn.Linear(8, 2)
+        super().__init__(classes=2, lr=LR)
         self.adapter = nn.Linear(8, 6)  # student features -> teacher features; used only while distilling
-        self.loss_weights = {"cls": 1.0}
         self.seen: list[dict] = []
 
-    def configure_teachers(self):
-        return {"teacher": make_teacher()}
+    def teacher(self) -> nn.Module:
+        return make_teacher()
 
     def configure_feature_hooks(self):
         return {"student": ["body"], "teacher": ["1"]}
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self.head(torch.relu(self.body(x)))
-        distill = {}
-        outputs = self.run_teachers(x)
-        if outputs:
-            distill["logit_kd"] = logit_kd(logits, outputs["teacher"])
+    def distill_losses(self, logits, x):
+        distill = super().distill_losses(logits, x)
+        if distill:
             distill.update(self.feature_losses(adapters={"body": self.adapter}))
-        loss = self.weighted_loss({"cls": F.cross_entropy(logits, y)}, distill)
+        return distill
+
+    def record(self, batch, batch_idx, loss):
         self.seen.append(
             {"epoch": self.current_epoch, "stage": self.stage_name, "distill": self.use_distillation,
-             "lambda": self.lambda_coef, "weights": dict(self.loss_weights), "batch": len(x)}
+             "lambda": self.lambda_coef, "weights": dict(self.loss_weights), "batch": len(batch[0])}
         )
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=LR)
 
 
 class Record(pl.Callback):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import TinyNet
 from lightning.pytorch.callbacks import (
     BaseFinetuning,
     EarlyStopping,
@@ -17,8 +17,7 @@ from lightning.pytorch.callbacks import (
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_stages import DistillationModule, StageScheduleCallback
-from lightning_stages.losses import logit_kd
+from lightning_stages import StageScheduleCallback
 
 SCHEDULE = [
     {"name": "distill", "start_epoch": 0, "end_epoch": 2, "distillation": True, "loss_weights": {"cls": 0.0}},
@@ -55,38 +54,28 @@ class CopyCountingTeacher(nn.Module):
         return super().__reduce_ex__(protocol)
 
 
-class Net(DistillationModule, pl.LightningModule):
+class Net(TinyNet):
+    """The shared tiny net with a copy-counting teacher; records each step's stage and accumulation."""
+
     def __init__(self) -> None:
         super().__init__()
-        torch.manual_seed(0)
-        self.body, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
-        self.loss_weights = {"cls": 1.0}
         self.steps: list[tuple] = []
         self.body_by_epoch: dict[int, torch.Tensor] = {}
         self.stop_after: int | None = None
 
-    def configure_teachers(self):
-        torch.manual_seed(1)
-        return {"teacher": CopyCountingTeacher()}
+    def teacher(self) -> nn.Module:
+        return CopyCountingTeacher()
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self.head(torch.relu(self.body(x)))
-        teachers = self.run_teachers(x)
-        distill = {"kd": logit_kd(logits, teachers["teacher"])} if teachers else {}
+    def record(self, batch, batch_idx, loss):
         self.steps.append(
             (self.current_epoch, self.stage_name, self.use_distillation, self.lambda_coef, self.loss_weights["cls"],
              self.trainer.accumulate_grad_batches)
         )
-        return self.weighted_loss({"cls": F.cross_entropy(logits, y)}, distill)
 
     def on_train_epoch_end(self):
         self.body_by_epoch[self.current_epoch] = self.body.weight.detach().clone()
         if self.stop_after is not None:
             self.log("signal", 0.0 if self.current_epoch >= self.stop_after else 1.0)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
 def data() -> DataLoader:

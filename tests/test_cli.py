@@ -6,11 +6,11 @@ import json
 import re
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_example import make_tiny_teacher, tiny_config
 
 from lightning_stages.cli import main
 from lightning_stages.cli.compare import run_compare
@@ -21,11 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 SEED_BASE = {"bce": 1.0, "focal": 15, "dice": 1.0, "iou": 1.0, "cls": 1.0}
 SCHEDULES = ["distill_finetune", "finetune_distill", "joint", "no_schedule"]
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_teacher(tmp_path_factory.mktemp("teacher") / "teacher.ckpt")
 
 
 # ---------------------------------------------------------------------------------------------- validate
@@ -55,8 +50,9 @@ def test_validate_reports_every_error_with_stage_field_and_value(tmp_path: Path,
     assert "stage 1 ('finetune_only'): `lambda_coef` = -0.5: must be >= 0" in err
 
 
-def test_validate_checks_loss_weights_against_the_model_of_a_lightning_config(tmp_path: Path,
-                                                                               capsys: pytest.CaptureFixture) -> None:
+def test_validate_checks_loss_weights_against_the_model_of_a_lightning_config(
+    tiny_config: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     stages = [{"name": "kd", "start_epoch": 0, "distillation": True, "loss_weights": {"foacl": 0}}]
     config = tiny_config("joint", tmp_path, teacher=None, stages=stages)
     assert main(["validate", str(config)]) == 2
@@ -131,13 +127,13 @@ def test_shipped_schedule_configs_compare_like_for_like() -> None:
     assert like_for_like_differences([CONFIGS / f"segmentation_{n}.yaml" for n in SCHEDULES]) == []
 
 
-def test_like_for_like_differences_name_the_setting(tmp_path: Path) -> None:
+def test_like_for_like_differences_name_the_setting(tiny_config: Callable[..., Path], tmp_path: Path) -> None:
     a = tiny_config("joint", tmp_path, teacher=None, file_name="a.yaml")
     b = tiny_config("no_schedule", tmp_path, teacher=None, file_name="b.yaml", data={"num_train": 48})
     assert like_for_like_differences([a, b]) == ["b.yaml: data.init_args.num_train = 48, but 32 in a.yaml"]
 
 
-def test_compare_warns_when_not_like_for_like(tmp_path: Path) -> None:
+def test_compare_warns_when_not_like_for_like(tiny_config: Callable[..., Path], tmp_path: Path) -> None:
     # both runs fail at once (no teacher): the warning comes before any training
     a = tiny_config("joint", tmp_path, teacher=None, file_name="a.yaml")
     b = tiny_config("joint", tmp_path, teacher=None, file_name="b.yaml", data={"batch_size": 8})
@@ -149,8 +145,9 @@ def test_compare_warns_when_not_like_for_like(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- compare run
 
 
-def test_tiny_compare_writes_report_curves_and_tensorboard(tmp_path: Path, teacher_ckpt: Path,
-                                                           capsys: pytest.CaptureFixture) -> None:
+def test_tiny_compare_writes_report_curves_and_tensorboard(
+    tiny_config: Callable[..., Path], tmp_path: Path, teacher_ckpt: Path, capsys: pytest.CaptureFixture
+) -> None:
     joint = tiny_config("joint", tmp_path, teacher_ckpt, stages=[
         {"name": "joint", "start_epoch": 0, "distillation": True, "lambda_coef": 1.0}])
     plain = tiny_config("no_schedule", tmp_path, teacher_ckpt)

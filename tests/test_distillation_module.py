@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import FIVE_WEIGHTS, PlainStudent, Student, loader, trainer
+from conftest import FIVE_WEIGHTS, PlainStudent, Student, loader, trainer
 
 from lightning_stages import StageConfigError, StageScheduleCallback
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -29,57 +29,9 @@ from lightning_stages.cli.lightning_config import schedule_of_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-TINY_DATA = {"num_train": 32, "num_val": 16, "num_test": 16, "image_size": 16, "batch_size": 16, "data_seed": 0}
-TINY_TEACHER = {"widths": [4, 8, 16], "convs_per_block": 1}
-QUIET = {"enable_progress_bar": False, "enable_model_summary": False, "logger": False}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def make_tiny_teacher(path: Path) -> Path:
-    """A real (tiny) teacher checkpoint, written the way the teacher config writes one: by a Trainer."""
-    model = SegmentationTeacher(**TINY_TEACHER)
-    trainer = pl.Trainer(max_steps=1, enable_checkpointing=False, limit_val_batches=0, **QUIET)
-    trainer.fit(model, datamodule=ShapesDataModule(**TINY_DATA))
-    trainer.save_checkpoint(path)
-    return path
-
-
-def tiny_config(
-    name: str,
-    out: Path,
-    teacher: Optional[Path],
-    stages: Optional[list[dict[str, Any]]] = None,
-    max_epochs: int = 1,
-    file_name: Optional[str] = None,
-    data: Optional[dict[str, Any]] = None,
-) -> Path:
-    """``configs/segmentation_<name>.yaml`` shrunk to tiny data and epochs (and optionally other stages)."""
-    config = yaml.safe_load((CONFIGS / f"segmentation_{name}.yaml").read_text())
-    config["trainer"]["max_epochs"] = max_epochs
-    config["trainer"]["logger"] = False
-    config["trainer"]["enable_progress_bar"] = False
-    config["trainer"]["enable_model_summary"] = False
-    config["trainer"]["enable_checkpointing"] = False
-    config["data"]["init_args"] = {**TINY_DATA, **(data or {})}
-    config["model"]["init_args"]["teacher_checkpoint"] = str(teacher if teacher is not None else out / "missing.ckpt")
-    config["model"]["init_args"]["teacher_channels"] = TINY_TEACHER["widths"][-1]
-    for callback in config["trainer"].get("callbacks") or []:  # the shipped stages, cut to the tiny run
-        for stage in callback["init_args"].get("stage_schedule", []):
-            stage["end_epoch"] = min(stage["end_epoch"], max_epochs)
-    if stages is not None:
-        config["trainer"]["callbacks"] = [
-            {"class_path": "lightning_stages.StageScheduleCallback", "init_args": {"stage_schedule": stages}}
-        ]
-    path = out / (file_name or f"{name}.yaml")
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_teacher(tmp_path_factory.mktemp("teacher") / "teacher.ckpt")
 
 
 def cli(config: Path, *extra: str) -> StagesLightningCLI:
@@ -109,8 +61,8 @@ def test_data_has_every_class_varied_scale_and_binary_masks() -> None:
     assert all(s[0].shape == (3, 32, 32) and s[0].dtype == np.float32 for s in samples)
 
 
-def test_datamodule_splits_are_fixed_across_instances() -> None:
-    a, b = ShapesDataModule(**TINY_DATA), ShapesDataModule(**TINY_DATA)
+def test_datamodule_splits_are_fixed_across_instances(tiny_data: dict[str, int]) -> None:
+    a, b = ShapesDataModule(**tiny_data), ShapesDataModule(**tiny_data)
     xa, ma, ya = next(iter(a.test_dataloader()))
     xb, mb, yb = next(iter(b.test_dataloader()))
     assert torch.equal(xa, xb) and torch.equal(ma, mb) and torch.equal(ya, yb)
@@ -193,7 +145,9 @@ def test_distill_finetune_config_is_the_seed_example_scaled_to_twelve_epochs() -
     [None, [{"name": "finetune_only", "start_epoch": 0, "distillation": False}]],
     ids=["no_schedule", "finetune_only"],
 )
-def test_schedule_without_distillation_never_loads_the_teacher(tmp_path: Path, stages: Optional[list]) -> None:
+def test_schedule_without_distillation_never_loads_the_teacher(
+    tiny_config: Callable[..., Path], tmp_path: Path, stages: Optional[list]
+) -> None:
     config = tiny_config("no_schedule", tmp_path, teacher=None, stages=stages)  # the checkpoint does not exist
     run = cli(config)
     run.trainer.fit(run.model, datamodule=run.datamodule)
@@ -201,7 +155,9 @@ def test_schedule_without_distillation_never_loads_the_teacher(tmp_path: Path, s
     assert not run.model.teachers_prepared
 
 
-def test_missing_teacher_checkpoint_fails_before_training_naming_the_command(tmp_path: Path) -> None:
+def test_missing_teacher_checkpoint_fails_before_training_naming_the_command(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
     run = cli(tiny_config("joint", tmp_path, teacher=None))
     with pytest.raises(StageConfigError, match=re.escape(TEACHER_COMMAND)) as err:
         run.trainer.fit(run.model, datamodule=run.datamodule)
@@ -210,14 +166,18 @@ def test_missing_teacher_checkpoint_fails_before_training_naming_the_command(tmp
     assert run.trainer.global_step == 0
 
 
-def test_unknown_schedule_key_fails_with_the_core_error_before_parsing(tmp_path: Path, teacher_ckpt: Path) -> None:
+def test_unknown_schedule_key_fails_with_the_core_error_before_parsing(
+    tiny_config: Callable[..., Path], tmp_path: Path, teacher_ckpt: Path
+) -> None:
     stages = [{"name": "kd", "start_epoch": 0, "distillation": True, "lamda_coef": 0.5}]
     config = tiny_config("joint", tmp_path, teacher_ckpt, stages=stages)
     with pytest.raises(StageConfigError, match=r"stage 0 \('kd'\): `lamda_coef` = 0.5: .*did you mean `lambda_coef`"):
         StagesLightningCLI(args=["fit", "--config", str(config)])
 
 
-def test_misspelt_loss_weight_fails_before_training(tmp_path: Path, teacher_ckpt: Path) -> None:
+def test_misspelt_loss_weight_fails_before_training(
+    tiny_config: Callable[..., Path], tmp_path: Path, teacher_ckpt: Path
+) -> None:
     stages = [{"name": "kd", "start_epoch": 0, "distillation": True, "loss_weights": {"foacl": 0.0}}]
     run = cli(tiny_config("joint", tmp_path, teacher_ckpt, stages=stages))
     with pytest.raises(StageConfigError, match=r"`loss_weights.foacl` = 0.0: .*did you mean `focal`"):
@@ -225,7 +185,9 @@ def test_misspelt_loss_weight_fails_before_training(tmp_path: Path, teacher_ckpt
     assert run.trainer.global_step == 0
 
 
-def test_distillation_runs_through_the_mixin_and_trains_the_adapter(tmp_path: Path, teacher_ckpt: Path) -> None:
+def test_distillation_runs_through_the_mixin_and_trains_the_adapter(
+    tiny_config: Callable[..., Path], tmp_path: Path, teacher_ckpt: Path
+) -> None:
     run = cli(tiny_config("joint", tmp_path, teacher_ckpt))
     adapter_before = run.model.hint_adapter.proj.weight.detach().clone()
     run.trainer.fit(run.model, datamodule=run.datamodule)
@@ -238,7 +200,9 @@ def test_distillation_runs_through_the_mixin_and_trains_the_adapter(tmp_path: Pa
     assert all(not p.requires_grad for p in run.model.teachers["teacher"].parameters())
 
 
-def test_metrics_are_logged_under_their_usual_names_and_match_a_reference(tmp_path: Path) -> None:
+def test_metrics_are_logged_under_their_usual_names_and_match_a_reference(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
     run = cli(tiny_config("no_schedule", tmp_path, teacher=None))
     run.trainer.fit(run.model, datamodule=run.datamodule)
     assert {"val/iou", "val/dice", "val/acc"} <= set(run.trainer.callback_metrics)
@@ -255,7 +219,7 @@ def test_metrics_are_logged_under_their_usual_names_and_match_a_reference(tmp_pa
     assert result["test/acc"] == pytest.approx((out["cls"].argmax(1) == label).float().mean().item(), abs=1e-6)
 
 
-def test_stages_option_trains_with_a_seed_json_schedule(tmp_path: Path) -> None:
+def test_stages_option_trains_with_a_seed_json_schedule(tiny_config: Callable[..., Path], tmp_path: Path) -> None:
     run = cli(tiny_config("no_schedule", tmp_path, teacher=None), "--stages",
               str(CONFIGS / "segmentation_distill_finetune.json"))
     callbacks = [cb for cb in run.trainer.callbacks if isinstance(cb, StageScheduleCallback)]
@@ -264,7 +228,9 @@ def test_stages_option_trains_with_a_seed_json_schedule(tmp_path: Path) -> None:
     assert callbacks[0].schedule.total_epochs == 12
 
 
-def test_stages_option_with_a_schedule_already_in_the_config_is_an_error(tmp_path: Path) -> None:
+def test_stages_option_with_a_schedule_already_in_the_config_is_an_error(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
     config = tiny_config("joint", tmp_path, teacher=None)
     with pytest.raises(StageConfigError, match="already has a StageScheduleCallback"):
         cli(config, "--stages", str(CONFIGS / "segmentation_distill_finetune.json"))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import FIVE_WEIGHTS, Student, loader
 from lightning.pytorch.cli import LightningCLI
-from tiny_models import FIVE_WEIGHTS, Student, loader
 
 from lightning_stages import Stage, StageScheduleCallback
 

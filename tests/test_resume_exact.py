@@ -8,13 +8,11 @@ from dataclasses import dataclass
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import TinyNet
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from lightning_stages import DistillationModule, StageScheduleCallback
-from lightning_stages.losses import logit_kd
+from lightning_stages import StageScheduleCallback
 
 # resuming without the ModelCheckpoint that wrote the checkpoint is deliberate here
 pytestmark = pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
@@ -42,37 +40,24 @@ class Step:
     samples: tuple
 
 
-class Net(DistillationModule, pl.LightningModule):
+class Net(TinyNet):
+    """The shared tiny net with an extra task loss, momentum, and a record of every step and evaluation batch."""
+
+    temperature = 2.0
+
     def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Linear(4, 8)
-        self.head = nn.Linear(8, 3)
-        self.loss_weights = {"cls": 1.0, "aux": 0.5}
+        super().__init__(loss_weights={"cls": 1.0, "aux": 0.5}, momentum=0.9)  # momentum: optimizer state resumes too
         self.steps: list[Step] = []
-        self.teacher_builds = 0
         self.eval_settings: list[tuple] = []
 
-    def configure_teachers(self):
-        self.teacher_builds += 1
-        with torch.random.fork_rng():
-            torch.manual_seed(1)
-            return {"teacher": nn.Linear(4, 3)}
+    def task_losses(self, logits, y):
+        return {**super().task_losses(logits, y), "aux": logits.pow(2).mean()}
 
-    def forward(self, x):
-        return self.head(torch.relu(self.body(x)))
-
-    def training_step(self, batch, batch_idx):
-        x, y, index = batch
-        logits = self(x)
-        teachers = self.run_teachers(x)
-        distill = {"kd": logit_kd(logits, teachers["teacher"], temperature=2.0)} if teachers else {}
-        loss = self.weighted_loss({"cls": F.cross_entropy(logits, y), "aux": logits.pow(2).mean()}, distill)
+    def record(self, batch, batch_idx, loss):
         self.steps.append(
             Step(self.current_epoch, batch_idx, self.stage_name, self.use_distillation, self.lambda_coef,
-                 tuple(sorted(self.loss_weights.items())), loss.item(), tuple(index.tolist()))
+                 tuple(sorted(self.loss_weights.items())), loss.item(), tuple(batch[2].tolist()))
         )
-        return loss
 
     def _record_eval(self, x):
         self.eval_settings.append(
@@ -89,9 +74,6 @@ class Net(DistillationModule, pl.LightningModule):
     def predict_step(self, batch, batch_idx):
         self._record_eval(batch[0])
         return self(batch[0])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)  # momentum: optimizer state must resume too
 
 
 class EpochShuffle(Sampler):

@@ -8,10 +8,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import FIVE_WEIGHTS, PlainStudent, Student, loader, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tiny_models import FIVE_WEIGHTS, PlainStudent, Student, loader, trainer
 
 from lightning_stages import StageConfigError, StageScheduleCallback
 

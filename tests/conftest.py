@@ -1,0 +1,283 @@
+"""What the tests share: tiny modules, data and Trainers, and the segmentation example shrunk to seconds.
+
+- ``Student`` (with a teacher, feature hooks and an adapter) and its plain twin ``PlainStudent``: five task losses on
+  6 features, for the callback and mixin tests (and the 0.1 checkpoints in ``tests/data``, so they stay as they are).
+- ``TinyNet``: 4 features -> 8 -> ``classes``, cross-entropy plus logit KD while distilling. The tests that need
+  something particular (a copy-counting teacher, an extra loss, feature hooks, what each step saw) subclass it and
+  override one hook.
+- ``loader``, ``trainer``: the data and a quiet, deterministic Trainer.
+- The ``tiny_config`` and ``teacher_ckpt`` fixtures: the example's LightningCLI configs cut to tiny data, and a real
+  (tiny) teacher checkpoint, trained once per session.
+
+Test files import a class from here only to use or subclass it (``from conftest import TinyNet``); everything else
+comes in as a fixture. A test file never imports another test file.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from examples.segmentation import SegmentationTeacher, ShapesDataModule
+from lightning_stages import DistillationModule
+from lightning_stages.losses import FeatureAdapter, feature_mse, logit_kd
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Let the package's log lines reach pytest's handlers (``caplog``).
+
+    This file imports ``lightning_stages`` before pytest configures logging, so the package took the fallback it
+    keeps for applications that configured nothing (its own handler, no propagation). Under pytest, logging is
+    configured: undo the fallback, as if the package had been imported afterwards.
+    """
+    logger = logging.getLogger("lightning_stages")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.propagate = True
+
+
+FIVE_WEIGHTS = {"bce": 1.0, "focal": 15.0, "dice": 1.0, "iou": 1.0, "cls": 1.0}
+
+
+def loader(n: int = 8, batch_size: int = 4, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    y = torch.randint(0, 2, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+class CountingTeacher(nn.Module):
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, width), nn.ReLU())
+        self.head = nn.Linear(width, 2)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.head(self.body(x))
+
+
+def task_losses(logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    p = torch.sigmoid(logits[:, 1])
+    t = y.float()
+    bce = F.binary_cross_entropy_with_logits(logits[:, 1], t)
+    return {
+        "bce": bce,
+        "focal": ((1 - torch.exp(-bce)) ** 2 * bce),
+        "dice": 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1),
+        "iou": (p - t).abs().mean(),
+        "cls": F.cross_entropy(logits, y),
+    }
+
+
+class PlainStudent(pl.LightningModule):
+    """A student written without the plugin: fixed weights, no teacher."""
+
+    def __init__(self, loss_weights: dict[str, float] | None = None) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 4), nn.ReLU())
+        self.head = nn.Linear(4, 2)
+        self.loss_weights = dict(loss_weights or FIVE_WEIGHTS)
+        self.losses: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        losses = task_losses(self(x), y)
+        loss = sum(self.loss_weights[k] * v for k, v in losses.items())
+        self.log("train/loss", loss)
+        self.losses.append(loss.detach().clone())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class Student(DistillationModule, PlainStudent):
+    """The same student with the plugin: a teacher, feature hooks, an adapter used only while distilling."""
+
+    def __init__(self, loss_weights: dict[str, float] | None = None, hooks: dict | None = None) -> None:
+        super().__init__(loss_weights)
+        self.adapter = FeatureAdapter(4, 16)
+        self.teacher_builds = 0
+        self.hooks = {"student": ["body"], "teacher": ["body"]} if hooks is None else hooks
+        self.seen: list[tuple[int, str, bool, float, dict]] = []  # (epoch, stage, distill, lambda, weights) per step
+        self.teacher_calls_per_epoch: dict[int, int] = {}
+
+    def configure_teachers(self):
+        self.teacher_builds += 1
+        with torch.random.fork_rng():
+            torch.manual_seed(123)
+            return {"teacher": CountingTeacher()}
+
+    def configure_feature_hooks(self):
+        return self.hooks
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        outputs = self.run_teachers(x)
+        distill = {}
+        if outputs:
+            distill["logit_kd"] = logit_kd(logits, outputs["teacher"], temperature=2.0)
+            if self.hooks:
+                distill["feature"] = feature_mse(
+                    self.captured_features()["body"], self.captured_features("teacher")["body"], self.adapter
+                )
+        losses = task_losses(logits, y)
+        loss = self.weighted_loss(losses, distill)
+        self.log("train/loss", loss)
+        self.losses.append(loss.detach().clone())
+        self.seen.append(
+            (self.trainer.current_epoch, self.stage_name, self.use_distillation, self.lambda_coef, dict(self.loss_weights))
+        )
+        teacher = self.teachers.get("teacher")
+        self.teacher_calls_per_epoch[self.trainer.current_epoch] = teacher.calls if teacher is not None else 0
+        return loss
+
+
+class TinyNet(DistillationModule, pl.LightningModule):
+    """4 features -> 8 hidden -> ``classes`` logits; cross-entropy, plus logit KD from ``teacher()`` while distilling.
+
+    Subclasses override one hook each: ``teacher`` (which teacher), ``task_losses``/``distill_losses`` (which
+    losses), ``record`` (what a step writes down).
+    """
+
+    temperature = 1.0  # of the logit KD
+
+    def __init__(self, classes: int = 3, loss_weights: dict[str, float] | None = None, lr: float = 0.05,
+                 momentum: float = 0.0) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head = nn.Linear(4, 8), nn.Linear(8, classes)
+        self.classes = classes
+        self.loss_weights = dict(loss_weights or {"cls": 1.0})
+        self.lr, self.momentum = lr, momentum
+        self.teacher_builds = 0
+
+    def teacher(self) -> nn.Module:
+        return nn.Linear(4, self.classes)
+
+    def configure_teachers(self):
+        self.teacher_builds += 1
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            return {"teacher": self.teacher()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(x)))
+
+    def task_losses(self, logits: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"cls": F.cross_entropy(logits, y)}
+
+    def distill_losses(self, logits: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        teachers = self.run_teachers(x)
+        return {"kd": logit_kd(logits, teachers["teacher"], temperature=self.temperature)} if teachers else {}
+
+    def record(self, batch, batch_idx: int, loss: torch.Tensor) -> None:
+        """What a step writes down for the test; nothing here."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        loss = self.weighted_loss(self.task_losses(logits, y), self.distill_losses(logits, x))
+        self.record(batch, batch_idx, loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+def trainer(tmp_path, max_epochs: int = 4, callbacks=(), **kwargs) -> pl.Trainer:
+    defaults = {
+        "default_root_dir": tmp_path,
+        "max_epochs": max_epochs,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "logger": False,
+        "enable_checkpointing": False,
+        "num_sanity_val_steps": 0,
+        "deterministic": True,
+    }
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=list(callbacks), **defaults)
+
+
+# ---------------------------------------------------------------------------------------------- the segmentation example
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY_DATA = {"num_train": 32, "num_val": 16, "num_test": 16, "image_size": 16, "batch_size": 16, "data_seed": 0}
+TINY_TEACHER = {"widths": [4, 8, 16], "convs_per_block": 1}
+
+
+def make_tiny_teacher(path: Path) -> Path:
+    """A real (tiny) teacher checkpoint, written the way the teacher config writes one: by a Trainer."""
+    model = SegmentationTeacher(**TINY_TEACHER)
+    trainer = pl.Trainer(max_steps=1, enable_checkpointing=False, limit_val_batches=0, enable_progress_bar=False,
+                         enable_model_summary=False, logger=False)
+    trainer.fit(model, datamodule=ShapesDataModule(**TINY_DATA))
+    trainer.save_checkpoint(path)
+    return path
+
+
+def write_tiny_config(
+    name: str,
+    out: Path,
+    teacher: Optional[Path],
+    stages: Optional[list[dict[str, Any]]] = None,
+    max_epochs: int = 1,
+    file_name: Optional[str] = None,
+    data: Optional[dict[str, Any]] = None,
+) -> Path:
+    """``configs/segmentation_<name>.yaml`` shrunk to tiny data and epochs (and optionally other stages)."""
+    config = yaml.safe_load((CONFIGS / f"segmentation_{name}.yaml").read_text())
+    config["trainer"]["max_epochs"] = max_epochs
+    config["trainer"]["logger"] = False
+    config["trainer"]["enable_progress_bar"] = False
+    config["trainer"]["enable_model_summary"] = False
+    config["trainer"]["enable_checkpointing"] = False
+    config["data"]["init_args"] = {**TINY_DATA, **(data or {})}
+    config["model"]["init_args"]["teacher_checkpoint"] = str(teacher if teacher is not None else out / "missing.ckpt")
+    config["model"]["init_args"]["teacher_channels"] = TINY_TEACHER["widths"][-1]
+    for callback in config["trainer"].get("callbacks") or []:  # the shipped stages, cut to the tiny run
+        for stage in callback["init_args"].get("stage_schedule", []):
+            stage["end_epoch"] = min(stage["end_epoch"], max_epochs)
+    if stages is not None:
+        config["trainer"]["callbacks"] = [
+            {"class_path": "lightning_stages.StageScheduleCallback", "init_args": {"stage_schedule": stages}}
+        ]
+    path = out / (file_name or f"{name}.yaml")
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture
+def tiny_config() -> Callable[..., Path]:
+    """``tiny_config(name, out, teacher, stages=None, max_epochs=1, file_name=None, data=None) -> Path``: see
+    :func:`write_tiny_config`."""
+    return write_tiny_config
+
+
+@pytest.fixture
+def tiny_data() -> dict[str, int]:
+    """The arguments of a tiny ``ShapesDataModule``: 32/16/16 samples of 16x16 pixels, one batch each."""
+    return dict(TINY_DATA)
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny segmentation teacher trained for one step and saved by its Trainer, shared by the whole session."""
+    return make_tiny_teacher(tmp_path_factory.mktemp("teacher") / "teacher.ckpt")
