@@ -197,3 +197,14 @@ def test_the_console_script_resolves_to_the_cli_main():
     with pytest.raises(SystemExit) as exit_info:
         entry(["--help"])
     assert exit_info.value.code == 0
+
+
+def test_the_readme_layout_names_every_module():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Project layout"):]
+    layout = layout[: layout.index("\n```\n", layout.index("```") + 3)]
+    missing = [
+        str(path.relative_to(ROOT)) for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name != "__init__.py" and not re.search(rf"\b{re.escape(path.name)}\b", layout)
+    ] + [f"{wing}/" for wing in ("schedule", "distillation", "cli") if f"  {wing}/" not in layout]
+    assert missing == [], f"README.md's project layout does not name {missing}"
