@@ -176,6 +176,18 @@ def test_resume_applies_the_stage_of_the_resumed_epoch(tmp_path, checkpoint_name
         assert len(steps_in_epoch_2) == 1  # one batch of epoch 2 was left, and it ran as finetune
 
 
+@pytest.mark.parametrize(("checkpoint_name", "every_n_train_steps"),
+                         [("epoch=1-step=4.ckpt", None), ("epoch=2-step=5.ckpt", 1)])
+def test_a_resumed_run_logs_each_of_its_epochs_once(tmp_path, caplog, checkpoint_name, every_n_train_steps):
+    _checkpoint_trainer(tmp_path, every_n_train_steps=every_n_train_steps).fit(Student(), loader())
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lightning_stages"):
+        _checkpoint_trainer(tmp_path / "resumed").fit(Student(), loader(), ckpt_path=tmp_path / "ckpt" / checkpoint_name)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("lightning_stages")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 2", "epoch 3"]
+    assert all("stage 'finetune_only' (2/2)" in line for line in lines)
+
+
 def test_resume_under_a_changed_schedule_warns_and_names_the_change(tmp_path):
     _checkpoint_trainer(tmp_path).fit(Student(), loader())
     changed = [dict(DISTILL_THEN_FINETUNE[0]), dict(DISTILL_THEN_FINETUNE[1], lambda_coef=0.5)]
