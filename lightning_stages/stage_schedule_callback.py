@@ -141,7 +141,7 @@ class StageScheduleCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a run resumed within an epoch (its batches begun or done) gets no on_train_epoch_start for that epoch:
         # apply and report it here; otherwise on_train_epoch_start does
-        progress = trainer.fit_loop.epoch_progress.current
+        progress: Any = trainer.fit_loop.epoch_progress.current  # a _StartedTracker, typed as its base
         if progress.started > progress.completed:
             self._report(trainer, self._enter_epoch(pl_module, trainer.current_epoch), first=True)
         else:
@@ -165,7 +165,8 @@ class StageScheduleCallback(Callback):
         return resolved
 
     @staticmethod
-    def _apply(pl_module: pl.LightningModule, schedule: StageSchedule, resolved: ResolvedStage) -> None:
+    def _apply(module: pl.LightningModule, schedule: StageSchedule, resolved: ResolvedStage) -> None:
+        pl_module: Any = module  # plain attributes, not tensors or submodules
         pl_module.loss_weights = dict(resolved.loss_weights)
         pl_module.use_distillation = resolved.distillation
         pl_module.lambda_coef = resolved.lambda_coef

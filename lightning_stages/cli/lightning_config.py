@@ -180,7 +180,7 @@ def _model_defaults(model: Mapping[str, Any]) -> dict[str, Any]:
     defaults: dict[str, Any] = {}
     if isinstance(cls, type):
         with contextlib.suppress(TypeError, ValueError):
-            for name, parameter in inspect.signature(cls.__init__).parameters.items():
+            for name, parameter in inspect.signature(cls).parameters.items():
                 if parameter.default is not inspect.Parameter.empty:
                     defaults[name] = parameter.default
     loss_weights, distillation, lambda_coef = (init_args.get(name, defaults.get(name)) for name in _SCHEDULE_MODEL_KEYS)

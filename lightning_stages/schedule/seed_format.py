@@ -168,12 +168,13 @@ def to_dict(schedule: StageSchedule) -> dict[str, Any]:
         {'stage_schedule': [{'start_epoch': 0}], 'train': {'epochs': 3}, 'distillation': {'lambda_coef': 2.0}}
     """
     out: dict[str, Any] = {"stage_schedule": [stage.to_dict() for stage in schedule.stages]}
-    train = {key: value for key, value in (("loss_weights", schedule.loss_weights), ("epochs", schedule.total_epochs))
-             if value is not None}
+    train: dict[str, Any] = {}
+    if schedule.loss_weights is not None:
+        train["loss_weights"] = dict(schedule.loss_weights)
+    if schedule.total_epochs is not None:
+        train["epochs"] = schedule.total_epochs
     distillation = {key: value for key, value in (("enable", schedule.distillation),
                                                     ("lambda_coef", schedule.lambda_coef)) if value is not None}
-    if "loss_weights" in train:
-        train["loss_weights"] = dict(train["loss_weights"])
     if train:
         out["train"] = train
     if distillation:

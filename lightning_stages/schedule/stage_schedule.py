@@ -61,8 +61,7 @@ class StageSchedule:
 
     def __post_init__(self) -> None:
         raw = self.stages if self.stages is not None else ()
-        problems = checks.stage_list_problems(raw)
-        if problems:
+        if problems := checks.stage_list_problems(raw):
             raise StageConfigError(problems)
         stages: list[Stage] = []
         # (index as written, stage) of the stages whose epoch range is well-formed: checked against each other
@@ -162,9 +161,11 @@ class StageSchedule:
             >>> StageSchedule().with_base(lambda_coef=0.5, total_epochs=3).at(0).lambda_coef
             0.5
         """
-        given = {"loss_weights": loss_weights, "distillation": distillation, "lambda_coef": lambda_coef,
-                 "total_epochs": total_epochs}
-        return replace(self, **{k: getattr(self, k) if getattr(self, k) is not None else v for k, v in given.items()})
+        weights = dict(loss_weights) if loss_weights is not None else None
+        return replace(self, loss_weights=self.loss_weights if self.loss_weights is not None else weights,
+                       distillation=self.distillation if self.distillation is not None else distillation,
+                       lambda_coef=self.lambda_coef if self.lambda_coef is not None else lambda_coef,
+                       total_epochs=self.total_epochs if self.total_epochs is not None else total_epochs)
 
     def with_total_epochs(self, total_epochs: Optional[int]) -> StageSchedule:
         """A copy that ends at ``total_epochs`` instead (``None``: open-ended); checks only what the new end changes.
