@@ -140,17 +140,21 @@ class StageScheduleCallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a run resumed within an epoch (its batches begun or done) gets no on_train_epoch_start for that epoch:
-        # apply and report it here; otherwise on_train_epoch_start does
+        # apply and report it here; otherwise on_train_epoch_start does. The stage's text goes to TensorBoard at the
+        # first epoch of every run, as well as where a stage begins.
+        resolved = self._enter_epoch(pl_module, trainer.current_epoch)
         progress: Any = trainer.fit_loop.epoch_progress.current  # a _StartedTracker, typed as its base
         if progress.started > progress.completed:
-            self._report(trainer, self._enter_epoch(pl_module, trainer.current_epoch), first=True)
-        else:
-            self._enter_epoch(pl_module, trainer.current_epoch)
+            self._report(trainer, resolved)
+        if progress.started > progress.completed or trainer.current_epoch != resolved.start_epoch:
+            _add_stage_text(trainer, resolved)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         resolved = self._enter_epoch(pl_module, trainer.current_epoch)
-        self._report(trainer, resolved, first=trainer.current_epoch == resolved.start_epoch)
+        self._report(trainer, resolved)
+        if trainer.current_epoch == resolved.start_epoch:
+            _add_stage_text(trainer, resolved)
 
     def _bound(self) -> StageSchedule:
         if self.resolved_schedule is None:
@@ -175,21 +179,15 @@ class StageScheduleCallback(Callback):
             later = resolved.end_epoch is not None and schedule.distilling_until() > resolved.end_epoch
             pl_module.update_teacher_placement(resolved.distillation, later)
 
-    def _report(self, trainer: pl.Trainer, resolved: ResolvedStage, first: bool) -> None:
-        """The stage line, the ``stage/*`` scalars and (``first``: a stage begins, or a resumed run) the text."""
-        epoch = trainer.current_epoch
+    def _report(self, trainer: pl.Trainer, resolved: ResolvedStage) -> None:
+        """The stage line and the ``stage/*`` scalars of the epoch (rank zero)."""
         if not trainer.is_global_zero:
             return
         if self.verbose:
-            _info(format_stage_line(epoch, resolved))
+            _info(format_stage_line(trainer.current_epoch, resolved))
         metrics = stage_metrics(resolved)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        if first:
-            text = format_stage_line(epoch, resolved)
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_text("stage", text, global_step=trainer.global_step)
 
     # ------------------------------------------------------------------ checkpointing
 
@@ -228,6 +226,15 @@ class StageScheduleCallback(Callback):
                 "StageScheduleCallback: the checkpoint was written without this callback; each epoch resumes with "
                 "the stage the schedule given now assigns to it."
             )
+
+
+def _add_stage_text(trainer: pl.Trainer, resolved: ResolvedStage) -> None:
+    """The stage line as TensorBoard text (rank zero)."""
+    if trainer.is_global_zero:
+        text = format_stage_line(trainer.current_epoch, resolved)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("stage", text, global_step=trainer.global_step)
 
 
 def _warn_about_coverage(schedule: StageSchedule, max_epochs: Optional[int]) -> None:

@@ -188,6 +188,22 @@ def test_a_resumed_run_logs_each_of_its_epochs_once(tmp_path, caplog, checkpoint
     assert all("stage 'finetune_only' (2/2)" in line for line in lines)
 
 
+@pytest.mark.parametrize(("checkpoint_name", "every_n_train_steps", "first_epoch"),
+                         [("epoch=2-step=6.ckpt", None, 3), ("epoch=2-step=5.ckpt", 1, 2)])
+def test_a_run_resumed_inside_a_stage_writes_the_stage_text_once_at_its_first_epoch(
+        tmp_path, checkpoint_name, every_n_train_steps, first_epoch):
+    _checkpoint_trainer(tmp_path, every_n_train_steps=every_n_train_steps).fit(Student(), loader())
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    _checkpoint_trainer(tmp_path / "resumed", logger=logger, log_every_n_steps=1).fit(
+        Student(), loader(), ckpt_path=tmp_path / "ckpt" / checkpoint_name)
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    texts = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("stage/text_summary")]
+    assert len(texts) == 1
+    assert texts[0].startswith(f"epoch {first_epoch}: stage 'finetune_only' (2/2)")
+    assert [e.value for e in events.Scalars("stage/number")] == [2.0] * (4 - first_epoch)
+
+
 def test_resume_under_a_changed_schedule_warns_and_names_the_change(tmp_path):
     _checkpoint_trainer(tmp_path).fit(Student(), loader())
     changed = [dict(DISTILL_THEN_FINETUNE[0]), dict(DISTILL_THEN_FINETUNE[1], lambda_coef=0.5)]
