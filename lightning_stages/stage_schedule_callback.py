@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -15,8 +13,10 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from lightning_stages.distillation.distillation_module import DistillationModule
-from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
+from lightning_stages.errors import StageConfigError, StageProblem
 from lightning_stages.schedule import StageSchedule
+from lightning_stages.schedule.bind import bind_schedule, declared_settings, given_schedule
+from lightning_stages.schedule.render import format_stage_line, stage_metrics
 from lightning_stages.schedule.stage import ResolvedStage, Stage
 
 __all__ = ["StageScheduleCallback"]
@@ -30,50 +30,15 @@ def _declared_base(pl_module: pl.LightningModule) -> dict[str, Any]:
     """What the module declared in ``__init__`` (remembered on first use, since the callback overwrites it)."""
     declared = pl_module.__dict__.get(_DECLARED)
     if declared is None:
-        weights = getattr(pl_module, "loss_weights", None)
-        flag = getattr(pl_module, "use_distillation", None)
-        coef = getattr(pl_module, "lambda_coef", None)
-        declared = {
-            "loss_weights": dict(weights) if isinstance(weights, Mapping) else None,
-            "distillation": flag if isinstance(flag, bool) else None,
-            "lambda_coef": coef if isinstance(coef, (int, float)) and not isinstance(coef, bool) else None,
-        }
+        declared = declared_settings(getattr(pl_module, "loss_weights", None),
+                                     getattr(pl_module, "use_distillation", None),
+                                     getattr(pl_module, "lambda_coef", None))
         pl_module.__dict__[_DECLARED] = declared
     return declared
 
 
-def format_stage_line(epoch: int, resolved: ResolvedStage) -> str:
-    """The one human-readable line logged at each epoch start.
-
-    Example::
-
-        >>> r = ResolvedStage("distill_only", 0, 1, 2, 0, 100, True, 1.0, {"bce": 0.0, "focal": 0.0})
-        >>> format_stage_line(3, r)
-        "epoch 3: stage 'distill_only' (1/2), use_distillation=True, lambda_coef=1.0, loss_weights: bce=0.0 focal=0.0"
-    """
-    position = f"{resolved.position}/{resolved.num_stages}" if not resolved.is_base else "no stage"
-    weights = " ".join(f"{k}={v:g}" if v != int(v) else f"{k}={v}" for k, v in resolved.loss_weights.items())
-    return (
-        f"epoch {epoch}: stage {resolved.name!r} ({position}), use_distillation={resolved.distillation}, "
-        f"lambda_coef={resolved.lambda_coef}, loss_weights: {weights or '(none)'}"
-    )
-
-
-def stage_metrics(resolved: ResolvedStage) -> dict[str, float]:
-    """The ``stage/*`` scalars logged once per epoch.
-
-    Example::
-
-        >>> stage_metrics(ResolvedStage("a", 0, 1, 1, 0, None, True, 0.5, {"cls": 2.0}))
-        {'stage/number': 1.0, 'stage/use_distillation': 1.0, 'stage/lambda_coef': 0.5, 'stage/weight_cls': 2.0}
-    """
-    metrics = {
-        "stage/number": float(resolved.position or 0),
-        "stage/use_distillation": float(resolved.distillation),
-        "stage/lambda_coef": float(resolved.lambda_coef),
-    }
-    metrics.update({f"stage/weight_{k}": float(v) for k, v in resolved.loss_weights.items()})
-    return metrics
+def _max_epochs(trainer: pl.Trainer) -> Optional[int]:
+    return trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
 
 
 class StageScheduleCallback(Callback):
@@ -128,125 +93,32 @@ class StageScheduleCallback(Callback):
         lambda_coef: Optional[float] = None,
         verbose: bool = True,
     ) -> None:
-        if stage_schedule is not None and config is not None:
-            raise StageConfigError(
-                StageProblem("give either `stage_schedule` or `config`, not both", name="StageScheduleCallback",
-                             field="config", value=str(config))
-            )
-        problems: list[StageProblem] = []
-        total_epochs = None
-        if config is not None:
-            from_file = StageSchedule.from_config(os.fspath(config))
-            stages = from_file.stages
-            if from_file.loss_weights is not None or loss_weights is not None:
-                loss_weights = {**(from_file.loss_weights or {}), **(loss_weights or {})}
-            distillation = distillation if distillation is not None else from_file.distillation
-            lambda_coef = lambda_coef if lambda_coef is not None else from_file.lambda_coef
-            total_epochs = from_file.total_epochs
-        else:
-            if stage_schedule is not None and (
-                isinstance(stage_schedule, (str, bytes, Mapping)) or not isinstance(stage_schedule, Sequence)
-            ):
-                raise StageConfigError(
-                    StageProblem(f"must be a list of stages, not {type(stage_schedule).__name__}",
-                                 name="StageScheduleCallback", field="stage_schedule", value=stage_schedule)
-                )
-            stages = tuple(stage_schedule or ())
         # the base weights given here override the module's declared ones key by key (checked against them in
-        # setup), so the schedule is built without them and they are kept apart
-        try:
-            StageSchedule(loss_weights=loss_weights)
-        except StageConfigError as err:
-            problems += err.problems
-        try:
-            schedule = StageSchedule(
-                stages=stages, distillation=distillation, lambda_coef=lambda_coef, total_epochs=total_epochs
-            )
-        except StageConfigError as err:
-            problems += err.problems
-        if problems:
-            raise StageConfigError(problems)
-        self.base_loss_weights: Optional[dict[str, float]] = dict(loss_weights) if loss_weights is not None else None
-        self.schedule = schedule
+        # setup), so they are kept apart from the schedule
+        schedule, self.base_loss_weights = given_schedule(stage_schedule, config, loss_weights, distillation,
+                                                          lambda_coef)
         self.verbose = verbose
+        # the state: the schedule as given, and as bound to the module and the Trainer at `setup`
+        self.schedule = schedule
         self.resolved_schedule: Optional[StageSchedule] = None
-        self.current: Optional[ResolvedStage] = None
-        self._applied_epoch: Optional[int] = None
-        self._reported_epoch: Optional[int] = None
-        self._reported_stage: Optional[tuple[Optional[int], str]] = None
-        self._distilling_until = 0.0  # exclusive end epoch of the last distilling range (inf: open-ended)
 
     @property
     @override
     def state_key(self) -> str:
         return type(self).__qualname__
 
-    # ------------------------------------------------------------------ resolution against module and trainer
-
-    def resolve(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> StageSchedule:
-        """The schedule with every base setting filled in from this callback, the module and the Trainer.
-
-        Raises:
-            StageConfigError: loss-weight keys the module does not have, stages that start at or after
-                ``max_epochs``, or other problems, all together.
-        """
-        declared = _declared_base(pl_module)
-        problems: list[StageProblem] = []
-        base_weights = self.base_loss_weights
-        if declared["loss_weights"] is not None:
-            known = declared["loss_weights"]
-            for key, value in (base_weights or {}).items():
-                if key not in known:
-                    problems.append(
-                        StageProblem("is not a task loss of this module", name="base", field=f"loss_weights.{key}",
-                                     value=value, hint=did_you_mean(key, list(known))
-                                     or f"the module's task losses are: {', '.join(known) or '(none)'}")
-                    )
-            base_weights = {**known, **{k: v for k, v in (base_weights or {}).items() if k in known}}
-        max_epochs = trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
-        try:
-            resolved = StageSchedule(
-                stages=self.schedule.stages,
-                loss_weights=base_weights,
-                distillation=self.schedule.distillation
-                if self.schedule.distillation is not None
-                else declared["distillation"],
-                lambda_coef=self.schedule.lambda_coef
-                if self.schedule.lambda_coef is not None
-                else declared["lambda_coef"],
-                total_epochs=self.schedule.total_epochs,
-            )
-        except StageConfigError as err:
-            raise StageConfigError([*problems, *err.problems]) from None
-        problems += resolved.missing_weight_problems()
-        if max_epochs is not None:
-            problems += resolved.epoch_problems(max_epochs)
-        if problems:
-            raise StageConfigError(problems)
-        if resolved.total_epochs is None and max_epochs is not None:
-            # stages without `end_epoch` end with the run
-            resolved = resolved.with_base(total_epochs=max_epochs)
-        return resolved
-
-    def _first_distilling(self, schedule: StageSchedule) -> str:
-        """The first stage (by start epoch) that needs teachers, as named in error messages."""
-        if schedule.base_distillation:
-            return "base (distillation.enable)"
-        by_start = sorted(range(len(schedule.stages)), key=lambda i: schedule.stages[i].start_epoch)
-        index = next(i for i in by_start if schedule.stages[i].distillation)
-        return f"stage {index} ({schedule.stages[index].name or f'stage_{index}'!r})"
-
     # ------------------------------------------------------------------ hooks
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        schedule = self.resolve(trainer, pl_module)
+        max_epochs = _max_epochs(trainer)
+        schedule = bind_schedule(self.schedule, declared=_declared_base(pl_module),
+                                 weight_overrides=self.base_loss_weights, max_epochs=max_epochs)
         self.resolved_schedule = schedule
-        self._distilling_until = _distilling_until(schedule)
         fitting = stage == "fit"
         needs_teachers = schedule.needs_teachers if fitting else schedule.base_distillation
         if needs_teachers:
-            needed_by = self._first_distilling(schedule)
+            needed_by = schedule.first_distilling_label() or "base"
             if not isinstance(pl_module, DistillationModule):
                 raise StageConfigError(
                     StageProblem(
@@ -259,98 +131,77 @@ class StageScheduleCallback(Callback):
             _refuse_sharded_strategy(trainer, needed_by)
             pl_module.prepare_teachers(needed_by=needed_by)
         if fitting:
-            self._reported_epoch = self._reported_stage = None
-            self._warn_about_coverage(trainer, schedule)
-            self._apply(pl_module, schedule.at(trainer.current_epoch))
+            _warn_about_coverage(schedule, max_epochs)
+            self._apply(pl_module, schedule, schedule.at(trainer.current_epoch))
         else:
             # validate / test / predict outside a fit run on the base settings
-            self._apply(pl_module, _base_of(schedule))
-        self._applied_epoch = None
-
-    def _warn_about_coverage(self, trainer: pl.Trainer, schedule: StageSchedule) -> None:
-        gaps = schedule.uncovered_ranges()
-        if gaps:
-            ranges = ", ".join(f"[{a}, {b if b is not None else 'end'})" for a, b in gaps)
-            rank_zero_warn(
-                f"StageScheduleCallback: no stage covers epochs {ranges}; they run with the base settings "
-                f"(distillation={schedule.base_distillation}, lambda_coef={schedule.base_lambda_coef}, "
-                f"loss_weights={schedule.base_loss_weights})."
-            )
-        max_epochs = trainer.max_epochs
-        if max_epochs is not None and max_epochs >= 0:
-            for index, stage in enumerate(schedule.stages):
-                end = schedule.end_of(stage)
-                if end is not None and end > max_epochs and stage.start_epoch < max_epochs:
-                    rank_zero_warn(
-                        f"StageScheduleCallback: stage {index} ({stage.name or f'stage_{index}'!r}) ends at epoch "
-                        f"{end} but the Trainer stops at max_epochs={max_epochs}; it is cut short."
-                    )
+            self._apply(pl_module, schedule, schedule.base_stage())
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # a run resumed mid-epoch does not call on_train_epoch_start for that epoch
-        self._enter_epoch(trainer, pl_module)
+        # a run resumed within an epoch (its batches begun or done) gets no on_train_epoch_start for that epoch:
+        # apply and report it here; otherwise on_train_epoch_start does. The stage's text goes to TensorBoard at the
+        # first epoch of every run, as well as where a stage begins.
+        resolved = self._enter_epoch(pl_module, trainer.current_epoch)
+        progress: Any = trainer.fit_loop.epoch_progress.current  # a _StartedTracker, typed as its base
+        if progress.started > progress.completed:
+            self._report(trainer, resolved)
+        if progress.started > progress.completed or trainer.current_epoch != resolved.start_epoch:
+            _add_stage_text(trainer, resolved)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._enter_epoch(trainer, pl_module)
+        resolved = self._enter_epoch(pl_module, trainer.current_epoch)
+        self._report(trainer, resolved)
+        if trainer.current_epoch == resolved.start_epoch:
+            _add_stage_text(trainer, resolved)
 
-    def _enter_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ResolvedStage:
-        schedule = self.resolved_schedule
-        if schedule is None:  # pragma: no cover - setup always runs first
-            schedule = self.resolved_schedule = self.resolve(trainer, pl_module)
-        epoch = trainer.current_epoch
+    def _bound(self) -> StageSchedule:
+        if self.resolved_schedule is None:
+            raise RuntimeError("StageScheduleCallback: `setup` binds the schedule before any epoch starts")
+        return self.resolved_schedule
+
+    def _enter_epoch(self, pl_module: pl.LightningModule, epoch: int) -> ResolvedStage:
+        """Apply the stage of ``epoch``; idempotent (the same epoch applies the same values)."""
+        schedule = self._bound()
         resolved = schedule.at(epoch)
-        self._apply(pl_module, resolved)
-        self._applied_epoch = epoch
-        if self._reported_epoch != epoch:
-            self._reported_epoch = epoch
-            self._report(trainer, epoch, resolved)
+        self._apply(pl_module, schedule, resolved)
         return resolved
 
-    def _apply(self, pl_module: pl.LightningModule, resolved: ResolvedStage) -> None:
-        self.current = resolved
+    @staticmethod
+    def _apply(module: pl.LightningModule, schedule: StageSchedule, resolved: ResolvedStage) -> None:
+        pl_module: Any = module  # plain attributes, not tensors or submodules
         pl_module.loss_weights = dict(resolved.loss_weights)
         pl_module.use_distillation = resolved.distillation
         pl_module.lambda_coef = resolved.lambda_coef
         pl_module.stage_name = resolved.name
         if isinstance(pl_module, DistillationModule):  # offload_teachers: does a current or later stage distill?
-            later = resolved.end_epoch is not None and self._distilling_until > resolved.end_epoch
+            later = resolved.end_epoch is not None and schedule.distilling_until() > resolved.end_epoch
             pl_module.update_teacher_placement(resolved.distillation, later)
 
-    def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ResolvedStage:
-        """Resolve and apply the stage of ``trainer.current_epoch``. Idempotent; returns the stage applied."""
-        return self._enter_epoch(trainer, pl_module)
-
-    def _report(self, trainer: pl.Trainer, epoch: int, resolved: ResolvedStage) -> None:
+    def _report(self, trainer: pl.Trainer, resolved: ResolvedStage) -> None:
+        """The stage line and the ``stage/*`` scalars of the epoch (rank zero)."""
         if not trainer.is_global_zero:
             return
         if self.verbose:
-            _info(format_stage_line(epoch, resolved))
+            _info(format_stage_line(trainer.current_epoch, resolved))
         metrics = stage_metrics(resolved)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        key = (resolved.index, resolved.name)
-        if key != self._reported_stage:
-            self._reported_stage = key
-            text = format_stage_line(epoch, resolved)
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_text("stage", text, global_step=trainer.global_step)
 
     # ------------------------------------------------------------------ checkpointing
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        schedule = self.resolved_schedule or self.schedule
-        return {
-            "schedule": schedule.to_dict(),
-            "epoch": self._applied_epoch,
-            "stage": None if self.current is None else self.current.name,
-        }
+        """``{"schedule": ...}``: the schedule trained with (bound, if ``setup`` ran), which resume compares."""
+        return {"schedule": (self.resolved_schedule or self.schedule).to_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Warn if the checkpoint's schedule differs from the one given now (which is the one resumed with).
+
+        Checkpoints of 0.1 also hold ``epoch`` and ``stage``; they are ignored (the epoch's stage is resolved again).
+        """
         current = self.resolved_schedule or self.schedule
         try:
             saved = StageSchedule.from_config(state_dict.get("schedule", {}))
@@ -377,6 +228,32 @@ class StageScheduleCallback(Callback):
             )
 
 
+def _add_stage_text(trainer: pl.Trainer, resolved: ResolvedStage) -> None:
+    """The stage line as TensorBoard text (rank zero)."""
+    if trainer.is_global_zero:
+        text = format_stage_line(trainer.current_epoch, resolved)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("stage", text, global_step=trainer.global_step)
+
+
+def _warn_about_coverage(schedule: StageSchedule, max_epochs: Optional[int]) -> None:
+    gaps = schedule.uncovered_ranges()
+    if gaps:
+        ranges = ", ".join(f"[{a}, {b if b is not None else 'end'})" for a, b in gaps)
+        rank_zero_warn(
+            f"StageScheduleCallback: no stage covers epochs {ranges}; they run with the base settings "
+            f"(distillation={schedule.base_distillation}, lambda_coef={schedule.base_lambda_coef}, "
+            f"loss_weights={schedule.base_loss_weights})."
+        )
+    if max_epochs is not None:
+        for index, name, end in schedule.cut_short(max_epochs):
+            rank_zero_warn(
+                f"StageScheduleCallback: stage {index} ({name!r}) ends at epoch {end} but the Trainer stops at "
+                f"max_epochs={max_epochs}; it is cut short."
+            )
+
+
 def _refuse_sharded_strategy(trainer: pl.Trainer, needed_by: str) -> None:
     """Teachers live outside the module that FSDP, DeepSpeed and ModelParallel shard; refuse them there, at setup."""
     strategy = getattr(trainer, "strategy", None)
@@ -390,23 +267,6 @@ def _refuse_sharded_strategy(trainer: pl.Trainer, needed_by: str) -> None:
                 hint="use strategy='ddp' (or 'ddp_spawn'), or a schedule whose stages do not distill",
             )
         )
-
-
-def _distilling_until(schedule: StageSchedule) -> float:
-    """The exclusive end epoch of the schedule's last distilling range: ``inf`` if open-ended, 0 if none."""
-    until = 0.0
-    for resolved in schedule.timeline():
-        if resolved.distillation:
-            until = float("inf") if resolved.end_epoch is None else max(until, float(resolved.end_epoch))
-    return until
-
-
-def _base_of(schedule: StageSchedule) -> ResolvedStage:
-    return ResolvedStage(
-        name="base", index=None, position=None, num_stages=len(schedule.stages), start_epoch=0, end_epoch=None,
-        distillation=schedule.base_distillation, lambda_coef=schedule.base_lambda_coef,
-        loss_weights=schedule.base_loss_weights,
-    )
 
 
 @rank_zero_only

@@ -65,6 +65,42 @@ def test_validate_with_max_epochs_flags_stages_that_would_never_run(capsys: pyte
     assert "stage 1 ('finetune_only'): `start_epoch` = 4: starts at or beyond max_epochs (3)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("where", "class_path", "error"),
+    [
+        ("model.class_path", "examples.segmentaton.module.SegmentationStudent", "ModuleNotFoundError: No module named"),
+        ("trainer.callbacks[0].class_path", "lightning_stages.StageSchedulCallback", "AttributeError: module"),
+    ],
+)
+def test_validate_reports_a_class_path_that_cannot_be_imported(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                               where: str, class_path: str, error: str) -> None:
+    config = tmp_path / "typo.yaml"
+    model_path = class_path if where.startswith("model") else "examples.segmentation.module.SegmentationStudent"
+    callback_path = class_path if where.startswith("trainer") else "lightning_stages.StageScheduleCallback"
+    config.write_text(f"model:\n  class_path: {model_path}\ntrainer:\n  max_epochs: 2\n  callbacks:\n"
+                      f"  - class_path: {callback_path}\n    init_args: {{stage_schedule: [{{start_epoch: 0}}]}}\n")
+    assert main(["validate", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"config: `{where}` = '{class_path}': cannot be imported ({error}" in err
+
+
+@pytest.mark.parametrize("kind", ["seed", "lightning"])
+def test_validate_checks_each_stage_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    from lightning_stages.schedule import checks
+
+    parsed: list[int] = []
+    parse_stage = checks.parse_stage
+    monkeypatch.setattr(checks, "parse_stage", lambda entry, index: (parsed.append(index), parse_stage(entry, index))[1])
+    stages = [{"name": "kd", "start_epoch": 0, "end_epoch": 1, "distillation": True}, {"start_epoch": 1}][: 2 if kind == "seed" else 1]
+    if kind == "seed":
+        config = tmp_path / "s.json"
+        config.write_text(json.dumps({"train": {"epochs": 3, "loss_weights": SEED_BASE}, "stage_schedule": stages}))
+    else:
+        config = tiny_config("joint", tmp_path, teacher=None, stages=stages)
+    assert main(["validate", str(config)]) == 0
+    assert parsed == ([0, 1] if kind == "seed" else [0])
+
+
 def test_validate_a_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["validate", str(tmp_path / "nope.json")]) == 2
     assert "cannot read config file" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from lightning_stages import StageConfigError, StageSchedule
-from lightning_stages.schedule.seed_format import load_config, strip_json_comments
+from lightning_stages.schedule.seed_format import load_config, parse_json
 
 CONFIG = {
     "dataset": {"root": "/data"},
@@ -76,11 +76,26 @@ def test_json_comments_are_allowed(tmp_path):
     assert load_config(path) == {"url": "http://example.com/a//b", "n": 1, "s": 'quote " then // not a comment'}
 
 
-def test_strip_json_comments_keeps_line_numbers():
-    text = '{\n/* one\ntwo\nthree */\n"a": 1 // x\n}'
-    stripped = strip_json_comments(text)
-    assert stripped.count("\n") == text.count("\n")
-    assert json.loads(stripped) == {"a": 1}
+def test_plain_json_and_json_with_comments_read_alike():
+    plain = '{"a": [1, 2.5, "x//y"], "b": {"c": null, "d": true}}'
+    commented = '{"a": [1, 2.5, "x//y"], // the list\n "b": /* block */ {"c": null, "d": true}}'
+    expected = {"a": [1, 2.5, "x//y"], "b": {"c": None, "d": True}}
+    assert parse_json(plain) == parse_json(commented) == json.loads(plain) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "column"),
+    [
+        ('{\n  /* two\n     lines */\n  "a": 1\n  "b": 2\n}\n', 5, 3),  # a missing comma after a block comment
+        ('{"a": 1, // fine\n "b": }', 2, 7),  # a value missing in JSON with comments
+        ('{"a": 1,\n "b": 2', 2, 8),  # unterminated
+    ],
+)
+def test_json_errors_name_file_line_and_column(tmp_path, text, line, column):
+    path = tmp_path / "broken.json"
+    path.write_text(text)
+    with pytest.raises(StageConfigError, match=re.escape(f"{path}:{line}:{column}: not valid JSON")):
+        load_config(path)
 
 
 def test_invalid_json_names_file_and_line(tmp_path):

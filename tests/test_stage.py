@@ -6,7 +6,7 @@ import math
 import pytest
 
 from lightning_stages import ResolvedStage, Stage, StageProblem
-from lightning_stages.schedule.stage import parse_stage, stage_problems
+from lightning_stages.schedule.checks import parse_stage, stage_problems
 
 
 def test_stage_has_exactly_the_seed_fields():
@@ -161,15 +161,6 @@ def test_resolved_stage_label_and_is_base():
     base = _resolved(name="base", index=None, position=None)
     assert base.is_base
     assert base.label == "base (no stage)"
-
-
-def test_same_settings_ignores_the_epoch_range_only():
-    a = _resolved()
-    assert a.same_settings(_resolved(start_epoch=0, end_epoch=None))
-    assert not a.same_settings(_resolved(lambda_coef=0.6))
-    assert not a.same_settings(_resolved(distillation=False))
-    assert not a.same_settings(_resolved(loss_weights={"bce": 2.0}))
-    assert not a.same_settings(_resolved(index=0))
 
 
 def test_stage_problem_value_is_the_given_object():

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_stages import StageConfigError, StageScheduleCallback
+from lightning_stages import StageConfigError, StageSchedule, StageScheduleCallback
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -176,6 +176,34 @@ def test_resume_applies_the_stage_of_the_resumed_epoch(tmp_path, checkpoint_name
         assert len(steps_in_epoch_2) == 1  # one batch of epoch 2 was left, and it ran as finetune
 
 
+@pytest.mark.parametrize(("checkpoint_name", "every_n_train_steps"),
+                         [("epoch=1-step=4.ckpt", None), ("epoch=2-step=5.ckpt", 1)])
+def test_a_resumed_run_logs_each_of_its_epochs_once(tmp_path, caplog, checkpoint_name, every_n_train_steps):
+    _checkpoint_trainer(tmp_path, every_n_train_steps=every_n_train_steps).fit(Student(), loader())
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lightning_stages"):
+        _checkpoint_trainer(tmp_path / "resumed").fit(Student(), loader(), ckpt_path=tmp_path / "ckpt" / checkpoint_name)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("lightning_stages")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 2", "epoch 3"]
+    assert all("stage 'finetune_only' (2/2)" in line for line in lines)
+
+
+@pytest.mark.parametrize(("checkpoint_name", "every_n_train_steps", "first_epoch"),
+                         [("epoch=2-step=6.ckpt", None, 3), ("epoch=2-step=5.ckpt", 1, 2)])
+def test_a_run_resumed_inside_a_stage_writes_the_stage_text_once_at_its_first_epoch(
+        tmp_path, checkpoint_name, every_n_train_steps, first_epoch):
+    _checkpoint_trainer(tmp_path, every_n_train_steps=every_n_train_steps).fit(Student(), loader())
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    _checkpoint_trainer(tmp_path / "resumed", logger=logger, log_every_n_steps=1).fit(
+        Student(), loader(), ckpt_path=tmp_path / "ckpt" / checkpoint_name)
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    texts = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("stage/text_summary")]
+    assert len(texts) == 1
+    assert texts[0].startswith(f"epoch {first_epoch}: stage 'finetune_only' (2/2)")
+    assert [e.value for e in events.Scalars("stage/number")] == [2.0] * (4 - first_epoch)
+
+
 def test_resume_under_a_changed_schedule_warns_and_names_the_change(tmp_path):
     _checkpoint_trainer(tmp_path).fit(Student(), loader())
     changed = [dict(DISTILL_THEN_FINETUNE[0]), dict(DISTILL_THEN_FINETUNE[1], lambda_coef=0.5)]
@@ -186,12 +214,46 @@ def test_resume_under_a_changed_schedule_warns_and_names_the_change(tmp_path):
         )
 
 
-def test_state_dict_round_trip():
+def test_state_dict_holds_the_schedule_and_round_trips_silently_into_the_same_schedule():
+    import warnings
+
     callback = StageScheduleCallback(stage_schedule=DISTILL_THEN_FINETUNE, lambda_coef=0.5)
     state = callback.state_dict()
-    other = StageScheduleCallback(stage_schedule=DISTILL_THEN_FINETUNE, lambda_coef=0.5)
-    other.load_state_dict(state)
-    assert other.state_dict() == state
+    # exactly what resume reads, and it reads back into the schedule given
+    assert set(state) == {"schedule"}
+    assert StageSchedule.from_config(state["schedule"]) == callback.schedule
+    assert state["schedule"]["distillation"] == {"lambda_coef": 0.5}
+    assert [stage["name"] for stage in state["schedule"]["stage_schedule"]] == ["distill_only", "finetune_only"]
+    same = StageScheduleCallback(stage_schedule=DISTILL_THEN_FINETUNE, lambda_coef=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.load_state_dict(state)
+    assert same.state_dict() == state
+
+
+def test_loading_the_state_of_another_schedule_names_every_change():
+    state = StageScheduleCallback(stage_schedule=DISTILL_THEN_FINETUNE, lambda_coef=0.5).state_dict()
+    changed = [DISTILL_THEN_FINETUNE[0], dict(DISTILL_THEN_FINETUNE[1], end_epoch=6)]
+    other = StageScheduleCallback(stage_schedule=changed)
+    with pytest.warns(UserWarning, match=r"base lambda_coef 0.5 -> None; stage 1 \('finetune_only'\): end_epoch 4 -> 6"):
+        other.load_state_dict(state)
+
+
+def test_a_0_1_state_with_epoch_and_stage_keys_loads():
+    import warnings
+
+    callback = StageScheduleCallback(stage_schedule=DISTILL_THEN_FINETUNE)
+    state_0_1 = {**callback.state_dict(), "epoch": 3, "stage": "finetune_only"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        StageScheduleCallback(stage_schedule=DISTILL_THEN_FINETUNE).load_state_dict(state_0_1)
+
+
+def test_the_state_after_setup_is_the_bound_schedule(tmp_path):
+    callback = StageScheduleCallback(stage_schedule=DISTILL_THEN_FINETUNE)
+    trainer(tmp_path, callbacks=[callback]).fit(Student(), loader())
+    state = callback.state_dict()
+    assert state["schedule"]["train"] == {"loss_weights": FIVE_WEIGHTS, "epochs": 4}
 
 
 def test_the_stage_line_is_logged_once_per_epoch(tmp_path, caplog):
@@ -322,16 +384,16 @@ def test_validate_before_fit_uses_the_base_settings_and_builds_no_teacher(tmp_pa
     assert per_epoch(model) == {-1: ("base", False, 1.0, FIVE_WEIGHTS)}
 
 
-def test_apply_is_idempotent(tmp_path):
+def test_entering_an_epoch_twice_changes_nothing(tmp_path):
     model = Student()
     callback = StageScheduleCallback(stage_schedule=DISTILL_THEN_FINETUNE)
     t = trainer(tmp_path, callbacks=[callback])
     t.fit(model, loader())
-    first = callback.apply(t, model)
-    snapshot = (dict(model.loss_weights), model.use_distillation, model.lambda_coef, model.stage_name)
-    second = callback.apply(t, model)
-    assert first == second
-    assert snapshot == (dict(model.loss_weights), model.use_distillation, model.lambda_coef, model.stage_name)
+    callback.on_train_epoch_start(t, model)
+    first = (dict(model.loss_weights), model.use_distillation, model.lambda_coef, model.stage_name)
+    callback.on_train_epoch_start(t, model)
+    assert first == (dict(model.loss_weights), model.use_distillation, model.lambda_coef, model.stage_name)
+    assert first[3] == callback.resolved_schedule.at(t.current_epoch).name
 
 
 def test_module_without_declared_weights_takes_them_from_the_schedule(tmp_path):

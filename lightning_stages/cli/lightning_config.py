@@ -15,11 +15,11 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Optional, Union
 
 from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
-from lightning_stages.schedule import StageSchedule
+from lightning_stages.schedule import StageSchedule, bind_schedule
+from lightning_stages.schedule.bind import given_schedule
 from lightning_stages.schedule.seed_format import load_config
 from lightning_stages.stage_schedule_callback import StageScheduleCallback
 
@@ -65,21 +65,26 @@ def _fit_section(data: Mapping[str, Any]) -> Mapping[str, Any]:
     return fit if isinstance(fit, Mapping) else data
 
 
-def _import(class_path: str) -> Optional[type]:
+def _import(class_path: str, field: str) -> tuple[Optional[Any], list[StageProblem]]:
+    """The object a ``class_path`` names, or the problem of importing it (naming the class_path and the error)."""
     module, _, name = class_path.rpartition(".")
     if not module:
-        return None
-    with contextlib.suppress(Exception):
-        return getattr(importlib.import_module(module), name)
-    return None
+        return None, [StageProblem("is not an importable class path (`package.module.Class`)", name="config",
+                                   field=field, value=class_path)]
+    try:
+        return getattr(importlib.import_module(module), name), []
+    except Exception as err:  # whatever importing the user's module raises, it is reported, not swallowed
+        reason = f"{type(err).__name__}: {err}"
+        return None, [StageProblem(f"cannot be imported ({reason})", name="config", field=field, value=class_path)]
 
 
-def _callback_entries(data: Mapping[str, Any]) -> list[tuple[int, dict[str, Any]]]:
-    """``(position in trainer.callbacks, init_args)`` of every StageScheduleCallback in a LightningCLI config."""
+def _callback_entries(data: Mapping[str, Any]) -> tuple[list[tuple[int, dict[str, Any]]], list[StageProblem]]:
+    """``(position in trainer.callbacks, init_args)`` of every StageScheduleCallback in a LightningCLI config, and
+    the problems of class paths that cannot be imported."""
     callbacks = _section(_fit_section(data), "trainer").get("callbacks")
     if isinstance(callbacks, (Mapping, str)):
         callbacks = [callbacks]
-    found = []
+    found, problems = [], []
     for position, entry in enumerate(callbacks or []):
         if isinstance(entry, str):
             class_path: Any = entry
@@ -87,15 +92,20 @@ def _callback_entries(data: Mapping[str, Any]) -> list[tuple[int, dict[str, Any]
             class_path = entry.get("class_path") if isinstance(entry, Mapping) else None
         if not isinstance(class_path, str):
             continue
-        cls = _import(class_path) if "." in class_path else None
+        cls = None
+        if class_path != _CALLBACK_NAME and "." in class_path:
+            cls, failed = _import(class_path, f"trainer.callbacks[{position}].class_path")
+            problems += failed
         if class_path == _CALLBACK_NAME or (isinstance(cls, type) and issubclass(cls, StageScheduleCallback)):
             init_args = entry.get("init_args") if isinstance(entry, Mapping) else None
             found.append((position, dict(init_args or {})))
-    return found
+    return found, problems
 
 
-def _build_callback(init_args: Mapping[str, Any], position: int) -> StageScheduleCallback:
-    """``StageScheduleCallback(**init_args)``, with unknown arguments reported like any other schedule problem."""
+def _callback_schedule(init_args: Mapping[str, Any], position: int
+                       ) -> tuple[StageSchedule, Optional[dict[str, float]]]:
+    """The schedule and weight overrides ``StageScheduleCallback(**init_args)`` would hold, built without it; unknown
+    arguments reported like any other schedule problem."""
     where = f"trainer.callbacks[{position}] ({_CALLBACK_NAME})"
     accepted = [p for p in inspect.signature(StageScheduleCallback.__init__).parameters if p != "self"]
     problems = [
@@ -103,20 +113,27 @@ def _build_callback(init_args: Mapping[str, Any], position: int) -> StageSchedul
                      hint=did_you_mean(str(key), accepted) or f"the arguments are: {', '.join(accepted)}")
         for key, value in init_args.items() if key not in accepted
     ]
+    arguments = {k: v for k, v in init_args.items() if k in accepted and k != "verbose"}
     try:
-        callback = StageScheduleCallback(**{k: v for k, v in init_args.items() if k in accepted}, verbose=False)
+        given = given_schedule(**arguments)
     except StageConfigError as err:
         raise StageConfigError([*problems, *err.problems]) from None
     if problems:
         raise StageConfigError(problems)
-    return callback
+    return given
 
 
-def check_lightning_config(data: Mapping[str, Any]) -> list[StageScheduleCallback]:
-    """Build every ``StageScheduleCallback`` of a LightningCLI config, raising the library's error for bad ones.
+def check_lightning_config(data: Mapping[str, Any]) -> list[tuple[StageSchedule, Optional[dict[str, float]]]]:
+    """Check every ``StageScheduleCallback`` of a LightningCLI config without building it, raising the library's
+    error for bad ones.
+
+    Returns:
+        ``(schedule, weight overrides)`` of each callback, as :func:`~lightning_stages.schedule.bind.bind_schedule`
+        takes them.
 
     Raises:
-        StageConfigError: a schedule problem (each naming stage, field and value), or more than one callback.
+        StageConfigError: a schedule problem (each naming stage, field and value), a callback ``class_path`` that
+            cannot be imported, or more than one callback.
 
     Example::
 
@@ -128,11 +145,11 @@ def check_lightning_config(data: Mapping[str, Any]) -> list[StageScheduleCallbac
         lightning_stages.errors.StageConfigError: 1 problem in the stage schedule:
           - stage 0 ('warm'): `lamda_coef` = 0.5: is not a stage field; did you mean `lambda_coef`?
     """
-    entries = _callback_entries(data)
-    callbacks, problems = [], []
+    entries, problems = _callback_entries(data)
+    given = []
     for position, init_args in entries:
         try:
-            callbacks.append(_build_callback(init_args, position))
+            given.append(_callback_schedule(init_args, position))
         except StageConfigError as err:
             problems += err.problems
     if len(entries) > 1:
@@ -142,23 +159,32 @@ def check_lightning_config(data: Mapping[str, Any]) -> list[StageScheduleCallbac
         )
     if problems:
         raise StageConfigError(problems)
-    return callbacks
+    return given
 
 
 def _model_defaults(model: Mapping[str, Any]) -> dict[str, Any]:
-    """What the model declares: ``loss_weights``, ``use_distillation``, ``lambda_coef`` from init_args or defaults."""
+    """What the model declares (``loss_weights``, ``use_distillation``, ``lambda_coef`` from init_args or defaults),
+    keyed as :func:`~lightning_stages.schedule.bind.bind_schedule` reads it.
+
+    Raises:
+        StageConfigError: the model's ``class_path`` cannot be imported (naming it and the error).
+    """
     init_args = dict(_section(model, "init_args"))
     for key, value in model.items():  # jsonargparse also accepts init args next to class_path
         if key not in ("class_path", "init_args", "dict_kwargs"):
             init_args.setdefault(key, value)
-    cls = _import(model["class_path"]) if isinstance(model.get("class_path"), str) else None
+    cls, problems = _import(model["class_path"], "model.class_path") if isinstance(model.get("class_path"), str) \
+        else (None, [])
+    if problems:
+        raise StageConfigError(problems)
     defaults: dict[str, Any] = {}
     if isinstance(cls, type):
         with contextlib.suppress(TypeError, ValueError):
-            for name, parameter in inspect.signature(cls.__init__).parameters.items():
+            for name, parameter in inspect.signature(cls).parameters.items():
                 if parameter.default is not inspect.Parameter.empty:
                     defaults[name] = parameter.default
-    return {name: init_args.get(name, defaults.get(name)) for name in _SCHEDULE_MODEL_KEYS}
+    loss_weights, distillation, lambda_coef = (init_args.get(name, defaults.get(name)) for name in _SCHEDULE_MODEL_KEYS)
+    return {"loss_weights": loss_weights, "distillation": distillation, "lambda_coef": lambda_coef}
 
 
 def _max_epochs_of(data: Mapping[str, Any]) -> Optional[int]:
@@ -200,25 +226,21 @@ def schedule_of_config(
         if stages is not None:
             raise StageConfigError(StageProblem("`--stages` goes with a LightningCLI config, not a schedule file",
                                                 name="config", field="stages", value=str(stages)))
-        module = SimpleNamespace(loss_weights=schedule.loss_weights)
-        callback = StageScheduleCallback(stage_schedule=list(schedule.stages), loss_weights=schedule.loss_weights,
-                                         distillation=schedule.distillation, lambda_coef=schedule.lambda_coef,
-                                         verbose=False)
         total = max_epochs if max_epochs is not None else schedule.total_epochs
-    else:
-        callbacks = check_lightning_config(data)
-        if stages is not None:
-            if callbacks:
-                raise StageConfigError(two_schedules_problem(stages))
-            callbacks = [StageScheduleCallback(config=os.fspath(stages), verbose=False)]
-        callback = callbacks[0] if callbacks else StageScheduleCallback(verbose=False)
-        model = _section(_fit_section(data), "model")
-        module = SimpleNamespace(**_model_defaults(model))
-        total = max_epochs if max_epochs is not None else _max_epochs_of(data)
-        if total is None:
-            total = callback.schedule.total_epochs
-    trainer = SimpleNamespace(max_epochs=total)
-    return callback.resolve(trainer, module)  # type: ignore[arg-type]
+        # the seed's own train.loss_weights are the module's task losses; the run's epochs end open stages
+        return bind_schedule(schedule.with_total_epochs(None), declared={"loss_weights": schedule.loss_weights},
+                             max_epochs=total)
+    given = check_lightning_config(data)
+    if stages is not None:
+        if given:
+            raise StageConfigError(two_schedules_problem(stages))
+        given = [given_schedule(config=stages)]
+    schedule, overrides = given[0] if given else (StageSchedule(), None)
+    declared = _model_defaults(_section(_fit_section(data), "model"))
+    total = max_epochs if max_epochs is not None else _max_epochs_of(data)
+    if total is None:
+        total = schedule.total_epochs
+    return bind_schedule(schedule, declared=declared, weight_overrides=overrides, max_epochs=total)
 
 
 def two_schedules_problem(stages: Union[str, os.PathLike]) -> StageProblem:

@@ -5,10 +5,10 @@
 :class:`~lightning_stages.StageScheduleCallback`. ``compare`` trains each ``LightningCLI`` config with the same
 seeds, and writes a report that answers which schedule is better, where the seeds allow an answer.
 
-The work is done in :mod:`~lightning_stages.cli.lightning_config` (reading configs),
-:mod:`~lightning_stages.timeline` (what ``show`` prints and draws), :mod:`~lightning_stages.cli.stages_lightning_cli`
-(:class:`StagesLightningCLI`), :mod:`~lightning_stages.cli.compare` and :mod:`~lightning_stages.cli.compare_report`; their
-public names are importable from here as well.
+The work is done in :mod:`~lightning_stages.cli.lightning_config` (reading configs and binding their schedule with
+:func:`~lightning_stages.schedule.bind_schedule`, as ``fit`` would), :mod:`~lightning_stages.schedule.render` and
+:mod:`~lightning_stages.cli.plots` (what ``show`` prints and draws), :mod:`~lightning_stages.cli.compare` and
+:mod:`~lightning_stages.cli.compare_report`.
 """
 
 from __future__ import annotations

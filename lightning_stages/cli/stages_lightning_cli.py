@@ -45,8 +45,8 @@ class StagesLightningCLI(LightningCLI):
 
     * ``--stages path``: train with a schedule in the seed's JSON format (``stage_schedule``,
       ``train.loss_weights``, ``distillation``); it adds ``StageScheduleCallback(config=path)`` to the Trainer.
-    * Before parsing, every ``--config`` file's ``StageScheduleCallback`` and every ``--stages`` file is built, so
-      a bad schedule fails with :class:`~lightning_stages.StageConfigError` naming stage, field and value (the
+    * Before parsing, the schedule of every ``--config`` file's ``StageScheduleCallback`` and of every ``--stages``
+      file is checked (without building a callback), so a bad schedule fails with :class:`~lightning_stages.StageConfigError` naming stage, field and value (the
       parser alone would only say that ``trainer.callbacks`` does not validate).
 
     Takes ``LightningCLI``'s arguments; ``model_class`` and ``datamodule_class`` default to ``None`` (any

@@ -1,11 +1,12 @@
-"""What ``lightning-stages show`` prints: a one-line summary and a table of a resolved schedule (pure text)."""
+"""The schedule as text: the stage line and ``stage/*`` scalars of each epoch, and what ``lightning-stages show``
+prints (a one-line summary and a table of a resolved schedule)."""
 
 from __future__ import annotations
 
 from lightning_stages.schedule.stage import ResolvedStage
 from lightning_stages.schedule.stage_schedule import StageSchedule
 
-__all__ = ["format_summary", "format_table", "weight_keys"]
+__all__ = ["format_stage_line", "format_summary", "format_table", "stage_metrics", "weight_keys"]
 
 
 def format_summary(schedule: StageSchedule) -> str:
@@ -66,3 +67,37 @@ def format_table(schedule: StageSchedule) -> str:
                      *(_number(r.loss_weights[k]) if k in r.loss_weights else "-" for k in keys)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def format_stage_line(epoch: int, resolved: ResolvedStage) -> str:
+    """The one human-readable line logged at each epoch start.
+
+    Example::
+
+        >>> r = ResolvedStage("distill_only", 0, 1, 2, 0, 100, True, 1.0, {"bce": 0.0, "focal": 0.0})
+        >>> format_stage_line(3, r)
+        "epoch 3: stage 'distill_only' (1/2), use_distillation=True, lambda_coef=1.0, loss_weights: bce=0.0 focal=0.0"
+    """
+    position = f"{resolved.position}/{resolved.num_stages}" if not resolved.is_base else "no stage"
+    weights = " ".join(f"{k}={v:g}" if v != int(v) else f"{k}={v}" for k, v in resolved.loss_weights.items())
+    return (
+        f"epoch {epoch}: stage {resolved.name!r} ({position}), use_distillation={resolved.distillation}, "
+        f"lambda_coef={resolved.lambda_coef}, loss_weights: {weights or '(none)'}"
+    )
+
+
+def stage_metrics(resolved: ResolvedStage) -> dict[str, float]:
+    """The ``stage/*`` scalars logged once per epoch.
+
+    Example::
+
+        >>> stage_metrics(ResolvedStage("a", 0, 1, 1, 0, None, True, 0.5, {"cls": 2.0}))
+        {'stage/number': 1.0, 'stage/use_distillation': 1.0, 'stage/lambda_coef': 0.5, 'stage/weight_cls': 2.0}
+    """
+    metrics = {
+        "stage/number": float(resolved.position or 0),
+        "stage/use_distillation": float(resolved.distillation),
+        "stage/lambda_coef": float(resolved.lambda_coef),
+    }
+    metrics.update({f"stage/weight_{k}": float(v) for k, v in resolved.loss_weights.items()})
+    return metrics

@@ -1,68 +1,78 @@
-"""Reading JSON (with ``//`` comments) and YAML config files with errors that name the file and line."""
+"""The seed's config format: reading JSON (with comments) and YAML files, its sections, and writing it back.
+
+A config's root holds ``stage_schedule``, ``train`` (``loss_weights``, ``epochs``) and ``distillation``
+(``enable``, ``lambda_coef``); any other root key (dataset, model, ...) is not the schedule's and is ignored.
+Every error names the file, line and column.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
+import json5
 import yaml
 
 from lightning_stages.errors import StageConfigError, StageProblem
+from lightning_stages.schedule.checks import near_miss_problems
 
-__all__ = ["load_config", "strip_json_comments"]
+if TYPE_CHECKING:
+    from lightning_stages.schedule.stage_schedule import StageSchedule
+
+__all__ = ["diff", "load_config", "parse_json", "schedule_arguments", "to_dict"]
+
+# root keys of the seed's config format that the schedule reads; everything else (dataset, model, ...) is ignored
+ROOT_KEYS = ("stage_schedule", "train", "distillation")
+TRAIN_KEYS = ("loss_weights", "epochs")
+DISTILLATION_KEYS = ("enable", "lambda_coef")
+# json5's message: "<string>:LINE Unexpected "x" at column COL" (or without a column at the end of the text)
+_JSON5_WHERE = re.compile(r"^<string>:(?P<line>\d+)\s*(?P<msg>.*?)(?: at column (?P<col>\d+))?$", re.DOTALL)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def strip_json_comments(text: str) -> str:
-    """Remove ``//`` and ``/* */`` comments outside strings, keeping line numbers unchanged.
+def parse_json(text: str, source: str = "<string>") -> Any:
+    """Parse JSON, with ``//`` and ``/* */`` comments allowed: ``json.loads`` first (plain JSON at C speed),
+    the ``json5`` parser for the rest.
 
-    The seed's examples are written as JSONC; this lets them be used verbatim.
+    Raises:
+        StageConfigError: naming ``source``, line and column, if the text is neither JSON nor JSON with comments.
 
     Example::
 
-        >>> strip_json_comments('{"a": 1, // one\\n "b": "x//y"}')
-        '{"a": 1, \\n "b": "x//y"}'
+        >>> parse_json('{"a": 1, // one\\n "b": "x//y" /* two */}')
+        {'a': 1, 'b': 'x//y'}
+        >>> parse_json('{"a": 1,\\n "b": }', "c.json")
+        Traceback (most recent call last):
+        ...
+        lightning_stages.errors.StageConfigError: 1 problem in the stage schedule:
+          - schedule: c.json:2:7: not valid JSON: Unexpected "}"
     """
-    out: list[str] = []
-    i, n = 0, len(text)
-    in_string = False
-    while i < n:
-        ch = text[i]
-        if in_string:
-            out.append(ch)
-            if ch == "\\" and i + 1 < n:
-                out.append(text[i + 1])
-                i += 2
-                continue
-            if ch == '"':
-                in_string = False
-            i += 1
-        elif ch == '"':
-            in_string = True
-            out.append(ch)
-            i += 1
-        elif text.startswith("//", i):
-            end = text.find("\n", i)
-            i = n if end == -1 else end
-        elif text.startswith("/*", i):
-            end = text.find("*/", i + 2)
-            block = text[i : n if end == -1 else end + 2]
-            out.append("\n" * block.count("\n"))
-            i = n if end == -1 else end + 2
-        else:
-            out.append(ch)
-            i += 1
-    return "".join(out)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as plain_error:
+        try:
+            return json5.loads(text)
+        except ValueError as err:
+            match = _JSON5_WHERE.match(str(err))
+            if match is None:  # not a syntax error json5 locates: json's own message has line and column
+                line, col, msg = plain_error.lineno, plain_error.colno, plain_error.msg
+            else:
+                line, msg = int(match["line"]), match["msg"].strip()
+                col = int(match["col"]) if match["col"] else 1
+            raise StageConfigError(StageProblem(f"{source}:{line}:{col}: not valid JSON: {msg}")) from None
 
 
 def load_config(path: PathLike) -> dict[str, Any]:
     """Load a JSON or YAML config file into a mapping.
 
-    ``.json`` files may hold ``//`` and ``/* */`` comments. Any other suffix is read as YAML.
+    ``.json`` files may hold ``//`` and ``/* */`` comments (read by :func:`parse_json`). Any other suffix is read
+    as YAML.
 
     Raises:
         StageConfigError: the file is missing, unreadable, not valid JSON/YAML (the message gives
@@ -82,12 +92,7 @@ def load_config(path: PathLike) -> dict[str, Any]:
     except OSError as err:
         raise StageConfigError(StageProblem(f"cannot read config file {str(path)!r}: {err.strerror or err}")) from None
     if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(strip_json_comments(text))
-        except json.JSONDecodeError as err:
-            raise StageConfigError(
-                StageProblem(f"{path}:{err.lineno}:{err.colno}: not valid JSON: {err.msg}")
-            ) from None
+        data = parse_json(text, str(path))
     else:
         try:
             data = yaml.safe_load(text)
@@ -103,3 +108,104 @@ def load_config(path: PathLike) -> dict[str, Any]:
             StageProblem(f"{path}: the root of a config must be a mapping, not {type(data).__name__}")
         )
     return dict(data)
+
+
+def schedule_arguments(source: Union[PathLike, Mapping[str, Any]]) -> dict[str, Any]:
+    """The arguments of :class:`~lightning_stages.StageSchedule` a config in the seed's format gives.
+
+    A misspelt ``stage_schedule`` is an error (it would silently train single-stage); near-misses of the base keys
+    may be keys of an older config (``training``, ``distillation.lambda``) that must keep working: a warning.
+
+    Raises:
+        StageConfigError: the file cannot be read or parsed, a section is not a mapping, or ``stage_schedule`` is
+            misspelt.
+
+    Example::
+
+        >>> schedule_arguments({"train": {"epochs": 4}, "stage_schedule": [{"start_epoch": 0}]})
+        {'stages': [{'start_epoch': 0}], 'loss_weights': None, 'distillation': None, 'lambda_coef': None, 'total_epochs': 4}
+    """
+    data = load_config(source) if not isinstance(source, Mapping) else source
+    problems: list[StageProblem] = []
+
+    def section(key: str) -> Mapping[str, Any]:
+        value = data.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            problems.append(StageProblem(f"must be a mapping, not {type(value).__name__}", name="config",
+                                         field=key, value=value))
+            return {}
+        return value
+
+    root = near_miss_problems(data, ROOT_KEYS, "")
+    problems += [p for p in root if p.hint == "did you mean `stage_schedule`?"]
+    train, distillation = section("train"), section("distillation")
+    suspicious = [p for p in root if p not in problems]
+    suspicious += near_miss_problems(train, TRAIN_KEYS, "train.")
+    suspicious += near_miss_problems(distillation, DISTILLATION_KEYS, "distillation.")
+    for problem in suspicious:
+        warnings.warn(f"{problem} (ignored)", UserWarning, stacklevel=3)
+    if problems:
+        raise StageConfigError(problems)
+    return {
+        # only an absent (or null) `stage_schedule` means "no stages"; `{}` or `""` is a mistake the check names
+        "stages": data.get("stage_schedule") if data.get("stage_schedule") is not None else (),
+        "loss_weights": train.get("loss_weights"),
+        "distillation": distillation.get("enable"),
+        "lambda_coef": distillation.get("lambda_coef"),
+        "total_epochs": train.get("epochs"),
+    }
+
+
+def to_dict(schedule: StageSchedule) -> dict[str, Any]:
+    """``schedule`` in the seed's format (plain data, safe to put in a checkpoint); unset base settings left out.
+
+    Example::
+
+        >>> from lightning_stages.schedule.stage_schedule import StageSchedule
+        >>> to_dict(StageSchedule([{"start_epoch": 0}], lambda_coef=2.0, total_epochs=3))
+        {'stage_schedule': [{'start_epoch': 0}], 'train': {'epochs': 3}, 'distillation': {'lambda_coef': 2.0}}
+    """
+    out: dict[str, Any] = {"stage_schedule": [stage.to_dict() for stage in schedule.stages]}
+    train: dict[str, Any] = {}
+    if schedule.loss_weights is not None:
+        train["loss_weights"] = dict(schedule.loss_weights)
+    if schedule.total_epochs is not None:
+        train["epochs"] = schedule.total_epochs
+    distillation = {key: value for key, value in (("enable", schedule.distillation),
+                                                    ("lambda_coef", schedule.lambda_coef)) if value is not None}
+    if train:
+        out["train"] = train
+    if distillation:
+        out["distillation"] = distillation
+    return out
+
+
+def diff(before: StageSchedule, after: StageSchedule) -> list[str]:
+    """Human-readable differences from ``before`` to ``after``, in the seed's field names; empty when alike.
+
+    Example::
+
+        >>> from lightning_stages.schedule.stage_schedule import StageSchedule
+        >>> diff(StageSchedule(total_epochs=3), StageSchedule([{"start_epoch": 0}], total_epochs=4))
+        ['total_epochs 3 -> 4', 'number of stages 0 -> 1']
+    """
+    changes: list[str] = []
+    for label, mine, theirs in (
+        ("base loss_weights", before.loss_weights, after.loss_weights),
+        ("base distillation", before.distillation, after.distillation),
+        ("base lambda_coef", before.lambda_coef, after.lambda_coef),
+        ("total_epochs", before.total_epochs, after.total_epochs),
+    ):
+        if mine != theirs:
+            changes.append(f"{label} {mine!r} -> {theirs!r}")
+    if len(before.stages) != len(after.stages):
+        changes.append(f"number of stages {len(before.stages)} -> {len(after.stages)}")
+    for index, (a, b) in enumerate(zip(before.stages, after.stages)):
+        where = f"stage {index}" + (f" ({a.name!r})" if a.name is not None else "")
+        da, db = a.to_dict(), b.to_dict()
+        for key in ("name", "start_epoch", "end_epoch", "distillation", "lambda_coef", "loss_weights"):
+            if da.get(key) != db.get(key):
+                changes.append(f"{where}: {key} {da.get(key)!r} -> {db.get(key)!r}")
+    return changes

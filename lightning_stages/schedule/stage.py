@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
-from lightning_stages.errors import StageProblem, did_you_mean
+__all__ = [
+    "BASE_STAGE_NAME",
+    "DEFAULT_LAMBDA_COEF",
+    "STAGE_FIELDS", "ResolvedStage", "Stage", "default_stage_name",
+    "stage_name_of",
+]
 
-__all__ = ["ResolvedStage", "Stage", "parse_stage", "stage_problems"]
+BASE_STAGE_NAME = "base"
+DEFAULT_LAMBDA_COEF = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,137 +109,24 @@ class ResolvedStage:
             return f"{self.name} (no stage)"
         return f"{self.name} ({self.position}/{self.num_stages})"
 
-    def same_settings(self, other: ResolvedStage) -> bool:
-        """Whether two resolved stages apply the same values (ignoring the epoch range)."""
-        return (
-            self.name == other.name
-            and self.index == other.index
-            and self.distillation == other.distillation
-            and self.lambda_coef == other.lambda_coef
-            and self.loss_weights == other.loss_weights
-        )
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_weight(value: Any, problem: Any, field_name: str) -> list[StageProblem]:
-    if not _is_real(value):
-        return [problem(f"must be a number, not {type(value).__name__}", field_name, value)]
-    if not math.isfinite(value):
-        return [problem("must be finite", field_name, value)]
-    if value < 0:
-        return [problem("must be >= 0", field_name, value)]
-    return []
-
-
-def stage_problems(stage: Stage, index: int) -> list[StageProblem]:
-    """Check one stage's own fields (types and ranges). Problems between stages are the schedule's.
+def default_stage_name(index: int) -> str:
+    """The name of a stage that gives none: ``stage_<index>``, its position in ``stage_schedule`` as written.
 
     Example::
 
-        >>> [str(p) for p in stage_problems(Stage(start_epoch=5, end_epoch=2), 0)]
-        ['stage 0: `end_epoch` = 2: must be greater than `start_epoch` (5)']
+        >>> default_stage_name(2)
+        'stage_2'
     """
-    name = stage.name if isinstance(stage.name, str) else None
-
-    def problem(message: str, field_name: str, value: Any, hint: Optional[str] = None) -> StageProblem:
-        return StageProblem(message, index=index, name=name, field=field_name, value=value, hint=hint)
-
-    problems: list[StageProblem] = []
-    if stage.name is not None and not isinstance(stage.name, str):
-        problems.append(problem(f"must be a string, not {type(stage.name).__name__}", "name", stage.name))
-    if not _is_int(stage.start_epoch):
-        problems.append(
-            problem(f"must be an integer, not {type(stage.start_epoch).__name__}", "start_epoch", stage.start_epoch)
-        )
-    elif stage.start_epoch < 0:
-        problems.append(problem("must be >= 0", "start_epoch", stage.start_epoch))
-    if stage.end_epoch is not None:
-        if not _is_int(stage.end_epoch):
-            problems.append(
-                problem(f"must be an integer, not {type(stage.end_epoch).__name__}", "end_epoch", stage.end_epoch)
-            )
-        elif _is_int(stage.start_epoch) and stage.end_epoch <= stage.start_epoch:
-            problems.append(
-                problem(f"must be greater than `start_epoch` ({stage.start_epoch})", "end_epoch", stage.end_epoch)
-            )
-    if stage.distillation is not None and not isinstance(stage.distillation, bool):
-        problems.append(
-            problem(
-                f"must be true or false, not {type(stage.distillation).__name__}", "distillation", stage.distillation
-            )
-        )
-    if stage.lambda_coef is not None:
-        problems += _check_weight(stage.lambda_coef, problem, "lambda_coef")
-    if stage.loss_weights is not None:
-        if not isinstance(stage.loss_weights, Mapping):
-            problems.append(
-                problem(
-                    f"must be a mapping of loss name to weight, not {type(stage.loss_weights).__name__}",
-                    "loss_weights",
-                    stage.loss_weights,
-                )
-            )
-        else:
-            for key, weight in stage.loss_weights.items():
-                if not isinstance(key, str):
-                    problems.append(problem("loss names must be strings", "loss_weights", key))
-                    continue
-                problems += _check_weight(weight, problem, f"loss_weights.{key}")
-    return problems
+    return f"stage_{index}"
 
 
-def parse_stage(entry: Any, index: int) -> tuple[Optional[Stage], list[StageProblem]]:
-    """Turn one entry of ``stage_schedule`` (a :class:`Stage` or a mapping) into a checked :class:`Stage`.
-
-    Returns the stage (``None`` if it could not be built) and every problem found in it.
+def stage_name_of(stage: Stage, index: int) -> str:
+    """The stage's own name, else :func:`default_stage_name`.
 
     Example::
 
-        >>> stage, problems = parse_stage({"start_epoch": 0, "lamda_coef": 0.5}, 0)
-        >>> print(problems[0])
-        stage 0: `lamda_coef` = 0.5: is not a stage field; did you mean `lambda_coef`?
+        >>> stage_name_of(Stage(start_epoch=0), 1), stage_name_of(Stage(name="kd", start_epoch=0), 1)
+        ('stage_1', 'kd')
     """
-    if isinstance(entry, Stage):
-        return entry, stage_problems(entry, index)
-    if not isinstance(entry, Mapping):
-        return None, [
-            StageProblem(
-                f"a stage must be a mapping with the fields {', '.join(STAGE_FIELDS)}, not {type(entry).__name__}",
-                index=index,
-                field=None,
-                value=entry,
-            )
-        ]
-    raw_name = entry.get("name")
-    name = raw_name if isinstance(raw_name, str) else None
-    problems: list[StageProblem] = []
-    known: dict[str, Any] = {}
-    for key, value in entry.items():
-        if key in STAGE_FIELDS:
-            known[key] = value
-        else:
-            problems.append(
-                StageProblem(
-                    "is not a stage field",
-                    index=index,
-                    name=name,
-                    field=str(key),
-                    value=value,
-                    hint=did_you_mean(str(key), STAGE_FIELDS) or f"the fields are: {', '.join(STAGE_FIELDS)}",
-                )
-            )
-    if "start_epoch" not in known:
-        problems.append(
-            StageProblem("is required", index=index, name=name, field="start_epoch", value=None)
-        )
-        known["start_epoch"] = 0
-    stage = Stage(**known)
-    problems += stage_problems(stage, index)
-    return stage, problems
+    return stage.name if stage.name is not None else default_stage_name(index)

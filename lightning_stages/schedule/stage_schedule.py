@@ -5,69 +5,15 @@ from __future__ import annotations
 import bisect
 import math
 import os
-import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Union
 
-from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
-from lightning_stages.schedule.seed_format import load_config
-from lightning_stages.schedule.stage import ResolvedStage, Stage, parse_stage
+from lightning_stages.errors import StageConfigError, StageProblem, stage_label
+from lightning_stages.schedule import checks, seed_format
+from lightning_stages.schedule.stage import BASE_STAGE_NAME, DEFAULT_LAMBDA_COEF, ResolvedStage, Stage, stage_name_of
 
 __all__ = ["BASE_STAGE_NAME", "DEFAULT_LAMBDA_COEF", "StageSchedule"]
-
-BASE_STAGE_NAME = "base"
-DEFAULT_LAMBDA_COEF = 1.0
-
-# root keys of the seed's config format that the schedule reads; everything else (dataset, model, ...) is ignored
-_ROOT_KEYS = ("stage_schedule", "train", "distillation")
-_TRAIN_KEYS = ("loss_weights", "epochs")
-_DISTILLATION_KEYS = ("enable", "lambda_coef")
-
-
-def _base_problem(message: str, field_name: str, value: Any, hint: Optional[str] = None) -> StageProblem:
-    return StageProblem(message, name=BASE_STAGE_NAME, field=field_name, value=value, hint=hint)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_base_number(value: Any, field_name: str) -> list[StageProblem]:
-    if not _is_real(value):
-        return [_base_problem(f"must be a number, not {type(value).__name__}", field_name, value)]
-    if not math.isfinite(value):
-        return [_base_problem("must be finite", field_name, value)]
-    if value < 0:
-        return [_base_problem("must be >= 0", field_name, value)]
-    return []
-
-
-def _near_miss(section: Mapping[str, Any], wanted: Sequence[str], prefix: str) -> list[StageProblem]:
-    """Flag keys that look like a misspelling of a key we read, when the real key is absent."""
-    problems = []
-    for key in section:
-        if not isinstance(key, str) or key in wanted:
-            continue
-        hint = did_you_mean(key, [w for w in wanted if w not in section])
-        if hint is not None:
-            problems.append(
-                StageProblem("is not a key the schedule reads", name="config", field=prefix + key, value=section[key],
-                             hint=hint)
-            )
-    return problems
-
-
-def _starts_beyond(indexed: Iterable[tuple[int, Stage]], max_epochs: int, label: str) -> list[StageProblem]:
-    """Stages (with their index as written) that start at or after ``max_epochs`` and so would never run."""
-    return [
-        StageProblem(
-            f"starts at or beyond {label} ({max_epochs}), so it would never run",
-            index=index, name=stage.name, field="start_epoch", value=stage.start_epoch,
-        )
-        for index, stage in indexed
-        if isinstance(stage.start_epoch, int) and stage.start_epoch >= max_epochs
-    ]
 
 
 @dataclass(frozen=True)
@@ -94,15 +40,11 @@ class StageSchedule:
 
     Example::
 
-        >>> schedule = StageSchedule(
-        ...     [
-        ...         {"name": "distill_only", "start_epoch": 0, "end_epoch": 100, "distillation": True,
-        ...          "lambda_coef": 1.0, "loss_weights": {"bce": 0, "focal": 0}},
-        ...         {"name": "finetune_only", "start_epoch": 100, "distillation": False, "lambda_coef": 0.0},
-        ...     ],
-        ...     loss_weights={"bce": 1.0, "focal": 15.0},
-        ...     total_epochs=300,
-        ... )
+        >>> schedule = StageSchedule([
+        ...     {"name": "distill_only", "start_epoch": 0, "end_epoch": 100, "distillation": True,
+        ...      "lambda_coef": 1.0, "loss_weights": {"bce": 0, "focal": 0}},
+        ...     {"name": "finetune_only", "start_epoch": 100, "distillation": False, "lambda_coef": 0.0},
+        ... ], loss_weights={"bce": 1.0, "focal": 15.0}, total_epochs=300)
         >>> schedule.at(150).name, schedule.at(150).loss_weights
         ('finetune_only', {'bce': 1.0, 'focal': 15.0})
         >>> schedule.at(0).distillation, schedule.needs_teachers
@@ -118,24 +60,16 @@ class StageSchedule:
     _starts: tuple[int, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        problems: list[StageProblem] = []
-        raw = self.stages
-        if raw is None:
-            raw = ()
-        if isinstance(raw, (str, bytes, Mapping)) or not isinstance(raw, Sequence):
-            raise StageConfigError(
-                StageProblem(
-                    f"must be a list of stages, not {type(raw).__name__}", name="config", field="stage_schedule",
-                    value=raw,
-                )
-            )
+        raw = self.stages if self.stages is not None else ()
+        if problems := checks.stage_list_problems(raw):
+            raise StageConfigError(problems)
         stages: list[Stage] = []
         # (index as written, stage) of the stages whose epoch range is well-formed: checked against each other
         # even when other fields have problems, so that every problem is reported at once
         ranged: list[tuple[int, Stage]] = []
         weighted: list[tuple[int, Stage]] = []
         for index, entry in enumerate(raw):
-            stage, found = parse_stage(entry, index)
+            stage, found = checks.parse_stage(entry, index)
             problems += found
             if stage is not None:
                 stages.append(stage)
@@ -144,193 +78,82 @@ class StageSchedule:
                 if stage.loss_weights is None or isinstance(stage.loss_weights, Mapping):
                     weighted.append((index, stage))
         object.__setattr__(self, "stages", tuple(stages))
-
-        if self.loss_weights is not None:
-            if not isinstance(self.loss_weights, Mapping):
-                problems.append(
-                    _base_problem(
-                        f"must be a mapping of loss name to weight, not {type(self.loss_weights).__name__}",
-                        "loss_weights", self.loss_weights,
-                    )
-                )
-            else:
-                object.__setattr__(self, "loss_weights", dict(self.loss_weights))
-                for key, weight in self.loss_weights.items():
-                    problems += _check_base_number(weight, f"loss_weights.{key}")
-        if self.distillation is not None and not isinstance(self.distillation, bool):
-            problems.append(
-                _base_problem(f"must be true or false, not {type(self.distillation).__name__}", "distillation",
-                              self.distillation)
-            )
-        if self.lambda_coef is not None:
-            problems += _check_base_number(self.lambda_coef, "lambda_coef")
-        total_ok = self.total_epochs is None or (
-            isinstance(self.total_epochs, int) and not isinstance(self.total_epochs, bool) and self.total_epochs >= 1
-        )
-        if not total_ok:
-            problems.append(_base_problem("must be a positive integer", "total_epochs", self.total_epochs))
-
-        problems += self._range_problems(ranged, check_total=total_ok)
-        if self.loss_weights is None or isinstance(self.loss_weights, Mapping):
-            problems += self._weight_key_problems(indexed=weighted)
+        problems += checks.base_problems(self.loss_weights, self.distillation, self.lambda_coef, self.total_epochs)
+        if isinstance(self.loss_weights, Mapping):
+            object.__setattr__(self, "loss_weights", dict(self.loss_weights))
+            problems += checks.stage_weight_key_problems(weighted, list(self.loss_weights))
+        problems += checks.overlap_problems(ranged)
+        if self.total_epochs is not None and not any(p.field == "total_epochs" for p in problems):
+            problems += checks.starts_beyond_problems(ranged, self.total_epochs, "total_epochs")
         if problems:
             raise StageConfigError(problems)
+        self._index()
 
+    def _index(self) -> None:
         order = tuple(sorted(range(len(self.stages)), key=lambda i: self.stages[i].start_epoch))
         object.__setattr__(self, "_order", order)
         object.__setattr__(self, "_starts", tuple(self.stages[i].start_epoch for i in order))
 
+    @classmethod
+    def _checked_elsewhere(cls, *values: Any) -> StageSchedule:
+        """Build from ``(stages, loss_weights, distillation, lambda_coef, total_epochs)`` without checking again:
+        the caller (:func:`~lightning_stages.schedule.bind.bind_schedule`) checked them, so a config is checked once."""
+        schedule = object.__new__(cls)
+        for name, value in zip(("stages", "loss_weights", "distillation", "lambda_coef", "total_epochs"), values):
+            object.__setattr__(schedule, name, tuple(value) if name == "stages" else value)
+        schedule._index()
+        return schedule
+
     # ------------------------------------------------------------------ checks
 
-    def _range_problems(self, ranged: list[tuple[int, Stage]], check_total: bool = True) -> list[StageProblem]:
-        problems = []
-        ordered = sorted(ranged, key=lambda item: item[1].start_epoch)
-        # compare each stage with every earlier-starting one that is still running, not only its neighbour:
-        # [0, 10), [2, 4), [5, 8) has two overlaps
-        for pos, (cur, b) in enumerate(ordered):
-            for prev, a in ordered[:pos]:
-                a_end = a.end_epoch if a.end_epoch is not None else math.inf
-                if b.start_epoch < a_end:
-                    a_range = f"[{a.start_epoch}, {a.end_epoch if a.end_epoch is not None else 'end'})"
-                    problems.append(
-                        StageProblem(
-                            f"overlaps stage {prev}{f' ({a.name!r})' if a.name else ''} which covers epochs {a_range}",
-                            index=cur, name=b.name, field="start_epoch", value=b.start_epoch,
-                            hint=None if a.end_epoch is not None
-                            else "a stage without `end_epoch` runs to the last epoch",
-                        )
-                    )
-        if check_total and self.total_epochs is not None:
-            problems += _starts_beyond(ranged, self.total_epochs, "total_epochs")
-        return problems
-
-    def _weight_key_problems(
-        self, known: Optional[Sequence[str]] = None, indexed: Optional[list[tuple[int, Stage]]] = None
-    ) -> list[StageProblem]:
-        problems = []
-        if known is None and self.loss_weights is not None:
-            known = list(self.loss_weights)
-        if known is not None:
-            for index, stage in indexed if indexed is not None else enumerate(self.stages):
-                for key, value in (stage.loss_weights or {}).items():
-                    if key not in known:
-                        hint = did_you_mean(key, known)
-                        problems.append(
-                            StageProblem(
-                                "is not a task loss of this module",
-                                index=index, name=stage.name, field=f"loss_weights.{key}", value=value,
-                                hint=hint or (f"the task losses are: {', '.join(known)}" if known else
-                                              "no task losses are declared: set `self.loss_weights` in the module"),
-                            )
-                        )
-        return problems
-
     def missing_weight_problems(self) -> list[StageProblem]:
-        """Without base weights, every stage must name every task loss that any stage names.
-
-        Example::
-
-            >>> s = StageSchedule([{"start_epoch": 0, "end_epoch": 1, "loss_weights": {"bce": 1}}, {"start_epoch": 1}])
-            >>> print(s.missing_weight_problems()[0])
-            stage 1: `loss_weights.bce` = None: is not set and has no base weight; give it in this stage or give base weights (`train.loss_weights`)
-        """
-        if self.loss_weights is not None:
-            return []
-        problems = []
-        named = {key for stage in self.stages for key in (stage.loss_weights or {})}
-        for index, stage in enumerate(self.stages):
-            for key in sorted(named - set(stage.loss_weights or {})):
-                problems.append(
-                    StageProblem(
-                        "is not set and has no base weight", index=index, name=stage.name,
-                        field=f"loss_weights.{key}", value=None,
-                        hint="give it in this stage or give base weights (`train.loss_weights`)",
-                    )
-                )
-        return problems
+        """Without base weights, each stage must name every task loss any stage names (:mod:`.checks`)."""
+        return checks.missing_weight_problems(self.stages, self.loss_weights)
 
     def epoch_problems(self, max_epochs: int, label: str = "max_epochs") -> list[StageProblem]:
-        """Problems of this schedule under a run of ``max_epochs`` epochs: stages that would never run.
+        """Stages that start at or after ``max_epochs``, so would never run in such a run (:mod:`.checks`)."""
+        return checks.starts_beyond_problems(enumerate(self.stages), max_epochs, label)
 
-        Example::
+    def weight_key_problems(self, loss_keys: list[str]) -> list[StageProblem]:
+        """Stage weight keys that name no task loss in ``loss_keys``, with a did-you-mean (:mod:`.checks`)."""
+        return checks.stage_weight_key_problems(enumerate(self.stages), list(loss_keys))
 
-            >>> [str(p) for p in StageSchedule([{"start_epoch": 0, "end_epoch": 5}, {"start_epoch": 5}]).epoch_problems(5)]
-            ['stage 1: `start_epoch` = 5: starts at or beyond max_epochs (5), so it would never run']
-        """
-        return _starts_beyond(enumerate(self.stages), max_epochs, label)
-
-    def weight_key_problems(self, loss_keys: Sequence[str]) -> list[StageProblem]:
-        """Problems of weight keys that name no task loss in ``loss_keys`` (with a did-you-mean).
-
-        Example::
-
-            >>> s = StageSchedule([{"start_epoch": 0, "loss_weights": {"foacl": 1.0}}])
-            >>> print(s.weight_key_problems(["bce", "focal"])[0])
-            stage 0: `loss_weights.foacl` = 1.0: is not a task loss of this module; did you mean `focal`?
-        """
-        return self._weight_key_problems(list(loss_keys))
-
-    # ------------------------------------------------------------------ construction
+    # ------------------------------------------------------------------ the seed's format
 
     @classmethod
     def from_config(cls, source: Union[str, os.PathLike, Mapping[str, Any]]) -> StageSchedule:
-        """Read a schedule in the seed's format from a JSON/YAML file or an already-loaded mapping.
+        """Read a schedule in the seed's format (:mod:`.seed_format`) from a JSON/YAML file or a loaded mapping.
 
-        Reads the root-level ``stage_schedule`` and, as the base, ``train.loss_weights``, ``train.epochs``,
-        ``distillation.enable`` and ``distillation.lambda_coef``. Other root keys are ignored. Without
-        ``stage_schedule`` the schedule is the single-stage behaviour of the base settings.
+        Reads ``stage_schedule`` and, as the base, ``train.loss_weights``, ``train.epochs``, ``distillation.enable``
+        and ``distillation.lambda_coef``; other root keys are ignored. No ``stage_schedule``: single-stage training.
 
         Raises:
             StageConfigError: with every problem in the config, or if the file cannot be read or parsed.
 
         Example::
 
-            >>> s = StageSchedule.from_config({"train": {"epochs": 10, "loss_weights": {"bce": 1.0}},
-            ...                                "distillation": {"enable": False, "lambda_coef": 0.5},
-            ...                                "dataset": {"root": "ignored"}})
+            >>> s = StageSchedule.from_config({"distillation": {"lambda_coef": 0.5}, "dataset": {"root": "ignored"}})
             >>> s.at(3).label, s.at(3).lambda_coef, s.needs_teachers
             ('base (no stage)', 0.5, False)
         """
-        data = load_config(source) if not isinstance(source, Mapping) else source
-        problems: list[StageProblem] = []
+        return cls(**seed_format.schedule_arguments(source))
 
-        def section(key: str) -> Mapping[str, Any]:
-            value = data.get(key)
-            if value is None:
-                return {}
-            if not isinstance(value, Mapping):
-                problems.append(StageProblem(f"must be a mapping, not {type(value).__name__}", name="config",
-                                             field=key, value=value))
-                return {}
-            return value
+    def to_dict(self) -> dict[str, Any]:
+        """The schedule in the seed's config format (plain data, safe to put in a checkpoint; :mod:`.seed_format`)."""
+        return seed_format.to_dict(self)
 
-        # a misspelt `stage_schedule` would silently train single-stage: an error. Near-misses of the base keys
-        # may be keys of an older config (`training`, `distillation.lambda`) that must keep working: a warning.
-        root = _near_miss(data, _ROOT_KEYS, "")
-        problems += [p for p in root if p.hint == "did you mean `stage_schedule`?"]
-        train, distillation = section("train"), section("distillation")
-        suspicious = [p for p in root if p not in problems]
-        suspicious += _near_miss(train, _TRAIN_KEYS, "train.") + _near_miss(distillation, _DISTILLATION_KEYS, "distillation.")
-        for problem in suspicious:
-            warnings.warn(f"{problem} (ignored)", UserWarning, stacklevel=2)
-        if problems:
-            raise StageConfigError(problems)
-        return cls(
-            # only an absent (or null) `stage_schedule` means "no stages"; `{}` or `""` is a mistake the check names
-            stages=data.get("stage_schedule") if data.get("stage_schedule") is not None else (),
-            loss_weights=train.get("loss_weights"),
-            distillation=distillation.get("enable"),
-            lambda_coef=distillation.get("lambda_coef"),
-            total_epochs=train.get("epochs"),
-        )
+    def diff(self, other: StageSchedule) -> list[str]:
+        """Human-readable differences from ``self`` to ``other``; empty when they resolve alike (:mod:`.seed_format`).
 
-    def with_base(
-        self,
-        loss_weights: Optional[Mapping[str, float]] = None,
-        distillation: Optional[bool] = None,
-        lambda_coef: Optional[float] = None,
-        total_epochs: Optional[int] = None,
-    ) -> StageSchedule:
+        Example::
+
+            >>> StageSchedule([{"name": "d", "start_epoch": 0}]).diff(StageSchedule([{"name": "d", "start_epoch": 1}]))
+            ["stage 0 ('d'): start_epoch 0 -> 1"]
+        """
+        return seed_format.diff(self, other)
+
+    def with_base(self, loss_weights: Optional[Mapping[str, float]] = None, distillation: Optional[bool] = None,
+                  lambda_coef: Optional[float] = None, total_epochs: Optional[int] = None) -> StageSchedule:
         """A copy whose unset base settings are filled with the given ones (set ones are kept).
 
         Example::
@@ -338,32 +161,42 @@ class StageSchedule:
             >>> StageSchedule().with_base(lambda_coef=0.5, total_epochs=3).at(0).lambda_coef
             0.5
         """
-        return replace(
-            self,
-            loss_weights=self.loss_weights if self.loss_weights is not None else loss_weights,
-            distillation=self.distillation if self.distillation is not None else distillation,
-            lambda_coef=self.lambda_coef if self.lambda_coef is not None else lambda_coef,
-            total_epochs=self.total_epochs if self.total_epochs is not None else total_epochs,
-        )
+        weights = dict(loss_weights) if loss_weights is not None else None
+        return replace(self, loss_weights=self.loss_weights if self.loss_weights is not None else weights,
+                       distillation=self.distillation if self.distillation is not None else distillation,
+                       lambda_coef=self.lambda_coef if self.lambda_coef is not None else lambda_coef,
+                       total_epochs=self.total_epochs if self.total_epochs is not None else total_epochs)
+
+    def with_total_epochs(self, total_epochs: Optional[int]) -> StageSchedule:
+        """A copy that ends at ``total_epochs`` instead (``None``: open-ended); checks only what the new end changes.
+
+        Example::
+
+            >>> StageSchedule([{"start_epoch": 0}], total_epochs=300).with_total_epochs(10).timeline()[0].end_epoch
+            10
+        """
+        problems = checks.base_problems(total_epochs=total_epochs)
+        if total_epochs is not None and not problems:
+            problems = checks.starts_beyond_problems(enumerate(self.stages), total_epochs, "total_epochs")
+        if problems:
+            raise StageConfigError(problems)
+        return self._checked_elsewhere(self.stages, self.loss_weights, self.distillation, self.lambda_coef,
+                                       total_epochs)
 
     # ------------------------------------------------------------------ resolution
 
     @property
-    def base_distillation(self) -> bool:
-        """The base distillation flag (``False`` when not set)."""
+    def base_distillation(self) -> bool:  # False when not set
         return bool(self.distillation)
 
     @property
-    def base_lambda_coef(self) -> float:
-        """The base distillation coefficient (``1.0`` when not set)."""
+    def base_lambda_coef(self) -> float:  # 1.0 when not set
         return float(self.lambda_coef) if self.lambda_coef is not None else DEFAULT_LAMBDA_COEF
 
     @property
     def base_loss_weights(self) -> dict[str, float]:
-        """The complete base weights: the given ones, or the stages' keys when no base is given."""
-        if self.loss_weights is not None:
-            return {k: float(v) for k, v in self.loss_weights.items()}
-        return {}
+        """The complete base weights: a float copy of ``loss_weights`` (empty when not set)."""
+        return {k: float(v) for k, v in (self.loss_weights or {}).items()}
 
     @property
     def needs_teachers(self) -> bool:
@@ -379,11 +212,9 @@ class StageSchedule:
         return total_epochs if total_epochs is not None else self.total_epochs
 
     def at(self, epoch: int, total_epochs: Optional[int] = None) -> ResolvedStage:
-        """The settings in force at ``epoch``. A pure function: same input, same output, no side effects.
+        """The settings in force at ``epoch`` (0-based). A pure function: same input, same output, no side effects.
 
-        Args:
-            epoch: the 0-based epoch (``trainer.current_epoch``).
-            total_epochs: the end of stages that omit ``end_epoch``; defaults to the schedule's ``total_epochs``.
+        ``total_epochs`` ends the stages that omit ``end_epoch``; it defaults to the schedule's ``total_epochs``.
 
         Example::
 
@@ -403,28 +234,12 @@ class StageSchedule:
                 for key, value in (stage.loss_weights or {}).items():
                     weights[key] = float(value)
                 return ResolvedStage(
-                    name=stage.name if stage.name is not None else f"stage_{index}",
-                    index=index,
-                    position=pos + 1,
-                    num_stages=len(self.stages),
-                    start_epoch=stage.start_epoch,
-                    end_epoch=end,
+                    stage_name_of(stage, index), index, pos + 1, len(self.stages), stage.start_epoch, end,
                     distillation=stage.distillation if stage.distillation is not None else self.base_distillation,
                     lambda_coef=float(stage.lambda_coef) if stage.lambda_coef is not None else self.base_lambda_coef,
                     loss_weights=weights,
                 )
-        start, end = self._gap_around(epoch, total)
-        return ResolvedStage(
-            name=BASE_STAGE_NAME,
-            index=None,
-            position=None,
-            num_stages=len(self.stages),
-            start_epoch=start,
-            end_epoch=end,
-            distillation=self.base_distillation,
-            lambda_coef=self.base_lambda_coef,
-            loss_weights=weights,
-        )
+        return self.base_stage(*self._gap_around(epoch, total))
 
     def _gap_around(self, epoch: int, total: Optional[int]) -> tuple[int, Optional[int]]:
         start, end = 0, total
@@ -439,9 +254,7 @@ class StageSchedule:
         return start, end
 
     def uncovered_ranges(self, total_epochs: Optional[int] = None) -> list[tuple[int, Optional[int]]]:
-        """The epoch ranges ``[start, end)`` that no stage covers (``end`` ``None``: up to the last epoch).
-
-        A schedule without stages covers nothing, and reports nothing: it is the single-stage behaviour.
+        """The epoch ranges ``[start, end)`` no stage covers (``end`` ``None``: to the last epoch); none without stages.
 
         Example::
 
@@ -483,58 +296,55 @@ class StageSchedule:
             epoch = resolved.end_epoch
         return out
 
-    # ------------------------------------------------------------------ state
+    # ------------------------------------------------------------------ queries
 
-    def to_dict(self) -> dict[str, Any]:
-        """The schedule in the seed's config format (plain data, safe to put in a checkpoint).
-
-        Example::
-
-            >>> StageSchedule.from_config(StageSchedule([{"start_epoch": 0}], lambda_coef=2.0).to_dict()).lambda_coef
-            2.0
-        """
-        out: dict[str, Any] = {"stage_schedule": [stage.to_dict() for stage in self.stages]}
-        train: dict[str, Any] = {}
-        if self.loss_weights is not None:
-            train["loss_weights"] = dict(self.loss_weights)
-        if self.total_epochs is not None:
-            train["epochs"] = self.total_epochs
-        if train:
-            out["train"] = train
-        distillation: dict[str, Any] = {}
-        if self.distillation is not None:
-            distillation["enable"] = self.distillation
-        if self.lambda_coef is not None:
-            distillation["lambda_coef"] = self.lambda_coef
-        if distillation:
-            out["distillation"] = distillation
-        return out
-
-    def diff(self, other: StageSchedule) -> list[str]:
-        """Human-readable differences from ``self`` to ``other``; empty when they resolve alike.
+    def first_distilling_label(self) -> Optional[str]:
+        """The first setting (by start epoch) that needs teachers, as error messages name it; ``None`` if none.
 
         Example::
 
-            >>> a = StageSchedule([{"name": "d", "start_epoch": 0, "lambda_coef": 1.0}])
-            >>> b = StageSchedule([{"name": "d", "start_epoch": 0, "lambda_coef": 0.5}])
-            >>> a.diff(b)
-            ["stage 0 ('d'): lambda_coef 1.0 -> 0.5"]
+            >>> StageSchedule([{"start_epoch": 2, "distillation": True}]).first_distilling_label()
+            "stage 0 ('stage_0')"
         """
-        changes: list[str] = []
-        for label, mine, theirs in (
-            ("base loss_weights", self.loss_weights, other.loss_weights),
-            ("base distillation", self.distillation, other.distillation),
-            ("base lambda_coef", self.lambda_coef, other.lambda_coef),
-            ("total_epochs", self.total_epochs, other.total_epochs),
-        ):
-            if mine != theirs:
-                changes.append(f"{label} {mine!r} -> {theirs!r}")
-        if len(self.stages) != len(other.stages):
-            changes.append(f"number of stages {len(self.stages)} -> {len(other.stages)}")
-        for index, (a, b) in enumerate(zip(self.stages, other.stages)):
-            where = f"stage {index}" + (f" ({a.name!r})" if a.name is not None else "")
-            da, db = a.to_dict(), b.to_dict()
-            for key in ("name", "start_epoch", "end_epoch", "distillation", "lambda_coef", "loss_weights"):
-                if da.get(key) != db.get(key):
-                    changes.append(f"{where}: {key} {da.get(key)!r} -> {db.get(key)!r}")
-        return changes
+        if self.base_distillation:
+            return f"{BASE_STAGE_NAME} (distillation.enable)"
+        for index in self._order:
+            stage = self.stages[index]
+            if stage.distillation:
+                return stage_label(index, stage_name_of(stage, index))
+        return None
+
+    def distilling_until(self) -> float:
+        """The exclusive end epoch of the last distilling range: ``inf`` if open-ended, 0 if nothing distills.
+
+        Example::
+
+            >>> StageSchedule([{"start_epoch": 1, "end_epoch": 3, "distillation": True}], total_epochs=5).distilling_until()
+            3.0
+        """
+        ends = [r.end_epoch for r in self.timeline() if r.distillation]
+        return max((math.inf if end is None else float(end) for end in ends), default=0.0)
+
+    def base_stage(self, start_epoch: int = 0, end_epoch: Optional[int] = None) -> ResolvedStage:
+        """The base settings over ``[start_epoch, end_epoch)``; by default every epoch: what runs outside a fit.
+
+        Example::
+
+            >>> StageSchedule([{"start_epoch": 0, "distillation": True}], lambda_coef=0.5).base_stage().label
+            'base (no stage)'
+        """
+        return ResolvedStage(BASE_STAGE_NAME, None, None, len(self.stages), start_epoch, end_epoch,
+                             self.base_distillation, self.base_lambda_coef, self.base_loss_weights)
+
+    def cut_short(self, max_epochs: int) -> list[tuple[int, str, int]]:
+        """``(index, name, end)`` of every stage that starts before ``max_epochs`` but ends after it.
+
+        Example::
+
+            >>> StageSchedule([{"start_epoch": 0, "end_epoch": 8}]).cut_short(5)
+            [(0, 'stage_0', 8)]
+        """
+        ends = [(index, stage, self.end_of(stage)) for index, stage in enumerate(self.stages)]
+        return [(index, stage_name_of(stage, index), end) for index, stage, end in ends
+                if end is not None and end > max_epochs and stage.start_epoch < max_epochs]
+

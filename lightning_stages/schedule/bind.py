@@ -1,0 +1,155 @@
+"""Binding a schedule to what a module declares and to the run's length: a pure function, no Trainer, no module."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
+
+from lightning_stages.errors import StageConfigError, StageProblem
+from lightning_stages.schedule import checks
+from lightning_stages.schedule.stage import BASE_STAGE_NAME
+from lightning_stages.schedule.stage_schedule import StageSchedule
+
+__all__ = ["bind_schedule", "declared_settings", "given_schedule"]
+
+
+def declared_settings(loss_weights: Any = None, distillation: Any = None, lambda_coef: Any = None) -> dict[str, Any]:
+    """What a module declares, as :func:`bind_schedule` reads it: values of the wrong type count as not declared.
+
+    Example::
+
+        >>> declared_settings({"bce": 1}, distillation="yes", lambda_coef=0.5)
+        {'loss_weights': {'bce': 1}, 'distillation': None, 'lambda_coef': 0.5}
+    """
+    return {
+        "loss_weights": dict(loss_weights) if isinstance(loss_weights, Mapping) else None,
+        "distillation": distillation if isinstance(distillation, bool) else None,
+        "lambda_coef": lambda_coef if isinstance(lambda_coef, (int, float)) and not isinstance(lambda_coef, bool)
+        else None,
+    }
+
+
+def bind_schedule(
+    schedule: StageSchedule,
+    *,
+    declared: Optional[Mapping[str, Any]] = None,
+    weight_overrides: Optional[Mapping[str, float]] = None,
+    max_epochs: Optional[int] = None,
+) -> StageSchedule:
+    """The schedule with every base setting filled in: what a run of ``max_epochs`` epochs of a module trains with.
+
+    * base loss weights: the module's declared ``loss_weights``, overridden key by key by the schedule's own
+      ``loss_weights`` and then by ``weight_overrides`` (the callback's ``loss_weights``); without a declaration,
+      those two alone. Overrides must name task losses the module declared.
+    * base ``distillation`` and ``lambda_coef``: the schedule's, else the module's.
+    * ``total_epochs``: the schedule's, else ``max_epochs`` (stages without ``end_epoch`` end with the run).
+
+    The schedule given is already checked; only what binding adds is checked here, once.
+
+    Args:
+        schedule: the schedule as given (e.g. ``StageSchedule.from_config(path)``).
+        declared: what the module declared, keys ``loss_weights``, ``distillation`` and ``lambda_coef`` (see
+            :func:`declared_settings`); ``None``: nothing.
+        weight_overrides: base weights that override the declared ones key by key.
+        max_epochs: the run's epochs (``None``: unbounded).
+
+    Raises:
+        StageConfigError: override keys the module does not declare, stage weight keys that name no task loss,
+            task losses without a base weight, stages that start at or after ``max_epochs``, bad declared values,
+            all together.
+
+    Example::
+
+        >>> schedule = StageSchedule([{"name": "kd", "start_epoch": 0, "end_epoch": 2, "distillation": True,
+        ...                            "loss_weights": {"bce": 0}}])
+        >>> bound = bind_schedule(schedule, declared={"loss_weights": {"bce": 1.0, "dice": 1.0}, "lambda_coef": 0.5},
+        ...                       weight_overrides={"dice": 3.0}, max_epochs=4)
+        >>> [(r.name, r.end_epoch, r.lambda_coef, r.loss_weights) for r in bound.timeline()]
+        [('kd', 2, 0.5, {'bce': 0.0, 'dice': 3.0}), ('base', 4, 0.5, {'bce': 1.0, 'dice': 3.0})]
+        >>> bind_schedule(schedule, declared={"loss_weights": {"bc": 1.0}})
+        Traceback (most recent call last):
+        ...
+        lightning_stages.errors.StageConfigError: 1 problem in the stage schedule:
+          - stage 0 ('kd'): `loss_weights.bce` = 0: is not a task loss of this module; did you mean `bc`?
+    """
+    declared = declared_settings(**{key: (declared or {}).get(key) for key in ("loss_weights", "distillation",
+                                                                                "lambda_coef")})
+    overrides: Optional[dict[str, Any]] = None
+    if schedule.loss_weights is not None or weight_overrides is not None:
+        overrides = {**(schedule.loss_weights or {}), **(weight_overrides or {})}
+    problems: list[StageProblem] = []
+    known = declared["loss_weights"]
+    base_weights = overrides
+    if known is not None:
+        problems += checks.unknown_loss_problems(overrides or {}, list(known), name=BASE_STAGE_NAME,
+                                                 listing="the module's task losses are",
+                                                 when_none="the module's task losses are: (none)")
+        base_weights = {**known, **{k: v for k, v in (overrides or {}).items() if k in known}}
+    distillation = schedule.distillation if schedule.distillation is not None else declared["distillation"]
+    lambda_coef = schedule.lambda_coef if schedule.lambda_coef is not None else declared["lambda_coef"]
+    total = schedule.total_epochs if schedule.total_epochs is not None else max_epochs
+    problems += checks.base_problems(base_weights, distillation, lambda_coef, total)
+    if base_weights is not None:
+        problems += schedule.weight_key_problems(list(base_weights))
+    problems += checks.missing_weight_problems(schedule.stages, base_weights)
+    if max_epochs is not None:
+        problems += schedule.epoch_problems(max_epochs)
+    if problems:
+        raise StageConfigError(problems)
+    return StageSchedule._checked_elsewhere(schedule.stages, base_weights, distillation, lambda_coef, total)
+
+
+def given_schedule(
+    stage_schedule: Optional[Sequence[Any]] = None,
+    config: Union[str, os.PathLike, None] = None,
+    loss_weights: Optional[Mapping[str, float]] = None,
+    distillation: Optional[bool] = None,
+    lambda_coef: Optional[float] = None,
+    *,
+    owner: str = "StageScheduleCallback",
+) -> tuple[StageSchedule, Optional[dict[str, float]]]:
+    """The schedule and the base weight overrides that :class:`~lightning_stages.StageScheduleCallback`'s
+    arguments give, checked once: what :func:`bind_schedule` takes.
+
+    ``config`` (a seed-format file) gives the stages, the base and ``train.epochs``; the other arguments override its
+    base. The weight overrides are kept apart from the schedule: they override the module's declared weights key by
+    key, which only binding knows.
+
+    Raises:
+        StageConfigError: both ``stage_schedule`` and ``config``, or any problem of the schedule, all together.
+
+    Example::
+
+        >>> schedule, overrides = given_schedule([{"start_epoch": 0, "distillation": True}], loss_weights={"bce": 2})
+        >>> len(schedule.stages), schedule.loss_weights, overrides
+        (1, None, {'bce': 2})
+    """
+    if stage_schedule is not None and config is not None:
+        raise StageConfigError(StageProblem("give either `stage_schedule` or `config`, not both", name=owner,
+                                            field="config", value=str(config)))
+    problems = checks.base_problems(loss_weights=loss_weights)
+    if config is not None:
+        from_file = StageSchedule.from_config(os.fspath(config))
+        if from_file.loss_weights is not None or loss_weights is not None:
+            loss_weights = {**(from_file.loss_weights or {}), **(loss_weights or {})}
+        problems += checks.base_problems(distillation=distillation, lambda_coef=lambda_coef)
+        if problems:
+            raise StageConfigError(problems)
+        schedule = StageSchedule._checked_elsewhere(
+            from_file.stages, None, distillation if distillation is not None else from_file.distillation,
+            lambda_coef if lambda_coef is not None else from_file.lambda_coef, from_file.total_epochs,
+        )
+    else:
+        if stage_schedule is not None:
+            not_a_list = checks.stage_list_problems(stage_schedule, name=owner)
+            if not_a_list:
+                raise StageConfigError(not_a_list)
+        try:
+            schedule = StageSchedule(stages=tuple(stage_schedule or ()), distillation=distillation,
+                                     lambda_coef=lambda_coef)
+        except StageConfigError as err:
+            problems += err.problems
+        if problems:
+            raise StageConfigError(problems)
+    return schedule, dict(loss_weights) if loss_weights is not None else None
