@@ -1,8 +1,7 @@
 """The ``DistillationModule`` mixin: teachers that exist only when a stage needs them.
 
-The mixin is the face; the work is done by its collaborators: :mod:`.teachers` (checking, freezing, placing and
-running teachers), :mod:`.feature_hooks` (hook specs, attaching and detaching, captured features),
-:mod:`.step_checks` (the once-per-stage checks of a training step) and :mod:`lightning_stages.losses` (the math).
+The face only; the work is done by :mod:`.teachers`, :mod:`.feature_hooks`, :mod:`.step_checks` and
+:mod:`lightning_stages.losses`.
 """
 
 from __future__ import annotations
@@ -16,18 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_stages import losses
-from lightning_stages.distillation.feature_hooks import STUDENT, FeatureHooks, check_hook_spec, let_compile_see_hooks
+from lightning_stages.distillation.feature_hooks import STUDENT, FeatureHooks
 from lightning_stages.distillation.step_checks import StageGuard, check_finite, named_losses, stage_where
 from lightning_stages.distillation.step_checks import ddp_needs_every_parameter as _ddp_needs_every_parameter
 from lightning_stages.distillation.teacher_cache import TeacherCache
-from lightning_stages.distillation.teachers import (
-    OFFLOAD_MODES,
-    Teachers,
-    check_cost_options,
-    checked_teachers,
-    run_through_cache,
-    wants_offload,
-)
+from lightning_stages.distillation.teachers import Teachers, check_cost_options, module_device, prepare, wants_offload
 from lightning_stages.distillation.unused_parameters import unreached_parameters
 from lightning_stages.errors import DistillationStepError, StageConfigError, StageProblem
 
@@ -53,22 +45,12 @@ class DistillationModule:
     The callback calls :meth:`configure_teachers` once per fit, at setup, and only if the base flag or a stage
     needs teachers; it turns :attr:`use_distillation` on and off per stage.
 
-    Teachers are frozen, in eval mode and follow the module to its device, but they are not submodules:
-    they are not in ``state_dict()``, checkpoints, ``parameters()``, the optimizer or DDP's wrapper.
-    Forward hooks capture features of named submodules, and exist only while a stage distills.
+    Teachers are frozen, in eval mode and follow the module to its device, but are not submodules (not in
+    ``state_dict()``, checkpoints, the optimizer or DDP). Feature hooks exist only while a stage distills.
 
-    Cost options (class attributes, or set them in ``__init__``); without any of them :meth:`run_teachers` is a
-    plain ``torch.no_grad()`` loop over the teachers:
-
-    * ``teacher_precision``: ``"bf16-mixed"`` or ``"16-mixed"`` runs the teachers under ``torch.autocast`` on
-      their device type; ``None`` (default) runs them as they are.
-    * ``offload_teachers``: ``True`` (or ``"after_last"``) keeps the teachers on CPU once no current or later
-      stage distills; ``"idle"`` keeps them on CPU whenever the current stage does not distill. The callback
-      moves them back to the module's device at the start of the next distilling stage; moving the module
-      (``.to(device)``) leaves offloaded teachers on CPU. ``False`` (default) keeps them with the module.
-    * ``teacher_cache``: a :class:`~lightning_stages.TeacherCache`; training steps then read the teachers'
-      outputs and hooked features from it by sample index (``run_teachers(x, sample_index=...)``) and run the
-      teachers only for samples not yet stored.
+    Cost options are the class attributes ``teacher_precision``, ``offload_teachers`` and ``teacher_cache`` (or set
+    them in ``__init__``); without any of them :meth:`run_teachers` is a plain ``torch.no_grad()`` loop. Offloaded
+    teachers stay on CPU when the module moves (``.to(device)``) and come back at the next distilling stage.
 
     Example::
 
@@ -78,15 +60,21 @@ class DistillationModule:
         >>> class Student(DistillationModule, pl.LightningModule):
         ...     def __init__(self):
         ...         super().__init__()
-        ...         self.net = nn.Linear(4, 2)
+        ...         self.body, self.adapter = nn.Linear(4, 3), nn.Linear(3, 5)
         ...         self.loss_weights = {"cls": 1.0}
         ...     def configure_teachers(self):
-        ...         return {"teacher": nn.Linear(4, 2)}
-        >>> model = Student()
-        >>> model.prepare_teachers()
-        >>> model.use_distillation = True
-        >>> sorted(model.run_teachers(torch.ones(1, 4)))
+        ...         return {"teacher": nn.Sequential(nn.Linear(4, 5))}
+        ...     def configure_feature_hooks(self):
+        ...         return {"student": ["body"], "teacher": ["0"]}
+        >>> model = Student(); model.prepare_teachers(); model.use_distillation = True
+        >>> x = torch.ones(2, 4)
+        >>> _ = model.body(x); sorted(model.run_teachers(x))
         ['teacher']
+        >>> sorted(model.feature_losses(adapters={"body": model.adapter}))
+        ['body -> teacher.0']
+        >>> model.lambda_coef = 0.5
+        >>> float(model.weighted_loss({"cls": torch.tensor(2.0)}, {"kd": torch.tensor(4.0)}))  # 1 * 2 + 0.5 * 4
+        4.0
         >>> "teacher" in str(list(model.state_dict()))
         False
     """
@@ -95,30 +83,25 @@ class DistillationModule:
     lambda_coef: float = 1.0
     #: name of the stage in force; the callback sets it per stage
     stage_name: Optional[str] = None
-    #: autocast precision of the teachers' forward: None, "bf16-mixed" or "16-mixed"
+    #: autocast precision of the teachers' forward: None (run them as they are), "bf16-mixed" or "16-mixed"
     teacher_precision: Optional[str] = None
     #: move teachers to CPU while unused: False, True / "after_last" (no current or later stage distills), "idle"
     offload_teachers: Union[bool, str] = False
-    #: opt-in store of teacher outputs per sample (offline distillation); needs ``run_teachers(sample_index=...)``
+    #: a TeacherCache of teacher outputs and features per sample, so later distilling epochs skip the teachers;
+    #: needs ``run_teachers(x, sample_index=...)``
     teacher_cache: Optional[TeacherCache] = None
 
     # ------------------------------------------------------------------ hooks the user overrides
 
     def configure_teachers(self) -> Mapping[str, nn.Module]:
-        """Build (or load) the teachers: a mapping from teacher name to module.
-
-        Called at most once per fit, at setup, and only when a stage or the base flag needs teachers. Load
-        weights here (e.g. with :func:`~lightning_stages.load_teacher_checkpoint`), not in ``__init__``, so that a
-        schedule without distillation never reads them.
-        """
+        """Build (or load) the teachers: ``{teacher name: module}``. Called at most once per fit, at setup, and only
+        when a stage or the base flag needs teachers: load weights here (:func:`~lightning_stages.load_teacher_checkpoint`),
+        not in ``__init__``, so that a schedule without distillation never reads them."""
         return {}
 
     def configure_feature_hooks(self) -> Mapping[str, Sequence[str]]:
-        """Which submodules' outputs to capture: ``{"student": [...], "<teacher name>": [...]}``.
-
-        Paths are dotted submodule names as in ``named_modules()`` (e.g. ``"encoder.layer3"``). Captured
-        outputs are read with :meth:`captured_features` and paired by :meth:`feature_losses`.
-        """
+        """Which submodules' outputs to capture: ``{"student": [...], "<teacher name>": [...]}``, dotted paths as in
+        ``named_modules()``. Read them with :meth:`captured_features`; :meth:`feature_losses` pairs them."""
         return {}
 
     # ------------------------------------------------------------------ state
@@ -163,10 +146,8 @@ class DistillationModule:
         return teachers is not None and teachers.offloaded
 
     def captured_features(self, model: str = STUDENT) -> Mapping[str, Any]:
-        """The outputs captured by the feature hooks of ``model`` (``"student"`` or a teacher's name).
-
-        Returns ``{submodule path: output}`` from the latest forward of that model; empty while not distilling.
-        """
+        """``{submodule path: output}`` captured by the hooks of ``model`` (``"student"`` or a teacher's name) at
+        its latest forward; empty while not distilling."""
         return self._distillation_state.hooks.captured(model)
 
     # ------------------------------------------------------------------ preparation and placement
@@ -174,11 +155,8 @@ class DistillationModule:
     def prepare_teachers(self, needed_by: Optional[str] = None) -> None:
         """Build the teachers with :meth:`configure_teachers`, freeze them and check the feature hooks.
 
-        Does nothing if they are already prepared. The callback calls this at setup; call it by hand only when
-        training without the callback.
-
-        Args:
-            needed_by: the stage that needs teachers, named in error messages.
+        Does nothing if they are already prepared. The callback calls this at setup, with ``needed_by`` the stage
+        that needs teachers (named in errors); call it by hand only when training without the callback.
 
         Raises:
             StageConfigError: ``configure_teachers`` raised or returned no teachers, a teacher is not an
@@ -198,17 +176,7 @@ class DistillationModule:
             raise StageConfigError(StageProblem(
                 f"{name} lists DistillationModule after nn.Module in its bases; write `class {name}"
                 "(DistillationModule, LightningModule)` so that teachers follow the module to its device"))
-        try:
-            built = self.configure_teachers()
-        except Exception as err:
-            raise StageConfigError(StageProblem(f"configure_teachers() raised {type(err).__name__}: {err}",
-                                                name=where, field="configure_teachers", value=None)) from err
-        modules = checked_teachers(built, where)
-        spec = check_hook_spec(self.configure_feature_hooks() or {}, {STUDENT: self, **modules}, where)
-        state.teachers = Teachers(modules, device=next((p.device for p in self.parameters()), None))
-        state.hooks = FeatureHooks(spec)
-        if spec:
-            let_compile_see_hooks()
+        state.teachers, state.hooks = prepare(self, self.configure_teachers, self.configure_feature_hooks, where)
         self._sync_hooks()
 
     def _sync_hooks(self) -> None:
@@ -218,21 +186,13 @@ class DistillationModule:
             state.hooks.sync(state.use_distillation, {STUDENT: self, **state.teachers.modules})  # type: ignore[dict-item]
 
     def _module_device(self) -> torch.device:
-        param = next(self.parameters(), None)  # type: ignore[attr-defined]
-        if param is not None:
-            return param.device
-        teachers = self._distillation_state.teachers
-        return (teachers.device() if teachers is not None else None) or torch.device("cpu")
+        return module_device(self, self._distillation_state.teachers)  # type: ignore[arg-type]
 
     def update_teacher_placement(self, distills_now: bool, distills_later: bool = False) -> None:
         """Offload the teachers to CPU or bring them back to the module's device, as ``offload_teachers`` says.
 
-        The callback calls this at every stage application; call it by hand only without the callback. With
-        ``offload_teachers=False`` (default) it does nothing unless teachers are still offloaded.
-
-        Args:
-            distills_now: whether the current stage distills.
-            distills_later: whether a later stage distills.
+        The callback calls this at every stage application (``distills_now``: the current stage distills;
+        ``distills_later``: a later one does); call it by hand only without the callback.
 
         Raises:
             StageConfigError: ``offload_teachers`` is not one of ``False``, ``True``, ``"after_last"``, ``"idle"``.
@@ -242,18 +202,13 @@ class DistillationModule:
             >>> import lightning.pytorch as pl
             >>> class Student(DistillationModule, pl.LightningModule):
             ...     offload_teachers = "idle"
-            ...     def __init__(self):
-            ...         super().__init__()
-            ...         self.net = nn.Linear(2, 2)
             ...     def configure_teachers(self):
             ...         return {"teacher": nn.Linear(2, 2)}
-            >>> model = Student(); model.prepare_teachers()
+            >>> model = Student(); model.net = nn.Linear(2, 2); model.prepare_teachers()
             >>> model.update_teacher_placement(distills_now=False, distills_later=True)
-            >>> model.teachers_offloaded
-            True
             >>> _ = model.to("meta")  # stands in for an accelerator: offloaded teachers stay on CPU
-            >>> model.teachers["teacher"].weight.device.type
-            'cpu'
+            >>> model.teachers_offloaded, model.teachers["teacher"].weight.device.type
+            (True, 'cpu')
             >>> model.update_teacher_placement(distills_now=True)
             >>> model.teachers_offloaded, model.teachers["teacher"].weight.device.type
             (False, 'meta')
@@ -261,31 +216,26 @@ class DistillationModule:
         teachers, mode = self._distillation_state.teachers, self.offload_teachers
         if teachers is None or (not mode and not teachers.offloaded):
             return
-        if not isinstance(mode, (bool, str)) or mode not in OFFLOAD_MODES:
-            check_cost_options(self.teacher_precision, mode, self.teacher_cache, stage_where(self.stage_name))
-        teachers.place(wants_offload(mode, distills_now, distills_later), self._module_device())
+        teachers.place(wants_offload(mode, distills_now, distills_later, stage_where(self.stage_name)),
+                       self._module_device())
 
     # ------------------------------------------------------------------ per step
 
     def run_teachers(self, *args: Any, sample_index: Any = None, **kwargs: Any) -> dict[str, Any]:
         """Run every teacher on the given inputs without autograd, while distilling.
 
-        Without cost options this is a ``torch.no_grad()`` loop over the teachers. With ``teacher_precision``
-        the loop runs under ``torch.autocast``; offloaded teachers are first moved to the module's device. With a
-        ``teacher_cache``, a training step whose samples are all stored returns the stored outputs (and puts the
-        stored teacher features where :meth:`captured_features` reads them) without running the teachers; any
-        other training step runs them and stores the results. Evaluation steps (module in eval mode) run them.
+        A ``torch.no_grad()`` loop (:class:`~lightning_stages.distillation.teachers.Teachers`), under
+        ``torch.autocast`` with ``teacher_precision``, after bringing back offloaded teachers. With a
+        ``teacher_cache``, a training step whose samples are all stored reads outputs and features from it instead;
+        other training steps run the teachers and store the results; evaluation steps just run them.
 
         Args:
-            *args: the teachers' positional inputs.
-            sample_index: the dataset indices of the batch's samples (a tensor, list or array, one per row), e.g.
-                from :class:`~lightning_stages.IndexedDataset`. Needed with ``teacher_cache``; ignored otherwise.
-            **kwargs: the teachers' keyword inputs.
+            *args: the teachers' inputs, with ``**kwargs``.
+            sample_index: the dataset indices of the batch's samples (one per row, e.g. from
+                :class:`~lightning_stages.IndexedDataset`). Needed with ``teacher_cache``; ignored otherwise.
 
         Returns:
-            ``{teacher name: what its forward returned}``; an empty dict (and no work) when
-            :attr:`use_distillation` is off. The tensors are ordinary (``torch.no_grad``, not
-            ``inference_mode``) so they can be used in the student's loss.
+            ``{teacher name: its output}`` (ordinary tensors, usable in the loss); ``{}`` when not distilling.
 
         Raises:
             DistillationStepError: ``teacher_cache`` is set but ``sample_index`` is not given, or the cache refuses
@@ -298,14 +248,13 @@ class DistillationModule:
             self.prepare_teachers()
         teachers: Teachers = state.teachers  # type: ignore[assignment]
         cache = self.teacher_cache if self.training else None  # type: ignore[attr-defined]
-        if cache is None and self.teacher_precision is None and not teachers.offloaded:
-            with torch.no_grad():
-                return {name: teacher(*args, **kwargs) for name, teacher in teachers.modules.items()}
         if cache is None:
-            return teachers.run(args, kwargs, self.teacher_precision, self._module_device())
-        bind, state.cache_bound = not state.cache_bound, True
-        return run_through_cache(teachers, cache, sample_index, args, kwargs, hooks=state.hooks, bind=bind,
-                                 precision=self.teacher_precision, device=self._module_device(), stage=self.stage_name)
+            return teachers.run(args, kwargs, self.teacher_precision, self._module_device)
+        outputs = teachers.run_cached(cache, sample_index, args, kwargs, hooks=state.hooks, bind=not state.cache_bound,
+                                      precision=self.teacher_precision, device=self._module_device,
+                                      stage=self.stage_name)
+        state.cache_bound = True
+        return outputs
 
     def weighted_loss(
         self,
@@ -315,32 +264,17 @@ class DistillationModule:
         """``sum(w_k * L_k) + lambda_coef * sum(distill_losses)`` (:func:`~lightning_stages.losses.weighted_sum`),
         the last term only while distilling.
 
-        On the first training step of each stage it also checks that every distillation loss is finite (one host
-        sync per stage, none per step) and, under DDP, finds the trainable parameters the stage's loss leaves
-        unused; on every step of that stage they get a zero-weighted term, so DDP needs no
-        ``find_unused_parameters=True``. On one device nothing is added.
+        On the first training step of each stage the distillation losses must be finite (one host sync per stage)
+        and, under DDP, the parameters the stage leaves unused get a zero-weighted term on each of its steps, so
+        DDP needs no ``find_unused_parameters=True`` (:mod:`~lightning_stages.distillation.step_checks`).
 
         Args:
             task_losses: ``{loss name: value}``; every name must be a key of ``self.loss_weights``.
             distill_losses: distillation losses (mapping, sequence or one tensor); ignored when not distilling.
 
         Raises:
-            DistillationStepError: a task loss has no weight in ``self.loss_weights``, there is no loss at all, or,
-                on the first training step of a stage, a distillation loss is NaN or infinite (the message names
-                the loss, the epoch and the stage).
-
-        Example::
-
-            >>> import lightning.pytorch as pl
-            >>> class Student(DistillationModule, pl.LightningModule):
-            ...     def __init__(self):
-            ...         super().__init__()
-            ...         self.loss_weights = {"bce": 1.0, "dice": 0.5}
-            >>> model = Student()
-            >>> model.use_distillation, model.lambda_coef = True, 0.5
-            >>> task = {"bce": torch.tensor(2.0), "dice": torch.tensor(2.0)}
-            >>> float(model.weighted_loss(task, {"kd": torch.tensor(4.0)}))  # 1*2 + 0.5*2 + 0.5*4
-            5.0
+            DistillationStepError: a task loss has no weight, there is no loss at all, or a distillation loss is
+                not finite at the first step of a stage (naming the loss, the epoch and the stage).
         """
         distill = distill_losses if self._distillation_state.use_distillation else None
         try:
@@ -372,38 +306,18 @@ class DistillationModule:
     ) -> dict[str, Tensor]:
         """Feature-distillation losses of every hooked layer pair, keyed ``"<student path> -> <teacher>.<path>"``.
 
-        The student's hooked paths and the teacher's (from :meth:`configure_feature_hooks`) are paired in the
-        order they are listed (:func:`~lightning_stages.losses.paired_feature_losses`). Call it after the
-        student's forward and :meth:`run_teachers` on the batch.
+        The hooked paths of the student and the teacher are paired in the order listed
+        (:func:`~lightning_stages.losses.paired_feature_losses`). Call it after the student's forward and
+        :meth:`run_teachers`; it returns ``{}`` when not distilling.
 
         Args:
-            adapters: ``{student path: module}`` mapping that layer's features to the teacher's shape
-                (e.g. :class:`~lightning_stages.losses.FeatureAdapter`).
+            adapters: ``{student path: module}`` mapping that layer's features to the teacher's shape.
             teacher: the teacher to pair with; defaults to the first one.
             loss_fn: ``loss_fn(student_features, teacher_features)``; mean squared error by default.
 
-        Returns:
-            The losses, ready for :meth:`weighted_loss`; an empty dict when not distilling.
-
         Raises:
-            DistillationStepError: the hooked layers do not pair up, a layer was not captured, or the shapes of a
-                pair differ after its adapter. The message names the pair, both shapes and the stage.
-
-        Example::
-
-            >>> import lightning.pytorch as pl
-            >>> class Student(DistillationModule, pl.LightningModule):
-            ...     def __init__(self):
-            ...         super().__init__()
-            ...         self.body, self.adapter = nn.Linear(4, 3), nn.Linear(3, 5)
-            ...     def configure_teachers(self):
-            ...         return {"teacher": nn.Sequential(nn.Linear(4, 5))}
-            ...     def configure_feature_hooks(self):
-            ...         return {"student": ["body"], "teacher": ["0"]}
-            >>> model = Student(); model.prepare_teachers(); model.use_distillation = True
-            >>> _ = model.body(torch.ones(2, 4)); _ = model.run_teachers(torch.ones(2, 4))
-            >>> sorted(model.feature_losses(adapters={"body": model.adapter}))
-            ['body -> teacher.0']
+            DistillationStepError: the hooked layers do not pair up, a layer captured nothing, or the shapes of a
+                pair differ after its adapter; the message names the pair, both shapes and the stage.
         """
         state = self._distillation_state
         if not state.use_distillation:
