@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_stages import losses
 from lightning_stages.distillation.feature_hooks import STUDENT, FeatureHooks
 from lightning_stages.distillation.step_checks import StageGuard, check_finite, named_losses, stage_where
 from lightning_stages.distillation.step_checks import ddp_needs_every_parameter as _ddp_needs_every_parameter
@@ -22,6 +21,7 @@ from lightning_stages.distillation.teacher_cache import TeacherCache
 from lightning_stages.distillation.teachers import Teachers, check_cost_options, module_device, prepare, wants_offload
 from lightning_stages.distillation.unused_parameters import unreached_parameters
 from lightning_stages.errors import DistillationStepError, StageConfigError, StageProblem
+from lightning_stages.losses import paired_feature_losses, weighted_sum
 
 __all__ = ["STUDENT", "DistillationModule"]
 
@@ -91,7 +91,6 @@ class DistillationModule:
     #: needs ``run_teachers(x, sample_index=...)``
     teacher_cache: Optional[TeacherCache] = None
 
-    # ------------------------------------------------------------------ hooks the user overrides
 
     def configure_teachers(self) -> Mapping[str, nn.Module]:
         """Build (or load) the teachers: ``{teacher name: module}``. Called at most once per fit, at setup, and only
@@ -104,7 +103,6 @@ class DistillationModule:
         ``named_modules()``. Read them with :meth:`captured_features`; :meth:`feature_losses` pairs them."""
         return {}
 
-    # ------------------------------------------------------------------ state
 
     @property
     def _distillation_state(self) -> _DistillationState:
@@ -150,7 +148,6 @@ class DistillationModule:
         its latest forward; empty while not distilling."""
         return self._distillation_state.hooks.captured(model)
 
-    # ------------------------------------------------------------------ preparation and placement
 
     def prepare_teachers(self, needed_by: Optional[str] = None) -> None:
         """Build the teachers with :meth:`configure_teachers`, freeze them and check the feature hooks.
@@ -169,13 +166,10 @@ class DistillationModule:
         state.cache_bound = False  # each fit checks the teacher cache against the teachers again
         if state.teachers is not None:
             return
-        if not isinstance(self, nn.Module):
-            raise StageConfigError(StageProblem("DistillationModule must be mixed into a LightningModule"))
-        if type(self)._apply is not DistillationModule._apply:
+        if not isinstance(self, nn.Module) or type(self)._apply is not DistillationModule._apply:
             name = type(self).__name__
-            raise StageConfigError(StageProblem(
-                f"{name} lists DistillationModule after nn.Module in its bases; write `class {name}"
-                "(DistillationModule, LightningModule)` so that teachers follow the module to its device"))
+            raise StageConfigError(StageProblem(f"{name} must list DistillationModule before LightningModule in its "
+                                                f"bases: write `class {name}(DistillationModule, LightningModule)`"))
         state.teachers, state.hooks = prepare(self, self.configure_teachers, self.configure_feature_hooks, where)
         self._sync_hooks()
 
@@ -219,7 +213,6 @@ class DistillationModule:
         teachers.place(wants_offload(mode, distills_now, distills_later, stage_where(self.stage_name)),
                        self._module_device())
 
-    # ------------------------------------------------------------------ per step
 
     def run_teachers(self, *args: Any, sample_index: Any = None, **kwargs: Any) -> dict[str, Any]:
         """Run every teacher on the given inputs without autograd, while distilling.
@@ -278,8 +271,7 @@ class DistillationModule:
         """
         distill = distill_losses if self._distillation_state.use_distillation else None
         try:
-            total = losses.weighted_sum(task_losses, getattr(self, "loss_weights", None) or {}, distill,
-                                        self.lambda_coef)
+            total = weighted_sum(task_losses, getattr(self, "loss_weights", None) or {}, distill, self.lambda_coef)
         except ValueError as err:
             raise DistillationStepError(StageProblem(str(err), name=stage_where(self.stage_name)),
                                         stage=self.stage_name, when="a step") from err
@@ -289,7 +281,8 @@ class DistillationModule:
 
     def _guard_stage(self, total: Tensor, named: list[tuple[str, Tensor]]) -> Tensor:
         """On the first step of a stage (the stage name, the distillation switch or the Trainer changed): the
-        finite check and, under DDP, the walk for unused parameters; on every step, their zero term."""
+        finite check and, under DDP, the walk for unused parameters; on every step, their zero term. The DDP test and
+        the walk are names of this module so that tests can run the DDP path on one process."""
         trainer = getattr(self, "_trainer", None)
         guard = self._distillation_state.guard
         if guard.enter((self.stage_name, self._distillation_state.use_distillation, id(trainer))):
@@ -325,14 +318,13 @@ class DistillationModule:
         teacher = teacher if teacher is not None else next(iter(self.teachers), "teacher")
         hooks = state.hooks
         try:
-            return losses.paired_feature_losses(hooks.captured(STUDENT), hooks.captured(teacher),
+            return paired_feature_losses(hooks.captured(STUDENT), hooks.captured(teacher),
                                                 hooks.spec.get(STUDENT, ()), hooks.spec.get(teacher, ()),
                                                 adapters=adapters, loss_fn=loss_fn, teacher=teacher)
         except ValueError as err:
             raise DistillationStepError(StageProblem(str(err), name=stage_where(self.stage_name)),
                                         stage=self.stage_name) from err
 
-    # ------------------------------------------------------------------ nn.Module integration
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         result = super()._apply(fn, recurse)  # type: ignore[misc]
@@ -343,6 +335,6 @@ class DistillationModule:
 
     def __getstate__(self) -> dict[str, Any]:
         # deep copies (StochasticWeightAveraging) and pickles (ddp_spawn) never carry the teachers
-        state = dict(super().__getstate__())  # type: ignore[misc]
+        state = dict(super().__getstate__())  # type: ignore[misc,call-overload]
         state.pop("_ls_distillation", None)
         return state
