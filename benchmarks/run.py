@@ -64,7 +64,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_stages import DistillationModule, StageScheduleCallback, TeacherCache
-from lightning_stages.losses import feature_mse, logit_kd
+from lightning_stages.losses import feature_mse, logit_kd  # feature_mse: only in the hand-written reference
 
 TARGETS = {
     "off_stage_ratio": ("<=", 1.02),
@@ -155,8 +155,7 @@ class PluginStudent(DistillationModule, PlainStudent):
         if self.use_distillation:
             teacher_logits = self.run_teachers(x, sample_index=index)["teacher"]
             distill["kd"] = logit_kd(logits, teacher_logits, temperature=2.0)
-            distill["neck"] = feature_mse(self.captured_features()["net.neck"],
-                                          self.captured_features("teacher")["neck"])
+            distill.update(self.feature_losses())  # "net.neck -> teacher.neck", mean squared error
         return self.weighted_loss({"cls": F.cross_entropy(logits, y)}, distill)
 
 

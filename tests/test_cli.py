@@ -85,7 +85,7 @@ def test_validate_reports_a_class_path_that_cannot_be_imported(tmp_path: Path, c
 
 
 @pytest.mark.parametrize("kind", ["seed", "lightning"])
-def test_validate_checks_each_stage_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+def test_validate_checks_each_stage_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, tiny_config) -> None:
     from lightning_stages.schedule import checks
 
     parsed: list[int] = []

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import FIVE_WEIGHTS, PlainStudent, Student, loader, trainer
 
-from lightning_stages import StageConfigError, StageScheduleCallback
+from lightning_stages import DistillationStepError, StageConfigError, StageScheduleCallback
 
 
 def hook_count(module: torch.nn.Module) -> int:
@@ -71,10 +71,33 @@ def test_weighted_loss_matches_the_formula():
     assert model.weighted_loss({"bce": a, "cls": b}, [d1, d2]).item() == pytest.approx(expected)
 
 
-def test_weighted_loss_rejects_a_task_loss_without_weight():
+def test_weighted_loss_rejects_a_task_loss_without_weight_naming_the_stage():
     model = Student()
-    with pytest.raises(StageConfigError, match=r"`task_losses` = 'foacl'.*did you mean `focal`"):
+    model.stage_name = "kd"
+    with pytest.raises(DistillationStepError, match=r"`task_losses` = 'foacl'.*did you mean `focal`") as err:
         model.weighted_loss({"foacl": torch.tensor(1.0)})
+    assert str(err.value).startswith("1 problem at a step of stage 'kd':\n  - stage 'kd': `task_losses` = 'foacl'")
+    assert isinstance(err.value, StageConfigError)  # existing `except StageConfigError` code still catches it
+
+
+def test_feature_losses_pair_the_hooked_layers_and_turn_a_mismatch_into_a_step_error():
+    model = Student()
+    model.prepare_teachers()
+    model.stage_name, model.use_distillation = "distill", True
+    x = torch.randn(3, 6)
+    model(x)
+    model.run_teachers(x)
+    student, teacher = model.captured_features()["body"], model.captured_features("teacher")["body"]
+    got = model.feature_losses(adapters={"body": model.adapter})
+    assert list(got) == ["body -> teacher.body"]
+    assert got["body -> teacher.body"].item() == pytest.approx(((model.adapter(student) - teacher) ** 2).mean().item())
+    with pytest.raises(DistillationStepError) as err:
+        model.feature_losses()  # no adapter: the student's features are narrower than the teacher's
+    assert str(err.value).startswith("1 problem at the first step of stage 'distill':\n  - stage 'distill': "
+                                     "body -> teacher.body: student features")
+    assert err.value.stage == "distill"
+    model.use_distillation = False
+    assert model.feature_losses() == {}
 
 
 def test_deep_copies_and_pickles_do_not_carry_the_teacher():

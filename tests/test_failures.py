@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_stages.distillation.distillation_module as distillation_module
 from lightning_stages import (
     DistillationModule,
+    DistillationStepError,
     StageConfigError,
     StageSchedule,
     StageScheduleCallback,
@@ -180,19 +181,51 @@ def test_config_that_is_not_valid_json_or_yaml_names_file_and_line(tmp_path, nam
 # ------------------------------------------------------------------------------------ at the first distilling step
 
 
+STEP_HEADER = "1 problem at the first step of stage 'distill':"
+
+
 def test_feature_shapes_that_do_not_match_without_adapter_name_the_layer_pair(tmp_path):
     model = Student(use_adapter=False)
-    with pytest.raises(StageConfigError) as err:
+    with pytest.raises(DistillationStepError) as err:
         fit(tmp_path, model)
-    assert_names(err, "'body -> big_teacher.1'", "student features (4, 8) do not match teacher features (4, 6)",
-                 "stage 'distill'", "adapters={'body': FeatureAdapter(")
+    assert str(err.value).startswith(STEP_HEADER)
+    assert err.value.stage == "distill"
+    assert_names(err, "body -> big_teacher.1: student features (4, 8) do not match teacher features (4, 6)",
+                 "adapters={'body': FeatureAdapter(")
+    assert "in the stage schedule" not in str(err.value)
     assert model.steps == [(0, i) for i in range(BATCHES)]  # epoch 0 trained; stopped at the first distilling step
+
+
+def test_hooked_layer_that_captured_nothing_names_the_pair_and_the_stage(tmp_path):
+    class NoStudentForward(Student):  # the student's hooked layer is never run: only the teacher's is captured
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            self.run_teachers(x)
+            distill = self.feature_losses(adapters={"body": self.adapter})
+            self.steps.append((self.current_epoch, batch_idx))
+            return self.weighted_loss({"cls": F.cross_entropy(self.head(torch.zeros(len(x), 8)), y)}, distill)
+
+    model = NoStudentForward()
+    with pytest.raises(DistillationStepError) as err:
+        fit(tmp_path, model)
+    assert str(err.value).startswith(STEP_HEADER)
+    assert_names(err, "body -> big_teacher.1: the student layer 'body' captured nothing", "run_teachers()")
+    assert model.steps == [(0, i) for i in range(BATCHES)]
+
+
+def test_hooked_layers_that_do_not_pair_up_name_both_lists_and_the_stage(tmp_path):
+    model = Student(hooks={"student": ["body"], "big_teacher": ["0", "1"]})
+    with pytest.raises(DistillationStepError) as err:
+        fit(tmp_path, model)
+    assert str(err.value).startswith(STEP_HEADER)
+    assert_names(err, "as many student layers as layers of teacher 'big_teacher'", "got 1 (['body']) and 2 (['0', '1'])")
 
 
 def test_non_finite_distillation_loss_names_the_loss_the_epoch_and_the_stage(tmp_path):
     model = Student(nan_teacher=True)
-    with pytest.raises(StageConfigError) as err:
+    with pytest.raises(DistillationStepError) as err:
         fit(tmp_path, model)
+    assert str(err.value).startswith(STEP_HEADER)
     assert_names(err, "stage 'distill'", "`distill_losses.kd` = nan", "is not finite at epoch 1")
     assert "feature" not in str(err.value)  # only the loss that is not finite is named
     assert model.steps == [(0, i) for i in range(BATCHES)]
@@ -200,8 +233,8 @@ def test_non_finite_distillation_loss_names_the_loss_the_epoch_and_the_stage(tmp
 
 def test_finite_check_runs_once_per_stage_not_once_per_step(tmp_path, monkeypatch):
     calls = []
-    check = distillation_module._check_finite
-    monkeypatch.setattr(distillation_module, "_check_finite", lambda *args: calls.append(args[1:]) or check(*args))
+    check = distillation_module.check_finite
+    monkeypatch.setattr(distillation_module, "check_finite", lambda *args: calls.append(args[1:]) or check(*args))
     schedule = [
         {"name": "distill", "start_epoch": 0, "end_epoch": 2, "distillation": True},
         {"name": "finetune", "start_epoch": 2, "end_epoch": 3, "distillation": False},

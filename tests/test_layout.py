@@ -128,20 +128,8 @@ def test_the_distillation_wing_imports_nothing_of_the_schedule_the_cli_or_the_ca
     assert chains == [], "\n".join(chains)
 
 
-# TODO(lead): remove SPLIT_IN_PROGRESS and its xfail at merge. On the habits branch these modules are still too long
-# because the issue-8 splits (distillation/, schedule/ + the callback) are merged from other branches.
-SPLIT_IN_PROGRESS = {"distillation/distillation_module.py", "distillation/teacher_cache.py",
-                     "schedule/stage_schedule.py", "stage_schedule_callback.py"}
-
-
 @pytest.mark.parametrize(
-    "path",
-    [
-        pytest.param(path, id=str(path.relative_to(PACKAGE)), marks=[pytest.mark.xfail(
-            strict=False, reason="TODO(lead): split on another branch; remove at merge"
-        )] if str(path.relative_to(PACKAGE)) in SPLIT_IN_PROGRESS else [])
-        for path in sorted(PACKAGE.rglob("*.py"))
-    ],
+    "path", [pytest.param(path, id=str(path.relative_to(PACKAGE))) for path in sorted(PACKAGE.rglob("*.py"))]
 )
 def test_no_module_is_longer_than_350_lines(path):
     lines = len(path.read_text().splitlines())

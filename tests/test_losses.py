@@ -7,7 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_stages.losses import FeatureAdapter, feature_mse, logit_kd, mask_kd
+from lightning_stages.losses import (
+    FeatureAdapter,
+    feature_mse,
+    logit_kd,
+    mask_kd,
+    paired_feature_losses,
+    weighted_sum,
+)
 
 
 def _softmax(row, temperature):
@@ -174,10 +181,107 @@ def test_feature_mse_shape_mismatch_names_the_layer_and_both_shapes():
 def test_feature_mse_mismatch_after_the_adapter_names_the_adapted_shape():
     adapter = FeatureAdapter(8, 12)
     with pytest.raises(ValueError, match=re.escape("neck: student features (2, 12, 4, 4) do not match teacher "
-                                                   "features (2, 16, 4, 4)")):
+                                                   "features (2, 16, 4, 4) after the adapter")) as info:
         feature_mse(torch.zeros(2, 8, 4, 4), torch.zeros(2, 16, 4, 4), adapter=adapter, name="neck")
+    assert "pass" not in str(info.value)  # the adapter is there: no advice to add one
 
 
 def test_logit_kd_lets_a_nan_teacher_through_so_it_can_be_caught():
     teacher = torch.tensor([[float("nan"), 0.0, 1.0]])
     assert torch.isnan(logit_kd(torch.zeros(1, 3), teacher))
+
+
+# ---------------------------------------------------------------------------------------------- weighted_sum
+
+
+def test_weighted_sum_matches_the_hand_formula():
+    task = {"bce": torch.tensor(1.5), "dice": torch.tensor(0.25), "cls": torch.tensor(4.0)}
+    weights = {"bce": 2.0, "dice": 0.5, "cls": 0.1, "unused": 100.0}
+    distill = {"kd": torch.tensor(0.2), "hint": torch.tensor(0.7)}
+    expected = 2.0 * 1.5 + 0.5 * 0.25 + 0.1 * 4.0 + 0.3 * (0.2 + 0.7)
+    assert weighted_sum(task, weights, distill, lambda_coef=0.3).item() == pytest.approx(expected, rel=1e-6)
+    # the distillation losses as a sequence or one tensor give the same sum; none gives the task part alone
+    assert weighted_sum(task, weights, list(distill.values()), 0.3).item() == pytest.approx(expected, rel=1e-6)
+    assert weighted_sum(task, weights, torch.tensor(0.9), 0.3).item() == pytest.approx(expected, rel=1e-6)
+    assert weighted_sum(task, weights).item() == pytest.approx(2.0 * 1.5 + 0.5 * 0.25 + 0.1 * 4.0, rel=1e-6)
+    assert weighted_sum(task, weights, {}, 0.3).item() == pytest.approx(2.0 * 1.5 + 0.5 * 0.25 + 0.1 * 4.0, rel=1e-6)
+
+
+def test_weighted_sum_of_distillation_losses_alone_and_its_gradient():
+    kd = torch.tensor(2.0, requires_grad=True)
+    total = weighted_sum({}, {}, [kd], lambda_coef=0.25)
+    assert total.item() == pytest.approx(0.5)
+    total.backward()
+    assert kd.grad.item() == pytest.approx(0.25)  # d(lambda * kd) / d kd = lambda
+
+
+@pytest.mark.parametrize(
+    ("task", "weights", "message"),
+    [
+        ({"foacl": torch.tensor(1.0)}, {"focal": 1.0, "bce": 1.0},
+         "`task_losses` = 'foacl': has no weight in `loss_weights` (['bce', 'focal']); did you mean `focal`?"),
+        ({"zzz": torch.tensor(1.0)}, {"bce": 1.0}, "`task_losses` = 'zzz': has no weight in `loss_weights` (['bce'])"),
+        ({}, {"bce": 1.0}, "`task_losses` = {}: no losses to weight"),
+    ],
+)
+def test_weighted_sum_refuses_losses_without_weight_and_no_losses(task, weights, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        weighted_sum(task, weights)
+
+
+# ---------------------------------------------------------------------------------------------- paired_feature_losses
+
+
+def test_paired_feature_losses_pairs_in_order_through_the_adapters_and_matches_the_hand_formula():
+    gen = torch.Generator().manual_seed(3)
+    student = {"enc.1": torch.randn(2, 3, generator=gen, dtype=torch.float64),
+               "enc.2": torch.randn(2, 4, generator=gen, dtype=torch.float64)}
+    teacher = {"layer1": torch.randn(2, 3, generator=gen, dtype=torch.float64),
+               "layer2": torch.randn(2, 4, generator=gen, dtype=torch.float64)}
+    double = lambda t: 2 * t  # noqa: E731 - an adapter is any callable
+    got = paired_feature_losses(student, teacher, ["enc.1", "enc.2"], ["layer1", "layer2"],
+                                adapters={"enc.2": double}, teacher="big")
+    assert list(got) == ["enc.1 -> big.layer1", "enc.2 -> big.layer2"]
+
+    def mse(a, b):
+        pairs = list(zip(a.flatten().tolist(), b.flatten().tolist()))
+        return sum((x - y) ** 2 for x, y in pairs) / len(pairs)
+
+    assert got["enc.1 -> big.layer1"].item() == pytest.approx(mse(student["enc.1"], teacher["layer1"]), rel=1e-12)
+    assert got["enc.2 -> big.layer2"].item() == pytest.approx(mse(2 * student["enc.2"], teacher["layer2"]), rel=1e-12)
+
+
+def test_paired_feature_losses_uses_the_given_loss_function():
+    got = paired_feature_losses({"a": torch.tensor([[1.0, -2.0]])}, {"b": torch.tensor([[0.0, 0.0]])}, ["a"], ["b"],
+                                loss_fn=F.l1_loss)
+    assert got == {"a -> teacher.b": pytest.approx(torch.tensor((1.0 + 2.0) / 2))}
+
+
+def test_paired_feature_losses_and_feature_mse_say_the_same_about_shapes():
+    student, teacher = torch.zeros(2, 8, 4, 4), torch.zeros(2, 16, 4, 4)
+    with pytest.raises(ValueError) as single:
+        feature_mse(student, teacher, name="neck -> teacher.layer4")
+    with pytest.raises(ValueError) as paired:
+        paired_feature_losses({"neck": student}, {"layer4": teacher}, ["neck"], ["layer4"])
+    shape_part = "neck -> teacher.layer4: student features (2, 8, 4, 4) do not match teacher features (2, 16, 4, 4)"
+    assert str(single.value).startswith(shape_part) and str(paired.value).startswith(shape_part)
+    assert "adapters={'neck': FeatureAdapter(student_channels, teacher_channels)}" in str(paired.value)
+    adapted = "neck -> teacher.layer4: student features (2, 12, 4, 4) do not match teacher features (2, 16, 4, 4)"
+    with pytest.raises(ValueError, match=re.escape(adapted + " after the adapter")):
+        paired_feature_losses({"neck": student}, {"layer4": teacher}, ["neck"], ["layer4"],
+                              adapters={"neck": FeatureAdapter(8, 12)})
+
+
+@pytest.mark.parametrize(
+    ("student_layers", "teacher_layers", "message"),
+    [
+        (["a"], ["b", "c"], "as many student layers as layers of teacher 'teacher' (they are paired in order) but got "
+                            "1 (['a']) and 2 (['b', 'c'])"),
+        (["x"], ["b"], "x -> teacher.b: the student layer 'x' captured nothing"),
+        (["a"], ["y"], "a -> teacher.y: the teacher layer 'y' captured nothing"),
+    ],
+)
+def test_paired_feature_losses_names_what_does_not_pair(student_layers, teacher_layers, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        paired_feature_losses({"a": torch.zeros(1, 2)}, {"b": torch.zeros(1, 2), "c": torch.zeros(1, 2)},
+                              student_layers, teacher_layers)

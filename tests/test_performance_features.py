@@ -16,7 +16,14 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_stages import DistillationModule, IndexedDataset, StageConfigError, StageScheduleCallback, TeacherCache
+from lightning_stages import (
+    DistillationModule,
+    DistillationStepError,
+    IndexedDataset,
+    StageConfigError,
+    StageScheduleCallback,
+    TeacherCache,
+)
 from lightning_stages.losses import feature_mse, logit_kd
 
 N_SAMPLES, BATCH_SIZE = 12, 4
@@ -213,8 +220,9 @@ def test_cache_files_hold_float16_and_give_back_the_teachers_dtype(tmp_path):
 def test_cache_refuses_to_run_without_sample_index():
     teacher = Teacher()
     model = prepared(teacher, TeacherCache())
-    with pytest.raises(StageConfigError, match=r"teacher_cache.*no sample index.*sample_index="):
+    with pytest.raises(DistillationStepError, match=r"teacher_cache.*no sample index.*sample_index=") as err:
         model.run_teachers(torch.randn(2, 6))
+    assert str(err.value).startswith("1 problem at the first step of training:")  # no stage without the callback
     assert teacher.calls == 0
 
 
@@ -229,9 +237,24 @@ def test_cache_refusal_stops_a_fit_at_the_first_distilling_step():
                                       {"kd": logit_kd(self(x), self.run_teachers(x)["teacher"])})
 
     teacher = Teacher()
-    with pytest.raises(StageConfigError, match="sample_index"):
-        fit(NoIndexStudent(teacher, TeacherCache()), [{"start_epoch": 0, "distillation": True}], 1, loader=loader)
+    with pytest.raises(DistillationStepError, match="sample_index") as err:
+        fit(NoIndexStudent(teacher, TeacherCache()), [{"name": "kd", "start_epoch": 0, "distillation": True}], 1,
+            loader=loader)
+    assert str(err.value).startswith("1 problem at the first step of stage 'kd':")
     assert teacher.calls == 0
+
+
+def test_cache_layout_mismatch_in_a_step_is_a_step_error_naming_the_stage():
+    teacher = Teacher()
+    model = prepared(teacher, TeacherCache())
+    model.stage_name = "kd"
+    x, _ = data()
+    model.run_teachers(x[:4], sample_index=torch.arange(4))
+    with pytest.raises(DistillationStepError) as err:  # a batch whose per-sample shape differs: 6 -> 2 x 3 values
+        model.run_teachers(x[4:8].reshape(4, 1, 6).expand(4, 2, 6), sample_index=torch.arange(4, 8))
+    assert str(err.value).startswith("1 problem at a training step of stage 'kd':\n  - stage 'kd': "
+                                     "`teacher_cache.teacher outputs` = ")
+    assert "per-sample shape" in str(err.value)
 
 
 def test_cache_rejects_outputs_whose_per_sample_shape_changes():

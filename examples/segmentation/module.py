@@ -22,8 +22,8 @@ from torchmetrics.segmentation import DiceScore
 
 from examples.segmentation.data import CLASSES
 from examples.segmentation.models import SegNet
-from lightning_stages import DistillationModule
-from lightning_stages.losses import FeatureAdapter, feature_mse, logit_kd, mask_kd
+from lightning_stages import DistillationModule, load_teacher_checkpoint
+from lightning_stages.losses import FeatureAdapter, logit_kd, mask_kd
 
 #: the seed's base weights (``train.loss_weights``)
 DEFAULT_LOSS_WEIGHTS = {"bce": 1.0, "focal": 15.0, "dice": 1.0, "iou": 1.0, "cls": 1.0}
@@ -225,14 +225,19 @@ class SegmentationStudent(DistillationModule, SegmentationTask):
             raise FileNotFoundError(
                 f"the teacher checkpoint {str(path)!r} does not exist; make it with `{TEACHER_COMMAND}`"
             )
-        teacher = SegmentationTeacher.load_from_checkpoint(path, map_location="cpu").net
+        # the teacher's architecture is in the checkpoint's hyper-parameters; its weights are under "net."
+        shape = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters") or {}
+        if "widths" not in shape:
+            raise ValueError(f"{str(path)!r} holds no teacher hyper-parameters (`widths`); make it with "
+                             f"`{TEACHER_COMMAND}`")
+        teacher = SegNet(tuple(shape["widths"]), shape.get("convs_per_block", 2), num_classes=len(CLASSES))
         channels = teacher.bottleneck[0].out_channels
         if channels != self.hparams.teacher_channels:
             raise ValueError(
                 f"the teacher's bottleneck has {channels} channels but `teacher_channels` is "
                 f"{self.hparams.teacher_channels}; set model.init_args.teacher_channels: {channels}"
             )
-        return {"teacher": teacher}
+        return {"teacher": load_teacher_checkpoint(teacher, path, name="teacher", prefix="net.")}
 
     def configure_feature_hooks(self) -> dict[str, list[str]]:
         return {"student": ["net.bottleneck"], "teacher": ["bottleneck"]}
@@ -241,12 +246,8 @@ class SegmentationStudent(DistillationModule, SegmentationTask):
         teacher_out = self.run_teachers(x).get("teacher")
         if teacher_out is None:  # not distilling in this stage
             return {}
-        hint = feature_mse(
-            self.captured_features("student")["net.bottleneck"],
-            self.captured_features("teacher")["bottleneck"],
-            adapter=self.hint_adapter,
-            name="net.bottleneck -> teacher.bottleneck",
-        )
+        # the one hooked pair of configure_feature_hooks: "net.bottleneck -> teacher.bottleneck"
+        (hint,) = self.feature_losses(adapters={"net.bottleneck": self.hint_adapter}).values()
         return {
             "mask_kd": mask_kd(out["mask"], teacher_out["mask"], self.mask_temperature),
             "cls_kd": logit_kd(out["cls"], teacher_out["cls"], self.temperature),

@@ -67,12 +67,12 @@ class _KeepInGraph(torch.autograd.Function):
     """Returns ``0``; its backward gives every input a zero gradient (never NaN, whatever the values are)."""
 
     @staticmethod
-    def forward(ctx: Any, *params: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, *params: Tensor) -> Tensor:
         ctx.save_for_backward(*params)
         return torch.zeros((), dtype=params[0].dtype, device=params[0].device)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         return tuple(torch.zeros_like(p) for p in ctx.saved_tensors)
 
 

@@ -1,0 +1,256 @@
+"""Teachers: checking what ``configure_teachers`` returned and the cost options, freezing, placing (offload) and
+running them (precision, offload, teacher cache)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from lightning_stages.distillation.feature_hooks import STUDENT, FeatureHooks, check_hook_spec, let_compile_see_hooks
+from lightning_stages.distillation.step_checks import stage_where
+from lightning_stages.distillation.teacher_cache import TeacherCache, teacher_fingerprint
+from lightning_stages.errors import DistillationStepError, StageConfigError, StageProblem, did_you_mean
+
+__all__ = ["AUTOCAST_DTYPES", "OFFLOAD_MODES", "Teachers", "build_teachers", "check_cost_options", "module_device",
+           "prepare", "wants_offload"]
+
+#: ``teacher_precision`` values and the autocast dtype each runs the teachers under (``None``: no autocast)
+AUTOCAST_DTYPES: dict[Optional[str], Optional[torch.dtype]] = {
+    None: None, "32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16,
+}
+#: ``offload_teachers`` values
+OFFLOAD_MODES = (False, True, "after_last", "idle")
+
+
+def check_cost_options(precision: Any, offload: Any, cache: Any, where: str) -> None:
+    """Check ``teacher_precision``, ``offload_teachers`` and ``teacher_cache`` together.
+
+    Raises:
+        StageConfigError: naming each option with an unknown value, and ``where``.
+
+    Example::
+
+        >>> check_cost_options("bf16-mixed", "idle", None, "stage 0")
+        >>> check_cost_options("bf16", False, None, "stage 0")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        lightning_stages.errors.StageConfigError: 1 problem ...: `teacher_precision` = 'bf16': is not a teacher precision; ...
+    """
+    problems = []
+    if not isinstance(precision, (str, type(None))) or precision not in AUTOCAST_DTYPES:
+        problems.append(StageProblem("is not a teacher precision", name=where, field="teacher_precision",
+                                     value=precision, hint=did_you_mean(str(precision), [k for k in AUTOCAST_DTYPES if k])
+                                     or "use None, 'bf16-mixed' or '16-mixed'"))
+    if not isinstance(offload, (bool, str)) or offload not in OFFLOAD_MODES:
+        problems.append(StageProblem("is not an offload mode", name=where, field="offload_teachers", value=offload,
+                                     hint="use False, True, 'after_last' or 'idle'"))
+    if cache is not None and not isinstance(cache, TeacherCache):
+        problems.append(StageProblem(f"must be a TeacherCache or None, not {type(cache).__name__}", name=where,
+                                     field="teacher_cache", value=cache))
+    if problems:
+        raise StageConfigError(problems)
+
+
+def build_teachers(configure_teachers: Callable[[], Any], where: str) -> dict[str, nn.Module]:
+    """Call ``configure_teachers`` and check what it returned: a non-empty mapping of names (not ``"student"``)
+    to modules.
+
+    Raises:
+        StageConfigError: ``configure_teachers`` raised, or returned something else; naming ``where`` and every
+            bad name or value.
+
+    Example::
+
+        >>> sorted(build_teachers(lambda: {"big": nn.Linear(1, 1)}, "stage 0"))
+        ['big']
+        >>> build_teachers(lambda: {"student": nn.Linear(1, 1)}, "stage 0")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        lightning_stages.errors.StageConfigError: 1 problem ...: teacher names must be strings other than 'student'
+    """
+    try:
+        teachers = configure_teachers()
+    except Exception as err:
+        raise StageConfigError(StageProblem(f"configure_teachers() raised {type(err).__name__}: {err}", name=where,
+                                            field="configure_teachers", value=None)) from err
+    if not isinstance(teachers, Mapping) or not teachers:
+        raise StageConfigError(StageProblem(
+            "distillation is on but configure_teachers() returned no teachers; return a mapping such as "
+            "{'teacher': model}", name=where, field="configure_teachers", value=teachers))
+    problems: list[StageProblem] = []
+    for name, teacher in teachers.items():
+        if not isinstance(name, str) or name == STUDENT:
+            problems.append(StageProblem(f"teacher names must be strings other than {STUDENT!r}", name=where,
+                                         field="configure_teachers", value=name))
+        if not isinstance(teacher, nn.Module):
+            problems.append(StageProblem(f"teacher {name!r} must be an nn.Module, not {type(teacher).__name__}",
+                                         name=where, field="configure_teachers", value=teacher))
+    if problems:
+        raise StageConfigError(problems)
+    return dict(teachers)
+
+
+def wants_offload(mode: Union[bool, str], distills_now: bool, distills_later: bool, where: str) -> bool:
+    """Whether ``offload_teachers=mode`` keeps the teachers on CPU now.
+
+    Raises:
+        StageConfigError: ``mode`` is not an offload mode (as :func:`check_cost_options` says it, naming ``where``).
+
+    Example::
+
+        >>> [wants_offload(mode, False, True, "stage 0") for mode in ("idle", True, False)]
+        [True, False, False]
+    """
+    if not isinstance(mode, (bool, str)) or mode not in OFFLOAD_MODES:
+        check_cost_options(None, mode, None, where)
+    if not mode:
+        return False
+    if mode == "idle":
+        return not distills_now
+    return not (distills_now or distills_later)
+
+
+def _keep_on_own_device(fn: Callable[[Tensor], Tensor], tensor: Tensor) -> Tensor:
+    """``fn(tensor)``, except that a change of device is dropped (a change of dtype is kept).
+
+    ``fn`` is first tried on an empty tensor to see what it does.
+    """
+    probe = fn(tensor.new_empty(0))
+    if probe.device == tensor.device:
+        return fn(tensor)
+    return tensor.to(dtype=probe.dtype) if probe.dtype != tensor.dtype else tensor
+
+
+class Teachers:
+    """The prepared teachers of one module: frozen, in eval mode, with the module or offloaded to CPU.
+
+    Args:
+        modules: ``{name: teacher}``, as returned by :func:`checked_teachers`; frozen and put in eval mode here.
+        device: the module's device, where the teachers go (``None``: leave them where they are).
+
+    Example::
+
+        >>> teachers = Teachers({"t": nn.Linear(2, 1)}, device=None)
+        >>> teachers.modules["t"].weight.requires_grad, teachers.modules["t"].training
+        (False, False)
+        >>> sorted(teachers.run((torch.ones(3, 2),), {}, precision=None, device=lambda: torch.device("cpu")))
+        ['t']
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], device: Optional[torch.device]) -> None:
+        for teacher in modules.values():
+            teacher.eval()
+            teacher.requires_grad_(False)
+            if device is not None:
+                teacher.to(device)
+        self.modules = modules
+        #: whether ``offload_teachers`` keeps them on CPU now
+        self.offloaded = False
+
+    def place(self, offload: bool, device: torch.device) -> None:
+        """Move the teachers to CPU (``offload``) or back to ``device``; nothing if they are there already."""
+        if offload != self.offloaded:
+            for teacher in self.modules.values():
+                teacher.to("cpu" if offload else device)
+            self.offloaded = offload
+
+    def follow(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> None:
+        """Apply a module's ``_apply`` function: offloaded teachers follow dtype changes, not device moves."""
+        for teacher in self.modules.values():
+            if self.offloaded:
+                teacher._apply(lambda t: _keep_on_own_device(fn, t), recurse)
+            else:
+                teacher._apply(fn, recurse)
+
+    def run(self, args: tuple, kwargs: Mapping[str, Any], precision: Optional[str],
+            device: Callable[[], torch.device]) -> dict:
+        """Every teacher on ``args``/``kwargs`` under ``torch.no_grad()``; brought back to ``device()`` first if
+        offloaded, and run under ``torch.autocast`` on its type if ``precision`` says so."""
+        if self.offloaded:
+            self.place(False, device())
+        dtype = AUTOCAST_DTYPES.get(precision)
+        with torch.no_grad():
+            if dtype is None:
+                return {name: teacher(*args, **kwargs) for name, teacher in self.modules.items()}
+            with torch.autocast(device().type, dtype=dtype):
+                return {name: teacher(*args, **kwargs) for name, teacher in self.modules.items()}
+
+    def run_cached(
+        self, cache: TeacherCache, sample_index: Any, args: tuple, kwargs: Mapping[str, Any], *, hooks: FeatureHooks,
+        precision: Optional[str], device: Callable[[], torch.device], bind: bool, stage: Optional[str],
+    ) -> dict[str, Any]:
+        """The teachers' outputs from ``cache`` if every sample is stored (their features put into ``hooks``), else
+        :meth:`run` and store the outputs and features.
+
+        Args:
+            bind: first bind the cache to a fingerprint of the teachers, their hooked layers and the precision.
+            stage: the stage in force, named in errors.
+
+        Raises:
+            DistillationStepError: ``sample_index`` is ``None``, or the cache refuses the batch (e.g. its layout
+                changed between batches); the message names the stage.
+        """
+        if sample_index is None:
+            raise DistillationStepError(StageProblem(
+                "is set but the batch carries no sample index, so stored teacher outputs cannot be matched to samples",
+                name=stage_where(stage), field="teacher_cache", value=cache,
+                hint="pass the batch's dataset indices as run_teachers(..., sample_index=indices), e.g. from a dataset "
+                "wrapped in IndexedDataset, or set teacher_cache = None"), stage=stage)
+        try:
+            if bind:
+                layers = {name: hooks.spec.get(name, ()) for name in self.modules}
+                cache.bind(teacher_fingerprint(self.modules, layers, {"precision": precision}))
+            hit = cache.lookup(sample_index, device=device())
+            if hit is not None:
+                outputs, features = hit
+                hooks.put(features)
+                return outputs
+            outputs = self.run(args, kwargs, precision, device)
+            cache.store(sample_index, outputs, hooks.snapshot(list(self.modules)))
+        except DistillationStepError:
+            raise
+        except StageConfigError as err:  # the cache's own checks: a step-time problem of this stage
+            raise DistillationStepError(
+                [StageProblem(p.message, name=stage_where(stage), value=p.value, hint=p.hint,
+                              field=p.field if p.name is None else f"{p.name}.{p.field}")
+                 for p in err.problems], stage=stage, when="a training step") from err
+        return outputs
+
+
+def module_device(module: nn.Module, teachers: Optional[Teachers]) -> torch.device:
+    """The device of ``module``'s first parameter; else of the first teacher's; else CPU.
+
+    Example::
+
+        >>> module_device(nn.Linear(1, 1), None)
+        device(type='cpu')
+    """
+    first = next(module.parameters(), None)
+    if first is None and teachers is not None:
+        first = next((p for t in teachers.modules.values() for p in t.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def prepare(
+    student: nn.Module, configure_teachers: Callable[[], Any], configure_feature_hooks: Callable[[], Any], where: str
+) -> tuple[Teachers, FeatureHooks]:
+    """Build and check the teachers and the hook spec; freeze the teachers and put them on ``student``'s device.
+
+    Raises:
+        StageConfigError: as :func:`build_teachers` and :func:`~.feature_hooks.check_hook_spec`.
+
+    Example::
+
+        >>> student = nn.Sequential(nn.Linear(2, 2))
+        >>> teachers, hooks = prepare(student, lambda: {"t": nn.Linear(2, 2)}, lambda: {"student": "0"}, "stage 0")
+        >>> sorted(teachers.modules), dict(hooks.spec)
+        (['t'], {'student': ('0',)})
+    """
+    modules = build_teachers(configure_teachers, where)
+    spec = check_hook_spec(configure_feature_hooks() or {}, {STUDENT: student, **modules}, where)
+    if spec:
+        let_compile_see_hooks()
+    return Teachers(modules, device=next((p.device for p in student.parameters()), None)), FeatureHooks(spec)
