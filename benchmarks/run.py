@@ -155,7 +155,7 @@ class PluginStudent(DistillationModule, PlainStudent):
         if self.use_distillation:
             teacher_logits = self.run_teachers(x, sample_index=index)["teacher"]
             distill["kd"] = logit_kd(logits, teacher_logits, temperature=2.0)
-            distill.update(self.feature_losses())  # "net.neck -> teacher.neck", mean squared error
+            distill.update(self.feature_losses())  # "net.neck__teacher.neck", mean squared error
         return self.weighted_loss({"cls": F.cross_entropy(logits, y)}, distill)
 
 

@@ -9,13 +9,19 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_stages.distillation.feature_hooks import STUDENT, FeatureHooks, check_hook_spec, let_compile_see_hooks
+from lightning_stages.distillation.feature_hooks import (
+    STUDENT,
+    FeatureHooks,
+    check_hook_spec,
+    let_compile_see_hooks,
+    student_pairing,
+)
 from lightning_stages.distillation.step_checks import stage_where
 from lightning_stages.distillation.teacher_cache import TeacherCache, teacher_fingerprint
 from lightning_stages.errors import DistillationStepError, StageConfigError, StageProblem, did_you_mean
 
 __all__ = ["AUTOCAST_DTYPES", "OFFLOAD_MODES", "Teachers", "build_teachers", "check_cost_options", "module_device",
-           "prepare", "wants_offload"]
+           "prepare", "teacher_calls", "wants_offload"]
 
 #: ``teacher_precision`` values and the autocast dtype each runs the teachers under (``None``: no autocast)
 AUTOCAST_DTYPES: dict[Optional[str], Optional[torch.dtype]] = {
@@ -124,6 +130,62 @@ def _keep_on_own_device(fn: Callable[[Tensor], Tensor], tensor: Tensor) -> Tenso
     return tensor.to(dtype=probe.dtype) if probe.dtype != tensor.dtype else tensor
 
 
+def teacher_calls(names: list[str], args: tuple, kwargs: Mapping[str, Any], inputs: Optional[Mapping[str, Any]],
+                  stage: Optional[str]) -> dict[str, tuple[tuple, dict]]:
+    """``{teacher: (args, kwargs)}``: the same ``args``/``kwargs`` for every teacher, or each teacher's own entry of
+    ``inputs``: a tuple or list is its positional arguments, a mapping its keyword arguments, anything else its one
+    argument.
+
+    Raises:
+        DistillationStepError: ``inputs`` is given with ``args``/``kwargs``, is not a mapping, misses a teacher or
+            names one that does not exist (with a did-you-mean).
+
+    Example::
+
+        >>> calls = teacher_calls(["a", "b"], (), {}, {"a": (1,), "b": {"x": 2}}, "kd")
+        >>> calls["a"], calls["b"]
+        (((1,), {}), ((), {'x': 2}))
+    """
+    if inputs is None:
+        return {name: (tuple(args), dict(kwargs)) for name in names}
+    where = stage_where(stage)
+    if args or kwargs or not isinstance(inputs, Mapping):
+        raise DistillationStepError(StageProblem(
+            "must be a mapping {teacher name: inputs}, given without other positional or keyword arguments",
+            name=where, field="run_teachers.inputs", value=type(inputs).__name__), stage=stage, when="a step")
+    problems = [StageProblem("is not a teacher", name=where, field="run_teachers.inputs", value=key,
+                             hint=did_you_mean(str(key), names) or f"the teachers are: {', '.join(names)}")
+                for key in inputs if key not in names]
+    problems += [StageProblem("has no inputs; give every teacher its own", name=where, field="run_teachers.inputs",
+                              value=name) for name in names if name not in inputs]
+    if problems:
+        raise DistillationStepError(problems, stage=stage, when="a step")
+    calls: dict[str, tuple[tuple, dict]] = {}
+    for name in names:
+        given = inputs[name]
+        if isinstance(given, Mapping):
+            calls[name] = ((), dict(given))
+        elif isinstance(given, (tuple, list)):
+            calls[name] = (tuple(given), {})
+        else:
+            calls[name] = ((given,), {})
+    return calls
+
+
+def _forward(name: str, teacher: nn.Module, call: tuple[tuple, dict], stage: Optional[str], shared: bool) -> Any:
+    """``teacher(*args, **kwargs)``; an input mistake raised inside it names the teacher."""
+    args, kwargs = call
+    try:
+        return teacher(*args, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as err:
+        hint = "give each teacher its own inputs: run_teachers(inputs={name: (args...) or {kwargs}})" if shared else None
+        raise DistillationStepError(StageProblem(
+            f"teacher {name!r} raised {type(err).__name__} in its forward: {err}", name=stage_where(stage),
+            field=f"teachers.{name}", value=type(teacher).__name__, hint=hint), stage=stage, when="a step") from err
+
+
 class Teachers:
     """The prepared teachers of one module: frozen, in eval mode, with the module or offloaded to CPU.
 
@@ -166,27 +228,39 @@ class Teachers:
                 teacher._apply(fn, recurse)
 
     def run(self, args: tuple, kwargs: Mapping[str, Any], precision: Optional[str],
-            device: Callable[[], torch.device]) -> dict:
-        """Every teacher on ``args``/``kwargs`` under ``torch.no_grad()``; brought back to ``device()`` first if
-        offloaded, and run under ``torch.autocast`` on its type if ``precision`` says so."""
+            device: Callable[[], torch.device], inputs: Optional[Mapping[str, Any]] = None,
+            stage: Optional[str] = None) -> dict:
+        """Every teacher on ``args``/``kwargs`` (or its own entry of ``inputs``, see :func:`teacher_calls`) under
+        ``torch.no_grad()``; brought back to ``device()`` first if offloaded, and run under ``torch.autocast`` on its
+        type if ``precision`` says so.
+
+        Raises:
+            DistillationStepError: ``inputs`` does not name every teacher, or a teacher's forward raised a
+                ``TypeError``, ``ValueError``, ``IndexError``, ``KeyError`` or a ``RuntimeError`` other than running
+                out of memory (a shape or dtype that does not fit); the message names the teacher and the stage.
+        """
+        calls = teacher_calls(list(self.modules), args, kwargs, inputs, stage)
         if self.offloaded:
             self.place(False, device())
         dtype = AUTOCAST_DTYPES.get(precision)
+        shared = inputs is None and len(calls) > 1
         with torch.no_grad():
             if dtype is None:
-                return {name: teacher(*args, **kwargs) for name, teacher in self.modules.items()}
+                return {name: _forward(name, t, calls[name], stage, shared) for name, t in self.modules.items()}
             with torch.autocast(device().type, dtype=dtype):
-                return {name: teacher(*args, **kwargs) for name, teacher in self.modules.items()}
+                return {name: _forward(name, t, calls[name], stage, shared) for name, t in self.modules.items()}
 
     def run_cached(
         self, cache: TeacherCache, sample_index: Any, args: tuple, kwargs: Mapping[str, Any], *, hooks: FeatureHooks,
         precision: Optional[str], device: Callable[[], torch.device], bind: bool, stage: Optional[str],
+        inputs: Optional[Mapping[str, Any]] = None,
     ) -> dict[str, Any]:
         """The teachers' outputs from ``cache`` if every sample is stored (their features put into ``hooks``), else
         :meth:`run` and store the outputs and features.
 
         Args:
             bind: first bind the cache to a fingerprint of the teachers, their hooked layers and the precision.
+            inputs: per-teacher inputs, as :meth:`run` takes them.
             stage: the stage in force, named in errors.
 
         Raises:
@@ -208,8 +282,8 @@ class Teachers:
                 outputs, features = hit
                 hooks.put(features)
                 return outputs
-            outputs = self.run(args, kwargs, precision, device)
-            cache.store(sample_index, outputs, hooks.snapshot(list(self.modules)))
+            outputs = self.run(args, kwargs, precision, device, inputs=inputs, stage=stage)
+            cache.store(sample_index, outputs, hooks.snapshot(list(self.modules), stage))
         except DistillationStepError:
             raise
         except StageConfigError as err:  # the cache's own checks: a step-time problem of this stage
@@ -250,7 +324,10 @@ def prepare(
         (['t'], {'student': ('0',)})
     """
     modules = build_teachers(configure_teachers, where)
-    spec = check_hook_spec(configure_feature_hooks() or {}, {STUDENT: student, **modules}, where)
+    raw_spec = configure_feature_hooks() or {}
+    spec = check_hook_spec(raw_spec, {STUDENT: student, **modules}, where)
     if spec:
         let_compile_see_hooks()
-    return Teachers(modules, device=next((p.device for p in student.parameters()), None)), FeatureHooks(spec)
+    pairing = student_pairing(raw_spec, list(modules)) if spec else {}
+    return (Teachers(modules, device=next((p.device for p in student.parameters()), None)),
+            FeatureHooks(spec, pairing))
