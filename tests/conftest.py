@@ -281,3 +281,66 @@ def tiny_data() -> dict[str, int]:
 def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny segmentation teacher trained for one step and saved by its Trainer, shared by the whole session."""
     return make_tiny_teacher(tmp_path_factory.mktemp("teacher") / "teacher.ckpt")
+
+
+# ------------------------------------------------------------------------------------------ real model families (issue 9)
+
+
+def tiny_bert(hidden: int = 32, layers: int = 2, labels: int = 3, seed: int = 0) -> nn.Module:
+    """A ``transformers`` BERT classifier built from a tiny ``BertConfig`` with random weights; nothing downloaded.
+
+    In transformers 5, ``bert.encoder`` returns a ``ModelOutput``, ``bert.encoder.layer.N.attention`` a tuple and
+    ``bert.encoder.layer.N`` a tensor; the model itself returns a ``SequenceClassifierOutput``.
+    """
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=50, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=2 * hidden, max_position_embeddings=16, num_labels=labels,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return BertForSequenceClassification(config)
+
+
+def token_loader(n: int = 8, length: int = 6, batch_size: int = 4, seed: int = 0) -> DataLoader:
+    """Token ids, an attention mask with some padding, labels in 0..2 and each sample's index."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 50, (n, length), generator=g)
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[::2, -2:] = 0
+    return DataLoader(TensorDataset(ids, mask, torch.randint(0, 3, (n,), generator=g), torch.arange(n)),
+                      batch_size=batch_size)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's and timm's ResNet ``BasicBlock``: ``out = bn2(...); out += identity; relu(out)`` in place."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class TinyResNet(nn.Module):
+    """A stem and two ``BasicBlock``s in ``layer`` (paths ``layer.0``, ``layer.1.bn2``, ...), then a classifier."""
+
+    def __init__(self, channels: int = 4, classes: int = 2, seed: int = 0) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU())
+            self.layer = nn.Sequential(BasicBlock(channels), BasicBlock(channels))
+            self.fc = nn.Linear(channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.layer(self.stem(x)).mean(dim=(2, 3)))
