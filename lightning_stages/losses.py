@@ -78,7 +78,7 @@ def feature_pair_name(student_layer: str, teacher: str, teacher_layer: str) -> s
     """
 
     def safe(text: str) -> str:
-        return re.sub(r"[^\w.\-]", "_", re.sub(r"\[(-?\d+)\]|:", lambda m: f".{m[1]}" if m[1] else ".", text))
+        return re.sub(r"[^A-Za-z0-9_.\-]", "_", re.sub(r"\[(-?\d+)\]|:", lambda m: f".{m[1]}" if m[1] else ".", text))
 
     return f"{safe(student_layer)}__{safe(teacher)}.{safe(teacher_layer)}".replace(".__", "__")
 

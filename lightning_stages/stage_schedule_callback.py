@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from lightning_stages.distillation.distillation_module import DistillationModule
-from lightning_stages.errors import StageConfigError, StageProblem
+from lightning_stages.errors import StageConfigError, StageProblem, stage_label
 from lightning_stages.schedule import StageSchedule
 from lightning_stages.schedule.bind import bind_schedule, declared_settings, given_schedule
 from lightning_stages.schedule.render import format_stage_line, stage_metrics
@@ -101,6 +102,7 @@ class StageScheduleCallback(Callback):
         # the state: the schedule as given, and as bound to the module and the Trainer at `setup`
         self.schedule = schedule
         self.resolved_schedule: Optional[StageSchedule] = None
+        self._resumed_epoch: Optional[int] = None  # where a resumed fit goes on, as read from its checkpoint
 
     @property
     @override
@@ -116,6 +118,7 @@ class StageScheduleCallback(Callback):
                                  weight_overrides=self.base_loss_weights, max_epochs=max_epochs)
         self.resolved_schedule = schedule
         fitting = stage == "fit"
+        self._resumed_epoch = None
         needs_teachers = schedule.needs_teachers if fitting else schedule.base_distillation
         if needs_teachers:
             needed_by = schedule.first_distilling_label() or "base"
@@ -129,7 +132,8 @@ class StageScheduleCallback(Callback):
                     )
                 )
             _refuse_sharded_strategy(trainer, needed_by)
-            pl_module.prepare_teachers(needed_by=needed_by)
+            if not fitting:  # a fit builds them at on_fit_start, once it knows whether it resumes (and where)
+                pl_module.prepare_teachers(needed_by=needed_by)
         if fitting:
             _warn_about_coverage(schedule, max_epochs)
             self._apply(pl_module, schedule, schedule.at(trainer.current_epoch))
@@ -138,7 +142,25 @@ class StageScheduleCallback(Callback):
             self._apply(pl_module, schedule, schedule.base_stage())
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after the checkpoint's module and callback states are restored (on_load_checkpoint saw where a resumed run
+        # goes on), before the sanity check: build the teachers only if the rest of the run needs them
+        epoch = self._resumed_epoch if self._resumed_epoch is not None else trainer.current_epoch
+        self._prepare_teachers_from(pl_module, epoch)
+        self._enter_epoch(pl_module, epoch)
+
+    def _prepare_teachers_from(self, pl_module: pl.LightningModule, epoch: int) -> None:
+        """Build the teachers if a setting from ``epoch`` on distills (a resumed finetune-only tail needs none)."""
+        schedule = self._bound()
+        if isinstance(pl_module, DistillationModule) and schedule.distilling_until() > epoch:
+            first = next(r for r in schedule.timeline() if r.distillation and (r.end_epoch or math.inf) > epoch)
+            needed_by = stage_label(first.index, first.name) if first.index is not None else \
+                schedule.first_distilling_label() or "base"
+            pl_module.prepare_teachers(needed_by=needed_by)
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._prepare_teachers_from(pl_module, trainer.current_epoch)  # the loops are restored now: the true epoch
         # a run resumed within an epoch (its batches begun or done) gets no on_train_epoch_start for that epoch:
         # apply and report it here; otherwise on_train_epoch_start does. The stage's text goes to TensorBoard at the
         # first epoch of every run, as well as where a stage begins.
@@ -187,7 +209,13 @@ class StageScheduleCallback(Callback):
             _info(format_stage_line(trainer.current_epoch, resolved))
         metrics = stage_metrics(resolved)
         for logger in trainer.loggers:
+            if isinstance(logger, CSVLogger):  # a text column: the stage's name beside its number
+                logger.log_metrics({**metrics, "stage/name": resolved.name}, step=trainer.global_step)  # type: ignore[dict-item]
+                continue
             logger.log_metrics(metrics, step=trainer.global_step)
+            if isinstance(logger, MLFlowLogger):  # run tags take text and may change: the stage in force, and each one
+                logger.experiment.set_tag(logger.run_id, "stage/name", resolved.name)
+                logger.experiment.set_tag(logger.run_id, f"stage/{resolved.position or 0}", resolved.label)
 
     # ------------------------------------------------------------------ checkpointing
 
@@ -220,12 +248,24 @@ class StageScheduleCallback(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        self._resumed_epoch = _resumed_epoch(checkpoint)
         states = checkpoint.get("callbacks") or {}
         if self.state_key not in states:
             rank_zero_warn(
                 "StageScheduleCallback: the checkpoint was written without this callback; each epoch resumes with "
                 "the stage the schedule given now assigns to it."
             )
+
+
+def _resumed_epoch(checkpoint: dict[str, Any]) -> Optional[int]:
+    """The epoch a fit resumed from ``checkpoint`` goes on with: the epochs the fit loop has processed (Lightning's
+    own loop may still move one on, at a checkpoint written after an epoch's last batch; ``on_train_start`` then
+    checks again with the true epoch)."""
+    try:
+        processed = checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
+    except (KeyError, TypeError):
+        return checkpoint.get("epoch") if isinstance(checkpoint.get("epoch"), int) else None
+    return processed if isinstance(processed, int) else None
 
 
 def _add_stage_text(trainer: pl.Trainer, resolved: ResolvedStage) -> None:

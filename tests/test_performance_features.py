@@ -280,19 +280,20 @@ OFFLOAD_SCHEDULE = [
     ("mode", "devices", "moves"),
     [
         # devices: where the teacher is at epochs 0-3; moves: the targets of the mixin's teacher.to() calls, the
-        # first being prepare_teachers' move to the module's device (CPU at setup)
-        (False, ["meta", "meta", "meta", "meta"], ["cpu"]),
-        (True, ["meta", "meta", "cpu", "cpu"], ["cpu", "cpu"]),  # on CPU once no current or later stage distills
-        ("after_last", ["meta", "meta", "cpu", "cpu"], ["cpu", "cpu"]),
-        # on CPU whenever the current stage does not distill: offloaded at setup, so model.to("meta") leaves it
-        ("idle", ["cpu", "meta", "cpu", "cpu"], ["cpu", "cpu", "meta", "cpu"]),
+        # first being prepare_teachers' move to the module's device (already moved there at on_fit_start)
+        (False, ["meta", "meta", "meta", "meta"], ["meta"]),
+        (True, ["meta", "meta", "cpu", "cpu"], ["meta", "cpu"]),  # on CPU once no current or later stage distills
+        ("after_last", ["meta", "meta", "cpu", "cpu"], ["meta", "cpu"]),
+        # on CPU whenever the current stage does not distill: offloaded at on_fit_start, back for the distill stage
+        ("idle", ["cpu", "meta", "cpu", "cpu"], ["meta", "cpu", "meta", "cpu"]),
     ],
 )
 def test_offloaded_teachers_stay_on_cpu_while_the_module_moves_and_come_back_to_distill(mode, devices, moves):
     """The "meta" device stands in for an accelerator: a real device other than CPU that ``.to()`` can target.
 
     The sequence mirrors ``Trainer.fit``: the callback's ``setup`` (module on CPU), the strategy moving the module
-    to its device, then the stage application at every epoch start. What is checked is where the parameters are
+    to its device, ``on_fit_start`` (which builds the teachers there), then the stage application at every epoch
+    start. What is checked is where the parameters are
     (and which ``.to()`` calls the mixin made); meta tensors hold no values, so a move from meta to CPU allocates
     instead of copying, and the values themselves are not checked here (the CPU fit below checks distillation).
     """
@@ -313,6 +314,7 @@ def test_offloaded_teachers_stay_on_cpu_while_the_module_moves_and_come_back_to_
     callback = StageScheduleCallback(stage_schedule=OFFLOAD_SCHEDULE, verbose=False)
     callback.setup(trainer, model, "fit")
     model.to("meta")
+    callback.on_fit_start(trainer, model)
     assert model.head.weight.device.type == "meta"
     seen = []
     for epoch in range(4):

@@ -338,3 +338,108 @@ def test_per_teacher_inputs_work_with_the_teacher_cache():
     assert calls == ["BertForSequenceClassification", "Sequential"]  # the second step read the cache
     assert torch.equal(second["bert"]["logits"], first["bert"]["logits"])
     assert torch.equal(second["bow"], first["bow"])
+
+
+# ---------------------------------------------------------------------------------------------- loggers and resume
+
+# MLflow's own check (mlflow/utils/validation.py, validate_param_and_metric_name, Windows variant: no colon) and the
+# renaming Lightning's MLFlowLogger does before it (lightning/pytorch/loggers/mlflow.py), mirrored: mlflow is not a
+# dependency here
+MLFLOW_NAME = re.compile(r"^[/\w.\- ]*$")
+LIGHTNING_MLFLOW_RENAME = re.compile(r"[^a-zA-Z0-9_/. -]+")
+
+
+@pytest.mark.parametrize(("student", "teacher", "layer"), [
+    ("net.1", "teacher", "3"),
+    ("model.bert.encoder.layer.1.attention[0]", "teacher", "bert.encoder:last_hidden_state"),
+    ("body", "big-teacher", ""),
+    ("encoder:hidden_states[-1]", "t", "layers.0[1]:attn"),
+])
+def test_feature_loss_names_are_accepted_by_mlflow_unchanged(student, teacher, layer):
+    import posixpath
+
+    name = paired_feature_losses({student: torch.zeros(1)}, {layer: torch.zeros(1)}, [student], [layer],
+                                 teacher=teacher).popitem()[0]
+    assert name == feature_pair_name(student, teacher, layer)
+    assert MLFLOW_NAME.match(name) and not LIGHTNING_MLFLOW_RENAME.search(name)
+    assert posixpath.normpath(name) == name  # MLflow refuses names that resolve to another path
+
+
+def test_the_stage_name_reaches_the_csv_logger(tmp_path):
+    import csv
+
+    from conftest import TinyNet, loader
+
+    from lightning_stages import StageScheduleCallback
+
+    class Net(TinyNet):
+        def training_step(self, batch, batch_idx):
+            return super().training_step((batch[0][:, :4], batch[1]), batch_idx)
+
+    logger = pl.loggers.CSVLogger(tmp_path, name="run")
+    schedule = StageScheduleCallback(stage_schedule=[
+        {"name": "kd", "start_epoch": 0, "end_epoch": 1, "distillation": True},
+        {"name": "ft", "start_epoch": 1, "distillation": False}], verbose=False)
+    trainer(tmp_path, max_epochs=3, callbacks=[schedule], logger=logger).fit(Net(classes=2), loader())
+    with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("stage/name")]
+    assert [(r["stage/name"], float(r["stage/number"])) for r in rows] == [("kd", 1.0), ("ft", 2.0), ("ft", 2.0)]
+
+
+def test_the_stage_name_is_an_mlflow_run_tag():
+    class Experiment:  # MLflow's client, as far as the tags go
+        def __init__(self):
+            self.tags = {}
+
+        def set_tag(self, run_id, key, value):
+            self.tags[(run_id, key)] = value
+
+    class Recording(pl.loggers.MLFlowLogger):  # mlflow itself is not installed: the logger's API, recorded
+        def __init__(self):
+            pl.loggers.logger.Logger.__init__(self)
+            self.client, self.metrics = Experiment(), []
+
+        experiment = property(lambda self: self.client)
+        run_id = property(lambda self: "run-1")
+
+        def log_metrics(self, metrics, step=None):
+            self.metrics.append(dict(metrics))
+
+    logger = Recording()
+    schedule = StageScheduleCallback(stage_schedule=[{"name": "kd", "start_epoch": 0, "end_epoch": 1},
+                                                     {"name": "ft", "start_epoch": 1}], verbose=False)
+    run = pl.Trainer(max_epochs=2, logger=logger, enable_checkpointing=False, enable_progress_bar=False)
+    schedule.setup(run, pl.LightningModule(), "fit")
+    for epoch in range(2):
+        run.fit_loop.epoch_progress.current.completed = epoch
+        schedule.on_train_epoch_start(run, pl.LightningModule())
+        assert logger.client.tags[("run-1", "stage/name")] == ["kd", "ft"][epoch]
+    assert logger.client.tags[("run-1", "stage/1")] == "kd (1/2)" and logger.client.tags[("run-1", "stage/2")] == \
+        "ft (2/2)"
+    assert all(isinstance(v, float) for m in logger.metrics for v in m.values())  # MLflow drops text metrics
+
+
+def test_a_run_resumed_into_a_finetune_only_tail_never_builds_the_teacher(tmp_path):
+    from conftest import TinyNet, loader
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Net(TinyNet):
+        def training_step(self, batch, batch_idx):
+            self.epochs_trained = {*getattr(self, "epochs_trained", set()), self.current_epoch}
+            return super().training_step((batch[0][:, :4], batch[1]), batch_idx)
+
+    stages = [{"name": "kd", "start_epoch": 0, "end_epoch": 2, "distillation": True},
+              {"name": "ft", "start_epoch": 2, "distillation": False}]
+    first = Net(classes=2)
+    checkpoints = ModelCheckpoint(tmp_path / "ckpt", save_top_k=-1)
+    trainer(tmp_path, max_epochs=4, callbacks=[StageScheduleCallback(stage_schedule=stages), checkpoints],
+            enable_checkpointing=True).fit(first, loader())
+    assert first.teacher_builds == 1
+    resumed = Net(classes=2)
+    trainer(tmp_path, max_epochs=4, callbacks=[StageScheduleCallback(stage_schedule=stages)]).fit(
+        resumed, loader(), ckpt_path=tmp_path / "ckpt" / "epoch=1-step=4.ckpt")
+    assert resumed.epochs_trained == {2, 3} and resumed.teacher_builds == 0 and not resumed.teachers_prepared
+    into_kd = Net(classes=2)  # resumed at epoch 1, which distills: the teacher is built
+    trainer(tmp_path, max_epochs=4, callbacks=[StageScheduleCallback(stage_schedule=stages)]).fit(
+        into_kd, loader(), ckpt_path=tmp_path / "ckpt" / "epoch=0-step=2.ckpt")
+    assert into_kd.epochs_trained == {1, 2, 3} and into_kd.teacher_builds == 1
