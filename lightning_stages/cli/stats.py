@@ -80,7 +80,7 @@ class PairedComparison:
         high: its upper end.
         level: the confidence level of that interval after the Holm correction (e.g. 0.975).
         p_holm: the Holm-adjusted two-sided p-value.
-        separated: whether the Holm procedure separates the two at the 5% level.
+        separated: whether the Holm procedure separates the two at the 5% level, in favour of the best schedule.
         detectable: the smallest difference this spread detects at this number of seeds (with 80% power).
         seeds_needed: how many seeds would detect the observed ``difference`` with 80% power at this spread
             (``None`` when the difference is 0 or more than 1000 seeds would be needed).
@@ -171,7 +171,7 @@ def _paired_tests(stats: Any, best: str, others: list[str], scores: Mapping[str,
         half = float(stats.t.ppf(1 - level_alpha / 2, n - 1) * sd / math.sqrt(n)) if n > 1 else math.inf
         out[i] = PairedComparison(
             other=other, seeds=n, difference=mean, spread=sd, low=mean - half, high=mean + half,
-            level=1 - level_alpha, p_holm=running, separated=n > 1 and running < alpha,
+            level=1 - level_alpha, p_holm=running, separated=n > 1 and running < alpha and mean > 0,
             detectable=_detectable(stats, sd, n, level_alpha) if n > 1 else math.inf,
             seeds_needed=_seeds_needed(stats, sd, mean, level_alpha) if n > 1 else None,
         )
@@ -191,6 +191,8 @@ def _undecided_text(metric: str, best: str, comparisons: list[PairedComparison],
     if closest.seeds < 2:
         return (f"With one seed per schedule the spread across seeds is unknown, so no winner is named on {metric} "
                 "(run with --seeds 3 or more).")
+    if closest.spread == 0 and closest.difference == 0:
+        return text + f". {closest.other} gave the same value as {best} on each of the {closest.seeds} seeds."
     needed = (f"about {closest.seeds_needed} seeds would detect it" if closest.seeds_needed is not None
               else "no number of seeds up to 1000 would detect it")
     return (text + f". Closest: {closest.other}, {_fmt(closest.difference)} behind (interval {_fmt(closest.low)} to "
