@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -110,12 +111,15 @@ def test_a_changed_config_reruns_its_schedule_and_fresh_reruns_all(configs: list
     assert all(result_files(out)[k] != v for k, v in after.items())
 
 
-def test_seeds_auto_adds_rounds_until_max_seeds_when_undecided(configs: list[Path], tmp_path: Path) -> None:
+def test_seeds_auto_adds_rounds_until_max_seeds_when_undecided(configs: list[Path], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PL_GLOBAL_SEED", "123")  # a later DistributedSampler reads it: runs must not leak theirs
     twin = tmp_path / "s_twin.yaml"  # the same schedule twice: every paired difference is 0, never decided
     shutil.copy(configs[1], twin)
     result = run_compare([configs[1], twin], seeds="auto", max_seeds=4, out=tmp_path / "out", jobs=1, echo=quiet)
     assert result.seeds == [0, 1, 2, 3] and not result.decided
     assert [r.seed for r in result.runs["twin"]] == [0, 1, 2, 3]
+    assert os.environ["PL_GLOBAL_SEED"] == "123"
     report = result.report.read_text()
     assert "`--seeds auto` started with 3 and added one seed per round; it stopped at 4 seeds, the --max-seeds " \
            "limit (4), without a decision on test/iou" in report

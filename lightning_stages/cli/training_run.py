@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import shutil
 import time
 import traceback
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
@@ -163,6 +165,28 @@ def _torch_threads(threads: Optional[int]) -> Any:
         torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def _own_seed_state() -> Any:
+    """Leave the caller's random states and ``PL_*`` seed variables as they were (``seed_everything`` sets both).
+
+    A run in the ``compare`` process must not leak its seed: Lightning reads ``PL_GLOBAL_SEED`` for the
+    ``DistributedSampler`` of any later fit, in this process or in a subprocess that inherits the environment.
+    """
+    saved_env = {key: os.environ.get(key) for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+    saved_random, saved_numpy = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(saved_random)
+        np.random.set_state(saved_numpy)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _fit_and_test(spec: RunSpec, run: RunOutcome) -> None:
     from lightning_stages.cli.stages_lightning_cli import StagesLightningCLI
     from lightning_stages.stage_schedule_callback import StageScheduleCallback
@@ -214,7 +238,7 @@ def execute_run(spec: RunSpec) -> RunOutcome:
     run = RunOutcome(spec.schedule, spec.seed)
     start = time.perf_counter()
     try:
-        with _quiet(), _torch_threads(spec.threads):
+        with _quiet(), _torch_threads(spec.threads), _own_seed_state():
             _fit_and_test(spec, run)
     except KeyboardInterrupt:
         raise
