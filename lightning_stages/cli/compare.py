@@ -273,7 +273,7 @@ def run_compare(
     result_runs = _sorted(runs)
     note = _seeds_note(auto, seed_list, max_seeds, verdict_now, primary)
     curves = plot_curves(result_runs, curve_metric, out / "curves.png")
-    report = write_report(result_runs, dict(zip(names, paths)), seed_list, metrics, summaries, differences, reference,
+    report = write_report(result_runs, dict(zip(names, map(Path, configs))), seed_list, metrics, summaries, differences, reference,
                           out, curves, seeds_note=note)
     return CompareResult(report=report, curves=curves, tensorboard=out / "runs", runs=result_runs,
                          warnings=differences, seeds=seed_list, decided=verdict_now.decided)

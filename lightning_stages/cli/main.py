@@ -111,6 +111,9 @@ def _compare_options(args: argparse.Namespace) -> list[str]:
     if args.jobs is not None and args.launcher == "ray":
         problems.append("--jobs is for the local launcher; with --launcher ray, --ray-num-cpus per run decides how "
                         "many runs share a machine")
+    if args.ray_num_cpus <= 0 or args.ray_num_gpus < 0:
+        problems.append(f"--ray-num-cpus must be > 0 and --ray-num-gpus >= 0, got {args.ray_num_cpus:g} and "
+                        f"{args.ray_num_gpus:g}")
     problems += [f"no such config: {path}" for path in args.configs if not Path(path).is_file()]
     return problems
 
