@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 from compare_fixtures import make_tiny_teacher, tiny_config
+from scipy import stats
 
 from lightning_stages.cli import main
 from lightning_stages.cli.compare import run_compare
+from lightning_stages.cli.compare_report import RunOutcome
 from lightning_stages.cli.run_store import RESULT_FILE
 
 KD_THEN_FT = [{"name": "kd", "start_epoch": 0, "end_epoch": 1, "distillation": True, "lambda_coef": 1.0},
@@ -123,3 +125,41 @@ def test_seeds_auto_adds_rounds_until_max_seeds_when_undecided(configs: list[Pat
     report = result.report.read_text()
     assert "`--seeds auto` started with 3 and added one seed per round; it stopped at 4 seeds, the --max-seeds " \
            "limit (4), without a decision on test/iou" in report
+
+
+GAPS = [0.05, -0.04, 0.06, 0.05, 0.055, 0.045, 0.05, 0.05]  # schedule a minus b, per seed
+
+
+class ScoresLauncher:
+    """Stands in for the training engine: each run's test IoU is fixed by its schedule and seed."""
+
+    def __init__(self, jobs: int) -> None:
+        self.seeds_run: list[int] = []
+
+    def __enter__(self) -> ScoresLauncher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def run(self, specs):
+        for spec in specs:
+            self.seeds_run.append(spec.seed)
+            base = 0.6 + 0.1 * (spec.seed % 3)  # seed-to-seed spread that pairing removes
+            value = base + (GAPS[spec.seed] if spec.schedule == "a" else 0.0)
+            yield RunOutcome(spec.schedule, spec.seed, metrics={"test/iou": value})
+
+
+def test_seeds_auto_stops_at_the_first_round_whose_paired_test_decides(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lightning_stages.cli.compare.LocalLauncher", ScoresLauncher)
+    configs = [tiny_config(tmp_path / "s_a.yaml", None), tiny_config(tmp_path / "s_b.yaml", None)]
+    expected = next(n for n in range(3, len(GAPS) + 1)
+                    if stats.ttest_1samp(GAPS[:n], 0.0).pvalue < 0.05 and sum(GAPS[:n]) > 0)
+    assert expected > 3  # the first round alone does not decide
+
+    result = run_compare(configs, seeds="auto", max_seeds=len(GAPS), out=tmp_path / "out", metrics=["test/iou"],
+                         echo=quiet)
+    assert result.decided and result.seeds == list(range(expected))
+    assert f"it stopped at {expected} seeds because the verdict on test/iou was decided" in result.report.read_text()
+    assert "**a** is best on test IoU" in result.report.read_text()
