@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,8 @@ def test_a_changed_config_reruns_its_schedule_and_fresh_reruns_all(configs: list
     folder = tmp_path / "configs"
     folder.mkdir()
     kd_ft, labels = (Path(shutil.copy(c, folder / c.name)) for c in configs)
+    for config in (kd_ft, labels):  # checkpoints on: a rerun must not find the earlier run's checkpoints
+        config.write_text(config.read_text().replace("enable_checkpointing: false", "enable_checkpointing: true"))
     out = tmp_path / "out"
     first = run_compare([kd_ft, labels], seeds=1, out=out, jobs=1, echo=quiet)
     assert first.trained == 2
@@ -111,9 +114,13 @@ def test_a_changed_config_reruns_its_schedule_and_fresh_reruns_all(configs: list
 
     again = run_compare([kd_ft, labels], seeds=1, out=out, jobs=1, echo=quiet)
     assert again.trained == 0 and per_run(again) == per_run(changed)
-    assert main(["compare", str(kd_ft), str(labels), "--seeds", "1", "--out", str(out), "--jobs", "1",
-                 "--fresh"]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["compare", str(kd_ft), str(labels), "--seeds", "1", "--out", str(out), "--jobs", "1",
+                     "--fresh"]) == 0
     assert all(result_files(out)[k] != v for k, v in after.items())
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]
+    assert len(list(out.glob("runs/labels/seed_0/**/*.ckpt"))) == 1
 
 
 GAPS = [0.05, -0.04, 0.06, 0.05, 0.055, 0.045, 0.05, 0.05]  # schedule a minus b, per seed
