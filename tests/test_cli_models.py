@@ -115,9 +115,11 @@ def test_a_config_without_model_class_is_checked_except_the_declared_weights_and
     assert out.out.startswith(f"OK {path}")
     assert main(["show", path]) == 0
     assert capsys.readouterr().out.splitlines()[-1].split() == ["[2,", "4)", "ft", "(2/2)", "off", "1", "-"]  # unknown
-    bad = config(project / "bad.yaml", {"hidden": 8}, [{**STAGES[0], "lamda_coef": 0.5}])
-    assert main(["validate", bad]) == 2  # the rest is still checked
-    assert "`lamda_coef` = 0.5: is not a stage field; did you mean `lambda_coef`?" in capsys.readouterr().err
+    bad = config(project / "bad.yaml", {"hidden": 8}, [STAGES[0], {"name": "late", "start_epoch": 9}])
+    assert main(["validate", bad]) == 2  # the rest is still checked, and the note still given
+    err = capsys.readouterr().err
+    assert "stage 1 ('late'): `start_epoch` = 9: starts at or beyond max_epochs (4)" in err
+    assert err.startswith(f"note: {bad}: the config names no model class")
 
 
 def test_a_module_that_cannot_be_built_is_read_from_its_init_args_with_a_note(project, capsys):

@@ -40,15 +40,17 @@ _MODEL_HELP = ("the model class of a LightningCLI(MyModel, MyData) config, whose
 
 def _read(path: str, args: argparse.Namespace) -> StageSchedule:
     """``schedule_of_config`` of ``path``; what could not be read statically is printed as a note."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", DeclaredWeightsWarning)
-        schedule = schedule_of_config(path, args.max_epochs, args.stages, model_class=args.model)
-    for warning in caught:
-        if issubclass(warning.category, DeclaredWeightsWarning):
-            print(f"note: {path}: {warning.message}", file=sys.stderr)
-        else:
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    return schedule
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DeclaredWeightsWarning)
+            return schedule_of_config(path, args.max_epochs, args.stages, model_class=args.model)
+    finally:  # the note also goes with the problems of a config that fails; other warnings go on as they were
+        for warning in caught:
+            if issubclass(warning.category, DeclaredWeightsWarning):
+                print(f"note: {path}: {warning.message}", file=sys.stderr)
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def _parser() -> argparse.ArgumentParser:
