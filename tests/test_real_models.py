@@ -199,6 +199,19 @@ def test_copy_features_captures_the_batch_norm_output_on_both_sides():
     assert got.item() == pytest.approx(((student - teacher) ** 2).mean().item(), rel=1e-5)
 
 
+def test_the_teacher_cache_never_stores_a_feature_changed_in_place():
+    from lightning_stages import TeacherCache
+
+    model = ResNetStudent("net.layer.1", "layer.1.bn2")
+    model.teacher_cache = TeacherCache()
+    model.prepare_teachers()
+    model.use_distillation = True
+    with pytest.raises(DistillationStepError, match=re.escape("`configure_feature_hooks.teacher` = 'layer.1.bn2': "
+                                                              "its output was modified in place after capture")):
+        model.run_teachers(torch.randn(2, 3, 6, 6), sample_index=torch.arange(2))
+    assert len(model.teacher_cache) == 0
+
+
 def test_features_captured_under_inference_mode_are_read_without_a_version():
     model = ResNetStudent("net.layer.1", "layer.1")
     model.prepare_teachers()
