@@ -1,0 +1,319 @@
+"""Rows of a :class:`~lightning_stages.TeacherCache` in files that any number of processes share.
+
+:class:`FileRows` is built so that concurrency and kills cannot make it serve a wrong value:
+
+* one subdirectory per key (``tc2-<key>``): other teachers, versions or dtypes never share a file;
+* each process appends to a shard file of its own (unique name; its header is written to a temporary file and
+  renamed, so a shard always has a complete header), and never rewrites or truncates a byte;
+* every record carries a checksum of its sample index, input fingerprint and data, checked on every read: a torn,
+  truncated, missing or damaged record is never served, and is recomputed;
+* a process holds a lock file in its key's subdirectory while it uses it (released by the OS when the process dies);
+  subdirectories of other keys that no live process holds are deleted, under a lock on the whole directory. A
+  deletion cut short leaves shards that are each still complete or detectably incomplete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import uuid
+import zlib
+from typing import Any, Optional
+
+import torch
+from filelock import FileLock, Timeout
+from torch import Tensor
+
+from lightning_stages.distillation.teacher_cache_rows import row_hash
+from lightning_stages.distillation.teacher_cache_storage import RowStorage, leaf_specs
+
+__all__ = ["FileRows", "drop_unused"]
+
+_KEY_DIR = re.compile(r"tc2-[0-9a-f]{32}")
+_LEGACY = re.compile(r"teacher_cache\.json(\.tmp)?|filled\.bin|leaf\d+\.bin")  # the 0.1 single-writer format
+_MAGIC = b"LSTCROW2"
+_FORMAT = 2
+_HEAD = 16  # magic (8 bytes), header length (4), header CRC-32 (4), then the JSON header
+_ROW_HEAD = 24  # per record: checksum, sample index, input fingerprint (int64 each), then the leaves' bytes
+
+
+def _align8(nbytes: int) -> int:
+    return -(-nbytes // 8) * 8
+
+
+class _Shard:
+    """One append-only file of records, written by one process."""
+
+    def __init__(self, path: str, layout: dict[str, Any], offset: int, record_bytes: int) -> None:
+        self.path, self.layout, self.offset, self.record_bytes = path, layout, offset, record_bytes
+        self.count = 0  # records indexed (or, for this process's own shard, written)
+        self.fd: Optional[int] = None
+
+    def read(self, records: list[int], out: Any) -> bool:
+        """Read (the start of) record ``records[k]`` into ``out[k]``; ``False`` if the file is gone or shorter."""
+        if self.fd is None:
+            try:
+                self.fd = os.open(self.path, os.O_RDONLY)
+            except OSError:
+                return False
+        for k, record in enumerate(records):
+            buffer = memoryview(out[k]).cast("B")
+            if os.preadv(self.fd, [buffer], self.offset + record * self.record_bytes) != len(buffer):
+                return False
+        return True
+
+    def close(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+
+
+def _read_header(path: str, key: str) -> Optional[_Shard]:
+    """The shard at ``path`` if its header is intact and written for ``key``, else ``None`` (never raises)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(_HEAD)
+            length = int.from_bytes(head[8:12], "little")
+            body = handle.read(length)
+        if head[:8] != _MAGIC or len(body) != length or zlib.crc32(body) != int.from_bytes(head[12:16], "little"):
+            return None
+        meta = json.loads(body)
+        if meta.get("format") != _FORMAT or meta.get("key") != key:
+            return None
+        layout = meta["layout"]
+        if meta["record_bytes"] != _ROW_HEAD + sum(_align8(n) for _, _, n in leaf_specs(layout)):
+            return None
+        return _Shard(path, layout, _align8(_HEAD + length), meta["record_bytes"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return None
+
+
+def _held(path: str) -> bool:
+    """Whether a live process holds the lock file ``path``."""
+    lock = FileLock(path, timeout=0, thread_local=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    except OSError:
+        return True  # cannot tell: keep
+    lock.release()
+    return False
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        os.remove(path)
+
+
+def drop_unused(directory: str) -> None:
+    """Delete the key subdirectories of ``directory`` (and the 0.1 format's files) that no live process uses."""
+    with FileLock(os.path.join(directory, ".teacher_cache.lock"), thread_local=False):
+        _tidy(directory, None)
+
+
+def _tidy(root: str, keep: Optional[str]) -> None:
+    """Under the directory lock: delete the key subdirectories nobody uses (but ``keep``), the 0.1 format's files,
+    and in ``keep`` the temporary files and lock files of dead processes. Shards go first, the directory last."""
+    names = os.listdir(root)
+    if "teacher_cache.json" in names or "filled.bin" in names:
+        for name in names:
+            if _LEGACY.fullmatch(name):
+                _remove(os.path.join(root, name))
+    for name in names:
+        path = os.path.join(root, name)
+        if not _KEY_DIR.fullmatch(name) or path == keep:
+            continue
+        if not os.path.isdir(path):
+            _remove(path)
+            continue
+        inside = os.listdir(path)
+        if any(_held(os.path.join(path, n)) for n in inside if n.endswith(".live")):
+            continue
+        for suffix in (".rows", ".tmp", ".live"):
+            for n in inside:
+                if n.endswith(suffix):
+                    _remove(os.path.join(path, n))
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+    for name in os.listdir(keep) if keep is not None else ():
+        writer, _, suffix = name.rpartition(".")
+        if suffix in ("tmp", "live") and not _held(os.path.join(keep, writer + ".live")):
+            _remove(os.path.join(keep, writer + ".tmp"))
+            _remove(os.path.join(keep, writer + ".live"))
+
+
+class FileRows(RowStorage):
+    """Rows in append-only shard files under ``directory/tc2-<key>/``, shared by any number of processes.
+
+    Args:
+        directory: the cache directory (created if missing).
+        key: 32 hex digits naming what the rows were computed by (teachers, layers, version, stored dtype).
+
+    Raises:
+        OSError: the directory cannot be created or written.
+    """
+
+    def __init__(self, directory: str, key: str) -> None:
+        self.layout = None
+        self.directory, self.key = directory, key
+        self.path = os.path.join(directory, f"tc2-{key}")
+        self._salt = int(key[:16], 16) - (1 << 63)
+        self._id = f"{os.getpid()}-{uuid.uuid4().hex}"
+        self._shards: dict[str, _Shard] = {}
+        self._bad: set[str] = set()
+        self._where: dict[int, tuple[_Shard, int, int]] = {}  # sample -> (shard, record, input fingerprint)
+        self._writer: Optional[_Shard] = None
+        self._writer_fd: Optional[int] = None
+        os.makedirs(directory, exist_ok=True)
+        with FileLock(os.path.join(directory, ".teacher_cache.lock"), thread_local=False):
+            if not os.path.isdir(self.path):
+                _remove(self.path)
+            os.makedirs(self.path, exist_ok=True)
+            self._live = FileLock(os.path.join(self.path, self._id + ".live"), timeout=0, thread_local=False)
+            self._live.acquire()
+            _tidy(directory, self.path)
+        self._scan()
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def set_layout(self, layout: dict[str, Any]) -> None:
+        if layout == self.layout:
+            return
+        self.layout, self._where = layout, {}
+        self._close_writer()
+        for shard in self._shards.values():
+            shard.count = 0
+        self._scan()
+
+    def _scan(self) -> None:
+        """Index the records that other processes (or earlier runs) appended since the last scan."""
+        try:
+            names = sorted(os.listdir(self.path))
+        except OSError:
+            return
+        for name in names:
+            path = os.path.join(self.path, name)
+            own = self._writer is not None and path == self._writer.path
+            if not name.endswith(".rows") or path in self._bad or own:
+                continue
+            shard = self._shards.get(path) or _read_header(path, self.key)
+            if shard is None:
+                self._bad.add(path)
+                continue
+            self._shards[path] = shard
+            if self.layout is None:
+                self.layout = shard.layout
+            if shard.layout == self.layout:
+                self._index(shard)
+
+    def _index(self, shard: _Shard) -> None:
+        try:
+            count = max(0, (os.stat(shard.path).st_size - shard.offset) // shard.record_bytes)
+        except OSError:
+            return
+        head = bytearray(_ROW_HEAD)
+        for record in range(shard.count, count):
+            if not shard.read([record], [head]):
+                break
+            _, sample, fingerprint = (int.from_bytes(head[k:k + 8], "little", signed=True) for k in (0, 8, 16))
+            self._where[sample] = (shard, record, fingerprint)
+            shard.count = record + 1
+
+    def get(self, index: list[int], fingerprints: Optional[Tensor]) -> tuple[Optional[list[Tensor]], int]:
+        entries = [self._where.get(i) for i in index]
+        if None in entries or self.layout is None:
+            self._scan()
+            entries = [self._where.get(i) for i in index]
+        wanted = fingerprints.tolist() if fingerprints is not None else None
+        mismatched = 0 if wanted is None else sum(e is not None and e[2] != f for e, f in zip(entries, wanted))
+        if None in entries or mismatched or self.layout is None:
+            return None, mismatched
+        specs = leaf_specs(self.layout)
+        record_bytes = _ROW_HEAD + sum(_align8(n) for _, _, n in specs)
+        rows = torch.empty((len(index), record_bytes), dtype=torch.uint8)
+        buffers = rows.numpy()
+        if not all(e[0].read([e[1]], [buffers[k]]) for k, e in enumerate(entries)):  # type: ignore[index]
+            for i, entry in zip(index, entries):
+                if self._where.get(i) is entry:
+                    del self._where[i]  # the file is gone or shorter: recompute
+            return None, 0
+        words = rows.view(torch.int64)
+        intact = (words[:, 0] == row_hash(words[:, 1:]) + self._salt) \
+            & (words[:, 1] == torch.tensor(index, dtype=torch.int64))
+        if not bool(intact.all()):
+            for k in (~intact).nonzero().flatten().tolist():
+                if self._where.get(index[k]) is entries[k]:
+                    del self._where[index[k]]  # damaged: never served, recomputed by the caller
+            return None, 0
+        leaves, start = [], _ROW_HEAD
+        for shape, dtype, nbytes in specs:
+            leaves.append(rows[:, start:start + nbytes].contiguous().view(dtype).view(len(index), *shape))
+            start += _align8(nbytes)
+        return leaves, 0
+
+    def put(self, index: list[int], fingerprints: Tensor, leaves: list[Tensor]) -> None:
+        if self.layout is None:
+            raise RuntimeError("set_layout before put")
+        specs = leaf_specs(self.layout)
+        record_bytes = _ROW_HEAD + sum(_align8(n) for _, _, n in specs)
+        if self._writer is None:
+            self._open_writer(record_bytes)
+        rows = torch.zeros((len(index), record_bytes), dtype=torch.uint8)
+        words = rows.view(torch.int64)
+        words[:, 1] = torch.tensor(index, dtype=torch.int64)
+        words[:, 2] = fingerprints
+        start = _ROW_HEAD
+        for (_, _, nbytes), leaf in zip(specs, leaves):
+            if nbytes:
+                flat = leaf.reshape(len(index), -1).contiguous()
+                rows[:, start:start + nbytes] = (flat.to(torch.uint8) if flat.dtype == torch.bool else flat).view(
+                    torch.uint8)
+            start += _align8(nbytes)
+        words[:, 0] = row_hash(words[:, 1:]) + self._salt
+        data = memoryview(rows.numpy()).cast("B")
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(self._writer_fd, data[written:])  # type: ignore[arg-type]
+        except OSError:
+            self._close_writer()  # a torn record stays at the end of this shard, never read; the next put starts anew
+            raise
+        writer = self._writer
+        for k, (i, fingerprint) in enumerate(zip(index, fingerprints.tolist())):
+            self._where[i] = (writer, writer.count + k, fingerprint)  # type: ignore[arg-type,union-attr]
+        writer.count += len(index)  # type: ignore[union-attr]
+
+    def _open_writer(self, record_bytes: int) -> None:
+        body = json.dumps({"format": _FORMAT, "key": self.key, "layout": self.layout,
+                           "record_bytes": record_bytes}).encode()
+        head = _MAGIC + len(body).to_bytes(4, "little") + zlib.crc32(body).to_bytes(4, "little") + body
+        head += bytes(_align8(len(head)) - len(head))
+        os.makedirs(self.path, exist_ok=True)
+        name = f"{self._id}-{uuid.uuid4().hex[:8]}"
+        tmp, final = os.path.join(self.path, f"{self._id}.tmp"), os.path.join(self.path, f"{name}.rows")
+        with open(tmp, "wb") as handle:
+            handle.write(head)
+        os.rename(tmp, final)  # a shard is visible only with its whole header
+        self._writer_fd = os.open(final, os.O_WRONLY | os.O_APPEND)
+        self._writer = self._shards[final] = _Shard(final, self.layout, len(head), record_bytes)  # type: ignore[arg-type]
+
+    def _close_writer(self) -> None:
+        if self._writer_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._writer_fd)
+        self._writer, self._writer_fd = None, None
+
+    def close(self) -> None:
+        self._close_writer()
+        for shard in self._shards.values():
+            shard.close()
+        with contextlib.suppress(OSError, AttributeError):
+            self._live.release()
+
+    def __del__(self) -> None:
+        self.close()
