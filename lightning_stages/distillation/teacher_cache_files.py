@@ -51,18 +51,15 @@ class _Shard:
         self.count = 0  # records indexed (or, for this process's own shard, written)
         self.fd: Optional[int] = None
 
-    def read(self, records: list[int], out: Any) -> bool:
-        """Read (the start of) record ``records[k]`` into ``out[k]``; ``False`` if the file is gone or shorter."""
-        if self.fd is None:
-            try:
+    def read(self, record: int, out: Any) -> bool:
+        """Fill the buffer ``out`` from the start of record ``record`` on; ``False`` if the file is gone or shorter."""
+        try:
+            if self.fd is None:
                 self.fd = os.open(self.path, os.O_RDONLY)
-            except OSError:
-                return False
-        for k, record in enumerate(records):
-            buffer = memoryview(out[k]).cast("B")
-            if os.preadv(self.fd, [buffer], self.offset + record * self.record_bytes) != len(buffer):
-                return False
-        return True
+            buffer = memoryview(out).cast("B")
+            return os.preadv(self.fd, [buffer], self.offset + record * self.record_bytes) == len(buffer)
+        except OSError:
+            return False
 
     def close(self) -> None:
         if self.fd is not None:
@@ -216,13 +213,18 @@ class FileRows(RowStorage):
             count = max(0, (os.stat(shard.path).st_size - shard.offset) // shard.record_bytes)
         except OSError:
             return
-        head = bytearray(_ROW_HEAD)
-        for record in range(shard.count, count):
-            if not shard.read([record], [head]):
-                break
-            _, sample, fingerprint = (int.from_bytes(head[k:k + 8], "little", signed=True) for k in (0, 8, 16))
-            self._where[sample] = (shard, record, fingerprint)
-            shard.count = record + 1
+        chunk = max(1, (4 << 20) // shard.record_bytes)  # records read at once
+        for first in range(shard.count, count, chunk):
+            rows = torch.empty((min(chunk, count - first), shard.record_bytes), dtype=torch.uint8)
+            if not shard.read(first, rows.numpy()):
+                return
+            words = rows.view(torch.int64)
+            for k in self._intact(words).nonzero().flatten().tolist():  # a torn or damaged record is not indexed
+                self._where[int(words[k, 1])] = (shard, first + k, int(words[k, 2]))
+            shard.count = first + len(rows)
+
+    def _intact(self, words: Tensor) -> Tensor:
+        return words[:, 0] == row_hash(words[:, 1:]) + self._salt
 
     def get(self, index: list[int], fingerprints: Optional[Tensor]) -> tuple[Optional[list[Tensor]], int]:
         entries = [self._where.get(i) for i in index]
@@ -237,14 +239,13 @@ class FileRows(RowStorage):
         record_bytes = _ROW_HEAD + sum(_align8(n) for _, _, n in specs)
         rows = torch.empty((len(index), record_bytes), dtype=torch.uint8)
         buffers = rows.numpy()
-        if not all(e[0].read([e[1]], [buffers[k]]) for k, e in enumerate(entries)):  # type: ignore[index]
+        if not all(e[0].read(e[1], buffers[k]) for k, e in enumerate(entries)):  # type: ignore[index]
             for i, entry in zip(index, entries):
                 if self._where.get(i) is entry:
                     del self._where[i]  # the file is gone or shorter: recompute
             return None, 0
         words = rows.view(torch.int64)
-        intact = (words[:, 0] == row_hash(words[:, 1:]) + self._salt) \
-            & (words[:, 1] == torch.tensor(index, dtype=torch.int64))
+        intact = self._intact(words) & (words[:, 1] == torch.tensor(index, dtype=torch.int64))
         if not bool(intact.all()):
             for k in (~intact).nonzero().flatten().tolist():
                 if self._where.get(index[k]) is entries[k]:
