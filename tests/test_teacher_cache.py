@@ -95,7 +95,7 @@ def test_row_hash_equals_a_python_reference():
             m = (position * golden) & mask64
             m = (((m ^ ((m >> 31) & 0xFFFFFFFF)) * mix) & mask64) | 1
             x = (word * m) & mask64
-            total += ((x ^ (x >> 32)) * mix) & mask64
+            total += x ^ (x >> 29)
         total &= mask64
         return total - (1 << 64) if total >= 1 << 63 else total
 

@@ -111,6 +111,7 @@ class TeacherCache:
         if problems:
             raise StageConfigError(problems)
         self.dtype, self.num_samples, self.version = dtype, num_samples, version
+        self._stats = {"hits": 0, "misses": 0, "mismatches": 0}
         self._reset()
 
     def _reset(self) -> None:
@@ -120,7 +121,6 @@ class TeacherCache:
         self._memo: Optional[tuple[list[Any], Tensor]] = None  # the last inputs and their fingerprints
         #: lookups (batches) that found every sample / that did not, since the last :meth:`bind`
         self.hits = self.misses = 0
-        self._stats = {"hits": 0, "misses": 0, "mismatches": 0}
 
     # ------------------------------------------------------------------ pickling: configuration only
 
@@ -132,6 +132,7 @@ class TeacherCache:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update({"version": None, **state})
+        self._stats = {"hits": 0, "misses": 0, "mismatches": 0}
         self._reset()
 
     def __repr__(self) -> str:
@@ -233,6 +234,11 @@ class TeacherCache:
             self._storage.close()
         self._storage = None
 
+    def _bound(self) -> RowStorage:
+        if self._storage is None:
+            self._storage = self._open()
+        return self._storage
+
     def take_stats(self) -> dict[str, int]:
         """Samples served (``hits``), computed because not stored or damaged (``misses``), and computed because
         stored for another input (``mismatches``) since the last call; the counters restart from zero."""
@@ -289,12 +295,13 @@ class TeacherCache:
             DistillationStepError: an index is negative, not an integer, or not below ``num_samples``.
         """
         index = self._index(sample_index)
-        if self._storage is None or not index:
+        if (self._fingerprint is None and self._storage is None) or not index:  # never bound: nothing stored
             self.misses += 1
+            self._stats["misses"] += len(index)
             return None
-        rows, mismatched = self._storage.get(index, None if inputs is None else
-                                             self._input_fingerprints(inputs, len(index)))
-        layout = self._storage.layout
+        storage = self._bound()
+        rows, mismatched = storage.get(index, None if inputs is None else self._input_fingerprints(inputs, len(index)))
+        layout = storage.layout
         if rows is None or layout is None:
             self.misses += 1
             self._stats["misses"] += len(index) - mismatched
@@ -341,13 +348,12 @@ class TeacherCache:
                                        layout["leaves"], f"stored: {self._layout['leaves']}"))
         for leaf, dtype in zip(leaves, stored):
             self._check_range(leaf, dtype)
-        if self._storage is None:
-            self._storage = self._open()
-        if self._layout is None:
-            self._storage.set_layout(layout)
-            self._layout = layout
+        storage = self._bound()
+        if storage.layout != layout:  # files may hold rows of another layout (e.g. other input sizes)
+            storage.set_layout(layout)
+        self._layout = layout
         if index:
-            self._storage.put(index, self._input_fingerprints(inputs, len(index)),
+            storage.put(index, self._input_fingerprints(inputs, len(index)),
                               [leaf.detach().to(device="cpu", dtype=dtype) for leaf, dtype in zip(leaves, stored)])
 
     @staticmethod
