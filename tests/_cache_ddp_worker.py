@@ -2,8 +2,9 @@
 
 * ``python tests/_cache_ddp_worker.py --out DIR --cache DIR``: a 2-rank DDP fit (CPU, gloo) that distills for three
   epochs with ``TeacherCache(directory=...)`` and writes, per rank, every teacher value the steps used.
-* :func:`hammer`, :func:`die_mid_write`, :func:`die_mid_drop`: targets of ``multiprocessing`` (spawn) processes that
-  race on a directory or kill themselves with SIGKILL at a fixed point.
+* :func:`hammer`, :func:`die_mid_write`, :func:`die_mid_drop`: targets of ``multiprocessing`` (fork) processes that
+  race on a directory or kill themselves with SIGKILL at a fixed point. Each first sets one torch thread: OpenMP's
+  thread pool does not survive a fork.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ def hammer(directory: str, runs: list[tuple[int, torch.dtype | None]], rounds: i
     """Look up and store random batches on ``directory`` with one cache per ``(teacher seed, stored dtype)``, taking
     turns, while another process does the same; report the largest difference between a value read and the
     teacher of that cache."""
+    torch.set_num_threads(1)  # a forked child: OpenMP's threads did not survive the fork (as in DataLoader workers)
     x = inputs()
     caches = []
     with torch.no_grad():
@@ -132,6 +134,7 @@ def hammer(directory: str, runs: list[tuple[int, torch.dtype | None]], rounds: i
 
 def die_mid_write(directory: str) -> None:
     """Store samples 0-7, then die (SIGKILL) with half of the next batch's bytes (and 3 more) on disk."""
+    torch.set_num_threads(1)
     teacher, x = make_teacher(), inputs()
     cache = TeacherCache(directory)
     cache.bind("kill")
@@ -149,6 +152,7 @@ def die_mid_write(directory: str) -> None:
 
 def die_mid_drop(directory: str) -> None:
     """Bind another key, and die (SIGKILL) right after the first shard of the old key is deleted."""
+    torch.set_num_threads(1)
     remove = teacher_cache_files._remove
 
     def remove_then_die(path: str) -> None:

@@ -117,10 +117,14 @@ def test_processes_with_the_same_and_with_other_teachers_and_dtypes_race_on_one_
     procs = [FORK.Process(target=worker.hammer, args=(str(tmp_path), caches, 200, barrier, results)) for caches in runs]
     for proc in procs:
         proc.start()
-    reports = [report for _ in procs for report in results.get(timeout=120)]
-    for proc in procs:
-        proc.join(timeout=60)
-        assert proc.exitcode == 0
+    try:
+        reports = [report for _ in procs for report in results.get(timeout=120)]
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+    assert [proc.exitcode for proc in procs] == [0, 0]
     assert len(reports) == 4
     for report in reports:
         assert report["hits"] > 0, report  # the cache was read, not only filled
@@ -172,11 +176,17 @@ def test_a_live_run_keeps_its_rows_while_another_teacher_binds_the_directory(tmp
 # ------------------------------------------------------------------------------------------------ kills
 
 
-def test_a_kill_mid_write_serves_the_complete_rows_and_recomputes_the_torn_ones(tmp_path):
-    proc = FORK.Process(target=worker.die_mid_write, args=(str(tmp_path),))
+def _run_until_killed(target, directory) -> int:
+    proc = FORK.Process(target=target, args=(str(directory),))
     proc.start()
     proc.join(timeout=120)
-    assert proc.exitcode == -signal.SIGKILL
+    if proc.is_alive():
+        proc.kill()
+    return proc.exitcode
+
+
+def test_a_kill_mid_write_serves_the_complete_rows_and_recomputes_the_torn_ones(tmp_path):
+    assert _run_until_killed(worker.die_mid_write, tmp_path) == -signal.SIGKILL
     (shard,) = shards(tmp_path)
     offset, record = header(shard)
     assert (shard.stat().st_size - offset) % record != 0  # a torn record at the end
@@ -189,10 +199,7 @@ def test_a_kill_mid_write_serves_the_complete_rows_and_recomputes_the_torn_ones(
 def test_a_kill_mid_drop_leaves_rows_that_are_read_correctly_or_dropped(tmp_path):
     fill(tmp_path, range(8), key="old")
     fill(tmp_path, range(8, 16), key="old")  # a second shard
-    proc = FORK.Process(target=worker.die_mid_drop, args=(str(tmp_path),))
-    proc.start()
-    proc.join(timeout=120)
-    assert proc.exitcode == -signal.SIGKILL
+    assert _run_until_killed(worker.die_mid_drop, tmp_path) == -signal.SIGKILL
     assert len(shards(tmp_path)) == 1  # one of the old key's two shards is left
     assert served(tmp_path, key="old") in (set(range(8)), set(range(8, 16)))
     new = TeacherCache(tmp_path)

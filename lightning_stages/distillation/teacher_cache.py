@@ -10,7 +10,8 @@ Samples are identified by their index in the dataset. The batch carries them: wr
 A stored row is served only for the input it was computed from: each row keeps a checksum of the sample's teacher
 inputs, compared at every read. A different input (another dataset, random augmentation) recomputes the row and is
 counted as a mismatch (:meth:`TeacherCache.take_stats`). How rows are laid out and checksummed is in
-``teacher_cache_rows.py``; where they are kept (memory, or files shared by processes) in ``teacher_cache_storage.py``.
+``teacher_cache_rows.py``; where they are kept in ``teacher_cache_storage.py`` (memory) and ``teacher_cache_files.py``
+(files shared by processes).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _problem(message: str, field: str, value: Any, hint: Optional[str] = None) -
 
 
 def _step_error(problem: StageProblem) -> DistillationStepError:
-    return DistillationStepError(problem, when="a step that uses the teacher cache")
+    return DistillationStepError(problem, when="a step")  # the mixin may re-raise it naming the stage
 
 
 class TeacherCache:
