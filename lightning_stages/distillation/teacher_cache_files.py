@@ -10,18 +10,23 @@
 * a process holds a lock file in its key's subdirectory while it uses it (released by the OS when the process dies);
   subdirectories of other keys that no live process holds are deleted, under a lock on the whole directory. A
   deletion cut short leaves shards that are each still complete or detectably incomplete.
+
+Rows are read through read-only memory maps (as fast as LMDB's ``get`` here); like any memory-mapped store, a shard
+truncated by hand while a process reads it can stop that process (SIGBUS), never make it read a wrong value.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import re
 import uuid
 import zlib
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from filelock import FileLock, Timeout
 from torch import Tensor
@@ -50,6 +55,26 @@ class _Shard:
         self.path, self.layout, self.offset, self.record_bytes = path, layout, offset, record_bytes
         self.count = 0  # records indexed (or, for this process's own shard, written)
         self.fd: Optional[int] = None
+        self._records: Optional[np.ndarray] = None  # the whole records mapped so far, (count, record_bytes)
+
+    def rows(self, records: list[int]) -> Optional[np.ndarray]:
+        """A copy of the records ``records``, ``(len(records), record_bytes)``; ``None`` if the file is gone or
+        shorter. Read through a read-only memory map of the whole records, mapped again when the file has grown
+        (no process ever truncates a shard, so the map never loses its pages)."""
+        needed = max(records) + 1
+        if self._records is None or len(self._records) < needed:
+            try:
+                count = (os.stat(self.path).st_size - self.offset) // self.record_bytes
+                if count < needed:
+                    return None
+                with open(self.path, "rb") as handle:
+                    mapped = mmap.mmap(handle.fileno(), self.offset + count * self.record_bytes,
+                                       access=mmap.ACCESS_READ)
+            except (OSError, ValueError):
+                return None
+            self._records = np.frombuffer(mapped, dtype=np.uint8, count=count * self.record_bytes,
+                                          offset=self.offset).reshape(count, self.record_bytes)
+        return self._records[records]
 
     def read(self, record: int, out: Any) -> bool:
         """Fill the buffer ``out`` from the start of record ``record`` on; ``False`` if the file is gone or shorter."""
@@ -238,12 +263,19 @@ class FileRows(RowStorage):
         specs = leaf_specs(self.layout)
         record_bytes = _ROW_HEAD + sum(_align8(n) for _, _, n in specs)
         rows = torch.empty((len(index), record_bytes), dtype=torch.uint8)
-        buffers = rows.numpy()
-        if not all(e[0].read(e[1], buffers[k]) for k, e in enumerate(entries)):  # type: ignore[index]
-            for i, entry in zip(index, entries):
-                if self._where.get(i) is entry:
-                    del self._where[i]  # the file is gone or shorter: recompute
-            return None, 0
+        groups: dict[_Shard, tuple[list[int], list[int]]] = {}
+        for position, (shard, record, _) in enumerate(entries):  # type: ignore[misc]
+            positions, records = groups.setdefault(shard, ([], []))
+            positions.append(position)
+            records.append(record)
+        for shard, (positions, records) in groups.items():
+            found = shard.rows(records)
+            if found is None:  # the file is gone or shorter: recompute
+                for i, entry in zip(index, entries):
+                    if entry[0] is shard and self._where.get(i) is entry:  # type: ignore[index]
+                        del self._where[i]
+                return None, 0
+            rows.numpy()[positions] = found
         words = rows.view(torch.int64)
         intact = self._intact(words) & (words[:, 1] == torch.tensor(index, dtype=torch.int64))
         if not bool(intact.all()):
