@@ -27,8 +27,8 @@ from torch import Tensor
 
 from lightning_stages.distillation.indexed_dataset import IndexedDataset
 from lightning_stages.distillation.teacher_cache_files import FileRows, drop_unused
-from lightning_stages.distillation.teacher_cache_rows import flatten, input_fingerprints, unflatten
-from lightning_stages.distillation.teacher_cache_storage import MemoryRows, RowStorage
+from lightning_stages.distillation.teacher_cache_rows import flatten, input_fingerprints, too_large, unflatten
+from lightning_stages.distillation.teacher_cache_storage import MemoryRows, RowStorage, directory_problem
 from lightning_stages.distillation.teacher_fingerprint import teacher_fingerprint
 from lightning_stages.errors import DistillationStepError, StageConfigError, StageProblem
 
@@ -152,26 +152,8 @@ class TeacherCache:
     # ------------------------------------------------------------------ setup
 
     def _directory_problems(self, create: bool) -> list[StageProblem]:
-        path = os.path.abspath(self.directory)  # type: ignore[arg-type]
-        existing = path
-        while not os.path.exists(existing):
-            existing = os.path.dirname(existing)
-        if not os.path.isdir(existing):
-            what = "is an existing file" if existing == path else f"lies under the file {existing!r}"
-            return [_problem(f"{what}, not a directory", "directory", self.directory,
-                             "give the path of a directory (it is created if missing)")]
-        if not os.access(existing, os.W_OK | os.X_OK):
-            return [_problem(f"is not writable ({existing!r} is not)", "directory", self.directory)]
-        if create:
-            probe = os.path.join(path, f".write-probe-{os.getpid()}")
-            try:
-                os.makedirs(path, exist_ok=True)
-                with open(probe, "wb"):
-                    pass
-                os.remove(probe)
-            except OSError as err:
-                return [_problem(f"is not writable: {err.strerror or err}", "directory", self.directory)]
-        return []
+        problem = directory_problem(self.directory, create)  # type: ignore[arg-type]
+        return [] if problem is None else [_problem(problem[0], "directory", self.directory, problem[1])]
 
     def check_directory(self) -> None:
         """Create ``directory`` if missing and check that files can be written in it (at setup, before a batch).
@@ -348,7 +330,11 @@ class TeacherCache:
                                        "needs the same per-sample shapes for every batch", "teacher outputs",
                                        layout["leaves"], f"stored: {self._layout['leaves']}"))
         for leaf, dtype in zip(leaves, stored):
-            self._check_range(leaf, dtype)
+            if (largest := too_large(leaf, dtype)) is not None:
+                raise _step_error(_problem(
+                    f"cannot hold a teacher value of magnitude {largest:.6g} (its largest is {torch.finfo(dtype).max:.6g})"
+                    ": it would be stored as inf", "dtype", str(dtype).replace("torch.", ""),
+                    "use dtype=torch.bfloat16 (float32's range in 2 bytes) or dtype=None"))
         storage = self._bound()
         if storage.layout != layout:  # files may hold rows of another layout (e.g. other input sizes)
             storage.set_layout(layout)
@@ -356,15 +342,3 @@ class TeacherCache:
         if index:
             storage.put(index, self._input_fingerprints(inputs, len(index)),
                               [leaf.detach().to(device="cpu", dtype=dtype) for leaf, dtype in zip(leaves, stored)])
-
-    @staticmethod
-    def _check_range(leaf: Tensor, dtype: torch.dtype) -> None:
-        if not leaf.is_floating_point() or leaf.numel() == 0 or torch.finfo(dtype).max >= torch.finfo(leaf.dtype).max:
-            return
-        finite = leaf.detach().abs().masked_fill(~torch.isfinite(leaf), 0)
-        largest = float(finite.max())
-        if largest > torch.finfo(dtype).max:
-            name = str(dtype).replace("torch.", "")
-            raise _step_error(_problem(f"cannot hold a teacher value of magnitude {largest:.6g} (its largest is "
-                                       f"{torch.finfo(dtype).max:.6g}): it would be stored as inf", "dtype", name,
-                                       "use dtype=torch.bfloat16 (float32's range in 2 bytes) or dtype=None"))

@@ -54,7 +54,6 @@ class _Shard:
     def __init__(self, path: str, layout: dict[str, Any], offset: int, record_bytes: int) -> None:
         self.path, self.layout, self.offset, self.record_bytes = path, layout, offset, record_bytes
         self.count = 0  # records indexed (or, for this process's own shard, written)
-        self.fd: Optional[int] = None
         self._records: Optional[np.ndarray] = None  # the whole records mapped so far, (count, record_bytes)
 
     def rows(self, records: list[int]) -> Optional[np.ndarray]:
@@ -75,22 +74,6 @@ class _Shard:
             self._records = np.frombuffer(mapped, dtype=np.uint8, count=count * self.record_bytes,
                                           offset=self.offset).reshape(count, self.record_bytes)
         return self._records[records]
-
-    def read(self, record: int, out: Any) -> bool:
-        """Fill the buffer ``out`` from the start of record ``record`` on; ``False`` if the file is gone or shorter."""
-        try:
-            if self.fd is None:
-                self.fd = os.open(self.path, os.O_RDONLY)
-            buffer = memoryview(out).cast("B")
-            return os.preadv(self.fd, [buffer], self.offset + record * self.record_bytes) == len(buffer)
-        except OSError:
-            return False
-
-    def close(self) -> None:
-        if self.fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self.fd)
-            self.fd = None
 
 
 def _read_header(path: str, key: str) -> Optional[_Shard]:
@@ -240,13 +223,13 @@ class FileRows(RowStorage):
             return
         chunk = max(1, (4 << 20) // shard.record_bytes)  # records read at once
         for first in range(shard.count, count, chunk):
-            rows = torch.empty((min(chunk, count - first), shard.record_bytes), dtype=torch.uint8)
-            if not shard.read(first, rows.numpy()):
+            found = shard.rows(list(range(first, min(first + chunk, count))))
+            if found is None:
                 return
-            words = rows.view(torch.int64)
+            words = torch.from_numpy(found).view(torch.int64)
             for k in self._intact(words).nonzero().flatten().tolist():  # a torn or damaged record is not indexed
                 self._where[int(words[k, 1])] = (shard, first + k, int(words[k, 2]))
-            shard.count = first + len(rows)
+            shard.count = first + len(words)
 
     def _intact(self, words: Tensor) -> Tensor:
         return words[:, 0] == row_hash(words[:, 1:]) + self._salt
@@ -343,8 +326,7 @@ class FileRows(RowStorage):
 
     def close(self) -> None:
         self._close_writer()
-        for shard in self._shards.values():
-            shard.close()
+        self._shards = {}  # their memory maps close with them
         with contextlib.suppress(OSError, AttributeError):
             self._live.release()
 

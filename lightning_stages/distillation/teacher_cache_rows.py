@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from lightning_stages.errors import StageConfigError, StageProblem
 
-__all__ = ["flatten", "input_fingerprints", "row_hash", "unflatten"]
+__all__ = ["flatten", "input_fingerprints", "row_hash", "too_large", "unflatten"]
 
 _MASK32 = 0xFFFFFFFF
 _MASK35 = (1 << 35) - 1
@@ -79,6 +79,20 @@ def unflatten(spec: Any, leaves: Sequence[Any]) -> Any:
         return {str(k): unflatten(s, leaves) for k, s in zip(spec["map"], spec["items"], strict=True)}
     items = [unflatten(s, leaves) for s in spec["items"]]
     return items if spec["seq"] == "list" else tuple(items)
+
+
+def too_large(values: Tensor, dtype: torch.dtype) -> Optional[float]:
+    """The largest finite magnitude in ``values`` if ``dtype`` cannot hold it (it would become ``inf``), else ``None``.
+
+    Example::
+
+        >>> too_large(torch.tensor([1.0, -7e4, float("inf")]), torch.float16), too_large(torch.ones(2), torch.float16)
+        (70000.0, None)
+    """
+    if not values.is_floating_point() or not values.numel() or torch.finfo(dtype).max >= torch.finfo(values.dtype).max:
+        return None
+    largest = float(values.detach().abs().masked_fill(~torch.isfinite(values), 0).max())
+    return largest if largest > torch.finfo(dtype).max else None
 
 
 def _multipliers(count: int, device: torch.device) -> Tensor:

@@ -9,6 +9,7 @@ requested one is stored for the same input; ``put`` stores rows.
 from __future__ import annotations
 
 import abc
+import os
 from typing import Any, Optional
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from lightning_stages.distillation.teacher_cache_rows import unflatten
 
-__all__ = ["MemoryRows", "RowStorage", "leaf_specs"]
+__all__ = ["MemoryRows", "RowStorage", "directory_problem", "leaf_specs"]
 
 
 def leaf_specs(layout: dict[str, Any]) -> list[tuple[tuple[int, ...], torch.dtype, int]]:
@@ -41,6 +42,38 @@ def leaf_specs(layout: dict[str, Any]) -> list[tuple[tuple[int, ...], torch.dtyp
         for spec in specs_of.values():
             unflatten(spec, range(len(specs)))  # raises on a spec that names no leaf
     return specs
+
+
+def directory_problem(directory: str, create: bool) -> Optional[tuple[str, Optional[str]]]:
+    """What makes ``directory`` unusable for a cache, as ``(message, hint)``; ``None`` if nothing.
+
+    Without ``create`` it only looks (the path, its nearest existing ancestor); with it, it also creates the
+    directory and a file in it.
+
+    Example::
+
+        >>> directory_problem(__file__, create=False)[0]
+        'is an existing file, not a directory'
+    """
+    path = os.path.abspath(directory)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = "is an existing file" if existing == path else f"lies under the file {existing!r}"
+        return f"{what}, not a directory", "give the path of a directory (it is created if missing)"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"is not writable ({existing!r} is not)", None
+    if create:
+        probe = os.path.join(path, f".write-probe-{os.getpid()}")
+        try:
+            os.makedirs(path, exist_ok=True)
+            with open(probe, "wb"):
+                pass
+            os.remove(probe)
+        except OSError as err:
+            return f"is not writable: {err.strerror or err}", None
+    return None
 
 
 class RowStorage(abc.ABC):
