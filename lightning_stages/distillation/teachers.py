@@ -58,6 +58,8 @@ def check_cost_options(precision: Any, offload: Any, cache: Any, where: str) -> 
                                      field="teacher_cache", value=cache))
     if problems:
         raise StageConfigError(problems)
+    if cache is not None:
+        cache.check_directory()  # a file, or not writable: refused before the first batch
 
 
 def build_teachers(configure_teachers: Callable[[], Any], where: str) -> dict[str, nn.Module]:
@@ -276,14 +278,15 @@ class Teachers:
         try:
             if bind:
                 layers = {name: hooks.spec.get(name, ()) for name in self.modules}
-                cache.bind(teacher_fingerprint(self.modules, layers, {"precision": precision}))
-            hit = cache.lookup(sample_index, device=device())
+                cache.bind(teacher_fingerprint(self.modules, layers, {"precision": precision}, version=cache.version))
+            given = (args, kwargs) if inputs is None else inputs  # what the teachers read, for the cache's input check
+            hit = cache.lookup(sample_index, device=device(), inputs=given)
             if hit is not None:
                 outputs, features = hit
                 hooks.put(features)
                 return outputs
             outputs = self.run(args, kwargs, precision, device, inputs=inputs, stage=stage)
-            cache.store(sample_index, outputs, hooks.snapshot(list(self.modules), stage))
+            cache.store(sample_index, outputs, hooks.snapshot(list(self.modules), stage), inputs=given)
         except DistillationStepError:
             raise
         except StageConfigError as err:  # the cache's own checks: a step-time problem of this stage
