@@ -3,7 +3,8 @@ running them (precision, offload, teacher cache)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Optional, Union
 
 import torch
@@ -188,6 +189,18 @@ def _forward(name: str, teacher: nn.Module, call: tuple[tuple, dict], stage: Opt
             field=f"teachers.{name}", value=type(teacher).__name__, hint=hint), stage=stage, when="a step") from err
 
 
+@contextlib.contextmanager
+def _named_stage(stage: Optional[str]) -> Iterator[None]:
+    """The teacher cache's own checks, raised as step-time problems of ``stage``."""
+    try:
+        yield
+    except StageConfigError as err:
+        raise DistillationStepError(
+            [StageProblem(p.message, name=stage_where(stage), value=p.value, hint=p.hint,
+                          field=p.field if p.name is None else f"{p.name}.{p.field}")
+             for p in err.problems], stage=stage, when="a training step") from err
+
+
 class Teachers:
     """The prepared teachers of one module: frozen, in eval mode, with the module or offloaded to CPU.
 
@@ -275,25 +288,20 @@ class Teachers:
                 name=stage_where(stage), field="teacher_cache", value=cache,
                 hint="pass the batch's dataset indices as run_teachers(..., sample_index=indices), e.g. from a dataset "
                 "wrapped in IndexedDataset, or set teacher_cache = None"), stage=stage)
-        try:
+        given = (args, kwargs) if inputs is None else inputs  # what the teachers read, for the cache's input check
+        with _named_stage(stage):
             if bind:
                 layers = {name: hooks.spec.get(name, ()) for name in self.modules}
                 cache.bind(teacher_fingerprint(self.modules, layers, {"precision": precision}, version=cache.version))
-            given = (args, kwargs) if inputs is None else inputs  # what the teachers read, for the cache's input check
             hit = cache.lookup(sample_index, device=device(), inputs=given)
-            if hit is not None:
-                outputs, features = hit
-                hooks.put(features)
-                return outputs
-            outputs = self.run(args, kwargs, precision, device, inputs=inputs, stage=stage)
-            cache.store(sample_index, outputs, hooks.snapshot(list(self.modules), stage), inputs=given)
-        except DistillationStepError:
-            raise
-        except StageConfigError as err:  # the cache's own checks: a step-time problem of this stage
-            raise DistillationStepError(
-                [StageProblem(p.message, name=stage_where(stage), value=p.value, hint=p.hint,
-                              field=p.field if p.name is None else f"{p.name}.{p.field}")
-                 for p in err.problems], stage=stage, when="a training step") from err
+        if hit is not None:
+            outputs, features = hit
+            hooks.put(features)
+            return outputs
+        outputs = self.run(args, kwargs, precision, device, inputs=inputs, stage=stage)
+        features = hooks.snapshot(list(self.modules), stage)
+        with _named_stage(stage):
+            cache.store(sample_index, outputs, features, inputs=given)
         return outputs
 
 
