@@ -9,11 +9,14 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
+from lightning_stages.adaptive_stages import AdaptiveStages
+from lightning_stages.best_weights import BEST_WEIGHTS_PLACES
 from lightning_stages.distillation.distillation_module import DistillationModule
-from lightning_stages.errors import StageConfigError, StageProblem
+from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
 from lightning_stages.schedule import StageSchedule
 from lightning_stages.schedule.bind import bind_schedule, declared_settings, given_schedule
 from lightning_stages.schedule.render import format_stage_line, stage_metrics
@@ -68,6 +71,9 @@ class StageScheduleCallback(Callback):
         distillation: base distillation flag; the module's ``use_distillation`` when not given, else off.
         lambda_coef: base distillation coefficient; the module's ``lambda_coef`` when not given, else 1.0.
         verbose: write one line per epoch with the stage in force (rank zero only).
+        best_weights: where ``restore_best`` stages keep their best weights: ``"memory"`` (a CPU copy, also written
+            into the checkpoints taken during the stage) or ``"file"`` (under the Trainer's log dir; checkpoints hold
+            its path). See README "Adaptive stages" for the cost.
 
     Raises:
         StageConfigError: in ``__init__`` for problems of the schedule itself, in ``setup`` for problems that need
@@ -96,7 +102,12 @@ class StageScheduleCallback(Callback):
         distillation: Optional[bool] = None,
         lambda_coef: Optional[float] = None,
         verbose: bool = True,
+        best_weights: str = "memory",
     ) -> None:
+        if best_weights not in BEST_WEIGHTS_PLACES:
+            raise StageConfigError(StageProblem(
+                "must be 'memory' or 'file'", name="StageScheduleCallback", field="best_weights", value=best_weights,
+                hint=did_you_mean(best_weights, BEST_WEIGHTS_PLACES) if isinstance(best_weights, str) else None))
         # the base weights given here override the module's declared ones key by key (checked against them in
         # setup), so they are kept apart from the schedule
         schedule, self.base_loss_weights = given_schedule(stage_schedule, config, loss_weights, distillation,
@@ -106,6 +117,8 @@ class StageScheduleCallback(Callback):
         self.schedule = schedule
         self.resolved_schedule: Optional[StageSchedule] = None
         self._train_data = TrainData()
+        # plateau-ended stages and restore_best: the transitions taken, the stage's tracker and best weights
+        self.adaptive = AdaptiveStages(best_weights)
         self._resume_epoch: Optional[int] = None  # the epoch a resumed run trains next, read from its checkpoint
 
     @property
@@ -158,6 +171,7 @@ class StageScheduleCallback(Callback):
         # a run resumed within an epoch (its batches begun or done) gets no on_train_epoch_start for that epoch:
         # apply and report it here; otherwise on_train_epoch_start does. The stage's text goes to TensorBoard at the
         # first epoch of every run, as well as where a stage begins.
+        self.adaptive.catch_up(trainer, pl_module, self._bound())
         resolved = self._enter_epoch(pl_module, trainer.current_epoch)
         self._train_data.want(trainer, resolved.data)  # a loader built before the resumed epoch was known
         progress: Any = trainer.fit_loop.epoch_progress.current  # a _StartedTracker, typed as its base
@@ -174,13 +188,19 @@ class StageScheduleCallback(Callback):
             _add_stage_text(trainer, resolved)
 
     @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self.adaptive.after_validation(trainer, pl_module, self._bound())
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        max_epochs = _max_epochs(trainer)
+        self.adaptive.at_epoch_end(trainer, pl_module, self._bound(), max_epochs)
         # Lightning builds the next epoch's loader before on_train_epoch_start: where the next epoch's `data` differs,
         # apply the next stage's data now and have the loader built again
-        max_epochs = _max_epochs(trainer)
         upcoming = trainer.current_epoch + 1
-        if max_epochs is None or upcoming < max_epochs:
-            resolved = self._bound().at(upcoming)
+        if (max_epochs is None or upcoming < max_epochs) and not trainer.should_stop:
+            resolved = self._effective().at(upcoming)
             if self._train_data.want(trainer, resolved.data):
                 module: Any = pl_module
                 module.stage_data = resolved.data
@@ -190,9 +210,13 @@ class StageScheduleCallback(Callback):
             raise RuntimeError("StageScheduleCallback: `setup` binds the schedule before any epoch starts")
         return self.resolved_schedule
 
+    def _effective(self) -> StageSchedule:
+        """The bound schedule with the plateau transitions this run took (derived, never stored)."""
+        return self.adaptive.effective(self._bound())
+
     def _enter_epoch(self, pl_module: pl.LightningModule, epoch: int) -> ResolvedStage:
         """Apply the stage of ``epoch``; idempotent (the same epoch applies the same values)."""
-        schedule = self._bound()
+        schedule = self._effective()
         resolved = schedule.at(epoch)
         self._apply(pl_module, schedule, resolved)
         return resolved
@@ -223,8 +247,9 @@ class StageScheduleCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        """``{"schedule": ...}``: the schedule trained with (bound, if ``setup`` ran), which resume compares."""
-        return {"schedule": (self.resolved_schedule or self.schedule).to_dict()}
+        """``{"schedule": ..., "adaptive": ...}``: the schedule trained with (bound, if ``setup`` ran), which resume
+        compares; the plateau transitions taken, the current stage's tracker and best weights, which resume follows."""
+        return {"schedule": (self.resolved_schedule or self.schedule).to_dict(), "adaptive": self.adaptive.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -233,6 +258,8 @@ class StageScheduleCallback(Callback):
         Checkpoints of 0.1 also hold ``epoch`` and ``stage``; they are ignored (the epoch's stage is resolved again).
         """
         current = self.resolved_schedule or self.schedule
+        if "adaptive" in state_dict:
+            self.adaptive.load_state_dict(state_dict["adaptive"], current)
         try:
             saved = StageSchedule.from_config(state_dict.get("schedule", {}))
         except StageConfigError as err:
