@@ -109,8 +109,11 @@ class AdaptiveStages:
     def restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int) -> None:
         """Load stage ``index``'s best weights (once) and reset the optimizers' running state."""
         tracker = self.tracker
-        if tracker is None or tracker.stage != index or tracker.restored:
+        if tracker is not None and tracker.stage == index and tracker.restored:
             return
+        if tracker is None or tracker.stage != index:  # no validation ran in the stage
+            tracker = self.tracker = PlateauTracker(index)
+            self.best.clear()
         tracker.restored = True
         if self.best.empty:
             rank_zero_warn(f"StageScheduleCallback: stage {index} has `restore_best` but no validation ran in it; "

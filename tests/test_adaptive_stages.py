@@ -97,6 +97,31 @@ def test_a_stage_ends_at_the_plateau_and_the_next_starts_right_after(tmp_path, s
     assert callback.adaptive.transitions == ({0: end} if end < 6 else {})
 
 
+class ScriptedData(Scripted):
+    """Trains on 8 samples for ``stage_data == "all"`` and 4 for ``"labelled"``; writes down every build."""
+
+    def __init__(self, script) -> None:
+        super().__init__(script)
+        self.builds: list[tuple[int, str]] = []
+        self.batches: dict[int, int] = {}
+
+    def train_dataloader(self):
+        self.builds.append((self.trainer.current_epoch, self.stage_data))
+        return data(8 if self.stage_data == "all" else 4, 0)
+
+    def record(self, batch, batch_idx, loss):
+        super().record(batch, batch_idx, loss)
+        self.batches[self.current_epoch] = self.batches.get(self.current_epoch, 0) + 1
+
+
+def test_the_data_changes_where_the_plateau_ended_the_stage(tmp_path):
+    model = ScriptedData(DOWN_THEN_FLAT)
+    stages = [dict(two_stages(patience=1)[0], data="all"), dict(two_stages()[1], data="labelled")]
+    trainer(tmp_path, max_epochs=9, callbacks=[StageScheduleCallback(stages, verbose=False)]).fit(model)
+    assert model.builds == [(0, "all"), (4, "labelled")]  # kd ended after epoch 3, not at its cap (6)
+    assert model.batches == {e: 2 if e < 4 else 1 for e in range(9)}
+
+
 def test_a_plateau_of_the_last_stage_ends_the_run(tmp_path):
     model = Scripted(DOWN_THEN_FLAT)
     stages = [{"name": "kd", "start_epoch": 0, "end_epoch": 2, "distillation": True},
@@ -225,3 +250,14 @@ def test_min_epochs_of_a_stage_that_runs_to_the_end_is_checked_against_the_run(t
     stage = {"name": "ft", "start_epoch": 2, "monitor": "val/score", "patience": 1, "min_epochs": 4}
     with pytest.raises(StageConfigError, match=r"`min_epochs` = 4: is longer than the stage, which has 3 epochs"):
         trainer(tmp_path, max_epochs=5, callbacks=[StageScheduleCallback([stage])]).fit(Scripted(ALWAYS_BETTER))
+
+
+def test_restore_best_without_a_validation_in_the_stage_keeps_the_last_weights(tmp_path):
+    model = Scripted(DOWN_THEN_FLAT, momentum=0.9)
+    stages = [{"name": "kd", "start_epoch": 0, "end_epoch": 2, "monitor": "val/score", "restore_best": True},
+              {"name": "ft", "start_epoch": 2}]
+    with pytest.warns(UserWarning, match=r"stage 0 has `restore_best` but no validation ran in it"):
+        trainer(tmp_path, max_epochs=3, limit_val_batches=0,
+                callbacks=[StageScheduleCallback(stages, verbose=False)]).fit(model)
+    assert model.stage_of == {0: "kd", 1: "kd", 2: "ft"}
+    assert model.optimizer_state[2] == len(list(model.parameters()))  # the momentum was not reset

@@ -103,9 +103,10 @@ def format_stage_line(epoch: int, resolved: ResolvedStage) -> str:
     """
     position = f"{resolved.position}/{resolved.num_stages}" if not resolved.is_base else "no stage"
     weights = " ".join(f"{k}={v:g}" if v != int(v) else f"{k}={v}" for k, v in resolved.loss_weights.items())
+    data = f", data={resolved.data!r}" if resolved.data is not None else ""
     return (
         f"epoch {epoch}: stage {resolved.name!r} ({position}), use_distillation={resolved.distillation}, "
-        f"lambda_coef={resolved.lambda_coef}, loss_weights: {weights or '(none)'}"
+        f"lambda_coef={resolved.lambda_coef}, loss_weights: {weights or '(none)'}{data}"
     )
 
 
