@@ -97,15 +97,6 @@ class AdaptiveStages:
                 and effective.at(epoch + 1).is_base):
             trainer.should_stop = True
 
-    def catch_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule, schedule: StageSchedule) -> None:
-        """A run resumed past a ``restore_best`` stage whose end was not reached in the run that stopped (its last
-        checkpoint came between the stage's last validation and its epoch end) restores the stage's best now."""
-        tracker = self.tracker
-        if tracker is None or tracker.restored or not schedule.stages[tracker.stage].restore_best:
-            return
-        if self.effective(schedule).at(trainer.current_epoch).index != tracker.stage:
-            self.restore(trainer, pl_module, tracker.stage)
-
     def restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int) -> None:
         """Load stage ``index``'s best weights (once) and reset the optimizers' running state."""
         tracker = self.tracker

@@ -171,7 +171,6 @@ class StageScheduleCallback(Callback):
         # a run resumed within an epoch (its batches begun or done) gets no on_train_epoch_start for that epoch:
         # apply and report it here; otherwise on_train_epoch_start does. The stage's text goes to TensorBoard at the
         # first epoch of every run, as well as where a stage begins.
-        self.adaptive.catch_up(trainer, pl_module, self._bound())
         resolved = self._enter_epoch(pl_module, trainer.current_epoch)
         self._train_data.want(trainer, resolved.data)  # a loader built before the resumed epoch was known
         progress: Any = trainer.fit_loop.epoch_progress.current  # a _StartedTracker, typed as its base

@@ -261,3 +261,23 @@ def test_restore_best_without_a_validation_in_the_stage_keeps_the_last_weights(t
                 callbacks=[StageScheduleCallback(stages, verbose=False)]).fit(model)
     assert model.stage_of == {0: "kd", 1: "kd", 2: "ft"}
     assert model.optimizer_state[2] == len(list(model.parameters()))  # the momentum was not reset
+
+
+def test_resume_from_a_checkpoint_taken_at_validation_end_restores_and_switches_data(tmp_path):
+    """A checkpoint written at the last validation of the stage, before its epoch end (Lightning runs that epoch's
+    end again on resume): the resumed run restores the stage's best weights and builds the next stage's data before
+    its first batch, as the run that never stopped."""
+    stages = [dict(RESUMED_STAGES[0], data="all"), dict(RESUMED_STAGES[1], data="labelled")]
+    whole = ScriptedData(DOWN_THEN_FLAT)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}",
+                                  save_on_train_epoch_end=False)
+    trainer(tmp_path, max_epochs=9, enable_checkpointing=True,
+            callbacks=[StageScheduleCallback(stages, verbose=False), checkpoints]).fit(whole)
+    resumed = ScriptedData(DOWN_THEN_FLAT)
+    trainer(tmp_path / "resumed", max_epochs=9, callbacks=[StageScheduleCallback(stages, verbose=False)]).fit(
+        resumed, ckpt_path=tmp_path / "ckpt" / "epoch=3.ckpt")  # kd's last epoch
+    assert resumed.stage_of == dict.fromkeys(range(4, 9), "ft")
+    assert resumed.batches == dict.fromkeys(range(4, 9), 1)  # "labelled" from the first resumed batch
+    assert resumed.losses == whole.losses[-len(resumed.losses):]
+    for key, value in finish(whole).items():
+        assert torch.equal(finish(resumed)[key], value), key
