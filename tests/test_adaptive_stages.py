@@ -173,9 +173,25 @@ def test_resume_follows_the_same_transitions_weights_and_losses(tmp_path, whole_
         assert torch.equal(finish(resumed)[key], value), key
 
 
+class WithScheduler(Scripted):
+    """SGD with momentum and a StepLR that halves the learning rate every epoch; writes down each epoch's rate."""
+
+    def __init__(self, script) -> None:
+        super().__init__(script, momentum=0.9)
+        self.lr_of: dict[int, float] = {}
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self.lr_of[self.current_epoch] = self.trainer.optimizers[0].param_groups[0]["lr"]
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)}
+
+
 def test_restore_best_loads_the_weights_of_the_stages_best_validation(tmp_path):
     script = [5.0, 3.0, 4.0, 4.0, 1.0, 1.0, 0.5, 0.6, 0.7, 0.8]  # kd's best is epoch 1; epoch 4 is ft's, not kd's
-    model = Scripted(script, momentum=0.9)
+    model = WithScheduler(script)
     stages = [{"name": "kd", "start_epoch": 0, "end_epoch": 6, "distillation": True, "monitor": "val/score",
                "patience": 2, "restore_best": True},
               {"name": "ft", "start_epoch": 6, "end_epoch": 10, "monitor": "val/score", "restore_best": True}]
@@ -191,7 +207,8 @@ def test_restore_best_loads_the_weights_of_the_stages_best_validation(tmp_path):
     # the optimizer's momentum was gathered on the discarded weights: reset at the restore, kept elsewhere
     assert model.optimizer_state[4] == 0
     assert model.optimizer_state[3] == len(list(model.parameters()))
-    assert model.trainer.optimizers[0].param_groups[0]["lr"] == model.lr
+    # the LR schedule follows the run's epochs, restore or not
+    assert model.lr_of == {e: pytest.approx(model.lr * 0.5**e, rel=1e-12) for e in range(10)}
 
 
 def test_best_weights_hold_the_student_only(tmp_path):
