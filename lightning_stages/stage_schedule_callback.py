@@ -1,8 +1,9 @@
-"""``StageScheduleCallback``: applies the stage of the current epoch to the LightningModule."""
+"""``StageScheduleCallback``: applies the stage of the current epoch (or optimizer step) to the LightningModule."""
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -18,6 +19,7 @@ from lightning_stages.schedule import StageSchedule
 from lightning_stages.schedule.bind import bind_schedule, declared_settings, given_schedule
 from lightning_stages.schedule.render import format_stage_line, stage_metrics
 from lightning_stages.schedule.stage import ResolvedStage, Stage
+from lightning_stages.schedule.unit_checks import epoch_ramp_problems
 
 __all__ = ["StageScheduleCallback"]
 
@@ -41,11 +43,22 @@ def _max_epochs(trainer: pl.Trainer) -> Optional[int]:
     return trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
 
 
+def _max_steps(trainer: pl.Trainer) -> Optional[int]:
+    return trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else None
+
+
+def _position(trainer: pl.Trainer, schedule: StageSchedule) -> int:
+    """Where training is, in the schedule's unit: the epoch, or the optimizer step (``trainer.global_step``)."""
+    return trainer.global_step if schedule.unit == "step" else trainer.current_epoch
+
+
 class StageScheduleCallback(Callback):
     """Run training as consecutive stages, each with its own distillation switch, ``lambda_coef`` and loss weights.
 
     At the start of training and of every epoch, the stage of ``trainer.current_epoch`` is resolved (a pure
-    function of the epoch) and applied to the LightningModule, which reads these attributes in its step:
+    function of the epoch) and applied to the LightningModule, which reads these attributes in its step. A schedule
+    in optimizer steps is resolved from ``trainer.global_step`` and applied in ``on_train_batch_start`` where a stage
+    begins; during a ramp, the ramped values are written before every training batch:
 
     * ``loss_weights``: the complete ``{task loss: weight}`` dict of the stage;
     * ``use_distillation``: whether the distillation loss is on;
@@ -101,6 +114,13 @@ class StageScheduleCallback(Callback):
         # the state: the schedule as given, and as bound to the module and the Trainer at `setup`
         self.schedule = schedule
         self.resolved_schedule: Optional[StageSchedule] = None
+        # derived at every application, never checkpointed: the global step from which on_train_batch_start must look
+        # at the schedule again (inf: not in this epoch; 0: every batch, during an epoch ramp), the fit's batches per
+        # epoch and accumulation (what an epoch ramp reads), the last step whose stage/* scalars were logged
+        self._next_step: float = math.inf
+        self._batches: Optional[float] = None
+        self._accumulate = 1
+        self._logged_step = -1
 
     @property
     @override
@@ -111,9 +131,9 @@ class StageScheduleCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        max_epochs = _max_epochs(trainer)
+        max_epochs, max_steps = _max_epochs(trainer), _max_steps(trainer)
         schedule = bind_schedule(self.schedule, declared=_declared_base(pl_module),
-                                 weight_overrides=self.base_loss_weights, max_epochs=max_epochs)
+                                 weight_overrides=self.base_loss_weights, max_epochs=max_epochs, max_steps=max_steps)
         self.resolved_schedule = schedule
         fitting = stage == "fit"
         needs_teachers = schedule.needs_teachers if fitting else schedule.base_distillation
@@ -131,8 +151,8 @@ class StageScheduleCallback(Callback):
             _refuse_sharded_strategy(trainer, needed_by)
             pl_module.prepare_teachers(needed_by=needed_by)
         if fitting:
-            _warn_about_coverage(schedule, max_epochs)
-            self._apply(pl_module, schedule, schedule.at(trainer.current_epoch))
+            _warn_about_coverage(schedule, max_epochs if schedule.unit == "epoch" else max_steps)
+            self._apply(pl_module, schedule, schedule.stage_at(_position(trainer, schedule)))  # ramps: at train start
         else:
             # validate / test / predict outside a fit run on the base settings
             self._apply(pl_module, schedule, schedule.base_stage())
@@ -142,29 +162,53 @@ class StageScheduleCallback(Callback):
         # a run resumed within an epoch (its batches begun or done) gets no on_train_epoch_start for that epoch:
         # apply and report it here; otherwise on_train_epoch_start does. The stage's text goes to TensorBoard at the
         # first epoch of every run, as well as where a stage begins.
-        resolved = self._enter_epoch(pl_module, trainer.current_epoch)
+        self._batches, self._accumulate = trainer.num_training_batches, trainer.accumulate_grad_batches
+        if problems := epoch_ramp_problems(self._bound(), self._batches, self._accumulate):
+            raise StageConfigError(problems)
+        resolved = self._enter(trainer, pl_module, 0)
         progress: Any = trainer.fit_loop.epoch_progress.current  # a _StartedTracker, typed as its base
         if progress.started > progress.completed:
             self._report(trainer, resolved)
-        if progress.started > progress.completed or trainer.current_epoch != resolved.start_epoch:
+        if progress.started > progress.completed or _position(trainer, self._bound()) != resolved.start_epoch:
             _add_stage_text(trainer, resolved)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        resolved = self._enter_epoch(pl_module, trainer.current_epoch)
+        resolved = self._enter(trainer, pl_module, 0)
         self._report(trainer, resolved)
-        if trainer.current_epoch == resolved.start_epoch:
+        if _position(trainer, self._bound()) == resolved.start_epoch:
             _add_stage_text(trainer, resolved)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if trainer.global_step < self._next_step:  # no boundary crossed and no ramp running: one comparison
+            return
+        resolved = self._enter(trainer, pl_module, batch_idx)
+        if self._bound().unit == "step" and trainer.global_step == resolved.start_epoch:  # a step stage begins
+            self._report(trainer, resolved)
+            _add_stage_text(trainer, resolved)
+        elif resolved.ramping and trainer.global_step != self._logged_step:  # once per optimizer step of a ramp
+            self._log_metrics(trainer, resolved)
 
     def _bound(self) -> StageSchedule:
         if self.resolved_schedule is None:
             raise RuntimeError("StageScheduleCallback: `setup` binds the schedule before any epoch starts")
         return self.resolved_schedule
 
-    def _enter_epoch(self, pl_module: pl.LightningModule, epoch: int) -> ResolvedStage:
-        """Apply the stage of ``epoch``; idempotent (the same epoch applies the same values)."""
+    def _enter(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int) -> ResolvedStage:
+        """Apply the values of this batch (a pure function of epoch and batch, or of the optimizer step) and keep the
+        next step at which they can change; idempotent (the same batch applies the same values)."""
         schedule = self._bound()
-        resolved = schedule.at(epoch)
+        if schedule.unit == "step":
+            resolved = schedule.at_step(trainer.global_step)
+            # during a ramp the values change at every optimizer step; else where the range ends
+            end = resolved.end_epoch if resolved.end_epoch is not None else math.inf
+            self._next_step = trainer.global_step + 1 if resolved.ramping else end
+        else:
+            resolved = schedule.at(trainer.current_epoch, batch_idx, self._batches,
+                                   accumulate_grad_batches=self._accumulate)
+            self._next_step = 0 if resolved.ramping else math.inf  # an epoch ramp changes the values every batch
         self._apply(pl_module, schedule, resolved)
         return resolved
 
@@ -185,9 +229,15 @@ class StageScheduleCallback(Callback):
             return
         if self.verbose:
             _info(format_stage_line(trainer.current_epoch, resolved))
-        metrics = stage_metrics(resolved)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        self._log_metrics(trainer, resolved)
+
+    def _log_metrics(self, trainer: pl.Trainer, resolved: ResolvedStage) -> None:
+        """The ``stage/*`` scalars at this optimizer step (rank zero)."""
+        self._logged_step = trainer.global_step
+        if trainer.is_global_zero:
+            metrics = stage_metrics(resolved)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
 
     # ------------------------------------------------------------------ checkpointing
 
@@ -238,19 +288,20 @@ def _add_stage_text(trainer: pl.Trainer, resolved: ResolvedStage) -> None:
 
 
 def _warn_about_coverage(schedule: StageSchedule, max_epochs: Optional[int]) -> None:
+    unit = schedule.unit
     gaps = schedule.uncovered_ranges()
     if gaps:
         ranges = ", ".join(f"[{a}, {b if b is not None else 'end'})" for a, b in gaps)
         rank_zero_warn(
-            f"StageScheduleCallback: no stage covers epochs {ranges}; they run with the base settings "
+            f"StageScheduleCallback: no stage covers {unit}s {ranges}; they run with the base settings "
             f"(distillation={schedule.base_distillation}, lambda_coef={schedule.base_lambda_coef}, "
             f"loss_weights={schedule.base_loss_weights})."
         )
     if max_epochs is not None:
         for index, name, end in schedule.cut_short(max_epochs):
             rank_zero_warn(
-                f"StageScheduleCallback: stage {index} ({name!r}) ends at epoch {end} but the Trainer stops at "
-                f"max_epochs={max_epochs}; it is cut short."
+                f"StageScheduleCallback: stage {index} ({name!r}) ends at {unit} {end} but the Trainer stops at "
+                f"max_{unit}s={max_epochs}; it is cut short."
             )
 
 

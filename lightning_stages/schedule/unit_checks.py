@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from lightning_stages.errors import StageProblem, did_you_mean, stage_label
 from lightning_stages.schedule.stage import Stage
 
-__all__ = ["RAMP_SHAPES", "mixed_unit_problems", "ramp_length_problems", "step_field_problems"]
+if TYPE_CHECKING:
+    from lightning_stages.schedule.stage_schedule import StageSchedule
+
+__all__ = ["RAMP_SHAPES", "epoch_ramp_problems", "mixed_unit_problems", "ramp_length_problems", "step_field_problems"]
 
 RAMP_SHAPES = ("linear", "cosine")
 
@@ -133,3 +136,27 @@ def ramp_length_problems(indexed: Iterable[tuple[int, Stage]], total: Optional[i
             problems.append(StageProblem(f"is longer than the stage ({size})", index=index, name=stage.name,
                                          field=field, value=stage.ramp_length))
     return problems
+
+
+def epoch_ramp_problems(schedule: StageSchedule, batches_per_epoch: float, accumulate_grad_batches: int = 1
+                        ) -> list[StageProblem]:
+    """The ramps of an epoch schedule, once the run's batches per epoch are known (at train start): they need a
+    finite number of batches, and ``ramp_steps`` must fit in its stage.
+
+    Example::
+
+        >>> from lightning_stages.schedule.stage_schedule import StageSchedule
+        >>> s = StageSchedule([{"name": "ft", "start_epoch": 0, "end_epoch": 2, "ramp_steps": 5}])
+        >>> print(epoch_ramp_problems(s, 4, accumulate_grad_batches=2)[0])
+        stage 0 ('ft'): `ramp_steps` = 5: is longer than the stage (4 steps: 2 epochs of 2 optimizer steps)
+        >>> print(epoch_ramp_problems(s, float("inf"))[0])
+        stage 0 ('ft'): `ramp_steps` = 5: needs the number of batches per epoch, but the training loader has no length; give the loader a length, or count the schedule in steps (`start_step`, `ramp_steps`)
+    """
+    ramped = [(i, s) for i, s in enumerate(schedule.stages) if s.ramp_length is not None and s.unit == "epoch"]
+    if ramped and not math.isfinite(batches_per_epoch):
+        return [StageProblem("needs the number of batches per epoch, but the training loader has no length",
+                             index=i, name=s.name, field="ramp_steps" if s.ramp_steps is not None else "ramp_epochs",
+                             value=s.ramp_length,
+                             hint="give the loader a length, or count the schedule in steps (`start_step`, `ramp_steps`)")
+                for i, s in ramped]
+    return ramp_length_problems(ramped, schedule.total_epochs, math.ceil(batches_per_epoch / accumulate_grad_batches))
