@@ -188,7 +188,7 @@ class StageScheduleCallback(Callback):
         if self._bound().unit == "step" and trainer.global_step == resolved.start_epoch:  # a step stage begins
             self._report(trainer, resolved)
             _add_stage_text(trainer, resolved)
-        elif resolved.ramping and trainer.global_step != self._logged_step:  # once per optimizer step of a ramp
+        elif trainer.global_step != self._logged_step:  # once per optimizer step of a ramp, and where it ends
             self._log_metrics(trainer, resolved)
 
     def _bound(self) -> StageSchedule:
