@@ -33,6 +33,11 @@ in the same repetition (side by side, so that slow drifts of the machine cancel)
 * ``checkpoint_size_ratio``: bytes of the plugin's checkpoint / the plain one's (same student). Target <= 1.01.
 * ``stage_switch_us``: median microseconds of ``StageScheduleCallback.on_train_epoch_start`` (resolve the stage,
   apply it, attach or remove the hooks, log the stage line) in a fit whose stage changes every epoch. Target < 500.
+* ``step_schedule_ratio``: an epoch under a schedule in optimizer steps with no ramp (``steps`` variant) / the same
+  epoch under the same schedule in epochs (``epochs`` variant); neither distills, so the per-batch check is as
+  visible as it can be. Target <= 1.01.
+* ``ramp_ratio``: an epoch through which a ramp of the loss weights runs (``ramp`` variant: the values are resolved
+  and written before every batch) / the same epoch of the ``epochs`` variant. Target <= 1.02.
 
 An epoch is timed from the first ``on_train_epoch_start`` to ``on_train_epoch_end`` (callbacks run in list order,
 and the timer is first), so it includes the stage application, every training step and the optimizer.
@@ -72,6 +77,8 @@ TARGETS = {
     "cached_distill_ratio": ("<=", 1.15),
     "checkpoint_size_ratio": ("<=", 1.01),
     "stage_switch_us": ("<", 500.0),
+    "step_schedule_ratio": ("<=", 1.01),
+    "ramp_ratio": ("<=", 1.02),
 }
 
 # sizes: a student step takes milliseconds; the teacher has about 10x the student's parameters
@@ -280,6 +287,30 @@ def run_stage_switches(batches: list, epochs: int) -> list[float]:
     return [ns / 1000 for ns in callback.nanoseconds[1:]]  # epoch 0 was applied already at on_train_start
 
 
+# issue 11: the same weights-only schedule (no teacher) in epochs, in optimizer steps, and with a ramp over epochs 1-4
+def _weights_only(unit: str, batches: int, ramp: bool = False) -> list[dict[str, Any]]:
+    scale = batches if unit == "step" else 1
+    second: dict[str, Any] = {"name": "b", f"start_{unit}": scale * (1 if ramp else 3), "loss_weights": {"cls": 0.5}}
+    if ramp:
+        second["ramp_epochs"] = 4
+    return [{"name": "a", f"start_{unit}": 0, f"end_{unit}": second[f"start_{unit}"]}, second]
+
+
+def run_units(batches: list) -> dict[str, list[float]]:
+    """The weights-only schedule in epochs and in steps: epochs 1-5 of each are timed."""
+    out = {}
+    for unit, key in (("epoch", "epochs_unit"), ("step", "steps_unit")):
+        callback = StageScheduleCallback(stage_schedule=_weights_only(unit, len(batches)))
+        out[key] = fit(PluginStudent(), batches, 6, [callback])[1:]
+    return out
+
+
+def run_ramp(batches: list) -> dict[str, list[float]]:
+    """The weights-only schedule in epochs with a ramp through epochs 1-4 (timed)."""
+    callback = StageScheduleCallback(stage_schedule=_weights_only("epoch", len(batches), ramp=True))
+    return {"ramp": fit(PluginStudent(), batches, 6, [callback])[1:5]}
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -333,6 +364,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("teacher", lambda: run_teacher_alone(batches)),
         ("cached", lambda: run_cached(batches)),
         ("handwritten", lambda: run_handwritten(batches)),
+        ("units", lambda: run_units(batches)),
+        ("ramp", lambda: run_ramp(batches)),
     ]
     with tempfile.TemporaryDirectory() as tmp:  # warm-up repetition, also writes the two checkpoints
         plain_ckpt, plugin_ckpt = os.path.join(tmp, "plain.ckpt"), os.path.join(tmp, "plugin.ckpt")
@@ -341,6 +374,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_teacher_alone(batches)
         run_cached(batches)
         run_handwritten(batches)
+        run_units(batches)
+        run_ramp(batches)
         plain_bytes, plugin_bytes = os.path.getsize(plain_ckpt), os.path.getsize(plugin_ckpt)
     epochs: dict[str, list[list[float]]] = {}  # measurement -> per repetition, the timed epochs' seconds
     for repetition in range(settings["repetitions"]):
@@ -363,6 +398,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "plugin_vs_handwritten_kd": [d / h for h, d in zip(rep["handwritten_kd"], rep["plugin_distill"])],
         "handwritten_kd_vs_separate": [h / (a + t) for a, t, h in zip(rep["plain"], rep["teacher"],
                                                                        rep["handwritten_kd"])],
+        "step_schedule_ratio": [b / a for a, b in zip(rep["epochs_unit"], rep["steps_unit"])],
+        # the ramp's epochs 1-4 against the same epochs (1-4) of the epoch-unit schedule
+        "ramp_ratio": [median(r) / median(e[:4]) for e, r in zip(epochs["epochs_unit"], epochs["ramp"])],
     }
     results: dict[str, Any] = {
         "off_stage_ratio": median(per_repetition["off_stage_ratio"]),
@@ -370,6 +408,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cached_distill_ratio": median(per_repetition["cached_distill_ratio"]),
         "checkpoint_size_ratio": plugin_bytes / plain_bytes,
         "stage_switch_us": median(switches_us),
+        "step_schedule_ratio": median(per_repetition["step_schedule_ratio"]),
+        "ramp_ratio": median(per_repetition["ramp_ratio"]),
     }
     steps = settings["batches"]
     results["raw"] = {
