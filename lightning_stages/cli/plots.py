@@ -54,21 +54,19 @@ def timeline_points(schedule: StageSchedule, end: int) -> list[tuple[float, Reso
     """
     points: list[tuple[float, ResolvedStage]] = []
     for r in schedule.timeline():
-        stop = r.end_epoch if r.end_epoch is not None else end
         stage = schedule.stages[r.index] if r.index is not None else None
-        sloped = stage is not None and (stage.ramp_epochs is not None or schedule.unit == "step")
-        if not sloped or stage is None or stage.ramp_length is None:
-            points.append((r.start_epoch, r))
-        elif schedule.unit == "step" and stage.ramp_steps is not None:
+        if stage is not None and schedule.unit == "step" and stage.ramp_steps is not None:
             for k in range(_RAMP_SAMPLES + 1):
-                x = r.start_epoch + round(stage.ramp_steps * k / _RAMP_SAMPLES)
-                points.append((x, schedule.at_step(x)))
-        elif stage.ramp_epochs is not None:
+                step = r.start_epoch + round(stage.ramp_steps * k / _RAMP_SAMPLES)
+                points.append((step, schedule.at_step(step)))
+        elif stage is not None and stage.ramp_epochs is not None:
             for k in range(_RAMP_SAMPLES + 1):
                 x = r.start_epoch + stage.ramp_epochs * k / _RAMP_SAMPLES
                 epoch = math.floor(x)
                 points.append((x, schedule.at(epoch, round((x - epoch) * 1000), 1000)))
-        points.append((stop, r))
+        else:  # no ramp, or ramp_steps in an epoch schedule (a jump here)
+            points.append((r.start_epoch, r))
+        points.append((r.end_epoch if r.end_epoch is not None else end, r))
     return points
 
 
