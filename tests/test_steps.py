@@ -5,7 +5,9 @@ checkpoint (mid-ramp included) trains exactly like the run that never stopped.""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -19,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_stages import StageConfigError, StageSchedule, StageScheduleCallback
 from lightning_stages.cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
 
 KD_THEN_FT = [
@@ -280,3 +283,21 @@ def test_step_stages_from_lightning_cli_yaml_are_validated_by_the_parser(tmp_pat
     with pytest.raises(SystemExit):
         LightningCLI(Student, run=False, args=["--config", str(bad)])
     assert "ramp_steps" in capsys.readouterr().err
+
+
+def test_the_shipped_step_config_validates_and_shows_as_the_readme_says(capsys):
+    config = ROOT / "configs" / "steps_distill_ramp_finetune.json"
+    assert main(["validate", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["show", str(config)]) == 0
+    readme = (ROOT / "README.md").read_text()
+    for line in capsys.readouterr().out.splitlines()[1:]:
+        assert line in readme, line
+    schedule = StageSchedule.from_config(config)
+    # the README's step-by-step table: the cosine ramp over steps [900, 1200), by hand
+    for step, p in ((975, 0.25), (1050, 0.5)):
+        s = (1 - math.cos(math.pi * p)) / 2
+        got = schedule.at_step(step)
+        assert (got.distillation, got.lambda_coef, got.loss_weights["focal"]) == (
+            True, pytest.approx(1 - s), pytest.approx(15 * s))
+    assert (schedule.at_step(1200).distillation, schedule.at_step(1200).loss_weights["focal"]) == (False, 15.0)
