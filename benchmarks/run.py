@@ -314,6 +314,32 @@ def run_ramp(batches: list) -> dict[str, list[float]]:
     return {"ramp": fit(PluginStudent(), batches, 6, [callback])[1:5]}
 
 
+class TimedBatchCallback(StageScheduleCallback):
+    """The real callback, timing each ``on_train_batch_start``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.nanoseconds: list[tuple[int, int]] = []  # (epoch, ns)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        start = time.perf_counter_ns()
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self.nanoseconds.append((trainer.current_epoch, time.perf_counter_ns() - start))
+
+
+def run_batch_hooks(batches: list) -> dict[str, float]:
+    """Median microseconds of one real ``on_train_batch_start`` in a fit: a step schedule (epochs 1-5: between
+    boundaries, one comparison), and an epoch ramp (epochs 1-4: resolve and write the values before every batch).
+    Unlike the epoch ratios, this is hardly moved by other processes on the machine."""
+    out = {}
+    for key, unit, ramp in (("step_hook_us", "step", False), ("ramp_hook_us", "epoch", True)):
+        callback = TimedBatchCallback(stage_schedule=_weights_only(unit, len(batches), ramp=ramp), verbose=False)
+        fit(PluginStudent(), batches, 6, [callback])
+        out[key] = median([ns / 1000 for epoch, ns in callback.nanoseconds if 1 <= epoch <= (4 if ramp else 5)])
+    return out
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -390,6 +416,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  repetition {repetition + 1}/{settings['repetitions']} (median ms per epoch): "
               + ", ".join(f"{key} {value:.0f}" for key, value in ms.items()), flush=True)
     switches_us = run_stage_switches(batches, settings["switch_epochs"])
+    hooks_us = run_batch_hooks(batches)
 
     # per repetition, each measurement is the median of its timed epochs
     rep = {key: [median(seconds) for seconds in values] for key, values in epochs.items()}
@@ -422,6 +449,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "median_ratios": {k: median(v) for k, v in per_repetition.items()},
         "median_ms_per_step": {k: median(v) / steps * 1000 for k, v in rep.items()},
         "stage_switch_us": switches_us,
+        "batch_hook_us": hooks_us,
         "checkpoint_bytes": {"plain": plain_bytes, "plugin": plugin_bytes},
         "parameters": {"student": student_params, "teacher": teacher_params},
         "settings": {**settings, "quick": args.quick},
@@ -501,6 +529,9 @@ def print_table(results: dict[str, Any]) -> None:
     ratios = results["raw"]["median_ratios"]
     print(f"references: plugin distill epoch / hand-written KD epoch = {ratios['plugin_vs_handwritten_kd']:.3f}; "
           f"hand-written KD epoch / (plain epoch + teacher pass) = {ratios['handwritten_kd_vs_separate']:.3f}")
+    hooks = results["raw"]["batch_hook_us"]
+    print(f"on_train_batch_start, median us: step schedule between boundaries {hooks['step_hook_us']:.1f}, "
+          f"during an epoch ramp {hooks['ramp_hook_us']:.1f}")
     print()
     print(f"| {'metric':<22} | {'value':>9} | {'target':>8} | met |")
     print(f"|{'-' * 24}|{'-' * 11}|{'-' * 10}|-----|")
