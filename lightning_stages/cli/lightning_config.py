@@ -187,8 +187,8 @@ def _model_defaults(model: Mapping[str, Any]) -> dict[str, Any]:
     return {"loss_weights": loss_weights, "distillation": distillation, "lambda_coef": lambda_coef}
 
 
-def _max_epochs_of(data: Mapping[str, Any]) -> Optional[int]:
-    value = _section(_fit_section(data), "trainer").get("max_epochs")
+def _max_epochs_of(data: Mapping[str, Any], key: str = "max_epochs") -> Optional[int]:
+    value = _section(_fit_section(data), "trainer").get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
@@ -204,7 +204,9 @@ def schedule_of_config(
 
     Args:
         path: the config file.
-        max_epochs: the run's epochs; defaults to ``trainer.max_epochs`` or the seed's ``train.epochs``.
+        max_epochs: the run's epochs; defaults to ``trainer.max_epochs`` or the seed's ``train.epochs``. The run's
+            optimizer steps (which end the stages of a step schedule) are ``trainer.max_steps`` or the seed's
+            ``train.max_steps``.
         stages: a schedule in the seed's format to use with a LightningCLI config (its ``--stages`` option).
 
     Raises:
@@ -240,7 +242,8 @@ def schedule_of_config(
     total = max_epochs if max_epochs is not None else _max_epochs_of(data)
     if total is None:
         total = schedule.total_epochs
-    return bind_schedule(schedule, declared=declared, weight_overrides=overrides, max_epochs=total)
+    return bind_schedule(schedule, declared=declared, weight_overrides=overrides, max_epochs=total,
+                         max_steps=_max_epochs_of(data, "max_steps"))
 
 
 def two_schedules_problem(stages: Union[str, os.PathLike]) -> StageProblem:
