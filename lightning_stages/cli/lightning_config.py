@@ -150,8 +150,8 @@ def check_lightning_config(data: Mapping[str, Any]) -> list[tuple[StageSchedule,
     return given
 
 
-def _max_epochs_of(data: Mapping[str, Any]) -> Optional[int]:
-    value = _section(_fit_section(data), "trainer").get("max_epochs")
+def _max_epochs_of(data: Mapping[str, Any], key: str = "max_epochs") -> Optional[int]:
+    value = _section(_fit_section(data), "trainer").get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
@@ -169,7 +169,9 @@ def schedule_of_config(
 
     Args:
         path: the config file.
-        max_epochs: the run's epochs; defaults to ``trainer.max_epochs`` or the seed's ``train.epochs``.
+        max_epochs: the run's epochs; defaults to ``trainer.max_epochs`` or the seed's ``train.epochs``. The run's
+            optimizer steps (which end the stages of a step schedule) are ``trainer.max_steps`` or the seed's
+            ``train.max_steps``.
         stages: a schedule in the seed's format to use with a LightningCLI config (its ``--stages`` option).
         model_class: the model's class path for a ``LightningCLI(MyModel, MyData)`` config, whose ``model`` section
             has no ``class_path`` (the ``--model`` option).
@@ -212,7 +214,8 @@ def schedule_of_config(
     if total is None:
         total = schedule.total_epochs
     try:
-        return bind_schedule(schedule, declared=declared, weight_overrides=overrides, max_epochs=total)
+        return bind_schedule(schedule, declared=declared, weight_overrides=overrides, max_epochs=total,
+                             max_steps=_max_epochs_of(data, "max_steps"))
     except StageConfigError as err:
         if read or declared["loss_weights"] is not None:
             raise
@@ -221,10 +224,10 @@ def schedule_of_config(
         rest = [p for p in err.problems if p.message != _NO_BASE_WEIGHT]
         if rest:
             raise StageConfigError(rest) from None
-    return StageSchedule(schedule.stages, overrides, schedule.distillation if schedule.distillation is not None
-                         else declared["distillation"], schedule.lambda_coef if schedule.lambda_coef is not None
-                         else declared["lambda_coef"], schedule.total_epochs if schedule.total_epochs is not None
-                         else total)
+    return StageSchedule(schedule.stages, overrides, declared["distillation"] if schedule.distillation is None
+                         else schedule.distillation, declared["lambda_coef"] if schedule.lambda_coef is None
+                         else schedule.lambda_coef, total if schedule.total_epochs is None else schedule.total_epochs,
+                         total_steps=schedule.total_steps)
 
 
 def two_schedules_problem(stages: Union[str, os.PathLike]) -> StageProblem:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Optional, Union
 
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import Tensor, nn
 
 from lightning_stages.distillation.feature_hooks import (
@@ -19,10 +20,11 @@ from lightning_stages.distillation.feature_hooks import (
 )
 from lightning_stages.distillation.step_checks import stage_where
 from lightning_stages.distillation.teacher_cache import TeacherCache, teacher_fingerprint
+from lightning_stages.distillation.teacher_inputs import forward_named, teacher_calls
 from lightning_stages.errors import DistillationStepError, StageConfigError, StageProblem, did_you_mean
 
 __all__ = ["AUTOCAST_DTYPES", "OFFLOAD_MODES", "Teachers", "build_teachers", "check_cost_options", "module_device",
-           "prepare", "teacher_calls", "wants_offload"]
+           "prepare", "refuse_sharded_strategy", "wants_offload"]
 
 #: ``teacher_precision`` values and the autocast dtype each runs the teachers under (``None``: no autocast)
 AUTOCAST_DTYPES: dict[Optional[str], Optional[torch.dtype]] = {
@@ -133,62 +135,6 @@ def _keep_on_own_device(fn: Callable[[Tensor], Tensor], tensor: Tensor) -> Tenso
     return tensor.to(dtype=probe.dtype) if probe.dtype != tensor.dtype else tensor
 
 
-def teacher_calls(names: list[str], args: tuple, kwargs: Mapping[str, Any], inputs: Optional[Mapping[str, Any]],
-                  stage: Optional[str]) -> dict[str, tuple[tuple, dict]]:
-    """``{teacher: (args, kwargs)}``: the same ``args``/``kwargs`` for every teacher, or each teacher's own entry of
-    ``inputs``: a tuple or list is its positional arguments, a mapping its keyword arguments, anything else its one
-    argument.
-
-    Raises:
-        DistillationStepError: ``inputs`` is given with ``args``/``kwargs``, is not a mapping, misses a teacher or
-            names one that does not exist (with a did-you-mean).
-
-    Example::
-
-        >>> calls = teacher_calls(["a", "b"], (), {}, {"a": (1,), "b": {"x": 2}}, "kd")
-        >>> calls["a"], calls["b"]
-        (((1,), {}), ((), {'x': 2}))
-    """
-    if inputs is None:
-        return {name: (tuple(args), dict(kwargs)) for name in names}
-    where = stage_where(stage)
-    if args or kwargs or not isinstance(inputs, Mapping):
-        raise DistillationStepError(StageProblem(
-            "must be a mapping {teacher name: inputs}, given without other positional or keyword arguments",
-            name=where, field="run_teachers.inputs", value=type(inputs).__name__), stage=stage, when="a step")
-    problems = [StageProblem("is not a teacher", name=where, field="run_teachers.inputs", value=key,
-                             hint=did_you_mean(str(key), names) or f"the teachers are: {', '.join(names)}")
-                for key in inputs if key not in names]
-    problems += [StageProblem("has no inputs; give every teacher its own", name=where, field="run_teachers.inputs",
-                              value=name) for name in names if name not in inputs]
-    if problems:
-        raise DistillationStepError(problems, stage=stage, when="a step")
-    calls: dict[str, tuple[tuple, dict]] = {}
-    for name in names:
-        given = inputs[name]
-        if isinstance(given, Mapping):
-            calls[name] = ((), dict(given))
-        elif isinstance(given, (tuple, list)):
-            calls[name] = (tuple(given), {})
-        else:
-            calls[name] = ((given,), {})
-    return calls
-
-
-def _forward(name: str, teacher: nn.Module, call: tuple[tuple, dict], stage: Optional[str], shared: bool) -> Any:
-    """``teacher(*args, **kwargs)``; an input mistake raised inside it names the teacher."""
-    args, kwargs = call
-    try:
-        return teacher(*args, **kwargs)
-    except torch.OutOfMemoryError:
-        raise
-    except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as err:
-        hint = "give each teacher its own inputs: run_teachers(inputs={name: (args...) or {kwargs}})" if shared else None
-        raise DistillationStepError(StageProblem(
-            f"teacher {name!r} raised {type(err).__name__} in its forward: {err}", name=stage_where(stage),
-            field=f"teachers.{name}", value=type(teacher).__name__, hint=hint), stage=stage, when="a step") from err
-
-
 @contextlib.contextmanager
 def _named_stage(stage: Optional[str]) -> Iterator[None]:
     """The teacher cache's own checks, raised as step-time problems of ``stage``."""
@@ -261,9 +207,9 @@ class Teachers:
         shared = inputs is None and len(calls) > 1
         with torch.no_grad():
             if dtype is None:
-                return {name: _forward(name, t, calls[name], stage, shared) for name, t in self.modules.items()}
+                return {name: forward_named(name, t, calls[name], stage, shared) for name, t in self.modules.items()}
             with torch.autocast(device().type, dtype=dtype):
-                return {name: _forward(name, t, calls[name], stage, shared) for name, t in self.modules.items()}
+                return {name: forward_named(name, t, calls[name], stage, shared) for name, t in self.modules.items()}
 
     def run_cached(
         self, cache: TeacherCache, sample_index: Any, args: tuple, kwargs: Mapping[str, Any], *, hooks: FeatureHooks,
@@ -342,3 +288,18 @@ def prepare(
     pairing = student_pairing(raw_spec, list(modules)) if spec else {}
     return (Teachers(modules, device=next((p.device for p in student.parameters()), None)),
             FeatureHooks(spec, pairing))
+
+
+def refuse_sharded_strategy(trainer: Any, needed_by: str) -> None:
+    """Teachers live outside the module that FSDP, DeepSpeed and ModelParallel shard; refuse them there, at setup."""
+    strategy = getattr(trainer, "strategy", None)
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+        raise StageConfigError(
+            StageProblem(
+                f"distillation is not supported under {type(strategy).__name__}: the teachers are kept outside the "
+                "module this strategy shards, so every rank would hold a whole, unsharded copy that the strategy "
+                "neither shards nor places on the device",
+                name=needed_by, field="distillation", value=True,
+                hint="use strategy='ddp' (or 'ddp_spawn'), or a schedule whose stages do not distill",
+            )
+        )
