@@ -25,6 +25,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
+from lightning_stages.distillation import teacher_cache_rows
 from lightning_stages.distillation.indexed_dataset import IndexedDataset
 from lightning_stages.distillation.teacher_cache_files import FileRows, drop_unused
 from lightning_stages.distillation.teacher_cache_rows import flatten, input_fingerprints, too_large, unflatten
@@ -34,7 +35,7 @@ from lightning_stages.errors import DistillationStepError, StageConfigError, Sta
 
 __all__ = ["IndexedDataset", "TeacherCache", "teacher_fingerprint"]  # the first and last: kept here for 0.1 imports
 
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3  # 3: container types are rebuilt (2 returned ModelOutputs as dicts)
 
 
 def _problem(message: str, field: str, value: Any, hint: Optional[str] = None) -> StageProblem:
@@ -67,10 +68,14 @@ class TeacherCache:
             of float32); ``None`` keeps the teacher's dtype. A value outside its range is refused when stored.
         num_samples: the dataset size: sample indices must be below it.
         version: a version of the teachers' code, used in the key instead of their source.
+        store_features: ``False`` stores the teachers' outputs only: a stored batch returns them without running the
+            teachers, and the hooked teacher features are computed by running the teachers on that batch when first
+            read (``captured_features``, ``feature_losses``). Use it when features change shape between batches
+            (dynamic padding) or are read only in some stages.
 
     Raises:
-        StageConfigError: ``dtype``, ``num_samples`` or ``version`` has the wrong type, or ``directory`` is an
-            existing file, lies under one, or is not writable.
+        StageConfigError: ``dtype``, ``num_samples``, ``version`` or ``store_features`` has the wrong type, or
+            ``directory`` is an existing file, lies under one, or is not writable.
 
     Example::
 
@@ -94,7 +99,7 @@ class TeacherCache:
 
     def __init__(
         self, directory: Union[str, os.PathLike, None] = None, dtype: Optional[torch.dtype] = None,
-        num_samples: Optional[int] = None, version: Optional[str] = None,
+        num_samples: Optional[int] = None, version: Optional[str] = None, store_features: bool = True,
     ) -> None:
         problems = []
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
@@ -106,12 +111,14 @@ class TeacherCache:
                                      num_samples))
         if version is not None and not isinstance(version, str):
             problems.append(_problem("must be None or a string", "version", version))
+        if not isinstance(store_features, bool):
+            problems.append(_problem("must be True or False", "store_features", store_features))
         self.directory = os.fspath(directory) if directory is not None else None
         if self.directory is not None:
             problems += self._directory_problems(create=False)
         if problems:
             raise StageConfigError(problems)
-        self.dtype, self.num_samples, self.version = dtype, num_samples, version
+        self.dtype, self.num_samples, self.version, self.store_features = dtype, num_samples, version, store_features
         self._stats = {"hits": 0, "misses": 0, "mismatches": 0}
         self._reset()
 
@@ -129,10 +136,10 @@ class TeacherCache:
         # deep copies (StochasticWeightAveraging) and pickles (ddp_spawn) of the module carry the configuration,
         # never the stored values
         return {"directory": self.directory, "dtype": self.dtype, "num_samples": self.num_samples,
-                "version": self.version}
+                "version": self.version, "store_features": self.store_features}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"version": None, **state})
+        self.__dict__.update({"version": None, "store_features": True, **state})
         self._stats = {"hits": 0, "misses": 0, "mismatches": 0}
         self._reset()
 
@@ -169,7 +176,7 @@ class TeacherCache:
 
     def _key(self, fingerprint: Optional[str]) -> str:
         stored = None if self.dtype is None else str(self.dtype)
-        text = json.dumps([_FORMAT_VERSION, fingerprint, self.version, stored])
+        text = json.dumps([_FORMAT_VERSION, fingerprint, self.version, stored, self.store_features])
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
     def bind(self, fingerprint: str) -> bool:
@@ -245,20 +252,16 @@ class TeacherCache:
     def _input_fingerprints(self, inputs: Any, rows: int) -> Tensor:
         if inputs is None:
             return torch.zeros(rows, dtype=torch.int64)
-        tensors: list[Tensor] = []
-        flatten_inputs = [inputs]
-        while flatten_inputs:
-            value = flatten_inputs.pop()
-            if isinstance(value, Tensor):
-                tensors.append(value)
-            elif isinstance(value, Mapping):
-                flatten_inputs.extend(value.values())
-            elif isinstance(value, (tuple, list)):
-                flatten_inputs.extend(value)
+        tensors = teacher_cache_rows.input_tensors(inputs)
         key = [rows, *((id(t), t._version) for t in tensors)]
         if self._memo is None or self._memo[0][0] != key:  # lookup then store of one batch hash it once
             self._memo = ([key, tensors], input_fingerprints(inputs, rows))
         return self._memo[1]
+
+    def _miss(self, rows: int, mismatched: int = 0) -> Optional[tuple[dict, dict]]:
+        self.misses, self._stats["misses"] = self.misses + 1, self._stats["misses"] + rows - mismatched
+        self._stats["mismatches"] += mismatched
+        return None
 
     def lookup(self, sample_index: Any, device: Union[torch.device, str, None] = None,
                inputs: Any = None) -> Optional[tuple[dict, dict]]:
@@ -272,30 +275,28 @@ class TeacherCache:
 
         Returns:
             ``({teacher: output}, {teacher: {layer path: feature}})``, batched in the order of ``sample_index``,
-            in the dtype the teacher produced, on ``device``.
+            in the dtype the teacher produced, on ``device``, in the containers stored; the features are ``{}``
+            with ``store_features=False``.
 
         Raises:
             DistillationStepError: an index is negative, not an integer, or not below ``num_samples``.
         """
         index = self._index(sample_index)
         if (self._fingerprint is None and self._storage is None) or not index:  # never bound: nothing stored
-            self.misses += 1
-            self._stats["misses"] += len(index)
-            return None
+            return self._miss(len(index))
         storage = self._bound()
         rows, mismatched = storage.get(index, None if inputs is None else self._input_fingerprints(inputs, len(index)))
         layout = storage.layout
         if rows is None or layout is None:
-            self.misses += 1
-            self._stats["misses"] += len(index) - mismatched
-            self._stats["mismatches"] += mismatched
-            return None
-        self.hits += 1
-        self._stats["hits"] += len(index)
+            return self._miss(len(index), mismatched)
         leaves = [r.to(device=device, dtype=getattr(torch, d)) for r, (_, d) in zip(rows, layout["leaves"])]
-        outputs = {name: unflatten(spec, leaves) for name, spec in layout["outputs"].items()}
-        features = {name: {path: unflatten(spec, leaves) for path, spec in paths.items()}
-                    for name, paths in layout["features"].items()}
+        try:
+            outputs = {name: unflatten(spec, leaves) for name, spec in layout["outputs"].items()}
+            features = {name: {path: unflatten(spec, leaves) for path, spec in paths.items()}
+                        for name, paths in layout["features"].items()}
+        except LookupError:  # a container class that this process has not imported: run the teachers instead
+            return self._miss(len(index))
+        self.hits, self._stats["hits"] = self.hits + 1, self._stats["hits"] + len(index)
         return outputs, features
 
     def store(self, sample_index: Any, outputs: Mapping[str, Any], features: Mapping[str, Mapping[str, Any]],
@@ -309,13 +310,14 @@ class TeacherCache:
             DistillationStepError: a bad index (see :meth:`lookup`); the batch's tensors do not have one row per
                 sample index, or their per-sample shapes or structure differ from the stored ones; a value does not
                 fit ``dtype`` (e.g. above 65504 for float16).
+            StageConfigError: a value is not a container the cache rebuilds (naming the teacher or layer and its type).
         """
         index = self._index(sample_index)
         leaves: list[Tensor] = []
         layout: dict[str, Any] = {
             "outputs": {name: flatten(value, leaves, f"output of teacher {name!r}") for name, value in outputs.items()},
             "features": {name: {path: flatten(value, leaves, f"feature {name}.{path}") for path, value in paths.items()}
-                         for name, paths in features.items()},
+                         for name, paths in features.items()} if self.store_features else {},
         }
         for position, leaf in enumerate(leaves):
             if leaf.dim() == 0 or leaf.shape[0] != len(index):

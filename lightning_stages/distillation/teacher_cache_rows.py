@@ -11,7 +11,10 @@ Pure functions, shared by the cache and its two storages (``teacher_cache_storag
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import sys
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
@@ -20,7 +23,7 @@ from torch import Tensor
 
 from lightning_stages.errors import StageConfigError, StageProblem
 
-__all__ = ["flatten", "input_fingerprints", "row_hash", "too_large", "unflatten"]
+__all__ = ["check_spec", "flatten", "input_fingerprints", "input_tensors", "row_hash", "too_large", "unflatten"]
 
 _MASK32 = 0xFFFFFFFF
 _MASK35 = (1 << 35) - 1
@@ -29,8 +32,46 @@ _GOLDEN = -0x61C8864680B583EB  # 0x9E3779B97F4A7C15
 _multipliers_cache: dict[tuple[int, str], Tensor] = {}
 
 
+_SUPPORTED = ("tensors, None, and tuples, lists, namedtuples, dicts, OrderedDicts, dataclasses and ModelOutputs of "
+              "them (string keys)")
+
+
+def _type_name(kind: type) -> str:
+    return f"{kind.__module__}:{kind.__qualname__}"
+
+
+def _type_of(name: str) -> type:
+    """The class ``module:qualname`` from an already imported module (the teacher's code imported it).
+
+    Raises:
+        LookupError: the module is not imported or has no such class.
+    """
+    module_name, _, qualname = name.partition(":")
+    found: Any = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    if not isinstance(found, type):
+        raise LookupError(f"the stored container type {name} is not available in this process")
+    return found
+
+
+def _unsupported(value: Any, where: str) -> StageConfigError:
+    return StageConfigError(StageProblem(
+        f"cannot be cached: a {type(value).__name__} ({_type_name(type(value))}) is not one of the containers the "
+        "cache rebuilds", name="teacher_cache", field=where, value=type(value).__name__,
+        hint=f"the cache stores {_SUPPORTED}; return one of those from the teacher (or a hooked layer's selector)"))
+
+
 def flatten(value: Any, leaves: list[Tensor], where: str) -> Any:
     """A JSON description of ``value`` whose tensors are appended to ``leaves`` (and named by their position).
+
+    Containers are rebuilt as the type that was stored: ``tuple``, ``list``, ``dict``, ``OrderedDict``, a namedtuple
+    (from its items), a dataclass (from its fields) and a mapping that is also a dataclass, as transformers'
+    ``ModelOutput`` (from its items). Any other container is refused.
+
+    Raises:
+        StageConfigError: naming ``where`` and the type, for a value of another type (or a mapping with keys that
+            are not strings, a dataclass with fields that ``__init__`` does not take).
 
     Example::
 
@@ -45,9 +86,13 @@ def flatten(value: Any, leaves: list[Tensor], where: str) -> Any:
         return len(leaves) - 1
     if value is None:
         return {"none": True}
-    if isinstance(value, (tuple, list)):
-        return {"seq": "list" if isinstance(value, list) else "tuple",
-                "items": [flatten(v, leaves, where) for v in value]}
+    kind = type(value)
+    if isinstance(value, tuple) and kind is not tuple:
+        if not hasattr(value, "_fields") or not hasattr(kind, "_make"):
+            raise _unsupported(value, where)
+        return {"seq": "namedtuple", "type": _type_name(kind), "items": [flatten(v, leaves, where) for v in value]}
+    if kind in (tuple, list):
+        return {"seq": kind.__name__, "items": [flatten(v, leaves, where) for v in value]}
     if isinstance(value, Mapping):
         keys = list(value)
         if not all(isinstance(k, str) for k in keys):
@@ -55,30 +100,83 @@ def flatten(value: Any, leaves: list[Tensor], where: str) -> Any:
                 StageProblem("cannot be cached: mapping keys must be strings", name="teacher_cache", field=where,
                              value=keys)
             )
-        return {"map": keys, "items": [flatten(value[k], leaves, where) for k in keys]}
-    raise StageConfigError(
-        StageProblem(f"cannot be cached: {type(value).__name__} is not a tensor, tuple, list, dict or None",
-                     name="teacher_cache", field=where, value=type(value).__name__,
-                     hint="return tensors or plain containers of tensors from the teacher and the hooked layers")
-    )
+        spec: dict[str, Any] = {"map": keys, "items": [flatten(value[k], leaves, where) for k in keys]}
+        if kind is OrderedDict or (dataclasses.is_dataclass(value) and _takes_fields(kind, keys)):
+            spec["type"] = _type_name(kind)  # OrderedDict(items); a ModelOutput: cls(**items)
+        elif kind is not dict:
+            raise _unsupported(value, where)
+        return spec
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        names = [f.name for f in dataclasses.fields(value)]
+        if not _takes_fields(kind, names):
+            raise _unsupported(value, where)
+        return {"fields": names, "type": _type_name(kind),
+                "items": [flatten(getattr(value, n), leaves, where) for n in names]}
+    raise _unsupported(value, where)
+
+
+def _takes_fields(kind: type, names: list[str]) -> bool:
+    """Whether the dataclass ``kind`` is rebuilt by ``kind(**{name: value})`` (every name an ``__init__`` field)."""
+    init = {f.name for f in dataclasses.fields(kind) if f.init}
+    return set(names) <= init and all(f.init for f in dataclasses.fields(kind) if f.name in names)
 
 
 def unflatten(spec: Any, leaves: Sequence[Any]) -> Any:
     """The value :func:`flatten` described, built from ``leaves``.
 
+    Raises:
+        LookupError: a stored container type is not a class of a module imported in this process.
+
     Example::
 
         >>> unflatten({'seq': 'tuple', 'items': [1, {'none': True}]}, ["a", "b"])
         ('b', None)
+        >>> rebuilt = unflatten({'map': ['x'], 'items': [0], 'type': 'collections:OrderedDict'}, ["a"])
+        >>> type(rebuilt).__name__, rebuilt["x"]
+        ('OrderedDict', 'a')
     """
     if isinstance(spec, int) and not isinstance(spec, bool):
         return leaves[spec]
     if spec.get("none") is True:
         return None
-    if "map" in spec:
-        return {str(k): unflatten(s, leaves) for k, s in zip(spec["map"], spec["items"], strict=True)}
     items = [unflatten(s, leaves) for s in spec["items"]]
+    kind = _type_of(spec["type"]) if "type" in spec else None
+    if "map" in spec:
+        pairs = {str(k): v for k, v in zip(spec["map"], items, strict=True)}
+        if kind is None:
+            return pairs
+        return kind(pairs) if kind is OrderedDict else kind(**pairs)
+    if "fields" in spec:
+        return kind(**dict(zip(spec["fields"], items, strict=True)))  # type: ignore[misc]
+    if spec["seq"] == "namedtuple":
+        return kind._make(items)  # type: ignore[union-attr]
     return items if spec["seq"] == "list" else tuple(items)
+
+
+def check_spec(spec: Any, count: int) -> None:
+    """Check that ``spec`` is a description :func:`flatten` writes, of leaves below ``count`` (types unresolved).
+
+    Raises:
+        ValueError: it is not (e.g. a damaged file header).
+
+    Example::
+
+        >>> check_spec({"seq": "tuple", "items": [0, {"none": True}]}, 1)
+        >>> check_spec({"seq": "tuple", "items": [3]}, 1)
+        Traceback (most recent call last):
+        ...
+        ValueError: not a stored value: 3
+    """
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        if not 0 <= spec < count:
+            raise ValueError(f"not a stored value: {spec}")
+        return
+    if not isinstance(spec, dict) or (spec.get("none") is not True and not isinstance(spec.get("items"), list)):
+        raise ValueError(f"not a stored value: {spec!r}")
+    if "type" in spec and not isinstance(spec["type"], str):
+        raise ValueError(f"not a stored type: {spec['type']!r}")
+    for item in spec.get("items", ()):
+        check_spec(item, count)
 
 
 def too_large(values: Tensor, dtype: torch.dtype) -> Optional[float]:
@@ -144,6 +242,27 @@ def _tensor_rows_hash(tensor: Tensor, rows: int) -> Tensor:
         data = padded
     salt = _bytes_hash(f"{tensor.dtype}{tuple(tensor.shape[1:])}")
     return row_hash(data.view(torch.int64)) + salt
+
+
+def input_tensors(inputs: Any) -> list[Tensor]:
+    """Every tensor in ``inputs`` (nested tuples, lists and mappings).
+
+    Example::
+
+        >>> len(input_tensors(((torch.ones(1),), {"mask": [torch.ones(2)], "flag": True})))
+        2
+    """
+    tensors: list[Tensor] = []
+    pending = [inputs]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, Tensor):
+            tensors.append(value)
+        elif isinstance(value, Mapping):
+            pending.extend(value.values())
+        elif isinstance(value, (tuple, list)):
+            pending.extend(value)
+    return tensors
 
 
 def input_fingerprints(inputs: Any, rows: int) -> Tensor:

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from lightning_stages.distillation.teacher_cache_rows import unflatten
+from lightning_stages.distillation.teacher_cache_rows import check_spec
 
 __all__ = ["MemoryRows", "RowStorage", "directory_problem", "leaf_specs"]
 
@@ -40,7 +40,7 @@ def leaf_specs(layout: dict[str, Any]) -> list[tuple[tuple[int, ...], torch.dtyp
         specs.append((tuple(shape), dtype, numel * torch.empty((), dtype=dtype).element_size()))
     for specs_of in (layout["outputs"], *layout["features"].values()):
         for spec in specs_of.values():
-            unflatten(spec, range(len(specs)))  # raises on a spec that names no leaf
+            check_spec(spec, len(specs))  # raises on a spec that names no leaf
     return specs
 
 

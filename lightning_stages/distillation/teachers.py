@@ -147,6 +147,26 @@ def _named_stage(stage: Optional[str]) -> Iterator[None]:
              for p in err.problems], stage=stage, when="a training step") from err
 
 
+class _LiveFeature:
+    """A hooked teacher feature of a batch that the cache served without features (``store_features=False``): the
+    first read runs the hooked teachers on that batch (``run``, once for all of its features), whose hooks then hold
+    the real captures; it never stands for another batch's feature."""
+
+    __slots__ = ("_path", "_run", "_store")
+
+    def __init__(self, store: dict[str, Any], path: str, run: Callable[[], None]) -> None:
+        self._store, self._path, self._run = store, path, run
+
+    def _capture(self) -> Any:
+        if self._store.get(self._path) is self:
+            self._run()
+        capture = self._store.get(self._path)
+        return None if capture is self else capture  # the hook did not fire on this batch's forward
+
+    def __getattr__(self, name: str) -> Any:  # value, raw, failed, version: those of the live capture
+        return getattr(self._capture(), name, None)
+
+
 class Teachers:
     """The prepared teachers of one module: frozen, in eval mode, with the module or offloaded to CPU.
 
@@ -190,8 +210,8 @@ class Teachers:
 
     def run(self, args: tuple, kwargs: Mapping[str, Any], precision: Optional[str],
             device: Callable[[], torch.device], inputs: Optional[Mapping[str, Any]] = None,
-            stage: Optional[str] = None) -> dict:
-        """Every teacher on ``args``/``kwargs`` (or its own entry of ``inputs``, see :func:`teacher_calls`) under
+            stage: Optional[str] = None, names: Optional[list[str]] = None) -> dict:
+        """Every teacher (or those in ``names``) on ``args``/``kwargs`` (or its own entry of ``inputs``, see :func:`teacher_calls`) under
         ``torch.no_grad()``; brought back to ``device()`` first if offloaded, and run under ``torch.autocast`` on its
         type if ``precision`` says so.
 
@@ -205,11 +225,12 @@ class Teachers:
             self.place(False, device())
         dtype = AUTOCAST_DTYPES.get(precision)
         shared = inputs is None and len(calls) > 1
+        run = [(name, t) for name, t in self.modules.items() if names is None or name in names]
         with torch.no_grad():
             if dtype is None:
-                return {name: forward_named(name, t, calls[name], stage, shared) for name, t in self.modules.items()}
+                return {name: forward_named(name, t, calls[name], stage, shared) for name, t in run}
             with torch.autocast(device().type, dtype=dtype):
-                return {name: forward_named(name, t, calls[name], stage, shared) for name, t in self.modules.items()}
+                return {name: forward_named(name, t, calls[name], stage, shared) for name, t in run}
 
     def run_cached(
         self, cache: TeacherCache, sample_index: Any, args: tuple, kwargs: Mapping[str, Any], *, hooks: FeatureHooks,
@@ -217,7 +238,8 @@ class Teachers:
         inputs: Optional[Mapping[str, Any]] = None,
     ) -> dict[str, Any]:
         """The teachers' outputs from ``cache`` if every sample is stored (their features put into ``hooks``), else
-        :meth:`run` and store the outputs and features.
+        :meth:`run` and store the outputs and features. With ``store_features=False`` a stored batch's hooked
+        teacher features are computed by running the hooked teachers on this batch when first read.
 
         Args:
             bind: first bind the cache to a fingerprint of the teachers, their hooked layers and the precision.
@@ -243,12 +265,30 @@ class Teachers:
         if hit is not None:
             outputs, features = hit
             hooks.put(features)
+            if not cache.store_features:
+                self._defer_features(hooks, lambda names: self.run(args, kwargs, precision, device, inputs=inputs,
+                                                                   stage=stage, names=names))
             return outputs
         outputs = self.run(args, kwargs, precision, device, inputs=inputs, stage=stage)
-        features = hooks.snapshot(list(self.modules), stage)
+        features = hooks.snapshot(list(self.modules), stage) if cache.store_features else {}
         with _named_stage(stage):
             cache.store(sample_index, outputs, features, inputs=given)
         return outputs
+
+
+    def _defer_features(self, hooks: FeatureHooks, run: Callable[[list[str]], Any]) -> None:
+        """Replace every hooked teacher feature in ``hooks`` by a :class:`_LiveFeature` of this batch."""
+        hooked = [name for name in self.modules if hooks.spec.get(name) and name in hooks._features]
+        done: list[bool] = []
+
+        def run_once() -> None:
+            if not done:
+                done.append(True)
+                run(hooked)
+
+        for name in hooked:
+            store: dict[str, Any] = hooks._features[name]
+            store.update({path: _LiveFeature(store, path, run_once) for path in hooks.spec[name]})
 
 
 def module_device(module: nn.Module, teachers: Optional[Teachers]) -> torch.device:
