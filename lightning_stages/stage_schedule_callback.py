@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from lightning_stages.distillation.distillation_module import DistillationModule
+from lightning_stages.distillation.step_checks import NonFiniteWatch
 from lightning_stages.errors import StageConfigError, StageProblem
 from lightning_stages.schedule import StageSchedule
 from lightning_stages.schedule.bind import bind_schedule, declared_settings, given_schedule
@@ -50,7 +51,14 @@ class StageScheduleCallback(Callback):
     * ``loss_weights``: the complete ``{task loss: weight}`` dict of the stage;
     * ``use_distillation``: whether the distillation loss is on;
     * ``lambda_coef``: the distillation coefficient;
-    * ``stage_name``: the stage's name (``"base"`` where no stage covers the epoch).
+    * ``stage_name``: the stage's name (``"base"`` where no stage covers the epoch);
+    * ``stage_token``: an opaque value that differs between consecutive stages (even of the same name), so a
+      module can tell that a new stage began (:class:`~lightning_stages.DistillationModule` checks its first step).
+
+    The loss ``training_step`` returns is watched at every step on the device (no host sync); before any checkpoint
+    is written, and at the end of every epoch, a non-finite loss since the last look stops the run with a
+    :class:`~lightning_stages.DistillationStepError` naming the stage and the batches, so no checkpoint is ever
+    written after a NaN or infinite loss: the last one written before it is kept.
 
     The module declares its task losses as the keys of the ``loss_weights`` dict it sets in ``__init__``; those
     values are the base weights when none are given here. Without a schedule the base settings apply to every
@@ -69,6 +77,7 @@ class StageScheduleCallback(Callback):
         StageConfigError: in ``__init__`` for problems of the schedule itself, in ``setup`` for problems that need
             the module or the Trainer (unknown loss keys, stages past ``max_epochs``, missing teachers). All before
             the first training batch.
+        DistillationStepError: at a checkpoint or an epoch end after a non-finite training loss.
 
     Example::
 
@@ -101,6 +110,7 @@ class StageScheduleCallback(Callback):
         # the state: the schedule as given, and as bound to the module and the Trainer at `setup`
         self.schedule = schedule
         self.resolved_schedule: Optional[StageSchedule] = None
+        self._nonfinite = NonFiniteWatch()
 
     @property
     @override
@@ -175,6 +185,7 @@ class StageScheduleCallback(Callback):
         pl_module.use_distillation = resolved.distillation
         pl_module.lambda_coef = resolved.lambda_coef
         pl_module.stage_name = resolved.name
+        pl_module.stage_token = (resolved.index, resolved.start_epoch)
         if isinstance(pl_module, DistillationModule):  # offload_teachers: does a current or later stage distill?
             later = resolved.end_epoch is not None and schedule.distilling_until() > resolved.end_epoch
             pl_module.update_teacher_placement(resolved.distillation, later)
@@ -188,6 +199,34 @@ class StageScheduleCallback(Callback):
         metrics = stage_metrics(resolved)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+
+    # ------------------------------------------------------------------ non-finite losses
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        self._nonfinite.update(loss, batch_idx, trainer.global_step)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_if_nonfinite(trainer, "at the end of the epoch")
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # raising here, while the checkpoint is being assembled, means it is never written
+        self._stop_if_nonfinite(trainer, "before writing a checkpoint")
+
+    def _stop_if_nonfinite(self, trainer: pl.Trainer, when: str) -> None:
+        found = self._nonfinite.check(trainer.strategy.all_gather if trainer.world_size > 1 else None)
+        if found is None:
+            return
+        resolved = self.resolved_schedule.at(trainer.current_epoch) if self.resolved_schedule is not None else None
+        raise found.error(trainer.current_epoch, when, resolved.index if resolved else None,
+                          resolved.name if resolved else None)
 
     # ------------------------------------------------------------------ checkpointing
 

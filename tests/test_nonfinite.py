@@ -1,0 +1,140 @@
+"""Non-finite losses never reach a checkpoint.
+
+The callback watches the loss of every training step on the device (no host sync) and looks at what it saw before a
+checkpoint is written and at each epoch end: a NaN or infinite loss stops the run with a ``DistillationStepError``
+naming the stage and the batches, and the checkpoints written before it are kept as they were.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import PlainStudent, TinyNet, loader, trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_stages import DistillationStepError, StageScheduleCallback
+from lightning_stages.distillation.step_checks import NonFiniteWatch
+
+
+def tiny_loader(n: int = 16, batch_size: int = 4) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)),
+                      batch_size=batch_size)
+
+
+class NaNAt(TinyNet):
+    """A TinyNet whose loss turns NaN at one (epoch, batch) and stays NaN after (as NaN weights would make it)."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        super().__init__()
+        self.bad_from = (epoch, batch)
+        self.steps: list[tuple[int, int]] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.steps.append((self.trainer.current_epoch, batch_idx))
+        if (self.trainer.current_epoch, batch_idx) >= self.bad_from:
+            loss = loss * float("nan")
+        return loss
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def _all_finite(state: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+def test_a_nan_at_step_k_of_a_stage_stops_before_any_checkpoint_after_it(tmp_path):
+    stages = [{"name": "warm", "start_epoch": 0, "end_epoch": 1}, {"name": "main", "start_epoch": 1}]
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1,
+                                  filename="{epoch}")
+    model = NaNAt(epoch=2, batch=2)
+    run = trainer(tmp_path, max_epochs=4, callbacks=[StageScheduleCallback(stages), checkpoints],
+                  enable_checkpointing=True)
+    with pytest.raises(DistillationStepError) as caught:
+        run.fit(model, tiny_loader())
+    message = str(caught.value)
+    assert "stage 1 ('main')" in message and "at batch 2 of epoch 2" in message, message
+    assert "batches 0..3" in message and "the last checkpoint written before is kept" in message
+    # the epochs before are written; nothing of epoch 2 or later
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0.ckpt", "epoch=1.ckpt", "last.ckpt"]
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 1 and last["global_step"] == 8
+    assert _all_finite(last["state_dict"])
+    reference = _weights(tmp_path / "ckpt" / "epoch=1.ckpt")
+    assert all(torch.equal(last["state_dict"][k], reference[k]) for k in reference)
+    # the NaN step did run (the weights it made are what is kept out of the checkpoints)
+    assert (2, 2) in model.steps and not _all_finite(model.state_dict())
+
+
+def test_a_nan_between_step_checkpoints_is_never_written(tmp_path):
+    """``every_n_train_steps=1``: the checkpoint of the NaN step is refused while it is being assembled."""
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=1)
+    run = trainer(tmp_path, max_epochs=2, callbacks=[StageScheduleCallback(), checkpoints],
+                  enable_checkpointing=True)
+    with pytest.raises(DistillationStepError, match=r"at batch 1 of epoch 0 \(found before writing a checkpoint; "
+                                                    r"batches 1\.\.1 were watched, global steps 2\.\.2\)"):
+        run.fit(NaNAt(epoch=0, batch=1), tiny_loader())
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 1 and _all_finite(last["state_dict"])
+
+
+def test_an_infinite_loss_of_a_module_without_the_mixin_stops_at_the_epoch_end(tmp_path):
+    class InfAt(PlainStudent):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss + (math.inf if (self.trainer.current_epoch, batch_idx) == (1, 0) else 0.0)
+
+    run = trainer(tmp_path, max_epochs=3, callbacks=[StageScheduleCallback()])
+    with pytest.raises(DistillationStepError, match=r"(?s)stage 'base'.*at batch 0 of epoch 1 \(found at the end of the "
+                                                    r"epoch; batches 0\.\.1 were watched"):
+        run.fit(InfAt(), loader(n=8, batch_size=4))
+    assert run.current_epoch == 1
+
+
+def test_finite_losses_train_to_the_end_and_the_checkpoints_are_written(tmp_path):
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1, filename="{epoch}")
+    run = trainer(tmp_path, max_epochs=2, callbacks=[StageScheduleCallback(), checkpoints], enable_checkpointing=True)
+    run.fit(TinyNet(), tiny_loader())
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0.ckpt", "epoch=1.ckpt", "last.ckpt"]
+
+
+def test_two_consecutive_stages_of_one_name_both_check_their_first_step(tmp_path):
+    """The first-step check is keyed by the stage, not its name: the second 'kd' stage's NaN teacher is caught at its
+    first step, with the first-step message (not only at the epoch end)."""
+
+    class NaNTeacherFromEpoch1(TinyNet):
+        def distill_losses(self, logits, x):
+            losses = super().distill_losses(logits, x)
+            if self.trainer.current_epoch >= 1:
+                losses = {k: v * float("nan") for k, v in losses.items()}
+            return losses
+
+        def record(self, batch, batch_idx, loss):
+            self.steps = [*getattr(self, "steps", []), (self.trainer.current_epoch, batch_idx)]
+
+    stages = [{"name": "kd", "start_epoch": 0, "end_epoch": 1, "distillation": True},
+              {"name": "kd", "start_epoch": 1, "end_epoch": 2, "distillation": True}]
+    model = NaNTeacherFromEpoch1()
+    with pytest.raises(DistillationStepError, match=r"(?s)at the first step of stage 'kd'.*is not finite at epoch 1"):
+        trainer(tmp_path, max_epochs=2, callbacks=[StageScheduleCallback(stages)]).fit(model, tiny_loader())
+    assert model.steps[-1] == (0, 3)  # epoch 1 stopped in its first step, before record()
+
+
+def test_the_watch_reads_the_first_non_finite_batch_and_forgets_it_after_a_check():
+    watch = NonFiniteWatch()
+    assert watch.check() is None  # nothing watched: nothing to read
+    losses = [0.1, math.inf, 0.3, math.nan, 0.5]
+    for batch, value in enumerate(losses):
+        watch.update(torch.tensor(value), batch, step=batch + 1)
+    found = watch.check()
+    first_bad = next(i for i, v in enumerate(losses) if not math.isfinite(v))
+    assert (found.first_bad, found.first, found.last, found.first_step, found.last_step) == (first_bad, 0, 4, 1, 5)
+    watch.update(None, 5, step=6)  # a step without a loss (e.g. skipped) is not a problem
+    watch.update(torch.tensor([1.0, 2.0]), 6, step=7)
+    assert watch.check() is None
