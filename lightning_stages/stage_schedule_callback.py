@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -242,9 +243,13 @@ class StageScheduleCallback(Callback):
         Checkpoints of 0.1 also hold ``epoch`` and ``stage``; they are ignored (the epoch's stage is resolved again).
         """
         current = self.resolved_schedule or self.schedule
-        try:
-            saved = StageSchedule.from_config(state_dict.get("schedule", {}))
-        except StageConfigError as err:
+        saved_dict = state_dict.get("schedule") if isinstance(state_dict, Mapping) else state_dict
+        try:  # only a mapping is read: a string there is never taken for a file to open
+            if not isinstance(saved_dict, Mapping):
+                raise StageConfigError(StageProblem(f"it is {type(saved_dict).__name__}, not a mapping",
+                                                    field="schedule", value=saved_dict))
+            saved = StageSchedule.from_config(saved_dict)
+        except (StageConfigError, TypeError, ValueError, OverflowError, RecursionError) as err:
             rank_zero_warn(f"StageScheduleCallback: the schedule saved in the checkpoint could not be read ({err}); "
                            "resuming with the schedule given now.")
             return
