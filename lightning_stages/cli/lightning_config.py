@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 
 from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
 from lightning_stages.schedule import StageSchedule, bind_schedule
-from lightning_stages.schedule.bind import given_schedule
+from lightning_stages.schedule.bind import declared_settings, given_schedule
 from lightning_stages.schedule.seed_format import load_config
 from lightning_stages.stage_schedule_callback import StageScheduleCallback
 
@@ -78,9 +78,11 @@ def _import(class_path: str, field: str) -> tuple[Optional[Any], list[StageProbl
         return None, [StageProblem(f"cannot be imported ({reason})", name="config", field=field, value=class_path)]
 
 
-def _callback_entries(data: Mapping[str, Any]) -> tuple[list[tuple[int, dict[str, Any]]], list[StageProblem]]:
+def _callback_entries(data: Mapping[str, Any], import_modules: bool = True
+                      ) -> tuple[list[tuple[int, dict[str, Any]]], list[StageProblem]]:
     """``(position in trainer.callbacks, init_args)`` of every StageScheduleCallback in a LightningCLI config, and
-    the problems of class paths that cannot be imported."""
+    the problems of class paths that cannot be imported. Without ``import_modules``, a callback is recognised by its
+    class name alone (``StageScheduleCallback`` or ``<anything>.StageScheduleCallback``) and nothing is imported."""
     callbacks = _section(_fit_section(data), "trainer").get("callbacks")
     if isinstance(callbacks, (Mapping, str)):
         callbacks = [callbacks]
@@ -93,7 +95,9 @@ def _callback_entries(data: Mapping[str, Any]) -> tuple[list[tuple[int, dict[str
         if not isinstance(class_path, str):
             continue
         cls = None
-        if class_path != _CALLBACK_NAME and "." in class_path:
+        if not import_modules:
+            cls = StageScheduleCallback if class_path.rpartition(".")[2] == _CALLBACK_NAME else None
+        elif class_path != _CALLBACK_NAME and "." in class_path:
             cls, failed = _import(class_path, f"trainer.callbacks[{position}].class_path")
             problems += failed
         if class_path == _CALLBACK_NAME or (isinstance(cls, type) and issubclass(cls, StageScheduleCallback)):
@@ -123,9 +127,13 @@ def _callback_schedule(init_args: Mapping[str, Any], position: int
     return given
 
 
-def check_lightning_config(data: Mapping[str, Any]) -> list[tuple[StageSchedule, Optional[dict[str, float]]]]:
+def check_lightning_config(data: Mapping[str, Any], import_modules: bool = True
+                           ) -> list[tuple[StageSchedule, Optional[dict[str, float]]]]:
     """Check every ``StageScheduleCallback`` of a LightningCLI config without building it, raising the library's
     error for bad ones.
+
+    Callback class paths other than ``StageScheduleCallback`` are imported (running the module's top-level code) to
+    find subclasses of it; ``import_modules=False`` imports nothing and recognises the callback by its class name.
 
     Returns:
         ``(schedule, weight overrides)`` of each callback, as :func:`~lightning_stages.schedule.bind.bind_schedule`
@@ -145,7 +153,7 @@ def check_lightning_config(data: Mapping[str, Any]) -> list[tuple[StageSchedule,
         lightning_stages.errors.StageConfigError: 1 problem in the stage schedule:
           - stage 0 ('warm'): `lamda_coef` = 0.5: is not a stage field; did you mean `lambda_coef`?
     """
-    entries, problems = _callback_entries(data)
+    entries, problems = _callback_entries(data, import_modules)
     given = []
     for position, init_args in entries:
         try:
@@ -162,7 +170,7 @@ def check_lightning_config(data: Mapping[str, Any]) -> list[tuple[StageSchedule,
     return given
 
 
-def _model_defaults(model: Mapping[str, Any]) -> dict[str, Any]:
+def _model_defaults(model: Mapping[str, Any], import_modules: bool = True) -> dict[str, Any]:
     """What the model declares (``loss_weights``, ``use_distillation``, ``lambda_coef`` from init_args or defaults),
     keyed as :func:`~lightning_stages.schedule.bind.bind_schedule` reads it.
 
@@ -173,8 +181,8 @@ def _model_defaults(model: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in model.items():  # jsonargparse also accepts init args next to class_path
         if key not in ("class_path", "init_args", "dict_kwargs"):
             init_args.setdefault(key, value)
-    cls, problems = _import(model["class_path"], "model.class_path") if isinstance(model.get("class_path"), str) \
-        else (None, [])
+    cls, problems = _import(model["class_path"], "model.class_path") \
+        if import_modules and isinstance(model.get("class_path"), str) else (None, [])
     if problems:
         raise StageConfigError(problems)
     defaults: dict[str, Any] = {}
@@ -193,7 +201,8 @@ def _max_epochs_of(data: Mapping[str, Any]) -> Optional[int]:
 
 
 def schedule_of_config(
-    path: Union[str, os.PathLike], max_epochs: Optional[int] = None, stages: Union[str, os.PathLike, None] = None
+    path: Union[str, os.PathLike], max_epochs: Optional[int] = None, stages: Union[str, os.PathLike, None] = None,
+    import_modules: bool = True,
 ) -> StageSchedule:
     """The schedule a config trains with, every base setting resolved, checked the way ``fit`` would check it.
 
@@ -206,6 +215,11 @@ def schedule_of_config(
         path: the config file.
         max_epochs: the run's epochs; defaults to ``trainer.max_epochs`` or the seed's ``train.epochs``.
         stages: a schedule in the seed's format to use with a LightningCLI config (its ``--stages`` option).
+        import_modules: import the modules a LightningCLI config's ``class_path`` names (running their top-level
+            code), as ``fit`` would, to read the model's ``__init__`` defaults and recognise callback subclasses.
+            ``False`` (``--no-import``, for untrusted configs) imports nothing and checks what can be checked
+            statically: the schedule itself, the callback's arguments, the model's ``init_args`` and the epochs;
+            without ``loss_weights`` in the model's ``init_args``, the weight keys are not checked against the model.
 
     Raises:
         StageConfigError: every problem, each naming stage, field and value.
@@ -230,16 +244,22 @@ def schedule_of_config(
         # the seed's own train.loss_weights are the module's task losses; the run's epochs end open stages
         return bind_schedule(schedule.with_total_epochs(None), declared={"loss_weights": schedule.loss_weights},
                              max_epochs=total)
-    given = check_lightning_config(data)
+    given = check_lightning_config(data, import_modules)
     if stages is not None:
         if given:
             raise StageConfigError(two_schedules_problem(stages))
         given = [given_schedule(config=stages)]
     schedule, overrides = given[0] if given else (StageSchedule(), None)
-    declared = _model_defaults(_section(_fit_section(data), "model"))
+    model = _section(_fit_section(data), "model")
+    declared = _model_defaults(model, import_modules)
     total = max_epochs if max_epochs is not None else _max_epochs_of(data)
     if total is None:
         total = schedule.total_epochs
+    if not import_modules and declared["loss_weights"] is None and "class_path" in model:
+        # the model's task losses are declared in its code, which is not run: check the schedule on its own
+        known = declared_settings(**declared)
+        base = schedule.with_base(distillation=known["distillation"], lambda_coef=known["lambda_coef"])
+        return base.with_total_epochs(total) if total is not None else base
     return bind_schedule(schedule, declared=declared, weight_overrides=overrides, max_epochs=total)
 
 

@@ -7,12 +7,18 @@ import os
 from pathlib import Path
 from typing import Any, Union
 
+from lightning_stages.errors import printable
 from lightning_stages.schedule import StageSchedule
 from lightning_stages.schedule.render import weight_keys
 
 __all__ = ["PLOT_HINT", "plot_timeline", "require_matplotlib"]
 
 PLOT_HINT = "drawing needs matplotlib: pip install 'lightning-stages[plot]'"
+
+
+def _label(text: str) -> str:
+    """A name as matplotlib draws it: control characters escaped, ``$`` not taken for mathtext."""
+    return printable(text, 40).replace("$", r"\$")
 
 
 def require_matplotlib() -> Any:
@@ -62,14 +68,14 @@ def plot_timeline(schedule: StageSchedule, path: Union[str, os.PathLike]) -> Pat
     for i, r in enumerate(timeline):
         for ax in (ax_w, ax_l):
             ax.axvspan(r.start_epoch, ends[i], color=f"C{i % 10}" if not r.is_base else "0.85", alpha=0.12, lw=0)
-        ax_w.text((r.start_epoch + ends[i]) / 2, 1.01, r.name + (" (KD)" if r.distillation else ""),
+        ax_w.text((r.start_epoch + ends[i]) / 2, 1.01, _label(r.name) + (" (KD)" if r.distillation else ""),
                   transform=ax_w.get_xaxis_transform(), ha="center", va="bottom", fontsize=8)
     top = max([max(r.loss_weights.values(), default=0.0) for r in timeline] + [1.0])
     for j, key in enumerate(keys):
         # equal weights would hide each other: shift each line by a hair
         shift = (j - (len(keys) - 1) / 2) * 0.012 * top
         values = [r.loss_weights.get(key, math.nan) + shift for r in timeline]
-        ax_w.stairs(values, edges, label=key, lw=2, baseline=None, color=f"C{j % 10}")
+        ax_w.stairs(values, edges, label=_label(key), lw=2, baseline=None, color=f"C{j % 10}")
     ax_w.set_ylabel("loss weight (lines nudged apart)")
     ax_w.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     ax_l.stairs([r.lambda_coef for r in timeline], edges, label="lambda_coef", lw=2, baseline=None, color="k")

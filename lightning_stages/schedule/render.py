@@ -3,6 +3,7 @@ prints (a one-line summary and a table of a resolved schedule)."""
 
 from __future__ import annotations
 
+from lightning_stages.errors import printable
 from lightning_stages.schedule.stage import ResolvedStage
 from lightning_stages.schedule.stage_schedule import StageSchedule
 
@@ -24,7 +25,7 @@ def format_summary(schedule: StageSchedule) -> str:
     if not schedule.stages:
         return "no stage schedule: single-stage training with the base settings"
     total = schedule.total_epochs
-    parts = [f"{r.name} [{r.start_epoch}, {r.end_epoch if r.end_epoch is not None else 'end'})"
+    parts = [f"{printable(r.name, 40)} [{r.start_epoch}, {r.end_epoch if r.end_epoch is not None else 'end'})"
              for r in schedule.timeline()]
     over = f" over {total} epochs" if total is not None else ""
     teachers = "; teachers needed" if schedule.needs_teachers else "; no teacher needed"
@@ -47,6 +48,9 @@ def weight_keys(schedule: StageSchedule, timeline: list[ResolvedStage]) -> list[
 def format_table(schedule: StageSchedule) -> str:
     """The resolved schedule as a text table: epochs, stage, distillation, lambda and every loss weight.
 
+    Stage names and loss names are shown with control characters escaped (:func:`~lightning_stages.errors.printable`):
+    a name can neither add a row nor send escape sequences to the terminal.
+
     Example::
 
         >>> s = StageSchedule([{"name": "kd", "start_epoch": 0, "end_epoch": 2, "distillation": True,
@@ -58,11 +62,11 @@ def format_table(schedule: StageSchedule) -> str:
     """
     timeline = schedule.timeline()
     keys = weight_keys(schedule, timeline)
-    header = ["epochs", "stage", "distillation", "lambda", *keys]
+    header = ["epochs", "stage", "distillation", "lambda", *(printable(k, 40) for k in keys)]
     rows = [header]
     for r in timeline:
         end = r.end_epoch if r.end_epoch is not None else "end"
-        rows.append([f"[{r.start_epoch}, {end})", r.label if not r.is_base else r.name,
+        rows.append([f"[{r.start_epoch}, {end})", printable(r.label if not r.is_base else r.name, 60),
                      "on" if r.distillation else "off", _number(r.lambda_coef),
                      *(_number(r.loss_weights[k]) if k in r.loss_weights else "-" for k in keys)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
