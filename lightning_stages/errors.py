@@ -28,10 +28,10 @@ def short_repr(value: Any) -> str:
     Example::
 
         >>> short_repr(list(range(100))), short_repr("x" * 200)[:12], short_repr(10 ** 5000)
-        ('[0, 1, 2, 3, 4, 5, ...]', "'xxxxxxxxxxx", '<an integer of about 5001 digits>')
+        ('[0, 1, 2, 3, 4, 5, ...]', "'xxxxxxxxxxx", '<an integer of more than 4999 digits>')
     """
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
-        return f"<an integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
+        return f"<an integer of more than {int((value.bit_length() - 1) * 0.30103)} digits>"  # log10(2) = 0.30103
     try:
         return _REPR.repr(value)
     except Exception:  # a value whose repr fails (or refuses, as a huge int does) is named by its type
