@@ -1,71 +1,59 @@
 """``lightning-stages compare``: train each ``LightningCLI`` config over the same seeds and report which is better.
 
-Each run goes through :class:`~lightning_stages.cli.stages_lightning_cli.StagesLightningCLI`; the report
-(:mod:`lightning_stages.cli.compare_report`) names a winner only where the seeds allow an answer.
+Each run goes through :func:`~lightning_stages.cli.training_run.execute_run` in its own folder
+``OUT/runs/<schedule>/seed_<n>/``, launched by a :mod:`~lightning_stages.cli.launchers` launcher (this process, a
+pool of worker processes, or Ray). Finished runs are kept (:mod:`~lightning_stages.cli.run_store`) and reused by a
+later comparison of the same configs. The report (:mod:`~lightning_stages.cli.compare_report`) names a winner only
+where the paired analysis of the seeds (:mod:`~lightning_stages.cli.stats`) allows an answer.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
+import hashlib
 import os
-import time
-import traceback
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
-from typing_extensions import override
+from tqdm.auto import tqdm
 
 from lightning_stages.cli.compare_report import RunOutcome, plot_curves, write_report
+from lightning_stages.cli.launchers import LocalLauncher, RayLauncher, default_jobs
 from lightning_stages.cli.lightning_config import (
     add_working_directory_to_path,
     like_for_like_differences,
     schedule_of_config,
 )
-from lightning_stages.cli.stages_lightning_cli import StagesLightningCLI
+from lightning_stages.cli.run_store import config_fingerprint, load_result, run_dir, save_result
+from lightning_stages.cli.stats import higher_is_better, paired_verdict, require_scipy
+from lightning_stages.cli.training_run import RunSpec
 from lightning_stages.errors import StageConfigError
 from lightning_stages.schedule.render import format_summary
-from lightning_stages.stage_schedule_callback import StageScheduleCallback
 
-__all__ = ["CompareResult", "run_compare"]
+__all__ = ["AUTO_START_SEEDS", "CompareResult", "run_compare"]
 
-
-class _CurveRecorder(Callback):
-    """Records a validation metric after each validation run (not the sanity check)."""
-
-    def __init__(self, metric: str) -> None:
-        self.metric = metric
-        self.points: list[tuple[int, float]] = []
-
-    @override
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        value = trainer.callback_metrics.get(self.metric)
-        if value is not None:
-            self.points.append((trainer.current_epoch, float(value)))
+#: ``--seeds auto`` starts with this many seeds (or ``max_seeds`` if fewer), then adds one per round
+AUTO_START_SEEDS = 3
 
 
 @dataclass
 class CompareResult:
-    """What ``compare`` produced: the report, the curves, the TensorBoard runs and every run's outcome.
+    """What ``compare`` produced: the report, the curves, the run folders and every run's outcome.
 
     Attributes:
         report: path of ``report.md``.
         curves: path of ``curves.png`` (``None`` without matplotlib).
-        tensorboard: the directory of the TensorBoard runs.
-        runs: ``{schedule: [per-seed outcome]}``, each with ``metrics``, ``curve``, ``seconds`` and ``error``.
+        tensorboard: the folder of the runs (``OUT/runs``), each with its ``result.json`` and TensorBoard events.
+        runs: ``{schedule: [per-seed outcome]}``; see :class:`RunOutcome`.
         warnings: the like-for-like warnings.
+        seeds: the seeds of the comparison.
+        decided: whether the primary metric's verdict names a winner.
 
     Example::
 
-        >>> CompareResult(Path("report.md"), None, Path("tb"), {"a": [RunOutcome("a", 0, error="boom")]}, []).failed
+        >>> CompareResult(Path("report.md"), None, Path("runs"), {"a": [RunOutcome("a", 0, error="boom")]}, []).failed
         True
     """
 
@@ -74,19 +62,26 @@ class CompareResult:
     tensorboard: Path
     runs: dict[str, list[RunOutcome]]
     warnings: list[str]
+    seeds: list[int] = field(default_factory=list)
+    decided: bool = False
 
     @property
     def failed(self) -> bool:
         """Whether any run failed."""
         return any(run.error is not None for runs in self.runs.values() for run in runs)
 
+    @property
+    def trained(self) -> int:
+        """How many runs trained in this comparison (the others were reused)."""
+        return sum(not run.reused for runs in self.runs.values() for run in runs)
+
     def locations(self) -> list[str]:
         """The lines that tell the user where the report, the curves and the TensorBoard runs are.
 
         Example::
 
-            >>> CompareResult(Path("out/report.md"), None, Path("out/tb"), {}, []).locations()
-            ['report: out/report.md', 'tensorboard --logdir out/tb']
+            >>> CompareResult(Path("out/report.md"), None, Path("out/runs"), {}, []).locations()
+            ['report: out/report.md', 'tensorboard --logdir out/runs']
         """
         lines = [f"report: {self.report}"]
         if self.curves is not None:
@@ -108,107 +103,124 @@ def _schedule_names(configs: Sequence[Union[str, os.PathLike]]) -> list[str]:
     return out
 
 
-@contextlib.contextmanager
-def _quiet() -> Any:
-    """Keep Lightning's and our per-epoch INFO lines and known noise out of compare's one-line-per-run output."""
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning_stages")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    with warnings.catch_warnings():
-        for pattern in (".*does not have many workers.*", ".*litlogger.*", ".*DiceScore metric currently defaults.*",
-                        ".*LightningCLI's args parameter.*", ".*Checkpoint directory.*exists and is not empty.*",
-                        ".*treespec.*", ".*smaller than the logging interval.*"):
-            warnings.filterwarnings("ignore", message=pattern)
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
-
-
-def _one_run(config: Path, name: str, seed: int, out: Path, curve_metric: str, metrics: Sequence[str],
-             stages: Optional[str]) -> tuple[RunOutcome, list[tuple[int, str]]]:
-    run = RunOutcome(name, seed)
-    boundaries: list[tuple[int, str]] = []
-    logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-              "init_args": {"save_dir": str(out / "tb"), "name": name, "version": f"seed_{seed}"}}
-    args = ["--config", str(config), f"--seed_everything={seed}", "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false", f"--trainer.logger={json.dumps(logger)}",
-            f"--trainer.default_root_dir={out / 'tb' / name / f'seed_{seed}'}"]
-    if stages is not None:
-        args.append(f"--stages={stages}")
-    start = time.perf_counter()
+def _fingerprint(config: Path, stages: Optional[str]) -> str:
     try:
-        with _quiet():
-            cli = StagesLightningCLI(args=args, run=False, parser_kwargs={"exit_on_error": False},
-                                     save_config_kwargs={"overwrite": True})
-            recorder = _CurveRecorder(curve_metric)
-            cli.trainer.callbacks.append(recorder)  # type: ignore[attr-defined]  # set by Lightning's callback connector, not declared
-            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-            results = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
-        logged = results[0] if results else {}
-        missing = [m for m in metrics if m not in logged]
-        if missing:
-            raise KeyError(f"the test step logged no {', '.join(missing)} (logged: {', '.join(logged) or 'nothing'})")
-        run.metrics = {m: float(logged[m]) for m in metrics}
-        run.curve = list(recorder.points)
-        for callback in cli.trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(callback, StageScheduleCallback) and callback.resolved_schedule is not None:
-                boundaries = [(r.start_epoch, r.name) for r in callback.resolved_schedule.timeline()]
-    except KeyboardInterrupt:
-        raise
-    except BaseException as err:
-        run.error = f"{type(err).__name__}: {err}".strip()
-        logging.getLogger(__name__).debug("run %s seed %s failed", name, seed, exc_info=True)
-        if os.environ.get("LIGHTNING_STAGES_DEBUG"):
-            traceback.print_exc()
-    run.seconds = time.perf_counter() - start
-    return run, boundaries
+        return config_fingerprint(config, stages)
+    except (OSError, ValueError):  # unreadable: its runs fail and are never reused; hash the bytes for the record
+        data = config.read_bytes() if config.is_file() else str(config).encode()
+        return "unreadable-" + hashlib.sha256(data).hexdigest()[:16]
+
+
+def _seed_rounds(seeds: Union[int, str, Sequence[int]], max_seeds: int) -> tuple[list[int], bool]:
+    """The first round's seeds and whether more rounds may follow (``"auto"``)."""
+    if isinstance(seeds, str):
+        if seeds != "auto":
+            raise ValueError(f"seeds must be a number of seeds, a list of seeds or 'auto', got {seeds!r}")
+        if max_seeds < 2:
+            raise ValueError(f"--seeds auto needs --max-seeds of at least 2, got {max_seeds}")
+        return list(range(min(AUTO_START_SEEDS, max_seeds))), True
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ValueError(f"--seeds must be at least 1 (or 'auto'), got {seeds}")
+        return list(range(seeds)), False
+    seed_list = [int(s) for s in seeds]
+    if not seed_list or len(set(seed_list)) != len(seed_list):
+        raise ValueError(f"seeds must be a non-empty list of distinct seeds, got {seed_list}")
+    return seed_list, False
+
+
+def _primary(runs: Mapping[str, Sequence[RunOutcome]], metric: str) -> Any:
+    scores = {name: {r.seed: r.metrics[metric] for r in rs if r.error is None and metric in r.metrics}
+              for name, rs in runs.items()}
+    return paired_verdict(scores, metric, higher_is_better(metric))
+
+
+def _short(result: Any) -> str:
+    if result.winner is not None:
+        return f"{result.winner} wins"
+    return "undecided" if len(result.ranking) > 1 else "-"
+
+
+def _line(run: RunOutcome, done: int, total: int, metrics: Sequence[str]) -> str:
+    where = f"[{done}/{total}] {run.schedule} seed {run.seed}:"
+    if run.error is not None:
+        return f"{where} FAILED: {run.error.splitlines()[0]}  ({run.seconds:.1f} s)"
+    scores = "  ".join(f"{m}={run.metrics[m]:.3f}" for m in metrics if m in run.metrics)
+    return f"{where} {scores}  ({run.seconds:.1f} s{', reused' if run.reused else ''})"
 
 
 def run_compare(
     configs: Sequence[Union[str, os.PathLike]],
-    seeds: Union[int, Sequence[int]] = 3,
+    seeds: Union[int, str, Sequence[int]] = 3,
     out: Union[str, os.PathLike] = "runs/compare",
     metrics: Sequence[str] = ("test/iou", "test/dice", "test/acc"),
     curve_metric: str = "val/iou",
     stages: Optional[Sequence[Optional[str]]] = None,
     reference: Optional[Mapping[str, Mapping[str, float]]] = None,
     echo: Any = print,
+    *,
+    max_seeds: int = 10,
+    jobs: Optional[int] = None,
+    launcher: str = "local",
+    ray_num_cpus: float = 1.0,
+    ray_num_gpus: float = 0.0,
+    fresh: bool = False,
+    progress: Optional[bool] = None,
 ) -> CompareResult:
-    """Train every LightningCLI config with the same seeds and write ``report.md``, ``curves.png`` and ``tb/``.
+    """Train every LightningCLI config with the same seeds and write ``report.md``, ``curves.png`` and ``runs/``.
 
     Each run is ``fit`` then ``test`` of the config through :class:`StagesLightningCLI`, with the seed set by
-    ``seed_everything``, a TensorBoard logger under ``out/tb/<schedule>/seed_<n>``, and no progress bar. A run
-    that fails is recorded with its error and the others go on. One line per finished run goes to ``echo``.
+    ``seed_everything``, a TensorBoard logger in its own emptied folder ``out/runs/<schedule>/seed_<n>``, and no
+    progress bar. A finished run writes ``result.json`` there with its config's fingerprint; a later comparison into
+    the same ``out`` reuses it when the fingerprint matches (``fresh=True``: never). A run that fails is recorded
+    with its error and the others go on. One line per finished run goes to ``echo``; one progress bar (on a
+    terminal) shows the runs done, the current verdict and the ETA.
 
     Args:
         configs: LightningCLI YAML files, one per schedule; the schedule is named after the file.
-        seeds: how many seeds (``0..n-1``) or the seeds themselves.
+        seeds: how many seeds (``0..n-1``), the seeds themselves, or ``"auto"``: start with 3 seeds and add one
+            per round until the primary metric's verdict names a winner or ``max_seeds`` is reached.
         out: the output directory.
         metrics: test metrics for the table, the first being the primary one for the verdict.
         curve_metric: validation metric drawn per epoch in ``curves.png``.
         stages: optional ``--stages`` schedule file per config (``None`` entries for none).
         reference: extra rows for the table, e.g. ``{"teacher": {"test/iou": 0.9}}``.
         echo: where progress lines go.
+        max_seeds: the most seeds ``seeds="auto"`` may use.
+        jobs: runs at once on this machine, each in its own process (default: one per 2 cores; 1 trains in this
+            process). Only for ``launcher="local"``.
+        launcher: ``"local"`` or ``"ray"`` (each run a Ray task; ``RAY_ADDRESS`` or a local Ray).
+        ray_num_cpus: CPUs per run for Ray (also its torch threads).
+        ray_num_gpus: GPUs per run for Ray.
+        fresh: train every run again, ignoring finished results in ``out``.
+        progress: show the progress bar (``None``: only on a terminal).
+
+    Raises:
+        ValueError: no config, bad ``seeds``/``max_seeds``/``jobs``/``launcher``.
+        ImportError: scipy (or Ray for ``launcher="ray"``) is not installed; the message says how to get it.
 
     Example::
 
-        >>> run_compare([], seeds=1, out="unused")
+        >>> run_compare(["a.yaml"], seeds=0, out="unused")
         Traceback (most recent call last):
         ...
-        ValueError: compare needs at least one config
+        ValueError: --seeds must be at least 1 (or 'auto'), got 0
     """
     if not configs:
         raise ValueError("compare needs at least one config")
-    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    out = Path(out)
+    seed_list, auto = _seed_rounds(seeds, max_seeds)
+    if launcher not in ("local", "ray"):
+        raise ValueError(f"launcher must be 'local' or 'ray', got {launcher!r}")
+    if jobs is not None and (launcher != "local" or jobs < 1):
+        raise ValueError(f"jobs must be at least 1, got {jobs}" if launcher == "local" else
+                         "jobs is for the local launcher; with Ray, ray_num_cpus per run decides how many run at once")
+    require_scipy()
+    out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     add_working_directory_to_path()
-    paths = [Path(c) for c in configs]
-    names = _schedule_names(paths)
-    stage_files = list(stages) if stages is not None else [None] * len(paths)
+    paths = [Path(c).resolve() for c in configs]
+    names = _schedule_names([Path(c) for c in configs])
+    stage_files = [str(Path(s).resolve()) if s else None for s in stages] if stages is not None else [None] * len(paths)
     differences = like_for_like_differences(paths)
     for difference in differences:
         warnings.warn(f"compare: not like for like: {difference}", UserWarning, stacklevel=2)
@@ -218,22 +230,67 @@ def run_compare(
             summaries[name] = format_summary(schedule_of_config(path, stages=stage_file))
         except StageConfigError as err:
             summaries[name] = "invalid: " + str(err).replace("\n", " ")
-    runs: dict[str, list[RunOutcome]] = {name: [] for name in names}
-    boundaries: dict[str, list[tuple[int, str]]] = {}
-    total, done = len(paths) * len(seed_list), 0
-    for seed in seed_list:
-        for name, path, stage_file in zip(names, paths, stage_files):
-            run, bounds = _one_run(path, name, seed, out, curve_metric, metrics, stage_file)
-            runs[name].append(run)
-            if bounds:
-                boundaries[name] = bounds
-            done += 1
-            if run.error is None:
-                scores = "  ".join(f"{m}={v:.3f}" for m, v in run.metrics.items())
-                echo(f"[{done}/{total}] {name} seed {seed}: {scores}  ({run.seconds:.1f} s)")
-            else:
-                echo(f"[{done}/{total}] {name} seed {seed}: FAILED: {run.error.splitlines()[0]}  ({run.seconds:.1f} s)")
-    curves = plot_curves(runs, boundaries, curve_metric, out / "curves.png")
-    report = write_report(runs, dict(zip(names, paths)), seed_list, metrics, summaries, differences, reference, out,
-                          curves)
-    return CompareResult(report=report, curves=curves, tensorboard=out / "tb", runs=runs, warnings=differences)
+    fingerprints = {name: _fingerprint(path, stage_file) for name, path, stage_file in zip(names, paths, stage_files)}
+    runs: dict[str, dict[int, RunOutcome]] = {name: {} for name in names}
+    pool = (RayLauncher(ray_num_cpus, ray_num_gpus) if launcher == "ray"
+            else LocalLauncher(jobs if jobs is not None else default_jobs()))
+    primary = metrics[0]
+    bar = tqdm(total=len(names) * len(seed_list), unit="run", desc="compare", disable=None if progress is None
+               else not progress, dynamic_ncols=True)
+    done = 0
+
+    def finished(outcome: RunOutcome) -> None:
+        nonlocal done
+        runs[outcome.schedule][outcome.seed] = outcome
+        done += 1
+        with tqdm.external_write_mode():
+            echo(_line(outcome, done, bar.total, metrics))
+        bar.set_postfix_str(f"{primary}: {_short(_primary(_sorted(runs), primary))}", refresh=False)
+        bar.update(1)
+
+    with pool, bar:
+        round_seeds = seed_list
+        while True:
+            todo: list[RunSpec] = []
+            for seed in round_seeds:
+                for name, path, stage_file in zip(names, paths, stage_files):
+                    folder = run_dir(out, name, seed)
+                    kept = None if fresh else load_result(folder, fingerprints[name], metrics)
+                    if kept is not None:
+                        finished(kept)
+                    else:
+                        todo.append(RunSpec(name, seed, str(path), stage_file, str(folder), tuple(metrics)))
+            for outcome in pool.run(todo):
+                save_result(run_dir(out, outcome.schedule, outcome.seed), outcome, fingerprints[outcome.schedule])
+                finished(outcome)
+            verdict_now = _primary(_sorted(runs), primary)
+            if not auto or verdict_now.decided or len(verdict_now.ranking) < 2 or len(seed_list) >= max_seeds:
+                break
+            round_seeds = [max(seed_list) + 1]
+            seed_list = [*seed_list, *round_seeds]
+            bar.total += len(names)
+            bar.refresh()
+    result_runs = _sorted(runs)
+    note = _seeds_note(auto, seed_list, max_seeds, verdict_now, primary)
+    curves = plot_curves(result_runs, curve_metric, out / "curves.png")
+    report = write_report(result_runs, dict(zip(names, map(Path, configs))), seed_list, metrics, summaries, differences, reference,
+                          out, curves, seeds_note=note)
+    return CompareResult(report=report, curves=curves, tensorboard=out / "runs", runs=result_runs,
+                         warnings=differences, seeds=seed_list, decided=verdict_now.decided)
+
+
+def _sorted(runs: Mapping[str, Mapping[int, RunOutcome]]) -> dict[str, list[RunOutcome]]:
+    return {name: [by_seed[s] for s in sorted(by_seed)] for name, by_seed in runs.items()}
+
+
+def _seeds_note(auto: bool, seeds: list[int], max_seeds: int, result: Any, metric: str) -> Optional[str]:
+    if not auto:
+        return None
+    how = (f"Seeds: `--seeds auto` started with {min(AUTO_START_SEEDS, max_seeds)} and added one seed per round; it "
+           f"stopped at {len(seeds)} seeds")
+    if result.decided:
+        return (how + f" because the verdict on {metric} was decided. Stopping once decided makes the 95% level "
+                "somewhat optimistic (the test was looked at after every round).")
+    if len(result.ranking) < 2:
+        return how + f" because fewer than two schedules have results on {metric}."
+    return how + f", the --max-seeds limit ({max_seeds}), without a decision on {metric}."

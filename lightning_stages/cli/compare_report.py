@@ -1,4 +1,4 @@
-"""The report of ``lightning-stages compare``: the verdict, the table of runs and the validation curves."""
+"""The report of ``lightning-stages compare``: the table, the paired verdict, the costs and the validation curves."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from lightning_stages.cli.plots import PLOT_HINT, require_matplotlib
+from lightning_stages.cli.stats import TEST_SENTENCE, higher_is_better, paired_verdict
 
 __all__ = ["RunOutcome", "plot_curves", "verdict", "write_report"]
 
@@ -21,10 +22,16 @@ class RunOutcome:
     Attributes:
         schedule: the schedule's name.
         seed: the seed.
-        metrics: the test metrics, ``{name: value}``.
-        curve: ``(epoch, value)`` of the validation metric after each epoch.
+        metrics: the test metrics the run logged, ``{name: value}``.
+        curves: ``{validation metric: [(epoch, value)]}`` after each epoch.
         seconds: the run's wall time.
         error: ``"Type: message"`` of what stopped the run; ``None`` when it finished.
+        boundaries: ``(start epoch, stage name)`` of the resolved stages.
+        distill_seconds: wall time of the training epochs that distilled (validation included).
+        other_seconds: wall time of the other training epochs.
+        teacher_forwards: forward calls of the teachers while training.
+        teacher_samples: samples in those forward calls.
+        reused: read from an earlier comparison's result instead of trained now.
 
     Example::
 
@@ -35,9 +42,15 @@ class RunOutcome:
     schedule: str
     seed: int
     metrics: dict[str, float] = field(default_factory=dict)
-    curve: list[tuple[int, float]] = field(default_factory=list)
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     seconds: float = 0.0
     error: Optional[str] = None
+    boundaries: list[tuple[int, str]] = field(default_factory=list)
+    distill_seconds: float = 0.0
+    other_seconds: float = 0.0
+    teacher_forwards: int = 0
+    teacher_samples: int = 0
+    reused: bool = False
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -46,34 +59,24 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def verdict(scores: Mapping[str, Sequence[float]], metric: str = "test IoU", higher_is_better: bool = True) -> str:
-    """Name a winner only where the gap to the runner-up exceeds the spread across seeds.
+def verdict(scores: Mapping[str, Union[Sequence[float], Mapping[int, float]]], metric: str = "test IoU",
+            higher_is_better: bool = True) -> str:
+    """The paired verdict in words (:func:`~lightning_stages.cli.stats.paired_verdict`).
 
-    The best mean wins when ``|mean_best - mean_second| > std_best + std_second`` (sample std over seeds), i.e.
-    the one-std intervals do not overlap. With fewer than two seeds the spread is unknown and nobody wins.
+    Args:
+        scores: ``{schedule: {seed: value}}``, or ``{schedule: [value per seed]}`` with the same seeds in order.
+        metric: the metric's label.
+        higher_is_better: the metric's direction.
 
     Example::
 
-        >>> print(verdict({"a": [0.80, 0.82, 0.81], "b": [0.70, 0.71, 0.69]})[:62])
-        **a** is best on test IoU: 0.810 ± 0.010 against 0.700 ± 0.010
-        >>> verdict({"a": [0.80, 0.70], "b": [0.76, 0.74]})[:44]
-        'The schedules are indistinguishable on test '
+        >>> print(verdict({"a": [0.80, 0.82, 0.81], "b": [0.70, 0.71, 0.69]})[:25])
+        **a** is best on test IoU
+        >>> "indistinguishable" in verdict({"a": [0.80, 0.70, 0.75], "b": [0.76, 0.74, 0.75]})
+        True
     """
-    ranked = sorted(((name, *_mean_std(list(v))) for name, v in scores.items() if len(v) > 0),
-                    key=lambda t: t[1], reverse=higher_is_better)
-    if len(ranked) < 2:
-        return f"Only {len(ranked)} schedule has results on {metric}; nothing to compare."
-    if min(len(scores[name]) for name, _, _ in ranked) < 2:
-        return (f"With one seed per schedule the spread across seeds is unknown, so no winner is named on {metric} "
-                "(run with --seeds 3 or more).")
-    (best, m1, s1), (second, m2, s2) = ranked[0], ranked[1]
-    gap, spread = abs(m1 - m2), s1 + s2
-    if gap > spread:
-        return (f"**{best}** is best on {metric}: {m1:.3f} ± {s1:.3f} against {m2:.3f} ± {s2:.3f} for {second}, "
-                f"a gap of {gap:.3f}, beyond the spread across seeds ({spread:.3f}).")
-    return (f"The schedules are indistinguishable on {metric} on this budget: the best mean ({best}, {m1:.3f} ± "
-            f"{s1:.3f}) leads {second} ({m2:.3f} ± {s2:.3f}) by {gap:.3f}, within the spread across seeds "
-            f"({spread:.3f}).")
+    by_seed = {name: dict(v) if isinstance(v, Mapping) else dict(enumerate(v)) for name, v in scores.items()}
+    return paired_verdict(by_seed, metric, higher_is_better).text
 
 
 def _label(metric: str) -> str:
@@ -82,14 +85,13 @@ def _label(metric: str) -> str:
     return f"{split} {pretty}".strip()
 
 
-def plot_curves(runs: Mapping[str, Sequence[RunOutcome]], boundaries: Mapping[str, list[tuple[int, str]]],
-                metric: str, path: Path) -> Optional[Path]:
+def plot_curves(runs: Mapping[str, Sequence[RunOutcome]], metric: str, path: Path) -> Optional[Path]:
     """Draw a validation metric per epoch into a PNG: the mean over seeds, the min-max band and stage boundaries.
 
     Args:
-        runs: ``{schedule: [per-seed outcome]}``; finished runs with a curve are drawn.
-        boundaries: ``{schedule: [(start epoch, stage name)]}`` of the resolved timeline.
-        metric: the validation metric of the curves, for the labels.
+        runs: ``{schedule: [per-seed outcome]}``; finished runs with a curve of ``metric`` are drawn, with the stage
+            boundaries of their ``boundaries``.
+        metric: the validation metric of the curves.
         path: the PNG to write.
 
     Returns:
@@ -98,10 +100,10 @@ def plot_curves(runs: Mapping[str, Sequence[RunOutcome]], boundaries: Mapping[st
     Example::
 
         >>> import tempfile, pathlib
-        >>> runs = {"joint": [RunOutcome("joint", 0, curve=[(0, 0.4), (1, 0.6)]),
-        ...                   RunOutcome("joint", 1, curve=[(0, 0.5), (1, 0.7)])]}
-        >>> png = plot_curves(runs, {"joint": [(0, "kd"), (1, "base")]}, "val/iou",
-        ...                   pathlib.Path(tempfile.mkdtemp()) / "curves.png")
+        >>> runs = {"joint": [RunOutcome("joint", 0, curves={"val/iou": [(0, 0.4), (1, 0.6)]}),
+        ...                   RunOutcome("joint", 1, curves={"val/iou": [(0, 0.5), (1, 0.7)]},
+        ...                              boundaries=[(0, "kd"), (1, "base")])]}
+        >>> png = plot_curves(runs, "val/iou", pathlib.Path(tempfile.mkdtemp()) / "curves.png")
         >>> png.stat().st_size > 0
         True
     """
@@ -112,7 +114,8 @@ def plot_curves(runs: Mapping[str, Sequence[RunOutcome]], boundaries: Mapping[st
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, (name, seed_runs) in enumerate(runs.items()):
         color = f"C{i % 10}"
-        curves = [dict(r.curve) for r in seed_runs if r.error is None and r.curve]
+        finished = [r for r in seed_runs if r.error is None and r.curves.get(metric)]
+        curves = [dict(r.curves[metric]) for r in finished]
         if not curves:
             continue
         epochs = sorted(set().union(*curves))
@@ -123,7 +126,8 @@ def plot_curves(runs: Mapping[str, Sequence[RunOutcome]], boundaries: Mapping[st
         if len(curves) > 1:
             ax.fill_between([e + 1 for e in epochs], [min(v) for v in values], [max(v) for v in values],
                             color=color, alpha=0.15, lw=0)
-        for start, stage in boundaries.get(name, [])[1:]:
+        boundaries = next((r.boundaries for r in finished if r.boundaries), [])
+        for start, stage in boundaries[1:]:
             ax.axvline(start + 0.5, color=color, ls="--", lw=1, alpha=0.8)
             ax.annotate(f"{name}: {stage}", (start + 0.5, 0.02 + 0.06 * i), xycoords=("data", "axes fraction"),
                         fontsize=7, color=color, ha="left", va="bottom")
@@ -148,10 +152,48 @@ def _format_mean_std(values: Sequence[float]) -> str:
     return f"{mean:.3f} ± {std:.3f}" if len(values) > 1 else f"{mean:.3f}"
 
 
+def _verdict_lines(result_runs: Mapping[str, Sequence[RunOutcome]], metrics: Sequence[str]) -> list[str]:
+    lines = ["## Verdict", "", TEST_SENTENCE, ""]
+    table = ["", "| metric | best | against | seeds | mean difference | interval (Holm) | Holm p | separated |",
+             "|---|---|---|---|---|---|---|---|"]
+    for i, metric in enumerate(metrics):
+        scores = {name: {r.seed: r.metrics[metric] for r in runs if r.error is None and metric in r.metrics}
+                  for name, runs in result_runs.items()}
+        higher = higher_is_better(metric)
+        result = paired_verdict(scores, _label(metric), higher)
+        direction = "higher is better" if higher else "lower is better"
+        lines.append(f"- **{_label(metric)}** ({'primary, ' if i == 0 else ''}{direction}): {result.text}")
+        best = result.ranking[0][0] if result.ranking else "-"
+        for c in result.comparisons:
+            interval = f"{c.low:.3f} to {c.high:.3f} ({c.level:.1%})" if math.isfinite(c.high) else "-"
+            table.append(f"| {_label(metric)} | {best} | {c.other} | {c.seeds} | {c.difference:.4f} | {interval} | "
+                         f"{c.p_holm:.3g} | {'yes' if c.separated else 'no'} |")
+    return lines + (table if len(table) > 3 else [])
+
+
+def _cost_lines(result_runs: Mapping[str, Sequence[RunOutcome]]) -> list[str]:
+    lines = ["## Cost per schedule", "",
+             "Mean per finished run. Distilling epochs are those in which distillation was on at any training batch "
+             "(their validation included); teacher forwards are counted while training.", "",
+             "| schedule | wall time per run | distilling epochs | other epochs | teacher forwards | teacher images |",
+             "|---|---|---|---|---|---|"]
+    for name, runs in result_runs.items():
+        ok = [r for r in runs if r.error is None]
+        if not ok:
+            lines.append(f"| {name} | - | - | - | - | - |")
+            continue
+        mean = {key: statistics.fmean(getattr(r, key) for r in ok)
+                for key in ("seconds", "distill_seconds", "other_seconds", "teacher_forwards", "teacher_samples")}
+        lines.append(f"| {name} | {mean['seconds']:.1f} s | {mean['distill_seconds']:.1f} s | "
+                     f"{mean['other_seconds']:.1f} s | {mean['teacher_forwards']:.0f} | {mean['teacher_samples']:.0f} |")
+    return lines
+
+
 def write_report(result_runs: Mapping[str, Sequence[RunOutcome]], configs: Mapping[str, Path], seeds: Sequence[int],
                  metrics: Sequence[str], schedules: Mapping[str, str], differences: Sequence[str],
-                 reference: Optional[Mapping[str, Mapping[str, float]]], out: Path, curves: Optional[Path]) -> Path:
-    """Write ``out/report.md``: mean ± std over seeds, the verdict per metric, failed runs, schedules, every run.
+                 reference: Optional[Mapping[str, Mapping[str, float]]], out: Path, curves: Optional[Path],
+                 seeds_note: Optional[str] = None) -> Path:
+    """Write ``out/report.md``: the table, the paired verdict per metric, the costs, failed runs, every run.
 
     Args:
         result_runs: ``{schedule: [per-seed outcome]}``.
@@ -163,6 +205,7 @@ def write_report(result_runs: Mapping[str, Sequence[RunOutcome]], configs: Mappi
         reference: extra rows, e.g. ``{"teacher": {"test/iou": 0.9}}``.
         out: the output directory.
         curves: the curves PNG, or ``None`` when none was drawn.
+        seeds_note: how the number of seeds was chosen (``--seeds auto``), one sentence.
 
     Returns:
         The path of ``report.md``.
@@ -175,14 +218,20 @@ def write_report(result_runs: Mapping[str, Sequence[RunOutcome]], configs: Mappi
         ...         "b": [RunOutcome("b", 0, error="ValueError: boom")]}
         >>> report = write_report(runs, {"a": out / "a.yaml", "b": out / "b.yaml"}, [0], ["test/iou"], {}, [], None,
         ...                       out, None)
-        >>> [line for line in report.read_text().splitlines() if line.startswith("| b |")]
-        ['| b | - | 0.0 s | 0/1 (FAILED) |', '| b | 0 | - | 0.0 | failed |']
+        >>> [line for line in report.read_text().splitlines() if line.startswith("| b |")][:2]
+        ['| b | - | 0.0 s | 0/1 (FAILED) |', '| b | - | - | - | - | - |']
     """
     lines = ["# Stage schedule comparison", ""]
-    total = sum(r.seconds for runs in result_runs.values() for r in runs)
+    all_runs = [r for runs in result_runs.values() for r in runs]
+    total = sum(r.seconds for r in all_runs)
+    reused = sum(r.reused for r in all_runs)
     lines.append(f"{len(result_runs)} schedules x {len(seeds)} seed{'s' if len(seeds) != 1 else ''} "
-                 f"({', '.join(map(str, seeds))}), {total / 60:.1f} min of training. Metrics on the test split after "
-                 "the last epoch, mean ± std over seeds (sample std).")
+                 f"({', '.join(map(str, seeds))}), {total / 60:.1f} min of training"
+                 + (f" ({reused} of {len(all_runs)} runs reused from an earlier comparison)" if reused else "")
+                 + ". Metrics on the test split after the last epoch; the table gives mean ± std over seeds "
+                 "(sample std, unpaired, for reading); the verdict below comes from the paired analysis.")
+    if seeds_note:
+        lines += ["", seeds_note]
     lines.append("")
     if differences:
         lines.append("> **Warning: not like for like.** The configs differ in more than the schedule:")
@@ -193,23 +242,20 @@ def write_report(result_runs: Mapping[str, Sequence[RunOutcome]], configs: Mappi
     lines.append("|" + "---|" * len(header))
     for name, runs in result_runs.items():
         ok = [r for r in runs if r.error is None]
-        cells = [_format_mean_std([r.metrics[m] for r in ok]) for m in metrics]
+        cells = [_format_mean_std([r.metrics[m] for r in ok if m in r.metrics]) for m in metrics]
         seconds = f"{statistics.fmean([r.seconds for r in runs]):.1f}" if runs else "-"
         status = f"{len(ok)}/{len(runs)}" + (" (FAILED)" if len(ok) < len(runs) else "")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {seconds} s | {status} |")
     for name, values in (reference or {}).items():
         cells = [f"{values[m]:.3f}" if m in values else "-" for m in metrics]
         lines.append(f"| {name} | " + " | ".join(cells) + " | - | reference |")
-    lines += ["", "## Verdict", ""]
-    for i, metric in enumerate(metrics):
-        scores = {name: [r.metrics[metric] for r in runs if r.error is None] for name, runs in result_runs.items()}
-        text = verdict(scores, _label(metric))
-        lines.append(f"- {text}" if i else f"- **{_label(metric)} (primary):** {text}")
-    failed = [(name, r.seed, r.error) for name, runs in result_runs.items() for r in runs if r.error is not None]
+    lines += ["", *_verdict_lines(result_runs, metrics), "", *_cost_lines(result_runs)]
+    failed = [(name, r.seed, r.error.splitlines() or [""]) for name, runs in result_runs.items() for r in runs
+              if r.error is not None]
     if failed:
         lines += ["", "## Failed runs", ""]
-        lines += [f"- **{name}**, seed {seed}: failed: `{error.splitlines()[0][:300]}`"
-                  + ("".join(f"\n  {line}" for line in error.splitlines()[1:8])) for name, seed, error in failed]
+        lines += [f"- **{name}**, seed {seed}: failed: `{error[0][:300]}`"
+                  + ("".join(f"\n  {line}" for line in error[1:8])) for name, seed, error in failed]
     lines += ["", "## Schedules", ""]
     for name, config in configs.items():
         lines.append(f"- **{name}** (`{config}`): {schedules.get(name, 'not read')}")
@@ -219,14 +265,15 @@ def write_report(result_runs: Mapping[str, Sequence[RunOutcome]], configs: Mappi
     for name, runs in result_runs.items():
         for r in runs:
             cells = [f"{r.metrics[m]:.4f}" if m in r.metrics else "-" for m in metrics]
-            status = "ok" if r.error is None else "failed"
+            status = "failed" if r.error is not None else "ok (reused)" if r.reused else "ok"
             lines.append(f"| {name} | {r.seed} | " + " | ".join(cells) + f" | {r.seconds:.1f} | {status} |")
     lines += ["", "## Files", ""]
     if curves is not None:
         lines.append(f"- `{curves.name}`: validation curves per schedule, stage boundaries dashed.")
     else:
         lines.append(f"- no curves.png: {PLOT_HINT}")
-    lines.append(f"- `tb/`: the TensorBoard runs (`tensorboard --logdir {out / 'tb'}`).")
+    lines.append(f"- `runs/<schedule>/seed_<n>/`: each run's `result.json` and TensorBoard events "
+                 f"(`tensorboard --logdir {out / 'runs'}`).")
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return report

@@ -78,11 +78,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-import", action="store_true", help=_NO_IMPORT_HELP)
     p = sub.add_parser("compare", help="train each LightningCLI config over the same seeds and write a report")
     p.add_argument("configs", nargs="+", metavar="CONFIG", help="LightningCLI YAML configs, one per schedule")
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1), default 3")
-    p.add_argument("--out", default="runs/compare", help="output directory (report.md, curves.png, tb/)")
+    p.add_argument("--seeds", default="3", metavar="N|auto",
+                   help="number of seeds (0..N-1), default 3; 'auto': add seeds until the primary verdict is decided")
+    p.add_argument("--max-seeds", type=int, default=None, help="the most seeds of --seeds auto (default 10)")
+    p.add_argument("--out", default="runs/compare", help="output directory (report.md, curves.png, runs/)")
     p.add_argument("--metrics", nargs="+", default=["test/iou", "test/dice", "test/acc"],
                    help="test metrics of the table; the first decides the verdict")
     p.add_argument("--curve-metric", default="val/iou", help="validation metric drawn per epoch")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="training runs at once, each in its own process (default: one per 2 cores)")
+    p.add_argument("--fresh", action="store_true", help="train every run again, ignoring finished runs in --out")
+    p.add_argument("--launcher", choices=["local", "ray"], default="local",
+                   help="local processes, or each run as a Ray task (RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--ray-num-cpus", type=float, default=1.0, help="CPUs per run with --launcher ray (default 1)")
+    p.add_argument("--ray-num-gpus", type=float, default=0.0, help="GPUs per run with --launcher ray (default 0)")
     return parser
 
 
@@ -129,15 +138,43 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_options(args: argparse.Namespace) -> list[str]:
+    problems = []
+    seeds = args.seeds
+    if seeds != "auto" and not (seeds.isdigit() and int(seeds) >= 1):
+        problems.append(f"--seeds must be a positive number of seeds or 'auto', got {seeds!r}")
+    if args.max_seeds is not None and seeds != "auto":
+        problems.append(f"--max-seeds {args.max_seeds} goes with --seeds auto, not --seeds {seeds}")
+    if args.max_seeds is not None and args.max_seeds < 2:
+        problems.append(f"--max-seeds must be at least 2, got {args.max_seeds}")
+    if args.jobs is not None and args.jobs < 1:
+        problems.append(f"--jobs must be at least 1, got {args.jobs}")
+    if args.jobs is not None and args.launcher == "ray":
+        problems.append("--jobs is for the local launcher; with --launcher ray, --ray-num-cpus per run decides how "
+                        "many runs share a machine")
+    if args.ray_num_cpus <= 0 or args.ray_num_gpus < 0:
+        problems.append(f"--ray-num-cpus must be > 0 and --ray-num-gpus >= 0, got {args.ray_num_cpus:g} and "
+                        f"{args.ray_num_gpus:g}")
+    problems += [f"no such config: {path}" for path in args.configs if not Path(path).is_file()]
+    return problems
+
+
 def _compare(args: argparse.Namespace) -> int:
-    for path in args.configs:
-        if not Path(path).is_file():
-            print(f"compare: no such config: {path}", file=sys.stderr)
-            return 2
-    with warnings.catch_warnings():
-        warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
-        result = run_compare(args.configs, seeds=args.seeds, out=args.out, metrics=args.metrics,
-                             curve_metric=args.curve_metric, echo=lambda line: print(line, flush=True))
+    problems = _compare_options(args)
+    if problems:
+        print("\n".join(f"compare: {p}" for p in problems), file=sys.stderr)
+        return 2
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
+            result = run_compare(args.configs, seeds=args.seeds if args.seeds == "auto" else int(args.seeds),
+                                 out=args.out, metrics=args.metrics, curve_metric=args.curve_metric,
+                                 echo=lambda line: print(line, flush=True), max_seeds=args.max_seeds or 10,
+                                 jobs=args.jobs, launcher=args.launcher, ray_num_cpus=args.ray_num_cpus,
+                                 ray_num_gpus=args.ray_num_gpus, fresh=args.fresh)
+    except ImportError as err:
+        print(f"compare: {err}", file=sys.stderr)
+        return 1
     print("\n".join(result.locations()))
     return 1 if result.failed else 0
 

@@ -1,0 +1,146 @@
+"""The finished runs of a comparison on disk: ``OUT/runs/<schedule>/seed_<n>/result.json``.
+
+Each finished run's result (metrics, curves, seconds, costs, error) is written with the fingerprint of its config.
+A later ``compare`` into the same ``OUT`` reuses a result whose fingerprint matches and that has every metric asked
+for, and trains the rest. A run that failed is trained again. The result is written last, atomically, so a run
+killed in flight leaves no result and is trained again next time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from lightning_stages.cli.compare_report import RunOutcome
+
+__all__ = ["RESULT_FILE", "config_fingerprint", "load_result", "run_dir", "save_result"]
+
+RESULT_FILE = "result.json"
+_FORMAT = 1
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _referenced_files(value: Any) -> dict[str, str]:
+    """``{path: sha256}`` of every string in a config that names an existing file (a teacher checkpoint, say)."""
+    found: dict[str, str] = {}
+    if isinstance(value, dict):
+        for item in value.values():
+            found.update(_referenced_files(item))
+    elif isinstance(value, list):
+        for item in value:
+            found.update(_referenced_files(item))
+    elif isinstance(value, str) and 0 < len(value) < 4096 and "\n" not in value:
+        with_base = Path(value) if Path(value).is_absolute() else Path.cwd() / value
+        try:
+            if with_base.is_file():
+                found[value] = _file_digest(with_base)
+        except OSError:
+            pass
+    return found
+
+
+def config_fingerprint(config: Union[str, os.PathLike], stages: Optional[Union[str, os.PathLike]] = None) -> str:
+    """A hash of what a run of this config depends on: the config, the ``--stages`` file and the files they name.
+
+    The YAML is hashed as parsed data, so comments and formatting do not count; a file named in it (such as a
+    teacher checkpoint) counts by its content.
+
+    Example::
+
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / "a.yaml").write_text("trainer: {max_epochs: 2}  # two")
+        >>> _ = (d / "b.yaml").write_text("trainer:\\n  max_epochs: 2\\n")
+        >>> config_fingerprint(d / "a.yaml") == config_fingerprint(d / "b.yaml")
+        True
+        >>> _ = (d / "b.yaml").write_text("trainer: {max_epochs: 3}")
+        >>> config_fingerprint(d / "a.yaml") == config_fingerprint(d / "b.yaml")
+        False
+    """
+    parts: dict[str, Any] = {"format": _FORMAT}
+    for key, path in (("config", config), ("stages", stages)):
+        if path is None:
+            continue
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        parts[key] = data
+        parts[f"{key}_files"] = _referenced_files(data)
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def run_dir(out: Union[str, os.PathLike], schedule: str, seed: int) -> Path:
+    """The folder of one run.
+
+    Example::
+
+        >>> run_dir("out", "joint", 2).as_posix()
+        'out/runs/joint/seed_2'
+    """
+    return Path(out) / "runs" / schedule / f"seed_{seed}"
+
+
+def save_result(folder: Union[str, os.PathLike], run: RunOutcome, fingerprint: str) -> Path:
+    """Write ``result.json`` into the run folder, atomically (a temporary file, then a rename).
+
+    Example::
+
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> path = save_result(folder, RunOutcome("a", 0, metrics={"test/iou": 0.5}), "f1")
+        >>> load_result(folder, "f1", ["test/iou"]).metrics
+        {'test/iou': 0.5}
+        >>> load_result(folder, "f2", ["test/iou"]) is None   # another config
+        True
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {"fingerprint": fingerprint, **dataclasses.asdict(run)}
+    data.pop("reused", None)
+    path = folder / RESULT_FILE
+    tmp = folder / f".{RESULT_FILE}.tmp"
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def load_result(folder: Union[str, os.PathLike], fingerprint: str, metrics: Sequence[str]) -> Optional[RunOutcome]:
+    """The run's finished result if its fingerprint matches, it did not fail and it has every metric; else ``None``.
+
+    Example::
+
+        >>> import tempfile
+        >>> load_result(tempfile.mkdtemp(), "f1", ["test/iou"]) is None
+        True
+    """
+    path = Path(folder) / RESULT_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.pop("fingerprint", None) != fingerprint or data.get("error") is not None:
+        return None
+    known = {f.name for f in dataclasses.fields(RunOutcome)}
+    try:
+        run = RunOutcome(**{k: v for k, v in data.items() if k in known})
+    except TypeError:
+        return None
+    if any(m not in run.metrics for m in metrics):
+        return None
+    run.curves = {k: [(int(p[0]), float(p[1])) for p in v] for k, v in run.curves.items()}
+    run.boundaries = [(int(b[0]), str(b[1])) for b in run.boundaries]
+    run.reused = True
+    return run

@@ -1,0 +1,250 @@
+"""The paired verdict of ``compare``: the best schedule against each other one, seed by seed.
+
+Runs with the same seed share the student's initialisation and the data order across schedules, so the question
+"is the best schedule better than schedule X?" is asked of the per-seed differences ``best - X``: a paired t
+interval over the seeds, with the Holm correction across the comparisons of one metric. A winner is named only
+when every interval excludes 0. When the answer is open, :func:`paired_verdict` also says how small a difference
+the observed spread could detect at this number of seeds, and how many seeds would detect the observed gap.
+
+The quantiles come from ``scipy.stats`` (the optional extra ``[compare]``).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Optional
+
+__all__ = [
+    "SCIPY_HINT",
+    "TEST_SENTENCE",
+    "MetricVerdict",
+    "PairedComparison",
+    "higher_is_better",
+    "paired_verdict",
+    "require_scipy",
+]
+
+SCIPY_HINT = "the paired verdict of compare needs scipy: pip install 'lightning-stages[compare]'"
+TEST_SENTENCE = (
+    "Test: a paired t-test on the per-seed differences (best minus each other schedule, 95% intervals with the Holm "
+    "correction across the comparisons), because runs with the same seed share the student's initialisation and data "
+    "order, so pairing removes the seed-to-seed spread that an unpaired comparison of mean ± std would count as noise."
+)
+#: power with which :attr:`PairedComparison.detectable` and :attr:`PairedComparison.seeds_needed` detect a gap
+POWER = 0.8
+_MAX_SEEDS = 1000
+_LOWER_IS_BETTER = ("loss", "err", "mse", "mae", "rmse", "nll", "ece", "perplexity", "time", "seconds")
+
+
+def require_scipy() -> Any:
+    """``scipy.stats``, or an ImportError that says how to install it.
+
+    Example::
+
+        >>> require_scipy().__name__
+        'scipy.stats'
+    """
+    try:
+        import scipy.stats
+    except ImportError:
+        raise ImportError(SCIPY_HINT) from None
+    return scipy.stats
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` is better: losses, errors and times are lower-is-better.
+
+    Example::
+
+        >>> higher_is_better("test/iou"), higher_is_better("test/loss"), higher_is_better("val/bce_loss")
+        (True, False, False)
+    """
+    name = metric.rpartition("/")[2].lower()
+    return not any(word in name for word in _LOWER_IS_BETTER)
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """The best schedule against one other, on the seeds both finished.
+
+    Attributes:
+        other: the other schedule.
+        seeds: how many paired seeds.
+        difference: mean of the per-seed differences, signed so that a positive value favours the best schedule
+            (for a lower-is-better metric, ``other - best``).
+        spread: sample standard deviation of the per-seed differences.
+        low: lower end of the Holm-corrected 95% interval of ``difference``.
+        high: its upper end.
+        level: the confidence level of that interval after the Holm correction (e.g. 0.975).
+        p_holm: the Holm-adjusted two-sided p-value.
+        separated: whether the Holm procedure separates the two at the 5% level, in favour of the best schedule.
+        detectable: the smallest difference this spread detects at this number of seeds (with 80% power).
+        seeds_needed: how many seeds would detect the observed ``difference`` with 80% power at this spread
+            (``None`` when the difference is 0 or more than 1000 seeds would be needed).
+    """
+
+    other: str
+    seeds: int
+    difference: float
+    spread: float
+    low: float
+    high: float
+    level: float
+    p_holm: float
+    separated: bool
+    detectable: float
+    seeds_needed: Optional[int]
+
+
+@dataclass(frozen=True)
+class MetricVerdict:
+    """The answer for one metric: the ranking by mean, the paired comparisons and the verdict sentence.
+
+    Attributes:
+        metric: the metric's label.
+        ranking: ``(schedule, mean, std, runs)`` best first.
+        comparisons: the best against each other schedule, in ranking order.
+        winner: the best schedule when every interval excludes 0, else ``None``.
+        tied: the schedules the data cannot separate from the best (with the best first), empty with a winner.
+        text: the verdict in words.
+    """
+
+    metric: str
+    ranking: list[tuple[str, float, float, int]]
+    comparisons: list[PairedComparison]
+    winner: Optional[str]
+    tied: list[str]
+    text: str
+
+    @property
+    def decided(self) -> bool:
+        """Whether a winner is named."""
+        return self.winner is not None
+
+
+def _detectable(stats: Any, spread: float, seeds: int, alpha: float) -> float:
+    if seeds < 2:
+        return math.inf
+    quantile = stats.t.ppf(1 - alpha / 2, seeds - 1) + stats.t.ppf(POWER, seeds - 1)
+    return float(quantile * spread / math.sqrt(seeds))
+
+
+def _seeds_needed(stats: Any, spread: float, gap: float, alpha: float) -> Optional[int]:
+    if gap <= 0:
+        return None
+    if spread == 0:
+        return 2
+    for seeds in range(2, _MAX_SEEDS + 1):
+        if _detectable(stats, spread, seeds, alpha) <= gap:
+            return seeds
+    return None
+
+
+def _paired_tests(stats: Any, best: str, others: list[str], scores: Mapping[str, Mapping[int, float]], sign: float,
+                  alpha: float) -> list[PairedComparison]:
+    raw = []
+    for other in others:
+        seeds = sorted(set(scores[best]) & set(scores[other]))
+        diffs = [sign * (scores[best][s] - scores[other][s]) for s in seeds]
+        n = len(diffs)
+        mean = statistics.fmean(diffs) if diffs else math.nan
+        sd = statistics.stdev(diffs) if n > 1 else math.nan
+        if n < 2:
+            p = 1.0
+        elif sd == 0:
+            p = 0.0 if mean != 0 else 1.0
+        else:
+            p = float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+        raw.append((other, n, mean, sd, p))
+    # Holm: the k-th smallest p-value (k = 0, 1, ...) is tested at alpha / (m - k), and its interval has that level
+    m = len(raw)
+    order = sorted(range(m), key=lambda i: raw[i][4])
+    out: dict[int, PairedComparison] = {}
+    running = 0.0
+    for k, i in enumerate(order):
+        other, n, mean, sd, p = raw[i]
+        level_alpha = alpha / (m - k)
+        running = max(running, min(1.0, (m - k) * p))
+        half = float(stats.t.ppf(1 - level_alpha / 2, n - 1) * sd / math.sqrt(n)) if n > 1 else math.inf
+        out[i] = PairedComparison(
+            other=other, seeds=n, difference=mean, spread=sd, low=mean - half, high=mean + half,
+            level=1 - level_alpha, p_holm=running, separated=n > 1 and running < alpha and mean > 0,
+            detectable=_detectable(stats, sd, n, level_alpha) if n > 1 else math.inf,
+            seeds_needed=_seeds_needed(stats, sd, mean, level_alpha) if n > 1 else None,
+        )
+    return [out[i] for i in range(m)]
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3f}" if math.isfinite(value) else "unknown"
+
+
+def _undecided_text(metric: str, best: str, comparisons: list[PairedComparison], tied: list[str]) -> str:
+    open_ = [c for c in comparisons if not c.separated]
+    names = ", ".join(f"**{c.other}**" for c in open_)
+    closest = min(open_, key=lambda c: c.difference if math.isfinite(c.difference) else math.inf)
+    text = (f"No winner on {metric}: the data cannot separate {names} from the best mean (**{best}**), so the "
+            f"schedules {', '.join(tied)} are indistinguishable on this budget")
+    if closest.seeds < 2:
+        return (f"With one seed per schedule the spread across seeds is unknown, so no winner is named on {metric} "
+                "(run with --seeds 3 or more).")
+    if closest.spread == 0 and closest.difference == 0:
+        return text + f". {closest.other} gave the same value as {best} on each of the {closest.seeds} seeds."
+    needed = (f"about {closest.seeds_needed} seeds would detect it" if closest.seeds_needed is not None
+              else "no number of seeds up to 1000 would detect it")
+    return (text + f". Closest: {closest.other}, {_fmt(closest.difference)} behind (interval {_fmt(closest.low)} to "
+            f"{_fmt(closest.high)}). At {closest.seeds} seeds the observed paired spread ({_fmt(closest.spread)}) "
+            f"detects differences of {_fmt(closest.detectable)} or more with {POWER:.0%} power; for the observed gap "
+            f"of {_fmt(closest.difference)}, {needed}.")
+
+
+def paired_verdict(scores: Mapping[str, Mapping[int, float]], metric: str = "test IoU",
+                   higher_is_better: bool = True, alpha: float = 0.05) -> MetricVerdict:
+    """Rank the schedules by mean and test the best against each other schedule on the per-seed differences.
+
+    For each other schedule, the differences ``best - other`` (``other - best`` when lower is better) on the seeds
+    both finished give a mean and a t interval over the seeds. The Holm procedure orders the comparisons by p-value
+    and tests the k-th (from 0) at ``alpha / (m - k)``; each interval has that level. The best wins only when the
+    procedure separates it from every other schedule, i.e. every interval excludes 0.
+
+    Args:
+        scores: ``{schedule: {seed: value}}``; seeds a schedule did not finish are left out.
+        metric: the metric's label, for the text.
+        higher_is_better: the metric's direction.
+        alpha: the family-wise error rate (0.05: 95% intervals).
+
+    Raises:
+        ImportError: scipy is not installed (the message says how to get it).
+
+    Example::
+
+        >>> v = paired_verdict({"a": {0: 0.80, 1: 0.721, 2: 0.90}, "b": {0: 0.78, 1: 0.70, 2: 0.881}})
+        >>> v.winner, round(v.comparisons[0].difference, 3), v.comparisons[0].separated
+        ('a', 0.02, True)
+        >>> paired_verdict({"a": {0: 0.8, 1: 0.7}, "b": {0: 0.75, 1: 0.76}}).tied
+        ['b', 'a']
+    """
+    stats = require_scipy()
+    sign = 1.0 if higher_is_better else -1.0
+    ranking = []
+    for name, values in scores.items():
+        if values:
+            vals = list(values.values())
+            ranking.append((name, statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)))
+    ranking.sort(key=lambda r: sign * r[1], reverse=True)
+    if len(ranking) < 2:
+        return MetricVerdict(metric, ranking, [], None, [r[0] for r in ranking],
+                             f"Only {len(ranking)} schedule has results on {metric}; nothing to compare.")
+    best = ranking[0][0]
+    comparisons = _paired_tests(stats, best, [r[0] for r in ranking[1:]], scores, sign, alpha)
+    if all(c.separated for c in comparisons):
+        worst = max(comparisons, key=lambda c: c.p_holm)
+        text = (f"**{best}** is best on {metric}: every paired interval excludes 0; the closest, {worst.other}, is "
+                f"{_fmt(worst.difference)} behind (interval {_fmt(worst.low)} to {_fmt(worst.high)} over "
+                f"{worst.seeds} seeds, Holm-adjusted p = {worst.p_holm:.3g}).")
+        return MetricVerdict(metric, ranking, comparisons, best, [], text)
+    tied = [best] + [c.other for c in comparisons if not c.separated]
+    return MetricVerdict(metric, ranking, comparisons, None, tied, _undecided_text(metric, best, comparisons, tied))

@@ -1,0 +1,172 @@
+"""``compare`` runs: parallel jobs, one folder per run, resuming, config changes, ``--fresh``, ``--seeds auto``, costs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+from compare_fixtures import make_tiny_teacher, tiny_config
+from scipy import stats
+
+from lightning_stages.cli import main
+from lightning_stages.cli.compare import run_compare
+from lightning_stages.cli.compare_report import RunOutcome
+from lightning_stages.cli.run_store import RESULT_FILE
+
+KD_THEN_FT = [{"name": "kd", "start_epoch": 0, "end_epoch": 1, "distillation": True, "lambda_coef": 1.0},
+              {"name": "ft", "start_epoch": 1, "distillation": False}]
+BATCHES_PER_EPOCH = 2  # 16 training images in batches of 8
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("configs")
+    teacher = make_tiny_teacher(folder / "teacher.ckpt")
+    return [tiny_config(folder / "s_kd_ft.yaml", teacher, KD_THEN_FT), tiny_config(folder / "s_labels.yaml", teacher)]
+
+
+def quiet(line: str) -> None:
+    pass
+
+
+def per_run(result) -> dict[tuple[str, int], dict[str, float]]:
+    return {(r.schedule, r.seed): r.metrics for runs in result.runs.values() for r in runs}
+
+
+def result_files(out: Path) -> dict[str, int]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted(out.glob(f"runs/*/*/{RESULT_FILE}"))}
+
+
+def test_two_jobs_give_the_same_runs_as_one_and_the_costs_per_stage(configs: list[Path], tmp_path: Path) -> None:
+    one = run_compare(configs, seeds=[1], out=tmp_path / "one", jobs=1, echo=quiet)
+    two = run_compare(configs, seeds=[1], out=tmp_path / "two", jobs=2, echo=quiet)  # a worker process per run
+    assert not one.failed and not two.failed
+    assert set(per_run(one)) == {("kd_ft", 1), ("labels", 1)}
+    assert per_run(two) == per_run(one)
+    for name in ("kd_ft", "labels"):
+        assert [r.curves for r in two.runs[name]] == [r.curves for r in one.runs[name]]
+
+    for run in one.runs["kd_ft"]:  # the teacher runs in the distilling epoch only
+        assert (run.teacher_forwards, run.teacher_samples) == (BATCHES_PER_EPOCH, 16)
+        assert run.distill_seconds > 0 and run.other_seconds > 0
+    for run in one.runs["labels"]:
+        assert (run.teacher_forwards, run.distill_seconds) == (0, 0.0) and run.other_seconds > 0
+    report = one.report.read_text()
+    cost = next(line for line in report.splitlines() if line.startswith("| kd_ft |") and line.endswith("| 16 |"))
+    assert f"| {BATCHES_PER_EPOCH} | 16 |" in cost
+    assert "paired t-test on the per-seed differences" in report
+
+
+def test_a_killed_comparison_resumes_with_only_the_missing_runs(configs: list[Path], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PL_GLOBAL_SEED", "123")  # a later DistributedSampler reads it: runs must not leak theirs
+    out, lines = tmp_path / "out", []
+
+    def stop_after_three(line: str) -> None:
+        lines.append(line)
+        if len(lines) == 3:
+            raise KeyboardInterrupt  # killed after three finished runs, before the fourth started
+
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(configs, seeds=2, out=out, jobs=1, echo=stop_after_three)
+    kept = result_files(out)
+    assert len(kept) == 3 and not (out / "report.md").exists()
+    missing = "runs/labels/seed_1/result.json"  # seed-major order: the fourth run
+    assert missing not in kept
+    stray = out / Path(missing).parent / "events.out.tfevents.killed"  # what a run killed in flight leaves
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_text("half a run")
+
+    resumed = run_compare(configs, seeds=2, out=out, jobs=1, echo=quiet)
+    assert resumed.trained == 1
+    assert [(r.schedule, r.seed) for runs in resumed.runs.values() for r in runs if not r.reused] == [("labels", 1)]
+    assert {k: v for k, v in result_files(out).items() if k != missing} == kept  # untouched
+    assert not stray.exists(), "a rerun run starts from an empty folder"
+    report = (out / "report.md").read_text()
+    assert report.count("| ok (reused) |") == 3 and "3 of 4 runs reused" in report
+    assert os.environ["PL_GLOBAL_SEED"] == "123"
+
+
+def test_a_changed_config_reruns_its_schedule_and_fresh_reruns_all(configs: list[Path], tmp_path: Path) -> None:
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    kd_ft, labels = (Path(shutil.copy(c, folder / c.name)) for c in configs)
+    for config in (kd_ft, labels):  # checkpoints on: a rerun must not find the earlier run's checkpoints
+        config.write_text(config.read_text().replace("enable_checkpointing: false", "enable_checkpointing: true"))
+    out = tmp_path / "out"
+    first = run_compare([kd_ft, labels], seeds=1, out=out, jobs=1, echo=quiet)
+    assert first.trained == 2
+    before = result_files(out)
+
+    labels.write_text(labels.read_text().replace("lr: 0.003", "lr: 0.01"))
+    changed = run_compare([kd_ft, labels], seeds=1, out=out, jobs=1, echo=quiet)
+    assert changed.trained == 1
+    assert {r.schedule for runs in changed.runs.values() for r in runs if not r.reused} == {"labels"}
+    after = result_files(out)
+    assert all(after[k] == v for k, v in before.items() if "/kd_ft/" in k)
+    assert all(after[k] != v for k, v in before.items() if "/labels/" in k)
+    saved = json.loads((out / "runs/labels/seed_0/result.json").read_text())
+    assert saved["metrics"]["test/iou"] == changed.runs["labels"][0].metrics["test/iou"]
+
+    again = run_compare([kd_ft, labels], seeds=1, out=out, jobs=1, echo=quiet)
+    assert again.trained == 0 and per_run(again) == per_run(changed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["compare", str(kd_ft), str(labels), "--seeds", "1", "--out", str(out), "--jobs", "1",
+                     "--fresh"]) == 0
+    assert all(result_files(out)[k] != v for k, v in after.items())
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]
+    assert len(list(out.glob("runs/labels/seed_0/**/*.ckpt"))) == 1
+
+
+GAPS = [0.05, -0.04, 0.06, 0.05, 0.055, 0.045, 0.05, 0.05]  # schedule a minus b, per seed
+
+
+class ScoresLauncher:
+    """Stands in for the training engine: each run's test IoU is fixed by its schedule and seed."""
+
+    def __init__(self, jobs: int) -> None:
+        self.seeds_run: list[int] = []
+
+    def __enter__(self) -> ScoresLauncher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def run(self, specs):
+        for spec in specs:
+            self.seeds_run.append(spec.seed)
+            base = 0.6 + 0.1 * (spec.seed % 3)  # seed-to-seed spread that pairing removes
+            value = base + (GAPS[spec.seed] if spec.schedule == "a" else 0.0)
+            yield RunOutcome(spec.schedule, spec.seed, metrics={"test/iou": value})
+
+
+def test_seeds_auto_stops_at_the_first_round_whose_paired_test_decides(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lightning_stages.cli.compare.LocalLauncher", ScoresLauncher)
+    configs = [tiny_config(tmp_path / "s_a.yaml", None), tiny_config(tmp_path / "s_b.yaml", None)]
+    expected = next(n for n in range(3, len(GAPS) + 1)
+                    if stats.ttest_1samp(GAPS[:n], 0.0).pvalue < 0.05 and sum(GAPS[:n]) > 0)
+    assert expected > 3  # the first round alone does not decide
+
+    result = run_compare(configs, seeds="auto", max_seeds=len(GAPS), out=tmp_path / "out", metrics=["test/iou"],
+                         echo=quiet)
+    assert result.decided and result.seeds == list(range(expected))
+    assert f"it stopped at {expected} seeds because the verdict on test/iou was decided" in result.report.read_text()
+    assert "**a** is best on test IoU" in result.report.read_text()
+
+
+def test_seeds_auto_adds_rounds_until_max_seeds_when_undecided(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lightning_stages.cli.compare.LocalLauncher", ScoresLauncher)
+    configs = [tiny_config(tmp_path / "s_b.yaml", None), tiny_config(tmp_path / "s_twin.yaml", None)]
+    # b and twin score the same on every seed: every paired difference is 0, never decided
+    result = run_compare(configs, seeds="auto", max_seeds=5, out=tmp_path / "out", echo=quiet)
+    assert result.seeds == [0, 1, 2, 3, 4] and not result.decided
+    assert [r.seed for r in result.runs["twin"]] == [0, 1, 2, 3, 4]
+    assert "`--seeds auto` started with 3 and added one seed per round; it stopped at 5 seeds, the --max-seeds " \
+           "limit (5), without a decision on test/iou" in result.report.read_text()
