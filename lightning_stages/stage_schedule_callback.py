@@ -127,6 +127,8 @@ class StageScheduleCallback(Callback):
                                  weight_overrides=self.base_loss_weights, max_epochs=max_epochs)
         self.resolved_schedule = schedule
         fitting = stage == "fit"
+        if fitting:
+            self._nonfinite = NonFiniteWatch()  # a new fit starts from weights loaded or kept: watched afresh
         needs_teachers = schedule.needs_teachers if fitting else schedule.base_distillation
         if needs_teachers:
             needed_by = schedule.first_distilling_label() or "base"

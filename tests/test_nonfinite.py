@@ -97,6 +97,18 @@ def test_an_infinite_loss_of_a_module_without_the_mixin_stops_at_the_epoch_end(t
     assert run.current_epoch == 1
 
 
+def test_no_checkpoint_on_exception_either(tmp_path):
+    """``OnExceptionCheckpoint`` saves when the run stops: that checkpoint would hold the NaN weights, so it is
+    refused too (the error found stays found), and the original error is what the caller sees."""
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    run = trainer(tmp_path, max_epochs=3, callbacks=[StageScheduleCallback(), OnExceptionCheckpoint(tmp_path / "exc")],
+                  enable_checkpointing=True)
+    with pytest.raises(DistillationStepError, match="at batch 1 of epoch 1"):
+        run.fit(NaNAt(epoch=1, batch=1), tiny_loader())
+    assert not (tmp_path / "exc").exists() or list((tmp_path / "exc").iterdir()) == []
+
+
 def test_finite_losses_train_to_the_end_and_the_checkpoints_are_written(tmp_path):
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1, filename="{epoch}")
     run = trainer(tmp_path, max_epochs=2, callbacks=[StageScheduleCallback(), checkpoints], enable_checkpointing=True)
@@ -135,9 +147,12 @@ def test_the_watch_reads_the_first_non_finite_batch_and_forgets_it_after_a_check
     found = watch.check()
     first_bad = next(i for i, v in enumerate(losses) if not math.isfinite(v))
     assert (found.first_bad, found.first, found.last, found.first_step, found.last_step) == (first_bad, 0, 4, 1, 5)
-    watch.update(None, 5, step=6)  # a step without a loss (e.g. skipped) is not a problem
-    watch.update(torch.tensor([1.0, 2.0]), 6, step=7)
-    assert watch.check() is None
+    watch.update(torch.tensor(1.0), 5, step=6)
+    assert watch.check() == found  # found stays found: the weights trained on it are still in the module
+    fresh = NonFiniteWatch()
+    fresh.update(None, 5, step=6)  # a step without a loss (e.g. skipped) is not a problem
+    fresh.update(torch.tensor([1.0, 2.0]), 6, step=7)
+    assert fresh.check() is None
 
 
 def test_ddp_a_nan_on_one_rank_stops_every_rank_before_the_checkpoint(tmp_path):

@@ -180,16 +180,20 @@ class NonFiniteWatch:
         ...     watch.update(torch.tensor(loss), batch, step=10 + batch)
         >>> watch.check()
         NonFiniteRange(first_bad=2, first=0, last=3, first_step=10, last_step=13)
-        >>> watch.update(torch.tensor(0.5), 4, step=14); watch.check() is None  # each check starts a new range
+        >>> watch.update(torch.tensor(0.5), 4, step=14); watch.check().first_bad  # what was found stays found
+        2
+        >>> watch = NonFiniteWatch()
+        >>> watch.update(torch.tensor(0.5), 0, step=1); watch.check() is None  # each good check starts a new range
         True
     """
 
-    __slots__ = ("_first", "_first_bad", "_last")
+    __slots__ = ("_first", "_first_bad", "_found", "_last")
 
     def __init__(self) -> None:
         self._first_bad: Optional[Tensor] = None  # the batch index of the first non-finite loss, or _NONE
         self._first: Optional[tuple[int, int]] = None  # (batch index, global step) of the first batch watched
         self._last: tuple[int, int] = (0, 0)
+        self._found: Optional[NonFiniteRange] = None  # once found, every later check says so (the weights stay bad)
 
     def update(self, loss: Any, batch: int, step: int) -> None:
         """Record whether ``loss`` (a tensor; anything else is ignored) is finite; no host sync."""
@@ -202,16 +206,19 @@ class NonFiniteWatch:
         self._last = (batch, step)
 
     def check(self, gather: Optional[Callable[[Tensor], Tensor]] = None) -> Optional[NonFiniteRange]:
-        """The non-finite losses since the last check (``None``: every loss was finite), then start a new range.
+        """The non-finite losses since the last check (``None``: every loss was finite, and a new range starts);
+        once some are found, every later check returns them (the weights trained on them stay in the module).
 
         Args:
             gather: the strategy's ``all_gather`` under DDP, so that every rank decides alike (every rank must call
                 ``check`` then); ``None`` on one process.
         """
-        if self._first is None or self._first_bad is None:
-            return None
+        if self._found is not None or self._first is None or self._first_bad is None:
+            return self._found  # no collective here: every rank returns early alike
         first_bad = self._first_bad if gather is None else gather(self._first_bad).min()
         (first, first_step), (last, last_step) = self._first, self._last
         self._first_bad, self._first = None, None
         bad = int(first_bad.item())  # the one host sync
-        return None if bad == _NONE else NonFiniteRange(bad, first, last, first_step, last_step)
+        if bad != _NONE:
+            self._found = NonFiniteRange(bad, first, last, first_step, last_step)
+        return self._found
