@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
@@ -169,6 +170,13 @@ class StageScheduleCallback(Callback):
         if trainer.current_epoch == resolved.start_epoch:
             _add_stage_text(trainer, resolved)
 
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        cache = getattr(pl_module, "teacher_cache", None) if isinstance(pl_module, DistillationModule) else None
+        if cache is not None:
+            _report_cache(trainer, cache.take_stats(), self.verbose)
+        self._stop_if_nonfinite(trainer, "at the end of the epoch")
+
     def _bound(self) -> StageSchedule:
         if self.resolved_schedule is None:
             raise RuntimeError("StageScheduleCallback: `setup` binds the schedule before any epoch starts")
@@ -211,10 +219,6 @@ class StageScheduleCallback(Callback):
     ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         self._nonfinite.update(loss, batch_idx, trainer.global_step)
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._stop_if_nonfinite(trainer, "at the end of the epoch")
 
     @override
     def on_save_checkpoint(
@@ -281,6 +285,21 @@ def _add_stage_text(trainer: pl.Trainer, resolved: ResolvedStage) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("stage", text, global_step=trainer.global_step)
+
+
+def _report_cache(trainer: pl.Trainer, stats: dict[str, int], verbose: bool) -> None:
+    """The teacher cache's hits, misses and input mismatches of the epoch, summed over the ranks, as
+    ``teacher_cache/*`` scalars (and a log line when verbose). Every rank calls it: the sum is a collective."""
+    keys = sorted(stats)
+    totals = trainer.strategy.reduce(torch.tensor([float(stats[k]) for k in keys]), reduce_op="sum")
+    summed = {f"teacher_cache/{k}": float(v) for k, v in zip(keys, torch.as_tensor(totals).tolist())}
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        logger.log_metrics(summed, step=trainer.global_step)
+    if verbose:
+        _info(f"epoch {trainer.current_epoch}: teacher cache " + ", ".join(
+            f"{k.split('/')[1]}={int(v)}" for k, v in summed.items()))
 
 
 def _warn_about_coverage(schedule: StageSchedule, max_epochs: Optional[int]) -> None:

@@ -281,3 +281,24 @@ def tiny_data() -> dict[str, int]:
 def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny segmentation teacher trained for one step and saved by its Trainer, shared by the whole session."""
     return make_tiny_teacher(tmp_path_factory.mktemp("teacher") / "teacher.ckpt")
+
+
+# ---------------------------------------------------------------------------------------------- compare's tiny runs
+
+COMPARE_DATA = {"num_train": 16, "num_val": 8, "num_test": 8, "image_size": 16, "batch_size": 8, "data_seed": 0}
+COMPARE_STUDENT = {"widths": [2, 4, 8], "convs_per_block": 1}
+
+
+def compare_config(path: Path, teacher: Optional[Path], stages: Optional[list[dict[str, Any]]] = None,
+                   max_epochs: int = 2, lr: float = 0.003) -> Path:
+    """``configs/segmentation_joint.yaml`` shrunk to tiny data, models and epochs, with the given stages (the runs of
+    the ``compare`` tests)."""
+    config = yaml.safe_load((CONFIGS / "segmentation_joint.yaml").read_text())
+    config["trainer"].update(max_epochs=max_epochs, logger=False, enable_checkpointing=False)
+    config["data"]["init_args"] = dict(COMPARE_DATA)
+    config["model"]["init_args"].update(COMPARE_STUDENT, lr=lr, teacher_channels=TINY_TEACHER["widths"][-1],
+                                        teacher_checkpoint=str(teacher or path.parent / "missing.ckpt"))
+    config["trainer"]["callbacks"] = [] if stages is None else [
+        {"class_path": "lightning_stages.StageScheduleCallback", "init_args": {"stage_schedule": stages}}]
+    path.write_text(yaml.safe_dump(config))
+    return path

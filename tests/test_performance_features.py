@@ -6,7 +6,7 @@ tensors live.
 
 from __future__ import annotations
 
-import os
+import json
 
 import lightning.pytorch as pl
 import pytest
@@ -205,9 +205,13 @@ def test_cache_files_hold_float16_and_give_back_the_teachers_dtype(tmp_path):
     cache = TeacherCache(tmp_path, dtype=torch.float16, num_samples=N_SAMPLES)
     teacher = Teacher()
     one_epoch(prepared(teacher, cache))
-    # allocated once for num_samples rows: logits (3 values) and the hooked body output (8 values), 2 bytes each
-    assert os.path.getsize(tmp_path / "leaf0.bin") == N_SAMPLES * 3 * 2
-    assert os.path.getsize(tmp_path / "leaf1.bin") == N_SAMPLES * 8 * 2
+    # one shard of fixed-size records: logits (3 values) and the hooked body output (8 values) at 2 bytes each,
+    # padded to 24 bytes, after an 8-byte sample index and 16 bytes of input and row checksums
+    (shard,) = tmp_path.glob("tc2-*/*.rows")
+    content = shard.read_bytes()
+    length = int.from_bytes(content[8:12], "little")
+    assert json.loads(content[16 : 16 + length])["record_bytes"] == 24 + 8 + 16
+    assert len(content) == -(-(16 + length) // 8) * 8 + N_SAMPLES * (24 + 8 + 16)
     x, _ = data()
     out, features = cache.lookup([5, 2])
     assert out["teacher"].dtype == torch.float32

@@ -52,6 +52,8 @@ def check_cost_options(precision: Any, offload: Any, cache: Any, where: str) -> 
                                      field="teacher_cache", value=cache))
     if problems:
         raise StageConfigError(problems)
+    if cache is not None:
+        cache.check_directory()  # a file, or not writable: refused before the first batch
 
 
 def build_teachers(configure_teachers: Callable[[], Any], where: str) -> dict[str, nn.Module]:
@@ -202,14 +204,14 @@ class Teachers:
         try:
             if bind:
                 layers = {name: hooks.spec.get(name, ()) for name in self.modules}
-                cache.bind(teacher_fingerprint(self.modules, layers, {"precision": precision}))
-            hit = cache.lookup(sample_index, device=device())
+                cache.bind(teacher_fingerprint(self.modules, layers, {"precision": precision}, version=cache.version))
+            hit = cache.lookup(sample_index, device=device(), inputs=(args, kwargs))
             if hit is not None:
                 outputs, features = hit
                 hooks.put(features)
                 return outputs
             outputs = self.run(args, kwargs, precision, device)
-            cache.store(sample_index, outputs, hooks.snapshot(list(self.modules)))
+            cache.store(sample_index, outputs, hooks.snapshot(list(self.modules)), inputs=(args, kwargs))
         except DistillationStepError:
             raise
         except StageConfigError as err:  # the cache's own checks: a step-time problem of this stage
