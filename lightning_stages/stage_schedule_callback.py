@@ -8,19 +8,22 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
+from lightning_stages.adaptive_stages import AdaptiveStages
+from lightning_stages.best_weights import BEST_WEIGHTS_PLACES
+from lightning_stages.checkpoint_guard import CheckpointGuard, warn_about_saved_schedule
 from lightning_stages.distillation.distillation_module import DistillationModule
-from lightning_stages.distillation.step_checks import NonFiniteWatch
-from lightning_stages.errors import StageConfigError, StageProblem
+from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
 from lightning_stages.schedule import StageSchedule
 from lightning_stages.schedule.bind import bind_schedule, declared_settings, given_schedule
 from lightning_stages.schedule.render import format_stage_line, stage_metrics
 from lightning_stages.schedule.stage import ResolvedStage, Stage
+from lightning_stages.train_data import TrainData, resumed_epoch
 
 __all__ = ["StageScheduleCallback"]
 
@@ -44,7 +47,7 @@ def _max_epochs(trainer: pl.Trainer) -> Optional[int]:
     return trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
 
 
-class StageScheduleCallback(Callback):
+class StageScheduleCallback(CheckpointGuard):
     """Run training as consecutive stages, each with its own distillation switch, ``lambda_coef`` and loss weights.
 
     At the start of training and of every epoch, the stage of ``trainer.current_epoch`` is resolved (a pure
@@ -54,13 +57,12 @@ class StageScheduleCallback(Callback):
     * ``use_distillation``: whether the distillation loss is on;
     * ``lambda_coef``: the distillation coefficient;
     * ``stage_name``: the stage's name (``"base"`` where no stage covers the epoch);
-    * ``stage_token``: an opaque value that differs between consecutive stages (even of the same name), so a
-      module can tell that a new stage began (:class:`~lightning_stages.DistillationModule` checks its first step).
-
-    The loss ``training_step`` returns is watched at every step on the device (no host sync); before any checkpoint
-    is written, and at the end of every epoch, a non-finite loss since the last look stops the run with a
-    :class:`~lightning_stages.DistillationStepError` naming the stage and the batches, so no checkpoint is ever
-    written after a NaN or infinite loss: the last one written before it is kept.
+    * ``stage_data``: the stage's ``data`` (``None`` where it gives none). Where it changes from one epoch to the
+      next, the training dataloader is built again, after the new stage is applied, so ``train_dataloader()`` (of
+      the module or the datamodule) can read it; a resumed run builds the data of the stage it resumes in.
+    * ``stage_token``: an opaque value that differs between consecutive stages (even of the same name): the module's
+      first-step checks run again when it changes. No checkpoint is written after a non-finite loss (the base,
+      :class:`~lightning_stages.checkpoint_guard.CheckpointGuard`, also looks at every epoch end).
 
     The module declares its task losses as the keys of the ``loss_weights`` dict it sets in ``__init__``; those
     values are the base weights when none are given here. Without a schedule the base settings apply to every
@@ -74,6 +76,9 @@ class StageScheduleCallback(Callback):
         distillation: base distillation flag; the module's ``use_distillation`` when not given, else off.
         lambda_coef: base distillation coefficient; the module's ``lambda_coef`` when not given, else 1.0.
         verbose: write one line per epoch with the stage in force (rank zero only).
+        best_weights: where ``restore_best`` stages keep their best weights: ``"memory"`` (a CPU copy, also written
+            into the checkpoints taken during the stage) or ``"file"`` (under the Trainer's log dir; checkpoints hold
+            its path). See README "Adaptive stages" for the cost.
 
     Raises:
         StageConfigError: in ``__init__`` for problems of the schedule itself, in ``setup`` for problems that need
@@ -103,7 +108,12 @@ class StageScheduleCallback(Callback):
         distillation: Optional[bool] = None,
         lambda_coef: Optional[float] = None,
         verbose: bool = True,
+        best_weights: str = "memory",
     ) -> None:
+        if best_weights not in BEST_WEIGHTS_PLACES:
+            raise StageConfigError(StageProblem(
+                "must be 'memory' or 'file'", name="StageScheduleCallback", field="best_weights", value=best_weights,
+                hint=did_you_mean(best_weights, BEST_WEIGHTS_PLACES) if isinstance(best_weights, str) else None))
         # the base weights given here override the module's declared ones key by key (checked against them in
         # setup), so they are kept apart from the schedule
         schedule, self.base_loss_weights = given_schedule(stage_schedule, config, loss_weights, distillation,
@@ -112,7 +122,10 @@ class StageScheduleCallback(Callback):
         # the state: the schedule as given, and as bound to the module and the Trainer at `setup`
         self.schedule = schedule
         self.resolved_schedule: Optional[StageSchedule] = None
-        self._nonfinite = NonFiniteWatch()
+        self._train_data = TrainData()
+        # plateau-ended stages and restore_best: the transitions taken, the stage's tracker and best weights
+        self.adaptive = AdaptiveStages(best_weights)
+        self._resume_epoch: Optional[int] = None  # the epoch a resumed run trains next, read from its checkpoint
 
     @property
     @override
@@ -123,13 +136,12 @@ class StageScheduleCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._resume_epoch = None  # set again by on_load_checkpoint, which runs after setup
         max_epochs = _max_epochs(trainer)
         schedule = bind_schedule(self.schedule, declared=_declared_base(pl_module),
                                  weight_overrides=self.base_loss_weights, max_epochs=max_epochs)
         self.resolved_schedule = schedule
         fitting = stage == "fit"
-        if fitting:
-            self._nonfinite = NonFiniteWatch()  # a new fit starts from weights loaded or kept: watched afresh
         needs_teachers = schedule.needs_teachers if fitting else schedule.base_distillation
         if needs_teachers:
             needed_by = schedule.first_distilling_label() or "base"
@@ -145,6 +157,7 @@ class StageScheduleCallback(Callback):
             _refuse_sharded_strategy(trainer, needed_by)
             pl_module.prepare_teachers(needed_by=needed_by)
         if fitting:
+            self.watch_afresh()  # no checkpoint after a non-finite loss (CheckpointGuard); a new fit watches afresh
             _warn_about_coverage(schedule, max_epochs)
             self._apply(pl_module, schedule, schedule.at(trainer.current_epoch))
         else:
@@ -152,11 +165,21 @@ class StageScheduleCallback(Callback):
             self._apply(pl_module, schedule, schedule.base_stage())
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the fit loop builds the training dataloader right after this (before on_train_start): a resumed run applies
+        # the stage it resumes in now, so that `train_dataloader()` sees that stage's `stage_data`
+        if self._resume_epoch is not None:
+            self._enter_epoch(pl_module, self._resume_epoch)
+            self._resume_epoch = None
+        self._train_data.built(getattr(pl_module, "stage_data", None))
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a run resumed within an epoch (its batches begun or done) gets no on_train_epoch_start for that epoch:
         # apply and report it here; otherwise on_train_epoch_start does. The stage's text goes to TensorBoard at the
         # first epoch of every run, as well as where a stage begins.
         resolved = self._enter_epoch(pl_module, trainer.current_epoch)
+        self._train_data.want(trainer, resolved.data)  # a loader built before the resumed epoch was known
         progress: Any = trainer.fit_loop.epoch_progress.current  # a _StartedTracker, typed as its base
         if progress.started > progress.completed:
             self._report(trainer, resolved)
@@ -171,20 +194,39 @@ class StageScheduleCallback(Callback):
             _add_stage_text(trainer, resolved)
 
     @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self.adaptive.after_validation(trainer, pl_module, self._bound())
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         cache = getattr(pl_module, "teacher_cache", None) if isinstance(pl_module, DistillationModule) else None
         if cache is not None:
             _report_cache(trainer, cache.take_stats(), self.verbose)
-        self._stop_if_nonfinite(trainer, "at the end of the epoch")
+        self.stop_if_nonfinite(trainer, pl_module, "at the end of the epoch")  # before any restore or data switch
+        max_epochs = _max_epochs(trainer)
+        self.adaptive.at_epoch_end(trainer, pl_module, self._bound(), max_epochs)
+        # Lightning builds the next epoch's loader before on_train_epoch_start: where the next epoch's `data` differs,
+        # apply the next stage's data now and have the loader built again
+        upcoming = trainer.current_epoch + 1
+        if (max_epochs is None or upcoming < max_epochs) and not trainer.should_stop:
+            resolved = self._effective().at(upcoming)
+            if self._train_data.want(trainer, resolved.data):
+                module: Any = pl_module
+                module.stage_data = resolved.data
 
     def _bound(self) -> StageSchedule:
         if self.resolved_schedule is None:
             raise RuntimeError("StageScheduleCallback: `setup` binds the schedule before any epoch starts")
         return self.resolved_schedule
 
+    def _effective(self) -> StageSchedule:
+        """The bound schedule with the plateau transitions this run took (derived, never stored)."""
+        return self.adaptive.effective(self._bound())
+
     def _enter_epoch(self, pl_module: pl.LightningModule, epoch: int) -> ResolvedStage:
         """Apply the stage of ``epoch``; idempotent (the same epoch applies the same values)."""
-        schedule = self._bound()
+        schedule = self._effective()
         resolved = schedule.at(epoch)
         self._apply(pl_module, schedule, resolved)
         return resolved
@@ -197,6 +239,7 @@ class StageScheduleCallback(Callback):
         pl_module.lambda_coef = resolved.lambda_coef
         pl_module.stage_name = resolved.name
         pl_module.stage_token = (resolved.index, resolved.start_epoch)
+        pl_module.stage_data = resolved.data
         if isinstance(pl_module, DistillationModule):  # offload_teachers: does a current or later stage distill?
             later = resolved.end_epoch is not None and schedule.distilling_until() > resolved.end_epoch
             pl_module.update_teacher_placement(resolved.distillation, later)
@@ -211,36 +254,13 @@ class StageScheduleCallback(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
-    # ------------------------------------------------------------------ non-finite losses
-
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        self._nonfinite.update(loss, batch_idx, trainer.global_step)
-
-    @override
-    def on_save_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        # raising here, while the checkpoint is being assembled, means it is never written
-        self._stop_if_nonfinite(trainer, "before writing a checkpoint")
-
-    def _stop_if_nonfinite(self, trainer: pl.Trainer, when: str) -> None:
-        found = self._nonfinite.check(trainer.strategy.all_gather if trainer.world_size > 1 else None)
-        if found is None:
-            return
-        resolved = self.resolved_schedule.at(trainer.current_epoch) if self.resolved_schedule is not None else None
-        raise found.error(trainer.current_epoch, when, resolved.index if resolved else None,
-                          resolved.name if resolved else None)
-
     # ------------------------------------------------------------------ checkpointing
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        """``{"schedule": ...}``: the schedule trained with (bound, if ``setup`` ran), which resume compares."""
-        return {"schedule": (self.resolved_schedule or self.schedule).to_dict()}
+        """``{"schedule": ..., "adaptive": ...}``: the schedule trained with (bound, if ``setup`` ran), which resume
+        compares; the plateau transitions taken, the current stage's tracker and best weights, which resume follows."""
+        return {"schedule": (self.resolved_schedule or self.schedule).to_dict(), "adaptive": self.adaptive.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -249,27 +269,15 @@ class StageScheduleCallback(Callback):
         Checkpoints of 0.1 also hold ``epoch`` and ``stage``; they are ignored (the epoch's stage is resolved again).
         """
         current = self.resolved_schedule or self.schedule
-        saved_dict = state_dict.get("schedule") if isinstance(state_dict, Mapping) else state_dict
-        try:  # only a mapping is read: a string there is never taken for a file to open
-            if not isinstance(saved_dict, Mapping):
-                raise StageConfigError(StageProblem(f"it is {type(saved_dict).__name__}, not a mapping",
-                                                    field="schedule", value=saved_dict))
-            saved = StageSchedule.from_config(saved_dict)
-        except (StageConfigError, TypeError, ValueError, OverflowError, RecursionError) as err:
-            rank_zero_warn(f"StageScheduleCallback: the schedule saved in the checkpoint could not be read ({err}); "
-                           "resuming with the schedule given now.")
-            return
-        changes = saved.diff(current)
-        if changes:
-            rank_zero_warn(
-                "StageScheduleCallback: the schedule differs from the one in the checkpoint; resuming with the one "
-                "given now. Changes (checkpoint -> now): " + "; ".join(changes)
-            )
+        if isinstance(state_dict, Mapping) and "adaptive" in state_dict:
+            self.adaptive.load_state_dict(state_dict["adaptive"], current)
+        warn_about_saved_schedule(state_dict, current)
 
     @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        self._resume_epoch = resumed_epoch(checkpoint)
         states = checkpoint.get("callbacks") or {}
         if self.state_key not in states:
             rank_zero_warn(

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+from lightning_stages.cli.checkpoint_transitions import callback_state, format_checkpoint
 from lightning_stages.cli.compare import run_compare
 from lightning_stages.cli.lightning_config import (
     add_working_directory_to_path,
@@ -71,7 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default=None, help="a seed-format schedule used with a LightningCLI config")
     p.add_argument("--no-import", action="store_true", help=_NO_IMPORT_HELP)
     p = sub.add_parser("show", help="print the resolved schedule as a table, optionally draw a timeline PNG")
-    p.add_argument("config", metavar="CONFIG")
+    p.add_argument("config", metavar="CONFIG", nargs="?", help="a config (not with --checkpoint)")
+    p.add_argument("--checkpoint", default=None, metavar="CKPT",
+                   help="print the transitions a run actually took, from its Lightning checkpoint")
     p.add_argument("--max-epochs", type=int, default=None, help="resolve against this many epochs")
     p.add_argument("--stages", default=None, help="a seed-format schedule used with a LightningCLI config")
     p.add_argument("--plot", default=None, metavar="PNG", help="draw the timeline into this PNG (needs matplotlib)")
@@ -111,6 +114,17 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    if (args.config is None) == (args.checkpoint is None):
+        print("show: give either a CONFIG or --checkpoint CKPT", file=sys.stderr)
+        return 2
+    if args.checkpoint is not None:
+        try:
+            text = format_checkpoint(callback_state(args.checkpoint))
+        except StageConfigError as err:
+            print(f"{args.checkpoint}: {err}", file=sys.stderr)
+            return 2
+        print(f"{args.checkpoint}: {text}")
+        return 0
     png, refused = _plot_path(args.plot) if args.plot else (None, None)
     if refused:
         print(refused, file=sys.stderr)

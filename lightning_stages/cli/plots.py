@@ -68,7 +68,13 @@ def plot_timeline(schedule: StageSchedule, path: Union[str, os.PathLike]) -> Pat
     for i, r in enumerate(timeline):
         for ax in (ax_w, ax_l):
             ax.axvspan(r.start_epoch, ends[i], color=f"C{i % 10}" if not r.is_base else "0.85", alpha=0.12, lw=0)
-        ax_w.text((r.start_epoch + ends[i]) / 2, 1.01, _label(r.name) + (" (KD)" if r.distillation else ""),
+        # a stage a plateau may end is drawn to its cap and labelled "up to" it
+        plateau = r.index is not None and schedule.stages[r.index].ends_on_plateau
+        label = _label(r.name) + (" (KD)" if r.distillation else "") + (f"\nup to {ends[i]}" if plateau else "")
+        if plateau:
+            for ax in (ax_w, ax_l):
+                ax.axvline(ends[i], color="0.3", lw=1, ls=":")
+        ax_w.text((r.start_epoch + ends[i]) / 2, 1.01, label,
                   transform=ax_w.get_xaxis_transform(), ha="center", va="bottom", fontsize=8)
     top = max([max(r.loss_weights.values(), default=0.0) for r in timeline] + [1.0])
     for j, key in enumerate(keys):

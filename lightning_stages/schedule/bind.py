@@ -8,6 +8,7 @@ from typing import Any, Optional, Union
 
 from lightning_stages.errors import StageConfigError, StageProblem
 from lightning_stages.schedule import checks
+from lightning_stages.schedule.adaptive_checks import min_epochs_problems
 from lightning_stages.schedule.stage import BASE_STAGE_NAME, plain
 from lightning_stages.schedule.stage_schedule import StageSchedule
 
@@ -96,6 +97,8 @@ def bind_schedule(
     problems += checks.missing_weight_problems(schedule.stages, base_weights)
     if max_epochs is not None:
         problems += schedule.epoch_problems(max_epochs)
+    # a stage without `end_epoch` ends with the run: only now is its length known
+    problems += min_epochs_problems([(i, s) for i, s in enumerate(schedule.stages) if s.end_epoch is None], total)
     if problems:
         raise StageConfigError(problems)
     return StageSchedule._checked_elsewhere(schedule.stages, base_weights, distillation, lambda_coef, total)

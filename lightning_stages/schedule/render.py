@@ -3,14 +3,36 @@ prints (a one-line summary and a table of a resolved schedule)."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from lightning_stages.errors import printable
 from lightning_stages.schedule.stage import ResolvedStage
 from lightning_stages.schedule.stage_schedule import StageSchedule
 
-__all__ = ["format_stage_line", "format_summary", "format_table", "stage_metrics", "weight_keys"]
+__all__ = ["format_range", "format_stage_line", "format_summary", "format_table", "stage_metrics", "weight_keys"]
 
 
-def format_summary(schedule: StageSchedule) -> str:
+def format_range(schedule: StageSchedule, resolved: ResolvedStage, ended: Collection[int] = ()) -> str:
+    """``[start, end)`` of a range of the timeline; a stage a plateau may end shows ``up to`` its cap, and so does the
+    start of what follows it. ``ended``: indices of stages whose plateau already ended them (no longer "up to").
+
+    Example::
+
+        >>> s = StageSchedule([{"name": "kd", "start_epoch": 0, "end_epoch": 6, "monitor": "val/loss", "patience": 2},
+        ...                    {"name": "ft", "start_epoch": 6}], total_epochs=9)
+        >>> [format_range(s, r) for r in s.timeline()]
+        ['[0, up to 6)', '[up to 6, 9)']
+    """
+    plateau_caps = {schedule.end_of(stage) for index, stage in enumerate(schedule.stages)
+                    if stage.ends_on_plateau and index not in ended}
+    start = f"up to {resolved.start_epoch}" if resolved.start_epoch in plateau_caps else str(resolved.start_epoch)
+    end = str(resolved.end_epoch) if resolved.end_epoch is not None else "end"
+    if resolved.index is not None and resolved.index not in ended and schedule.stages[resolved.index].ends_on_plateau:
+        end = f"up to {end}"
+    return f"[{start}, {end})"
+
+
+def format_summary(schedule: StageSchedule, ended: Collection[int] = ()) -> str:
     """The schedule in one line: how many stages over how many epochs, their ranges, whether teachers are needed.
 
     Example::
@@ -25,8 +47,7 @@ def format_summary(schedule: StageSchedule) -> str:
     if not schedule.stages:
         return "no stage schedule: single-stage training with the base settings"
     total = schedule.total_epochs
-    parts = [f"{printable(r.name, 40)} [{r.start_epoch}, {r.end_epoch if r.end_epoch is not None else 'end'})"
-             for r in schedule.timeline()]
+    parts = [f"{printable(r.name, 40)} {format_range(schedule, r, ended)}" for r in schedule.timeline()]
     over = f" over {total} epochs" if total is not None else ""
     teachers = "; teachers needed" if schedule.needs_teachers else "; no teacher needed"
     count = len(schedule.stages)
@@ -45,8 +66,9 @@ def weight_keys(schedule: StageSchedule, timeline: list[ResolvedStage]) -> list[
     return keys
 
 
-def format_table(schedule: StageSchedule) -> str:
-    """The resolved schedule as a text table: epochs, stage, distillation, lambda and every loss weight.
+def format_table(schedule: StageSchedule, ended: Collection[int] = ()) -> str:
+    """The resolved schedule as a text table: epochs, stage, distillation, lambda and every loss weight (and the
+    ``data`` column if a stage names its data). Plateau stages show ``up to`` their cap (:func:`format_range`).
 
     Stage names and loss names are shown with control characters escaped (:func:`~lightning_stages.errors.printable`):
     a name can neither add a row nor send escape sequences to the terminal.
@@ -62,13 +84,14 @@ def format_table(schedule: StageSchedule) -> str:
     """
     timeline = schedule.timeline()
     keys = weight_keys(schedule, timeline)
-    header = ["epochs", "stage", "distillation", "lambda", *(printable(k, 40) for k in keys)]
+    with_data = any(r.data is not None for r in timeline)
+    header = ["epochs", "stage", "distillation", "lambda", *(printable(k, 40) for k in keys), *(["data"] if with_data else [])]
     rows = [header]
     for r in timeline:
-        end = r.end_epoch if r.end_epoch is not None else "end"
-        rows.append([f"[{r.start_epoch}, {end})", printable(r.label if not r.is_base else r.name, 60),
+        rows.append([format_range(schedule, r, ended), printable(r.label if not r.is_base else r.name, 60),
                      "on" if r.distillation else "off", _number(r.lambda_coef),
-                     *(_number(r.loss_weights[k]) if k in r.loss_weights else "-" for k in keys)])
+                     *(_number(r.loss_weights[k]) if k in r.loss_weights else "-" for k in keys),
+                     *([r.data if r.data is not None else "-"] if with_data else [])])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -84,9 +107,10 @@ def format_stage_line(epoch: int, resolved: ResolvedStage) -> str:
     """
     position = f"{resolved.position}/{resolved.num_stages}" if not resolved.is_base else "no stage"
     weights = " ".join(f"{k}={v:g}" if v != int(v) else f"{k}={v}" for k, v in resolved.loss_weights.items())
+    data = f", data={resolved.data!r}" if resolved.data is not None else ""
     return (
         f"epoch {epoch}: stage {resolved.name!r} ({position}), use_distillation={resolved.distillation}, "
-        f"lambda_coef={resolved.lambda_coef}, loss_weights: {weights or '(none)'}"
+        f"lambda_coef={resolved.lambda_coef}, loss_weights: {weights or '(none)'}{data}"
     )
 
 

@@ -164,7 +164,9 @@ def diff(before: StageSchedule, after: StageSchedule) -> list[str]:
     for index, (a, b) in enumerate(zip(before.stages, after.stages)):
         where = f"stage {index}" + (f" ({a.name!r})" if a.name is not None else "")
         da, db = a.to_dict(), b.to_dict()
-        for key in ("name", "start_epoch", "end_epoch", "distillation", "lambda_coef", "loss_weights"):
+        for key in ("name", "start_epoch", "end_epoch", "distillation", "lambda_coef", "loss_weights",
+                    # adaptive stages (issue 12)
+                    "monitor", "mode", "patience", "min_delta", "min_epochs", "restore_best", "data"):
             if da.get(key) != db.get(key):
                 changes.append(f"{where}: {key} {da.get(key)!r} -> {db.get(key)!r}")
     return changes

@@ -33,12 +33,23 @@ class Stage:
         distillation: whether the teacher-student loss is on in this stage. ``None`` inherits the base flag.
         lambda_coef: scales the sum of all distillation losses. ``None`` inherits the base value.
         loss_weights: weights of task losses (e.g. ``bce``, ``focal``, ``dice``, ``iou``, ``cls``) for this stage.
+        monitor: a logged metric the stage watches (e.g. ``"val/loss"``): to end the stage on a plateau
+            (``patience``) and to know its best weights (``restore_best``).
+        mode: ``"min"`` (the default) or ``"max"``: whether a lower or a higher ``monitor`` is better.
+        patience: end the stage after this many validation runs without improvement (at the end of that epoch).
+            ``end_epoch`` stays a hard cap; the next stage starts right after. Needs ``monitor``.
+        min_delta: a value improves only when it beats the stage's best by more than this (default 0).
+        min_epochs: the least number of epochs the stage runs before a plateau may end it.
+        restore_best: at the stage's end, load the student's weights of its own best validation. Needs ``monitor``.
+        data: the training data the stage wants (e.g. ``"unlabelled"``), set on the module as ``stage_data``; where it
+            changes, the training dataloader is built again. ``None``: the module's ``stage_data`` is ``None``.
 
     Example::
 
-        >>> Stage(name="distill_only", start_epoch=0, end_epoch=100, distillation=True, lambda_coef=1.0,
-        ...       loss_weights={"bce": 0, "focal": 0})
-        Stage(name='distill_only', start_epoch=0, end_epoch=100, distillation=True, lambda_coef=1.0, loss_weights={'bce': 0, 'focal': 0})
+        >>> stage = Stage(name="distill_only", start_epoch=0, end_epoch=100, distillation=True, lambda_coef=1.0,
+        ...               loss_weights={"bce": 0, "focal": 0}, monitor="val/loss", patience=3, data="unlabelled")
+        >>> stage.end_epoch, stage.loss_weights, stage.ends_on_plateau
+        (100, {'bce': 0, 'focal': 0}, True)
     """
 
     name: Optional[str] = None
@@ -47,6 +58,19 @@ class Stage:
     distillation: Optional[bool] = None
     lambda_coef: Optional[float] = None
     loss_weights: Optional[dict[str, float]] = None
+    # adaptive stages (issue 12)
+    monitor: Optional[str] = None
+    mode: Optional[str] = None
+    patience: Optional[int] = None
+    min_delta: Optional[float] = None
+    min_epochs: Optional[int] = None
+    restore_best: Optional[bool] = None
+    data: Optional[str] = None
+
+    @property
+    def ends_on_plateau(self) -> bool:
+        """Whether a plateau of ``monitor`` may end the stage before its ``end_epoch``."""
+        return self.monitor is not None and self.patience is not None
 
     def __post_init__(self) -> None:
         # plain Python numbers (numpy's are accepted), and a private copy of every dict: never share (or later
@@ -139,6 +163,7 @@ class ResolvedStage:
         distillation: whether the distillation loss is on.
         lambda_coef: the distillation coefficient.
         loss_weights: the complete weight of every task loss.
+        data: the stage's ``data`` (``None`` where it gives none, and for the base settings).
     """
 
     name: str
@@ -150,6 +175,7 @@ class ResolvedStage:
     distillation: bool
     lambda_coef: float
     loss_weights: dict[str, float] = field(default_factory=dict)
+    data: Optional[str] = None
 
     @property
     def is_base(self) -> bool:

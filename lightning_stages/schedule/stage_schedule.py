@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 
 from lightning_stages.errors import StageConfigError, StageProblem, stage_label
 from lightning_stages.schedule import checks, seed_format
-from lightning_stages.schedule import stage as stage_data
+from lightning_stages.schedule import stage as stage_module
 from lightning_stages.schedule.stage import BASE_STAGE_NAME, DEFAULT_LAMBDA_COEF, ResolvedStage, Stage, stage_name_of
 
 __all__ = ["BASE_STAGE_NAME", "DEFAULT_LAMBDA_COEF", "StageSchedule"]
@@ -78,7 +78,7 @@ class StageSchedule:
                     ranged.append((index, stage))
                 if stage.loss_weights is None or isinstance(stage.loss_weights, Mapping):
                     weighted.append((index, stage))
-        stage_data.plain_fields(self, stages=tuple(stages))  # the base too: plain copies, numpy numbers made plain
+        stage_module.plain_fields(self, stages=tuple(stages))  # the base too: plain copies, numpy numbers made plain
         problems += checks.base_problems(self.loss_weights, self.distillation, self.lambda_coef, self.total_epochs)
         if isinstance(self.loss_weights, Mapping):
             problems += checks.stage_weight_key_problems(weighted, list(self.loss_weights))
@@ -237,7 +237,7 @@ class StageSchedule:
                     stage_name_of(stage, index), index, pos + 1, len(self.stages), stage.start_epoch, end,
                     distillation=stage.distillation if stage.distillation is not None else self.base_distillation,
                     lambda_coef=float(stage.lambda_coef) if stage.lambda_coef is not None else self.base_lambda_coef,
-                    loss_weights=weights,
+                    loss_weights=weights, data=stage.data,
                 )
         return self.base_stage(*self._gap_around(epoch, total))
 
