@@ -1,28 +1,29 @@
-"""``StageScheduleCallback``: applies the stage of the current epoch to the LightningModule."""
+"""``StageScheduleCallback``: applies the stage of the current epoch (or optimizer step) to the LightningModule."""
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any, Optional
 
 import lightning.pytorch as pl
-import torch
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_stages.adaptive_stages import AdaptiveStages
 from lightning_stages.best_weights import BEST_WEIGHTS_PLACES
 from lightning_stages.checkpoint_guard import CheckpointGuard, warn_about_saved_schedule
 from lightning_stages.distillation.distillation_module import DistillationModule
+from lightning_stages.distillation.teachers import refuse_sharded_strategy
 from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
 from lightning_stages.schedule import StageSchedule
 from lightning_stages.schedule.bind import bind_schedule, declared_settings, given_schedule
 from lightning_stages.schedule.render import format_stage_line, stage_metrics
 from lightning_stages.schedule.stage import ResolvedStage, Stage
+from lightning_stages.schedule.unit_checks import epoch_ramp_problems
+from lightning_stages.stage_reports import add_stage_text, info, report_cache, warn_about_coverage
 from lightning_stages.train_data import TrainData, resumed_epoch
 
 __all__ = ["StageScheduleCallback"]
@@ -47,22 +48,33 @@ def _max_epochs(trainer: pl.Trainer) -> Optional[int]:
     return trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
 
 
+def _max_steps(trainer: pl.Trainer) -> Optional[int]:
+    return trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else None
+
+
+def _position(trainer: pl.Trainer, schedule: StageSchedule) -> int:
+    """Where training is, in the schedule's unit: the epoch, or the optimizer step (``trainer.global_step``)."""
+    return trainer.global_step if schedule.unit == "step" else trainer.current_epoch
+
+
 class StageScheduleCallback(CheckpointGuard):
     """Run training as consecutive stages, each with its own distillation switch, ``lambda_coef`` and loss weights.
 
     At the start of training and of every epoch, the stage of ``trainer.current_epoch`` is resolved (a pure
-    function of the epoch) and applied to the LightningModule, which reads these attributes in its step:
+    function of the epoch) and applied to the LightningModule, which reads these attributes in its step. A schedule
+    in optimizer steps is resolved from ``trainer.global_step`` and applied in ``on_train_batch_start`` where a stage
+    begins; during a ramp, the ramped values are written before every training batch:
 
     * ``loss_weights``: the complete ``{task loss: weight}`` dict of the stage;
     * ``use_distillation``: whether the distillation loss is on;
     * ``lambda_coef``: the distillation coefficient;
     * ``stage_name``: the stage's name (``"base"`` where no stage covers the epoch);
+    * ``stage_token``: an opaque value that differs between consecutive stages (even of the same name): the module's
+      first-step checks run again when it changes. No checkpoint is written after a non-finite loss (the base,
+      :class:`~lightning_stages.checkpoint_guard.CheckpointGuard`, also looks at every epoch end);
     * ``stage_data``: the stage's ``data`` (``None`` where it gives none). Where it changes from one epoch to the
       next, the training dataloader is built again, after the new stage is applied, so ``train_dataloader()`` (of
       the module or the datamodule) can read it; a resumed run builds the data of the stage it resumes in.
-    * ``stage_token``: an opaque value that differs between consecutive stages (even of the same name): the module's
-      first-step checks run again when it changes. No checkpoint is written after a non-finite loss (the base,
-      :class:`~lightning_stages.checkpoint_guard.CheckpointGuard`, also looks at every epoch end).
 
     The module declares its task losses as the keys of the ``loss_weights`` dict it sets in ``__init__``; those
     values are the base weights when none are given here. Without a schedule the base settings apply to every
@@ -84,7 +96,6 @@ class StageScheduleCallback(CheckpointGuard):
         StageConfigError: in ``__init__`` for problems of the schedule itself, in ``setup`` for problems that need
             the module or the Trainer (unknown loss keys, stages past ``max_epochs``, missing teachers). All before
             the first training batch.
-        DistillationStepError: at a checkpoint or an epoch end after a non-finite training loss.
 
     Example::
 
@@ -125,7 +136,14 @@ class StageScheduleCallback(CheckpointGuard):
         self._train_data = TrainData()
         # plateau-ended stages and restore_best: the transitions taken, the stage's tracker and best weights
         self.adaptive = AdaptiveStages(best_weights)
-        self._resume_epoch: Optional[int] = None  # the epoch a resumed run trains next, read from its checkpoint
+        self._resume_at: Optional[int] = None  # the epoch (or step) a resumed run trains next, from its checkpoint
+        # derived at every application, never checkpointed: the global step from which on_train_batch_start must look
+        # at the schedule again (inf: not in this epoch; 0: every batch, during an epoch ramp), the fit's batches per
+        # epoch and accumulation (what an epoch ramp reads), the last step whose stage/* scalars were logged
+        self._next_step: float = math.inf
+        self._batches: Optional[float] = None
+        self._accumulate = 1
+        self._logged_step = -1
 
     @property
     @override
@@ -136,10 +154,10 @@ class StageScheduleCallback(CheckpointGuard):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._resume_epoch = None  # set again by on_load_checkpoint, which runs after setup
-        max_epochs = _max_epochs(trainer)
+        self._resume_at = None  # set again by on_load_checkpoint, which runs after setup
+        max_epochs, max_steps = _max_epochs(trainer), _max_steps(trainer)
         schedule = bind_schedule(self.schedule, declared=_declared_base(pl_module),
-                                 weight_overrides=self.base_loss_weights, max_epochs=max_epochs)
+                                 weight_overrides=self.base_loss_weights, max_epochs=max_epochs, max_steps=max_steps)
         self.resolved_schedule = schedule
         fitting = stage == "fit"
         needs_teachers = schedule.needs_teachers if fitting else schedule.base_distillation
@@ -154,12 +172,12 @@ class StageScheduleCallback(CheckpointGuard):
                         name=needed_by, field="distillation", value=True,
                     )
                 )
-            _refuse_sharded_strategy(trainer, needed_by)
+            refuse_sharded_strategy(trainer, needed_by)
             pl_module.prepare_teachers(needed_by=needed_by)
         if fitting:
             self.watch_afresh()  # no checkpoint after a non-finite loss (CheckpointGuard); a new fit watches afresh
-            _warn_about_coverage(schedule, max_epochs)
-            self._apply(pl_module, schedule, schedule.at(trainer.current_epoch))
+            warn_about_coverage(schedule, max_epochs if schedule.unit == "epoch" else max_steps)
+            self._apply(pl_module, schedule, schedule.stage_at(_position(trainer, schedule)))  # ramps: at train start
         else:
             # validate / test / predict outside a fit run on the base settings
             self._apply(pl_module, schedule, schedule.base_stage())
@@ -168,9 +186,10 @@ class StageScheduleCallback(CheckpointGuard):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the fit loop builds the training dataloader right after this (before on_train_start): a resumed run applies
         # the stage it resumes in now, so that `train_dataloader()` sees that stage's `stage_data`
-        if self._resume_epoch is not None:
-            self._enter_epoch(pl_module, self._resume_epoch)
-            self._resume_epoch = None
+        if self._resume_at is not None:
+            schedule = self._effective()
+            self._apply(pl_module, schedule, schedule.stage_at(self._resume_at))
+            self._resume_at = None
         self._train_data.built(getattr(pl_module, "stage_data", None))
 
     @override
@@ -178,39 +197,57 @@ class StageScheduleCallback(CheckpointGuard):
         # a run resumed within an epoch (its batches begun or done) gets no on_train_epoch_start for that epoch:
         # apply and report it here; otherwise on_train_epoch_start does. The stage's text goes to TensorBoard at the
         # first epoch of every run, as well as where a stage begins.
-        resolved = self._enter_epoch(pl_module, trainer.current_epoch)
+        self._batches, self._accumulate = trainer.num_training_batches, trainer.accumulate_grad_batches
+        if problems := epoch_ramp_problems(self._bound(), self._batches, self._accumulate):
+            raise StageConfigError(problems)
+        resolved = self._enter(trainer, pl_module, 0)
         self._train_data.want(trainer, resolved.data)  # a loader built before the resumed epoch was known
         progress: Any = trainer.fit_loop.epoch_progress.current  # a _StartedTracker, typed as its base
         if progress.started > progress.completed:
             self._report(trainer, resolved)
-        if progress.started > progress.completed or trainer.current_epoch != resolved.start_epoch:
-            _add_stage_text(trainer, resolved)
+        if progress.started > progress.completed or _position(trainer, self._bound()) != resolved.start_epoch:
+            add_stage_text(trainer, resolved)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        resolved = self._enter_epoch(pl_module, trainer.current_epoch)
+        resolved = self._enter(trainer, pl_module, 0)
         self._report(trainer, resolved)
-        if trainer.current_epoch == resolved.start_epoch:
-            _add_stage_text(trainer, resolved)
+        if _position(trainer, self._bound()) == resolved.start_epoch:
+            add_stage_text(trainer, resolved)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if trainer.global_step < self._next_step:  # no boundary crossed and no ramp running: one comparison
+            return
+        resolved = self._enter(trainer, pl_module, batch_idx)
+        if self._bound().unit == "step" and trainer.global_step == resolved.start_epoch:  # a step stage begins
+            self._report(trainer, resolved)
+            add_stage_text(trainer, resolved)
+        elif trainer.global_step != self._logged_step:  # once per optimizer step of a ramp, and where it ends
+            self._log_metrics(trainer, resolved)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+        # plateaus, best weights and per-stage data belong to epoch stages (a step schedule refuses their fields)
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and self._bound().unit == "epoch":
             self.adaptive.after_validation(trainer, pl_module, self._bound())
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         cache = getattr(pl_module, "teacher_cache", None) if isinstance(pl_module, DistillationModule) else None
         if cache is not None:
-            _report_cache(trainer, cache.take_stats(), self.verbose)
+            report_cache(trainer, cache.take_stats(), self.verbose)
         self.stop_if_nonfinite(trainer, pl_module, "at the end of the epoch")  # before any restore or data switch
+        if self._bound().unit != "epoch":
+            return
         max_epochs = _max_epochs(trainer)
         self.adaptive.at_epoch_end(trainer, pl_module, self._bound(), max_epochs)
         # Lightning builds the next epoch's loader before on_train_epoch_start: where the next epoch's `data` differs,
         # apply the next stage's data now and have the loader built again
         upcoming = trainer.current_epoch + 1
         if (max_epochs is None or upcoming < max_epochs) and not trainer.should_stop:
-            resolved = self._effective().at(upcoming)
+            resolved = self._effective().stage_at(upcoming)
             if self._train_data.want(trainer, resolved.data):
                 module: Any = pl_module
                 module.stage_data = resolved.data
@@ -224,10 +261,19 @@ class StageScheduleCallback(CheckpointGuard):
         """The bound schedule with the plateau transitions this run took (derived, never stored)."""
         return self.adaptive.effective(self._bound())
 
-    def _enter_epoch(self, pl_module: pl.LightningModule, epoch: int) -> ResolvedStage:
-        """Apply the stage of ``epoch``; idempotent (the same epoch applies the same values)."""
+    def _enter(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int) -> ResolvedStage:
+        """Apply the values of this batch (a pure function of epoch and batch, or of the optimizer step) and keep the
+        next step at which they can change; idempotent (the same batch applies the same values)."""
         schedule = self._effective()
-        resolved = schedule.at(epoch)
+        if schedule.unit == "step":
+            resolved = schedule.at_step(trainer.global_step)
+            # during a ramp the values change at every optimizer step; else where the range ends
+            end = resolved.end_epoch if resolved.end_epoch is not None else math.inf
+            self._next_step = trainer.global_step + 1 if resolved.ramping else end
+        else:
+            resolved = schedule.at(trainer.current_epoch, batch_idx, self._batches,
+                                   accumulate_grad_batches=self._accumulate)
+            self._next_step = 0 if resolved.ramping else math.inf  # an epoch ramp changes the values every batch
         self._apply(pl_module, schedule, resolved)
         return resolved
 
@@ -249,10 +295,16 @@ class StageScheduleCallback(CheckpointGuard):
         if not trainer.is_global_zero:
             return
         if self.verbose:
-            _info(format_stage_line(trainer.current_epoch, resolved))
-        metrics = stage_metrics(resolved)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            info(format_stage_line(trainer.current_epoch, resolved))
+        self._log_metrics(trainer, resolved)
+
+    def _log_metrics(self, trainer: pl.Trainer, resolved: ResolvedStage) -> None:
+        """The ``stage/*`` scalars at this optimizer step (rank zero)."""
+        self._logged_step = trainer.global_step
+        if trainer.is_global_zero:
+            metrics = stage_metrics(resolved)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
 
     # ------------------------------------------------------------------ checkpointing
 
@@ -277,7 +329,7 @@ class StageScheduleCallback(CheckpointGuard):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        self._resume_epoch = resumed_epoch(checkpoint)
+        self._resume_at = checkpoint.get("global_step") if self._bound().unit == "step" else resumed_epoch(checkpoint)
         states = checkpoint.get("callbacks") or {}
         if self.state_key not in states:
             rank_zero_warn(
@@ -286,62 +338,3 @@ class StageScheduleCallback(CheckpointGuard):
             )
 
 
-def _add_stage_text(trainer: pl.Trainer, resolved: ResolvedStage) -> None:
-    """The stage line as TensorBoard text (rank zero)."""
-    if trainer.is_global_zero:
-        text = format_stage_line(trainer.current_epoch, resolved)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text("stage", text, global_step=trainer.global_step)
-
-
-def _report_cache(trainer: pl.Trainer, stats: dict[str, int], verbose: bool) -> None:
-    """The teacher cache's hits, misses and input mismatches of the epoch, summed over the ranks, as
-    ``teacher_cache/*`` scalars (and a log line when verbose). Every rank calls it: the sum is a collective."""
-    keys = sorted(stats)
-    totals = trainer.strategy.reduce(torch.tensor([float(stats[k]) for k in keys]), reduce_op="sum")
-    summed = {f"teacher_cache/{k}": float(v) for k, v in zip(keys, torch.as_tensor(totals).tolist())}
-    if not trainer.is_global_zero:
-        return
-    for logger in trainer.loggers:
-        logger.log_metrics(summed, step=trainer.global_step)
-    if verbose:
-        _info(f"epoch {trainer.current_epoch}: teacher cache " + ", ".join(
-            f"{k.split('/')[1]}={int(v)}" for k, v in summed.items()))
-
-
-def _warn_about_coverage(schedule: StageSchedule, max_epochs: Optional[int]) -> None:
-    gaps = schedule.uncovered_ranges()
-    if gaps:
-        ranges = ", ".join(f"[{a}, {b if b is not None else 'end'})" for a, b in gaps)
-        rank_zero_warn(
-            f"StageScheduleCallback: no stage covers epochs {ranges}; they run with the base settings "
-            f"(distillation={schedule.base_distillation}, lambda_coef={schedule.base_lambda_coef}, "
-            f"loss_weights={schedule.base_loss_weights})."
-        )
-    if max_epochs is not None:
-        for index, name, end in schedule.cut_short(max_epochs):
-            rank_zero_warn(
-                f"StageScheduleCallback: stage {index} ({name!r}) ends at epoch {end} but the Trainer stops at "
-                f"max_epochs={max_epochs}; it is cut short."
-            )
-
-
-def _refuse_sharded_strategy(trainer: pl.Trainer, needed_by: str) -> None:
-    """Teachers live outside the module that FSDP, DeepSpeed and ModelParallel shard; refuse them there, at setup."""
-    strategy = getattr(trainer, "strategy", None)
-    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
-        raise StageConfigError(
-            StageProblem(
-                f"distillation is not supported under {type(strategy).__name__}: the teachers are kept outside the "
-                "module this strategy shards, so every rank would hold a whole, unsharded copy that the strategy "
-                "neither shards nor places on the device",
-                name=needed_by, field="distillation", value=True,
-                hint="use strategy='ddp' (or 'ddp_spawn'), or a schedule whose stages do not distill",
-            )
-        )
-
-
-@rank_zero_only
-def _info(message: str) -> None:
-    log.info(message)

@@ -5,7 +5,8 @@
 - ``TinyNet``: 4 features -> 8 -> ``classes``, cross-entropy plus logit KD while distilling. The tests that need
   something particular (a copy-counting teacher, an extra loss, feature hooks, what each step saw) subclass it and
   override one hook.
-- ``loader``, ``trainer``: the data and a quiet, deterministic Trainer.
+- ``loader``, ``trainer``: the data and a quiet, deterministic Trainer; ``EpochShuffle`` and ``ResumableLoader``: a
+  sampler that shuffles by epoch and a loader that keeps its position in checkpoints (exact mid-epoch resume).
 - The ``tiny_config`` and ``teacher_ckpt`` fixtures: the example's LightningCLI configs cut to tiny data, and a real
   (tiny) teacher checkpoint, trained once per session.
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from examples.segmentation import SegmentationTeacher, ShapesDataModule
 from lightning_stages import DistillationModule
@@ -199,6 +200,44 @@ class TinyNet(DistillationModule, pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+class EpochShuffle(Sampler):
+    """A new permutation every epoch, a pure function of the epoch (Lightning calls ``set_epoch``)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.epoch = n, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(100 + self.epoch)).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class ResumableLoader(DataLoader):
+    """A loader that keeps its position: Lightning saves its ``state_dict`` in checkpoints and restores it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.yielded, self.skip = 0, 0
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        self.yielded = skip
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                self.yielded += 1
+                yield batch
+
+    def state_dict(self) -> dict:
+        return {"yielded": self.yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skip = state["yielded"] if state["yielded"] < len(self) else 0
 
 
 def trainer(tmp_path, max_epochs: int = 4, callbacks=(), **kwargs) -> pl.Trainer:

@@ -195,8 +195,8 @@ def _model_defaults(model: Mapping[str, Any], import_modules: bool = True) -> di
     return {"loss_weights": loss_weights, "distillation": distillation, "lambda_coef": lambda_coef}
 
 
-def _max_epochs_of(data: Mapping[str, Any]) -> Optional[int]:
-    value = _section(_fit_section(data), "trainer").get("max_epochs")
+def _max_epochs_of(data: Mapping[str, Any], key: str = "max_epochs") -> Optional[int]:
+    value = _section(_fit_section(data), "trainer").get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
@@ -213,7 +213,9 @@ def schedule_of_config(
 
     Args:
         path: the config file.
-        max_epochs: the run's epochs; defaults to ``trainer.max_epochs`` or the seed's ``train.epochs``.
+        max_epochs: the run's epochs; defaults to ``trainer.max_epochs`` or the seed's ``train.epochs``. The run's
+            optimizer steps (which end the stages of a step schedule) are ``trainer.max_steps`` or the seed's
+            ``train.max_steps``.
         stages: a schedule in the seed's format to use with a LightningCLI config (its ``--stages`` option).
         import_modules: import the modules a LightningCLI config's ``class_path`` names (running their top-level
             code), as ``fit`` would, to read the model's ``__init__`` defaults and recognise callback subclasses.
@@ -260,7 +262,8 @@ def schedule_of_config(
         known = declared_settings(**declared)
         base = schedule.with_base(distillation=known["distillation"], lambda_coef=known["lambda_coef"])
         return base.with_total_epochs(total) if total is not None else base
-    return bind_schedule(schedule, declared=declared, weight_overrides=overrides, max_epochs=total)
+    return bind_schedule(schedule, declared=declared, weight_overrides=overrides, max_epochs=total,
+                         max_steps=_max_epochs_of(data, "max_steps"))
 
 
 def two_schedules_problem(stages: Union[str, os.PathLike]) -> StageProblem:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Optional, Union
 
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import Tensor, nn
 
 from lightning_stages.distillation.feature_hooks import STUDENT, FeatureHooks, check_hook_spec, let_compile_see_hooks
@@ -15,7 +16,7 @@ from lightning_stages.distillation.teacher_cache import TeacherCache, teacher_fi
 from lightning_stages.errors import DistillationStepError, StageConfigError, StageProblem, did_you_mean
 
 __all__ = ["AUTOCAST_DTYPES", "OFFLOAD_MODES", "Teachers", "build_teachers", "check_cost_options", "module_device",
-           "prepare", "wants_offload"]
+           "prepare", "refuse_sharded_strategy", "wants_offload"]
 
 #: ``teacher_precision`` values and the autocast dtype each runs the teachers under (``None``: no autocast)
 AUTOCAST_DTYPES: dict[Optional[str], Optional[torch.dtype]] = {
@@ -256,3 +257,19 @@ def prepare(
     if spec:
         let_compile_see_hooks()
     return Teachers(modules, device=next((p.device for p in student.parameters()), None)), FeatureHooks(spec)
+
+
+def refuse_sharded_strategy(trainer: Any, needed_by: str) -> None:
+    """Teachers live outside the module that FSDP, DeepSpeed and ModelParallel shard; refuse them there, at setup."""
+    strategy = getattr(trainer, "strategy", None)
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+        raise StageConfigError(
+            StageProblem(
+                f"distillation is not supported under {type(strategy).__name__}: the teachers are kept outside the "
+                "module this strategy shards, so every rank would hold a whole, unsharded copy that the strategy "
+                "neither shards nor places on the device",
+                name=needed_by, field="distillation", value=True,
+                hint="use strategy='ddp' (or 'ddp_spawn'), or a schedule whose stages do not distill",
+            )
+        )
+

@@ -35,6 +35,8 @@ def adaptive_problems(stage: Stage, index: int) -> list[StageProblem]:
         stage 0: `mode` = 'mim': must be 'min' or 'max'; did you mean `min`?
         >>> print(adaptive_problems(Stage(start_epoch=0, patience=3), 0)[0])
         stage 0: `patience` = 3: needs `monitor`, the logged metric the stage watches; e.g. "monitor": "val/loss"
+        >>> print(adaptive_problems(Stage(start_step=0, data="labelled"), 0)[0])  # doctest: +ELLIPSIS
+        stage 0: `data` = 'labelled': needs an epoch stage (`start_epoch`/`end_epoch`): ...
     """
     name: Optional[str] = stage.name if isinstance(stage.name, str) else None
 
@@ -73,6 +75,12 @@ def adaptive_problems(stage: Stage, index: int) -> list[StageProblem]:
         problems += [problem("needs `monitor`, the logged metric the stage watches", key, getattr(stage, key),
                              'e.g. "monitor": "val/loss"')
                      for key in _NEED_MONITOR if getattr(stage, key) is not None]
+    if stage.start_step is not None:  # plateaus, best weights and data are decided at epoch ends
+        problems += [problem("needs an epoch stage (`start_epoch`/`end_epoch`): a plateau, the best weights and the "
+                             "training data are decided where an epoch ends, not at an optimizer step", key,
+                             getattr(stage, key), "give this stage in epochs, or leave the field out")
+                     for key in ("monitor", "patience", "min_epochs", "restore_best", "data")
+                     if getattr(stage, key) is not None]
     return problems
 
 
@@ -89,9 +97,10 @@ def min_epochs_problems(indexed: Iterable[tuple[int, Stage]], total_epochs: Opti
     for index, stage in indexed:
         end = stage.end_epoch if stage.end_epoch is not None else total_epochs
         min_epochs = stage.min_epochs
-        if not (isinstance(min_epochs, int) and _is_int(stage.start_epoch) and isinstance(end, int)):
+        start = stage.start_epoch
+        if not (isinstance(min_epochs, int) and isinstance(start, int) and _is_int(start) and isinstance(end, int)):
             continue
-        length = end - stage.start_epoch
+        length = end - start
         if length > 0 and min_epochs > length:
             problems.append(StageProblem(
                 f"is longer than the stage, which has {length} epoch{'s' if length != 1 else ''} "

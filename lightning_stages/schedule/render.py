@@ -4,12 +4,15 @@ prints (a one-line summary and a table of a resolved schedule)."""
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import Optional
 
 from lightning_stages.errors import printable
+from lightning_stages.schedule.ramps import effective_lambda
 from lightning_stages.schedule.stage import ResolvedStage
 from lightning_stages.schedule.stage_schedule import StageSchedule
 
-__all__ = ["format_range", "format_stage_line", "format_summary", "format_table", "stage_metrics", "weight_keys"]
+__all__ = ["format_range", "format_stage_line", "format_summary", "format_table", "ramp_start", "stage_metrics",
+           "weight_keys"]
 
 
 def format_range(schedule: StageSchedule, resolved: ResolvedStage, ended: Collection[int] = ()) -> str:
@@ -46,9 +49,9 @@ def format_summary(schedule: StageSchedule, ended: Collection[int] = ()) -> str:
     """
     if not schedule.stages:
         return "no stage schedule: single-stage training with the base settings"
-    total = schedule.total_epochs
+    total = schedule.total_steps if schedule.unit == "step" else schedule.total_epochs
     parts = [f"{printable(r.name, 40)} {format_range(schedule, r, ended)}" for r in schedule.timeline()]
-    over = f" over {total} epochs" if total is not None else ""
+    over = f" over {total} {schedule.unit}s" if total is not None else ""
     teachers = "; teachers needed" if schedule.needs_teachers else "; no teacher needed"
     count = len(schedule.stages)
     return f"{count} stage{'s' if count != 1 else ''}{over} ({', '.join(parts)}){teachers}"
@@ -66,9 +69,38 @@ def weight_keys(schedule: StageSchedule, timeline: list[ResolvedStage]) -> list[
     return keys
 
 
+def ramp_start(schedule: StageSchedule, resolved: ResolvedStage) -> Optional[ResolvedStage]:
+    """The values at the first batch of a ramping stage (those in force before it); ``None`` without a ramp.
+
+    Example::
+
+        >>> s = StageSchedule([{"start_step": 0, "end_step": 9, "distillation": True},
+        ...                    {"start_step": 9, "ramp_steps": 3}], total_steps=20)
+        >>> ramp_start(s, s.timeline()[1]).lambda_coef, ramp_start(s, s.timeline()[0])
+        (1.0, None)
+    """
+    if resolved.index is None or schedule.stages[resolved.index].ramp_length is None:
+        return None
+    start = resolved.start_epoch
+    return schedule.at_step(start) if schedule.unit == "step" else schedule.at(start)
+
+
+def _ramp_cell(schedule: StageSchedule, resolved: ResolvedStage) -> str:
+    if resolved.index is None:
+        return ""
+    stage = schedule.stages[resolved.index]
+    if stage.ramp_length is None:
+        return ""
+    unit = "steps" if stage.ramp_steps is not None else "epochs"
+    return f"{stage.ramp_shape or 'linear'}, {_number(stage.ramp_length)} {unit}"
+
+
 def format_table(schedule: StageSchedule, ended: Collection[int] = ()) -> str:
-    """The resolved schedule as a text table: epochs, stage, distillation, lambda and every loss weight (and the
-    ``data`` column if a stage names its data). Plateau stages show ``up to`` their cap (:func:`format_range`).
+    """The resolved schedule as a text table: epochs (or steps), stage, distillation, lambda and every loss weight
+    (and the ``data`` column if a stage names its data).
+
+    A stage with a ramp shows ``before -> after`` where a value ramps, and the ramp's shape and length. Plateau
+    stages show ``up to`` their cap (:func:`format_range`).
 
     Stage names and loss names are shown with control characters escaped (:func:`~lightning_stages.errors.printable`):
     a name can neither add a row nor send escape sequences to the terminal.
@@ -85,12 +117,21 @@ def format_table(schedule: StageSchedule, ended: Collection[int] = ()) -> str:
     timeline = schedule.timeline()
     keys = weight_keys(schedule, timeline)
     with_data = any(r.data is not None for r in timeline)
-    header = ["epochs", "stage", "distillation", "lambda", *(printable(k, 40) for k in keys), *(["data"] if with_data else [])]
+    ramps = any(stage.ramp_length is not None for stage in schedule.stages)
+    header = [f"{schedule.unit}s", "stage", "distillation", "lambda", *(printable(k, 40) for k in keys), *(["ramp"] if ramps else []),
+              *(["data"] if with_data else [])]
     rows = [header]
+
+    def cell(before: str, after: str) -> str:
+        return after if before == after else f"{before} -> {after}"
+
     for r in timeline:
+        b = ramp_start(schedule, r) or r
         rows.append([format_range(schedule, r, ended), printable(r.label if not r.is_base else r.name, 60),
-                     "on" if r.distillation else "off", _number(r.lambda_coef),
-                     *(_number(r.loss_weights[k]) if k in r.loss_weights else "-" for k in keys),
+                     cell("on" if b.distillation else "off", "on" if r.distillation else "off"),
+                     cell(_number(b.lambda_coef), _number(effective_lambda(r) if b is not r else r.lambda_coef)),
+                     *(cell(_number(b.loss_weights[k]), _number(r.loss_weights[k])) if k in r.loss_weights else "-"
+                       for k in keys), *([_ramp_cell(schedule, r)] if ramps else []),
                      *([r.data if r.data is not None else "-"] if with_data else [])])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)

@@ -34,7 +34,7 @@ def with_transitions(schedule: StageSchedule, transitions: Mapping[int, int]) ->
     if not transitions:
         return schedule
     stages = list(schedule.stages)
-    for index in sorted(transitions, key=lambda i: schedule.stages[i].start_epoch):
+    for index in sorted(transitions, key=lambda i: schedule.stages[i].start_epoch or 0):
         end = transitions[index]
         cap = schedule.end_of(schedule.stages[index])
         stages[index] = replace(stages[index], end_epoch=end)
@@ -42,7 +42,7 @@ def with_transitions(schedule: StageSchedule, transitions: Mapping[int, int]) ->
             if other != index and cap is not None and stage.start_epoch == cap:
                 stages[other] = replace(stages[other], start_epoch=end)
     return StageSchedule._checked_elsewhere(stages, schedule.loss_weights, schedule.distillation,
-                                            schedule.lambda_coef, schedule.total_epochs)
+                                            schedule.lambda_coef, schedule.total_epochs, schedule.total_steps)
 
 
 def transition_problems(schedule: StageSchedule, transitions: Any) -> list[StageProblem]:
@@ -68,7 +68,7 @@ def transition_problems(schedule: StageSchedule, transitions: Any) -> list[Stage
         if not stage.ends_on_plateau:
             problems.append(StageProblem("the stage does not end on a plateau (no `monitor` and `patience`)",
                                          index=index, name=stage.name, field="transition", value=end))
-        elif not (isinstance(end, int) and stage.start_epoch < end and (cap is None or end <= cap)):
+        elif not (isinstance(end, int) and (stage.start_epoch or 0) < end and (cap is None or end <= cap)):
             problems.append(StageProblem(f"is not inside the stage [{stage.start_epoch}, {cap if cap is not None else 'end'})",
                                          index=index, name=stage.name, field="transition", value=end))
     return problems
