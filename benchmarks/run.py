@@ -31,6 +31,9 @@ in the same repetition (side by side, so that slow drifts of the machine cancel)
 * ``distill_stage_ratio``: plugin distill epoch / (plain epoch + teacher pass). Target <= 1.05.
 * ``cached_distill_ratio``: cached epoch (read from the cache) / plain epoch. Target <= 1.15.
 * ``checkpoint_size_ratio``: bytes of the plugin's checkpoint / the plain one's (same student). Target <= 1.01.
+* ``large_config_ratio``: seconds to check a 49 MB JSON config as ``lightning-stages validate`` does (read, parse,
+  check duplicate keys and limits, build and bind the schedule) / seconds to read it and ``json.loads`` it, median of
+  paired repetitions (:func:`run_large_config`). Target <= 2.
 * ``compare_throughput_ratio``: runs per hour of ``lightning-stages compare --jobs 2`` over ``--jobs 1`` on 2 schedules
   x 2 seeds of the segmentation example (see :func:`compare_throughput_ratio`). Target >= 1.5.
 * ``stage_switch_us``: median microseconds of ``StageScheduleCallback.on_train_epoch_start`` (resolve the stage,
@@ -79,6 +82,7 @@ TARGETS = {
     "cached_distill_ratio": ("<=", 1.15),
     "checkpoint_size_ratio": ("<=", 1.01),
     "stage_switch_us": ("<", 500.0),
+    "large_config_ratio": ("<=", 2.0),
     "step_schedule_ratio": ("<=", 1.01),
     "ramp_ratio": ("<=", 1.02),
     "compare_throughput_ratio": (">=", 1.5),
@@ -360,6 +364,42 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def write_large_config(path: str, megabytes: float = 49.0) -> None:
+    """A config in the seed's format with a small schedule and a large section the schedule ignores (a dataset's file
+    list, as configs carry them), about ``megabytes`` MB of plain JSON."""
+    stages = [{"name": "distill", "start_epoch": 0, "end_epoch": 3, "distillation": True, "lambda_coef": 1.0,
+               "loss_weights": {"bce": 0.0}}, {"name": "finetune", "start_epoch": 3, "distillation": False}]
+    record = {"path": "/data/train/images/sample_{:09d}.png", "label": 3, "weight": 0.5, "split": "train"}
+    one = len(json.dumps(record)) + 2
+    files = [{**record, "path": record["path"].format(i)} for i in range(int(megabytes * 1e6 / one))]
+    with open(path, "w") as handle:
+        json.dump({"train": {"epochs": 6, "loss_weights": {"bce": 1.0}}, "stage_schedule": stages,
+                   "dataset": {"files": files}}, handle)
+
+
+def run_large_config(repetitions: int) -> tuple[float, dict[str, Any]]:
+    """``large_config_ratio``: validating a 49 MB JSON config against ``json.loads`` of it, paired per repetition."""
+    from lightning_stages.cli.lightning_config import schedule_of_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "large.json")
+        write_large_config(path)
+        size = os.path.getsize(path)
+        loads, validate = [], []
+        for _ in range(repetitions + 1):  # the first is a warm-up (file cache)
+            gc.collect()
+            start = time.perf_counter()
+            with open(path, encoding="utf-8") as handle:
+                json.loads(handle.read())
+            loads.append(time.perf_counter() - start)
+            gc.collect()
+            start = time.perf_counter()
+            schedule_of_config(path)
+            validate.append(time.perf_counter() - start)
+    ratios = [v / j for j, v in zip(loads[1:], validate[1:])]
+    return median(ratios), {"bytes": size, "json_loads_s": loads[1:], "validate_s": validate[1:], "ratios": ratios}
+
+
 def count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -416,6 +456,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  repetition {repetition + 1}/{settings['repetitions']} (median ms per epoch): "
               + ", ".join(f"{key} {value:.0f}" for key, value in ms.items()), flush=True)
     switches_us = run_stage_switches(batches, settings["switch_epochs"])
+    large_config_ratio, large_config = run_large_config(3 if args.quick else 5)
     hooks_us = run_batch_hooks(batches)
 
     # per repetition, each measurement is the median of its timed epochs
@@ -438,6 +479,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cached_distill_ratio": median(per_repetition["cached_distill_ratio"]),
         "checkpoint_size_ratio": plugin_bytes / plain_bytes,
         "stage_switch_us": median(switches_us),
+        "large_config_ratio": large_config_ratio,
         "step_schedule_ratio": median(per_repetition["step_schedule_ratio"]),
         "ramp_ratio": median(per_repetition["ramp_ratio"]),
         "compare_throughput_ratio": compare_throughput_ratio(args.quick),
@@ -449,6 +491,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "median_ratios": {k: median(v) for k, v in per_repetition.items()},
         "median_ms_per_step": {k: median(v) / steps * 1000 for k, v in rep.items()},
         "stage_switch_us": switches_us,
+        "large_config": large_config,
         "batch_hook_us": hooks_us,
         "checkpoint_bytes": {"plain": plain_bytes, "plugin": plugin_bytes},
         "parameters": {"student": student_params, "teacher": teacher_params},

@@ -7,11 +7,50 @@
 from __future__ import annotations
 
 import difflib
+import reprlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-__all__ = ["DistillationStepError", "StageConfigError", "StageProblem", "closest_names", "did_you_mean", "stage_label"]
+__all__ = [
+    "DistillationStepError", "StageConfigError", "StageProblem", "closest_names", "did_you_mean", "printable",
+    "short_repr", "stage_label",
+]
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 80, 80, 40
+_REPR.maxdict = _REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxfrozenset = 6
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` shortened (``reprlib``), so that no value, however large or deep, can blow up a message.
+
+    Example::
+
+        >>> short_repr(list(range(100))), short_repr("x" * 200)[:12], short_repr(10 ** 5000)
+        ('[0, 1, 2, 3, 4, 5, ...]', "'xxxxxxxxxxx", '<an integer of more than 4999 digits>')
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"<an integer of more than {int((value.bit_length() - 1) * 0.30103)} digits>"  # log10(2) = 0.30103
+    try:
+        return _REPR.repr(value)
+    except Exception:  # a value whose repr fails (or refuses, as a huge int does) is named by its type
+        return f"<{type(value).__name__}>"
+
+
+def printable(text: Any, limit: int = 120) -> str:
+    r"""``text`` with control characters escaped as ``repr`` would (``\n``, ``\x1b``), shortened to ``limit``
+    characters: a name or key from a config can neither add a line nor reach the terminal as an escape sequence.
+
+    Example::
+
+        >>> printable("warm\nup\x1b[31m")
+        'warm\\nup\\x1b[31m'
+    """
+    text = str(text)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @dataclass(frozen=True)
@@ -47,7 +86,7 @@ class StageProblem:
     def __str__(self) -> str:
         text = self.where
         if self.field is not None:
-            text += f": `{self.field}` = {self.value!r}"
+            text += f": `{printable(self.field)}` = {short_repr(self.value)}"
         text += f": {self.message}"
         if self.hint:
             text += f"; {self.hint}"
@@ -119,7 +158,8 @@ class DistillationStepError(StageConfigError):
         super().__init__(problems)
 
     def _context(self) -> str:
-        return f"at {self.when} of stage {self.stage!r}" if self.stage is not None else f"at {self.when} of training"
+        where = f"stage {short_repr(self.stage)}" if self.stage is not None else "training"
+        return f"at {self.when} of {where}"
 
     def __reduce__(self) -> tuple[Any, ...]:
         return type(self), (self.problems, self.stage, self.when)
@@ -134,8 +174,8 @@ def stage_label(index: Optional[int], name: Optional[str]) -> str:
         ("stage 1 ('finetune')", 'stage 1', 'base', 'schedule')
     """
     if index is None:
-        return name if name is not None else "schedule"
-    return f"stage {index} ({name!r})" if name is not None else f"stage {index}"
+        return printable(name) if name is not None else "schedule"
+    return f"stage {index} ({short_repr(name)})" if name is not None else f"stage {index}"
 
 
 def did_you_mean(word: str, candidates: Sequence[str]) -> Optional[str]:

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_stages.adaptive_stages import AdaptiveStages
 from lightning_stages.best_weights import BEST_WEIGHTS_PLACES
+from lightning_stages.checkpoint_guard import CheckpointGuard, warn_about_saved_schedule
 from lightning_stages.distillation.distillation_module import DistillationModule
 from lightning_stages.distillation.teachers import refuse_sharded_strategy
 from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
@@ -56,7 +57,7 @@ def _position(trainer: pl.Trainer, schedule: StageSchedule) -> int:
     return trainer.global_step if schedule.unit == "step" else trainer.current_epoch
 
 
-class StageScheduleCallback(Callback):
+class StageScheduleCallback(CheckpointGuard):
     """Run training as consecutive stages, each with its own distillation switch, ``lambda_coef`` and loss weights.
 
     At the start of training and of every epoch, the stage of ``trainer.current_epoch`` is resolved (a pure
@@ -68,6 +69,9 @@ class StageScheduleCallback(Callback):
     * ``use_distillation``: whether the distillation loss is on;
     * ``lambda_coef``: the distillation coefficient;
     * ``stage_name``: the stage's name (``"base"`` where no stage covers the epoch);
+    * ``stage_token``: an opaque value that differs between consecutive stages (even of the same name): the module's
+      first-step checks run again when it changes. No checkpoint is written after a non-finite loss (the base,
+      :class:`~lightning_stages.checkpoint_guard.CheckpointGuard`, also looks at every epoch end);
     * ``stage_data``: the stage's ``data`` (``None`` where it gives none). Where it changes from one epoch to the
       next, the training dataloader is built again, after the new stage is applied, so ``train_dataloader()`` (of
       the module or the datamodule) can read it; a resumed run builds the data of the stage it resumes in.
@@ -172,6 +176,7 @@ class StageScheduleCallback(Callback):
             if not fitting:  # a fit builds them at on_fit_start, when it knows whether (and where) it resumes
                 pl_module.prepare_teachers(needed_by=needed_by)
         if fitting:
+            self.watch_afresh()  # no checkpoint after a non-finite loss (CheckpointGuard); a new fit watches afresh
             warn_about_coverage(schedule, max_epochs if schedule.unit == "epoch" else max_steps)
             self._apply(pl_module, schedule, schedule.stage_at(_position(trainer, schedule)))  # ramps: at train start
         else:
@@ -239,6 +244,7 @@ class StageScheduleCallback(Callback):
         cache = getattr(pl_module, "teacher_cache", None) if isinstance(pl_module, DistillationModule) else None
         if cache is not None:
             report_cache(trainer, cache.take_stats(), self.verbose)
+        self.stop_if_nonfinite(trainer, pl_module, "at the end of the epoch")  # before any restore or data switch
         if self._bound().unit != "epoch":
             return
         max_epochs = _max_epochs(trainer)
@@ -284,6 +290,7 @@ class StageScheduleCallback(Callback):
         pl_module.use_distillation = resolved.distillation
         pl_module.lambda_coef = resolved.lambda_coef
         pl_module.stage_name = resolved.name
+        pl_module.stage_token = (resolved.index, resolved.start_epoch)
         pl_module.stage_data = resolved.data
         if isinstance(pl_module, DistillationModule):  # offload_teachers: does a current or later stage distill?
             later = resolved.end_epoch is not None and schedule.distilling_until() > resolved.end_epoch
@@ -320,20 +327,9 @@ class StageScheduleCallback(Callback):
         Checkpoints of 0.1 also hold ``epoch`` and ``stage``; they are ignored (the epoch's stage is resolved again).
         """
         current = self.resolved_schedule or self.schedule
-        if "adaptive" in state_dict:
+        if isinstance(state_dict, Mapping) and "adaptive" in state_dict:
             self.adaptive.load_state_dict(state_dict["adaptive"], current)
-        try:
-            saved = StageSchedule.from_config(state_dict.get("schedule", {}))
-        except StageConfigError as err:
-            rank_zero_warn(f"StageScheduleCallback: the schedule saved in the checkpoint could not be read ({err}); "
-                           "resuming with the schedule given now.")
-            return
-        changes = saved.diff(current)
-        if changes:
-            rank_zero_warn(
-                "StageScheduleCallback: the schedule differs from the one in the checkpoint; resuming with the one "
-                "given now. Changes (checkpoint -> now): " + "; ".join(changes)
-            )
+        warn_about_saved_schedule(state_dict, current)
 
     @override
     def on_load_checkpoint(

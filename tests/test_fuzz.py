@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lightning_stages import StageConfigError, StageSchedule
+from lightning_stages.errors import printable
 
 LOSS_KEYS = ("bce", "focal", "dice", "iou", "cls")
 STAGE_FIELDS = ("name", "start_epoch", "end_epoch", "distillation", "lambda_coef", "loss_weights")
@@ -233,7 +234,7 @@ def test_every_malformed_config_raises_one_error_naming_stage_and_field(case):
         if index is not None:
             assert f"stage {index}" in message
         if field is not None:
-            assert f"`{field}`" in message
+            assert f"`{printable(field)}`" in message  # control characters escaped
 
 
 json_values = st.recursive(

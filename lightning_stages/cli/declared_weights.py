@@ -76,7 +76,8 @@ def _static(cls: Optional[type], init_args: Mapping[str, Any]) -> dict[str, Any]
     return {"loss_weights": loss_weights, "distillation": distillation, "lambda_coef": lambda_coef}
 
 
-def declared_by_model(model: Mapping[str, Any], model_class: Optional[str] = None) -> tuple[dict[str, Any], bool]:
+def declared_by_model(model: Mapping[str, Any], model_class: Optional[str] = None,
+                      import_modules: bool = True) -> tuple[dict[str, Any], bool]:
     """What the ``model`` section of a LightningCLI config declares, keyed as ``bind_schedule`` reads it, and whether
     it was read from the module built from the config (``False``: from ``init_args`` and defaults only).
 
@@ -84,6 +85,7 @@ def declared_by_model(model: Mapping[str, Any], model_class: Optional[str] = Non
         model: the config's ``model`` section: ``class_path`` and ``init_args``, or only the init args (a
             ``LightningCLI(MyModel, MyData)`` config).
         model_class: the model's class path when the section has none (``--model`` of ``validate``/``show``).
+        import_modules: ``False`` (``--no-import``): import and build nothing; read ``init_args`` alone.
 
     Warns:
         DeclaredWeightsWarning: there is no class to build, or building it failed; the declaration is then read
@@ -105,6 +107,8 @@ def declared_by_model(model: Mapping[str, Any], model_class: Optional[str] = Non
         if key not in ("class_path", "init_args", "dict_kwargs"):
             init_args.setdefault(key, value)
     class_path = model.get("class_path") if isinstance(model.get("class_path"), str) else model_class
+    if not import_modules:  # the caller says so (the CLI prints its --no-import note)
+        return _static(None, init_args), False
     if class_path is None:
         warnings.warn("the config names no model class (`model.class_path`), so the loss weights its module sets in "
                       "__init__ are not known; pass `--model package.module.Class` to check them; checked the rest",

@@ -66,9 +66,11 @@ def _fit_section(data: Mapping[str, Any]) -> Mapping[str, Any]:
     return fit if isinstance(fit, Mapping) else data
 
 
-def _callback_entries(data: Mapping[str, Any]) -> tuple[list[tuple[int, dict[str, Any]]], list[StageProblem]]:
+def _callback_entries(data: Mapping[str, Any], import_modules: bool = True
+                      ) -> tuple[list[tuple[int, dict[str, Any]]], list[StageProblem]]:
     """``(position in trainer.callbacks, init_args)`` of every StageScheduleCallback in a LightningCLI config, and
-    the problems of class paths that cannot be imported."""
+    the problems of class paths that cannot be imported. Without ``import_modules``, a callback is recognised by its
+    class name alone (``StageScheduleCallback`` or ``<anything>.StageScheduleCallback``) and nothing is imported."""
     callbacks = _section(_fit_section(data), "trainer").get("callbacks")
     if isinstance(callbacks, (Mapping, str)):
         callbacks = [callbacks]
@@ -81,7 +83,9 @@ def _callback_entries(data: Mapping[str, Any]) -> tuple[list[tuple[int, dict[str
         if not isinstance(class_path, str):
             continue
         cls = None
-        if class_path != _CALLBACK_NAME and "." in class_path:
+        if not import_modules:
+            cls = StageScheduleCallback if class_path.rpartition(".")[2] == _CALLBACK_NAME else None
+        elif class_path != _CALLBACK_NAME and "." in class_path:
             cls, failed = import_class_path(class_path, f"trainer.callbacks[{position}].class_path")
             problems += failed
         if class_path == _CALLBACK_NAME or (isinstance(cls, type) and issubclass(cls, StageScheduleCallback)):
@@ -111,9 +115,13 @@ def _callback_schedule(init_args: Mapping[str, Any], position: int
     return given
 
 
-def check_lightning_config(data: Mapping[str, Any]) -> list[tuple[StageSchedule, Optional[dict[str, float]]]]:
+def check_lightning_config(data: Mapping[str, Any], import_modules: bool = True
+                           ) -> list[tuple[StageSchedule, Optional[dict[str, float]]]]:
     """Check every ``StageScheduleCallback`` of a LightningCLI config without building it, raising the library's
     error for bad ones.
+
+    Callback class paths other than ``StageScheduleCallback`` are imported (running the module's top-level code) to
+    find subclasses of it; ``import_modules=False`` imports nothing and recognises the callback by its class name.
 
     Returns:
         ``(schedule, weight overrides)`` of each callback, as :func:`~lightning_stages.schedule.bind.bind_schedule`
@@ -133,7 +141,7 @@ def check_lightning_config(data: Mapping[str, Any]) -> list[tuple[StageSchedule,
         lightning_stages.errors.StageConfigError: 1 problem in the stage schedule:
           - stage 0 ('warm'): `lamda_coef` = 0.5: is not a stage field; did you mean `lambda_coef`?
     """
-    entries, problems = _callback_entries(data)
+    entries, problems = _callback_entries(data, import_modules)
     given = []
     for position, init_args in entries:
         try:
@@ -158,6 +166,7 @@ def _max_epochs_of(data: Mapping[str, Any], key: str = "max_epochs") -> Optional
 def schedule_of_config(
     path: Union[str, os.PathLike], max_epochs: Optional[int] = None, stages: Union[str, os.PathLike, None] = None,
     model_class: Optional[str] = None,
+    import_modules: bool = True,
 ) -> StageSchedule:
     """The schedule a config trains with, every base setting resolved, checked the way ``fit`` would check it.
 
@@ -175,6 +184,12 @@ def schedule_of_config(
         stages: a schedule in the seed's format to use with a LightningCLI config (its ``--stages`` option).
         model_class: the model's class path for a ``LightningCLI(MyModel, MyData)`` config, whose ``model`` section
             has no ``class_path`` (the ``--model`` option).
+
+        import_modules: import the modules a LightningCLI config's ``class_path`` names (running their top-level
+            code), as ``fit`` would, to read the model's ``__init__`` defaults and recognise callback subclasses.
+            ``False`` (``--no-import``, for untrusted configs) imports nothing and checks what can be checked
+            statically: the schedule itself, the callback's arguments, the model's ``init_args`` and the epochs;
+            without ``loss_weights`` in the model's ``init_args``, the weight keys are not checked against the model.
 
     Warns:
         DeclaredWeightsWarning: the module's declared weights could not be read as training reads them (no model
@@ -203,13 +218,13 @@ def schedule_of_config(
         # the seed's own train.loss_weights are the module's task losses; the run's epochs end open stages
         return bind_schedule(schedule.with_total_epochs(None), declared={"loss_weights": schedule.loss_weights},
                              max_epochs=total)
-    given = check_lightning_config(data)
+    given = check_lightning_config(data, import_modules)
     if stages is not None:
         if given:
             raise StageConfigError(two_schedules_problem(stages))
         given = [given_schedule(config=stages)]
     schedule, overrides = given[0] if given else (StageSchedule(), None)
-    declared, read = declared_by_model(_section(_fit_section(data), "model"), model_class)
+    declared, read = declared_by_model(_section(_fit_section(data), "model"), model_class, import_modules)
     total = max_epochs if max_epochs is not None else _max_epochs_of(data)
     if total is None:
         total = schedule.total_epochs

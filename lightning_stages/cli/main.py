@@ -28,11 +28,38 @@ from lightning_stages.cli.lightning_config import (
     schedule_of_config,
 )
 from lightning_stages.cli.plots import plot_timeline
-from lightning_stages.errors import StageConfigError
+from lightning_stages.errors import StageConfigError, printable
 from lightning_stages.schedule import StageSchedule
 from lightning_stages.schedule.render import format_summary, format_table
 
 __all__ = ["main"]
+
+_NO_IMPORT_HELP = ("import no module named by a class_path (by default they are imported, the working directory "
+                   "first on sys.path, and their top-level code runs); for untrusted configs: checks only what can be "
+                   "checked without running code")
+_NO_IMPORT_NOTE = ("note: --no-import: no class_path was imported; the model's __init__ defaults and callback "
+                   "subclasses were not checked")
+
+
+def _error_text(path: str, err: StageConfigError) -> str:
+    """The error as printed: one line for a problem of the file itself (it names the file), else every problem."""
+    if len(err.problems) == 1:
+        problem = err.problems[0]
+        if problem.index is None and problem.name is None and problem.field is None:
+            return problem.message if path in problem.message else f"{path}: {problem.message}"
+    return f"{path}: {err}"
+
+
+def _plot_path(plot: str) -> tuple[Optional[Path], Optional[str]]:
+    """The PNG ``--plot`` writes (``.png`` added to a name without suffix), or why it cannot be written."""
+    path = Path(plot)
+    if path.suffix == "":
+        return path.with_name(path.name + ".png"), None
+    if path.suffix.lower() != ".png":
+        return None, f"--plot writes a PNG: give a path ending in .png, not {printable(plot)!r}"
+    if path.is_dir():
+        return None, f"--plot: {printable(plot)!r} is a directory; give a path ending in .png"
+    return path, None
 
 
 _MODEL_HELP = ("the model class of a LightningCLI(MyModel, MyData) config, whose `model` section has no class_path, "
@@ -45,7 +72,8 @@ def _read(path: str, args: argparse.Namespace) -> StageSchedule:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DeclaredWeightsWarning)
-            return schedule_of_config(path, args.max_epochs, args.stages, model_class=args.model)
+            return schedule_of_config(path, args.max_epochs, args.stages, model_class=args.model,
+                                      import_modules=not args.no_import)
     finally:  # the note also goes with the problems of a config that fails; other warnings go on as they were
         for warning in caught:
             if issubclass(warning.category, DeclaredWeightsWarning):
@@ -65,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-epochs", type=int, default=None, help="check against this many epochs")
     p.add_argument("--stages", default=None, help="a seed-format schedule used with a LightningCLI config")
     p.add_argument("--model", default=None, metavar="CLASS_PATH", help=_MODEL_HELP)
+    p.add_argument("--no-import", action="store_true", help=_NO_IMPORT_HELP)
     p = sub.add_parser("show", help="print the resolved schedule as a table, optionally draw a timeline PNG")
     p.add_argument("config", metavar="CONFIG", nargs="?", help="a config (not with --checkpoint)")
     p.add_argument("--checkpoint", default=None, metavar="CKPT",
@@ -73,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default=None, help="a seed-format schedule used with a LightningCLI config")
     p.add_argument("--model", default=None, metavar="CLASS_PATH", help=_MODEL_HELP)
     p.add_argument("--plot", default=None, metavar="PNG", help="draw the timeline into this PNG (needs matplotlib)")
+    p.add_argument("--no-import", action="store_true", help=_NO_IMPORT_HELP)
     p = sub.add_parser("compare", help="train each LightningCLI config over the same seeds and write a report")
     p.add_argument("configs", nargs="+", metavar="CONFIG", help="LightningCLI YAML configs, one per schedule")
     p.add_argument("--seeds", default="3", metavar="N|auto",
@@ -98,10 +128,12 @@ def _validate(args: argparse.Namespace) -> int:
         try:
             schedule = _read(path, args)
         except StageConfigError as err:
-            print(f"{path}: {err}", file=sys.stderr)
+            print(_error_text(path, err), file=sys.stderr)
             code = 2
         else:
             print(f"OK {path}: {format_summary(schedule)}")
+    if args.no_import:
+        print(_NO_IMPORT_NOTE, file=sys.stderr)
     return code
 
 
@@ -117,20 +149,30 @@ def _show(args: argparse.Namespace) -> int:
             return 2
         print(f"{args.checkpoint}: {text}")
         return 0
+    png, refused = _plot_path(args.plot) if args.plot else (None, None)
+    if refused:
+        print(refused, file=sys.stderr)
+        return 2
     try:
         schedule = _read(args.config, args)
     except StageConfigError as err:
-        print(f"{args.config}: {err}", file=sys.stderr)
+        print(_error_text(args.config, err), file=sys.stderr)
         return 2
     print(f"{args.config}: {format_summary(schedule)}")
     print(format_table(schedule))
-    if args.plot:
+    if args.no_import:
+        print(_NO_IMPORT_NOTE, file=sys.stderr)
+    if png is not None:
         try:
-            png = plot_timeline(schedule, args.plot)
+            png = plot_timeline(schedule, png)
         except ImportError as err:
             print(str(err), file=sys.stderr)
             return 1
-        print(f"timeline written to {png}")
+        except OSError as err:
+            print(f"--plot: cannot write {printable(str(png))!r}: {err.strerror or err}", file=sys.stderr)
+            return 2
+        added = " (.png added)" if png.name != Path(args.plot).name else ""
+        print(f"timeline written to {png}{added}")
     return 0
 
 
@@ -187,7 +229,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         2
     """
     args = _parser().parse_args(list(argv) if argv is not None else None)
-    add_working_directory_to_path()
+    if not getattr(args, "no_import", False):
+        add_working_directory_to_path()
     command = {"validate": _validate, "show": _show, "compare": _compare}[args.command]
     return command(args)
 

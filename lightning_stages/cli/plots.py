@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Union
 
+from lightning_stages.errors import printable
 from lightning_stages.schedule import ResolvedStage, StageSchedule
 from lightning_stages.schedule.ramps import effective_lambda
 from lightning_stages.schedule.render import weight_keys
@@ -14,6 +15,11 @@ from lightning_stages.schedule.render import weight_keys
 __all__ = ["PLOT_HINT", "plot_timeline", "require_matplotlib"]
 
 PLOT_HINT = "drawing needs matplotlib: pip install 'lightning-stages[plot]'"
+
+
+def _label(text: str) -> str:
+    """A name as matplotlib draws it: control characters escaped, ``$`` not taken for mathtext."""
+    return printable(text, 40).replace("$", r"\$")
 
 
 def require_matplotlib() -> Any:
@@ -100,7 +106,7 @@ def plot_timeline(schedule: StageSchedule, path: Union[str, os.PathLike]) -> Pat
             ax.axvspan(r.start_epoch, ends[i], color=f"C{i % 10}" if not r.is_base else "0.85", alpha=0.12, lw=0)
         # a stage a plateau may end is drawn to its cap and labelled "up to" it
         plateau = r.index is not None and schedule.stages[r.index].ends_on_plateau
-        label = r.name + (" (KD)" if r.distillation else "") + (f"\nup to {ends[i]}" if plateau else "")
+        label = _label(r.name) + (" (KD)" if r.distillation else "") + (f"\nup to {ends[i]}" if plateau else "")
         if plateau:
             for ax in (ax_w, ax_l):
                 ax.axvline(ends[i], color="0.3", lw=1, ls=":")
@@ -110,7 +116,7 @@ def plot_timeline(schedule: StageSchedule, path: Union[str, os.PathLike]) -> Pat
     for j, key in enumerate(keys):
         # equal weights would hide each other: shift each line by a hair
         shift = (j - (len(keys) - 1) / 2) * 0.012 * top
-        ax_w.plot(xs, [r.loss_weights.get(key, math.nan) + shift for _, r in points], label=key, lw=2,
+        ax_w.plot(xs, [r.loss_weights.get(key, math.nan) + shift for _, r in points], label=_label(key), lw=2,
                   color=f"C{j % 10}")
     ax_w.set_ylabel("loss weight (lines nudged apart)")
     ax_w.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)

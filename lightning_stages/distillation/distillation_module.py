@@ -83,6 +83,9 @@ class DistillationModule:
     lambda_coef: float = 1.0
     #: name of the stage in force; the callback sets it per stage
     stage_name: Optional[str] = None
+    #: an opaque value that changes with the stage in force (the callback sets it); the checks of a stage's first
+    #: step run again whenever it, the stage name or the distillation switch changes
+    stage_token: Any = None
     #: autocast precision of the teachers' forward: None (run them as they are), "bf16-mixed" or "16-mixed"
     teacher_precision: Optional[str] = None
     #: move teachers to CPU while unused: False, True / "after_last" (no current or later stage distills), "idle"
@@ -292,12 +295,12 @@ class DistillationModule:
         return total
 
     def _guard_stage(self, total: Tensor, named: list[tuple[str, Tensor]]) -> Tensor:
-        """On the first step of a stage (the stage name, the distillation switch or the Trainer changed): the
+        """On the first step of a stage (its token, name, the distillation switch or the Trainer changed): the
         finite check and, under DDP, the walk for unused parameters; on every step, their zero term. The DDP test and
         the walk are names of this module so that tests can run the DDP path on one process."""
         trainer = getattr(self, "_trainer", None)
         guard = self._distillation_state.guard
-        if guard.enter((self.stage_name, self._distillation_state.use_distillation, id(trainer))):
+        if guard.enter((self.stage_token, self.stage_name, self._distillation_state.use_distillation, id(trainer))):
             check_finite(named, self.stage_name, getattr(trainer, "current_epoch", None))
             if _ddp_needs_every_parameter(trainer):
                 guard.unused = tuple(unreached_parameters(total, self.parameters()))  # type: ignore[attr-defined]

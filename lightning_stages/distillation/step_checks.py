@@ -1,9 +1,11 @@
 """The checks of a training step: finite distillation losses, the DDP zero term, and the guard that runs them once
-per stage (one host sync and one graph walk per stage, none per step)."""
+per stage (one host sync and one graph walk per stage, none per step); and the watch that sees a non-finite training
+loss at every step without a host sync, read before a checkpoint is written."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
@@ -13,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lightning_stages.distillation.unused_parameters import keep_in_graph
 from lightning_stages.errors import DistillationStepError, StageProblem
 
-__all__ = ["StageGuard", "check_finite", "ddp_needs_every_parameter", "named_losses", "stage_where"]
+__all__ = ["NonFiniteRange", "NonFiniteWatch", "StageGuard", "check_finite", "ddp_needs_every_parameter", "named_losses", "stage_where"]
 
 
 def stage_where(stage_name: Optional[str]) -> str:
@@ -88,7 +90,8 @@ def ddp_needs_every_parameter(trainer: Any) -> bool:
 class StageGuard:
     """Knows whether a step is the first of its stage, and the parameters that stage's loss leaves unused.
 
-    The stage is identified by a key (the mixin uses the stage name, the distillation switch and the Trainer).
+    The stage is identified by a key (the mixin uses its ``stage_token``, the stage name, the distillation switch and
+    the Trainer).
     On every step of a stage, :meth:`keep` adds the zero-weighted term that keeps the unused parameters in the
     graph, so each DDP rank's backward reaches every parameter; with none recorded it adds nothing.
 
@@ -120,3 +123,102 @@ class StageGuard:
     def keep(self, total: Tensor) -> Tensor:
         """``total`` plus a zero that depends on :attr:`unused` (``total`` itself when there are none)."""
         return keep_in_graph(total, self.unused) if self.unused else total
+
+
+_NONE = torch.iinfo(torch.int64).max  # "no non-finite loss" in the watch's device-side record
+
+
+@dataclass(frozen=True)
+class NonFiniteRange:
+    """What :meth:`NonFiniteWatch.check` found: non-finite losses among the batches watched since the last check.
+
+    Args:
+        first_bad: the batch index (within its epoch) of the first non-finite loss, over every process.
+        first: the first batch index watched since the last check.
+        last: the last batch index watched.
+        first_step, last_step: the Trainer's ``global_step`` after the first and the last batch watched.
+    """
+
+    first_bad: int
+    first: int
+    last: int
+    first_step: int
+    last_step: int
+
+    def error(self, epoch: int, when: str, index: Optional[int] = None, name: Optional[str] = None
+              ) -> DistillationStepError:
+        """The error that stops the run, naming the stage (``index``, ``name``), the epoch and the batches.
+
+        Example::
+
+            >>> print(NonFiniteRange(3, 0, 7, 17, 24).error(2, "at the end of the epoch", 1, "kd"))  # doctest: +ELLIPSIS
+            1 problem at epoch 2 of stage 'kd':
+              - stage 1 ('kd'): the training loss was not finite (NaN or infinite) at batch 3 of epoch 2 (found at ...
+        """
+        return DistillationStepError(
+            StageProblem(
+                f"the training loss was not finite (NaN or infinite) at batch {self.first_bad} of epoch {epoch} "
+                f"(found {when}; batches {self.first}..{self.last} were watched, global steps "
+                f"{self.first_step}..{self.last_step}); the run stops before any checkpoint holds the weights "
+                "trained on it: the last checkpoint written before is kept",
+                index=index, name=name,
+                hint="check the learning rate, the inputs and the losses of this stage, then resume from that "
+                "checkpoint",
+            ),
+            stage=name, when=f"epoch {epoch}",
+        )
+
+
+class NonFiniteWatch:
+    """A device-side record of non-finite training losses: updated at every step with tensor operations only (no
+    host sync), read once at :meth:`check` (one sync; under DDP one ``all_gather``, so every rank sees the same).
+
+    Example::
+
+        >>> watch = NonFiniteWatch()
+        >>> for batch, loss in enumerate([1.0, 2.0, float("nan"), 3.0]):
+        ...     watch.update(torch.tensor(loss), batch, step=10 + batch)
+        >>> watch.check()
+        NonFiniteRange(first_bad=2, first=0, last=3, first_step=10, last_step=13)
+        >>> watch.update(torch.tensor(0.5), 4, step=14); watch.check().first_bad  # what was found stays found
+        2
+        >>> watch = NonFiniteWatch()
+        >>> watch.update(torch.tensor(0.5), 0, step=1); watch.check() is None  # each good check starts a new range
+        True
+    """
+
+    __slots__ = ("_first", "_first_bad", "_found", "_last")
+
+    def __init__(self) -> None:
+        self._first_bad: Optional[Tensor] = None  # the batch index of the first non-finite loss, or _NONE
+        self._first: Optional[tuple[int, int]] = None  # (batch index, global step) of the first batch watched
+        self._last: tuple[int, int] = (0, 0)
+        self._found: Optional[NonFiniteRange] = None  # once found, every later check says so (the weights stay bad)
+
+    def update(self, loss: Any, batch: int, step: int) -> None:
+        """Record whether ``loss`` (a tensor; anything else is ignored) is finite; no host sync."""
+        if not isinstance(loss, Tensor):
+            return
+        bad = torch.where(torch.isfinite(loss.detach()).all(), _NONE, batch)
+        self._first_bad = bad if self._first_bad is None else torch.minimum(self._first_bad, bad)
+        if self._first is None:
+            self._first = (batch, step)
+        self._last = (batch, step)
+
+    def check(self, gather: Optional[Callable[[Tensor], Tensor]] = None) -> Optional[NonFiniteRange]:
+        """The non-finite losses since the last check (``None``: every loss was finite, and a new range starts);
+        once some are found, every later check returns them (the weights trained on them stay in the module).
+
+        Args:
+            gather: the strategy's ``all_gather`` under DDP, so that every rank decides alike (every rank must call
+                ``check`` then); ``None`` on one process.
+        """
+        if self._found is not None or self._first is None or self._first_bad is None:
+            return self._found  # no collective here: every rank returns early alike
+        first_bad = self._first_bad if gather is None else gather(self._first_bad).min()
+        (first, first_step), (last, last_step) = self._first, self._last
+        self._first_bad, self._first = None, None
+        bad = int(first_bad.item())  # the one host sync
+        if bad != _NONE:
+            self._found = NonFiniteRange(bad, first, last, first_step, last_step)
+        return self._found

@@ -9,7 +9,7 @@ from typing import Any, Optional, Union
 from lightning_stages.errors import StageConfigError, StageProblem
 from lightning_stages.schedule import checks, unit_checks
 from lightning_stages.schedule.adaptive_checks import min_epochs_problems
-from lightning_stages.schedule.stage import BASE_STAGE_NAME
+from lightning_stages.schedule.stage import BASE_STAGE_NAME, plain
 from lightning_stages.schedule.stage_schedule import StageSchedule
 
 __all__ = ["bind_schedule", "declared_settings", "given_schedule"]
@@ -23,6 +23,7 @@ def declared_settings(loss_weights: Any = None, distillation: Any = None, lambda
         >>> declared_settings({"bce": 1}, distillation="yes", lambda_coef=0.5)
         {'loss_weights': {'bce': 1}, 'distillation': None, 'lambda_coef': 0.5}
     """
+    loss_weights, distillation, lambda_coef = plain(loss_weights), plain(distillation), plain(lambda_coef)
     return {
         "loss_weights": dict(loss_weights) if isinstance(loss_weights, Mapping) else None,
         "distillation": distillation if isinstance(distillation, bool) else None,

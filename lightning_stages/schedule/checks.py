@@ -7,6 +7,7 @@ the callback all call these.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional
 
@@ -50,6 +51,8 @@ def number_problems(value: Any, field: str, *, index: Optional[int] = None, name
     """
     if not _is_real(value):
         message = f"must be a number, not {type(value).__name__}"
+    elif _is_int(value) and abs(value) > sys.float_info.max:  # math.isfinite would overflow
+        message = f"is too large (more than {sys.float_info.max:.3g})"
     elif not math.isfinite(value):
         message = "must be finite"
     elif value < 0:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Optional
 
+from lightning_stages.errors import printable
 from lightning_stages.schedule.ramps import effective_lambda
 from lightning_stages.schedule.stage import ResolvedStage
 from lightning_stages.schedule.stage_schedule import StageSchedule
@@ -49,7 +50,7 @@ def format_summary(schedule: StageSchedule, ended: Collection[int] = ()) -> str:
     if not schedule.stages:
         return "no stage schedule: single-stage training with the base settings"
     total = schedule.total_steps if schedule.unit == "step" else schedule.total_epochs
-    parts = [f"{r.name} {format_range(schedule, r, ended)}" for r in schedule.timeline()]
+    parts = [f"{printable(r.name, 40)} {format_range(schedule, r, ended)}" for r in schedule.timeline()]
     over = f" over {total} {schedule.unit}s" if total is not None else ""
     teachers = "; teachers needed" if schedule.needs_teachers else "; no teacher needed"
     count = len(schedule.stages)
@@ -101,6 +102,9 @@ def format_table(schedule: StageSchedule, ended: Collection[int] = ()) -> str:
     A stage with a ramp shows ``before -> after`` where a value ramps, and the ramp's shape and length. Plateau
     stages show ``up to`` their cap (:func:`format_range`).
 
+    Stage names and loss names are shown with control characters escaped (:func:`~lightning_stages.errors.printable`):
+    a name can neither add a row nor send escape sequences to the terminal.
+
     Example::
 
         >>> s = StageSchedule([{"name": "kd", "start_epoch": 0, "end_epoch": 2, "distillation": True,
@@ -114,7 +118,7 @@ def format_table(schedule: StageSchedule, ended: Collection[int] = ()) -> str:
     keys = weight_keys(schedule, timeline)
     with_data = any(r.data is not None for r in timeline)
     ramps = any(stage.ramp_length is not None for stage in schedule.stages)
-    header = [f"{schedule.unit}s", "stage", "distillation", "lambda", *keys, *(["ramp"] if ramps else []),
+    header = [f"{schedule.unit}s", "stage", "distillation", "lambda", *(printable(k, 40) for k in keys), *(["ramp"] if ramps else []),
               *(["data"] if with_data else [])]
     rows = [header]
 
@@ -123,7 +127,7 @@ def format_table(schedule: StageSchedule, ended: Collection[int] = ()) -> str:
 
     for r in timeline:
         b = ramp_start(schedule, r) or r
-        rows.append([format_range(schedule, r, ended), r.label if not r.is_base else r.name,
+        rows.append([format_range(schedule, r, ended), printable(r.label if not r.is_base else r.name, 60),
                      cell("on" if b.distillation else "off", "on" if r.distillation else "off"),
                      cell(_number(b.lambda_coef), _number(effective_lambda(r) if b is not r else r.lambda_coef)),
                      *(cell(_number(b.loss_weights[k]), _number(r.loss_weights[k])) if k in r.loss_weights else "-"

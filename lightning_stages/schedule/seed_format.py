@@ -7,20 +7,16 @@ Every error names the file, line and column.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
-import json5
-import yaml
-
 from lightning_stages.errors import StageConfigError, StageProblem
 from lightning_stages.schedule.checks import near_miss_problems
-from lightning_stages.schedule.stage import STAGE_FIELDS
+from lightning_stages.schedule.config_input import check_shape, parse_json, parse_yaml, read_text
+from lightning_stages.schedule.stage import STAGE_FIELDS, plain
 
 if TYPE_CHECKING:
     from lightning_stages.schedule.stage_schedule import StageSchedule
@@ -31,53 +27,22 @@ __all__ = ["diff", "load_config", "parse_json", "schedule_arguments", "to_dict"]
 ROOT_KEYS = ("stage_schedule", "train", "distillation")
 TRAIN_KEYS = ("loss_weights", "epochs", "max_steps")
 DISTILLATION_KEYS = ("enable", "lambda_coef")
-# json5's message: "<string>:LINE Unexpected "x" at column COL" (or without a column at the end of the text)
-_JSON5_WHERE = re.compile(r"^<string>:(?P<line>\d+)\s*(?P<msg>.*?)(?: at column (?P<col>\d+))?$", re.DOTALL)
+# root keys of a LightningCLI config that reading one looks into
+_LIGHTNING_KEYS = ("trainer", "model", "data", "fit")
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-def parse_json(text: str, source: str = "<string>") -> Any:
-    """Parse JSON, with ``//`` and ``/* */`` comments allowed: ``json.loads`` first (plain JSON at C speed),
-    the ``json5`` parser for the rest.
-
-    Raises:
-        StageConfigError: naming ``source``, line and column, if the text is neither JSON nor JSON with comments.
-
-    Example::
-
-        >>> parse_json('{"a": 1, // one\\n "b": "x//y" /* two */}')
-        {'a': 1, 'b': 'x//y'}
-        >>> parse_json('{"a": 1,\\n "b": }', "c.json")
-        Traceback (most recent call last):
-        ...
-        lightning_stages.errors.StageConfigError: 1 problem in the stage schedule:
-          - schedule: c.json:2:7: not valid JSON: Unexpected "}"
-    """
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as plain_error:
-        try:
-            return json5.loads(text)
-        except ValueError as err:
-            match = _JSON5_WHERE.match(str(err))
-            if match is None:  # not a syntax error json5 locates: json's own message has line and column
-                line, col, msg = plain_error.lineno, plain_error.colno, plain_error.msg
-            else:
-                line, msg = int(match["line"]), match["msg"].strip()
-                col = int(match["col"]) if match["col"] else 1
-            raise StageConfigError(StageProblem(f"{source}:{line}:{col}: not valid JSON: {msg}")) from None
 
 
 def load_config(path: PathLike) -> dict[str, Any]:
     """Load a JSON or YAML config file into a mapping.
 
     ``.json`` files may hold ``//`` and ``/* */`` comments (read by :func:`parse_json`). Any other suffix is read
-    as YAML.
+    as YAML. Hostile input is refused (:mod:`.config_input`): a key given twice, a binary file, a number too long to
+    read, nesting deeper than 100 levels, YAML aliases that expand too far.
 
     Raises:
         StageConfigError: the file is missing, unreadable, not valid JSON/YAML (the message gives
-            file and line), or its root is not a mapping.
+            file and line), hostile as above, or its root is not a mapping.
 
     Example::
 
@@ -88,20 +53,13 @@ def load_config(path: PathLike) -> dict[str, Any]:
         {'stage_schedule': []}
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise StageConfigError(StageProblem(f"cannot read config file {str(path)!r}: {err.strerror or err}")) from None
+    text = read_text(path)
     if path.suffix.lower() == ".json":
         data = parse_json(text, str(path))
+        if isinstance(data, Mapping):  # what is read of it (the rest is left to json's own limits: it stays fast)
+            check_shape({key: data[key] for key in (*ROOT_KEYS, *_LIGHTNING_KEYS) if key in data}, str(path))
     else:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-            reason = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise StageConfigError(StageProblem(f"{where}: not valid YAML: {reason}")) from None
+        data = parse_yaml(text, str(path))
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
@@ -183,7 +141,7 @@ def to_dict(schedule: StageSchedule) -> dict[str, Any]:
         out["train"] = train
     if distillation:
         out["distillation"] = distillation
-    return out
+    return plain(out)  # what a checkpoint holds: loads with torch.load(weights_only=True)
 
 
 def diff(before: StageSchedule, after: StageSchedule) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
@@ -10,7 +11,7 @@ __all__ = [
     "BASE_STAGE_NAME",
     "DEFAULT_LAMBDA_COEF",
     "STAGE_FIELDS", "ResolvedStage", "Stage", "default_stage_name",
-    "stage_name_of",
+    "plain", "plain_fields", "stage_name_of",
 ]
 
 BASE_STAGE_NAME = "base"
@@ -86,9 +87,9 @@ class Stage:
         return self.monitor is not None and self.patience is not None
 
     def __post_init__(self) -> None:
-        # keep a private copy: never share (or later mutate) the caller's dict
-        if isinstance(self.loss_weights, Mapping):
-            object.__setattr__(self, "loss_weights", dict(self.loss_weights))
+        # plain Python numbers (numpy's are accepted), and a private copy of every dict: never share (or later
+        # mutate) the caller's
+        plain_fields(self)
 
     def __repr__(self) -> str:  # the fields given, as the user wrote them
         return f"Stage({', '.join(f'{key}={value!r}' for key, value in self.to_dict().items())})"
@@ -136,6 +137,59 @@ class Stage:
 
 
 STAGE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Stage))
+
+
+def plain(value: Any, _memo: Optional[dict[int, Any]] = None) -> Any:
+    """``value`` as plain Python data: numpy (or other 0-d array) scalars become ``bool``/``int``/``float``, float
+    and int subclasses their base type, mappings ``dict`` and lists ``list`` (copies that share what the original
+    shares, so an alias-heavy value costs its size in memory, not its expansion); anything else as it is.
+
+    What a checkpoint holds must load with ``torch.load(weights_only=True)``, which refuses numpy scalars.
+
+    Example::
+
+        >>> import numpy as np
+        >>> plain({"bce": np.float32(0.5), "epochs": [np.int64(3), np.bool_(True)]})
+        {'bce': 0.5, 'epochs': [3, True]}
+        >>> type(plain(np.linspace(0, 1, 3)[1])).__name__
+        'float'
+    """
+    kind = type(value)
+    if value is None or kind in (bool, int, float, str):
+        return value
+    if isinstance(value, Mapping) or kind in (list, tuple):
+        memo = {} if _memo is None else _memo
+        if id(value) not in memo:
+            memo[id(value)] = ({key: plain(item, memo) for key, item in value.items()} if isinstance(value, Mapping)
+                               else kind(plain(item, memo) for item in value))
+        return memo[id(value)]
+    item = getattr(value, "item", None)
+    if callable(item) and hasattr(value, "dtype") and getattr(value, "shape", None) == ():
+        try:  # a numpy scalar, a 0-d array or tensor
+            value = item()
+        except (TypeError, ValueError):
+            return value
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, str):
+        return float(value)
+    return value
+
+
+def plain_fields(data: Any, **values: Any) -> None:
+    """Set every init field of the frozen dataclass ``data`` to :func:`plain` of its value (or of ``values[name]``).
+
+    Example::
+
+        >>> import numpy as np
+        >>> Stage(start_epoch=np.int64(2), lambda_coef=np.float64(0.5)).to_dict()
+        {'start_epoch': 2, 'lambda_coef': 0.5}
+    """
+    for f in fields(data):
+        if f.init:
+            object.__setattr__(data, f.name, plain(values.get(f.name, getattr(data, f.name))))
 
 
 @dataclass(frozen=True)

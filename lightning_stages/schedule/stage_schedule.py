@@ -11,6 +11,7 @@ from typing import Any, Optional, Union
 
 from lightning_stages.errors import StageConfigError, StageProblem
 from lightning_stages.schedule import checks, ramps, seed_format, timeline, unit_checks
+from lightning_stages.schedule import stage as stage_module
 from lightning_stages.schedule.stage import BASE_STAGE_NAME, DEFAULT_LAMBDA_COEF, ResolvedStage, Stage, stage_name_of
 
 __all__ = ["BASE_STAGE_NAME", "DEFAULT_LAMBDA_COEF", "StageSchedule"]
@@ -82,12 +83,11 @@ class StageSchedule:
                     ranged.append((index, stage))
                 if stage.loss_weights is None or isinstance(stage.loss_weights, Mapping):
                     weighted.append((index, stage))
-        object.__setattr__(self, "stages", tuple(stages))
+        stage_module.plain_fields(self, stages=tuple(stages))  # the base too: plain copies, numpy numbers made plain
         problems += checks.base_problems(self.loss_weights, self.distillation, self.lambda_coef, self.total_epochs)
         # the same rule for total_steps: a positive integer
         problems += [replace(p, field="total_steps") for p in checks.base_problems(total_epochs=self.total_steps)]
         if isinstance(self.loss_weights, Mapping):
-            object.__setattr__(self, "loss_weights", dict(self.loss_weights))
             problems += checks.stage_weight_key_problems(weighted, list(self.loss_weights))
         problems += checks.overlap_problems(ranged) + unit_checks.mixed_unit_problems(ranged)
         if self.total_epochs is not None and not any(p.field == "total_epochs" for p in problems):

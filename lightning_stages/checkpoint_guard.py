@@ -1,0 +1,111 @@
+"""What may reach a checkpoint, and what is read back from one.
+
+* :class:`CheckpointGuard`, the base of :class:`~lightning_stages.StageScheduleCallback`: watches the loss of every
+  training step on the device (:class:`~lightning_stages.distillation.step_checks.NonFiniteWatch`, no host sync) and
+  stops the run before a checkpoint is written after a non-finite loss.
+* :func:`warn_about_saved_schedule`: the schedule saved in a checkpoint, compared with the one given now; damaged
+  state only warns, and a string there is never opened as a file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
+
+from lightning_stages.distillation.step_checks import NonFiniteWatch
+from lightning_stages.errors import StageConfigError, StageProblem
+from lightning_stages.schedule import StageSchedule
+
+__all__ = ["CheckpointGuard", "warn_about_saved_schedule"]
+
+
+class CheckpointGuard(Callback):
+    """No checkpoint is ever written after a NaN or infinite training loss.
+
+    The loss ``training_step`` returns is watched at every step on the device; the watch is read (one host sync,
+    gathered over DDP ranks so that every rank decides alike) before any checkpoint is written, in
+    ``on_save_checkpoint``, so Lightning never writes it, and wherever the subclass calls :meth:`stop_if_nonfinite`
+    (the callback: at every epoch end). A non-finite loss stops the run with a
+    :class:`~lightning_stages.DistillationStepError` naming the stage in force (the module's ``stage_name`` and the
+    index the callback puts first in its ``stage_token``), the epoch and the batches; the checkpoints written before
+    are kept as they were. Once found, it stays found until the next fit (:meth:`watch_afresh`).
+
+    Example::
+
+        >>> guard = CheckpointGuard()
+        >>> guard.watch_afresh()
+    """
+
+    _nonfinite: NonFiniteWatch
+
+    def watch_afresh(self) -> None:
+        """Start a new watch (at the start of a fit: the weights are loaded or kept, and watched from here)."""
+        self._nonfinite = NonFiniteWatch()
+
+    def _watch(self) -> NonFiniteWatch:
+        if "_nonfinite" not in self.__dict__:
+            self.watch_afresh()
+        return self._nonfinite
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        self._watch().update(loss, batch_idx, trainer.global_step)
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # raising here, while the checkpoint is being assembled, means it is never written
+        self.stop_if_nonfinite(trainer, pl_module, "before writing a checkpoint")
+
+    def stop_if_nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
+        """Raise if a training loss since the last look was not finite (every rank must call it alike).
+
+        Raises:
+            DistillationStepError: naming the stage, the epoch, the first bad batch and the batches watched.
+        """
+        found = self._watch().check(trainer.strategy.all_gather if trainer.world_size > 1 else None)
+        if found is not None:
+            token = getattr(pl_module, "stage_token", None)
+            index = token[0] if isinstance(token, tuple) and token and isinstance(token[0], int) else None
+            raise found.error(trainer.current_epoch, when, index, getattr(pl_module, "stage_name", None))
+
+
+def warn_about_saved_schedule(state: Any, current: StageSchedule) -> None:
+    """Warn if the schedule saved in a checkpoint (``state["schedule"]``) differs from ``current``, naming every
+    change, or if it cannot be read (``null``, a list, a string, garbage): resume goes on with ``current`` either way.
+    Only a mapping is read: a string is never taken for a file to open.
+
+    Example::
+
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warn_about_saved_schedule({"schedule": "/etc/passwd"}, StageSchedule())
+        >>> "could not be read" in str(caught[0].message)
+        True
+    """
+    saved = state.get("schedule") if isinstance(state, Mapping) else state
+    try:
+        if not isinstance(saved, Mapping):
+            raise StageConfigError(StageProblem(f"it is {type(saved).__name__}, not a mapping", field="schedule",
+                                                value=saved))
+        schedule = StageSchedule.from_config(saved)
+        changes = schedule.diff(current)
+    except (StageConfigError, TypeError, ValueError, OverflowError, RecursionError) as err:
+        rank_zero_warn(f"StageScheduleCallback: the schedule saved in the checkpoint could not be read ({err}); "
+                       "resuming with the schedule given now.")
+        return
+    if changes:
+        rank_zero_warn(
+            "StageScheduleCallback: the schedule differs from the one in the checkpoint; resuming with the one "
+            "given now. Changes (checkpoint -> now): " + "; ".join(changes)
+        )

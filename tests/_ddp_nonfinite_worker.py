@@ -1,0 +1,59 @@
+"""A 2-process DDP fit (gloo, CPU) whose loss turns NaN on rank 1 only, at batch 1 of epoch 1.
+
+Run by ``tests/test_nonfinite.py`` in a subprocess (the pytest process never joins a process group)::
+
+    python tests/_ddp_nonfinite_worker.py --out DIR
+
+Every rank must stop with the same ``DistillationStepError`` (the watch is gathered over the ranks before a
+checkpoint is written), so no checkpoint of epoch 1 exists; each rank writes its error to ``rank<N>.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from conftest import TinyNet
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_stages import StageScheduleCallback
+
+SCHEDULE = [{"name": "warm", "start_epoch": 0, "end_epoch": 1}, {"name": "main", "start_epoch": 1}]
+BAD_EPOCH, BAD_BATCH, BAD_RANK = 1, 1, 1
+
+
+class NaNOnOneRank(TinyNet):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if (self.trainer.current_epoch, batch_idx, self.trainer.global_rank) == (BAD_EPOCH, BAD_BATCH, BAD_RANK):
+            loss = loss * float("nan")
+        return loss
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args()
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g))
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, default_root_dir=str(args.out),
+        callbacks=[StageScheduleCallback(SCHEDULE),
+                   ModelCheckpoint(dirpath=args.out / "ckpt", save_last=True, save_top_k=-1, filename="{epoch}")],
+        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    try:
+        trainer.fit(NaNOnOneRank(), DataLoader(data, batch_size=4))
+    except Exception as err:
+        (args.out / f"rank{trainer.global_rank}.txt").write_text(f"{type(err).__name__}: {err}")
+        return 1
+    (args.out / f"rank{trainer.global_rank}.txt").write_text("finished")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

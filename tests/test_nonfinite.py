@@ -1,0 +1,185 @@
+"""Non-finite losses never reach a checkpoint.
+
+The callback watches the loss of every training step on the device (no host sync) and looks at what it saw before a
+checkpoint is written and at each epoch end: a NaN or infinite loss stops the run with a ``DistillationStepError``
+naming the stage and the batches, and the checkpoints written before it are kept as they were.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import PlainStudent, TinyNet, loader, trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_stages import DistillationStepError, StageScheduleCallback
+from lightning_stages.distillation.step_checks import NonFiniteWatch
+
+
+def tiny_loader(n: int = 16, batch_size: int = 4) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)),
+                      batch_size=batch_size)
+
+
+class NaNAt(TinyNet):
+    """A TinyNet whose loss turns NaN at one (epoch, batch) and stays NaN after (as NaN weights would make it)."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        super().__init__()
+        self.bad_from = (epoch, batch)
+        self.steps: list[tuple[int, int]] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.steps.append((self.trainer.current_epoch, batch_idx))
+        if (self.trainer.current_epoch, batch_idx) >= self.bad_from:
+            loss = loss * float("nan")
+        return loss
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def _all_finite(state: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+def test_a_nan_at_step_k_of_a_stage_stops_before_any_checkpoint_after_it(tmp_path):
+    stages = [{"name": "warm", "start_epoch": 0, "end_epoch": 1}, {"name": "main", "start_epoch": 1}]
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1,
+                                  filename="{epoch}")
+    model = NaNAt(epoch=2, batch=2)
+    run = trainer(tmp_path, max_epochs=4, callbacks=[StageScheduleCallback(stages), checkpoints],
+                  enable_checkpointing=True)
+    with pytest.raises(DistillationStepError) as caught:
+        run.fit(model, tiny_loader())
+    message = str(caught.value)
+    assert "stage 1 ('main')" in message and "at batch 2 of epoch 2" in message, message
+    assert "batches 0..3" in message and "the last checkpoint written before is kept" in message
+    # the epochs before are written; nothing of epoch 2 or later
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0.ckpt", "epoch=1.ckpt", "last.ckpt"]
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 1 and last["global_step"] == 8
+    assert _all_finite(last["state_dict"])
+    reference = _weights(tmp_path / "ckpt" / "epoch=1.ckpt")
+    assert all(torch.equal(last["state_dict"][k], reference[k]) for k in reference)
+    # the NaN step did run (the weights it made are what is kept out of the checkpoints)
+    assert (2, 2) in model.steps and not _all_finite(model.state_dict())
+
+
+def test_a_nan_between_step_checkpoints_is_never_written(tmp_path):
+    """``every_n_train_steps=1``: the checkpoint of the NaN step is refused while it is being assembled."""
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=1)
+    run = trainer(tmp_path, max_epochs=2, callbacks=[StageScheduleCallback(), checkpoints],
+                  enable_checkpointing=True)
+    with pytest.raises(DistillationStepError, match=r"at batch 1 of epoch 0 \(found before writing a checkpoint; "
+                                                    r"batches 1\.\.1 were watched, global steps 2\.\.2\)"):
+        run.fit(NaNAt(epoch=0, batch=1), tiny_loader())
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 1 and _all_finite(last["state_dict"])
+
+
+def test_an_infinite_loss_of_a_module_without_the_mixin_stops_at_the_epoch_end(tmp_path):
+    class InfAt(PlainStudent):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss + (math.inf if (self.trainer.current_epoch, batch_idx) == (1, 0) else 0.0)
+
+    run = trainer(tmp_path, max_epochs=3, callbacks=[StageScheduleCallback()])
+    with pytest.raises(DistillationStepError, match=r"(?s)stage 'base'.*at batch 0 of epoch 1 \(found at the end of the "
+                                                    r"epoch; batches 0\.\.1 were watched"):
+        run.fit(InfAt(), loader(n=8, batch_size=4))
+    assert run.current_epoch == 1
+
+
+def test_no_checkpoint_on_exception_either(tmp_path):
+    """``OnExceptionCheckpoint`` saves when the run stops: that checkpoint would hold the NaN weights, so it is
+    refused too (the error found stays found), and the original error is what the caller sees."""
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    run = trainer(tmp_path, max_epochs=3, callbacks=[StageScheduleCallback(), OnExceptionCheckpoint(tmp_path / "exc")],
+                  enable_checkpointing=True)
+    with pytest.raises(DistillationStepError, match="at batch 1 of epoch 1"):
+        run.fit(NaNAt(epoch=1, batch=1), tiny_loader())
+    assert not (tmp_path / "exc").exists() or list((tmp_path / "exc").iterdir()) == []
+
+
+def test_finite_losses_train_to_the_end_and_the_checkpoints_are_written(tmp_path):
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1, filename="{epoch}")
+    run = trainer(tmp_path, max_epochs=2, callbacks=[StageScheduleCallback(), checkpoints], enable_checkpointing=True)
+    run.fit(TinyNet(), tiny_loader())
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0.ckpt", "epoch=1.ckpt", "last.ckpt"]
+
+
+def test_two_consecutive_stages_of_one_name_both_check_their_first_step(tmp_path):
+    """The first-step check is keyed by the stage, not its name: the second 'kd' stage's NaN teacher is caught at its
+    first step, with the first-step message (not only at the epoch end)."""
+
+    class NaNTeacherFromEpoch1(TinyNet):
+        def distill_losses(self, logits, x):
+            losses = super().distill_losses(logits, x)
+            if self.trainer.current_epoch >= 1:
+                losses = {k: v * float("nan") for k, v in losses.items()}
+            return losses
+
+        def record(self, batch, batch_idx, loss):
+            self.steps = [*getattr(self, "steps", []), (self.trainer.current_epoch, batch_idx)]
+
+    stages = [{"name": "kd", "start_epoch": 0, "end_epoch": 1, "distillation": True},
+              {"name": "kd", "start_epoch": 1, "end_epoch": 2, "distillation": True}]
+    model = NaNTeacherFromEpoch1()
+    with pytest.raises(DistillationStepError, match=r"(?s)at the first step of stage 'kd'.*is not finite at epoch 1"):
+        trainer(tmp_path, max_epochs=2, callbacks=[StageScheduleCallback(stages)]).fit(model, tiny_loader())
+    assert model.steps[-1] == (0, 3)  # epoch 1 stopped in its first step, before record()
+
+
+def test_the_watch_reads_the_first_non_finite_batch_and_forgets_it_after_a_check():
+    watch = NonFiniteWatch()
+    assert watch.check() is None  # nothing watched: nothing to read
+    losses = [0.1, math.inf, 0.3, math.nan, 0.5]
+    for batch, value in enumerate(losses):
+        watch.update(torch.tensor(value), batch, step=batch + 1)
+    found = watch.check()
+    first_bad = next(i for i, v in enumerate(losses) if not math.isfinite(v))
+    assert (found.first_bad, found.first, found.last, found.first_step, found.last_step) == (first_bad, 0, 4, 1, 5)
+    watch.update(torch.tensor(1.0), 5, step=6)
+    assert watch.check() == found  # found stays found: the weights trained on it are still in the module
+    fresh = NonFiniteWatch()
+    fresh.update(None, 5, step=6)  # a step without a loss (e.g. skipped) is not a problem
+    fresh.update(torch.tensor([1.0, 2.0]), 6, step=7)
+    assert fresh.check() is None
+
+
+def test_ddp_a_nan_on_one_rank_stops_every_rank_before_the_checkpoint(tmp_path):
+    """Under DDP (2 CPU processes) the loss turns NaN on rank 1 only: both ranks stop with the same error at the end
+    of that epoch, and the checkpoints written before are kept as they were."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
+    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK"):
+        env.pop(var, None)
+    worker = Path(__file__).with_name("_ddp_nonfinite_worker.py")
+    proc = subprocess.run([sys.executable, str(worker), "--out", str(tmp_path)], cwd=tmp_path, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    errors = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    for error in errors:  # rank 0's own losses were finite at batch 1: it stops on what rank 1 saw
+        assert error.startswith("DistillationStepError: 1 problem at epoch 1 of stage 'main'"), errors
+        assert "at batch 1 of epoch 1 (found at the end of the epoch" in error
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0.ckpt", "last.ckpt"]
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 0 and _all_finite(last["state_dict"])
