@@ -6,7 +6,11 @@ The models are transformers BERTs built from tiny configs with random weights (`
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import socket
+import subprocess
+import sys
 from collections import OrderedDict, namedtuple
 
 import lightning.pytorch as pl
@@ -190,7 +194,7 @@ def test_the_key_holds_the_format_and_store_features(tmp_path):
 # ---------------------------------------------------------------------------------------------- item 6: no features
 
 
-def padded_loader() -> DataLoader:
+def padded_loader(batch_size: int = 4) -> DataLoader:
     """Variable-length samples, padded per batch (HF's dynamic padding): batch 0 is 4 tokens long, batch 1 is 6."""
     g = torch.Generator().manual_seed(3)
     lengths = [3, 4, 2, 4, 6, 5, 6, 3]
@@ -204,7 +208,7 @@ def padded_loader() -> DataLoader:
             ids[row, :len(tokens)], mask[row, :len(tokens)] = tokens, 1
         return ids, mask, torch.tensor([y for _, y, _ in items]), torch.tensor([i for _, _, i in items])
 
-    return DataLoader(samples, batch_size=4, collate_fn=collate)
+    return DataLoader(samples, batch_size=batch_size, collate_fn=collate)
 
 
 def test_dynamic_padding_with_hooked_features_is_refused_when_features_are_stored(tmp_path):
@@ -246,3 +250,47 @@ def test_a_cached_batch_never_serves_the_features_of_the_batch_before():
     model.captured_features("teacher")  # read twice: the teacher ran once
     assert model.teacher_forwards == 3
     torch.testing.assert_close(features, reference((a_ids, a_mask)).hidden_states[-1])
+
+
+# ---------------------------------------------------------------------------------------------- DDP: this file as worker
+
+
+def _ddp_main(out: str, cache: str) -> None:
+    """Two ranks share ``TeacherCache(directory=cache, store_features=False)``; epoch 1 reads features."""
+    model = CachedBert(TeacherCache(directory=cache, store_features=False), hooks=True)
+    fit = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     callbacks=[distilling("kd", "features")])
+    fit.fit(model, padded_loader(batch_size=2))
+    steps = [{"epoch": s["epoch"], "ids": s["batch"][0].tolist(), "mask": s["batch"][1].tolist(),
+              "type": s["type"].__name__, "logits": s["logits"].tolist(),
+              "features": None if s["features"] is None else s["features"][TEACHER_LAYER].tolist()} for s in model.seen]
+    with open(os.path.join(out, f"rank{fit.global_rank}.json"), "w") as handle:
+        json.dump({"steps": steps, "teacher_forwards": model.teacher_forwards}, handle)
+
+
+def test_two_ddp_ranks_cache_model_outputs_without_features_and_compute_features_live(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore"}
+    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK"):
+        env.pop(var, None)
+    cmd = [sys.executable, __file__, str(tmp_path), str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert [s["epoch"] for s in result["steps"]] == [0, 0, 1, 1]
+        assert result["teacher_forwards"] == 4  # epoch 0: stored; epoch 1: outputs cached, features computed live
+        for step in result["steps"]:
+            expected = reference((torch.tensor(step["ids"]), torch.tensor(step["mask"])))
+            assert step["type"] == "SequenceClassifierOutput"
+            torch.testing.assert_close(torch.tensor(step["logits"]), expected.logits)
+            if step["epoch"] == 1:
+                torch.testing.assert_close(torch.tensor(step["features"]), expected.hidden_states[-1])
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    _ddp_main(sys.argv[1], sys.argv[2])
