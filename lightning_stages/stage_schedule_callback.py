@@ -18,6 +18,7 @@ from lightning_stages.schedule import StageSchedule
 from lightning_stages.schedule.bind import bind_schedule, declared_settings, given_schedule
 from lightning_stages.schedule.render import format_stage_line, stage_metrics
 from lightning_stages.schedule.stage import ResolvedStage, Stage
+from lightning_stages.train_data import TrainData, resumed_epoch
 
 __all__ = ["StageScheduleCallback"]
 
@@ -50,7 +51,10 @@ class StageScheduleCallback(Callback):
     * ``loss_weights``: the complete ``{task loss: weight}`` dict of the stage;
     * ``use_distillation``: whether the distillation loss is on;
     * ``lambda_coef``: the distillation coefficient;
-    * ``stage_name``: the stage's name (``"base"`` where no stage covers the epoch).
+    * ``stage_name``: the stage's name (``"base"`` where no stage covers the epoch);
+    * ``stage_data``: the stage's ``data`` (``None`` where it gives none). Where it changes from one epoch to the
+      next, the training dataloader is built again, after the new stage is applied, so ``train_dataloader()`` (of
+      the module or the datamodule) can read it; a resumed run builds the data of the stage it resumes in.
 
     The module declares its task losses as the keys of the ``loss_weights`` dict it sets in ``__init__``; those
     values are the base weights when none are given here. Without a schedule the base settings apply to every
@@ -101,6 +105,8 @@ class StageScheduleCallback(Callback):
         # the state: the schedule as given, and as bound to the module and the Trainer at `setup`
         self.schedule = schedule
         self.resolved_schedule: Optional[StageSchedule] = None
+        self._train_data = TrainData()
+        self._resume_epoch: Optional[int] = None  # the epoch a resumed run trains next, read from its checkpoint
 
     @property
     @override
@@ -111,6 +117,7 @@ class StageScheduleCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._resume_epoch = None  # set again by on_load_checkpoint, which runs after setup
         max_epochs = _max_epochs(trainer)
         schedule = bind_schedule(self.schedule, declared=_declared_base(pl_module),
                                  weight_overrides=self.base_loss_weights, max_epochs=max_epochs)
@@ -138,11 +145,21 @@ class StageScheduleCallback(Callback):
             self._apply(pl_module, schedule, schedule.base_stage())
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the fit loop builds the training dataloader right after this (before on_train_start): a resumed run applies
+        # the stage it resumes in now, so that `train_dataloader()` sees that stage's `stage_data`
+        if self._resume_epoch is not None:
+            self._enter_epoch(pl_module, self._resume_epoch)
+            self._resume_epoch = None
+        self._train_data.built(getattr(pl_module, "stage_data", None))
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a run resumed within an epoch (its batches begun or done) gets no on_train_epoch_start for that epoch:
         # apply and report it here; otherwise on_train_epoch_start does. The stage's text goes to TensorBoard at the
         # first epoch of every run, as well as where a stage begins.
         resolved = self._enter_epoch(pl_module, trainer.current_epoch)
+        self._train_data.want(trainer, resolved.data)  # a loader built before the resumed epoch was known
         progress: Any = trainer.fit_loop.epoch_progress.current  # a _StartedTracker, typed as its base
         if progress.started > progress.completed:
             self._report(trainer, resolved)
@@ -155,6 +172,18 @@ class StageScheduleCallback(Callback):
         self._report(trainer, resolved)
         if trainer.current_epoch == resolved.start_epoch:
             _add_stage_text(trainer, resolved)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning builds the next epoch's loader before on_train_epoch_start: where the next epoch's `data` differs,
+        # apply the next stage's data now and have the loader built again
+        max_epochs = _max_epochs(trainer)
+        upcoming = trainer.current_epoch + 1
+        if max_epochs is None or upcoming < max_epochs:
+            resolved = self._bound().at(upcoming)
+            if self._train_data.want(trainer, resolved.data):
+                module: Any = pl_module
+                module.stage_data = resolved.data
 
     def _bound(self) -> StageSchedule:
         if self.resolved_schedule is None:
@@ -175,6 +204,7 @@ class StageScheduleCallback(Callback):
         pl_module.use_distillation = resolved.distillation
         pl_module.lambda_coef = resolved.lambda_coef
         pl_module.stage_name = resolved.name
+        pl_module.stage_data = resolved.data
         if isinstance(pl_module, DistillationModule):  # offload_teachers: does a current or later stage distill?
             later = resolved.end_epoch is not None and schedule.distilling_until() > resolved.end_epoch
             pl_module.update_teacher_placement(resolved.distillation, later)
@@ -220,6 +250,7 @@ class StageScheduleCallback(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        self._resume_epoch = resumed_epoch(checkpoint)
         states = checkpoint.get("callbacks") or {}
         if self.state_key not in states:
             rank_zero_warn(

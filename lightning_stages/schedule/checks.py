@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional
 
 from lightning_stages.errors import StageProblem, did_you_mean
+from lightning_stages.schedule.adaptive_checks import adaptive_problems
 from lightning_stages.schedule.stage import BASE_STAGE_NAME, STAGE_FIELDS, Stage
 
 __all__ = [
@@ -158,6 +159,7 @@ def stage_problems(stage: Stage, index: int) -> list[StageProblem]:
                     problems.append(problem("loss names must be strings", "loss_weights", key))
                     continue
                 problems += number_problems(weight, f"loss_weights.{key}", index=index, name=name)
+    problems += adaptive_problems(stage, index)
     return problems
 
 

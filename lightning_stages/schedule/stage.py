@@ -32,12 +32,14 @@ class Stage:
         distillation: whether the teacher-student loss is on in this stage. ``None`` inherits the base flag.
         lambda_coef: scales the sum of all distillation losses. ``None`` inherits the base value.
         loss_weights: weights of task losses (e.g. ``bce``, ``focal``, ``dice``, ``iou``, ``cls``) for this stage.
+        data: the training data the stage wants (e.g. ``"unlabelled"``), set on the module as ``stage_data``; where it
+            changes, the training dataloader is built again. ``None``: the module's ``stage_data`` is ``None``.
 
     Example::
 
         >>> Stage(name="distill_only", start_epoch=0, end_epoch=100, distillation=True, lambda_coef=1.0,
         ...       loss_weights={"bce": 0, "focal": 0})
-        Stage(name='distill_only', start_epoch=0, end_epoch=100, distillation=True, lambda_coef=1.0, loss_weights={'bce': 0, 'focal': 0})
+        Stage(name='distill_only', start_epoch=0, end_epoch=100, distillation=True, lambda_coef=1.0, loss_weights={'bce': 0, 'focal': 0}, data=None)
     """
 
     name: Optional[str] = None
@@ -46,6 +48,8 @@ class Stage:
     distillation: Optional[bool] = None
     lambda_coef: Optional[float] = None
     loss_weights: Optional[dict[str, float]] = None
+    # adaptive stages (issue 12)
+    data: Optional[str] = None
 
     def __post_init__(self) -> None:
         # keep a private copy: never share (or later mutate) the caller's dict
@@ -85,6 +89,7 @@ class ResolvedStage:
         distillation: whether the distillation loss is on.
         lambda_coef: the distillation coefficient.
         loss_weights: the complete weight of every task loss.
+        data: the stage's ``data`` (``None`` where it gives none, and for the base settings).
     """
 
     name: str
@@ -96,6 +101,7 @@ class ResolvedStage:
     distillation: bool
     lambda_coef: float
     loss_weights: dict[str, float] = field(default_factory=dict)
+    data: Optional[str] = None
 
     @property
     def is_base(self) -> bool:

@@ -237,7 +237,7 @@ class StageSchedule:
                     stage_name_of(stage, index), index, pos + 1, len(self.stages), stage.start_epoch, end,
                     distillation=stage.distillation if stage.distillation is not None else self.base_distillation,
                     lambda_coef=float(stage.lambda_coef) if stage.lambda_coef is not None else self.base_lambda_coef,
-                    loss_weights=weights,
+                    loss_weights=weights, data=stage.data,
                 )
         return self.base_stage(*self._gap_around(epoch, total))
 
