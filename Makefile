@@ -1,5 +1,5 @@
 # Two commands from a fresh clone, each self-contained:
-#   make demo   set up .venv (if needed) and run the worked example (teacher, then 4 schedules x 5 seeds)
+#   make demo   set up .venv (if needed) and run the worked example (teacher, then 4 schedules x 4 seeds)
 #   make test   set up .venv (if needed), then ruff, mypy and the test suite
 # .venv is made with $(PYTHON); the CPU build of torch goes in first (TORCH_PIP_ARGS, e.g.
 # "--index-url https://download.pytorch.org/whl/cpu", chooses where from), then the project with its dev extras.

@@ -28,7 +28,7 @@ SCHEDULE_CONFIGS = [
     CONFIGS / "segmentation_labels_only.yaml",
 ]
 #: the demo's budget: seeds per schedule and runs at once (each with its share of the cores)
-DEMO_SEEDS = 5
+DEMO_SEEDS = 4
 DEMO_JOBS = 2
 NOISE = (".*does not have many workers.*", ".*DiceScore metric currently defaults.*", ".*litlogger.*", ".*treespec.*",
          ".*smaller than the logging interval.*")
