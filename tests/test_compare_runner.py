@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,9 @@ def test_two_jobs_give_the_same_runs_as_one_and_the_costs_per_stage(configs: lis
     assert "paired t-test on the per-seed differences" in report
 
 
-def test_a_killed_comparison_resumes_with_only_the_missing_runs(configs: list[Path], tmp_path: Path) -> None:
+def test_a_killed_comparison_resumes_with_only_the_missing_runs(configs: list[Path], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PL_GLOBAL_SEED", "123")  # a later DistributedSampler reads it: runs must not leak theirs
     out, lines = tmp_path / "out", []
 
     def stop_after_three(line: str) -> None:
@@ -85,12 +88,15 @@ def test_a_killed_comparison_resumes_with_only_the_missing_runs(configs: list[Pa
     assert not stray.exists(), "a rerun run starts from an empty folder"
     report = (out / "report.md").read_text()
     assert report.count("| ok (reused) |") == 3 and "3 of 4 runs reused" in report
+    assert os.environ["PL_GLOBAL_SEED"] == "123"
 
 
 def test_a_changed_config_reruns_its_schedule_and_fresh_reruns_all(configs: list[Path], tmp_path: Path) -> None:
     folder = tmp_path / "configs"
     folder.mkdir()
     kd_ft, labels = (Path(shutil.copy(c, folder / c.name)) for c in configs)
+    for config in (kd_ft, labels):  # checkpoints on: a rerun must not find the earlier run's checkpoints
+        config.write_text(config.read_text().replace("enable_checkpointing: false", "enable_checkpointing: true"))
     out = tmp_path / "out"
     first = run_compare([kd_ft, labels], seeds=1, out=out, jobs=1, echo=quiet)
     assert first.trained == 2
@@ -108,23 +114,13 @@ def test_a_changed_config_reruns_its_schedule_and_fresh_reruns_all(configs: list
 
     again = run_compare([kd_ft, labels], seeds=1, out=out, jobs=1, echo=quiet)
     assert again.trained == 0 and per_run(again) == per_run(changed)
-    assert main(["compare", str(kd_ft), str(labels), "--seeds", "1", "--out", str(out), "--jobs", "1",
-                 "--fresh"]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["compare", str(kd_ft), str(labels), "--seeds", "1", "--out", str(out), "--jobs", "1",
+                     "--fresh"]) == 0
     assert all(result_files(out)[k] != v for k, v in after.items())
-
-
-def test_seeds_auto_adds_rounds_until_max_seeds_when_undecided(configs: list[Path], tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PL_GLOBAL_SEED", "123")  # a later DistributedSampler reads it: runs must not leak theirs
-    twin = tmp_path / "s_twin.yaml"  # the same schedule twice: every paired difference is 0, never decided
-    shutil.copy(configs[1], twin)
-    result = run_compare([configs[1], twin], seeds="auto", max_seeds=4, out=tmp_path / "out", jobs=1, echo=quiet)
-    assert result.seeds == [0, 1, 2, 3] and not result.decided
-    assert [r.seed for r in result.runs["twin"]] == [0, 1, 2, 3]
-    assert os.environ["PL_GLOBAL_SEED"] == "123"
-    report = result.report.read_text()
-    assert "`--seeds auto` started with 3 and added one seed per round; it stopped at 4 seeds, the --max-seeds " \
-           "limit (4), without a decision on test/iou" in report
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]
+    assert len(list(out.glob("runs/labels/seed_0/**/*.ckpt"))) == 1
 
 
 GAPS = [0.05, -0.04, 0.06, 0.05, 0.055, 0.045, 0.05, 0.05]  # schedule a minus b, per seed
@@ -163,3 +159,14 @@ def test_seeds_auto_stops_at_the_first_round_whose_paired_test_decides(tmp_path:
     assert result.decided and result.seeds == list(range(expected))
     assert f"it stopped at {expected} seeds because the verdict on test/iou was decided" in result.report.read_text()
     assert "**a** is best on test IoU" in result.report.read_text()
+
+
+def test_seeds_auto_adds_rounds_until_max_seeds_when_undecided(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lightning_stages.cli.compare.LocalLauncher", ScoresLauncher)
+    configs = [tiny_config(tmp_path / "s_b.yaml", None), tiny_config(tmp_path / "s_twin.yaml", None)]
+    # b and twin score the same on every seed: every paired difference is 0, never decided
+    result = run_compare(configs, seeds="auto", max_seeds=5, out=tmp_path / "out", echo=quiet)
+    assert result.seeds == [0, 1, 2, 3, 4] and not result.decided
+    assert [r.seed for r in result.runs["twin"]] == [0, 1, 2, 3, 4]
+    assert "`--seeds auto` started with 3 and added one seed per round; it stopped at 5 seeds, the --max-seeds " \
+           "limit (5), without a decision on test/iou" in result.report.read_text()
