@@ -35,6 +35,11 @@ in the same repetition (side by side, so that slow drifts of the machine cancel)
   x 2 seeds of the segmentation example (see :func:`compare_throughput_ratio`). Target >= 1.5.
 * ``stage_switch_us``: median microseconds of ``StageScheduleCallback.on_train_epoch_start`` (resolve the stage,
   apply it, attach or remove the hooks, log the stage line) in a fit whose stage changes every epoch. Target < 500.
+* ``step_schedule_ratio``: an epoch under a schedule in optimizer steps with no ramp (``steps`` variant) / the same
+  epoch under the same schedule in epochs (``epochs`` variant); neither distills, so the per-batch check is as
+  visible as it can be. Target <= 1.01.
+* ``ramp_ratio``: an epoch through which a ramp of the loss weights runs (``ramp`` variant: the values are resolved
+  and written before every batch) / the same epoch of the ``epochs`` variant. Target <= 1.02.
 
 An epoch is timed from the first ``on_train_epoch_start`` to ``on_train_epoch_end`` (callbacks run in list order,
 and the timer is first), so it includes the stage application, every training step and the optimizer.
@@ -74,6 +79,8 @@ TARGETS = {
     "cached_distill_ratio": ("<=", 1.15),
     "checkpoint_size_ratio": ("<=", 1.01),
     "stage_switch_us": ("<", 500.0),
+    "step_schedule_ratio": ("<=", 1.01),
+    "ramp_ratio": ("<=", 1.02),
     "compare_throughput_ratio": (">=", 1.5),
 }
 
@@ -158,7 +165,7 @@ class PluginStudent(DistillationModule, PlainStudent):
         if self.use_distillation:
             teacher_logits = self.run_teachers(x, sample_index=index)["teacher"]
             distill["kd"] = logit_kd(logits, teacher_logits, temperature=2.0)
-            distill.update(self.feature_losses())  # "net.neck -> teacher.neck", mean squared error
+            distill.update(self.feature_losses())  # "net.neck__teacher.neck", mean squared error
         return self.weighted_loss({"cls": F.cross_entropy(logits, y)}, distill)
 
 
@@ -283,6 +290,56 @@ def run_stage_switches(batches: list, epochs: int) -> list[float]:
     return [ns / 1000 for ns in callback.nanoseconds[1:]]  # epoch 0 was applied already at on_train_start
 
 
+# issue 11: the same weights-only schedule (no teacher) in epochs, in optimizer steps, and with a ramp over epochs 1-4
+def _weights_only(unit: str, batches: int, ramp: bool = False) -> list[dict[str, Any]]:
+    scale = batches if unit == "step" else 1
+    second: dict[str, Any] = {"name": "b", f"start_{unit}": scale * (1 if ramp else 3), "loss_weights": {"cls": 0.5}}
+    if ramp:
+        second["ramp_epochs"] = 4
+    return [{"name": "a", f"start_{unit}": 0, f"end_{unit}": second[f"start_{unit}"]}, second]
+
+
+def run_units(batches: list) -> dict[str, list[float]]:
+    """The weights-only schedule in epochs and in steps: epochs 1-5 of each are timed."""
+    out = {}
+    for unit, key in (("epoch", "epochs_unit"), ("step", "steps_unit")):
+        callback = StageScheduleCallback(stage_schedule=_weights_only(unit, len(batches)))
+        out[key] = fit(PluginStudent(), batches, 6, [callback])[1:]
+    return out
+
+
+def run_ramp(batches: list) -> dict[str, list[float]]:
+    """The weights-only schedule in epochs with a ramp through epochs 1-4 (timed)."""
+    callback = StageScheduleCallback(stage_schedule=_weights_only("epoch", len(batches), ramp=True))
+    return {"ramp": fit(PluginStudent(), batches, 6, [callback])[1:5]}
+
+
+class TimedBatchCallback(StageScheduleCallback):
+    """The real callback, timing each ``on_train_batch_start``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.nanoseconds: list[tuple[int, int]] = []  # (epoch, ns)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        start = time.perf_counter_ns()
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self.nanoseconds.append((trainer.current_epoch, time.perf_counter_ns() - start))
+
+
+def run_batch_hooks(batches: list) -> dict[str, float]:
+    """Median microseconds of one real ``on_train_batch_start`` in a fit: a step schedule (epochs 1-5: between
+    boundaries, one comparison), and an epoch ramp (epochs 1-4: resolve and write the values before every batch).
+    Unlike the epoch ratios, this is hardly moved by other processes on the machine."""
+    out = {}
+    for key, unit, ramp in (("step_hook_us", "step", False), ("ramp_hook_us", "epoch", True)):
+        callback = TimedBatchCallback(stage_schedule=_weights_only(unit, len(batches), ramp=ramp), verbose=False)
+        fit(PluginStudent(), batches, 6, [callback])
+        out[key] = median([ns / 1000 for epoch, ns in callback.nanoseconds if 1 <= epoch <= (4 if ramp else 5)])
+    return out
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -336,6 +393,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("teacher", lambda: run_teacher_alone(batches)),
         ("cached", lambda: run_cached(batches)),
         ("handwritten", lambda: run_handwritten(batches)),
+        ("units", lambda: run_units(batches)),
+        ("ramp", lambda: run_ramp(batches)),
     ]
     with tempfile.TemporaryDirectory() as tmp:  # warm-up repetition, also writes the two checkpoints
         plain_ckpt, plugin_ckpt = os.path.join(tmp, "plain.ckpt"), os.path.join(tmp, "plugin.ckpt")
@@ -344,6 +403,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_teacher_alone(batches)
         run_cached(batches)
         run_handwritten(batches)
+        run_units(batches)
+        run_ramp(batches)
         plain_bytes, plugin_bytes = os.path.getsize(plain_ckpt), os.path.getsize(plugin_ckpt)
     epochs: dict[str, list[list[float]]] = {}  # measurement -> per repetition, the timed epochs' seconds
     for repetition in range(settings["repetitions"]):
@@ -355,6 +416,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  repetition {repetition + 1}/{settings['repetitions']} (median ms per epoch): "
               + ", ".join(f"{key} {value:.0f}" for key, value in ms.items()), flush=True)
     switches_us = run_stage_switches(batches, settings["switch_epochs"])
+    hooks_us = run_batch_hooks(batches)
 
     # per repetition, each measurement is the median of its timed epochs
     rep = {key: [median(seconds) for seconds in values] for key, values in epochs.items()}
@@ -366,6 +428,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "plugin_vs_handwritten_kd": [d / h for h, d in zip(rep["handwritten_kd"], rep["plugin_distill"])],
         "handwritten_kd_vs_separate": [h / (a + t) for a, t, h in zip(rep["plain"], rep["teacher"],
                                                                        rep["handwritten_kd"])],
+        "step_schedule_ratio": [b / a for a, b in zip(rep["epochs_unit"], rep["steps_unit"])],
+        # the ramp's epochs 1-4 against the same epochs (1-4) of the epoch-unit schedule
+        "ramp_ratio": [median(r) / median(e[:4]) for e, r in zip(epochs["epochs_unit"], epochs["ramp"])],
     }
     results: dict[str, Any] = {
         "off_stage_ratio": median(per_repetition["off_stage_ratio"]),
@@ -373,6 +438,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cached_distill_ratio": median(per_repetition["cached_distill_ratio"]),
         "checkpoint_size_ratio": plugin_bytes / plain_bytes,
         "stage_switch_us": median(switches_us),
+        "step_schedule_ratio": median(per_repetition["step_schedule_ratio"]),
+        "ramp_ratio": median(per_repetition["ramp_ratio"]),
         "compare_throughput_ratio": compare_throughput_ratio(args.quick),
     }
     steps = settings["batches"]
@@ -382,6 +449,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "median_ratios": {k: median(v) for k, v in per_repetition.items()},
         "median_ms_per_step": {k: median(v) / steps * 1000 for k, v in rep.items()},
         "stage_switch_us": switches_us,
+        "batch_hook_us": hooks_us,
         "checkpoint_bytes": {"plain": plain_bytes, "plugin": plugin_bytes},
         "parameters": {"student": student_params, "teacher": teacher_params},
         "settings": {**settings, "quick": args.quick},
@@ -461,6 +529,9 @@ def print_table(results: dict[str, Any]) -> None:
     ratios = results["raw"]["median_ratios"]
     print(f"references: plugin distill epoch / hand-written KD epoch = {ratios['plugin_vs_handwritten_kd']:.3f}; "
           f"hand-written KD epoch / (plain epoch + teacher pass) = {ratios['handwritten_kd_vs_separate']:.3f}")
+    hooks = results["raw"]["batch_hook_us"]
+    print(f"on_train_batch_start, median us: step schedule between boundaries {hooks['step_hook_us']:.1f}, "
+          f"during an epoch ramp {hooks['ramp_hook_us']:.1f}")
     print()
     print(f"| {'metric':<22} | {'value':>9} | {'target':>8} | met |")
     print(f"|{'-' * 24}|{'-' * 11}|{'-' * 10}|-----|")

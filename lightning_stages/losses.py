@@ -4,6 +4,7 @@ functions that pair hooked features and weight losses (the math behind ``Distill
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Optional, Union
 
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 
 from lightning_stages.errors import did_you_mean
 
-__all__ = ["FeatureAdapter", "feature_mse", "logit_kd", "mask_kd", "paired_feature_losses", "weighted_sum"]
+__all__ = ["FeatureAdapter", "feature_mse", "feature_pair_name", "logit_kd", "mask_kd", "paired_feature_losses", "weighted_sum"]
 
 
 def _check_temperature(temperature: float) -> None:
@@ -33,13 +34,53 @@ def _check_shapes(student: Tensor, teacher: Tensor, name: str) -> None:
         )
 
 
+def _shape_hint(student: tuple[int, ...], teacher: tuple[int, ...], fix: str) -> str:
+    """What fixes a feature shape mismatch: an adapter when the channels differ, pooling or interpolation when only
+    the spatial size (or the sequence length) differs, which no channel adapter can fix."""
+    if len(student) != len(teacher) or len(student) < 2 or student[0] != teacher[0]:
+        return "the features must have the same batch size and number of dimensions"
+    differ = [d for d in range(1, len(student)) if student[d] != teacher[d]]
+    pool = ("pool or interpolate the student's features to the teacher's size in an adapter (e.g. "
+            "F.adaptive_avg_pool2d or F.interpolate); a FeatureAdapter maps channels only")
+    tokens = fix.replace("teacher_channels)", "teacher_channels, channels_last=True)")
+    if differ == [1]:
+        if len(student) == 3:
+            return (f"dimension 1 differs: for (N, C, L) features the channels, pass `{fix}`; for (N, L, C) tokens "
+                    "the sequence length: pool or interpolate the tokens; a FeatureAdapter maps channels only")
+        return f"the channels differ; pass `{fix}`"
+    if differ == [len(student) - 1] and len(student) == 3:
+        return f"the channels of (N, L, C) token features differ; pass `{tokens}`"
+    if 1 not in differ:
+        return f"only the spatial size differs: {pool}"
+    return f"the channels and the spatial size differ: {pool}, and map the channels (`{fix}`)"
+
+
 def _check_features(student: Tensor, teacher: Tensor, name: str, adapted: bool, fix: str) -> None:
     """The one shape check of feature distillation: ``student`` (after its adapter, if ``adapted``) vs ``teacher``."""
     if student.shape != teacher.shape:
-        how = " after the adapter" if adapted else f"; pass `{fix}`"
-        raise ValueError(
-            f"{name}: student features {tuple(student.shape)} do not match teacher features {tuple(teacher.shape)}{how}"
-        )
+        s_shape, t_shape = tuple(student.shape), tuple(teacher.shape)
+        hint = _shape_hint(s_shape, t_shape, fix)
+        if adapted and "`" in hint:  # the adapter is there: no advice to add one
+            hint = "make the adapter's output match the teacher's features"
+        how = " after the adapter" if adapted else ""
+        raise ValueError(f"{name}: student features {s_shape} do not match teacher features {t_shape}{how}; {hint}")
+
+
+def feature_pair_name(student_layer: str, teacher: str, teacher_layer: str) -> str:
+    """The key of a layer pair in :func:`paired_feature_losses`: ``"<student layer>__<teacher>.<teacher layer>"``,
+    with selectors written as path segments, so that every common logger accepts it (MLflow allows only letters,
+    digits, ``_ - . / :`` and spaces).
+
+    Example::
+
+        >>> feature_pair_name("bert.encoder.layer.1[0]", "teacher", "bert.encoder:last_hidden_state")
+        'bert.encoder.layer.1.0__teacher.bert.encoder.last_hidden_state'
+    """
+
+    def safe(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9_.\-]", "_", re.sub(r"\[(-?\d+)\]|:", lambda m: f".{m[1]}" if m[1] else ".", text))
+
+    return f"{safe(student_layer)}__{safe(teacher)}.{safe(teacher_layer)}".replace(".__", "__")
 
 
 def logit_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, name: str = "logit_kd") -> Tensor:
@@ -88,29 +129,48 @@ def mask_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
 
 
 class FeatureAdapter(nn.Module):
-    """A learned 1x1 projection of student features (channel dimension 1) onto the teacher's channels.
+    """A learned 1x1 projection of student features onto the teacher's channels.
 
-    Works for ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` and higher. Make it an ordinary submodule of the
-    student so that it is trained, checkpointed and moved with it.
+    Channels first by default: ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` and higher. With ``channels_last=True``
+    the channels are the last dimension, as in transformer token features ``(N, L, C)`` or ``(N, H, W, C)``. Make it
+    an ordinary submodule of the student so that it is trained, checkpointed and moved with it.
 
     Args:
         in_channels: student channels.
         out_channels: teacher channels.
+        channels_last: the channels are the last dimension (token features) instead of dimension 1.
+
+    Raises:
+        ValueError: the features do not have ``in_channels`` channels where the layout says; the message names the
+            shape and the layout.
 
     Example::
 
         >>> FeatureAdapter(8, 32)(torch.zeros(2, 8, 5, 5)).shape
         torch.Size([2, 32, 5, 5])
+        >>> FeatureAdapter(8, 32, channels_last=True)(torch.zeros(2, 7, 8)).shape  # (N, L, C) tokens
+        torch.Size([2, 7, 32])
     """
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, channels_last: bool = False) -> None:
         super().__init__()
         self.proj = nn.Linear(in_channels, out_channels)
+        self.channels_last = channels_last
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 2:
+        dim = -1 if self.channels_last or x.dim() == 2 else 1
+        if x.dim() < 2 or x.shape[dim] != self.proj.in_features:
+            layout = "channels last" if self.channels_last else "channels first (dimension 1)"
+            other = "channels_last=False" if self.channels_last else "channels_last=True for token features (N, L, C)"
+            raise ValueError(f"FeatureAdapter({self.proj.in_features}, {self.proj.out_features}) expects "
+                             f"{self.proj.in_features} channels, {layout}, but got features of shape {tuple(x.shape)}"
+                             f"; check the channels or pass {other}")
+        if dim == -1:
             return self.proj(x)
         return self.proj(x.movedim(1, -1)).movedim(-1, 1)
+
+    def extra_repr(self) -> str:
+        return "channels_last=True" if self.channels_last else ""
 
 
 def feature_mse(
@@ -165,23 +225,24 @@ def paired_feature_losses(
         teacher: the teacher's name, used in the keys and messages.
 
     Returns:
-        ``{"<student layer> -> <teacher>.<teacher layer>": loss}``.
+        ``{"<student layer>__<teacher>.<teacher layer>": loss}`` (:func:`feature_pair_name`, names every common logger
+        accepts).
 
     Raises:
-        ValueError: the layer lists differ in length, a layer is not in the captured features, or the shapes of a
-            pair differ after its adapter; the message names the pair (the same shape message as
-            :func:`feature_mse`).
+        ValueError: the layer lists differ in length, a layer is not in the captured features, an adapter fails on
+            its features, or the shapes of a pair differ after its adapter; the message names the pair and both
+            shapes (the same shape message as :func:`feature_mse`).
 
     Example::
 
         >>> student = {"neck": torch.ones(2, 3)}
         >>> teacher = {"layer4": torch.zeros(2, 3)}
         >>> {k: float(v) for k, v in paired_feature_losses(student, teacher, ["neck"], ["layer4"]).items()}
-        {'neck -> teacher.layer4': 1.0}
+        {'neck__teacher.layer4': 1.0}
         >>> paired_feature_losses(student, {"layer4": torch.zeros(2, 5)}, ["neck"], ["layer4"])  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: neck -> teacher.layer4: student features (2, 3) do not match teacher features (2, 5); pass ...
+        ValueError: neck -> teacher.layer4: student features (2, 3) do not match teacher features (2, 5); the channels differ; ...
     """
     if len(student_layers) != len(teacher_layers):
         raise ValueError(
@@ -197,11 +258,16 @@ def paired_feature_losses(
             raise ValueError(f"{pair}: the {' and the '.join(missing)} captured nothing; run the student and the "
                              "teacher (run_teachers()) on the batch first")
         adapter = (adapters or {}).get(s_path)
-        student = student_features[s_path] if adapter is None else adapter(student_features[s_path])
-        target = teacher_features[t_path]
+        student, target = student_features[s_path], teacher_features[t_path]
+        if adapter is not None:
+            try:
+                student = adapter(student)
+            except (RuntimeError, ValueError) as err:
+                raise ValueError(f"{pair}: the adapter of {s_path!r} failed on student features "
+                                 f"{tuple(student.shape)} (teacher features {tuple(target.shape)}): {err}") from err
         _check_features(student, target, pair, adapted=adapter is not None,
                         fix=f"adapters={{{s_path!r}: FeatureAdapter(student_channels, teacher_channels)}}")
-        losses[pair] = loss_fn(student, target)
+        losses[feature_pair_name(s_path, teacher, t_path)] = loss_fn(student, target)
     return losses
 
 

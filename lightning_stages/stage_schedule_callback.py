@@ -1,23 +1,28 @@
-"""``StageScheduleCallback``: applies the stage of the current epoch to the LightningModule."""
+"""``StageScheduleCallback``: applies the stage of the current epoch (or optimizer step) to the LightningModule."""
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_stages.adaptive_stages import AdaptiveStages
+from lightning_stages.best_weights import BEST_WEIGHTS_PLACES
 from lightning_stages.distillation.distillation_module import DistillationModule
-from lightning_stages.errors import StageConfigError, StageProblem
+from lightning_stages.distillation.teachers import refuse_sharded_strategy
+from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
 from lightning_stages.schedule import StageSchedule
 from lightning_stages.schedule.bind import bind_schedule, declared_settings, given_schedule
 from lightning_stages.schedule.render import format_stage_line, stage_metrics
 from lightning_stages.schedule.stage import ResolvedStage, Stage
+from lightning_stages.schedule.unit_checks import epoch_ramp_problems
+from lightning_stages.stage_reports import add_stage_text, info, log_stage, report_cache, warn_about_coverage
 from lightning_stages.train_data import TrainData, resumed_epoch
 
 __all__ = ["StageScheduleCallback"]
@@ -42,11 +47,22 @@ def _max_epochs(trainer: pl.Trainer) -> Optional[int]:
     return trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
 
 
+def _max_steps(trainer: pl.Trainer) -> Optional[int]:
+    return trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else None
+
+
+def _position(trainer: pl.Trainer, schedule: StageSchedule) -> int:
+    """Where training is, in the schedule's unit: the epoch, or the optimizer step (``trainer.global_step``)."""
+    return trainer.global_step if schedule.unit == "step" else trainer.current_epoch
+
+
 class StageScheduleCallback(Callback):
     """Run training as consecutive stages, each with its own distillation switch, ``lambda_coef`` and loss weights.
 
     At the start of training and of every epoch, the stage of ``trainer.current_epoch`` is resolved (a pure
-    function of the epoch) and applied to the LightningModule, which reads these attributes in its step:
+    function of the epoch) and applied to the LightningModule, which reads these attributes in its step. A schedule
+    in optimizer steps is resolved from ``trainer.global_step`` and applied in ``on_train_batch_start`` where a stage
+    begins; during a ramp, the ramped values are written before every training batch:
 
     * ``loss_weights``: the complete ``{task loss: weight}`` dict of the stage;
     * ``use_distillation``: whether the distillation loss is on;
@@ -68,6 +84,9 @@ class StageScheduleCallback(Callback):
         distillation: base distillation flag; the module's ``use_distillation`` when not given, else off.
         lambda_coef: base distillation coefficient; the module's ``lambda_coef`` when not given, else 1.0.
         verbose: write one line per epoch with the stage in force (rank zero only).
+        best_weights: where ``restore_best`` stages keep their best weights: ``"memory"`` (a CPU copy, also written
+            into the checkpoints taken during the stage) or ``"file"`` (under the Trainer's log dir; checkpoints hold
+            its path). See README "Adaptive stages" for the cost.
 
     Raises:
         StageConfigError: in ``__init__`` for problems of the schedule itself, in ``setup`` for problems that need
@@ -96,7 +115,12 @@ class StageScheduleCallback(Callback):
         distillation: Optional[bool] = None,
         lambda_coef: Optional[float] = None,
         verbose: bool = True,
+        best_weights: str = "memory",
     ) -> None:
+        if best_weights not in BEST_WEIGHTS_PLACES:
+            raise StageConfigError(StageProblem(
+                "must be 'memory' or 'file'", name="StageScheduleCallback", field="best_weights", value=best_weights,
+                hint=did_you_mean(best_weights, BEST_WEIGHTS_PLACES) if isinstance(best_weights, str) else None))
         # the base weights given here override the module's declared ones key by key (checked against them in
         # setup), so they are kept apart from the schedule
         schedule, self.base_loss_weights = given_schedule(stage_schedule, config, loss_weights, distillation,
@@ -106,7 +130,16 @@ class StageScheduleCallback(Callback):
         self.schedule = schedule
         self.resolved_schedule: Optional[StageSchedule] = None
         self._train_data = TrainData()
-        self._resume_epoch: Optional[int] = None  # the epoch a resumed run trains next, read from its checkpoint
+        # plateau-ended stages and restore_best: the transitions taken, the stage's tracker and best weights
+        self.adaptive = AdaptiveStages(best_weights)
+        self._resume_at: Optional[int] = None  # the epoch (or step) a resumed run trains next, from its checkpoint
+        # derived at every application, never checkpointed: the global step from which on_train_batch_start must look
+        # at the schedule again (inf: not in this epoch; 0: every batch, during an epoch ramp), the fit's batches per
+        # epoch and accumulation (what an epoch ramp reads), the last step whose stage/* scalars were logged
+        self._next_step: float = math.inf
+        self._batches: Optional[float] = None
+        self._accumulate = 1
+        self._logged_step = -1
 
     @property
     @override
@@ -117,10 +150,10 @@ class StageScheduleCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._resume_epoch = None  # set again by on_load_checkpoint, which runs after setup
-        max_epochs = _max_epochs(trainer)
+        self._resume_at = None  # set again by on_load_checkpoint, which runs after setup
+        max_epochs, max_steps = _max_epochs(trainer), _max_steps(trainer)
         schedule = bind_schedule(self.schedule, declared=_declared_base(pl_module),
-                                 weight_overrides=self.base_loss_weights, max_epochs=max_epochs)
+                                 weight_overrides=self.base_loss_weights, max_epochs=max_epochs, max_steps=max_steps)
         self.resolved_schedule = schedule
         fitting = stage == "fit"
         needs_teachers = schedule.needs_teachers if fitting else schedule.base_distillation
@@ -135,52 +168,86 @@ class StageScheduleCallback(Callback):
                         name=needed_by, field="distillation", value=True,
                     )
                 )
-            _refuse_sharded_strategy(trainer, needed_by)
-            pl_module.prepare_teachers(needed_by=needed_by)
+            refuse_sharded_strategy(trainer, needed_by)
+            if not fitting:  # a fit builds them at on_fit_start, when it knows whether (and where) it resumes
+                pl_module.prepare_teachers(needed_by=needed_by)
         if fitting:
-            _warn_about_coverage(schedule, max_epochs)
-            self._apply(pl_module, schedule, schedule.at(trainer.current_epoch))
+            warn_about_coverage(schedule, max_epochs if schedule.unit == "epoch" else max_steps)
+            self._apply(pl_module, schedule, schedule.stage_at(_position(trainer, schedule)))  # ramps: at train start
         else:
             # validate / test / predict outside a fit run on the base settings
             self._apply(pl_module, schedule, schedule.base_stage())
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # the fit loop builds the training dataloader right after this (before on_train_start): a resumed run applies
-        # the stage it resumes in now, so that `train_dataloader()` sees that stage's `stage_data`
-        if self._resume_epoch is not None:
-            self._enter_epoch(pl_module, self._resume_epoch)
-            self._resume_epoch = None
+        # a resumed run applies its stage before the fit loop builds the train dataloader (which reads `stage_data`)
+        self._teachers_from(pl_module, self._resume_at or _position(trainer, self._bound()))
+        if self._resume_at is not None:
+            schedule = self._effective()
+            self._apply(pl_module, schedule, schedule.stage_at(self._resume_at))
+            self._resume_at = None
         self._train_data.built(getattr(pl_module, "stage_data", None))
+
+    def _teachers_from(self, pl_module: pl.LightningModule, at: int) -> None:  # only if a stage from `at` on distills
+        if isinstance(pl_module, DistillationModule) and self._effective().distilling_until() > at:
+            pl_module.prepare_teachers(needed_by=self._effective().first_distilling_label() or "base")
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # a run resumed within an epoch (its batches begun or done) gets no on_train_epoch_start for that epoch:
         # apply and report it here; otherwise on_train_epoch_start does. The stage's text goes to TensorBoard at the
         # first epoch of every run, as well as where a stage begins.
-        resolved = self._enter_epoch(pl_module, trainer.current_epoch)
+        self._teachers_from(pl_module, _position(trainer, self._bound()))  # the position the loops restored
+        self._batches, self._accumulate = trainer.num_training_batches, trainer.accumulate_grad_batches
+        if problems := epoch_ramp_problems(self._bound(), self._batches, self._accumulate):
+            raise StageConfigError(problems)
+        resolved = self._enter(trainer, pl_module, 0)
         self._train_data.want(trainer, resolved.data)  # a loader built before the resumed epoch was known
         progress: Any = trainer.fit_loop.epoch_progress.current  # a _StartedTracker, typed as its base
         if progress.started > progress.completed:
             self._report(trainer, resolved)
-        if progress.started > progress.completed or trainer.current_epoch != resolved.start_epoch:
-            _add_stage_text(trainer, resolved)
+        if progress.started > progress.completed or _position(trainer, self._bound()) != resolved.start_epoch:
+            add_stage_text(trainer, resolved)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        resolved = self._enter_epoch(pl_module, trainer.current_epoch)
+        resolved = self._enter(trainer, pl_module, 0)
         self._report(trainer, resolved)
-        if trainer.current_epoch == resolved.start_epoch:
-            _add_stage_text(trainer, resolved)
+        if _position(trainer, self._bound()) == resolved.start_epoch:
+            add_stage_text(trainer, resolved)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if trainer.global_step < self._next_step:  # no boundary crossed and no ramp running: one comparison
+            return
+        resolved = self._enter(trainer, pl_module, batch_idx)
+        if self._bound().unit == "step" and trainer.global_step == resolved.start_epoch:  # a step stage begins
+            self._report(trainer, resolved)
+            add_stage_text(trainer, resolved)
+        elif trainer.global_step != self._logged_step:  # once per optimizer step of a ramp, and where it ends
+            self._log_metrics(trainer, resolved)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # plateaus, best weights and per-stage data belong to epoch stages (a step schedule refuses their fields)
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and self._bound().unit == "epoch":
+            self.adaptive.after_validation(trainer, pl_module, self._bound())
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        cache = getattr(pl_module, "teacher_cache", None) if isinstance(pl_module, DistillationModule) else None
+        if cache is not None:
+            report_cache(trainer, cache.take_stats(), self.verbose)
+        if self._bound().unit != "epoch":
+            return
+        max_epochs = _max_epochs(trainer)
+        self.adaptive.at_epoch_end(trainer, pl_module, self._bound(), max_epochs)
         # Lightning builds the next epoch's loader before on_train_epoch_start: where the next epoch's `data` differs,
         # apply the next stage's data now and have the loader built again
-        max_epochs = _max_epochs(trainer)
         upcoming = trainer.current_epoch + 1
-        if max_epochs is None or upcoming < max_epochs:
-            resolved = self._bound().at(upcoming)
+        if (max_epochs is None or upcoming < max_epochs) and not trainer.should_stop:
+            resolved = self._effective().stage_at(upcoming)
             if self._train_data.want(trainer, resolved.data):
                 module: Any = pl_module
                 module.stage_data = resolved.data
@@ -190,10 +257,23 @@ class StageScheduleCallback(Callback):
             raise RuntimeError("StageScheduleCallback: `setup` binds the schedule before any epoch starts")
         return self.resolved_schedule
 
-    def _enter_epoch(self, pl_module: pl.LightningModule, epoch: int) -> ResolvedStage:
-        """Apply the stage of ``epoch``; idempotent (the same epoch applies the same values)."""
-        schedule = self._bound()
-        resolved = schedule.at(epoch)
+    def _effective(self) -> StageSchedule:
+        """The bound schedule with the plateau transitions this run took (derived, never stored)."""
+        return self.adaptive.effective(self._bound())
+
+    def _enter(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int) -> ResolvedStage:
+        """Apply the values of this batch (a pure function of epoch and batch, or of the optimizer step) and keep the
+        next step at which they can change; idempotent (the same batch applies the same values)."""
+        schedule = self._effective()
+        if schedule.unit == "step":
+            resolved = schedule.at_step(trainer.global_step)
+            # during a ramp the values change at every optimizer step; else where the range ends
+            end = resolved.end_epoch if resolved.end_epoch is not None else math.inf
+            self._next_step = trainer.global_step + 1 if resolved.ramping else end
+        else:
+            resolved = schedule.at(trainer.current_epoch, batch_idx, self._batches,
+                                   accumulate_grad_batches=self._accumulate)
+            self._next_step = 0 if resolved.ramping else math.inf  # an epoch ramp changes the values every batch
         self._apply(pl_module, schedule, resolved)
         return resolved
 
@@ -214,17 +294,24 @@ class StageScheduleCallback(Callback):
         if not trainer.is_global_zero:
             return
         if self.verbose:
-            _info(format_stage_line(trainer.current_epoch, resolved))
-        metrics = stage_metrics(resolved)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            info(format_stage_line(trainer.current_epoch, resolved))
+        self._log_metrics(trainer, resolved)
+
+    def _log_metrics(self, trainer: pl.Trainer, resolved: ResolvedStage) -> None:
+        """The ``stage/*`` scalars at this optimizer step (rank zero)."""
+        self._logged_step = trainer.global_step
+        if trainer.is_global_zero:
+            metrics = stage_metrics(resolved)
+            for logger in trainer.loggers:
+                log_stage(logger, metrics, resolved, trainer.global_step)  # with the stage's name where text goes
 
     # ------------------------------------------------------------------ checkpointing
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        """``{"schedule": ...}``: the schedule trained with (bound, if ``setup`` ran), which resume compares."""
-        return {"schedule": (self.resolved_schedule or self.schedule).to_dict()}
+        """``{"schedule": ..., "adaptive": ...}``: the schedule trained with (bound, if ``setup`` ran), which resume
+        compares; the plateau transitions taken, the current stage's tracker and best weights, which resume follows."""
+        return {"schedule": (self.resolved_schedule or self.schedule).to_dict(), "adaptive": self.adaptive.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -233,6 +320,8 @@ class StageScheduleCallback(Callback):
         Checkpoints of 0.1 also hold ``epoch`` and ``stage``; they are ignored (the epoch's stage is resolved again).
         """
         current = self.resolved_schedule or self.schedule
+        if "adaptive" in state_dict:
+            self.adaptive.load_state_dict(state_dict["adaptive"], current)
         try:
             saved = StageSchedule.from_config(state_dict.get("schedule", {}))
         except StageConfigError as err:
@@ -250,7 +339,7 @@ class StageScheduleCallback(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        self._resume_epoch = resumed_epoch(checkpoint)
+        self._resume_at = checkpoint.get("global_step") if self._bound().unit == "step" else resumed_epoch(checkpoint)
         states = checkpoint.get("callbacks") or {}
         if self.state_key not in states:
             rank_zero_warn(
@@ -259,47 +348,3 @@ class StageScheduleCallback(Callback):
             )
 
 
-def _add_stage_text(trainer: pl.Trainer, resolved: ResolvedStage) -> None:
-    """The stage line as TensorBoard text (rank zero)."""
-    if trainer.is_global_zero:
-        text = format_stage_line(trainer.current_epoch, resolved)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text("stage", text, global_step=trainer.global_step)
-
-
-def _warn_about_coverage(schedule: StageSchedule, max_epochs: Optional[int]) -> None:
-    gaps = schedule.uncovered_ranges()
-    if gaps:
-        ranges = ", ".join(f"[{a}, {b if b is not None else 'end'})" for a, b in gaps)
-        rank_zero_warn(
-            f"StageScheduleCallback: no stage covers epochs {ranges}; they run with the base settings "
-            f"(distillation={schedule.base_distillation}, lambda_coef={schedule.base_lambda_coef}, "
-            f"loss_weights={schedule.base_loss_weights})."
-        )
-    if max_epochs is not None:
-        for index, name, end in schedule.cut_short(max_epochs):
-            rank_zero_warn(
-                f"StageScheduleCallback: stage {index} ({name!r}) ends at epoch {end} but the Trainer stops at "
-                f"max_epochs={max_epochs}; it is cut short."
-            )
-
-
-def _refuse_sharded_strategy(trainer: pl.Trainer, needed_by: str) -> None:
-    """Teachers live outside the module that FSDP, DeepSpeed and ModelParallel shard; refuse them there, at setup."""
-    strategy = getattr(trainer, "strategy", None)
-    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
-        raise StageConfigError(
-            StageProblem(
-                f"distillation is not supported under {type(strategy).__name__}: the teachers are kept outside the "
-                "module this strategy shards, so every rank would hold a whole, unsharded copy that the strategy "
-                "neither shards nor places on the device",
-                name=needed_by, field="distillation", value=True,
-                hint="use strategy='ddp' (or 'ddp_spawn'), or a schedule whose stages do not distill",
-            )
-        )
-
-
-@rank_zero_only
-def _info(message: str) -> None:
-    log.info(message)

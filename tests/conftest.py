@@ -5,7 +5,8 @@
 - ``TinyNet``: 4 features -> 8 -> ``classes``, cross-entropy plus logit KD while distilling. The tests that need
   something particular (a copy-counting teacher, an extra loss, feature hooks, what each step saw) subclass it and
   override one hook.
-- ``loader``, ``trainer``: the data and a quiet, deterministic Trainer.
+- ``loader``, ``trainer``: the data and a quiet, deterministic Trainer; ``EpochShuffle`` and ``ResumableLoader``: a
+  sampler that shuffles by epoch and a loader that keeps its position in checkpoints (exact mid-epoch resume).
 - The ``tiny_config`` and ``teacher_ckpt`` fixtures: the example's LightningCLI configs cut to tiny data, and a real
   (tiny) teacher checkpoint, trained once per session.
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from examples.segmentation import SegmentationTeacher, ShapesDataModule
 from lightning_stages import DistillationModule
@@ -201,6 +202,44 @@ class TinyNet(DistillationModule, pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
+class EpochShuffle(Sampler):
+    """A new permutation every epoch, a pure function of the epoch (Lightning calls ``set_epoch``)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.epoch = n, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(100 + self.epoch)).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class ResumableLoader(DataLoader):
+    """A loader that keeps its position: Lightning saves its ``state_dict`` in checkpoints and restores it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.yielded, self.skip = 0, 0
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        self.yielded = skip
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                self.yielded += 1
+                yield batch
+
+    def state_dict(self) -> dict:
+        return {"yielded": self.yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skip = state["yielded"] if state["yielded"] < len(self) else 0
+
+
 def trainer(tmp_path, max_epochs: int = 4, callbacks=(), **kwargs) -> pl.Trainer:
     defaults = {
         "default_root_dir": tmp_path,
@@ -281,3 +320,87 @@ def tiny_data() -> dict[str, int]:
 def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny segmentation teacher trained for one step and saved by its Trainer, shared by the whole session."""
     return make_tiny_teacher(tmp_path_factory.mktemp("teacher") / "teacher.ckpt")
+
+
+# ------------------------------------------------------------------------------------------ real model families (issue 9)
+
+
+def tiny_bert(hidden: int = 32, layers: int = 2, labels: int = 3, seed: int = 0) -> nn.Module:
+    """A ``transformers`` BERT classifier built from a tiny ``BertConfig`` with random weights; nothing downloaded.
+
+    In transformers 5, ``bert.encoder`` returns a ``ModelOutput``, ``bert.encoder.layer.N.attention`` a tuple and
+    ``bert.encoder.layer.N`` a tensor; the model itself returns a ``SequenceClassifierOutput``.
+    """
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=50, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                        intermediate_size=2 * hidden, max_position_embeddings=16, num_labels=labels,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return BertForSequenceClassification(config)
+
+
+def token_loader(n: int = 8, length: int = 6, batch_size: int = 4, seed: int = 0) -> DataLoader:
+    """Token ids, an attention mask with some padding, labels in 0..2 and each sample's index."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 50, (n, length), generator=g)
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[::2, -2:] = 0
+    return DataLoader(TensorDataset(ids, mask, torch.randint(0, 3, (n,), generator=g), torch.arange(n)),
+                      batch_size=batch_size)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's and timm's ResNet ``BasicBlock``: ``out = bn2(...); out += identity; relu(out)`` in place."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class TinyResNet(nn.Module):
+    """A stem and two ``BasicBlock``s in ``layer`` (paths ``layer.0``, ``layer.1.bn2``, ...), then a classifier."""
+
+    def __init__(self, channels: int = 4, classes: int = 2, seed: int = 0) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU())
+            self.layer = nn.Sequential(BasicBlock(channels), BasicBlock(channels))
+            self.fc = nn.Linear(channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.layer(self.stem(x)).mean(dim=(2, 3)))
+
+
+# ---------------------------------------------------------------------------------------------- compare's tiny runs
+
+COMPARE_DATA = {"num_train": 16, "num_val": 8, "num_test": 8, "image_size": 16, "batch_size": 8, "data_seed": 0}
+COMPARE_STUDENT = {"widths": [2, 4, 8], "convs_per_block": 1}
+
+
+def compare_config(path: Path, teacher: Optional[Path], stages: Optional[list[dict[str, Any]]] = None,
+                   max_epochs: int = 2, lr: float = 0.003) -> Path:
+    """``configs/segmentation_joint.yaml`` shrunk to tiny data, models and epochs, with the given stages (the runs of
+    the ``compare`` tests)."""
+    config = yaml.safe_load((CONFIGS / "segmentation_joint.yaml").read_text())
+    config["trainer"].update(max_epochs=max_epochs, logger=False, enable_checkpointing=False)
+    config["data"]["init_args"] = dict(COMPARE_DATA)
+    config["model"]["init_args"].update(COMPARE_STUDENT, lr=lr, teacher_channels=TINY_TEACHER["widths"][-1],
+                                        teacher_checkpoint=str(teacher or path.parent / "missing.ckpt"))
+    config["trainer"]["callbacks"] = [] if stages is None else [
+        {"class_path": "lightning_stages.StageScheduleCallback", "init_args": {"stage_schedule": stages}}]
+    path.write_text(yaml.safe_dump(config))
+    return path

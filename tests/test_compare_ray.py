@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from compare_fixtures import make_tiny_teacher, tiny_config
+from conftest import compare_config as tiny_config
+from conftest import make_tiny_teacher
 
 from lightning_stages.cli import main
 from lightning_stages.cli.compare import run_compare

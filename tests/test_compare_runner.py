@@ -9,7 +9,8 @@ import warnings
 from pathlib import Path
 
 import pytest
-from compare_fixtures import make_tiny_teacher, tiny_config
+from conftest import compare_config as tiny_config
+from conftest import make_tiny_teacher
 from scipy import stats
 
 from lightning_stages.cli import main

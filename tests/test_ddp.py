@@ -229,3 +229,32 @@ def test_single_device_adds_nothing_and_the_zero_term_changes_no_result(tmp_path
     # under gradient accumulation the weights come out the same as without the term
     for (name, a), b in zip(plain.named_parameters(), kept.parameters()):
         assert torch.equal(a, b), name
+
+
+# ---------------------------------------------------------------------------------------------- stages in steps
+
+def test_a_step_schedule_with_a_ramp_gives_both_ranks_the_same_values_at_every_step(tmp_path):
+    """``tests/_steps_ddp_worker.py``: distill for steps [0, 3), then finetune with a 3-step ramp; accumulation 2."""
+    import _steps_ddp_worker as steps_worker
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PYTHONWARNINGS": "ignore"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK"):
+        env.pop(var, None)
+    cmd = [sys.executable, str(WORKER.with_name("_steps_ddp_worker.py")), "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["global_step"] == rank1["global_step"] == steps_worker.MAX_STEPS
+    values = [[(s["step"], s["stage"], s["distill"], s["lambda"], s["weights"]) for s in r["seen"]]
+              for r in (rank0, rank1)]
+    assert values[0] == values[1]  # the same values at every batch of every step, on both ranks
+    assert len(values[0]) == steps_worker.MAX_STEPS * steps_worker.ACCUMULATE
+    for step, stage, distill, lambda_coef, weights in values[0]:
+        if step < 3:  # the stage changes at step 3 on both ranks
+            assert (stage, distill, lambda_coef, weights) == ("distill", True, 1.0, {"cls": 0.0})
+            continue
+        p = min((step - 3) / 3, 1.0)  # linear ramp: effective coefficient 1 -> 0, cls weight 0 -> 1
+        assert stage == "finetune" and distill is (p < 1)
+        assert lambda_coef == pytest.approx(1.0 - p) and weights["cls"] == pytest.approx(p)

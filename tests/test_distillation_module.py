@@ -89,8 +89,8 @@ def test_feature_losses_pair_the_hooked_layers_and_turn_a_mismatch_into_a_step_e
     model.run_teachers(x)
     student, teacher = model.captured_features()["body"], model.captured_features("teacher")["body"]
     got = model.feature_losses(adapters={"body": model.adapter})
-    assert list(got) == ["body -> teacher.body"]
-    assert got["body -> teacher.body"].item() == pytest.approx(((model.adapter(student) - teacher) ** 2).mean().item())
+    assert list(got) == ["body__teacher.body"]
+    assert got["body__teacher.body"].item() == pytest.approx(((model.adapter(student) - teacher) ** 2).mean().item())
     with pytest.raises(DistillationStepError) as err:
         model.feature_losses()  # no adapter: the student's features are narrower than the teacher's
     assert str(err.value).startswith("1 problem at the first step of stage 'distill':\n  - stage 'distill': "

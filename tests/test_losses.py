@@ -241,20 +241,20 @@ def test_paired_feature_losses_pairs_in_order_through_the_adapters_and_matches_t
     double = lambda t: 2 * t  # noqa: E731 - an adapter is any callable
     got = paired_feature_losses(student, teacher, ["enc.1", "enc.2"], ["layer1", "layer2"],
                                 adapters={"enc.2": double}, teacher="big")
-    assert list(got) == ["enc.1 -> big.layer1", "enc.2 -> big.layer2"]
+    assert list(got) == ["enc.1__big.layer1", "enc.2__big.layer2"]
 
     def mse(a, b):
         pairs = list(zip(a.flatten().tolist(), b.flatten().tolist()))
         return sum((x - y) ** 2 for x, y in pairs) / len(pairs)
 
-    assert got["enc.1 -> big.layer1"].item() == pytest.approx(mse(student["enc.1"], teacher["layer1"]), rel=1e-12)
-    assert got["enc.2 -> big.layer2"].item() == pytest.approx(mse(2 * student["enc.2"], teacher["layer2"]), rel=1e-12)
+    assert got["enc.1__big.layer1"].item() == pytest.approx(mse(student["enc.1"], teacher["layer1"]), rel=1e-12)
+    assert got["enc.2__big.layer2"].item() == pytest.approx(mse(2 * student["enc.2"], teacher["layer2"]), rel=1e-12)
 
 
 def test_paired_feature_losses_uses_the_given_loss_function():
     got = paired_feature_losses({"a": torch.tensor([[1.0, -2.0]])}, {"b": torch.tensor([[0.0, 0.0]])}, ["a"], ["b"],
                                 loss_fn=F.l1_loss)
-    assert got == {"a -> teacher.b": pytest.approx(torch.tensor((1.0 + 2.0) / 2))}
+    assert got == {"a__teacher.b": pytest.approx(torch.tensor((1.0 + 2.0) / 2))}
 
 
 def test_paired_feature_losses_and_feature_mse_say_the_same_about_shapes():

@@ -6,7 +6,7 @@ tensors live.
 
 from __future__ import annotations
 
-import os
+import json
 
 import lightning.pytorch as pl
 import pytest
@@ -205,9 +205,13 @@ def test_cache_files_hold_float16_and_give_back_the_teachers_dtype(tmp_path):
     cache = TeacherCache(tmp_path, dtype=torch.float16, num_samples=N_SAMPLES)
     teacher = Teacher()
     one_epoch(prepared(teacher, cache))
-    # allocated once for num_samples rows: logits (3 values) and the hooked body output (8 values), 2 bytes each
-    assert os.path.getsize(tmp_path / "leaf0.bin") == N_SAMPLES * 3 * 2
-    assert os.path.getsize(tmp_path / "leaf1.bin") == N_SAMPLES * 8 * 2
+    # one shard of fixed-size records: logits (3 values) and the hooked body output (8 values) at 2 bytes each,
+    # padded to 24 bytes, after an 8-byte sample index and 16 bytes of input and row checksums
+    (shard,) = tmp_path.glob("tc2-*/*.rows")
+    content = shard.read_bytes()
+    length = int.from_bytes(content[8:12], "little")
+    assert json.loads(content[16 : 16 + length])["record_bytes"] == 24 + 8 + 16
+    assert len(content) == -(-(16 + length) // 8) * 8 + N_SAMPLES * (24 + 8 + 16)
     x, _ = data()
     out, features = cache.lookup([5, 2])
     assert out["teacher"].dtype == torch.float32
@@ -280,19 +284,20 @@ OFFLOAD_SCHEDULE = [
     ("mode", "devices", "moves"),
     [
         # devices: where the teacher is at epochs 0-3; moves: the targets of the mixin's teacher.to() calls, the
-        # first being prepare_teachers' move to the module's device (CPU at setup)
-        (False, ["meta", "meta", "meta", "meta"], ["cpu"]),
-        (True, ["meta", "meta", "cpu", "cpu"], ["cpu", "cpu"]),  # on CPU once no current or later stage distills
-        ("after_last", ["meta", "meta", "cpu", "cpu"], ["cpu", "cpu"]),
-        # on CPU whenever the current stage does not distill: offloaded at setup, so model.to("meta") leaves it
-        ("idle", ["cpu", "meta", "cpu", "cpu"], ["cpu", "cpu", "meta", "cpu"]),
+        # first being prepare_teachers' move to the module's device (already moved there at on_fit_start)
+        (False, ["meta", "meta", "meta", "meta"], ["meta"]),
+        (True, ["meta", "meta", "cpu", "cpu"], ["meta", "cpu"]),  # on CPU once no current or later stage distills
+        ("after_last", ["meta", "meta", "cpu", "cpu"], ["meta", "cpu"]),
+        # on CPU whenever the current stage does not distill: offloaded at on_fit_start, back for the distill stage
+        ("idle", ["cpu", "meta", "cpu", "cpu"], ["meta", "cpu", "meta", "cpu"]),
     ],
 )
 def test_offloaded_teachers_stay_on_cpu_while_the_module_moves_and_come_back_to_distill(mode, devices, moves):
     """The "meta" device stands in for an accelerator: a real device other than CPU that ``.to()`` can target.
 
     The sequence mirrors ``Trainer.fit``: the callback's ``setup`` (module on CPU), the strategy moving the module
-    to its device, then the stage application at every epoch start. What is checked is where the parameters are
+    to its device, ``on_fit_start`` (which builds the teachers there), then the stage application at every epoch
+    start. What is checked is where the parameters are
     (and which ``.to()`` calls the mixin made); meta tensors hold no values, so a move from meta to CPU allocates
     instead of copying, and the values themselves are not checked here (the CPU fit below checks distillation).
     """
@@ -313,6 +318,7 @@ def test_offloaded_teachers_stay_on_cpu_while_the_module_moves_and_come_back_to_
     callback = StageScheduleCallback(stage_schedule=OFFLOAD_SCHEDULE, verbose=False)
     callback.setup(trainer, model, "fit")
     model.to("meta")
+    callback.on_fit_start(trainer, model)
     assert model.head.weight.device.type == "meta"
     seen = []
     for epoch in range(4):

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TinyNet
+from conftest import EpochShuffle, ResumableLoader, TinyNet
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stages import StageScheduleCallback
 
@@ -74,44 +74,6 @@ class Net(TinyNet):
     def predict_step(self, batch, batch_idx):
         self._record_eval(batch[0])
         return self(batch[0])
-
-
-class EpochShuffle(Sampler):
-    """A new permutation every epoch, a pure function of the epoch (Lightning calls ``set_epoch``)."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.epoch = n, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(100 + self.epoch)).tolist())
-
-    def __len__(self) -> int:
-        return self.n
-
-
-class ResumableLoader(DataLoader):
-    """A loader that keeps its position: Lightning saves its ``state_dict`` in checkpoints and restores it."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.yielded, self.skip = 0, 0
-
-    def __iter__(self):
-        skip, self.skip = self.skip, 0
-        self.yielded = skip
-        for i, batch in enumerate(super().__iter__()):
-            if i >= skip:
-                self.yielded += 1
-                yield batch
-
-    def state_dict(self) -> dict:
-        return {"yielded": self.yielded}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.skip = state["yielded"] if state["yielded"] < len(self) else 0
 
 
 def _data(resumable: bool) -> DataLoader:

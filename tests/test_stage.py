@@ -9,11 +9,14 @@ from lightning_stages import ResolvedStage, Stage, StageProblem
 from lightning_stages.schedule.checks import parse_stage, stage_problems
 
 
-def test_stage_has_exactly_the_seed_fields():
+def test_stage_has_the_seed_fields_then_the_step_and_ramp_fields_then_the_adaptive_ones():
     names = [f.name for f in dataclasses.fields(Stage)]
-    assert names[:6] == ["name", "start_epoch", "end_epoch", "distillation", "lambda_coef", "loss_weights"]
+    assert names[:11] == [
+        "name", "start_epoch", "end_epoch", "distillation", "lambda_coef", "loss_weights",  # the seed's
+        "start_step", "end_step", "ramp_epochs", "ramp_steps", "ramp_shape",  # issue 11
+    ]
     # the adaptive stages' fields (issue 12), all optional, come last
-    assert names[-1:] == ["data"]
+    assert names[11:] == ["monitor", "mode", "patience", "min_delta", "min_epochs", "restore_best", "data"]
     stage = Stage(start_epoch=4)
     assert (stage.name, stage.end_epoch, stage.distillation, stage.lambda_coef, stage.loss_weights) == (
         None, None, None, None, None,

@@ -220,7 +220,10 @@ def test_state_dict_holds_the_schedule_and_round_trips_silently_into_the_same_sc
     callback = StageScheduleCallback(stage_schedule=DISTILL_THEN_FINETUNE, lambda_coef=0.5)
     state = callback.state_dict()
     # exactly what resume reads, and it reads back into the schedule given
-    assert set(state) == {"schedule"}
+    assert set(state) == {"schedule", "adaptive"}
+    # nothing of plateau-ended stages happened before training (tests/test_adaptive_stages.py fills it)
+    assert state["adaptive"] == {"transitions": {}, "tracker": None,
+                                 "best_weights": {"where": "memory", "weights": None, "path": None}}
     assert StageSchedule.from_config(state["schedule"]) == callback.schedule
     assert state["schedule"]["distillation"] == {"lambda_coef": 0.5}
     assert [stage["name"] for stage in state["schedule"]["stage_schedule"]] == ["distill_only", "finetune_only"]

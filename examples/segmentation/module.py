@@ -274,7 +274,7 @@ class SegmentationStudent(DistillationModule, SegmentationTask):
         teacher_out = self.run_teachers(x).get("teacher")
         if teacher_out is None:  # not distilling in this stage
             return {}
-        # the one hooked pair of configure_feature_hooks: "net.bottleneck -> teacher.bottleneck"
+        # the one hooked pair of configure_feature_hooks: "net.bottleneck__teacher.bottleneck"
         (hint,) = self.feature_losses(adapters={"net.bottleneck": self.hint_adapter}).values()
         return {
             "mask_kd": mask_kd(out["mask"], teacher_out["mask"], self.mask_temperature),

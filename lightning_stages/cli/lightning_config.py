@@ -2,14 +2,12 @@
 
 A config is either the seed's format (root ``stage_schedule``, ``train``, ``distillation``) or a ``LightningCLI``
 YAML whose ``trainer.callbacks`` hold a :class:`~lightning_stages.StageScheduleCallback`; the base settings of a
-LightningCLI config come from its model's ``init_args`` or ``__init__`` defaults, as the callback would take them
-from the module. Every problem is raised as the library's :class:`~lightning_stages.StageConfigError`.
+LightningCLI config are what its model, built from the config, declares, as the callback takes them from the module
+(:mod:`~lightning_stages.cli.declared_weights`). Every problem is raised as the library's :class:`~lightning_stages.StageConfigError`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import inspect
 import os
 import sys
@@ -17,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from lightning_stages.cli.declared_weights import declared_by_model, import_class_path
 from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
 from lightning_stages.schedule import StageSchedule, bind_schedule
 from lightning_stages.schedule.bind import given_schedule
@@ -32,6 +31,8 @@ __all__ = [
 ]
 
 _CALLBACK_NAME = StageScheduleCallback.__name__
+# the problem that only the module's declared weights can decide (schedule.checks.missing_weight_problems)
+_NO_BASE_WEIGHT = "is not set and has no base weight"
 # model settings that belong to the schedule, not to the model: the base the callback takes from the module, and
 # what is left out when judging whether two configs compare like for like
 _SCHEDULE_MODEL_KEYS = ("loss_weights", "use_distillation", "lambda_coef")
@@ -65,19 +66,6 @@ def _fit_section(data: Mapping[str, Any]) -> Mapping[str, Any]:
     return fit if isinstance(fit, Mapping) else data
 
 
-def _import(class_path: str, field: str) -> tuple[Optional[Any], list[StageProblem]]:
-    """The object a ``class_path`` names, or the problem of importing it (naming the class_path and the error)."""
-    module, _, name = class_path.rpartition(".")
-    if not module:
-        return None, [StageProblem("is not an importable class path (`package.module.Class`)", name="config",
-                                   field=field, value=class_path)]
-    try:
-        return getattr(importlib.import_module(module), name), []
-    except Exception as err:  # whatever importing the user's module raises, it is reported, not swallowed
-        reason = f"{type(err).__name__}: {err}"
-        return None, [StageProblem(f"cannot be imported ({reason})", name="config", field=field, value=class_path)]
-
-
 def _callback_entries(data: Mapping[str, Any]) -> tuple[list[tuple[int, dict[str, Any]]], list[StageProblem]]:
     """``(position in trainer.callbacks, init_args)`` of every StageScheduleCallback in a LightningCLI config, and
     the problems of class paths that cannot be imported."""
@@ -94,7 +82,7 @@ def _callback_entries(data: Mapping[str, Any]) -> tuple[list[tuple[int, dict[str
             continue
         cls = None
         if class_path != _CALLBACK_NAME and "." in class_path:
-            cls, failed = _import(class_path, f"trainer.callbacks[{position}].class_path")
+            cls, failed = import_class_path(class_path, f"trainer.callbacks[{position}].class_path")
             problems += failed
         if class_path == _CALLBACK_NAME or (isinstance(cls, type) and issubclass(cls, StageScheduleCallback)):
             init_args = entry.get("init_args") if isinstance(entry, Mapping) else None
@@ -162,50 +150,35 @@ def check_lightning_config(data: Mapping[str, Any]) -> list[tuple[StageSchedule,
     return given
 
 
-def _model_defaults(model: Mapping[str, Any]) -> dict[str, Any]:
-    """What the model declares (``loss_weights``, ``use_distillation``, ``lambda_coef`` from init_args or defaults),
-    keyed as :func:`~lightning_stages.schedule.bind.bind_schedule` reads it.
-
-    Raises:
-        StageConfigError: the model's ``class_path`` cannot be imported (naming it and the error).
-    """
-    init_args = dict(_section(model, "init_args"))
-    for key, value in model.items():  # jsonargparse also accepts init args next to class_path
-        if key not in ("class_path", "init_args", "dict_kwargs"):
-            init_args.setdefault(key, value)
-    cls, problems = _import(model["class_path"], "model.class_path") if isinstance(model.get("class_path"), str) \
-        else (None, [])
-    if problems:
-        raise StageConfigError(problems)
-    defaults: dict[str, Any] = {}
-    if isinstance(cls, type):
-        with contextlib.suppress(TypeError, ValueError):
-            for name, parameter in inspect.signature(cls).parameters.items():
-                if parameter.default is not inspect.Parameter.empty:
-                    defaults[name] = parameter.default
-    loss_weights, distillation, lambda_coef = (init_args.get(name, defaults.get(name)) for name in _SCHEDULE_MODEL_KEYS)
-    return {"loss_weights": loss_weights, "distillation": distillation, "lambda_coef": lambda_coef}
-
-
-def _max_epochs_of(data: Mapping[str, Any]) -> Optional[int]:
-    value = _section(_fit_section(data), "trainer").get("max_epochs")
+def _max_epochs_of(data: Mapping[str, Any], key: str = "max_epochs") -> Optional[int]:
+    value = _section(_fit_section(data), "trainer").get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def schedule_of_config(
-    path: Union[str, os.PathLike], max_epochs: Optional[int] = None, stages: Union[str, os.PathLike, None] = None
+    path: Union[str, os.PathLike], max_epochs: Optional[int] = None, stages: Union[str, os.PathLike, None] = None,
+    model_class: Optional[str] = None,
 ) -> StageSchedule:
     """The schedule a config trains with, every base setting resolved, checked the way ``fit`` would check it.
 
     Reads the seed's format (``stage_schedule``, ``train``, ``distillation``) or a LightningCLI YAML with a
     :class:`~lightning_stages.StageScheduleCallback` in ``trainer.callbacks`` (a YAML without one is the plain
-    single-stage run). The base loss weights, ``use_distillation`` and ``lambda_coef`` come from the model's
-    ``init_args`` or its ``__init__`` defaults, as the callback would take them from the module.
+    single-stage run). The base loss weights, ``use_distillation`` and ``lambda_coef`` are what the module built from
+    the config declares, as the callback takes them from the module at ``fit``
+    (:func:`~lightning_stages.cli.declared_weights.declared_by_model`; ``configure_teachers`` is not run).
 
     Args:
         path: the config file.
-        max_epochs: the run's epochs; defaults to ``trainer.max_epochs`` or the seed's ``train.epochs``.
+        max_epochs: the run's epochs; defaults to ``trainer.max_epochs`` or the seed's ``train.epochs``. The run's
+            optimizer steps (which end the stages of a step schedule) are ``trainer.max_steps`` or the seed's
+            ``train.max_steps``.
         stages: a schedule in the seed's format to use with a LightningCLI config (its ``--stages`` option).
+        model_class: the model's class path for a ``LightningCLI(MyModel, MyData)`` config, whose ``model`` section
+            has no ``class_path`` (the ``--model`` option).
+
+    Warns:
+        DeclaredWeightsWarning: the module's declared weights could not be read as training reads them (no model
+            class, or building it failed); the rest is checked.
 
     Raises:
         StageConfigError: every problem, each naming stage, field and value.
@@ -236,11 +209,25 @@ def schedule_of_config(
             raise StageConfigError(two_schedules_problem(stages))
         given = [given_schedule(config=stages)]
     schedule, overrides = given[0] if given else (StageSchedule(), None)
-    declared = _model_defaults(_section(_fit_section(data), "model"))
+    declared, read = declared_by_model(_section(_fit_section(data), "model"), model_class)
     total = max_epochs if max_epochs is not None else _max_epochs_of(data)
     if total is None:
         total = schedule.total_epochs
-    return bind_schedule(schedule, declared=declared, weight_overrides=overrides, max_epochs=total)
+    try:
+        return bind_schedule(schedule, declared=declared, weight_overrides=overrides, max_epochs=total,
+                             max_steps=_max_epochs_of(data, "max_steps"))
+    except StageConfigError as err:
+        if read or declared["loss_weights"] is not None:
+            raise
+        # the module's weights are unknown (a warning said so): a stage weight without a base one may be declared
+        # there, so only the rest is checked
+        rest = [p for p in err.problems if p.message != _NO_BASE_WEIGHT]
+        if rest:
+            raise StageConfigError(rest) from None
+    return StageSchedule(schedule.stages, overrides, declared["distillation"] if schedule.distillation is None
+                         else schedule.distillation, declared["lambda_coef"] if schedule.lambda_coef is None
+                         else schedule.lambda_coef, total if schedule.total_epochs is None else schedule.total_epochs,
+                         total_steps=schedule.total_steps)
 
 
 def two_schedules_problem(stages: Union[str, os.PathLike]) -> StageProblem:

@@ -20,16 +20,38 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+from lightning_stages.cli.checkpoint_transitions import callback_state, format_checkpoint
 from lightning_stages.cli.compare import run_compare
+from lightning_stages.cli.declared_weights import DeclaredWeightsWarning
 from lightning_stages.cli.lightning_config import (
     add_working_directory_to_path,
     schedule_of_config,
 )
 from lightning_stages.cli.plots import plot_timeline
 from lightning_stages.errors import StageConfigError
+from lightning_stages.schedule import StageSchedule
 from lightning_stages.schedule.render import format_summary, format_table
 
 __all__ = ["main"]
+
+
+_MODEL_HELP = ("the model class of a LightningCLI(MyModel, MyData) config, whose `model` section has no class_path, "
+               "e.g. my_project.models.MyModel")
+
+
+def _read(path: str, args: argparse.Namespace) -> StageSchedule:
+    """``schedule_of_config`` of ``path``; what could not be read statically is printed as a note."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DeclaredWeightsWarning)
+            return schedule_of_config(path, args.max_epochs, args.stages, model_class=args.model)
+    finally:  # the note also goes with the problems of a config that fails; other warnings go on as they were
+        for warning in caught:
+            if issubclass(warning.category, DeclaredWeightsWarning):
+                print(f"note: {path}: {warning.message}", file=sys.stderr)
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,10 +64,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("configs", nargs="+", metavar="CONFIG", help="seed-format JSON/YAML or LightningCLI YAML")
     p.add_argument("--max-epochs", type=int, default=None, help="check against this many epochs")
     p.add_argument("--stages", default=None, help="a seed-format schedule used with a LightningCLI config")
+    p.add_argument("--model", default=None, metavar="CLASS_PATH", help=_MODEL_HELP)
     p = sub.add_parser("show", help="print the resolved schedule as a table, optionally draw a timeline PNG")
-    p.add_argument("config", metavar="CONFIG")
+    p.add_argument("config", metavar="CONFIG", nargs="?", help="a config (not with --checkpoint)")
+    p.add_argument("--checkpoint", default=None, metavar="CKPT",
+                   help="print the transitions a run actually took, from its Lightning checkpoint")
     p.add_argument("--max-epochs", type=int, default=None, help="resolve against this many epochs")
     p.add_argument("--stages", default=None, help="a seed-format schedule used with a LightningCLI config")
+    p.add_argument("--model", default=None, metavar="CLASS_PATH", help=_MODEL_HELP)
     p.add_argument("--plot", default=None, metavar="PNG", help="draw the timeline into this PNG (needs matplotlib)")
     p = sub.add_parser("compare", help="train each LightningCLI config over the same seeds and write a report")
     p.add_argument("configs", nargs="+", metavar="CONFIG", help="LightningCLI YAML configs, one per schedule")
@@ -70,7 +96,7 @@ def _validate(args: argparse.Namespace) -> int:
     code = 0
     for path in args.configs:
         try:
-            schedule = schedule_of_config(path, args.max_epochs, args.stages)
+            schedule = _read(path, args)
         except StageConfigError as err:
             print(f"{path}: {err}", file=sys.stderr)
             code = 2
@@ -80,8 +106,19 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    if (args.config is None) == (args.checkpoint is None):
+        print("show: give either a CONFIG or --checkpoint CKPT", file=sys.stderr)
+        return 2
+    if args.checkpoint is not None:
+        try:
+            text = format_checkpoint(callback_state(args.checkpoint))
+        except StageConfigError as err:
+            print(f"{args.checkpoint}: {err}", file=sys.stderr)
+            return 2
+        print(f"{args.checkpoint}: {text}")
+        return 0
     try:
-        schedule = schedule_of_config(args.config, args.max_epochs, args.stages)
+        schedule = _read(args.config, args)
     except StageConfigError as err:
         print(f"{args.config}: {err}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from lightning_stages.distillation.teacher_cache import TeacherCache
 from lightning_stages.distillation.teachers import Teachers, check_cost_options, module_device, prepare, wants_offload
 from lightning_stages.distillation.unused_parameters import unreached_parameters
 from lightning_stages.errors import DistillationStepError, StageConfigError, StageProblem
-from lightning_stages.losses import paired_feature_losses, weighted_sum
+from lightning_stages.losses import weighted_sum
 
 __all__ = ["STUDENT", "DistillationModule"]
 
@@ -71,7 +71,7 @@ class DistillationModule:
         >>> _ = model.body(x); sorted(model.run_teachers(x))
         ['teacher']
         >>> sorted(model.feature_losses(adapters={"body": model.adapter}))
-        ['body -> teacher.0']
+        ['body__teacher.0']
         >>> model.lambda_coef = 0.5
         >>> float(model.weighted_loss({"cls": torch.tensor(2.0)}, {"kd": torch.tensor(4.0)}))  # 1 * 2 + 0.5 * 4
         4.0
@@ -90,7 +90,9 @@ class DistillationModule:
     #: a TeacherCache of teacher outputs and features per sample, so later distilling epochs skip the teachers;
     #: needs ``run_teachers(x, sample_index=...)``
     teacher_cache: Optional[TeacherCache] = None
-
+    #: copy each hooked feature at capture, so in-place ops later in the forward (``out += identity``,
+    #: ``ReLU(inplace=True)``) cannot change it; without it such a change is refused when the feature is read
+    copy_features: bool = False
 
     def configure_teachers(self) -> Mapping[str, nn.Module]:
         """Build (or load) the teachers: ``{teacher name: module}``. Called at most once per fit, at setup, and only
@@ -98,9 +100,12 @@ class DistillationModule:
         not in ``__init__``, so that a schedule without distillation never reads them."""
         return {}
 
-    def configure_feature_hooks(self) -> Mapping[str, Sequence[str]]:
+    def configure_feature_hooks(self) -> Mapping[str, Any]:
         """Which submodules' outputs to capture: ``{"student": [...], "<teacher name>": [...]}``, dotted paths as in
-        ``named_modules()``. Read them with :meth:`captured_features`; :meth:`feature_losses` pairs them."""
+        ``named_modules()``, optionally ending in selectors for outputs that are not one tensor
+        (``"encoder.layer.3[0]"``, ``"encoder:last_hidden_state"``). The student's entry may be ``{teacher name:
+        [...]}`` to pair its layers with each teacher's separately. Read them with :meth:`captured_features`;
+        :meth:`feature_losses` pairs them."""
         return {}
 
 
@@ -143,11 +148,15 @@ class DistillationModule:
         teachers = self._distillation_state.teachers
         return teachers is not None and teachers.offloaded
 
-    def captured_features(self, model: str = STUDENT) -> Mapping[str, Any]:
-        """``{submodule path: output}`` captured by the hooks of ``model`` (``"student"`` or a teacher's name) at
-        its latest forward; empty while not distilling."""
-        return self._distillation_state.hooks.captured(model)
+    def captured_features(self, model: str = STUDENT) -> Mapping[str, Tensor]:
+        """``{hook path: tensor}`` captured by the hooks of ``model`` (``"student"`` or a teacher's name) at its
+        latest forward; empty while not distilling.
 
+        Raises:
+            DistillationStepError: a capture is not a tensor and its path has no selector (the message lists the
+                selectors that would work), or it was modified in place after capture (see ``copy_features``).
+        """
+        return self._distillation_state.hooks.captured(model, self.stage_name)
 
     def prepare_teachers(self, needed_by: Optional[str] = None) -> None:
         """Build the teachers with :meth:`configure_teachers`, freeze them and check the feature hooks.
@@ -177,7 +186,8 @@ class DistillationModule:
         """Attach the feature hooks while distilling, remove them (and drop features) otherwise. Idempotent."""
         state = self._distillation_state
         if state.teachers is not None:
-            state.hooks.sync(state.use_distillation, {STUDENT: self, **state.teachers.modules})  # type: ignore[dict-item]
+            state.hooks.sync(state.use_distillation, {STUDENT: self, **state.teachers.modules},  # type: ignore[dict-item]
+                             copy=bool(self.copy_features))
 
     def _module_device(self) -> torch.device:
         return module_device(self, self._distillation_state.teachers)  # type: ignore[arg-type]
@@ -213,8 +223,8 @@ class DistillationModule:
         teachers.place(wants_offload(mode, distills_now, distills_later, stage_where(self.stage_name)),
                        self._module_device())
 
-
-    def run_teachers(self, *args: Any, sample_index: Any = None, **kwargs: Any) -> dict[str, Any]:
+    def run_teachers(self, *args: Any, sample_index: Any = None, inputs: Optional[Mapping[str, Any]] = None,
+                     **kwargs: Any) -> dict[str, Any]:
         """Run every teacher on the given inputs without autograd, while distilling.
 
         A ``torch.no_grad()`` loop (:class:`~lightning_stages.distillation.teachers.Teachers`), under
@@ -223,7 +233,8 @@ class DistillationModule:
         other training steps run the teachers and store the results; evaluation steps just run them.
 
         Args:
-            *args: the teachers' inputs, with ``**kwargs``.
+            *args: the teachers' inputs, with ``**kwargs``; the same for every teacher.
+            inputs: instead, each teacher's own: ``{name: (args...)}``, ``{name: {kwargs}}`` or ``{name: tensor}``.
             sample_index: the dataset indices of the batch's samples (one per row, e.g. from
                 :class:`~lightning_stages.IndexedDataset`). Needed with ``teacher_cache``; ignored otherwise.
 
@@ -231,8 +242,8 @@ class DistillationModule:
             ``{teacher name: its output}`` (ordinary tensors, usable in the loss); ``{}`` when not distilling.
 
         Raises:
-            DistillationStepError: ``teacher_cache`` is set but ``sample_index`` is not given, or the cache refuses
-                the batch (its per-sample layout changed); the message names the stage.
+            DistillationStepError: ``teacher_cache`` without ``sample_index``, a batch the cache refuses, ``inputs``
+                not naming every teacher, or a teacher's forward raising on its inputs (naming teacher and stage).
         """
         state = self._distillation_state
         if not state.use_distillation:
@@ -242,10 +253,11 @@ class DistillationModule:
         teachers: Teachers = state.teachers  # type: ignore[assignment]
         cache = self.teacher_cache if self.training else None  # type: ignore[attr-defined]
         if cache is None:
-            return teachers.run(args, kwargs, self.teacher_precision, self._module_device)
+            return teachers.run(args, kwargs, self.teacher_precision, self._module_device, inputs=inputs,
+                                stage=self.stage_name)
         outputs = teachers.run_cached(cache, sample_index, args, kwargs, hooks=state.hooks, bind=not state.cache_bound,
                                       precision=self.teacher_precision, device=self._module_device,
-                                      stage=self.stage_name)
+                                      stage=self.stage_name, inputs=inputs)
         state.cache_bound = True
         return outputs
 
@@ -297,34 +309,23 @@ class DistillationModule:
         teacher: Optional[str] = None,
         loss_fn: Callable[[Tensor, Tensor], Tensor] = F.mse_loss,
     ) -> dict[str, Tensor]:
-        """Feature-distillation losses of every hooked layer pair, keyed ``"<student path> -> <teacher>.<path>"``.
-
-        The hooked paths of the student and the teacher are paired in the order listed
-        (:func:`~lightning_stages.losses.paired_feature_losses`). Call it after the student's forward and
-        :meth:`run_teachers`; it returns ``{}`` when not distilling.
+        """Feature-distillation losses of every hooked layer pair, keyed ``"<student path>__<teacher>.<path>"``
+        (:func:`~lightning_stages.losses.paired_feature_losses`, in the order ``configure_feature_hooks`` lists
+        them). Call it after the student's forward and :meth:`run_teachers`; ``{}`` when not distilling.
 
         Args:
             adapters: ``{student path: module}`` mapping that layer's features to the teacher's shape.
-            teacher: the teacher to pair with; defaults to the first one.
+            teacher: the teacher to pair with; default: every teacher with hooked layers.
             loss_fn: ``loss_fn(student_features, teacher_features)``; mean squared error by default.
 
         Raises:
-            DistillationStepError: the hooked layers do not pair up, a layer captured nothing, or the shapes of a
-                pair differ after its adapter; the message names the pair, both shapes and the stage.
+            DistillationStepError: the layers do not pair up, a layer captured nothing or no tensor, a feature was
+                changed in place after capture, or a pair's shapes differ after its adapter (naming pair and shapes).
         """
         state = self._distillation_state
         if not state.use_distillation:
             return {}
-        teacher = teacher if teacher is not None else next(iter(self.teachers), "teacher")
-        hooks = state.hooks
-        try:
-            return paired_feature_losses(hooks.captured(STUDENT), hooks.captured(teacher),
-                                                hooks.spec.get(STUDENT, ()), hooks.spec.get(teacher, ()),
-                                                adapters=adapters, loss_fn=loss_fn, teacher=teacher)
-        except ValueError as err:
-            raise DistillationStepError(StageProblem(str(err), name=stage_where(self.stage_name)),
-                                        stage=self.stage_name) from err
-
+        return state.hooks.paired_losses(list(self.teachers), teacher, adapters, loss_fn, self.stage_name)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         result = super()._apply(fn, recurse)  # type: ignore[misc]

@@ -2,42 +2,65 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Optional
 
-from torch import nn
+from torch import Tensor, nn
 
-from lightning_stages.errors import StageConfigError, StageProblem, closest_names, did_you_mean
+from lightning_stages.distillation.feature_selectors import select, split_hook_path, tensor_selectors
+from lightning_stages.errors import DistillationStepError, StageConfigError, StageProblem, closest_names, did_you_mean
+from lightning_stages.losses import paired_feature_losses
 
-__all__ = ["STUDENT", "FeatureHooks", "check_hook_spec", "let_compile_see_hooks"]
+__all__ = ["STUDENT", "FeatureHooks", "check_hook_spec", "let_compile_see_hooks", "student_pairing"]
 
 #: the name of the student in ``configure_feature_hooks`` and ``captured_features``
 STUDENT = "student"
 
 
+class _Capture:
+    """What a hook captured: the selected output and the tensor version it had then (``None``: not a tensor, or an
+    inference tensor, which keeps no version), or why the selectors did not apply."""
+
+    __slots__ = ("failed", "raw", "value", "version")
+
+    def __init__(self, value: Any, raw: Any = None, failed: Optional[str] = None) -> None:
+        self.value, self.raw, self.failed = value, raw, failed
+        self.version = value._version if isinstance(value, Tensor) and not value.is_inference() else None
+
+
 class _FeatureHook:
-    """A forward hook that stores a module's output under ``key``.
+    """A forward hook that stores a module's (selected) output under ``key``, copied if ``copy``.
 
     A deep copy or a pickle of the hooked module (``StochasticWeightAveraging``, ``ddp_spawn``) gets a hook
     that stores nothing, so the copy never writes into the original's features.
     """
 
-    __slots__ = ("key", "store")
+    __slots__ = ("copy", "key", "steps", "store")
 
-    def __init__(self, store: Optional[dict[str, Any]], key: str) -> None:
+    def __init__(self, store: Optional[dict[str, Any]], key: str, copy: bool = False) -> None:
         self.store = store
         self.key = key
+        self.steps = split_hook_path(key)[1]
+        self.copy = copy
 
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if self.store is not None:
-            self.store[self.key] = output
+        if self.store is None:
+            return
+        try:
+            value = select(output, self.steps)
+        except LookupError as err:
+            self.store[self.key] = _Capture(None, raw=output, failed=str(err))
+            return
+        if self.copy and isinstance(value, Tensor):
+            value = value.clone()
+        self.store[self.key] = _Capture(value)
 
     def __deepcopy__(self, memo: dict) -> _FeatureHook:
-        return _FeatureHook(None, self.key)
+        return _FeatureHook(None, self.key, self.copy)
 
     def __reduce__(self) -> tuple:
-        return (_FeatureHook, (None, self.key))
+        return (_FeatureHook, (None, self.key, self.copy))
 
 
 def _closest_submodules(path: str, names: Sequence[str]) -> str:
@@ -45,8 +68,26 @@ def _closest_submodules(path: str, names: Sequence[str]) -> str:
     return "closest submodules: " + ", ".join(f"`{c}`" for c in close) if close else "the model has no submodules"
 
 
+def _hook_problems(model_name: str, paths: Any, names: Sequence[str], where: str, field: str) -> list[StageProblem]:
+    problems = []
+    for path in paths:
+        try:
+            module = split_hook_path(path)[0] if isinstance(path, str) else None
+        except ValueError as err:
+            problems.append(StageProblem(str(err), name=where, field=field, value=path))
+            continue
+        if module not in names:
+            problems.append(StageProblem(f"names no submodule of {model_name!r}", name=where, field=field, value=path,
+                                         hint=_closest_submodules(str(module if module is not None else path), names)))
+    return problems
+
+
 def check_hook_spec(spec: Any, models: Mapping[str, nn.Module], where: str) -> dict[str, tuple[str, ...]]:
     """Check what ``configure_feature_hooks`` returned against the models; return it as ``{model: (paths...)}``.
+
+    A path may end in selectors (:mod:`.feature_selectors`): ``"encoder.layer.3[0]"``, ``"encoder:last_hidden_state"``.
+    The student's entry may also be ``{teacher name: paths}``, pairing student layers with each teacher's layers
+    separately (see :func:`student_pairing`); the result then lists each student path once.
 
     Args:
         spec: ``{model name: submodule path or paths}``.
@@ -54,14 +95,16 @@ def check_hook_spec(spec: Any, models: Mapping[str, nn.Module], where: str) -> d
         where: the stage that needs the hooks, named in errors.
 
     Raises:
-        StageConfigError: ``spec`` is not a mapping, names an unknown model, or a path names no submodule (with the
-            closest submodule names). Every problem is reported at once.
+        StageConfigError: ``spec`` is not a mapping, names an unknown model, a path names no submodule (with the
+            closest submodule names) or has a malformed selector. Every problem is reported at once.
 
     Example::
 
         >>> models = {"student": nn.Sequential(nn.Linear(2, 2)), "teacher": nn.Linear(2, 2)}
-        >>> check_hook_spec({"student": "0", "teacher": [""]}, models, "stage 0")
-        {'student': ('0',), 'teacher': ('',)}
+        >>> check_hook_spec({"student": "0", "teacher": [":weight"]}, models, "stage 0")
+        {'student': ('0',), 'teacher': (':weight',)}
+        >>> check_hook_spec({"student": {"teacher": ["0[0]"]}}, models, "stage 0")
+        {'student': ('0[0]',)}
         >>> check_hook_spec({"student": ["1"]}, models, "stage 0")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
@@ -79,17 +122,41 @@ def check_hook_spec(spec: Any, models: Mapping[str, nn.Module], where: str) -> d
                                          value=model_name, hint=did_you_mean(str(model_name), list(models))
                                          or f"the models are: {', '.join(models)}"))
             continue
-        paths = (paths,) if isinstance(paths, str) else tuple(paths)
+        if model_name == STUDENT and isinstance(paths, Mapping):
+            unknown = [t for t in paths if t not in models or t == STUDENT]
+            problems += [StageProblem("is not a teacher (the student's entry may pair layers per teacher)", name=where,
+                                      field=field, value=t, hint=did_you_mean(str(t), [m for m in models if m != STUDENT]))
+                         for t in unknown]
+            per_teacher = [_as_paths(p) for p in paths.values()]
+            paths = tuple(dict.fromkeys(path for group in per_teacher for path in group))
+        paths = _as_paths(paths)
         names = [n for n, _ in models[model_name].named_modules()]
-        problems += [
-            StageProblem(f"names no submodule of {model_name!r}", name=where, field=field, value=path,
-                         hint=_closest_submodules(str(path), names))
-            for path in paths if path not in names
-        ]
+        problems += _hook_problems(model_name, paths, names, where, field)
         checked[model_name] = paths
     if problems:
         raise StageConfigError(problems)
     return checked
+
+
+def _as_paths(paths: Any) -> tuple[str, ...]:
+    return (paths,) if isinstance(paths, str) else tuple(paths)
+
+
+def student_pairing(spec: Mapping[str, Any], teachers: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """``{teacher: the student paths paired with its layers}`` of a checked ``configure_feature_hooks`` spec: the
+    student's own list for every teacher, or its ``{teacher: paths}`` entry.
+
+    Example::
+
+        >>> student_pairing({"student": {"a": "x", "b": ["y", "z"]}}, ["a", "b", "c"])
+        {'a': ('x',), 'b': ('y', 'z'), 'c': ()}
+        >>> student_pairing({"student": ["x"]}, ["a"])
+        {'a': ('x',)}
+    """
+    own = spec.get(STUDENT, ())
+    if isinstance(own, Mapping):
+        return {t: _as_paths(own.get(t, ())) for t in teachers}
+    return {t: _as_paths(own) for t in teachers}
 
 
 def let_compile_see_hooks() -> None:
@@ -109,8 +176,13 @@ def let_compile_see_hooks() -> None:
 class FeatureHooks:
     """The forward hooks of one student and its teachers, and the outputs they captured at the latest forward.
 
+    Reading checks what was captured: each value must be a tensor (or be made one by the path's selectors) and must
+    not have been modified in place since its capture (its ``_version``), which a ResNet block's ``out += identity``
+    followed by ``ReLU(inplace=True)`` does to a hooked ``bn2``. With ``copy`` the hooks store a copy instead.
+
     Args:
         spec: ``{model name: (submodule paths...)}``, as returned by :func:`check_hook_spec`.
+        pairing: ``{teacher: student paths}`` (:func:`student_pairing`); default: the student's paths for each.
 
     Example::
 
@@ -126,38 +198,111 @@ class FeatureHooks:
         (0, {})
     """
 
-    def __init__(self, spec: Optional[Mapping[str, tuple[str, ...]]] = None) -> None:
+    def __init__(self, spec: Optional[Mapping[str, tuple[str, ...]]] = None,
+                 pairing: Optional[Mapping[str, tuple[str, ...]]] = None) -> None:
         self.spec: Mapping[str, tuple[str, ...]] = MappingProxyType(dict(spec or {}))
+        self.pairing: Mapping[str, tuple[str, ...]] = MappingProxyType(dict(pairing or {}))
         self._handles: list[Any] = []
-        self._features: dict[str, dict[str, Any]] = {}
+        self._features: dict[str, dict[str, _Capture]] = {}
+        self._names: dict[str, list[str]] = {}
 
-    def sync(self, on: bool, models: Mapping[str, nn.Module]) -> None:
+    def student_layers(self, teacher: str) -> tuple[str, ...]:
+        """The student paths paired with ``teacher``'s hooked layers, in order."""
+        return self.pairing.get(teacher, self.spec.get(STUDENT, ()))
+
+    def sync(self, on: bool, models: Mapping[str, nn.Module], copy: bool = False) -> None:
         """Attach the hooks to ``models`` if ``on`` (and there are any), else remove them and drop the features.
 
-        Idempotent: a second call with the same ``on`` changes nothing.
+        Idempotent: a second call with the same ``on`` changes nothing. With ``copy`` the hooks store copies.
         """
         if on and self.spec and not self._handles:
             for model_name, paths in self.spec.items():
                 store = self._features.setdefault(model_name, {})
                 modules = dict(models[model_name].named_modules())
-                self._handles += [modules[path].register_forward_hook(_FeatureHook(store, path)) for path in paths]
+                self._names[model_name] = list(modules)
+                self._handles += [modules[split_hook_path(path)[0]].register_forward_hook(
+                    _FeatureHook(store, path, copy)) for path in paths]
         elif not on and self._handles:
             for handle in self._handles:
                 handle.remove()
             self._handles.clear()
             self._features.clear()
 
-    def captured(self, model: str = STUDENT) -> Mapping[str, Any]:
-        """``{submodule path: output}`` of ``model`` from its latest forward (read-only); empty while detached."""
-        return MappingProxyType(self._features.get(model, {}))
+    def captured(self, model: str = STUDENT, stage: Optional[str] = None) -> Mapping[str, Tensor]:
+        """``{path: tensor}`` of ``model`` from its latest forward (read-only); empty while detached.
+
+        Raises:
+            DistillationStepError: a capture is not a tensor (naming the path, the type and the selectors that
+                would take a tensor out of it), a selector did not apply, or a tensor was modified in place after
+                its capture (naming the path, the enclosing and the next submodule, and the copy option).
+        """
+        store = self._features.get(model, {})
+        problems = [p for path, capture in store.items() for p in self._problems(model, path, capture, stage)]
+        if problems:
+            raise DistillationStepError(problems, stage=stage, when="a step")
+        return MappingProxyType({path: capture.value for path, capture in store.items()})
+
+    def _problems(self, model: str, path: str, capture: _Capture, stage: Optional[str]) -> list[StageProblem]:
+        where = f"stage {stage!r}" if stage is not None else "the current stage"
+        field = f"configure_feature_hooks.{model}"
+        value = capture.value
+        if capture.failed is not None or not isinstance(value, Tensor):
+            module = split_hook_path(path)[0]
+            source = capture.raw if capture.failed is not None else value
+            base = module if capture.failed is not None else path
+            options = [f"`{base}{sel}`" for sel in tensor_selectors(source)][:6]
+            got = f"the selector {capture.failed}" if capture.failed is not None else \
+                f"captured a {type(value).__name__}, not a tensor"
+            return [StageProblem(got, name=where, field=field, value=path,
+                                 hint=("select a tensor: " + ", ".join(options)) if options else
+                                 f"the output of `{module}` holds no tensor; hook another submodule")]
+        if capture.version is not None and value._version != capture.version:
+            module = split_hook_path(path)[0]
+            names = self._names.get(model, [])
+            parent = module.rpartition(".")[0]
+            later = [n for n in names[names.index(module) + 1:] if not n.startswith(module + ".")] \
+                if module in names else []
+            around = f"the enclosing `{parent}`" if parent else "the enclosing module"
+            nxt = f" or the next submodule `{later[0]}`" if later else ""
+            return [StageProblem(
+                f"its output was modified in place after capture (tensor version {capture.version} -> "
+                f"{value._version}), e.g. by `out += identity` or `ReLU(inplace=True)` later in the forward, so it "
+                "no longer holds this module's output", name=where, field=field, value=path,
+                hint=f"hook {around}{nxt}, whose output is what the in-place ops produce, or set "
+                "`copy_features = True` on the module to copy each feature at capture")]
+        return []
+
+    def paired_losses(self, teachers: Sequence[str], teacher: Optional[str],
+                      adapters: Optional[Mapping[str, Callable[[Tensor], Tensor]]],
+                      loss_fn: Callable[[Tensor, Tensor], Tensor], stage: Optional[str]) -> dict[str, Tensor]:
+        """:func:`~lightning_stages.losses.paired_feature_losses` of the student with ``teacher`` (default: every
+        teacher with hooked layers, else the first), as ``DistillationModule.feature_losses`` returns them.
+
+        Raises:
+            DistillationStepError: as :meth:`captured`, or the pairs do not match (naming the pair and the stage).
+        """
+        names = [teacher] if teacher is not None else \
+            [t for t in teachers if self.spec.get(t)] or [next(iter(teachers), "teacher")]
+        student = self.captured(STUDENT, stage)
+        losses: dict[str, Tensor] = {}
+        for name in names:
+            try:
+                losses.update(paired_feature_losses(student, self.captured(name, stage), self.student_layers(name),
+                                                    self.spec.get(name, ()), adapters=adapters, loss_fn=loss_fn,
+                                                    teacher=name))
+            except ValueError as err:
+                where = f"stage {stage!r}" if stage is not None else "the current stage"
+                raise DistillationStepError(StageProblem(str(err), name=where), stage=stage) from err
+        return losses
 
     def put(self, features: Mapping[str, Mapping[str, Any]]) -> None:
         """Put features that did not come from a forward (a teacher cache's) where :meth:`captured` reads them."""
         for model_name, captured in features.items():
             store = self._features.get(model_name)
             if store is not None:
-                store.update(captured)
+                store.update({path: _Capture(value) for path, value in captured.items()})
 
-    def snapshot(self, models: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """A copy of what the hooks of ``models`` captured, for the models that have hooks."""
-        return {name: dict(self._features.get(name, {})) for name in models if self.spec.get(name)}
+    def snapshot(self, models: Sequence[str], stage: Optional[str] = None) -> dict[str, dict[str, Any]]:
+        """A copy of what the hooks of ``models`` captured, for the models that have hooks, checked as
+        :meth:`captured` checks it."""
+        return {name: dict(self.captured(name, stage)) for name in models if self.spec.get(name)}

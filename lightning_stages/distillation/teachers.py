@@ -3,19 +3,28 @@ running them (precision, offload, teacher cache)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Optional, Union
 
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import Tensor, nn
 
-from lightning_stages.distillation.feature_hooks import STUDENT, FeatureHooks, check_hook_spec, let_compile_see_hooks
+from lightning_stages.distillation.feature_hooks import (
+    STUDENT,
+    FeatureHooks,
+    check_hook_spec,
+    let_compile_see_hooks,
+    student_pairing,
+)
 from lightning_stages.distillation.step_checks import stage_where
 from lightning_stages.distillation.teacher_cache import TeacherCache, teacher_fingerprint
+from lightning_stages.distillation.teacher_inputs import forward_named, teacher_calls
 from lightning_stages.errors import DistillationStepError, StageConfigError, StageProblem, did_you_mean
 
 __all__ = ["AUTOCAST_DTYPES", "OFFLOAD_MODES", "Teachers", "build_teachers", "check_cost_options", "module_device",
-           "prepare", "wants_offload"]
+           "prepare", "refuse_sharded_strategy", "wants_offload"]
 
 #: ``teacher_precision`` values and the autocast dtype each runs the teachers under (``None``: no autocast)
 AUTOCAST_DTYPES: dict[Optional[str], Optional[torch.dtype]] = {
@@ -52,6 +61,8 @@ def check_cost_options(precision: Any, offload: Any, cache: Any, where: str) -> 
                                      field="teacher_cache", value=cache))
     if problems:
         raise StageConfigError(problems)
+    if cache is not None:
+        cache.check_directory()  # a file, or not writable: refused before the first batch
 
 
 def build_teachers(configure_teachers: Callable[[], Any], where: str) -> dict[str, nn.Module]:
@@ -124,6 +135,18 @@ def _keep_on_own_device(fn: Callable[[Tensor], Tensor], tensor: Tensor) -> Tenso
     return tensor.to(dtype=probe.dtype) if probe.dtype != tensor.dtype else tensor
 
 
+@contextlib.contextmanager
+def _named_stage(stage: Optional[str]) -> Iterator[None]:
+    """The teacher cache's own checks, raised as step-time problems of ``stage``."""
+    try:
+        yield
+    except StageConfigError as err:
+        raise DistillationStepError(
+            [StageProblem(p.message, name=stage_where(stage), value=p.value, hint=p.hint,
+                          field=p.field if p.name is None else f"{p.name}.{p.field}")
+             for p in err.problems], stage=stage, when="a training step") from err
+
+
 class Teachers:
     """The prepared teachers of one module: frozen, in eval mode, with the module or offloaded to CPU.
 
@@ -166,27 +189,39 @@ class Teachers:
                 teacher._apply(fn, recurse)
 
     def run(self, args: tuple, kwargs: Mapping[str, Any], precision: Optional[str],
-            device: Callable[[], torch.device]) -> dict:
-        """Every teacher on ``args``/``kwargs`` under ``torch.no_grad()``; brought back to ``device()`` first if
-        offloaded, and run under ``torch.autocast`` on its type if ``precision`` says so."""
+            device: Callable[[], torch.device], inputs: Optional[Mapping[str, Any]] = None,
+            stage: Optional[str] = None) -> dict:
+        """Every teacher on ``args``/``kwargs`` (or its own entry of ``inputs``, see :func:`teacher_calls`) under
+        ``torch.no_grad()``; brought back to ``device()`` first if offloaded, and run under ``torch.autocast`` on its
+        type if ``precision`` says so.
+
+        Raises:
+            DistillationStepError: ``inputs`` does not name every teacher, or a teacher's forward raised a
+                ``TypeError``, ``ValueError``, ``IndexError``, ``KeyError`` or a ``RuntimeError`` other than running
+                out of memory (a shape or dtype that does not fit); the message names the teacher and the stage.
+        """
+        calls = teacher_calls(list(self.modules), args, kwargs, inputs, stage)
         if self.offloaded:
             self.place(False, device())
         dtype = AUTOCAST_DTYPES.get(precision)
+        shared = inputs is None and len(calls) > 1
         with torch.no_grad():
             if dtype is None:
-                return {name: teacher(*args, **kwargs) for name, teacher in self.modules.items()}
+                return {name: forward_named(name, t, calls[name], stage, shared) for name, t in self.modules.items()}
             with torch.autocast(device().type, dtype=dtype):
-                return {name: teacher(*args, **kwargs) for name, teacher in self.modules.items()}
+                return {name: forward_named(name, t, calls[name], stage, shared) for name, t in self.modules.items()}
 
     def run_cached(
         self, cache: TeacherCache, sample_index: Any, args: tuple, kwargs: Mapping[str, Any], *, hooks: FeatureHooks,
         precision: Optional[str], device: Callable[[], torch.device], bind: bool, stage: Optional[str],
+        inputs: Optional[Mapping[str, Any]] = None,
     ) -> dict[str, Any]:
         """The teachers' outputs from ``cache`` if every sample is stored (their features put into ``hooks``), else
         :meth:`run` and store the outputs and features.
 
         Args:
             bind: first bind the cache to a fingerprint of the teachers, their hooked layers and the precision.
+            inputs: per-teacher inputs, as :meth:`run` takes them.
             stage: the stage in force, named in errors.
 
         Raises:
@@ -199,24 +234,20 @@ class Teachers:
                 name=stage_where(stage), field="teacher_cache", value=cache,
                 hint="pass the batch's dataset indices as run_teachers(..., sample_index=indices), e.g. from a dataset "
                 "wrapped in IndexedDataset, or set teacher_cache = None"), stage=stage)
-        try:
+        given = (args, kwargs) if inputs is None else inputs  # what the teachers read, for the cache's input check
+        with _named_stage(stage):
             if bind:
                 layers = {name: hooks.spec.get(name, ()) for name in self.modules}
-                cache.bind(teacher_fingerprint(self.modules, layers, {"precision": precision}))
-            hit = cache.lookup(sample_index, device=device())
-            if hit is not None:
-                outputs, features = hit
-                hooks.put(features)
-                return outputs
-            outputs = self.run(args, kwargs, precision, device)
-            cache.store(sample_index, outputs, hooks.snapshot(list(self.modules)))
-        except DistillationStepError:
-            raise
-        except StageConfigError as err:  # the cache's own checks: a step-time problem of this stage
-            raise DistillationStepError(
-                [StageProblem(p.message, name=stage_where(stage), value=p.value, hint=p.hint,
-                              field=p.field if p.name is None else f"{p.name}.{p.field}")
-                 for p in err.problems], stage=stage, when="a training step") from err
+                cache.bind(teacher_fingerprint(self.modules, layers, {"precision": precision}, version=cache.version))
+            hit = cache.lookup(sample_index, device=device(), inputs=given)
+        if hit is not None:
+            outputs, features = hit
+            hooks.put(features)
+            return outputs
+        outputs = self.run(args, kwargs, precision, device, inputs=inputs, stage=stage)
+        features = hooks.snapshot(list(self.modules), stage)
+        with _named_stage(stage):
+            cache.store(sample_index, outputs, features, inputs=given)
         return outputs
 
 
@@ -250,7 +281,25 @@ def prepare(
         (['t'], {'student': ('0',)})
     """
     modules = build_teachers(configure_teachers, where)
-    spec = check_hook_spec(configure_feature_hooks() or {}, {STUDENT: student, **modules}, where)
+    raw_spec = configure_feature_hooks() or {}
+    spec = check_hook_spec(raw_spec, {STUDENT: student, **modules}, where)
     if spec:
         let_compile_see_hooks()
-    return Teachers(modules, device=next((p.device for p in student.parameters()), None)), FeatureHooks(spec)
+    pairing = student_pairing(raw_spec, list(modules)) if spec else {}
+    return (Teachers(modules, device=next((p.device for p in student.parameters()), None)),
+            FeatureHooks(spec, pairing))
+
+
+def refuse_sharded_strategy(trainer: Any, needed_by: str) -> None:
+    """Teachers live outside the module that FSDP, DeepSpeed and ModelParallel shard; refuse them there, at setup."""
+    strategy = getattr(trainer, "strategy", None)
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+        raise StageConfigError(
+            StageProblem(
+                f"distillation is not supported under {type(strategy).__name__}: the teachers are kept outside the "
+                "module this strategy shards, so every rank would hold a whole, unsharded copy that the strategy "
+                "neither shards nor places on the device",
+                name=needed_by, field="distillation", value=True,
+                hint="use strategy='ddp' (or 'ddp_spawn'), or a schedule whose stages do not distill",
+            )
+        )

@@ -7,7 +7,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
 from lightning_stages.errors import StageConfigError, StageProblem
-from lightning_stages.schedule import checks
+from lightning_stages.schedule import checks, unit_checks
+from lightning_stages.schedule.adaptive_checks import min_epochs_problems
 from lightning_stages.schedule.stage import BASE_STAGE_NAME
 from lightning_stages.schedule.stage_schedule import StageSchedule
 
@@ -36,14 +37,17 @@ def bind_schedule(
     declared: Optional[Mapping[str, Any]] = None,
     weight_overrides: Optional[Mapping[str, float]] = None,
     max_epochs: Optional[int] = None,
+    max_steps: Optional[int] = None,
 ) -> StageSchedule:
-    """The schedule with every base setting filled in: what a run of ``max_epochs`` epochs of a module trains with.
+    """The schedule with every base setting filled in: what a run of ``max_epochs`` epochs (or ``max_steps``
+    optimizer steps) of a module trains with.
 
     * base loss weights: the module's declared ``loss_weights``, overridden key by key by the schedule's own
       ``loss_weights`` and then by ``weight_overrides`` (the callback's ``loss_weights``); without a declaration,
       those two alone. Overrides must name task losses the module declared.
     * base ``distillation`` and ``lambda_coef``: the schedule's, else the module's.
-    * ``total_epochs``: the schedule's, else ``max_epochs`` (stages without ``end_epoch`` end with the run).
+    * ``total_epochs``: the schedule's, else ``max_epochs`` (stages without ``end_epoch`` end with the run);
+      ``total_steps`` the same with ``max_steps`` (step stages without ``end_step`` end with the run).
 
     The schedule given is already checked; only what binding adds is checked here, once.
 
@@ -53,11 +57,12 @@ def bind_schedule(
             :func:`declared_settings`); ``None``: nothing.
         weight_overrides: base weights that override the declared ones key by key.
         max_epochs: the run's epochs (``None``: unbounded).
+        max_steps: the run's optimizer steps (``None``: unbounded).
 
     Raises:
         StageConfigError: override keys the module does not declare, stage weight keys that name no task loss,
-            task losses without a base weight, stages that start at or after ``max_epochs``, bad declared values,
-            all together.
+            task losses without a base weight, stages that start at or after ``max_epochs`` (``max_steps``), ramps
+            longer than a stage that ends with the run, bad declared values, all together.
 
     Example::
 
@@ -89,15 +94,23 @@ def bind_schedule(
     distillation = schedule.distillation if schedule.distillation is not None else declared["distillation"]
     lambda_coef = schedule.lambda_coef if schedule.lambda_coef is not None else declared["lambda_coef"]
     total = schedule.total_epochs if schedule.total_epochs is not None else max_epochs
+    total_steps = schedule.total_steps if schedule.total_steps is not None else max_steps
     problems += checks.base_problems(base_weights, distillation, lambda_coef, total)
     if base_weights is not None:
         problems += schedule.weight_key_problems(list(base_weights))
     problems += checks.missing_weight_problems(schedule.stages, base_weights)
     if max_epochs is not None:
         problems += schedule.epoch_problems(max_epochs)
+    if max_steps is not None:
+        problems += schedule.epoch_problems(max_steps, "max_steps")
+    problems += unit_checks.ramp_length_problems(enumerate(schedule.stages),
+                                                 total if schedule.unit == "epoch" else total_steps)
+    # a stage without `end_epoch` ends with the run: only now is its length known
+    problems += min_epochs_problems([(i, s) for i, s in enumerate(schedule.stages) if s.end_epoch is None], total)
     if problems:
         raise StageConfigError(problems)
-    return StageSchedule._checked_elsewhere(schedule.stages, base_weights, distillation, lambda_coef, total)
+    return StageSchedule._checked_elsewhere(schedule.stages, base_weights, distillation, lambda_coef, total,
+                                            total_steps)
 
 
 def given_schedule(
@@ -139,6 +152,7 @@ def given_schedule(
         schedule = StageSchedule._checked_elsewhere(
             from_file.stages, None, distillation if distillation is not None else from_file.distillation,
             lambda_coef if lambda_coef is not None else from_file.lambda_coef, from_file.total_epochs,
+            from_file.total_steps,
         )
     else:
         if stage_schedule is not None:

@@ -121,7 +121,11 @@ def stage_problems(stage: Stage, index: int) -> list[StageProblem]:
     problems: list[StageProblem] = []
     if stage.name is not None and not isinstance(stage.name, str):
         problems.append(problem(f"must be a string, not {type(stage.name).__name__}", "name", stage.name))
-    if not _is_int(stage.start_epoch):
+    if stage.start_epoch is None and stage.start_step is None:
+        problems.append(problem("is required", f"start_{stage.unit}", None))  # start_step: :mod:`.unit_checks`
+    elif stage.start_epoch is None:
+        pass
+    elif not _is_int(stage.start_epoch):
         problems.append(
             problem(f"must be an integer, not {type(stage.start_epoch).__name__}", "start_epoch", stage.start_epoch)
         )
@@ -132,7 +136,7 @@ def stage_problems(stage: Stage, index: int) -> list[StageProblem]:
             problems.append(
                 problem(f"must be an integer, not {type(stage.end_epoch).__name__}", "end_epoch", stage.end_epoch)
             )
-        elif _is_int(stage.start_epoch) and stage.end_epoch <= stage.start_epoch:
+        elif isinstance(stage.start_epoch, int) and stage.end_epoch <= stage.start_epoch:
             problems.append(
                 problem(f"must be greater than `start_epoch` ({stage.start_epoch})", "end_epoch", stage.end_epoch)
             )
@@ -203,9 +207,6 @@ def parse_stage(entry: Any, index: int) -> tuple[Optional[Stage], list[StageProb
                     hint=did_you_mean(str(key), STAGE_FIELDS) or f"the fields are: {', '.join(STAGE_FIELDS)}",
                 )
             )
-    if "start_epoch" not in known:
-        problems.append(StageProblem("is required", index=index, name=name, field="start_epoch", value=None))
-        known["start_epoch"] = 0
     stage = Stage(**known)
     problems += stage_problems(stage, index)
     return stage, problems
@@ -255,17 +256,17 @@ def overlap_problems(ranged: Iterable[tuple[int, Stage]]) -> list[StageProblem]:
         stage 1: `start_epoch` = 2: overlaps stage 0 ('a') which covers epochs [0, 4)
     """
     problems = []
-    ordered = sorted(ranged, key=lambda item: item[1].start_epoch)
+    ordered = sorted(((i, s) for i, s in ranged if s.start is not None), key=lambda item: item[1].start)
     for pos, (cur, b) in enumerate(ordered):
         for prev, a in ordered[:pos]:
-            a_end = a.end_epoch if a.end_epoch is not None else math.inf
-            if b.start_epoch < a_end:
-                a_range = f"[{a.start_epoch}, {a.end_epoch if a.end_epoch is not None else 'end'})"
+            a_end = a.end if a.end is not None else math.inf
+            if a.unit == b.unit and b.start < a_end:
+                a_range = f"[{a.start}, {a.end if a.end is not None else 'end'})"
                 problems.append(
                     StageProblem(
-                        f"overlaps stage {prev}{f' ({a.name!r})' if a.name else ''} which covers epochs {a_range}",
-                        index=cur, name=b.name, field="start_epoch", value=b.start_epoch,
-                        hint=None if a.end_epoch is not None else "a stage without `end_epoch` runs to the last epoch",
+                        f"overlaps stage {prev}{f' ({a.name!r})' if a.name else ''} which covers {a.unit}s {a_range}",
+                        index=cur, name=b.name, field=f"start_{b.unit}", value=b.start,
+                        hint=None if a.end is not None else f"a stage without `end_{a.unit}` runs to the last {a.unit}",
                     )
                 )
     return problems
@@ -280,13 +281,14 @@ def starts_beyond_problems(indexed: Iterable[tuple[int, Stage]], max_epochs: int
         >>> [str(p) for p in starts_beyond_problems([(1, Stage(start_epoch=5))], 5)]
         ['stage 1: `start_epoch` = 5: starts at or beyond max_epochs (5), so it would never run']
     """
+    unit = "step" if label in ("max_steps", "total_steps") else "epoch"
     return [
         StageProblem(
             f"starts at or beyond {label} ({max_epochs}), so it would never run",
-            index=index, name=stage.name, field="start_epoch", value=stage.start_epoch,
+            index=index, name=stage.name, field=f"start_{unit}", value=stage.start,
         )
         for index, stage in indexed
-        if _is_int(stage.start_epoch) and stage.start_epoch >= max_epochs
+        if stage.unit == unit and _is_int(stage.start) and stage.start >= max_epochs
     ]
 
 

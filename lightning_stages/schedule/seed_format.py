@@ -20,6 +20,7 @@ import yaml
 
 from lightning_stages.errors import StageConfigError, StageProblem
 from lightning_stages.schedule.checks import near_miss_problems
+from lightning_stages.schedule.stage import STAGE_FIELDS
 
 if TYPE_CHECKING:
     from lightning_stages.schedule.stage_schedule import StageSchedule
@@ -28,7 +29,7 @@ __all__ = ["diff", "load_config", "parse_json", "schedule_arguments", "to_dict"]
 
 # root keys of the seed's config format that the schedule reads; everything else (dataset, model, ...) is ignored
 ROOT_KEYS = ("stage_schedule", "train", "distillation")
-TRAIN_KEYS = ("loss_weights", "epochs")
+TRAIN_KEYS = ("loss_weights", "epochs", "max_steps")
 DISTILLATION_KEYS = ("enable", "lambda_coef")
 # json5's message: "<string>:LINE Unexpected "x" at column COL" (or without a column at the end of the text)
 _JSON5_WHERE = re.compile(r"^<string>:(?P<line>\d+)\s*(?P<msg>.*?)(?: at column (?P<col>\d+))?$", re.DOTALL)
@@ -155,6 +156,7 @@ def schedule_arguments(source: Union[PathLike, Mapping[str, Any]]) -> dict[str, 
         "distillation": distillation.get("enable"),
         "lambda_coef": distillation.get("lambda_coef"),
         "total_epochs": train.get("epochs"),
+        **({"total_steps": train["max_steps"]} if train.get("max_steps") is not None else {}),
     }
 
 
@@ -173,6 +175,8 @@ def to_dict(schedule: StageSchedule) -> dict[str, Any]:
         train["loss_weights"] = dict(schedule.loss_weights)
     if schedule.total_epochs is not None:
         train["epochs"] = schedule.total_epochs
+    if schedule.total_steps is not None:
+        train["max_steps"] = schedule.total_steps
     distillation = {key: value for key, value in (("enable", schedule.distillation),
                                                     ("lambda_coef", schedule.lambda_coef)) if value is not None}
     if train:
@@ -197,6 +201,7 @@ def diff(before: StageSchedule, after: StageSchedule) -> list[str]:
         ("base distillation", before.distillation, after.distillation),
         ("base lambda_coef", before.lambda_coef, after.lambda_coef),
         ("total_epochs", before.total_epochs, after.total_epochs),
+        ("total_steps", before.total_steps, after.total_steps),
     ):
         if mine != theirs:
             changes.append(f"{label} {mine!r} -> {theirs!r}")
@@ -205,7 +210,7 @@ def diff(before: StageSchedule, after: StageSchedule) -> list[str]:
     for index, (a, b) in enumerate(zip(before.stages, after.stages)):
         where = f"stage {index}" + (f" ({a.name!r})" if a.name is not None else "")
         da, db = a.to_dict(), b.to_dict()
-        for key in ("name", "start_epoch", "end_epoch", "distillation", "lambda_coef", "loss_weights"):
+        for key in STAGE_FIELDS:
             if da.get(key) != db.get(key):
                 changes.append(f"{where}: {key} {da.get(key)!r} -> {db.get(key)!r}")
     return changes

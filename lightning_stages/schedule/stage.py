@@ -19,11 +19,12 @@ DEFAULT_LAMBDA_COEF = 1.0
 
 @dataclass(frozen=True, kw_only=True)
 class Stage:
-    """One consecutive epoch range of training, with its own distillation and loss settings.
+    """One consecutive range of training, in epochs or in optimizer steps, with its own distillation and loss settings.
 
-    Fields left out inherit the schedule's base settings: ``end_epoch`` defaults to the total epochs,
-    ``distillation`` to the base flag, ``lambda_coef`` to the base coefficient, and every task loss
-    that ``loss_weights`` does not name keeps its base weight.
+    Fields left out inherit the schedule's base settings: ``end_epoch`` defaults to the total epochs (``end_step``
+    to the Trainer's ``max_steps``), ``distillation`` to the base flag, ``lambda_coef`` to the base coefficient, and
+    every task loss that ``loss_weights`` does not name keeps its base weight. A stage counts in epochs
+    (``start_epoch``) or in optimizer steps (``start_step``, as ``trainer.global_step``); one schedule uses one unit.
 
     Args:
         name: optional description, shown in logs. Defaults to ``"stage_<index>"``.
@@ -32,29 +33,65 @@ class Stage:
         distillation: whether the teacher-student loss is on in this stage. ``None`` inherits the base flag.
         lambda_coef: scales the sum of all distillation losses. ``None`` inherits the base value.
         loss_weights: weights of task losses (e.g. ``bce``, ``focal``, ``dice``, ``iou``, ``cls``) for this stage.
+        start_step: first optimizer step of the stage (inclusive), instead of ``start_epoch``.
+        end_step: first optimizer step after the stage (exclusive). ``None`` means the Trainer's ``max_steps``.
+        ramp_epochs: ramp ``lambda_coef`` and the loss weights from the values in force before the stage to the
+            stage's own over this many epochs (a number > 0; epoch schedules only).
+        ramp_steps: the same over this many optimizer steps (an int > 0; either unit).
+        ramp_shape: ``"linear"`` (the default) or ``"cosine"``.
+        monitor: a logged metric the stage watches (e.g. ``"val/loss"``): to end the stage on a plateau
+            (``patience``) and to know its best weights (``restore_best``).
+        mode: ``"min"`` (the default) or ``"max"``: whether a lower or a higher ``monitor`` is better.
+        patience: end the stage after this many validation runs without improvement (at the end of that epoch).
+            ``end_epoch`` stays a hard cap; the next stage starts right after. Needs ``monitor``.
+        min_delta: a value improves only when it beats the stage's best by more than this (default 0).
+        min_epochs: the least number of epochs the stage runs before a plateau may end it.
+        restore_best: at the stage's end, load the student's weights of its own best validation. Needs ``monitor``.
         data: the training data the stage wants (e.g. ``"unlabelled"``), set on the module as ``stage_data``; where it
             changes, the training dataloader is built again. ``None``: the module's ``stage_data`` is ``None``.
 
     Example::
 
-        >>> Stage(name="distill_only", start_epoch=0, end_epoch=100, distillation=True, lambda_coef=1.0,
-        ...       loss_weights={"bce": 0, "focal": 0})
-        Stage(name='distill_only', start_epoch=0, end_epoch=100, distillation=True, lambda_coef=1.0, loss_weights={'bce': 0, 'focal': 0}, data=None)
+        >>> stage = Stage(name="distill_only", start_epoch=0, end_epoch=100, distillation=True, lambda_coef=1.0,
+        ...               loss_weights={"bce": 0, "focal": 0}, monitor="val/loss", patience=3, data="unlabelled")
+        >>> stage.end_epoch, stage.loss_weights, stage.ends_on_plateau
+        (100, {'bce': 0, 'focal': 0}, True)
     """
 
     name: Optional[str] = None
-    start_epoch: int
+    start_epoch: Optional[int] = None
     end_epoch: Optional[int] = None
     distillation: Optional[bool] = None
     lambda_coef: Optional[float] = None
     loss_weights: Optional[dict[str, float]] = None
+    # steps and ramps (issue 11)
+    start_step: Optional[int] = None
+    end_step: Optional[int] = None
+    ramp_epochs: Optional[float] = None
+    ramp_steps: Optional[int] = None
+    ramp_shape: Optional[str] = None
+
     # adaptive stages (issue 12)
+    monitor: Optional[str] = None
+    mode: Optional[str] = None
+    patience: Optional[int] = None
+    min_delta: Optional[float] = None
+    min_epochs: Optional[int] = None
+    restore_best: Optional[bool] = None
     data: Optional[str] = None
+
+    @property
+    def ends_on_plateau(self) -> bool:
+        """Whether a plateau of ``monitor`` may end the stage before its ``end_epoch``."""
+        return self.monitor is not None and self.patience is not None
 
     def __post_init__(self) -> None:
         # keep a private copy: never share (or later mutate) the caller's dict
         if isinstance(self.loss_weights, Mapping):
             object.__setattr__(self, "loss_weights", dict(self.loss_weights))
+
+    def __repr__(self) -> str:  # the fields given, as the user wrote them
+        return f"Stage({', '.join(f'{key}={value!r}' for key, value in self.to_dict().items())})"
 
     def to_dict(self) -> dict[str, Any]:
         """The stage as a plain mapping in the config format (omitted fields left out).
@@ -71,24 +108,53 @@ class Stage:
                 out[f.name] = dict(value) if isinstance(value, Mapping) else value
         return out
 
+    @property
+    def unit(self) -> str:
+        """``"step"`` if the stage gives ``start_step`` or ``end_step``, else ``"epoch"``.
+
+        Example::
+
+            >>> Stage(start_step=0, end_step=100).unit, Stage(start_epoch=0).unit
+            ('step', 'epoch')
+        """
+        return "step" if self.start_step is not None or self.end_step is not None else "epoch"
+
+    @property
+    def start(self) -> Any:
+        """The first epoch or step of the stage (inclusive), in its :attr:`unit`."""
+        return self.start_step if self.unit == "step" else self.start_epoch
+
+    @property
+    def end(self) -> Any:
+        """The first epoch or step after the stage (exclusive), in its :attr:`unit`; ``None`` if not given."""
+        return self.end_step if self.unit == "step" else self.end_epoch
+
+    @property
+    def ramp_length(self) -> Any:
+        """``ramp_steps`` or ``ramp_epochs``, whichever is given (``None``: no ramp)."""
+        return self.ramp_steps if self.ramp_steps is not None else self.ramp_epochs
+
 
 STAGE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Stage))
 
 
 @dataclass(frozen=True)
 class ResolvedStage:
-    """The settings in force for one epoch: a stage with every base value filled in.
+    """The settings in force at one epoch (or step, or batch of a ramp): a stage with every base value filled in.
 
     Args:
         name: the stage's name, or ``"base"`` where no stage covers the epoch.
         index: the stage's position in ``stage_schedule`` as written, or ``None`` for the base settings.
         position: 1-based order of the stage by start epoch (``None`` for the base settings).
         num_stages: how many stages the schedule has.
-        start_epoch: first epoch of the range (inclusive).
-        end_epoch: first epoch after the range (exclusive), ``None`` if open-ended.
-        distillation: whether the distillation loss is on.
-        lambda_coef: the distillation coefficient.
+        start_epoch: first epoch of the range (inclusive); its first optimizer step when ``unit`` is ``"step"``.
+        end_epoch: first epoch (or step) after the range (exclusive), ``None`` if open-ended.
+        distillation: whether the distillation loss is on (during a ramp: the effective coefficient is > 0 or the
+            stage distills).
+        lambda_coef: the distillation coefficient (during a ramp: the ramped effective coefficient).
         loss_weights: the complete weight of every task loss.
+        unit: ``"epoch"`` or ``"step"``: what ``start_epoch`` and ``end_epoch`` count.
+        ramping: whether these values are part-way through the stage's ramp.
         data: the stage's ``data`` (``None`` where it gives none, and for the base settings).
     """
 
@@ -101,6 +167,8 @@ class ResolvedStage:
     distillation: bool
     lambda_coef: float
     loss_weights: dict[str, float] = field(default_factory=dict)
+    unit: str = "epoch"
+    ramping: bool = False
     data: Optional[str] = None
 
     @property

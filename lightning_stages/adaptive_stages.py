@@ -1,0 +1,162 @@
+"""``AdaptiveStages``: what ``StageScheduleCallback`` keeps for plateau-ended stages and ``restore_best``.
+
+Its state is exactly what resume reads: the transitions a run took (``{stage index: the epoch after its last}``),
+the current stage's :class:`~lightning_stages.plateau.PlateauTracker` (best value, its epoch, the wait count) and
+that stage's :class:`~lightning_stages.best_weights.BestWeights`. The effective schedule is derived from the
+transitions by the pure :func:`~lightning_stages.schedule.transitions.with_transitions`, never stored.
+
+* After each validation run of a fit (not the sanity check), the stage's ``monitor`` is read from
+  ``trainer.callback_metrics``, averaged over the ranks (so every rank keeps the same tracker), and given to the
+  tracker. When ``patience`` runs went without improvement and the stage ran ``min_epochs``, the stage ends at the end
+  of this epoch (a decision reduced over the ranks, as finetuning-scheduler's ``_reduce_transition`` does).
+* At a ``restore_best`` stage's last epoch end, the best weights are loaded and the optimizers' running state
+  (momentum, Adam's moments and step counts) is reset: it was gathered on the weights just discarded. Learning
+  rates, parameter groups and LR schedulers are kept (the LR schedule follows the run's epochs).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_stages.best_weights import BestWeights
+from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
+from lightning_stages.plateau import PlateauTracker
+from lightning_stages.schedule import StageSchedule
+from lightning_stages.schedule.stage import Stage, stage_name_of
+from lightning_stages.schedule.transitions import transition_problems, with_transitions
+
+__all__ = ["AdaptiveStages"]
+
+
+class AdaptiveStages:
+    """The run-time state of plateau-ended and ``restore_best`` stages (see the module's docstring).
+
+    Args:
+        best_weights: where the best weights are kept, ``"memory"`` or ``"file"``.
+
+    Example::
+
+        >>> adaptive = AdaptiveStages()
+        >>> adaptive.state_dict()
+        {'transitions': {}, 'tracker': None, 'best_weights': {'where': 'memory', 'weights': None, 'path': None}}
+    """
+
+    def __init__(self, best_weights: str = "memory") -> None:
+        self.transitions: dict[int, int] = {}
+        self.tracker: Optional[PlateauTracker] = None
+        self.best = BestWeights(best_weights)
+
+    def effective(self, schedule: StageSchedule) -> StageSchedule:
+        """The schedule as this run trains it: the bound schedule with the transitions taken so far."""
+        return with_transitions(schedule, self.transitions)
+
+    # ------------------------------------------------------------------ at the run's events
+
+    def after_validation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, schedule: StageSchedule) -> None:
+        """Give the stage's ``monitor`` to its tracker, keep the best weights, decide whether the stage ends."""
+        epoch = trainer.current_epoch
+        resolved = self.effective(schedule).at(epoch)
+        if resolved.index is None or schedule.stages[resolved.index].monitor is None:
+            return
+        index, stage = resolved.index, schedule.stages[resolved.index]
+        value = _reduced(trainer, pl_module, _monitored(trainer, stage, index))
+        if self.tracker is None or self.tracker.stage != index:  # a new stage: its best starts afresh
+            self.tracker = PlateauTracker(index, stage.mode or "min", float(stage.min_delta or 0.0))
+            self.best.clear()
+        if self.tracker.update(value, epoch) and stage.restore_best:
+            self.best.save(trainer, pl_module, index)
+        if stage.patience is None:
+            return
+        ran = epoch + 1 - resolved.start_epoch
+        ends = self.tracker.plateaued(stage.patience) and ran >= (stage.min_epochs or 1)
+        ends = bool(trainer.strategy.reduce_boolean_decision(ends, all=True))
+        cap = schedule.end_of(stage)
+        if ends and (cap is None or epoch + 1 < cap):
+            self.transitions[index] = epoch + 1
+        elif self.transitions.get(index) == epoch + 1:  # an improvement later in the same epoch
+            del self.transitions[index]
+
+    def at_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, schedule: StageSchedule,
+                     max_epochs: Optional[int]) -> None:
+        """At a stage's last epoch (or the run's): restore its best weights; a plateau of the run's last stage ends
+        the run, since nothing follows it."""
+        epoch = trainer.current_epoch
+        effective = self.effective(schedule)
+        current = effective.at(epoch)
+        if current.index is None:
+            return
+        stage = schedule.stages[current.index]
+        last_of_run = max_epochs is not None and epoch + 1 >= max_epochs
+        if stage.restore_best and (last_of_run or (current.end_epoch is not None and epoch + 1 >= current.end_epoch)):
+            self.restore(trainer, pl_module, current.index)
+        if (self.transitions.get(current.index) == epoch + 1 and schedule.end_of(stage) == schedule.total_epochs
+                and effective.at(epoch + 1).is_base):
+            trainer.should_stop = True
+
+    def restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int) -> None:
+        """Load stage ``index``'s best weights (once) and reset the optimizers' running state."""
+        tracker = self.tracker
+        if tracker is not None and tracker.stage == index and tracker.restored:
+            return
+        if tracker is None or tracker.stage != index:  # no validation ran in the stage
+            tracker = self.tracker = PlateauTracker(index)
+            self.best.clear()
+        tracker.restored = True
+        if self.best.empty:
+            rank_zero_warn(f"StageScheduleCallback: stage {index} has `restore_best` but no validation ran in it; "
+                           "its last weights are kept.")
+            return
+        self.best.restore(trainer, pl_module)
+        self.best.clear()
+        for optimizer in trainer.optimizers:
+            optimizer.state.clear()
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        """The transitions, the tracker and the best weights (or their file's path)."""
+        return {"transitions": dict(self.transitions),
+                "tracker": self.tracker.state_dict() if self.tracker is not None else None,
+                "best_weights": self.best.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any], schedule: StageSchedule) -> None:
+        """Resume the transitions, tracker and best weights; transitions that do not fit ``schedule`` (which changed
+        since) are dropped with a warning."""
+        transitions = state.get("transitions") or {}
+        problems = transition_problems(schedule, transitions)
+        if problems:
+            rank_zero_warn("StageScheduleCallback: the transitions in the checkpoint do not fit the schedule given "
+                           "now; they are dropped: " + "; ".join(map(str, problems)))
+            bad = {p.index for p in problems}
+            transitions = {k: v for k, v in transitions.items() if k not in bad} if isinstance(transitions, dict) else {}
+        self.transitions = dict(transitions)
+        tracker = state.get("tracker")
+        self.tracker = PlateauTracker.from_state(tracker) if tracker is not None else None
+        self.best.load_state_dict(state.get("best_weights") or {})
+
+
+def _monitored(trainer: pl.Trainer, stage: Stage, index: int) -> float:
+    """The stage's ``monitor`` as logged; a clear error naming the stage, the metric and what was logged if absent."""
+    metrics = trainer.callback_metrics
+    monitor = str(stage.monitor)
+    if monitor not in metrics:
+        logged = sorted(metrics)
+        listing = f"the logged metrics are: {', '.join(logged)}" if logged else "no metric was logged (self.log)"
+        close = did_you_mean(monitor, logged)
+        raise StageConfigError(StageProblem(
+            "was not logged by the end of the stage's first validation", index=index,
+            name=stage_name_of(stage, index), field="monitor", value=monitor,
+            hint=f"{close} {listing}" if close else listing))
+    return float(metrics[monitor])
+
+
+def _reduced(trainer: pl.Trainer, pl_module: pl.LightningModule, value: float) -> float:
+    """``value`` averaged over the ranks (itself on one process)."""
+    if trainer.world_size <= 1:
+        return value
+    tensor = torch.tensor(value, dtype=torch.float64, device=pl_module.device)
+    return float(trainer.strategy.reduce(tensor, reduce_op="mean"))

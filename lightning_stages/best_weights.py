@@ -1,0 +1,101 @@
+"""``BestWeights``: the student's weights at its stage's best validation, kept until the stage ends.
+
+Two places, chosen with ``StageScheduleCallback(best_weights=...)``:
+
+* ``"memory"`` (default): a CPU copy of ``pl_module.state_dict()``, one model's worth of host memory while a
+  ``restore_best`` stage runs; it is also written into every checkpoint taken during the stage (a checkpoint grows
+  by one copy of the student), which is what lets a resumed run restore the same weights.
+* ``"file"``: ``<trainer.log_dir>/best_weights/stage_<index>.pt``, written by rank zero at each improvement (one
+  ``torch.save`` of the student); the checkpoint holds only its path. Under DDP every rank reads that file at the
+  stage's end, so the log dir must be on a file system all ranks see (as for ``ModelCheckpoint``).
+
+Teachers are never stored: a :class:`~lightning_stages.DistillationModule` keeps them out of ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+
+__all__ = ["BEST_WEIGHTS_PLACES", "BestWeights", "student_weights"]
+
+BEST_WEIGHTS_PLACES = ("memory", "file")
+
+
+def student_weights(pl_module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the module's ``state_dict()`` (teachers are not part of it), independent of later training.
+
+    Example::
+
+        >>> layer = torch.nn.Linear(2, 1)
+        >>> copy = student_weights(layer)
+        >>> _ = torch.nn.init.zeros_(layer.weight)
+        >>> bool(copy["weight"].abs().sum() > 0)
+        True
+    """
+    return {key: value.detach().to("cpu", copy=True) for key, value in pl_module.state_dict().items()}
+
+
+class BestWeights:
+    """The best weights of the stage being trained, in memory or in a file (see the module's docstring).
+
+    Args:
+        where: ``"memory"`` or ``"file"``.
+
+    Example::
+
+        >>> store = BestWeights()
+        >>> store.empty
+        True
+    """
+
+    def __init__(self, where: str = "memory") -> None:
+        self.where = where
+        self.weights: Optional[dict[str, torch.Tensor]] = None
+        self.path: Optional[str] = None
+
+    @property
+    def empty(self) -> bool:
+        """Whether nothing is stored."""
+        return self.weights is None and self.path is None
+
+    def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: int) -> None:
+        """Keep the module's current weights as the best of stage ``stage``."""
+        if self.where == "memory":
+            self.weights = student_weights(pl_module)
+            return
+        path = Path(trainer.log_dir or trainer.default_root_dir) / "best_weights" / f"stage_{stage}.pt"
+        if trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(path.name + ".partial")
+            torch.save(student_weights(pl_module), partial)
+            os.replace(partial, path)  # a file that exists is whole
+        self.path = str(path)
+
+    def restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Load the stored weights into the module; every rank loads the same ones. Nothing stored: nothing done."""
+        if self.path is not None:
+            trainer.strategy.barrier("lightning_stages.best_weights")  # rank zero's file is written
+            weights: Any = torch.load(self.path, map_location="cpu", weights_only=True)
+        else:
+            weights = self.weights
+            if trainer.world_size > 1:  # equal on every rank under DDP anyway; rank zero's copy makes it certain
+                weights = trainer.strategy.broadcast(weights, src=0)
+        if weights is not None:
+            pl_module.load_state_dict(weights)
+
+    def clear(self) -> None:
+        """Forget the stored weights (a file stays on disk)."""
+        self.weights, self.path = None, None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint holds: the weights (``"memory"``) or the file's path (``"file"``)."""
+        return {"where": self.where, "weights": self.weights, "path": self.path}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the stored weights of a checkpoint (kept where this store keeps them)."""
+        self.weights, self.path = state.get("weights"), state.get("path")

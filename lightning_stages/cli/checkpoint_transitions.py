@@ -1,0 +1,85 @@
+"""``lightning-stages show --checkpoint CKPT``: the transitions a run actually took, read from its checkpoint.
+
+The :class:`~lightning_stages.StageScheduleCallback` state holds the schedule the run trained with and, for
+plateau-ended stages, the epochs they ended at and the tracker of the stage in progress (see
+:mod:`lightning_stages.adaptive_stages`). This module reads them and writes them as text.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Mapping
+from typing import Any, Union
+
+from lightning_stages.errors import StageConfigError, StageProblem
+from lightning_stages.schedule import StageSchedule
+from lightning_stages.schedule.render import format_summary, format_table
+from lightning_stages.schedule.stage import stage_name_of
+from lightning_stages.schedule.transitions import transition_problems, with_transitions
+
+__all__ = ["callback_state", "format_checkpoint"]
+
+
+def callback_state(path: Union[str, os.PathLike]) -> dict[str, Any]:
+    """The ``StageScheduleCallback`` state stored in a Lightning checkpoint.
+
+    Raises:
+        StageConfigError: the file cannot be read, or holds no state of the callback.
+    """
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
+        raise StageConfigError(StageProblem(f"cannot read checkpoint {os.fspath(path)!r}: {err}")) from None
+    states = checkpoint.get("callbacks") if isinstance(checkpoint, Mapping) else None
+    for key, state in (states or {}).items():
+        if str(key).startswith("StageScheduleCallback") and isinstance(state, Mapping) and "schedule" in state:
+            return dict(state)
+    raise StageConfigError(StageProblem(f"{os.fspath(path)}: the checkpoint holds no StageScheduleCallback state",
+                                        hint="was it written by a run with the callback?"))
+
+
+def format_checkpoint(state: Mapping[str, Any]) -> str:
+    """The schedule of a run as it actually went: a summary, a line per plateau stage, and the table.
+
+    Example::
+
+        >>> state = {"schedule": {"stage_schedule": [
+        ...     {"name": "kd", "start_epoch": 0, "end_epoch": 6, "monitor": "val/loss", "patience": 1},
+        ...     {"name": "ft", "start_epoch": 6}], "train": {"epochs": 9}},
+        ...     "adaptive": {"transitions": {0: 4}, "tracker": {"stage": 0, "mode": "min", "min_delta": 0.0,
+        ...                  "best": 0.5, "best_epoch": 2, "wait": 1, "restored": False}}}
+        >>> print(format_checkpoint(state))
+        2 stages over 9 epochs (kd [0, 4), ft [4, 9)); no teacher needed
+        stage 0 ('kd'): ended at epoch 4 on a plateau of val/loss (cap 6); best 0.5 at epoch 2
+        epochs  stage     distillation  lambda
+        [0, 4)  kd (1/2)  off           1
+        [4, 9)  ft (2/2)  off           1
+    """
+    schedule = StageSchedule.from_config(state["schedule"])
+    adaptive = state.get("adaptive") or {}
+    transitions = dict(adaptive.get("transitions") or {})
+    problems = transition_problems(schedule, transitions)
+    if problems:
+        raise StageConfigError(problems)
+    effective = with_transitions(schedule, transitions)
+    tracker = adaptive.get("tracker") or {}
+    lines = [format_summary(effective, ended=set(transitions))]
+    for index, stage in enumerate(schedule.stages):
+        if not stage.ends_on_plateau:
+            continue
+        label = f"stage {index} ({stage_name_of(stage, index)!r})"
+        cap = schedule.end_of(stage)
+        if index in transitions:
+            line = f"{label}: ended at epoch {transitions[index]} on a plateau of {stage.monitor} (cap {cap})"
+        else:
+            line = f"{label}: no early end (yet): runs up to {cap if cap is not None else 'the end'}"
+        if tracker.get("stage") == index and tracker.get("best") is not None:
+            line += f"; best {tracker['best']:g} at epoch {tracker['best_epoch']}"
+            if index not in transitions:
+                line += f", {tracker['wait']} validation run(s) since"
+        lines.append(line)
+    lines.append(format_table(effective, ended=set(transitions)))
+    return "\n".join(lines)

@@ -1,0 +1,124 @@
+"""What the model of a LightningCLI config declares (``loss_weights``, ``use_distillation``, ``lambda_coef``), read the
+way training reads it: from the module built from the config, without running ``configure_teachers``.
+
+``__init__`` is where a module declares its task losses (``self.loss_weights = {...}``), so the module is built with
+the config's ``init_args`` (through jsonargparse, as ``LightningCLI`` builds it, or by a plain call without it).
+Building never calls ``configure_teachers``: the callback calls it at fit time. When the module cannot be built,
+the declaration is read from the config's ``init_args`` and the ``__init__`` defaults alone, and a warning says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import warnings
+from collections.abc import Mapping
+from typing import Any, Optional
+
+from lightning_stages.errors import StageConfigError, StageProblem
+from lightning_stages.schedule.bind import declared_settings
+
+__all__ = ["DeclaredWeightsWarning", "declared_by_model", "import_class_path"]
+
+_KEYS = ("loss_weights", "use_distillation", "lambda_coef")
+
+
+class DeclaredWeightsWarning(UserWarning):
+    """The module's declared loss weights could not be read the way training reads them; the rest was checked."""
+
+
+def import_class_path(class_path: str, field: str) -> tuple[Optional[Any], list[StageProblem]]:
+    """The object a ``class_path`` names, or the problem of importing it (naming the class_path and the error).
+
+    Example::
+
+        >>> import_class_path("collections.OrderedDict", "model.class_path")[0].__name__
+        'OrderedDict'
+        >>> import_class_path("Model", "model.class_path")[1][0].message
+        'is not an importable class path (`package.module.Class`)'
+    """
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    if not module:
+        return None, [StageProblem("is not an importable class path (`package.module.Class`)", name="config",
+                                   field=field, value=class_path)]
+    try:
+        return getattr(importlib.import_module(module), name), []
+    except Exception as err:  # whatever importing the user's module raises, it is reported, not swallowed
+        reason = f"{type(err).__name__}: {err}"
+        return None, [StageProblem(f"cannot be imported ({reason})", name="config", field=field, value=class_path)]
+
+
+def _build(cls: type, init_args: Mapping[str, Any]) -> Any:
+    """``cls`` built from ``init_args`` as LightningCLI builds it (jsonargparse: nested ``class_path``s, types)."""
+    try:
+        from jsonargparse import ArgumentParser
+    except ImportError:  # the `cli` extra is not installed: a plain call
+        return cls(**init_args)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "model", fail_untyped=False)
+    config = parser.parse_object({"model": dict(init_args)})
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return instantiate(config).model
+
+
+def _static(cls: Optional[type], init_args: Mapping[str, Any]) -> dict[str, Any]:
+    defaults: dict[str, Any] = {}
+    if isinstance(cls, type):
+        with contextlib.suppress(TypeError, ValueError):
+            for name, parameter in inspect.signature(cls).parameters.items():
+                if parameter.default is not inspect.Parameter.empty:
+                    defaults[name] = parameter.default
+    loss_weights, distillation, lambda_coef = (init_args.get(k, defaults.get(k)) for k in _KEYS)
+    return {"loss_weights": loss_weights, "distillation": distillation, "lambda_coef": lambda_coef}
+
+
+def declared_by_model(model: Mapping[str, Any], model_class: Optional[str] = None) -> tuple[dict[str, Any], bool]:
+    """What the ``model`` section of a LightningCLI config declares, keyed as ``bind_schedule`` reads it, and whether
+    it was read from the module built from the config (``False``: from ``init_args`` and defaults only).
+
+    Args:
+        model: the config's ``model`` section: ``class_path`` and ``init_args``, or only the init args (a
+            ``LightningCLI(MyModel, MyData)`` config).
+        model_class: the model's class path when the section has none (``--model`` of ``validate``/``show``).
+
+    Warns:
+        DeclaredWeightsWarning: there is no class to build, or building it failed; the declaration is then read
+            from ``init_args`` and ``__init__`` defaults alone, so weights set in ``__init__`` are not known.
+
+    Raises:
+        StageConfigError: the class path cannot be imported (naming it and the error).
+
+    Example::
+
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     declared_by_model({"loss_weights": {"bce": 1.0}})  # no class: init args only
+        ({'loss_weights': {'bce': 1.0}, 'distillation': None, 'lambda_coef': None}, False)
+        >>> caught[0].category.__name__
+        'DeclaredWeightsWarning'
+    """
+    init_args = dict(model.get("init_args") or {}) if isinstance(model.get("init_args"), Mapping) else {}
+    for key, value in model.items():  # jsonargparse also accepts init args next to class_path
+        if key not in ("class_path", "init_args", "dict_kwargs"):
+            init_args.setdefault(key, value)
+    class_path = model.get("class_path") if isinstance(model.get("class_path"), str) else model_class
+    if class_path is None:
+        warnings.warn("the config names no model class (`model.class_path`), so the loss weights its module sets in "
+                      "__init__ are not known; pass `--model package.module.Class` to check them; checked the rest",
+                      DeclaredWeightsWarning, stacklevel=2)
+        return _static(None, init_args), False
+    cls, problems = import_class_path(class_path, "model.class_path" if "class_path" in model else "--model")
+    if problems:
+        raise StageConfigError(problems)
+    try:
+        module = _build(cls, init_args)  # type: ignore[arg-type]
+    except Exception as err:  # the user's __init__ may need files, data or a network: say so, check the rest
+        warnings.warn(f"could not build {class_path} from the config to read the loss weights it declares in "
+                      f"__init__ ({type(err).__name__}: {err}); read them from init_args and defaults only; checked "
+                      "the rest", DeclaredWeightsWarning, stacklevel=2)
+        return _static(cls, init_args), False
+    return declared_settings(getattr(module, "loss_weights", None), getattr(module, "use_distillation", None),
+                             getattr(module, "lambda_coef", None)), True

@@ -1,0 +1,336 @@
+"""Rows of a :class:`~lightning_stages.TeacherCache` in files that any number of processes share.
+
+:class:`FileRows` is built so that concurrency and kills cannot make it serve a wrong value:
+
+* one subdirectory per key (``tc2-<key>``): other teachers, versions or dtypes never share a file;
+* each process appends to a shard file of its own (unique name; its header is written to a temporary file and
+  renamed, so a shard always has a complete header), and never rewrites or truncates a byte;
+* every record carries a checksum of its sample index, input fingerprint and data, checked on every read: a torn,
+  truncated, missing or damaged record is never served, and is recomputed;
+* a process holds a lock file in its key's subdirectory while it uses it (released by the OS when the process dies);
+  subdirectories of other keys that no live process holds are deleted, under a lock on the whole directory. A
+  deletion cut short leaves shards that are each still complete or detectably incomplete.
+
+Rows are read through read-only memory maps (as fast as LMDB's ``get`` here); like any memory-mapped store, a shard
+truncated by hand while a process reads it can stop that process (SIGBUS), never make it read a wrong value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import mmap
+import os
+import re
+import uuid
+import zlib
+from typing import Any, Optional, cast
+
+import numpy as np
+import torch
+from filelock import FileLock, Timeout
+from torch import Tensor
+
+from lightning_stages.distillation.teacher_cache_rows import row_hash
+from lightning_stages.distillation.teacher_cache_storage import RowStorage, leaf_specs
+
+__all__ = ["FileRows", "drop_unused"]
+
+_KEY_DIR = re.compile(r"tc2-[0-9a-f]{32}")
+_LEGACY = re.compile(r"teacher_cache\.json(\.tmp)?|filled\.bin|leaf\d+\.bin")  # the 0.1 single-writer format
+_MAGIC = b"LSTCROW2"
+_FORMAT = 2
+_HEAD = 16  # magic (8 bytes), header length (4), header CRC-32 (4), then the JSON header
+_ROW_HEAD = 24  # per record: checksum, sample index, input fingerprint (int64 each), then the leaves' bytes
+
+
+def _align8(nbytes: int) -> int:
+    return -(-nbytes // 8) * 8
+
+
+class _Shard:
+    """One append-only file of records, written by one process."""
+
+    def __init__(self, path: str, layout: dict[str, Any], offset: int, record_bytes: int) -> None:
+        self.path, self.layout, self.offset, self.record_bytes = path, layout, offset, record_bytes
+        self.count = 0  # records indexed (or, for this process's own shard, written)
+        self._records: Optional[np.ndarray] = None  # the whole records mapped so far, (count, record_bytes)
+
+    def rows(self, records: list[int]) -> Optional[np.ndarray]:
+        """A copy of the records ``records``, ``(len(records), record_bytes)``; ``None`` if the file is gone or
+        shorter. Read through a read-only memory map of the whole records, mapped again when the file has grown
+        (no process ever truncates a shard, so the map never loses its pages)."""
+        needed = max(records) + 1
+        if self._records is None or len(self._records) < needed:
+            try:
+                count = (os.stat(self.path).st_size - self.offset) // self.record_bytes
+                if count < needed:
+                    return None
+                with open(self.path, "rb") as handle:
+                    mapped = mmap.mmap(handle.fileno(), self.offset + count * self.record_bytes,
+                                       access=mmap.ACCESS_READ)
+            except (OSError, ValueError):
+                return None
+            self._records = np.frombuffer(mapped, dtype=np.uint8, count=count * self.record_bytes,
+                                          offset=self.offset).reshape(count, self.record_bytes)
+        return self._records[records]
+
+
+def _read_header(path: str, key: str) -> Optional[_Shard]:
+    """The shard at ``path`` if its header is intact and written for ``key``, else ``None`` (never raises)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(_HEAD)
+            length = int.from_bytes(head[8:12], "little")
+            body = handle.read(length)
+        if head[:8] != _MAGIC or len(body) != length or zlib.crc32(body) != int.from_bytes(head[12:16], "little"):
+            return None
+        meta = json.loads(body)
+        if meta.get("format") != _FORMAT or meta.get("key") != key:
+            return None
+        layout = meta["layout"]
+        if meta["record_bytes"] != _ROW_HEAD + sum(_align8(n) for _, _, n in leaf_specs(layout)):
+            return None
+        return _Shard(path, layout, _align8(_HEAD + length), meta["record_bytes"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return None
+
+
+def _held(path: str) -> bool:
+    """Whether a live process holds the lock file ``path``."""
+    lock = FileLock(path, timeout=0, thread_local=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    except OSError:
+        return True  # cannot tell: keep
+    lock.release()
+    return False
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        os.remove(path)
+
+
+def drop_unused(directory: str) -> None:
+    """Delete the key subdirectories of ``directory`` (and the 0.1 format's files) that no live process uses."""
+    with FileLock(os.path.join(directory, ".teacher_cache.lock"), thread_local=False):
+        _tidy(directory, None)
+
+
+def _tidy(root: str, keep: Optional[str]) -> None:
+    """Under the directory lock: delete the key subdirectories nobody uses (but ``keep``), the 0.1 format's files,
+    and in ``keep`` the temporary files and lock files of dead processes. Shards go first, the directory last."""
+    names = os.listdir(root)
+    if "teacher_cache.json" in names or "filled.bin" in names:
+        for name in names:
+            if _LEGACY.fullmatch(name):
+                _remove(os.path.join(root, name))
+    for name in names:
+        path = os.path.join(root, name)
+        if not _KEY_DIR.fullmatch(name) or path == keep:
+            continue
+        if not os.path.isdir(path):
+            _remove(path)
+            continue
+        inside = os.listdir(path)
+        if any(_held(os.path.join(path, n)) for n in inside if n.endswith(".live")):
+            continue
+        for suffix in (".rows", ".tmp", ".live"):
+            for n in inside:
+                if n.endswith(suffix):
+                    _remove(os.path.join(path, n))
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+    if keep is None:
+        return
+    for name in os.listdir(keep):
+        writer, _, suffix = name.rpartition(".")
+        if suffix in ("tmp", "live") and not _held(os.path.join(keep, writer + ".live")):
+            _remove(os.path.join(keep, writer + ".tmp"))
+            _remove(os.path.join(keep, writer + ".live"))
+
+
+class FileRows(RowStorage):
+    """Rows in append-only shard files under ``directory/tc2-<key>/``, shared by any number of processes.
+
+    Args:
+        directory: the cache directory (created if missing).
+        key: 32 hex digits naming what the rows were computed by (teachers, layers, version, stored dtype).
+
+    Raises:
+        OSError: the directory cannot be created or written.
+    """
+
+    def __init__(self, directory: str, key: str) -> None:
+        self.layout = None
+        self.directory, self.key = directory, key
+        self.path = os.path.join(directory, f"tc2-{key}")
+        self._salt = int(key[:16], 16) - (1 << 63)
+        self._id = f"{os.getpid()}-{uuid.uuid4().hex}"
+        self._shards: dict[str, _Shard] = {}
+        self._bad: set[str] = set()
+        self._where: dict[int, tuple[_Shard, int, int]] = {}  # sample -> (shard, record, input fingerprint)
+        self._writer: Optional[_Shard] = None
+        self._writer_fd: Optional[int] = None
+        os.makedirs(directory, exist_ok=True)
+        with FileLock(os.path.join(directory, ".teacher_cache.lock"), thread_local=False):
+            if not os.path.isdir(self.path):
+                _remove(self.path)
+            os.makedirs(self.path, exist_ok=True)
+            self._live = FileLock(os.path.join(self.path, self._id + ".live"), timeout=0, thread_local=False)
+            self._live.acquire()
+            _tidy(directory, self.path)
+        self._scan()
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def set_layout(self, layout: dict[str, Any]) -> None:
+        if layout == self.layout:
+            return
+        self.layout, self._where = layout, {}
+        self._close_writer()
+        for shard in self._shards.values():
+            shard.count = 0
+        self._scan()
+
+    def _scan(self) -> None:
+        """Index the records that other processes (or earlier runs) appended since the last scan."""
+        try:
+            names = sorted(os.listdir(self.path))
+        except OSError:
+            return
+        for name in names:
+            path = os.path.join(self.path, name)
+            own = self._writer is not None and path == self._writer.path
+            if not name.endswith(".rows") or path in self._bad or own:
+                continue
+            shard = self._shards.get(path) or _read_header(path, self.key)
+            if shard is None:
+                self._bad.add(path)
+                continue
+            self._shards[path] = shard
+            if self.layout is None:
+                self.layout = shard.layout
+            if shard.layout == self.layout:
+                self._index(shard)
+
+    def _index(self, shard: _Shard) -> None:
+        try:
+            count = max(0, (os.stat(shard.path).st_size - shard.offset) // shard.record_bytes)
+        except OSError:
+            return
+        chunk = max(1, (4 << 20) // shard.record_bytes)  # records read at once
+        for first in range(shard.count, count, chunk):
+            found = shard.rows(list(range(first, min(first + chunk, count))))
+            if found is None:
+                return
+            words = torch.from_numpy(found).view(torch.int64)
+            for k in self._intact(words).nonzero().flatten().tolist():  # a torn or damaged record is not indexed
+                self._where[int(words[k, 1])] = (shard, first + k, int(words[k, 2]))
+            shard.count = first + len(words)
+
+    def _intact(self, words: Tensor) -> Tensor:
+        return words[:, 0] == row_hash(words[:, 1:]) + self._salt
+
+    def get(self, index: list[int], fingerprints: Optional[Tensor]) -> tuple[Optional[list[Tensor]], int]:
+        entries = [self._where.get(i) for i in index]
+        if None in entries or self.layout is None:
+            self._scan()
+            entries = [self._where.get(i) for i in index]
+        wanted = fingerprints.tolist() if fingerprints is not None else None
+        mismatched = 0 if wanted is None else sum(e is not None and e[2] != f for e, f in zip(entries, wanted))
+        if None in entries or mismatched or self.layout is None:
+            return None, mismatched
+        specs = leaf_specs(self.layout)
+        record_bytes = _ROW_HEAD + sum(_align8(n) for _, _, n in specs)
+        rows = torch.empty((len(index), record_bytes), dtype=torch.uint8)
+        groups: dict[_Shard, tuple[list[int], list[int]]] = {}
+        for position, (shard, record, _) in enumerate(entries):  # type: ignore[misc]
+            positions, records = groups.setdefault(shard, ([], []))
+            positions.append(position)
+            records.append(record)
+        for shard, (positions, records) in groups.items():
+            found = shard.rows(records)
+            if found is None:  # the file is gone or shorter: recompute
+                for i, entry in zip(index, entries):
+                    if entry[0] is shard and self._where.get(i) is entry:  # type: ignore[index]
+                        del self._where[i]
+                return None, 0
+            rows.numpy()[positions] = found
+        words = rows.view(torch.int64)
+        intact = self._intact(words) & (words[:, 1] == torch.tensor(index, dtype=torch.int64))
+        if not bool(intact.all()):
+            for k in (~intact).nonzero().flatten().tolist():
+                if self._where.get(index[k]) is entries[k]:
+                    del self._where[index[k]]  # damaged: never served, recomputed by the caller
+            return None, 0
+        leaves, start = [], _ROW_HEAD
+        for shape, dtype, nbytes in specs:
+            leaves.append(rows[:, start:start + nbytes].contiguous().view(dtype).view(len(index), *shape))
+            start += _align8(nbytes)
+        return leaves, 0
+
+    def put(self, index: list[int], fingerprints: Tensor, leaves: list[Tensor]) -> None:
+        if self.layout is None:
+            raise RuntimeError("set_layout before put")
+        specs = leaf_specs(self.layout)
+        record_bytes = _ROW_HEAD + sum(_align8(n) for _, _, n in specs)
+        if self._writer is None:
+            self._open_writer(record_bytes)
+        rows = torch.zeros((len(index), record_bytes), dtype=torch.uint8)
+        words = rows.view(torch.int64)
+        words[:, 1] = torch.tensor(index, dtype=torch.int64)
+        words[:, 2] = fingerprints
+        start = _ROW_HEAD
+        for (_, _, nbytes), leaf in zip(specs, leaves):
+            if nbytes:
+                flat = leaf.reshape(len(index), -1).contiguous()
+                rows[:, start:start + nbytes] = (flat.to(torch.uint8) if flat.dtype == torch.bool else flat).view(
+                    torch.uint8)
+            start += _align8(nbytes)
+        words[:, 0] = row_hash(words[:, 1:]) + self._salt
+        data = memoryview(rows.numpy()).cast("B")  # type: ignore[arg-type]
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(self._writer_fd, data[written:])  # type: ignore[arg-type]
+        except OSError:
+            self._close_writer()  # a torn record stays at the end of this shard, never read; the next put starts anew
+            raise
+        writer = cast(_Shard, self._writer)  # opened above
+        for k, (i, fingerprint) in enumerate(zip(index, fingerprints.tolist())):
+            self._where[i] = (writer, writer.count + k, fingerprint)
+        writer.count += len(index)
+
+    def _open_writer(self, record_bytes: int) -> None:
+        body = json.dumps({"format": _FORMAT, "key": self.key, "layout": self.layout,
+                           "record_bytes": record_bytes}).encode()
+        head = _MAGIC + len(body).to_bytes(4, "little") + zlib.crc32(body).to_bytes(4, "little") + body
+        head += bytes(_align8(len(head)) - len(head))
+        os.makedirs(self.path, exist_ok=True)
+        name = f"{self._id}-{uuid.uuid4().hex[:8]}"
+        tmp, final = os.path.join(self.path, f"{self._id}.tmp"), os.path.join(self.path, f"{name}.rows")
+        with open(tmp, "wb") as handle:
+            handle.write(head)
+        os.rename(tmp, final)  # a shard is visible only with its whole header
+        self._writer_fd = os.open(final, os.O_WRONLY | os.O_APPEND)
+        self._writer = self._shards[final] = _Shard(final, self.layout, len(head), record_bytes)  # type: ignore[arg-type]
+
+    def _close_writer(self) -> None:
+        if self._writer_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._writer_fd)
+        self._writer, self._writer_fd = None, None
+
+    def close(self) -> None:
+        self._close_writer()
+        self._shards = {}  # their memory maps close with them
+        with contextlib.suppress(OSError, AttributeError):
+            self._live.release()
+
+    def __del__(self) -> None:
+        self.close()

@@ -1,0 +1,145 @@
+"""Where a :class:`~lightning_stages.TeacherCache` keeps its rows: the :class:`RowStorage` interface and
+:class:`MemoryRows`; the files shared by processes are :class:`~lightning_stages.distillation.teacher_cache_files.FileRows`.
+
+A row is keyed by its sample index and holds that sample's stored tensors (the leaves of the layout, see
+``teacher_cache_rows.py``) and the fingerprint of the input it was computed from. ``get`` gives rows only when every
+requested one is stored for the same input; ``put`` stores rows.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_stages.distillation.teacher_cache_rows import unflatten
+
+__all__ = ["MemoryRows", "RowStorage", "directory_problem", "leaf_specs"]
+
+
+def leaf_specs(layout: dict[str, Any]) -> list[tuple[tuple[int, ...], torch.dtype, int]]:
+    """``(per-sample shape, stored dtype, bytes per sample)`` of each leaf of ``layout``.
+
+    Raises:
+        ValueError: the layout is not one the cache wrote (e.g. a damaged file header).
+    """
+    shapes, stored = layout["leaves"], layout["stored"]
+    if len(shapes) != len(stored):
+        raise ValueError("one stored dtype per leaf")
+    specs = []
+    for (shape, _), name in zip(shapes, stored):
+        dtype = getattr(torch, str(name), None)
+        if not isinstance(dtype, torch.dtype) or not all(isinstance(s, int) and s >= 0 for s in shape):
+            raise ValueError(f"not a leaf: {shape} {name}")
+        numel = 1
+        for size in shape:
+            numel *= size
+        specs.append((tuple(shape), dtype, numel * torch.empty((), dtype=dtype).element_size()))
+    for specs_of in (layout["outputs"], *layout["features"].values()):
+        for spec in specs_of.values():
+            unflatten(spec, range(len(specs)))  # raises on a spec that names no leaf
+    return specs
+
+
+def directory_problem(directory: str, create: bool) -> Optional[tuple[str, Optional[str]]]:
+    """What makes ``directory`` unusable for a cache, as ``(message, hint)``; ``None`` if nothing.
+
+    Without ``create`` it only looks (the path, its nearest existing ancestor); with it, it also creates the
+    directory and a file in it.
+
+    Example::
+
+        >>> directory_problem(__file__, create=False)[0]
+        'is an existing file, not a directory'
+    """
+    path = os.path.abspath(directory)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = "is an existing file" if existing == path else f"lies under the file {existing!r}"
+        return f"{what}, not a directory", "give the path of a directory (it is created if missing)"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"is not writable ({existing!r} is not)", None
+    if create:
+        probe = os.path.join(path, f".write-probe-{os.getpid()}")
+        try:
+            os.makedirs(path, exist_ok=True)
+            with open(probe, "wb"):
+                pass
+            os.remove(probe)
+        except OSError as err:
+            return f"is not writable: {err.strerror or err}", None
+    return None
+
+
+class RowStorage(abc.ABC):
+    """The interface of both storages. ``layout`` is ``None`` until rows of some layout are known."""
+
+    layout: Optional[dict[str, Any]] = None
+
+    @abc.abstractmethod
+    def set_layout(self, layout: dict[str, Any]) -> None:
+        """Store (and serve) rows of ``layout`` from now on; rows of another layout are forgotten."""
+
+    @abc.abstractmethod
+    def get(self, index: list[int], fingerprints: Optional[Tensor]) -> tuple[Optional[list[Tensor]], int]:
+        """The stored leaves of the rows ``index`` (or ``None`` unless all are stored, intact and, when
+        ``fingerprints`` is given, stored for those inputs), and how many stored rows had another input."""
+
+    @abc.abstractmethod
+    def put(self, index: list[int], fingerprints: Tensor, leaves: list[Tensor]) -> None:
+        """Store row ``k`` of every leaf (CPU, stored dtype) for sample ``index[k]``."""
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """How many samples have a row."""
+
+    def close(self) -> None:  # noqa: B027 - nothing to release in memory
+        """Release what the storage holds (files, locks). Nothing is deleted."""
+
+
+class MemoryRows(RowStorage):
+    """Rows in CPU tensors, one slot per stored sample (growing by doubling)."""
+
+    def __init__(self) -> None:
+        self.layout = None
+        self._slot: dict[int, int] = {}
+        self._leaves: list[Tensor] = []
+        self._fingerprints = torch.zeros(0, dtype=torch.int64)
+
+    def set_layout(self, layout: dict[str, Any]) -> None:
+        if layout != self.layout:
+            self.layout, self._slot = layout, {}
+            self._leaves = [torch.empty((0, *shape), dtype=dtype) for shape, dtype, _ in leaf_specs(layout)]
+            self._fingerprints = torch.zeros(0, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self._slot)
+
+    def get(self, index: list[int], fingerprints: Optional[Tensor]) -> tuple[Optional[list[Tensor]], int]:
+        slots = [self._slot.get(i, -1) for i in index]
+        present = torch.tensor(slots, dtype=torch.int64)
+        mismatched = 0
+        if fingerprints is not None:
+            known = present >= 0
+            mismatched = int((self._fingerprints[present[known]] != fingerprints[known]).sum())
+        if self.layout is None or -1 in slots or mismatched:
+            return None, mismatched
+        return [leaf.index_select(0, present) for leaf in self._leaves], 0
+
+    def put(self, index: list[int], fingerprints: Tensor, leaves: list[Tensor]) -> None:
+        slots = [self._slot.setdefault(i, len(self._slot)) for i in index]
+        if len(self._slot) > len(self._fingerprints):
+            capacity = max(len(self._slot), 2 * len(self._fingerprints))
+            self._leaves = [torch.cat([old, old.new_empty((capacity - len(old), *old.shape[1:]))])
+                            for old in self._leaves]
+            self._fingerprints = torch.cat([self._fingerprints,
+                                            torch.zeros(capacity - len(self._fingerprints), dtype=torch.int64)])
+        rows = torch.tensor(slots, dtype=torch.int64)
+        for stored, leaf in zip(self._leaves, leaves):
+            stored.index_copy_(0, rows, leaf)
+        self._fingerprints.index_copy_(0, rows, fingerprints)

@@ -1,0 +1,71 @@
+"""What each teacher is fed: the same inputs for all, or each teacher its own (``run_teachers(inputs=...)``), and a
+teacher's forward whose input mistakes name the teacher."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from lightning_stages.distillation.step_checks import stage_where
+from lightning_stages.errors import DistillationStepError, StageProblem, did_you_mean
+
+__all__ = ["forward_named", "teacher_calls"]
+
+
+def teacher_calls(names: list[str], args: tuple, kwargs: Mapping[str, Any], inputs: Optional[Mapping[str, Any]],
+                  stage: Optional[str]) -> dict[str, tuple[tuple, dict]]:
+    """``{teacher: (args, kwargs)}``: the same ``args``/``kwargs`` for every teacher, or each teacher's own entry of
+    ``inputs``: a tuple or list is its positional arguments, a mapping its keyword arguments, anything else its one
+    argument.
+
+    Raises:
+        DistillationStepError: ``inputs`` is given with ``args``/``kwargs``, is not a mapping, misses a teacher or
+            names one that does not exist (with a did-you-mean).
+
+    Example::
+
+        >>> calls = teacher_calls(["a", "b"], (), {}, {"a": (1,), "b": {"x": 2}}, "kd")
+        >>> calls["a"], calls["b"]
+        (((1,), {}), ((), {'x': 2}))
+    """
+    if inputs is None:
+        return {name: (tuple(args), dict(kwargs)) for name in names}
+    where = stage_where(stage)
+    if args or kwargs or not isinstance(inputs, Mapping):
+        raise DistillationStepError(StageProblem(
+            "must be a mapping {teacher name: inputs}, given without other positional or keyword arguments",
+            name=where, field="run_teachers.inputs", value=type(inputs).__name__), stage=stage, when="a step")
+    problems = [StageProblem("is not a teacher", name=where, field="run_teachers.inputs", value=key,
+                             hint=did_you_mean(str(key), names) or f"the teachers are: {', '.join(names)}")
+                for key in inputs if key not in names]
+    problems += [StageProblem("has no inputs; give every teacher its own", name=where, field="run_teachers.inputs",
+                              value=name) for name in names if name not in inputs]
+    if problems:
+        raise DistillationStepError(problems, stage=stage, when="a step")
+    calls: dict[str, tuple[tuple, dict]] = {}
+    for name in names:
+        given = inputs[name]
+        if isinstance(given, Mapping):
+            calls[name] = ((), dict(given))
+        elif isinstance(given, (tuple, list)):
+            calls[name] = (tuple(given), {})
+        else:
+            calls[name] = ((given,), {})
+    return calls
+
+
+def forward_named(name: str, teacher: nn.Module, call: tuple[tuple, dict], stage: Optional[str], shared: bool) -> Any:
+    """``teacher(*args, **kwargs)``; an input mistake raised inside it names the teacher."""
+    args, kwargs = call
+    try:
+        return teacher(*args, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as err:
+        hint = "give each teacher its own inputs: run_teachers(inputs={name: (args...) or {kwargs}})" if shared else None
+        raise DistillationStepError(StageProblem(
+            f"teacher {name!r} raised {type(err).__name__} in its forward: {err}", name=stage_where(stage),
+            field=f"teachers.{name}", value=type(teacher).__name__, hint=hint), stage=stage, when="a step") from err

@@ -1,0 +1,85 @@
+"""Adaptive stages under DDP (2 CPU ranks, gloo, in a subprocess: ``tests/_ddp_adaptive_worker.py``): one plateau
+decision for both ranks though each logs a different metric, the same restored weights, the same per-stage data."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import _ddp_adaptive_worker as worker
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("_ddp_adaptive_worker.py")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """``{best_weights: [rank 0's record, rank 1's]}`` of the two runs, started at once."""
+    procs = {}
+    for where in ("memory", "file"):
+        out = tmp_path_factory.mktemp(where)
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PYTHONWARNINGS": "ignore"}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK"):
+            env.pop(var, None)
+        cmd = [sys.executable, str(WORKER), "--out", str(out), "--best-weights", where]
+        procs[where] = (out, subprocess.Popen(cmd, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                              text=True))
+    results = {}
+    for where, (out, proc) in procs.items():
+        output, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{where} run failed:\n{output[-4000:]}"
+        results[where] = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return results
+
+
+def plateau_end(values, patience, cap):
+    """EarlyStopping's rule by hand (mode min, no min_delta): the epoch after the stage's last."""
+    best, wait = float("inf"), 0
+    for epoch in range(cap):
+        best, wait = (values[epoch], 0) if values[epoch] < best else (best, wait + 1)
+        if wait >= patience:
+            return epoch + 1
+    return cap
+
+
+def test_one_plateau_decision_for_both_ranks_from_the_mean_metric(ranks):
+    mean = [(a + b) / 2 for a, b in zip(worker.SCRIPTS[0], worker.SCRIPTS[1])]
+    end = plateau_end(mean, 1, 4)
+    # a rank deciding on its own values would end kd elsewhere, and the two ranks would disagree
+    assert (plateau_end(worker.SCRIPTS[0], 1, 4), plateau_end(worker.SCRIPTS[1], 1, 4), end) == (3, 2, 4)
+    for where in ("memory", "file"):
+        for record in ranks[where]:
+            assert record["stage_of"] == {e: "kd" if e < end else "ft" for e in range(5)}
+            assert record["transitions"] == {}
+
+
+@pytest.mark.parametrize("where", ["memory", "file"])
+def test_restore_best_gives_equal_weights_on_both_ranks(ranks, where):
+    mean = [(a + b) / 2 for a, b in zip(worker.SCRIPTS[0], worker.SCRIPTS[1])]
+    best = min(range(4), key=lambda e: mean[e])
+    assert best == 2
+    rank0, rank1 = ranks[where]
+    for key, value in rank0["weights"][f"val{best}"].items():
+        assert torch.equal(rank0["weights"]["start4"][key], value), key
+        assert torch.equal(rank1["weights"]["start4"][key], value), key
+    # the last epoch's weights were not kd's best: the restore changed them
+    assert not torch.equal(rank0["weights"]["val3"]["head.weight"], rank0["weights"]["start4"]["head.weight"])
+
+
+def test_each_stage_trains_on_its_data_on_both_ranks(ranks):
+    for record in ranks["memory"]:
+        assert record["builds"] == ["all", "labelled"]
+        # 16 / 8 samples, split over 2 ranks, 4 per batch
+        assert record["batches"] == {e: 2 if e < 4 else 1 for e in range(5)}

@@ -1,0 +1,451 @@
+"""The teacher cache under races, kills and damage: it serves the teacher's own value for a sample, or nothing.
+
+Every value read back is compared with the teacher run in the test on that sample alone. Processes that race or
+die are real: ``multiprocessing`` (fork) children and a 2-rank DDP fit (``tests/_cache_ddp_worker.py``); kills are
+SIGKILLs at a fixed point in the code, never timed.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+import multiprocessing
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import _cache_ddp_worker as worker
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_stages import IndexedDataset, StageConfigError, StageScheduleCallback, TeacherCache
+from lightning_stages.distillation.teacher_cache_rows import row_hash
+from lightning_stages.distillation.teacher_fingerprint import teacher_fingerprint
+from lightning_stages.errors import DistillationStepError
+
+WORKER = Path(__file__).with_name("_cache_ddp_worker.py")
+FORK = multiprocessing.get_context("fork")  # children start at once, without importing torch again
+
+
+def reference(index) -> torch.Tensor:
+    return worker.reference(worker.make_teacher(), list(index))
+
+
+def fill(directory, samples=range(16), key="t", chunk=4) -> None:
+    """Store the teacher's outputs for ``samples``, ``chunk`` per batch, with one cache object (one shard)."""
+    teacher, x = worker.make_teacher(), worker.inputs()
+    cache = TeacherCache(directory)
+    cache.bind(key)
+    with torch.no_grad():
+        for index in torch.tensor(list(samples), dtype=torch.long).split(chunk):
+            cache.store(index, {"t": teacher(x[index])}, {}, inputs=x[index])
+    cache.close()
+
+
+def read(directory, index, key="t"):
+    """What a new cache object serves for ``index`` (``None``: nothing)."""
+    cache = TeacherCache(directory)
+    cache.bind(key)
+    x = worker.inputs()
+    found = cache.lookup(index, inputs=x[index])
+    cache.close()
+    return None if found is None else found[0]["t"]
+
+
+def served(directory, key="t") -> set[int]:
+    """The samples of 0..15 a new cache serves, each checked against the teacher."""
+    result = set()
+    for sample in range(16):
+        value = read(directory, [sample], key)
+        if value is not None:
+            torch.testing.assert_close(value, reference([sample]))
+            result.add(sample)
+    return result
+
+
+def shards(directory) -> list[Path]:
+    return sorted(Path(directory).glob("tc2-*/*.rows"))
+
+
+def header(path: Path) -> tuple[int, int]:
+    """``(offset of the first record, bytes per record)`` of a shard file."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[8:12], "little")
+    return -(-(16 + length) // 8) * 8, json.loads(data[16 : 16 + length])["record_bytes"]
+
+
+# ------------------------------------------------------------------------------------------------ checksums
+
+
+def test_row_hash_equals_a_python_reference():
+    mask64, golden, mix = (1 << 64) - 1, 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9
+
+    def python_hash(words: list[int]) -> int:
+        total = 0
+        for position, word in enumerate(words, start=1):
+            m = (position * golden) & mask64
+            m = (((m ^ ((m >> 31) & 0xFFFFFFFF)) * mix) & mask64) | 1
+            x = (word * m) & mask64
+            total += x ^ (x >> 29)
+        total &= mask64
+        return total - (1 << 64) if total >= 1 << 63 else total
+
+    words = torch.randint(-(2**63), 2**63 - 1, (5, 7), generator=torch.Generator().manual_seed(0))
+    assert row_hash(words).tolist() == [python_hash([w & mask64 for w in row]) for row in words.tolist()]
+    flipped = words.clone()
+    flipped[:, 3] ^= 1 << 63  # the top bit of one word
+    assert (row_hash(flipped) != row_hash(words)).all()
+
+
+# ------------------------------------------------------------------------------------------------ concurrency
+
+
+def test_processes_with_the_same_and_with_other_teachers_and_dtypes_race_on_one_directory(tmp_path):
+    # (teacher seed, stored dtype) of the caches of each process: the first teacher in float32 in both, another
+    # teacher in one, float16 in the other
+    runs = [[(7, None), (8, None)], [(7, None), (7, torch.float16)]]
+    barrier, results = FORK.Barrier(len(runs)), FORK.Queue()
+    procs = [FORK.Process(target=worker.hammer, args=(str(tmp_path), caches, 200, barrier, results)) for caches in runs]
+    for proc in procs:
+        proc.start()
+    try:
+        reports = [report for _ in procs for report in results.get(timeout=120)]
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    assert len(reports) == 4
+    for report in reports:
+        assert report["hits"] > 0, report  # the cache was read, not only filled
+        # float32 rows equal the process's own teacher (up to batch-dependent rounding); float16 rows its rounding
+        assert report["worst"] <= (2e-3 if report["dtype"] == "torch.float16" else 1e-5), report
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ddp_ranks_share_one_cache_directory(tmp_path):
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PYTHONWARNINGS": "ignore"}
+    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK"):
+        env.pop(var, None)
+    cmd = [sys.executable, str(WORKER), "--out", str(tmp_path), "--cache", str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    teacher, x = worker.make_teacher(), worker.inputs()
+    steps_per_epoch = worker.N_SAMPLES // 2 // worker.BATCH_SIZE
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(result["seen"]) == worker.EPOCHS * steps_per_epoch
+        assert result["teacher_calls"] == steps_per_epoch  # epoch 0 only: later epochs read both ranks' rows
+        for step in result["seen"]:
+            torch.testing.assert_close(torch.tensor(step["logits"]), worker.reference(teacher, step["index"]))
+            with torch.no_grad():
+                hidden = torch.tanh(teacher[0](x[step["index"]]))
+            torch.testing.assert_close(torch.tensor(step["hidden"]), hidden)
+        first = {i for step in result["seen"] if step["epoch"] == 0 for i in step["index"]}
+        later = {i for step in result["seen"] if step["epoch"] > 0 for i in step["index"]}
+        assert later - first, "no sample stored by the other rank was read"
+
+
+def test_a_live_run_keeps_its_rows_while_another_teacher_binds_the_directory(tmp_path):
+    fill(tmp_path, key="a")
+    live = TeacherCache(tmp_path)
+    live.bind("a")
+    other = TeacherCache(tmp_path)
+    other.bind("b")  # deletes the entries of keys nobody uses, not those of a live process
+    assert len(live) == 16 and other.lookup([0]) is None
+    live.close()
+    other.clear()
+    assert served(tmp_path, key="a") == set()
+
+
+# ------------------------------------------------------------------------------------------------ kills
+
+
+def _run_until_killed(target, directory) -> int:
+    proc = FORK.Process(target=target, args=(str(directory),))
+    proc.start()
+    proc.join(timeout=120)
+    if proc.is_alive():
+        proc.kill()
+    return proc.exitcode
+
+
+def test_a_kill_mid_write_serves_the_complete_rows_and_recomputes_the_torn_ones(tmp_path):
+    assert _run_until_killed(worker.die_mid_write, tmp_path) == -signal.SIGKILL
+    (shard,) = shards(tmp_path)
+    offset, record = header(shard)
+    assert (shard.stat().st_size - offset) % record != 0  # a torn record at the end
+    # the first batch, and the four whole records of the second one; sample 12 is torn, 13-15 were never written
+    assert served(tmp_path, key="kill") == set(range(12))
+    fill(tmp_path, range(12, 16), key="kill")
+    assert served(tmp_path, key="kill") == set(range(16))
+
+
+def test_a_kill_mid_drop_leaves_rows_that_are_read_correctly_or_dropped(tmp_path):
+    fill(tmp_path, range(8), key="old")
+    fill(tmp_path, range(8, 16), key="old")  # a second shard
+    assert _run_until_killed(worker.die_mid_drop, tmp_path) == -signal.SIGKILL
+    assert len(shards(tmp_path)) == 1  # one of the old key's two shards is left
+    assert served(tmp_path, key="old") in (set(range(8)), set(range(8, 16)))
+    new = TeacherCache(tmp_path)
+    new.bind("new")  # the next run with another teacher drops the rest
+    assert shards(tmp_path) == [] and len(list(tmp_path.glob("tc2-*"))) == 1
+
+
+# ------------------------------------------------------------------------------------------------ damage
+
+
+def _damage(path: Path, kind: str) -> set[int]:
+    """Damage the shard holding samples 0..15 (in order); return the samples that must still be served."""
+    offset, record = header(path)
+    data = bytearray(path.read_bytes())
+    if kind == "truncated":
+        path.write_bytes(bytes(data[: offset + 10 * record + record // 2]))
+        return set(range(10))
+    if kind == "missing":
+        path.unlink()
+        return set()
+    if kind in ("flipped", "nan"):
+        at = offset + 5 * record + 24
+        data[at : at + 4] = struct.pack("<f", math.nan) if kind == "nan" else bytes([data[at] ^ 0x10, *data[at + 1:at + 4]])
+        path.write_bytes(bytes(data))
+        return set(range(16)) - {5}
+    if kind == "zero-extended":
+        os.truncate(path, len(data) + 4 * record)  # reads as four records of zeros, "sample 0"
+        return set(range(1, 16))
+    if kind == "header":
+        data[20] ^= 0x01
+        path.write_bytes(bytes(data))
+        return set()
+    assert kind == "metadata"  # a valid checksum over a header that makes no sense
+    body = json.dumps({"format": 2, "key": path.parent.name[4:], "layout": {"leaves": "12x"}, "record_bytes": "12x"})
+    head = b"LSTCROW2" + len(body).to_bytes(4, "little") + zlib.crc32(body.encode()).to_bytes(4, "little")
+    path.write_bytes(head + body.encode() + bytes(data[offset:]))
+    return set()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "missing", "flipped", "nan", "zero-extended", "header", "metadata"])
+def test_truncated_missing_or_damaged_data_is_never_served_and_is_recomputed(tmp_path, kind):
+    fill(tmp_path)
+    (shard,) = shards(tmp_path)
+    expected = _damage(shard, kind)
+    got = served(tmp_path)  # compares every served value with the teacher
+    assert got == expected if kind != "zero-extended" else got >= expected
+    fill(tmp_path, sorted(set(range(16)) - got))  # the next run recomputes the rest
+    assert served(tmp_path) == set(range(16))
+
+
+def test_files_of_the_previous_format_are_deleted_never_read(tmp_path):
+    (tmp_path / "teacher_cache.json").write_text('{"version": 1, "capacity": "12x"}')
+    (tmp_path / "leaf0.bin").write_bytes(bytes(64))
+    (tmp_path / "filled.bin").write_bytes(b"\x01" * 16)
+    (tmp_path / "notes.txt").write_text("not the cache's")
+    assert served(tmp_path) == set()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(("tc2-", "."))) == ["notes.txt"]
+
+
+# ------------------------------------------------------------------------------------------------ the key
+
+
+@pytest.mark.parametrize("storage", ["memory", "directory"])
+def test_a_different_dataset_of_the_same_size_is_recomputed_and_counted(tmp_path, storage):
+    teacher, first = worker.make_teacher(), worker.inputs()
+    second = torch.randn_like(first)
+    cache = TeacherCache(tmp_path if storage == "directory" else None)
+    cache.bind("same teacher")
+    index = torch.arange(4)
+    with torch.no_grad():
+        cache.store(index, {"t": teacher(first[index])}, {}, inputs=first[index])
+        assert cache.lookup(index, inputs=second[index]) is None
+        assert cache.take_stats() == {"hits": 0, "misses": 0, "mismatches": 4}
+        cache.store(index, {"t": teacher(second[index])}, {}, inputs=second[index])
+        torch.testing.assert_close(cache.lookup(index, inputs=second[index])[0]["t"], teacher(second[index]))
+        assert cache.lookup(torch.arange(6), inputs=second[:6]) is None  # two of six not stored
+    assert cache.take_stats() == {"hits": 4, "misses": 6, "mismatches": 0}
+    assert cache.take_stats() == {"hits": 0, "misses": 0, "mismatches": 0}
+
+
+TEACHER_SOURCE = """
+import torch
+from torch import nn
+
+
+class SourceTeacher(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return {body}
+"""
+
+
+def _teacher_from_source(tmp_path, monkeypatch, version: str, body: str):
+    folder = tmp_path / version
+    folder.mkdir()
+    (folder / "source_teacher.py").write_text(TEACHER_SOURCE.format(body=body))
+    spec = importlib.util.spec_from_file_location("source_teacher", folder / "source_teacher.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "source_teacher", module)
+    spec.loader.exec_module(module)
+    teacher = module.SourceTeacher()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.fill_(0.1)  # same weights in every version
+    return teacher
+
+
+class SourceStudent(worker.Student):
+    def __init__(self, cache_directory: str, teacher) -> None:
+        super().__init__(cache_directory)
+        self.__dict__["teacher"] = teacher  # not a submodule
+
+    def configure_teachers(self):
+        return {"teacher": self.teacher}
+
+    def configure_feature_hooks(self):
+        return {}
+
+
+def _teachers_outputs(student, index) -> torch.Tensor:
+    """``run_teachers`` in a training step of a distilling stage, by hand."""
+    student.prepare_teachers()
+    student.use_distillation = True
+    student.train()
+    return student.run_teachers(worker.inputs()[index], sample_index=index)["teacher"]
+
+
+def test_an_edited_teacher_forward_is_not_served_from_the_cache(tmp_path, monkeypatch):
+    index = torch.arange(4)
+    old = _teacher_from_source(tmp_path, monkeypatch, "old", "self.layer(x)")
+    _teachers_outputs(SourceStudent(str(tmp_path / "cache"), old), index)
+    new = _teacher_from_source(tmp_path, monkeypatch, "new", "2 * self.layer(x)")
+    with torch.no_grad():
+        expected = new(worker.inputs()[index])
+    torch.testing.assert_close(_teachers_outputs(SourceStudent(str(tmp_path / "cache"), new), index), expected)
+    # a version replaces the source: the same version is the same key, another one is not
+    same = teacher_fingerprint({"t": old}, version="1") == teacher_fingerprint({"t": new}, version="1")
+    assert same and teacher_fingerprint({"t": old}, version="1") != teacher_fingerprint({"t": old}, version="2")
+
+
+def test_a_new_version_string_is_a_new_key(tmp_path):
+    fill(tmp_path)
+    for version, kept in ((None, True), ("2", False)):
+        cache = TeacherCache(tmp_path, version=version)
+        assert cache.bind("t") is kept
+        cache.close()
+
+
+# ------------------------------------------------------------------------------------------------ precision
+
+
+def test_float16_storage_refuses_a_value_it_cannot_hold_and_bfloat16_keeps_it(tmp_path):
+    big = torch.tensor([[7.0e4, -1.0], [1.0, float("inf")]])
+    cache = TeacherCache(tmp_path, dtype=torch.float16)
+    cache.bind("t")
+    with pytest.raises(DistillationStepError, match=r"`dtype` = 'float16'.*70000.*65504.*bfloat16"):
+        cache.store([0, 1], {"t": big}, {})
+    assert len(cache) == 0
+    cache = TeacherCache(dtype=torch.bfloat16)
+    cache.store([0, 1], {"t": big}, {})
+    torch.testing.assert_close(cache.lookup([0, 1])[0]["t"], big.bfloat16().float())  # inf is the teacher's own
+
+
+class LoudStudent(worker.Student):
+    """The DDP worker's student, with a teacher whose outputs reach 1e5 and a float16 cache."""
+
+    def configure_teachers(self):
+        teacher = worker.make_teacher()
+        with torch.no_grad():
+            teacher[2].weight.mul_(1e6)
+        return {"teacher": teacher}
+
+
+def test_a_float16_overflow_stops_the_fit_at_the_first_distilling_step(tmp_path):
+    model = LoudStudent(str(tmp_path / "unused"))
+    model.teacher_cache = TeacherCache(dtype=torch.float16)
+    with pytest.raises(DistillationStepError, match="bfloat16"):
+        fit(model, [{"name": "distill", "start_epoch": 0, "distillation": True}], epochs=2)
+    assert len(model.seen) == 0  # before any loss was computed from a stored value
+
+
+def fit(model, schedule, epochs):
+    labels = torch.randint(0, 3, (worker.N_SAMPLES,), generator=torch.Generator().manual_seed(1))
+    loader = DataLoader(IndexedDataset(TensorDataset(worker.inputs(), labels)), batch_size=worker.BATCH_SIZE)
+    trainer = pl.Trainer(max_epochs=epochs, callbacks=[StageScheduleCallback(stage_schedule=schedule, verbose=False)],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0)
+    trainer.fit(model, loader)
+
+
+# ------------------------------------------------------------------------------------------------ indices
+
+
+@pytest.mark.parametrize("storage", ["memory", "directory"])
+def test_indices_are_bounded_by_num_samples_and_a_negative_one_is_refused(tmp_path, storage):
+    cache = TeacherCache(tmp_path if storage == "directory" else None, num_samples=16)
+    cache.bind("t")
+    for call in (lambda i: cache.lookup(i), lambda i: cache.store(i, {"t": torch.zeros(len(i), 3)}, {})):
+        with pytest.raises(DistillationStepError, match=r"`sample_index` = 1000000000: must be < num_samples = 16"):
+            call([3, 10**9])
+        with pytest.raises(DistillationStepError, match=r"`sample_index` = -1: must be >= 0"):
+            call([-1, 2])
+    assert len(cache) == 0
+    assert sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()) < 4096  # no sparse file grew
+    with pytest.raises(StageConfigError, match=r"`num_samples` = 0: must be None or a positive integer"):
+        TeacherCache(num_samples=0)
+
+
+# ------------------------------------------------------------------------------------------------ the directory
+
+
+def test_a_file_as_directory_is_refused_when_the_cache_is_made(tmp_path):
+    path = tmp_path / "cache"
+    path.write_text("a file")
+    with pytest.raises(StageConfigError, match=r"`directory` = '.*cache': is an existing file, not a directory"):
+        TeacherCache(path)
+    with pytest.raises(StageConfigError, match=r"`directory` = '.*cache/sub': lies under the file"):
+        TeacherCache(path / "sub")
+
+
+def test_a_directory_that_became_a_file_is_refused_with_the_field_named_not_a_raw_error(tmp_path):
+    path = tmp_path / "cache"
+    model = worker.Student(str(path))
+    cache = model.teacher_cache
+    cache.check_directory()  # creates it
+    path.rmdir()
+    path.write_text("a file")
+    with pytest.raises(StageConfigError, match=r"`directory`.*is an existing file"):
+        cache.check_directory()
+    with pytest.raises(StageConfigError, match=r"`directory`.*is an existing file"):
+        cache.bind("t")
+    with pytest.raises(StageConfigError, match=r"`directory`.*is an existing file"):
+        fit(model, [{"name": "distill", "start_epoch": 0, "distillation": True}], epochs=1)
+    assert model.seen == [] and model.teacher_calls == 0
+
+
+# ------------------------------------------------------------------------------------------------ the object
+
+
+def test_copies_carry_the_configuration_and_no_rows(tmp_path):
+    cache = TeacherCache(tmp_path, dtype=torch.bfloat16, num_samples=16, version="3")
+    fill(tmp_path)
+    cache.bind("t")
+    clone = copy.deepcopy(cache)
+    assert (clone.directory, clone.dtype, clone.num_samples, clone.version) == (str(tmp_path), torch.bfloat16, 16, "3")
+    assert clone.fingerprint is None and len(clone) == 0
