@@ -114,9 +114,9 @@ def test_show_prints_every_range_with_its_settings(capsys: pytest.CaptureFixture
     lines = capsys.readouterr().out.splitlines()
     header = lines.index(next(line for line in lines if line.startswith("epochs")))
     rows = [line.split() for line in lines[header:]]
-    assert rows[0] == ["epochs", "stage", "distillation", "lambda", "bce", "focal", "dice", "iou", "cls"]
-    assert rows[1] == ["[0,", "3)", "finetune_first", "(1/2)", "off", "0", "1", "15", "1", "1", "1"]
-    assert rows[2] == ["[3,", "9)", "distill_second", "(2/2)", "on", "1", "0", "0", "0", "0", "0"]
+    assert rows[0] == ["epochs", "stage", "distillation", "lambda", "bce", "focal", "dice", "iou", "cls", "data"]
+    assert rows[1] == ["[0,", "3)", "finetune_first", "(1/2)", "off", "0", "1", "15", "1", "1", "1", "labelled"]
+    assert rows[2] == ["[3,", "9)", "distill_second", "(2/2)", "on", "1", "0", "0", "0", "0", "0", "all"]
     assert len(rows) == 3
 
 
