@@ -20,7 +20,7 @@ from lightning_stages.cli.lightning_config import like_for_like_differences
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 SEED_BASE = {"bce": 1.0, "focal": 15, "dice": 1.0, "iou": 1.0, "cls": 1.0}
-SCHEDULES = ["distill_finetune", "finetune_distill", "joint", "no_schedule"]
+SCHEDULES = ["distill_finetune", "finetune_distill", "joint", "labels_only", "no_schedule"]
 
 
 # ---------------------------------------------------------------------------------------------- validate
@@ -62,7 +62,7 @@ def test_validate_checks_loss_weights_against_the_model_of_a_lightning_config(
 
 def test_validate_with_max_epochs_flags_stages_that_would_never_run(capsys: pytest.CaptureFixture) -> None:
     assert main(["validate", str(CONFIGS / "segmentation_distill_finetune.yaml"), "--max-epochs", "3"]) == 2
-    assert "stage 1 ('finetune_only'): `start_epoch` = 4: starts at or beyond max_epochs (3)" in capsys.readouterr().err
+    assert "stage 1 ('finetune_only'): `start_epoch` = 3: starts at or beyond max_epochs (3)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -114,9 +114,9 @@ def test_show_prints_every_range_with_its_settings(capsys: pytest.CaptureFixture
     lines = capsys.readouterr().out.splitlines()
     header = lines.index(next(line for line in lines if line.startswith("epochs")))
     rows = [line.split() for line in lines[header:]]
-    assert rows[0] == ["epochs", "stage", "distillation", "lambda", "bce", "focal", "dice", "iou", "cls"]
-    assert rows[1] == ["[0,", "4)", "finetune_first", "(1/2)", "off", "0", "1", "15", "1", "1", "1"]
-    assert rows[2] == ["[4,", "12)", "distill_second", "(2/2)", "on", "1", "0", "0", "0", "0", "0"]
+    assert rows[0] == ["epochs", "stage", "distillation", "lambda", "bce", "focal", "dice", "iou", "cls", "data"]
+    assert rows[1] == ["[0,", "3)", "finetune_first", "(1/2)", "off", "0", "1", "15", "1", "1", "1", "labelled"]
+    assert rows[2] == ["[3,", "9)", "distill_second", "(2/2)", "on", "1", "0", "0", "0", "0", "0", "all"]
     assert len(rows) == 3
 
 

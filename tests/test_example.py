@@ -116,25 +116,35 @@ def test_teacher_has_at_least_ten_times_the_student_parameters() -> None:
 # ---------------------------------------------------------------------------------------------- configs
 
 
-@pytest.mark.parametrize("name", ["distill_finetune", "finetune_distill", "joint", "no_schedule"])
+@pytest.mark.parametrize("name", ["distill_finetune", "finetune_distill", "joint", "labels_only", "no_schedule"])
 def test_yaml_and_seed_json_configs_give_the_same_schedule(name: str) -> None:
     from_yaml = schedule_of_config(CONFIGS / f"segmentation_{name}.yaml")
     from_json = schedule_of_config(CONFIGS / f"segmentation_{name}.json")
-    assert [(r.name, r.start_epoch, r.end_epoch, r.distillation, r.lambda_coef, r.loss_weights)
+    assert [(r.name, r.start_epoch, r.end_epoch, r.distillation, r.lambda_coef, r.loss_weights, r.data)
             for r in from_yaml.timeline()] == [
-        (r.name, r.start_epoch, r.end_epoch, r.distillation, r.lambda_coef, r.loss_weights)
+        (r.name, r.start_epoch, r.end_epoch, r.distillation, r.lambda_coef, r.loss_weights, r.data)
         for r in from_json.timeline()
     ]
 
 
-def test_distill_finetune_config_is_the_seed_example_scaled_to_twelve_epochs() -> None:
+def test_distill_finetune_config_is_the_seed_example_scaled_to_nine_epochs() -> None:
     seed_base = {"bce": 1.0, "focal": 15.0, "dice": 1.0, "iou": 1.0, "cls": 1.0}
     timeline = schedule_of_config(CONFIGS / "segmentation_distill_finetune.yaml").timeline()
-    assert [(r.name, r.start_epoch, r.end_epoch, r.distillation, r.lambda_coef, r.loss_weights)
+    assert [(r.name, r.start_epoch, r.end_epoch, r.distillation, r.lambda_coef, r.loss_weights, r.data)
             for r in timeline] == [
-        ("distill_only", 0, 4, True, 1.0, dict.fromkeys(seed_base, 0.0)),
-        ("finetune_only", 4, 12, False, 0.0, seed_base),
+        ("distill_only", 0, 3, True, 1.0, dict.fromkeys(seed_base, 0.0), "all"),
+        ("finetune_only", 3, 9, False, 0.0, seed_base, "labelled"),
     ]
+
+
+@pytest.mark.parametrize("name", ["distill_finetune", "finetune_distill", "joint", "labels_only"])
+def test_demo_configs_distill_on_all_images_and_learn_labels_from_a_tenth(name: str) -> None:
+    config = yaml.safe_load((CONFIGS / f"segmentation_{name}.yaml").read_text())
+    assert config["data"]["init_args"]["labelled_fraction"] == 0.1
+    for stage in schedule_of_config(CONFIGS / f"segmentation_{name}.yaml").timeline():
+        assert stage.data == ("all" if stage.distillation else "labelled"), stage.name
+    teacher = yaml.safe_load((CONFIGS / "segmentation_teacher.yaml").read_text())
+    assert teacher["data"]["init_args"]["labelled_fraction"] == 1.0  # the teacher knows every label
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -225,7 +235,7 @@ def test_stages_option_trains_with_a_seed_json_schedule(tiny_config: Callable[..
     callbacks = [cb for cb in run.trainer.callbacks if isinstance(cb, StageScheduleCallback)]
     assert len(callbacks) == 1
     assert [s.name for s in callbacks[0].schedule.stages] == ["distill_only", "finetune_only"]
-    assert callbacks[0].schedule.total_epochs == 12
+    assert callbacks[0].schedule.total_epochs == 9
 
 
 def test_stages_option_with_a_schedule_already_in_the_config_is_an_error(

@@ -7,7 +7,15 @@ Run from the repository root::
     python -m examples.segmentation fit --config configs/segmentation_distill_finetune.yaml
 """
 
-from examples.segmentation.data import CLASSES, ShapesDataModule, make_sample, make_split
+from examples.segmentation.data import (
+    CLASSES,
+    TRAIN_DATA,
+    ShapesDataModule,
+    labelled_indices,
+    labelled_train_split,
+    make_sample,
+    make_split,
+)
 from examples.segmentation.models import SegNet, count_parameters
 from examples.segmentation.module import (
     DEFAULT_LOSS_WEIGHTS,
@@ -16,6 +24,7 @@ from examples.segmentation.module import (
     SegmentationStudent,
     SegmentationTask,
     SegmentationTeacher,
+    labelled_task_losses,
     task_losses,
 )
 
@@ -24,12 +33,16 @@ __all__ = [
     "DEFAULT_LOSS_WEIGHTS",
     "TEACHER_CHECKPOINT",
     "TEACHER_COMMAND",
+    "TRAIN_DATA",
     "SegNet",
     "SegmentationStudent",
     "SegmentationTask",
     "SegmentationTeacher",
     "ShapesDataModule",
     "count_parameters",
+    "labelled_indices",
+    "labelled_task_losses",
+    "labelled_train_split",
     "make_sample",
     "make_split",
     "task_losses",

@@ -1,8 +1,10 @@
 """``python -m examples.segmentation {fit,validate,test,predict} --config ...`` (LightningCLI), or ``demo``.
 
-``demo`` answers the research question end to end: it trains the teacher (unless its checkpoint exists), tests it
-for reference, then runs ``lightning-stages compare`` over distill->finetune, finetune->distill, joint, and the
-plain student without a schedule, and prints where the report is.
+``demo`` answers the research question end to end, where distillation can matter: the student knows the labels of
+only 10% of the training images (``labelled_fraction``), the teacher was trained on all of them. It trains the
+teacher (unless its checkpoint exists), tests it for reference, then runs ``lightning-stages compare --jobs 2`` over
+distill->finetune, finetune->distill, joint, and labels only (no distillation), and prints where the report is.
+``--labelled-fraction 1.0`` runs the same comparison with every label known.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ import argparse
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
+
+import yaml
 
 CONFIGS = Path("configs")
 TEACHER_CONFIG = CONFIGS / "segmentation_teacher.yaml"
@@ -20,8 +25,11 @@ SCHEDULE_CONFIGS = [
     CONFIGS / "segmentation_distill_finetune.yaml",
     CONFIGS / "segmentation_finetune_distill.yaml",
     CONFIGS / "segmentation_joint.yaml",
-    CONFIGS / "segmentation_no_schedule.yaml",
+    CONFIGS / "segmentation_labels_only.yaml",
 ]
+#: the demo's budget: seeds per schedule and runs at once (each with its share of the cores)
+DEMO_SEEDS = 4
+DEMO_JOBS = 2
 NOISE = (".*does not have many workers.*", ".*DiceScore metric currently defaults.*", ".*litlogger.*", ".*treespec.*",
          ".*smaller than the logging interval.*")
 
@@ -31,6 +39,28 @@ def _quiet_warnings() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def with_labelled_fraction(configs: Sequence[Path], fraction: float, folder: Path) -> list[Path]:
+    """Copies of ``configs`` in ``folder`` whose data module has ``labelled_fraction: fraction``; the same file names,
+    so the schedules keep their names. Returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for config in configs:
+        content = yaml.safe_load(config.read_text())
+        content["data"]["init_args"]["labelled_fraction"] = fraction
+        path = folder / config.name
+        path.write_text(f"# {config} with labelled_fraction: {fraction} (python -m examples.segmentation demo)\n"
+                        + yaml.safe_dump(content, sort_keys=False))
+        written.append(path)
+    return written
+
+
 def demo(argv: Optional[list[str]] = None) -> int:
     """Teacher (if missing), then compare the schedules; prints where the report is. Returns the exit code."""
     from examples.segmentation.module import TEACHER_CHECKPOINT, SegmentationTeacher
@@ -38,8 +68,14 @@ def demo(argv: Optional[list[str]] = None) -> int:
     from lightning_stages.cli.compare import run_compare
 
     parser = argparse.ArgumentParser(prog="python -m examples.segmentation demo", description=demo.__doc__)
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per schedule (default 3)")
-    parser.add_argument("--out", default="runs/segmentation_compare", help="output directory of the comparison")
+    parser.add_argument("--seeds", type=int, default=DEMO_SEEDS, help=f"seeds per schedule (default {DEMO_SEEDS})")
+    parser.add_argument("--jobs", type=int, default=DEMO_JOBS, help=f"runs at once (default {DEMO_JOBS})")
+    parser.add_argument("--labelled-fraction", type=_fraction, default=None,
+                        help="share of the training images whose labels the student knows (default: the configs' "
+                             "0.1; 1.0: every label)")
+    parser.add_argument("--out", default=None,
+                        help="output directory of the comparison (default runs/segmentation_compare, or "
+                             "runs/segmentation_compare_labelled_<fraction> with --labelled-fraction)")
     parser.add_argument("--retrain-teacher", action="store_true",
                         help="train the teacher even if its checkpoint exists")
     args = parser.parse_args(argv)
@@ -48,6 +84,11 @@ def demo(argv: Optional[list[str]] = None) -> int:
         if not path.is_file():
             print(f"demo: {path} not found; run the demo from the repository root", file=sys.stderr)
             return 2
+    out = Path(args.out or "runs/segmentation_compare" + (
+        "" if args.labelled_fraction is None else f"_labelled_{args.labelled_fraction:g}"))
+    configs = list(SCHEDULE_CONFIGS)
+    if args.labelled_fraction is not None:
+        configs = with_labelled_fraction(configs, args.labelled_fraction, out / "configs")
     start = time.perf_counter()
     teacher_ckpt = Path(TEACHER_CHECKPOINT)
     if args.retrain_teacher or not teacher_ckpt.is_file():
@@ -63,12 +104,13 @@ def demo(argv: Optional[list[str]] = None) -> int:
     model = SegmentationTeacher.load_from_checkpoint(teacher_ckpt, map_location="cpu")
     reference = teacher.trainer.test(model, datamodule=teacher.datamodule, verbose=False)[0]
     print(f"demo: teacher test/iou={reference['test/iou']:.3f} test/dice={reference['test/dice']:.3f} "
-          f"test/acc={reference['test/acc']:.3f}; comparing {len(SCHEDULE_CONFIGS)} schedules x {args.seeds} seeds",
+          f"test/acc={reference['test/acc']:.3f}; comparing {len(configs)} schedules x {args.seeds} seeds, "
+          f"{args.jobs} at once",
           flush=True)
     with warnings.catch_warnings():
         warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
         result = run_compare(
-            [str(p) for p in SCHEDULE_CONFIGS], seeds=args.seeds, out=args.out,
+            [str(p) for p in configs], seeds=args.seeds, out=out, jobs=args.jobs,
             reference={"teacher (reference, trained once)": reference},
             echo=lambda line: print(line, flush=True),
         )

@@ -4,19 +4,31 @@ Each image holds one target shape of one of five classes (circle, square, triang
 position, scale and rotation, filled with its own texture and drawn over a textured, noisy background with clutter.
 An occluding bar hides part of it in most images; occluded pixels are not in the mask. Every sample is a pure
 function of ``(data_seed, split, index)``, so the train/val/test splits are fixed and identical for every run.
+
+Labels can be scarce: with ``labelled_fraction`` below 1, only a fixed, seeded subset of the training images keeps
+its mask and class (the others' are hidden: an empty mask, class -1, ``labelled`` False). A training batch is
+``(image, mask, class, labelled)``; validation and test batches are ``(image, mask, class)``, every one labelled.
+Which training images a run sees follows the stage's ``data`` (the module's ``stage_data``): ``"all"`` (also the
+default, without a schedule) or ``"labelled"``, the labelled subset alone.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
+
 CLASSES = ("circle", "square", "triangle", "cross", "ring")
 SPLITS = {"train": 0, "val": 1, "test": 2}
+#: the values a stage's ``data`` may take with this data module (``None``, no ``data``, means ``"all"``)
+TRAIN_DATA = ("all", "labelled")
+_LABEL_STREAM = 3  # the random stream that picks the labelled subset, apart from the splits' 0, 1, 2
 
 
 def _grating(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -103,8 +115,52 @@ def make_split(data_seed: int, split: str, n: int, size: int = 32) -> tuple[torc
     return images, masks, labels
 
 
+def labelled_indices(data_seed: int, num_train: int, labelled_fraction: float) -> torch.Tensor:
+    """The sorted indices of the training images whose labels are known: ``round(labelled_fraction * num_train)``
+    of them (at least one), the head of a permutation seeded by ``data_seed`` alone.
+
+    So the subset is the same for every run and every training seed, and a larger fraction keeps the smaller one's
+    images.
+
+    Example::
+
+        >>> labelled_indices(0, 10, 0.3).tolist() == sorted(labelled_indices(0, 10, 0.3).tolist())
+        True
+        >>> len(labelled_indices(0, 2048, 0.1)), len(labelled_indices(0, 10, 1.0))
+        (205, 10)
+        >>> set(labelled_indices(0, 100, 0.1).tolist()) <= set(labelled_indices(0, 100, 0.5).tolist())
+        True
+    """
+    count = max(1, round(labelled_fraction * num_train))
+    order = np.random.default_rng([data_seed, _LABEL_STREAM]).permutation(num_train)
+    return torch.from_numpy(np.sort(order[:count]))
+
+
+def labelled_train_split(
+    data_seed: int, n: int, size: int, labelled_fraction: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training split as the student sees it: images, masks and classes with the labels of the images outside
+    :func:`labelled_indices` hidden (empty mask, class -1), and the ``labelled`` flags ``(n,)``.
+
+    Example::
+
+        >>> images, masks, classes, labelled = labelled_train_split(0, 8, 16, 0.25)
+        >>> int(labelled.sum()), classes[~labelled].tolist(), float(masks[~labelled].sum())
+        (2, [-1, -1, -1, -1, -1, -1], 0.0)
+    """
+    images, masks, classes = make_split(data_seed, "train", n, size)
+    labelled = torch.zeros(n, dtype=torch.bool)
+    labelled[labelled_indices(data_seed, n, labelled_fraction)] = True
+    hidden = ~labelled
+    masks, classes = masks.clone(), classes.clone()  # make_split's tensors are cached and shared: never write to them
+    masks[hidden] = 0.0
+    classes[hidden] = -1
+    return images, masks, classes, labelled
+
+
 class ShapesDataModule(pl.LightningDataModule):
-    """Fixed train/val/test splits of procedural shapes.
+    """Fixed train/val/test splits of procedural shapes, with the labels of only a seeded share of the training
+    images when ``labelled_fraction`` < 1.
 
     Args:
         num_train: training images.
@@ -112,7 +168,17 @@ class ShapesDataModule(pl.LightningDataModule):
         num_test: test images.
         image_size: height and width of the images.
         batch_size: batch size of every loader.
-        data_seed: seed of the data (independent of ``seed_everything``, so every run sees the same images).
+        data_seed: seed of the data (independent of ``seed_everything``, so every run sees the same images); it
+            also picks the labelled subset.
+        labelled_fraction: share of the training images whose mask and class are known, in (0, 1].
+
+    Raises:
+        ValueError: ``labelled_fraction`` outside (0, 1].
+
+    Example::
+
+        >>> ShapesDataModule(num_train=2048, labelled_fraction=0.1).num_labelled
+        205
     """
 
     def __init__(
@@ -123,20 +189,59 @@ class ShapesDataModule(pl.LightningDataModule):
         image_size: int = 32,
         batch_size: int = 32,
         data_seed: int = 0,
+        labelled_fraction: float = 1.0,
     ) -> None:
         super().__init__()
+        if isinstance(labelled_fraction, bool) or not isinstance(labelled_fraction, (int, float)) or not (
+            0 < labelled_fraction <= 1
+        ):
+            raise ValueError(f"Expected argument `labelled_fraction` to be in (0, 1] but got {labelled_fraction!r}")
         self.save_hyperparameters()
         self.num_classes = len(CLASSES)
+        self.num_labelled = len(labelled_indices(data_seed, num_train, labelled_fraction))
 
     def _dataset(self, split: str, n: int) -> TensorDataset:
         return TensorDataset(*make_split(self.hparams.data_seed, split, n, self.hparams.image_size))
 
+    def train_dataset(self, data: Optional[str] = "all") -> TensorDataset:
+        """The training images of ``data`` (``"all"``, ``None`` for all, or ``"labelled"``) as
+        ``(image, mask, class, labelled)`` rows."""
+        h = self.hparams
+        tensors = labelled_train_split(h.data_seed, h.num_train, h.image_size, h.labelled_fraction)
+        if data == "labelled":
+            keep = tensors[3]
+            tensors = tuple(t[keep] for t in tensors)  # type: ignore[assignment]
+        return TensorDataset(*tensors)
+
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self._dataset("train", self.hparams.num_train), batch_size=self.hparams.batch_size,
-                          shuffle=True)
+        """The training images the current stage wants: the module's ``stage_data``, ``"all"`` without one."""
+        fitting = self.trainer
+        data = getattr(fitting.lightning_module, "stage_data", None) if fitting is not None else None
+        if fitting is not None:
+            _check_stage_data(fitting, data)
+        return DataLoader(self.train_dataset(data), batch_size=self.hparams.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self._dataset("val", self.hparams.num_val), batch_size=256)
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self._dataset("test", self.hparams.num_test), batch_size=256)
+
+
+def _check_stage_data(trainer: Any, current: Optional[str]) -> None:
+    """Every stage's ``data`` must be one this module knows; all problems are raised together, each naming its stage,
+    before the first training batch (the loader is built before it)."""
+    problems = []
+    for callback in trainer.callbacks:
+        schedule = getattr(callback, "resolved_schedule", None)
+        for index, stage in enumerate(getattr(schedule, "stages", ())):
+            data = getattr(stage, "data", None)
+            if data is not None and data not in TRAIN_DATA:
+                problems.append(StageProblem(f"ShapesDataModule knows {list(TRAIN_DATA)}", index=index,
+                                             name=stage.name, field="data", value=data,
+                                             hint=did_you_mean(str(data), TRAIN_DATA)))
+    if not problems and current is not None and current not in TRAIN_DATA:  # set without a schedule
+        problems.append(StageProblem(f"ShapesDataModule knows {list(TRAIN_DATA)}", field="stage_data", value=current,
+                                     hint=did_you_mean(str(current), TRAIN_DATA)))
+    if problems:
+        raise StageConfigError(problems)

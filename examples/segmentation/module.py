@@ -69,6 +69,29 @@ def task_losses(out: Mapping[str, Tensor], mask: Tensor, label: Tensor) -> dict[
     }
 
 
+def labelled_task_losses(
+    out: Mapping[str, Tensor], mask: Tensor, label: Tensor, labelled: Optional[Tensor] = None
+) -> dict[str, Tensor]:
+    """:func:`task_losses` over the images whose ``labelled`` flag is set (all when ``labelled`` is ``None``).
+
+    A batch without a labelled image gives zero losses that keep the graph, so the step can still backpropagate.
+
+    Example::
+
+        >>> out = {"mask": torch.zeros(2, 1, 4, 4), "iou": torch.zeros(2), "cls": torch.zeros(2, 5)}
+        >>> losses = labelled_task_losses(out, torch.zeros(2, 1, 4, 4), torch.tensor([0, -1]),
+        ...                               torch.tensor([True, False]))
+        >>> round(losses["cls"].item(), 4)  # log(5): only the labelled image's class counts
+        1.6094
+    """
+    if labelled is None or bool(labelled.all()):
+        return task_losses(out, mask, label)
+    if not bool(labelled.any()):
+        zero = out["mask"].sum() * 0.0
+        return dict.fromkeys(DEFAULT_LOSS_WEIGHTS, zero)
+    return task_losses({k: v[labelled] for k, v in out.items()}, mask[labelled], label[labelled])
+
+
 class SegmentationTask(pl.LightningModule):
     """Shared training, metrics and optimizer of teacher and student.
 
@@ -114,10 +137,15 @@ class SegmentationTask(pl.LightningModule):
         """``sum(w_k * L_k)`` over the task losses (the student adds ``lambda_coef * sum(distill)``)."""
         return sum(self.loss_weights[k] * v for k, v in task.items())  # type: ignore[return-value]
 
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, mask, label = batch
+    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+        """Task losses over the batch's labelled images only; distillation losses over all of them.
+
+        A batch is ``(image, mask, class, labelled)`` (``ShapesDataModule``), or ``(image, mask, class)``, every
+        image labelled.
+        """
+        x, mask, label = batch[:3]
         out = self(x)
-        task = task_losses(out, mask, label)
+        task = labelled_task_losses(out, mask, label, batch[3] if len(batch) > 3 else None)
         distill = self.distillation_losses(x, out)
         loss = self.combine(task, distill)
         logged = {f"train/loss_{k}": v.detach() for k, v in {**task, **distill}.items()}
