@@ -110,8 +110,12 @@ def distilling_until(schedule: StageSchedule) -> float:
         >>> StageSchedule([{"start_epoch": 1, "end_epoch": 3, "distillation": True}], total_epochs=5).distilling_until()
         3.0
     """
-    ends = [r.end_epoch for r in schedule.timeline() if r.distillation]
-    return max((math.inf if end is None else float(end) for end in ends), default=0.0)
+    cached = schedule.__dict__.get("_distilling_until")  # computed once: a schedule is immutable, and the callback
+    if cached is None:  # asks at every batch of a ramp
+        ends = [r.end_epoch for r in schedule.timeline() if r.distillation]
+        cached = schedule.__dict__["_distilling_until"] = max(
+            (math.inf if end is None else float(end) for end in ends), default=0.0)
+    return float(cached)
 
 
 def cut_short(schedule: StageSchedule, total: int) -> list[tuple[int, str, int]]:
