@@ -7,6 +7,8 @@
   override one hook.
 - ``loader``, ``trainer``: the data and a quiet, deterministic Trainer; ``EpochShuffle`` and ``ResumableLoader``: a
   sampler that shuffles by epoch and a loader that keeps its position in checkpoints (exact mid-epoch resume).
+- ``ddp_env``: the environment for a 2-rank worker script run in a subprocess (a free port, this checkout first on
+  ``PYTHONPATH``, no rank variables inherited).
 - The ``tiny_config`` and ``teacher_ckpt`` fixtures: the example's LightningCLI configs cut to tiny data, and a real
   (tiny) teacher checkpoint, trained once per session.
 
@@ -17,6 +19,8 @@ comes in as a fixture. A test file never imports another test file.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
@@ -45,6 +49,22 @@ def pytest_configure(config: pytest.Config) -> None:
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
     logger.propagate = True
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ddp_env() -> dict[str, str]:
+    """Environment for a DDP worker script: a free local port, and the checkout under test importable (the worker
+    imports ``examples`` and ``lightning_stages`` from here, not whatever copy is installed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK"):
+        env.pop(var, None)
+    return env
 
 
 FIVE_WEIGHTS = {"bce": 1.0, "focal": 15.0, "dice": 1.0, "iou": 1.0, "cls": 1.0}

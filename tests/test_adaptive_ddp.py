@@ -3,8 +3,6 @@ decision for both ranks though each logs a different metric, the same restored w
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +10,9 @@ from pathlib import Path
 import _ddp_adaptive_worker as worker
 import pytest
 import torch
+from conftest import ddp_env
 
 WORKER = Path(__file__).with_name("_ddp_adaptive_worker.py")
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +21,7 @@ def ranks(tmp_path_factory):
     procs = {}
     for where in ("memory", "file"):
         out = tmp_path_factory.mktemp(where)
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PYTHONWARNINGS": "ignore"}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-        for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK"):
-            env.pop(var, None)
+        env = ddp_env()
         cmd = [sys.executable, str(WORKER), "--out", str(out), "--best-weights", where]
         procs[where] = (out, subprocess.Popen(cmd, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                               text=True))

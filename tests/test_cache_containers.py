@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections import OrderedDict, namedtuple
@@ -17,7 +16,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_bert, token_loader, trainer
+from conftest import ddp_env, tiny_bert, token_loader, trainer
 from torch.utils.data import DataLoader
 
 from lightning_stages import DistillationModule, StageScheduleCallback, TeacherCache
@@ -270,12 +269,7 @@ def _ddp_main(out: str, cache: str) -> None:
 
 
 def test_two_ddp_ranks_cache_model_outputs_without_features_and_compute_features_live(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore"}
-    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK"):
-        env.pop(var, None)
+    env = ddp_env()
     cmd = [sys.executable, __file__, str(tmp_path), str(tmp_path / "cache")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -7,8 +7,6 @@ Sharded strategies (FSDP, DeepSpeed, ModelParallel) refuse stages with teachers 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,20 +16,14 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ddp_env
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch.utils.data import DistributedSampler
 
 from lightning_stages import StageConfigError, StageScheduleCallback
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
-ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"ddp": 1, "ddp_spawn": 2}  # strategy -> accumulate_grad_batches (ddp_spawn also checks accumulation)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +32,7 @@ def runs(tmp_path_factory):
     procs = {}
     for strategy, accumulate in RUNS.items():
         out = tmp_path_factory.mktemp(strategy)
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PYTHONWARNINGS": "ignore"}
-        # the worker imports the checkout under test, not whatever copy of the package is installed
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-        for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK"):
-            env.pop(var, None)
+        env = ddp_env()
         cmd = [sys.executable, str(WORKER), "--strategy", strategy, "--out", str(out), "--accumulate", str(accumulate)]
         proc = subprocess.Popen(cmd, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         procs[strategy] = (out, proc)
@@ -237,10 +225,7 @@ def test_a_step_schedule_with_a_ramp_gives_both_ranks_the_same_values_at_every_s
     """``tests/_steps_ddp_worker.py``: distill for steps [0, 3), then finetune with a 3-step ramp; accumulation 2."""
     import _steps_ddp_worker as steps_worker
 
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PYTHONWARNINGS": "ignore"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK"):
-        env.pop(var, None)
+    env = ddp_env()
     cmd = [sys.executable, str(WORKER.with_name("_steps_ddp_worker.py")), "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=300)

@@ -4,6 +4,7 @@
 - ``lightning_stages/distillation/`` imports nothing from ``schedule/``, ``cli/`` or the callback, directly or not.
 - No module in ``lightning_stages/`` is longer than 350 lines.
 - Every name in ``lightning_stages.__all__``, the imports the README shows and the console script resolve.
+- A test that starts a DDP worker script gives it the checkout on ``PYTHONPATH`` (``conftest.ddp_env``).
 
 Imports are found with ``ast`` anywhere in a module (inside functions and ``if TYPE_CHECKING:`` too) and followed
 through the package's own modules. The parents of an imported module are not followed: importing
@@ -196,3 +197,15 @@ def test_the_readme_layout_names_every_module():
         if path.name != "__init__.py" and not re.search(rf"\b{re.escape(path.name)}\b", layout)
     ] + [f"{wing}/" for wing in ("schedule", "distillation", "cli") if f"  {wing}/" not in layout]
     assert missing == [], f"README.md's project layout does not name {missing}"
+
+
+def test_every_worker_script_started_by_a_test_gets_the_checkout_on_its_path():
+    """A test that starts a Python subprocess with its own environment builds it with ``conftest.ddp_env`` (or passes
+    ``PYTHONPATH`` itself): CI installs the package but not ``examples``/``tests``, so a worker that inherits only
+    ``os.environ`` cannot import them."""
+    offenders = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        text = path.read_text()
+        if path.name != "conftest.py" and "MASTER_PORT" in text and "PYTHONPATH" not in text:
+            offenders.append(path.name)
+    assert not offenders, f"build the worker's environment with conftest.ddp_env(): {offenders}"

@@ -158,20 +158,13 @@ def test_the_watch_reads_the_first_non_finite_batch_and_forgets_it_after_a_check
 def test_ddp_a_nan_on_one_rank_stops_every_rank_before_the_checkpoint(tmp_path):
     """Under DDP (2 CPU processes) the loss turns NaN on rank 1 only: both ranks stop with the same error at the end
     of that epoch, and the checkpoints written before are kept as they were."""
-    import os
-    import socket
     import subprocess
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)}
-    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK"):
-        env.pop(var, None)
+    from conftest import ddp_env
+
+    env = ddp_env()
     worker = Path(__file__).with_name("_ddp_nonfinite_worker.py")
     proc = subprocess.run([sys.executable, str(worker), "--out", str(tmp_path)], cwd=tmp_path, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)

@@ -14,7 +14,6 @@ import math
 import multiprocessing
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import _cache_ddp_worker as worker
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import ddp_env
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stages import IndexedDataset, StageConfigError, StageScheduleCallback, TeacherCache
@@ -132,16 +132,8 @@ def test_processes_with_the_same_and_with_other_teachers_and_dtypes_race_on_one_
         assert report["worst"] <= (2e-3 if report["dtype"] == "torch.float16" else 1e-5), report
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ddp_ranks_share_one_cache_directory(tmp_path):
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "PYTHONWARNINGS": "ignore"}
-    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK"):
-        env.pop(var, None)
+    env = ddp_env()
     cmd = [sys.executable, str(WORKER), "--out", str(tmp_path), "--cache", str(tmp_path / "cache")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
