@@ -16,7 +16,10 @@ from scipy import stats
 from lightning_stages.cli import main
 from lightning_stages.cli.compare import run_compare
 from lightning_stages.cli.compare_report import RunOutcome
+from lightning_stages.cli.launchers import LocalLauncher, available_cores
 from lightning_stages.cli.run_store import RESULT_FILE
+from lightning_stages.cli.training_run import RunSpec
+from lightning_stages.cli.worker_pool import WorkerPool
 
 KD_THEN_FT = [{"name": "kd", "start_epoch": 0, "end_epoch": 1, "distillation": True, "lambda_coef": 1.0},
               {"name": "ft", "start_epoch": 1, "distillation": False}]
@@ -171,3 +174,81 @@ def test_seeds_auto_adds_rounds_until_max_seeds_when_undecided(tmp_path: Path, m
     assert [r.seed for r in result.runs["twin"]] == [0, 1, 2, 3, 4]
     assert "`--seeds auto` started with 3 and added one seed per round; it stopped at 5 seeds, the --max-seeds " \
            "limit (5), without a decision on test/iou" in result.report.read_text()
+
+
+PROBE = """
+import os
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class Probe(pl.LightningModule):
+    \"\"\"Logs the torch threads and the process it trained in; the run with seed `crash_seed` kills its process.\"\"\"
+
+    def __init__(self, crash_seed: int = -1) -> None:
+        super().__init__()
+        self.crash_seed = crash_seed
+        self.layer = torch.nn.Linear(2, 1)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.ones(4, 2)), batch_size=2)
+
+    def test_dataloader(self):
+        return self.train_dataloader()
+
+    def training_step(self, batch, batch_idx):
+        if int(os.environ["PL_GLOBAL_SEED"]) == self.crash_seed:
+            os._exit(3)  # what a segfault or the out-of-memory killer does to the process
+        return self.layer(batch[0]).sum()
+
+    def test_step(self, batch, batch_idx):
+        self.log_dict({"test/threads": float(torch.get_num_threads()),
+                       "test/interop": float(torch.get_num_interop_threads()), "test/pid": float(os.getpid())})
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+"""
+PROBE_METRICS = ("test/threads", "test/interop", "test/pid")
+
+
+def probe_config(folder: Path, name: str, crash_seed: int = -1) -> Path:
+    (folder / "compare_probe_model.py").write_text(PROBE)
+    path = folder / f"{name}.yaml"
+    path.write_text(f"trainer: {{max_epochs: 1, logger: false, enable_checkpointing: false, accelerator: cpu, "
+                    f"devices: 1, enable_progress_bar: false}}\n"
+                    f"model: {{class_path: compare_probe_model.Probe, init_args: {{crash_seed: {crash_seed}}}}}\n")
+    return path
+
+
+def test_workers_start_once_take_runs_in_turn_and_a_dead_worker_fails_only_its_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the workers import the probe's module from their working directory
+    ok, crash = probe_config(tmp_path, "ok"), probe_config(tmp_path, "crash", crash_seed=1)
+    specs = [RunSpec(config.stem, seed, str(config), None, str(tmp_path / "runs" / config.stem / f"seed_{seed}"),
+                     PROBE_METRICS) for seed in range(3) for config in (ok, crash)]
+    with WorkerPool(workers=2, threads=1) as pool:
+        outcomes = {(o.schedule, o.seed): o for o in pool.run(specs)}
+        started = pool.started
+    assert set(outcomes) == {(s.schedule, s.seed) for s in specs}
+    died = outcomes.pop(("crash", 1))
+    assert died.error == "WorkerDied: the worker process training this run died (exit code 3)"
+    assert all(o.error is None for o in outcomes.values()), [o.error for o in outcomes.values()]
+    assert started == 3  # two workers, and one in place of the dead one
+    pids = {o.metrics["test/pid"] for o in outcomes.values()}
+    assert len(pids) <= started < len(outcomes) and os.getpid() not in pids  # each worker trained several runs
+    assert {(o.metrics["test/threads"], o.metrics["test/interop"]) for o in outcomes.values()} == {(1.0, 1.0)}
+
+
+def test_each_job_gets_its_share_of_the_cores_and_one_job_trains_in_this_process(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = probe_config(tmp_path, "ok")
+    spec = RunSpec("ok", 0, str(config), None, str(tmp_path / "runs" / "ok" / "seed_0"), PROBE_METRICS)
+    assert LocalLauncher(jobs=2).threads == max(1, available_cores() // 2)
+    with LocalLauncher(jobs=1) as launcher:
+        (outcome,) = launcher.run([spec])
+    assert outcome.error is None, outcome.error
+    assert outcome.metrics["test/pid"] == os.getpid()
+    assert outcome.metrics["test/threads"] == available_cores()

@@ -2,24 +2,23 @@
 
 A launcher takes :class:`~lightning_stages.cli.training_run.RunSpec` s and yields their
 :class:`~lightning_stages.cli.compare_report.RunOutcome` s as they finish. :class:`LocalLauncher` with one job trains
-in this process; with more, a ``concurrent.futures.ProcessPoolExecutor`` (``spawn``) trains that many at once, each
-worker with its share of the torch threads. :class:`RayLauncher` submits each run as a Ray task (the extra ``[ray]``).
-A run that fails is an outcome with its error; a worker that dies takes only its own run.
+in this process with every core's torch threads; with more, a :class:`~lightning_stages.cli.worker_pool.WorkerPool`
+of that many ``spawn`` processes, each with ``cores // jobs`` threads, started once and fed one run at a time.
+Both train each run through the same :func:`~lightning_stages.cli.training_run.execute_run`.
+:class:`RayLauncher` submits each run as a Ray task (the extra ``[ray]``). A run that fails is an outcome with its
+error; a worker that dies takes only its own run.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from typing import Any, Optional
 
-import torch
-
 from lightning_stages.cli.compare_report import RunOutcome
 from lightning_stages.cli.training_run import RunSpec, execute_run
+from lightning_stages.cli.worker_pool import WorkerPool
 
 __all__ = ["RAY_HINT", "LocalLauncher", "RayLauncher", "available_cores", "default_jobs"]
 
@@ -55,15 +54,12 @@ def _failed(spec: RunSpec, err: BaseException) -> RunOutcome:
     return RunOutcome(spec.schedule, spec.seed, error=f"{type(err).__name__}: {err}".strip())
 
 
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
 class LocalLauncher:
     """``jobs`` runs at once on this machine, each with ``cores // jobs`` torch threads.
 
-    One job trains in this process; more train in a pool of ``spawn`` worker processes, kept for the whole
-    comparison (so ``--seeds auto`` rounds do not start new ones). Use it as a context manager.
+    One job trains in this process; more train in a :class:`~lightning_stages.cli.worker_pool.WorkerPool` of
+    ``spawn`` worker processes, each started once (it imports torch and Lightning once) and kept for the whole
+    comparison (``--seeds auto`` rounds reuse them). Use it as a context manager.
 
     Example::
 
@@ -77,7 +73,7 @@ class LocalLauncher:
             raise ValueError(f"jobs must be at least 1, got {jobs}")
         self.jobs = jobs
         self.threads = max(1, available_cores() // jobs)
-        self._pool: Optional[ProcessPoolExecutor] = None
+        self._pool: Optional[WorkerPool] = WorkerPool(jobs, self.threads) if jobs > 1 else None
 
     def __enter__(self) -> LocalLauncher:
         return self
@@ -86,31 +82,18 @@ class LocalLauncher:
         self.close()
 
     def close(self) -> None:
-        """Stop the worker processes; runs not started are cancelled."""
+        """Stop the worker processes; a run in flight is lost."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+            self._pool.close()
 
     def run(self, specs: Sequence[RunSpec]) -> Iterator[RunOutcome]:
         """Train the runs, yielding each outcome as it finishes."""
         specs = [replace(spec, threads=self.threads) for spec in specs]
-        if self.jobs == 1:
+        if self._pool is None:
             for spec in specs:
                 yield execute_run(spec)
             return
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(max_workers=self.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_init_worker, initargs=(self.threads,))
-        futures: dict[Future, RunSpec] = {self._pool.submit(execute_run, spec): spec for spec in specs}
-        try:
-            for future in as_completed(futures):
-                try:
-                    yield future.result()
-                except Exception as err:  # the worker died (BrokenProcessPool) or the outcome did not pickle
-                    yield _failed(futures[future], err)
-        finally:
-            for future in futures:
-                future.cancel()
+        yield from self._pool.run(specs)
 
 
 class RayLauncher:
