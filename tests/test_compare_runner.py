@@ -231,6 +231,15 @@ def test_workers_start_once_take_runs_in_turn_and_a_dead_worker_fails_only_its_r
     with WorkerPool(workers=2, threads=1) as pool:
         outcomes = {(o.schedule, o.seed): o for o in pool.run(specs)}
         started = pool.started
+        workers = set(pool.pids)
+        interrupted = pool.run([specs[0], specs[2]])  # two runs of "ok"; the comparison stops after the first
+        first = next(interrupted)
+        interrupted.close()
+        left = pool.pids
+    assert first.error is None and left == [int(first.metrics["test/pid"])]  # the free worker is kept
+    (in_flight,) = workers - set(left)
+    with pytest.raises(ProcessLookupError):  # the worker of the run in flight was stopped (and reaped)
+        os.kill(in_flight, 0)
     assert set(outcomes) == {(s.schedule, s.seed) for s in specs}
     died = outcomes.pop(("crash", 1))
     assert died.error == "WorkerDied: the worker process training this run died (exit code 3)"

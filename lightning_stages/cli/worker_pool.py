@@ -96,6 +96,11 @@ class WorkerPool:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    @property
+    def pids(self) -> list[int]:
+        """The process ids of the workers alive now."""
+        return [w.process.pid for w in self._pool if w.process.is_alive()]
+
     def _start(self) -> _Worker:
         ours, theirs = self._context.Pipe()
         process = self._context.Process(target=_serve, args=(theirs, self.threads), daemon=True,
