@@ -52,10 +52,15 @@ class AdaptiveStages:
         self.transitions: dict[int, int] = {}
         self.tracker: Optional[PlateauTracker] = None
         self.best = BestWeights(best_weights)
+        self._effective: Optional[tuple[Any, StageSchedule, StageSchedule]] = None  # a cache, never stored
 
     def effective(self, schedule: StageSchedule) -> StageSchedule:
-        """The schedule as this run trains it: the bound schedule with the transitions taken so far."""
-        return with_transitions(schedule, self.transitions)
+        """The schedule as this run trains it: the bound schedule with the transitions taken so far (derived again
+        only when they change)."""
+        key = (id(schedule), tuple(sorted(self.transitions.items())))
+        if self._effective is None or self._effective[0] != key:
+            self._effective = (key, with_transitions(schedule, self.transitions), schedule)  # keeps the id in use
+        return self._effective[1]
 
     # ------------------------------------------------------------------ at the run's events
 
@@ -102,6 +107,13 @@ class AdaptiveStages:
         total = schedule.total_steps if schedule.unit == "step" else schedule.total_epochs
         return (schedule.end_of(schedule.stages[index]) == total
                 and self.effective(schedule).stage_at(self.transitions[index]).is_base)
+
+    def stop_if_ended(self, trainer: pl.Trainer, schedule: StageSchedule) -> None:
+        """At the start of a (resumed) fit: if a plateau already ended the run's last stage before the position the
+        run resumes at, stop again at once (``Trainer.should_stop`` is not part of a checkpoint)."""
+        position = trainer.global_step if schedule.unit == "step" else trainer.current_epoch
+        if any(end <= position and self._ends_run(schedule, index) for index, end in self.transitions.items()):
+            trainer.should_stop = True
 
     def at_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, schedule: StageSchedule,
                      max_epochs: Optional[int]) -> None:

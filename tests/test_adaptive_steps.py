@@ -174,10 +174,18 @@ def test_a_plateau_of_the_run_s_last_stage_ends_the_run_with_its_best_weights(tm
     stages = [{"name": "kd", "start_step": 0, "end_step": 4, "distillation": True},
               {"name": "ft", "start_step": 4, "monitor": "val/score", "patience": 1, "restore_best": True}]
     model = Scripted(DOWN_THEN_FLAT)
-    fit(tmp_path, model, stages)
+    at_validation = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{step}",
+                                    save_on_train_epoch_end=False)
+    fit(tmp_path, model, stages, callbacks=[at_validation])
     assert model.stage_of == {s: "kd" if s < 4 else "ft" for s in range(8)}  # 3.0 at step 8: stop, nothing follows
     for key, value in model.at_validation[6].items():
         assert torch.equal(model.state_dict()[key], value), key
+    # resumed from the checkpoint of that validation (before the restore): it restores and stops again, untrained
+    resumed = Scripted(DOWN_THEN_FLAT)
+    fit(tmp_path / "resumed", resumed, stages, ckpt_path=tmp_path / "ckpt" / "step=8.ckpt")
+    assert resumed.stage_of == {}
+    for key, value in model.at_validation[6].items():
+        assert torch.equal(resumed.state_dict()[key], value), key
 
 
 # ---------------------------------------------------------------------------------------------- resume
