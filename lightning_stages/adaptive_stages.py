@@ -64,15 +64,19 @@ class AdaptiveStages:
 
     # ------------------------------------------------------------------ at the run's events
 
-    def after_validation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, schedule: StageSchedule) -> None:
+    def after_validation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, schedule: StageSchedule) -> bool:
         """Give the stage's ``monitor`` to its tracker, keep the best weights, decide whether the stage ends.
 
         The validated weights belong to the stage of the epoch (in a step schedule: of the last optimizer step taken,
         ``global_step - 1``); if it ends, the next stage starts at the next epoch (the next optimizer step,
-        ``global_step``, or the one after it when the validation fell inside an accumulation of gradients)."""
+        ``global_step``, or the one after it when the validation fell inside an accumulation of gradients).
+
+        Returns:
+            whether a step stage ended here (the callback then resolves the stage again at the next batch).
+        """
         if schedule.unit == "step":
             if trainer.global_step == 0:  # no optimizer step yet: no stage has trained these weights
-                return
+                return False
             position, validated = trainer.global_step, trainer.global_step - 1
             end = position + (1 if trainer.fit_loop.epoch_loop._should_accumulate() else 0)
         else:
@@ -80,7 +84,7 @@ class AdaptiveStages:
             end = position + 1
         resolved = self.effective(schedule).stage_at(validated)
         if resolved.index is None or schedule.stages[resolved.index].monitor is None:
-            return
+            return False
         index, stage = resolved.index, schedule.stages[resolved.index]
         value = _reduced(trainer, pl_module, _monitored(trainer, stage, index))
         if self.tracker is None or self.tracker.stage != index:  # a new stage: its best starts afresh
@@ -89,7 +93,7 @@ class AdaptiveStages:
         if self.tracker.update(value, position) and stage.restore_best:
             self.best.save(trainer, pl_module, index)
         if stage.patience is None:
-            return
+            return False
         least = (stage.min_steps if schedule.unit == "step" else stage.min_epochs) or 1
         ends = self.tracker.plateaued(stage.patience) and end - resolved.start_epoch >= least
         ends = bool(trainer.strategy.reduce_boolean_decision(ends, all=True))
@@ -99,8 +103,10 @@ class AdaptiveStages:
             if schedule.unit == "step" and self._ends_run(schedule, index):  # nothing follows: stop here
                 self.transitions[index] = position
                 trainer.should_stop = True
-        elif self.transitions.get(index) == end:  # an improvement later in the same epoch
+            return schedule.unit == "step"
+        if self.transitions.get(index) == end:  # an improvement later in the same epoch
             del self.transitions[index]
+        return False
 
     def _ends_run(self, schedule: StageSchedule, index: int) -> bool:
         """Whether stage ``index``'s transition ends the run: it ran to the run's end and the base follows it."""

@@ -236,9 +236,9 @@ class StageScheduleCallback(CheckpointGuard):
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
-            self.adaptive.after_validation(trainer, pl_module, self._bound())
-            self._next_step = min(self._next_step, trainer.global_step)  # a step stage that ended: enter the next
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        if fitting and self.adaptive.after_validation(trainer, pl_module, self._bound()):  # a step stage ended here
+            self._next_step = min(self._next_step, trainer.global_step)  # enter the next at the next batch
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -144,20 +144,21 @@ def test_a_validation_inside_an_accumulation_ends_the_stage_after_that_optimizer
 def test_restore_best_loads_the_weights_of_the_stages_best_validation_before_the_next_step(tmp_path):
     script = [5.0, 3.0, 4.0, 4.0, 2.0, 2.5, 1.0, 1.5, 1.2, 1.1]
     stages = [dict(kd_then_ft(patience=2, restore_best=True)[0]),
-              dict(kd_then_ft()[1], monitor="val/score", restore_best=True)]
+              {"name": "ft", "start_step": 12, "monitor": "val/score", "restore_best": True}]  # to the run's end
     model = Scripted(script)
     fit(tmp_path, model, stages)
     assert {s: model.stage_of[s] for s in (7, 8)} == {7: "kd", 8: "ft"}  # 4.0 at steps 6 and 8 do not improve on 3.0
     best_kd = min(range(EVERY, 9, EVERY), key=lambda s: script[s // EVERY - 1])
-    best_ft = min(range(10, 19, EVERY), key=lambda s: script[s // EVERY - 1])
+    best_ft = min(range(10, MAX_STEPS + 1, EVERY), key=lambda s: script[s // EVERY - 1])
     assert (best_kd, best_ft) == (4, 14)  # ft's own best; kd's best is never carried over
     for key, value in model.at_validation[best_kd].items():
         assert torch.equal(model.at_step[8][key], value), key  # ft's first step starts from kd's best
     for key, value in model.at_validation[best_ft].items():
-        assert torch.equal(model.at_step[18][key], value), key  # the base after ft starts from ft's best
+        assert torch.equal(model.state_dict()[key], value), key  # max_steps ended ft: its best, restored at the end
     assert not torch.equal(model.at_validation[8]["head.weight"], model.at_step[8]["head.weight"])
-    # the optimizer's momentum was gathered on the discarded weights: reset at each restore, kept elsewhere
-    assert {s: model.optimizer_state[s] for s in (7, 8, 9, 17, 18)} == {7: 4, 8: 0, 9: 4, 17: 4, 18: 0}
+    assert not torch.equal(model.at_validation[20]["head.weight"], model.state_dict()["head.weight"])
+    # the optimizer's momentum was gathered on the discarded weights: reset at the restore, kept elsewhere
+    assert {s: model.optimizer_state[s] for s in (7, 8, 9, 19)} == {7: 4, 8: 0, 9: 4, 19: 4}
 
 
 def test_the_validation_at_a_stage_s_cap_belongs_to_the_stage(tmp_path):
