@@ -1,15 +1,18 @@
 """``AdaptiveStages``: what ``StageScheduleCallback`` keeps for plateau-ended stages and ``restore_best``.
 
-Its state is exactly what resume reads: the transitions a run took (``{stage index: the epoch after its last}``),
-the current stage's :class:`~lightning_stages.plateau.PlateauTracker` (best value, its epoch, the wait count) and
+Its state is exactly what resume reads: the transitions a run took (``{stage index: the epoch after its last}``, or
+the optimizer step after its last in a step schedule), the current stage's :class:`~lightning_stages.plateau.PlateauTracker` (best value, its epoch, the wait count) and
 that stage's :class:`~lightning_stages.best_weights.BestWeights`. The effective schedule is derived from the
 transitions by the pure :func:`~lightning_stages.schedule.transitions.with_transitions`, never stored.
 
 * After each validation run of a fit (not the sanity check), the stage's ``monitor`` is read from
   ``trainer.callback_metrics``, averaged over the ranks (so every rank keeps the same tracker), and given to the
   tracker. When ``patience`` runs went without improvement and the stage ran ``min_epochs``, the stage ends at the end
-  of this epoch (a decision reduced over the ranks, as finetuning-scheduler's ``_reduce_transition`` does).
-* At a ``restore_best`` stage's last epoch end, the best weights are loaded and the optimizers' running state
+  of this epoch (a decision reduced over the ranks, as finetuning-scheduler's ``_reduce_transition`` does). In a step
+  schedule the validated weights are those of the last optimizer step taken (``global_step - 1``); a stage that ran
+  ``min_steps`` ends there, and the next stage starts at the next optimizer step (``global_step``).
+* At a ``restore_best`` stage's last epoch end (a step stage: before the first optimizer step after it, or at the
+  run's end), the best weights are loaded and the optimizers' running state
   (momentum, Adam's moments and step counts) is reset: it was gathered on the weights just discarded. Learning
   rates, parameter groups and LR schedulers are kept (the LR schedule follows the run's epochs).
 """
@@ -49,53 +52,107 @@ class AdaptiveStages:
         self.transitions: dict[int, int] = {}
         self.tracker: Optional[PlateauTracker] = None
         self.best = BestWeights(best_weights)
+        self._effective: Optional[tuple[Any, StageSchedule, StageSchedule]] = None  # a cache, never stored
 
     def effective(self, schedule: StageSchedule) -> StageSchedule:
-        """The schedule as this run trains it: the bound schedule with the transitions taken so far."""
-        return with_transitions(schedule, self.transitions)
+        """The schedule as this run trains it: the bound schedule with the transitions taken so far (derived again
+        only when they change)."""
+        key = (id(schedule), tuple(sorted(self.transitions.items())))
+        if self._effective is None or self._effective[0] != key:
+            self._effective = (key, with_transitions(schedule, self.transitions), schedule)  # keeps the id in use
+        return self._effective[1]
 
     # ------------------------------------------------------------------ at the run's events
 
-    def after_validation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, schedule: StageSchedule) -> None:
-        """Give the stage's ``monitor`` to its tracker, keep the best weights, decide whether the stage ends."""
-        epoch = trainer.current_epoch
-        resolved = self.effective(schedule).at(epoch)
+    def after_validation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, schedule: StageSchedule) -> bool:
+        """Give the stage's ``monitor`` to its tracker, keep the best weights, decide whether the stage ends.
+
+        The validated weights belong to the stage of the epoch (in a step schedule: of the last optimizer step taken,
+        ``global_step - 1``); if it ends, the next stage starts at the next epoch (the next optimizer step,
+        ``global_step``, or the one after it when the validation fell inside an accumulation of gradients).
+
+        Returns:
+            whether a step stage ended here (the callback then resolves the stage again at the next batch).
+        """
+        if schedule.unit == "step":
+            if trainer.global_step == 0:  # no optimizer step yet: no stage has trained these weights
+                return False
+            position, validated = trainer.global_step, trainer.global_step - 1
+            end = position + (1 if trainer.fit_loop.epoch_loop._should_accumulate() else 0)
+        else:
+            position = validated = trainer.current_epoch
+            end = position + 1
+        resolved = self.effective(schedule).stage_at(validated)
         if resolved.index is None or schedule.stages[resolved.index].monitor is None:
-            return
+            return False
         index, stage = resolved.index, schedule.stages[resolved.index]
         value = _reduced(trainer, pl_module, _monitored(trainer, stage, index))
         if self.tracker is None or self.tracker.stage != index:  # a new stage: its best starts afresh
             self.tracker = PlateauTracker(index, stage.mode or "min", float(stage.min_delta or 0.0))
             self.best.clear()
-        if self.tracker.update(value, epoch) and stage.restore_best:
+        if self.tracker.update(value, position) and stage.restore_best:
             self.best.save(trainer, pl_module, index)
         if stage.patience is None:
-            return
-        ran = epoch + 1 - resolved.start_epoch
-        ends = self.tracker.plateaued(stage.patience) and ran >= (stage.min_epochs or 1)
+            return False
+        least = (stage.min_steps if schedule.unit == "step" else stage.min_epochs) or 1
+        ends = self.tracker.plateaued(stage.patience) and end - resolved.start_epoch >= least
         ends = bool(trainer.strategy.reduce_boolean_decision(ends, all=True))
         cap = schedule.end_of(stage)
-        if ends and (cap is None or epoch + 1 < cap):
-            self.transitions[index] = epoch + 1
-        elif self.transitions.get(index) == epoch + 1:  # an improvement later in the same epoch
+        if ends and (cap is None or end < cap):
+            self.transitions[index] = end
+            if schedule.unit == "step" and self._ends_run(schedule, index):  # nothing follows: stop here
+                self.transitions[index] = position
+                trainer.should_stop = True
+            return schedule.unit == "step"
+        if self.transitions.get(index) == end:  # an improvement later in the same epoch
             del self.transitions[index]
+        return False
+
+    def _ends_run(self, schedule: StageSchedule, index: int) -> bool:
+        """Whether stage ``index``'s transition ends the run: it ran to the run's end and the base follows it."""
+        total = schedule.total_steps if schedule.unit == "step" else schedule.total_epochs
+        return (schedule.end_of(schedule.stages[index]) == total
+                and self.effective(schedule).stage_at(self.transitions[index]).is_base)
+
+    def stop_if_ended(self, trainer: pl.Trainer, schedule: StageSchedule) -> None:
+        """At the start of a (resumed) fit: if a plateau already ended the run's last stage before the position the
+        run resumes at, stop again at once (``Trainer.should_stop`` is not part of a checkpoint)."""
+        position = trainer.global_step if schedule.unit == "step" else trainer.current_epoch
+        if any(end <= position and self._ends_run(schedule, index) for index, end in self.transitions.items()):
+            trainer.should_stop = True
 
     def at_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, schedule: StageSchedule,
                      max_epochs: Optional[int]) -> None:
         """At a stage's last epoch (or the run's): restore its best weights; a plateau of the run's last stage ends
-        the run, since nothing follows it."""
+        the run, since nothing follows it. In a step schedule: restore at the run's end (see :meth:`at_step`)."""
         epoch = trainer.current_epoch
+        last_of_run = max_epochs is not None and epoch + 1 >= max_epochs
+        if schedule.unit == "step":
+            max_steps = schedule.total_steps
+            if last_of_run or trainer.should_stop or (max_steps is not None and trainer.global_step >= max_steps):
+                self.at_step(trainer, pl_module, schedule, run_ends=True)
+            return
         effective = self.effective(schedule)
         current = effective.at(epoch)
         if current.index is None:
             return
         stage = schedule.stages[current.index]
-        last_of_run = max_epochs is not None and epoch + 1 >= max_epochs
         if stage.restore_best and (last_of_run or (current.end_epoch is not None and epoch + 1 >= current.end_epoch)):
             self.restore(trainer, pl_module, current.index)
-        if (self.transitions.get(current.index) == epoch + 1 and schedule.end_of(stage) == schedule.total_epochs
-                and effective.at(epoch + 1).is_base):
+        if self.transitions.get(current.index) == epoch + 1 and self._ends_run(schedule, current.index):
             trainer.should_stop = True
+
+    def at_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, schedule: StageSchedule,
+                run_ends: bool = False) -> None:
+        """Before an optimizer step of a step schedule (and at the run's end, ``run_ends``): if the stage of the last
+        step taken is a ``restore_best`` stage that has ended, restore its best weights (once)."""
+        step = trainer.global_step
+        if step == 0:
+            return
+        last = self.effective(schedule).stage_at(step - 1)
+        if (last.index is not None and schedule.stages[last.index].restore_best
+                and (run_ends or (last.end_epoch is not None and step >= last.end_epoch))):
+            self.restore(trainer, pl_module, last.index)
 
     def restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int) -> None:
         """Load stage ``index``'s best weights (once) and reset the optimizers' running state."""

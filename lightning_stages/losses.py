@@ -303,13 +303,16 @@ def weighted_sum(
         if key not in loss_weights:
             hint = did_you_mean(str(key), list(loss_weights)) or "declare it in `loss_weights`"
             raise ValueError(f"`task_losses` = {key!r}: has no weight in `loss_weights` ({sorted(loss_weights)}); {hint}")
-        term = loss_weights[key] * loss
+        weight = loss_weights[key]
+        # 1 * loss is loss: no operation and no backward node (a tensor weight is never compared: no host sync)
+        term = loss if isinstance(weight, (int, float)) and weight == 1 else weight * loss
         total = term if total is None else total + term
     if distill_losses is not None:
         values = [distill_losses] if isinstance(distill_losses, Tensor) else (
             list(distill_losses.values()) if isinstance(distill_losses, Mapping) else list(distill_losses))
         if values:
-            term = lambda_coef * sum(values[1:], values[0])
+            distill = sum(values[1:], values[0])
+            term = distill if isinstance(lambda_coef, (int, float)) and lambda_coef == 1 else lambda_coef * distill
             total = term if total is None else total + term
     if total is None:
         raise ValueError(f"`task_losses` = {dict(task_losses)!r}: no losses to weight (and no distillation losses)")

@@ -207,6 +207,7 @@ class StageScheduleCallback(CheckpointGuard):
         if problems := epoch_ramp_problems(self._bound(), self._batches, self._accumulate):
             raise StageConfigError(problems)
         resolved = self._enter(trainer, pl_module, 0)
+        self.adaptive.stop_if_ended(trainer, self._bound())  # resumed after a plateau that ended the run
         self._train_data.want(trainer, resolved.data)  # a loader built before the resumed epoch was known
         progress: Any = trainer.fit_loop.epoch_progress.current  # a _StartedTracker, typed as its base
         if progress.started > progress.completed:
@@ -235,9 +236,9 @@ class StageScheduleCallback(CheckpointGuard):
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # plateaus, best weights and per-stage data belong to epoch stages (a step schedule refuses their fields)
-        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and self._bound().unit == "epoch":
-            self.adaptive.after_validation(trainer, pl_module, self._bound())
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        if fitting and self.adaptive.after_validation(trainer, pl_module, self._bound()):  # a step stage ended here
+            self._next_step = min(self._next_step, trainer.global_step)  # enter the next at the next batch
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -245,10 +246,10 @@ class StageScheduleCallback(CheckpointGuard):
         if cache is not None:
             report_cache(trainer, cache.take_stats(), self.verbose)
         self.stop_if_nonfinite(trainer, pl_module, "at the end of the epoch")  # before any restore or data switch
-        if self._bound().unit != "epoch":
-            return
         max_epochs = _max_epochs(trainer)
         self.adaptive.at_epoch_end(trainer, pl_module, self._bound(), max_epochs)
+        if self._bound().unit != "epoch":  # a step schedule's data never changes (bind_schedule refuses it)
+            return
         # Lightning builds the next epoch's loader before on_train_epoch_start: where the next epoch's `data` differs,
         # apply the next stage's data now and have the loader built again
         upcoming = trainer.current_epoch + 1
@@ -272,6 +273,7 @@ class StageScheduleCallback(CheckpointGuard):
         next step at which they can change; idempotent (the same batch applies the same values)."""
         schedule = self._effective()
         if schedule.unit == "step":
+            self.adaptive.at_step(trainer, pl_module, self._bound())  # a restore_best stage ended: its best weights
             resolved = schedule.at_step(trainer.global_step)
             # during a ramp the values change at every optimizer step; else where the range ends
             end = resolved.end_epoch if resolved.end_epoch is not None else math.inf

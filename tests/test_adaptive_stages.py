@@ -126,8 +126,15 @@ def test_a_plateau_of_the_last_stage_ends_the_run(tmp_path):
     model = Scripted(DOWN_THEN_FLAT)
     stages = [{"name": "kd", "start_epoch": 0, "end_epoch": 2, "distillation": True},
               {"name": "ft", "start_epoch": 2, "monitor": "val/score", "patience": 1}]
-    trainer(tmp_path, max_epochs=10, callbacks=[StageScheduleCallback(stages, verbose=False)]).fit(model)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
+    trainer(tmp_path, max_epochs=10, enable_checkpointing=True,
+            callbacks=[StageScheduleCallback(stages, verbose=False), checkpoints]).fit(model)
     assert model.stage_of == {0: "kd", 1: "kd", 2: "ft", 3: "ft"}  # 3.0 at epoch 3: no improvement, nothing follows
+    # a run resumed from its last checkpoint stops again: it does not train the base settings to max_epochs
+    resumed = Scripted(DOWN_THEN_FLAT)
+    trainer(tmp_path / "resumed", max_epochs=10, callbacks=[StageScheduleCallback(stages, verbose=False)]).fit(
+        resumed, ckpt_path=tmp_path / "ckpt" / "epoch=3.ckpt")
+    assert resumed.stage_of == {}
 
 
 def test_a_monitor_never_logged_is_named_with_what_was_logged(tmp_path):

@@ -155,6 +155,26 @@ def test_the_watch_reads_the_first_non_finite_batch_and_forgets_it_after_a_check
     assert fresh.check() is None
 
 
+@pytest.mark.parametrize("fold_every", [1, 2, 3, 256])
+def test_the_watch_finds_the_first_bad_batch_across_folds_dtypes_and_shapes(fold_every):
+    """Losses are folded into the record every ``fold_every`` steps: the first non-finite batch is the same whatever
+    the fold, in float16, bfloat16 and float64, for a non-scalar loss, and a huge finite float64 loss is not taken
+    for an infinite one."""
+    losses = [torch.tensor(1.0), torch.tensor(1e300, dtype=torch.float64), torch.tensor(2.0, dtype=torch.bfloat16),
+              torch.tensor([1.0, -math.inf]), torch.tensor(math.inf, dtype=torch.float16), torch.tensor(math.nan)]
+    expected = [i for i, loss in enumerate(losses) if not bool(torch.isfinite(loss).all())]
+    assert expected == [3, 4, 5]  # the reference, by hand: batch 3 is the first non-finite one
+    batches = [7, 8, 9, 2, 5, 0]  # batch indices are not in order (the record keeps the least non-finite one)
+    watch = NonFiniteWatch(fold_every=fold_every)
+    for step, (batch, loss) in enumerate(zip(batches, losses)):
+        watch.update(loss, batch, step=step)
+    assert watch.check().first_bad == min(batches[i] for i in expected)
+    finite = NonFiniteWatch(fold_every=fold_every)
+    for step, loss in enumerate(losses[:3]):
+        finite.update(loss, step, step=step)
+    assert finite.check() is None
+
+
 def test_ddp_a_nan_on_one_rank_stops_every_rank_before_the_checkpoint(tmp_path):
     """Under DDP (2 CPU processes) the loss turns NaN on rank 1 only: both ranks stop with the same error at the end
     of that epoch, and the checkpoints written before are kept as they were."""

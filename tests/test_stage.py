@@ -16,7 +16,7 @@ def test_stage_has_the_seed_fields_then_the_step_and_ramp_fields_then_the_adapti
         "start_step", "end_step", "ramp_epochs", "ramp_steps", "ramp_shape",  # issue 11
     ]
     # the adaptive stages' fields (issue 12), all optional, come last
-    assert names[11:] == ["monitor", "mode", "patience", "min_delta", "min_epochs", "restore_best", "data"]
+    assert names[11:] == ["monitor", "mode", "patience", "min_delta", "min_epochs", "min_steps", "restore_best", "data"]
     stage = Stage(start_epoch=4)
     assert (stage.name, stage.end_epoch, stage.distillation, stage.lambda_coef, stage.loss_weights) == (
         None, None, None, None, None,

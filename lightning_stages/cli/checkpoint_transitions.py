@@ -1,7 +1,7 @@
 """``lightning-stages show --checkpoint CKPT``: the transitions a run actually took, read from its checkpoint.
 
 The :class:`~lightning_stages.StageScheduleCallback` state holds the schedule the run trained with and, for
-plateau-ended stages, the epochs they ended at and the tracker of the stage in progress (see
+plateau-ended stages, the epochs (or optimizer steps) they ended at and the tracker of the stage in progress (see
 :mod:`lightning_stages.adaptive_stages`). This module reads them and writes them as text.
 """
 
@@ -67,17 +67,18 @@ def format_checkpoint(state: Mapping[str, Any]) -> str:
     effective = with_transitions(schedule, transitions)
     tracker = adaptive.get("tracker") or {}
     lines = [format_summary(effective, ended=set(transitions))]
+    unit = schedule.unit  # a step schedule's transitions and best are optimizer steps (``trainer.global_step``)
     for index, stage in enumerate(schedule.stages):
         if not stage.ends_on_plateau:
             continue
         label = f"stage {index} ({stage_name_of(stage, index)!r})"
         cap = schedule.end_of(stage)
         if index in transitions:
-            line = f"{label}: ended at epoch {transitions[index]} on a plateau of {stage.monitor} (cap {cap})"
+            line = f"{label}: ended at {unit} {transitions[index]} on a plateau of {stage.monitor} (cap {cap})"
         else:
             line = f"{label}: no early end (yet): runs up to {cap if cap is not None else 'the end'}"
         if tracker.get("stage") == index and tracker.get("best") is not None:
-            line += f"; best {tracker['best']:g} at epoch {tracker['best_epoch']}"
+            line += f"; best {tracker['best']:g} at {unit} {tracker['best_epoch']}"
             if index not in transitions:
                 line += f", {tracker['wait']} validation run(s) since"
         lines.append(line)

@@ -302,6 +302,15 @@ class FeatureHooks:
             if store is not None:
                 store.update({path: _Capture(value) for path, value in captured.items()})
 
+    def defer(self, models: Sequence[str], placeholder: Callable[[dict[str, Any], str], Any]) -> list[str]:
+        """Put ``placeholder(store, path)`` where :meth:`captured` reads each hooked path of those ``models`` that have
+        hooks (a teacher cache's batch whose features are computed only if read); returns those models."""
+        hooked = [name for name in models if self.spec.get(name) and name in self._features]
+        for name in hooked:
+            store: dict[str, Any] = self._features[name]
+            store.update({path: placeholder(store, path) for path in self.spec[name]})
+        return hooked
+
     def snapshot(self, models: Sequence[str], stage: Optional[str] = None) -> dict[str, dict[str, Any]]:
         """A copy of what the hooks of ``models`` captured, for the models that have hooks, checked as
         :meth:`captured` checks it."""

@@ -1,6 +1,6 @@
 """The checks of a training step: finite distillation losses, the DDP zero term, and the guard that runs them once
 per stage (one host sync and one graph walk per stage, none per step); and the watch that sees a non-finite training
-loss at every step without a host sync, read before a checkpoint is written."""
+loss at every step without a tensor operation or a host sync, read before a checkpoint is written."""
 
 from __future__ import annotations
 
@@ -170,8 +170,10 @@ class NonFiniteRange:
 
 
 class NonFiniteWatch:
-    """A device-side record of non-finite training losses: updated at every step with tensor operations only (no
-    host sync), read once at :meth:`check` (one sync; under DDP one ``all_gather``, so every rank sees the same).
+    """A record of non-finite training losses that costs no tensor operation at a step: each step keeps its loss
+    (detached; Lightning hands callbacks a detached copy), and every ``fold_every`` steps the kept losses are folded
+    into a device-side record with a few tensor operations (no host sync). :meth:`check` folds the rest and reads the
+    record once (one sync; under DDP one ``all_gather``, so every rank sees the same).
 
     Example::
 
@@ -187,23 +189,41 @@ class NonFiniteWatch:
         True
     """
 
-    __slots__ = ("_first", "_first_bad", "_found", "_last")
+    __slots__ = ("_batches", "_first", "_first_bad", "_found", "_last", "_losses", "fold_every")
 
-    def __init__(self) -> None:
+    def __init__(self, fold_every: int = 256) -> None:
+        self.fold_every = fold_every  # losses kept between folds (memory: one small tensor each)
+        self._losses: list[Tensor] = []  # the losses since the last fold, and their batch indices
+        self._batches: list[int] = []
         self._first_bad: Optional[Tensor] = None  # the batch index of the first non-finite loss, or _NONE
         self._first: Optional[tuple[int, int]] = None  # (batch index, global step) of the first batch watched
         self._last: tuple[int, int] = (0, 0)
         self._found: Optional[NonFiniteRange] = None  # once found, every later check says so (the weights stay bad)
 
     def update(self, loss: Any, batch: int, step: int) -> None:
-        """Record whether ``loss`` (a tensor; anything else is ignored) is finite; no host sync."""
+        """Keep ``loss`` (a tensor; anything else is ignored) for the next fold; no tensor operation but a detach."""
         if not isinstance(loss, Tensor):
             return
-        bad = torch.where(torch.isfinite(loss.detach()).all(), _NONE, batch)
-        self._first_bad = bad if self._first_bad is None else torch.minimum(self._first_bad, bad)
+        self._losses.append(loss.detach() if loss.requires_grad else loss)
+        self._batches.append(batch)
         if self._first is None:
             self._first = (batch, step)
         self._last = (batch, step)
+        if len(self._losses) >= self.fold_every:
+            self._fold()
+
+    def _fold(self) -> None:
+        """Fold the kept losses into the record: the least batch index among the non-finite ones (no host sync)."""
+        if not self._losses:
+            return
+        device = self._losses[0].device
+        # in float64 a finite loss of any float dtype stays finite, and a non-scalar loss sums to a non-finite
+        # value exactly when one of its elements is not finite (NaN stays NaN, +inf and -inf give NaN)
+        values = torch.stack([loss.to(device, torch.float64).sum() for loss in self._losses])
+        batches = torch.tensor(self._batches, dtype=torch.int64, device=device)
+        bad = torch.where(torch.isfinite(values), _NONE, batches).min()
+        self._first_bad = bad if self._first_bad is None else torch.minimum(self._first_bad, bad)
+        self._losses, self._batches = [], []
 
     def check(self, gather: Optional[Callable[[Tensor], Tensor]] = None) -> Optional[NonFiniteRange]:
         """The non-finite losses since the last check (``None``: every loss was finite, and a new range starts);
@@ -213,6 +233,7 @@ class NonFiniteWatch:
             gather: the strategy's ``all_gather`` under DDP, so that every rank decides alike (every rank must call
                 ``check`` then); ``None`` on one process.
         """
+        self._fold()
         if self._found is not None or self._first is None or self._first_bad is None:
             return self._found  # no collective here: every rank returns early alike
         first_bad = self._first_bad if gather is None else gather(self._first_bad).min()

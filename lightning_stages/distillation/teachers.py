@@ -278,7 +278,7 @@ class Teachers:
 
     def _defer_features(self, hooks: FeatureHooks, run: Callable[[list[str]], Any]) -> None:
         """Replace every hooked teacher feature in ``hooks`` by a :class:`_LiveFeature` of this batch."""
-        hooked = [name for name in self.modules if hooks.spec.get(name) and name in hooks._features]
+        hooked: list[str] = []
         done: list[bool] = []
 
         def run_once() -> None:
@@ -286,9 +286,7 @@ class Teachers:
                 done.append(True)
                 run(hooked)
 
-        for name in hooked:
-            store: dict[str, Any] = hooks._features[name]
-            store.update({path: _LiveFeature(store, path, run_once) for path in hooks.spec[name]})
+        hooked += hooks.defer(list(self.modules), lambda store, path: _LiveFeature(store, path, run_once))
 
 
 def module_device(module: nn.Module, teachers: Optional[Teachers]) -> torch.device:

@@ -2,22 +2,25 @@
 
 Kept apart from :mod:`.checks` (which calls :func:`adaptive_problems` for every stage) so that one concept lives in
 one room: the fields that let a stage end on a plateau, restore its best weights and pick its training data.
+:func:`min_length_problems` and :func:`data_change_problems` need the run's length and are called when the schedule is
+bound (:func:`~lightning_stages.schedule.bind.bind_schedule`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from itertools import pairwise
 from typing import Any, Optional
 
 from lightning_stages.errors import StageProblem, did_you_mean
-from lightning_stages.schedule.stage import Stage
+from lightning_stages.schedule.stage import ResolvedStage, Stage
 
-__all__ = ["MODES", "adaptive_problems", "min_epochs_problems"]
+__all__ = ["MODES", "adaptive_problems", "data_change_problems", "min_length_problems"]
 
 MODES = ("min", "max")
 # the fields that mean nothing without `monitor`
-_NEED_MONITOR = ("mode", "patience", "min_delta", "min_epochs", "restore_best")
+_NEED_MONITOR = ("mode", "patience", "min_delta", "min_epochs", "min_steps", "restore_best")
 
 
 def _is_int(value: Any) -> bool:
@@ -35,8 +38,8 @@ def adaptive_problems(stage: Stage, index: int) -> list[StageProblem]:
         stage 0: `mode` = 'mim': must be 'min' or 'max'; did you mean `min`?
         >>> print(adaptive_problems(Stage(start_epoch=0, patience=3), 0)[0])
         stage 0: `patience` = 3: needs `monitor`, the logged metric the stage watches; e.g. "monitor": "val/loss"
-        >>> print(adaptive_problems(Stage(start_step=0, data="labelled"), 0)[0])  # doctest: +ELLIPSIS
-        stage 0: `data` = 'labelled': needs an epoch stage (`start_epoch`/`end_epoch`): ...
+        >>> print(adaptive_problems(Stage(start_step=0, monitor="val/loss", patience=2, min_epochs=3), 0)[0])
+        stage 0: `min_epochs` = 3: counts epochs, but this stage counts optimizer steps; give `min_steps`
     """
     name: Optional[str] = stage.name if isinstance(stage.name, str) else None
 
@@ -57,14 +60,7 @@ def adaptive_problems(stage: Stage, index: int) -> list[StageProblem]:
             problems.append(problem("must be a finite number >= 0", "min_delta", delta))
         elif delta < 0:
             problems.append(problem("must be >= 0", "min_delta", delta))
-    if stage.min_epochs is not None:
-        if not (_is_int(stage.min_epochs) and stage.min_epochs >= 1):
-            problems.append(problem("must be an integer >= 1", "min_epochs", stage.min_epochs))
-        elif stage.patience is None:
-            problems.append(problem("has no effect without `patience`: only a plateau can end a stage early",
-                                    "min_epochs", stage.min_epochs))
-        elif _is_int(stage.start_epoch) and _is_int(stage.end_epoch):
-            problems += min_epochs_problems([(index, stage)], stage.end_epoch)
+    problems += _min_length_problems(stage, index, problem)
     if stage.restore_best is not None and not isinstance(stage.restore_best, bool):
         problems.append(problem(f"must be true or false, not {type(stage.restore_best).__name__}", "restore_best",
                                 stage.restore_best))
@@ -75,35 +71,90 @@ def adaptive_problems(stage: Stage, index: int) -> list[StageProblem]:
         problems += [problem("needs `monitor`, the logged metric the stage watches", key, getattr(stage, key),
                              'e.g. "monitor": "val/loss"')
                      for key in _NEED_MONITOR if getattr(stage, key) is not None]
-    if stage.start_step is not None:  # plateaus, best weights and data are decided at epoch ends
-        problems += [problem("needs an epoch stage (`start_epoch`/`end_epoch`): a plateau, the best weights and the "
-                             "training data are decided where an epoch ends, not at an optimizer step", key,
-                             getattr(stage, key), "give this stage in epochs, or leave the field out")
-                     for key in ("monitor", "patience", "min_epochs", "restore_best", "data")
-                     if getattr(stage, key) is not None]
     return problems
 
 
-def min_epochs_problems(indexed: Iterable[tuple[int, Stage]], total_epochs: Optional[int]) -> list[StageProblem]:
-    """Stages whose ``min_epochs`` is longer than the stage (its ``end_epoch``, else ``total_epochs``).
+def _min_length_problems(stage: Stage, index: int, problem: Any) -> list[StageProblem]:
+    """``min_epochs`` (an int >= 1, epoch stages) and ``min_steps`` (an int >= 0, step stages) on their own."""
+    problems = []
+    for key, unit, least in (("min_epochs", "epoch", 1), ("min_steps", "step", 0)):
+        value = getattr(stage, key)
+        if value is None:
+            continue
+        other = "min_steps" if unit == "epoch" else "min_epochs"
+        if not (_is_int(value) and value >= least):
+            problems.append(problem(f"must be an integer >= {least}", key, value))
+        elif stage.unit != unit:
+            counts = "optimizer steps" if stage.unit == "step" else "epochs"
+            problems.append(problem(f"counts {unit}s, but this stage counts {counts}; give `{other}`", key, value))
+        elif stage.patience is None:
+            problems.append(problem("has no effect without `patience`: only a plateau can end a stage early", key, value))
+        elif _is_int(stage.start) and _is_int(stage.end):
+            problems += min_length_problems([(index, stage)], stage.end)
+    return problems
+
+
+def min_length_problems(indexed: Iterable[tuple[int, Stage]], total: Optional[int]) -> list[StageProblem]:
+    """Stages whose ``min_epochs`` (``min_steps``) is longer than the stage: its ``end_epoch`` (``end_step``), else
+    ``total`` (the run's epochs or steps, in the stages' unit).
 
     Example::
 
         >>> stage = Stage(name="kd", start_epoch=2, monitor="val/loss", patience=2, min_epochs=5)
-        >>> print(min_epochs_problems([(0, stage)], 6)[0])
+        >>> print(min_length_problems([(0, stage)], 6)[0])
         stage 0 ('kd'): `min_epochs` = 5: is longer than the stage, which has 4 epochs ([2, 6))
+        >>> stage = Stage(name="kd", start_step=100, monitor="val/loss", patience=2, min_steps=500)
+        >>> print(min_length_problems([(0, stage)], 300)[0])
+        stage 0 ('kd'): `min_steps` = 500: is longer than the stage, which has 200 steps ([100, 300))
     """
     problems = []
     for index, stage in indexed:
-        end = stage.end_epoch if stage.end_epoch is not None else total_epochs
-        min_epochs = stage.min_epochs
-        start = stage.start_epoch
-        if not (isinstance(min_epochs, int) and isinstance(start, int) and _is_int(start) and isinstance(end, int)):
+        key = "min_steps" if stage.unit == "step" else "min_epochs"
+        least, start = getattr(stage, key), stage.start
+        end = stage.end if stage.end is not None else total
+        if not (_is_int(least) and _is_int(start) and _is_int(end)):
             continue
         length = end - start
-        if length > 0 and min_epochs > length:
+        if length > 0 and least > length:
             problems.append(StageProblem(
-                f"is longer than the stage, which has {length} epoch{'s' if length != 1 else ''} "
-                f"([{stage.start_epoch}, {end}))", index=index, name=stage.name, field="min_epochs",
-                value=min_epochs))
+                f"is longer than the stage, which has {length} {stage.unit}{'s' if length != 1 else ''} "
+                f"([{start}, {end}))", index=index, name=stage.name, field=key, value=least))
+    return problems
+
+
+def data_change_problems(timeline: Sequence[ResolvedStage], stages: Sequence[Stage]) -> list[StageProblem]:
+    """In a step schedule, every range of ``timeline`` (stages and the base between them, as
+    :meth:`~lightning_stages.schedule.StageSchedule.timeline` gives it) must train on the same ``data``.
+
+    Lightning builds the training dataloader once per epoch; a step boundary falls inside an epoch, where the loader
+    cannot be built again without ending the epoch (which would shift the epoch count, epoch-interval LR schedulers,
+    samplers and validation, and make resume inexact). So a change of ``data`` is refused in steps; in epochs it works.
+
+    Example::
+
+        >>> from lightning_stages.schedule import StageSchedule
+        >>> s = StageSchedule([{"name": "kd", "start_step": 0, "end_step": 50, "data": "all"},
+        ...                    {"name": "ft", "start_step": 50, "data": "labelled"}], total_steps=80)
+        >>> print(data_change_problems(s.timeline(), s.stages)[0])  # doctest: +NORMALIZE_WHITESPACE
+        stage 1 ('ft'): `data` = 'labelled': differs from the data before step 50 ('all'): in a step schedule the
+        training data cannot change (Lightning builds the training dataloader once per epoch, and step 50 may fall
+        inside one); give every stage in steps the same `data`, or give the stages in epochs
+        (`start_epoch`/`end_epoch`), where `data` may change at each stage
+    """
+    problems = []
+    for before, after in pairwise(timeline):
+        if after.unit != "step" or before.data == after.data:
+            continue
+        step = after.start_epoch
+        index: Optional[int]
+        if after.index is not None:  # name the stage; the base settings have no data
+            index, value, other = after.index, after.data, f"the data before step {step} ({before.data!r})"
+        else:
+            index, value, other = before.index, before.data, f"the base settings' from step {step} on (None)"
+        problems.append(StageProblem(
+            f"differs from {other}: in a step schedule the training data cannot change (Lightning builds the "
+            f"training dataloader once per epoch, and step {step} may fall inside one)", index=index,
+            name=stages[index].name if index is not None else None, field="data", value=value,
+            hint="give every stage in steps the same `data`, or give the stages in epochs (`start_epoch`/`end_epoch`), "
+                 "where `data` may change at each stage"))
     return problems

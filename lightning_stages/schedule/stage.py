@@ -43,13 +43,16 @@ class Stage:
         monitor: a logged metric the stage watches (e.g. ``"val/loss"``): to end the stage on a plateau
             (``patience``) and to know its best weights (``restore_best``).
         mode: ``"min"`` (the default) or ``"max"``: whether a lower or a higher ``monitor`` is better.
-        patience: end the stage after this many validation runs without improvement (at the end of that epoch).
-            ``end_epoch`` stays a hard cap; the next stage starts right after. Needs ``monitor``.
+        patience: end the stage after this many validation runs without improvement (at the end of that epoch; in
+            a step stage, at the optimizer step after that validation). ``end_epoch`` (``end_step``) stays a hard cap;
+            the next stage starts right after. Needs ``monitor``.
         min_delta: a value improves only when it beats the stage's best by more than this (default 0).
-        min_epochs: the least number of epochs the stage runs before a plateau may end it.
+        min_epochs: the least number of epochs the stage runs before a plateau may end it (epoch stages).
+        min_steps: the least number of optimizer steps the stage runs before a plateau may end it (step stages).
         restore_best: at the stage's end, load the student's weights of its own best validation. Needs ``monitor``.
         data: the training data the stage wants (e.g. ``"unlabelled"``), set on the module as ``stage_data``; where it
-            changes, the training dataloader is built again. ``None``: the module's ``stage_data`` is ``None``.
+            changes, the training dataloader is built again (epoch schedules: in a step schedule it cannot change).
+            ``None``: the module's ``stage_data`` is ``None``.
 
     Example::
 
@@ -78,6 +81,7 @@ class Stage:
     patience: Optional[int] = None
     min_delta: Optional[float] = None
     min_epochs: Optional[int] = None
+    min_steps: Optional[int] = None
     restore_best: Optional[bool] = None
     data: Optional[str] = None
 
