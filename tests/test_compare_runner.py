@@ -187,13 +187,13 @@ from torch.utils.data import DataLoader, TensorDataset
 class Probe(pl.LightningModule):
     \"\"\"Logs the torch threads and the process it trained in; the run with seed `crash_seed` kills its process.\"\"\"
 
-    def __init__(self, crash_seed: int = -1) -> None:
+    def __init__(self, crash_seed: int = -1, loader_workers: int = 0) -> None:
         super().__init__()
-        self.crash_seed = crash_seed
+        self.crash_seed, self.loader_workers = crash_seed, loader_workers
         self.layer = torch.nn.Linear(2, 1)
 
     def train_dataloader(self):
-        return DataLoader(TensorDataset(torch.ones(4, 2)), batch_size=2)
+        return DataLoader(TensorDataset(torch.ones(4, 2)), batch_size=2, num_workers=self.loader_workers)
 
     def test_dataloader(self):
         return self.train_dataloader()
@@ -213,19 +213,21 @@ class Probe(pl.LightningModule):
 PROBE_METRICS = ("test/threads", "test/interop", "test/pid")
 
 
-def probe_config(folder: Path, name: str, crash_seed: int = -1) -> Path:
+def probe_config(folder: Path, name: str, crash_seed: int = -1, loader_workers: int = 0) -> Path:
     (folder / "compare_probe_model.py").write_text(PROBE)
     path = folder / f"{name}.yaml"
     path.write_text(f"trainer: {{max_epochs: 1, logger: false, enable_checkpointing: false, accelerator: cpu, "
                     f"devices: 1, enable_progress_bar: false}}\n"
-                    f"model: {{class_path: compare_probe_model.Probe, init_args: {{crash_seed: {crash_seed}}}}}\n")
+                    f"model: {{class_path: compare_probe_model.Probe, init_args: {{crash_seed: {crash_seed}, "
+                    f"loader_workers: {loader_workers}}}}}\n")
     return path
 
 
 def test_workers_start_once_take_runs_in_turn_and_a_dead_worker_fails_only_its_run(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # the workers import the probe's module from their working directory
-    ok, crash = probe_config(tmp_path, "ok"), probe_config(tmp_path, "crash", crash_seed=1)
+    # "ok" loads its data in a DataLoader worker process: a run may start processes of its own
+    ok, crash = probe_config(tmp_path, "ok", loader_workers=1), probe_config(tmp_path, "crash", crash_seed=1)
     specs = [RunSpec(config.stem, seed, str(config), None, str(tmp_path / "runs" / config.stem / f"seed_{seed}"),
                      PROBE_METRICS) for seed in range(3) for config in (ok, crash)]
     with WorkerPool(workers=2, threads=1) as pool:

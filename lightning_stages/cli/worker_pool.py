@@ -103,7 +103,8 @@ class WorkerPool:
 
     def _start(self) -> _Worker:
         ours, theirs = self._context.Pipe()
-        process = self._context.Process(target=_serve, args=(theirs, self.threads), daemon=True,
+        # not a daemon: a run may start processes of its own (DataLoader workers)
+        process = self._context.Process(target=_serve, args=(theirs, self.threads), daemon=False,
                                         name=f"lightning-stages-worker-{self.started}")
         process.start()
         theirs.close()
