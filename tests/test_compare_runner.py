@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
 from conftest import compare_config as tiny_config
-from conftest import make_tiny_teacher
+from conftest import ddp_env, make_tiny_teacher
 from scipy import stats
 
 from lightning_stages.cli import main
@@ -263,3 +265,26 @@ def test_each_job_gets_its_share_of_the_cores_and_one_job_trains_in_this_process
     assert outcome.error is None, outcome.error
     assert outcome.metrics["test/pid"] == os.getpid()
     assert outcome.metrics["test/threads"] == available_cores()
+
+
+LEFT_OPEN = """
+from lightning_stages.cli.training_run import RunSpec
+from lightning_stages.cli.worker_pool import WorkerPool
+
+if __name__ == "__main__":
+    pool = WorkerPool(workers=1, threads=1)
+    (outcome,) = pool.run([RunSpec("ok", 0, "ok.yaml", None, "runs/ok/seed_0", ("test/pid",))])
+    print(outcome.error, pool.pids[0], flush=True)
+"""
+
+
+def test_a_pool_never_closed_does_not_keep_python_from_exiting(tmp_path: Path) -> None:
+    probe_config(tmp_path, "ok")
+    (tmp_path / "left_open.py").write_text(LEFT_OPEN)
+    done = subprocess.run([sys.executable, "left_open.py"], cwd=tmp_path, env=ddp_env(), capture_output=True,
+                          text=True, timeout=120)  # before: the interpreter joined the idle worker forever
+    assert done.returncode == 0, done.stderr[-2000:]
+    error, pid = done.stdout.split()
+    assert error == "None"
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid), 0)

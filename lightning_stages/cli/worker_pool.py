@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import multiprocessing.util
 import signal
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -66,6 +67,21 @@ def _died(spec: RunSpec, exitcode: Optional[int]) -> RunOutcome:
     return RunOutcome(spec.schedule, spec.seed, error=f"WorkerDied: the worker process training this run died ({how})")
 
 
+def _stop_worker(worker: _Worker) -> None:
+    worker.connection.close()
+    if worker.process.is_alive():
+        worker.process.terminate()
+    worker.process.join(timeout=10)
+    if worker.process.is_alive():  # pragma: no cover - SIGTERM handled and ignored by the run
+        worker.process.kill()
+        worker.process.join()
+
+
+def _stop_all(pool: list[_Worker]) -> None:
+    while pool:
+        _stop_worker(pool.pop())
+
+
 class WorkerPool:
     """``workers`` spawned processes with ``threads`` torch threads each, started when first needed, kept until closed.
 
@@ -89,6 +105,8 @@ class WorkerPool:
         self._context = multiprocessing.get_context("spawn")
         self._pool: list[_Worker] = []
         self.started = 0  # worker processes started so far (replacements included)
+        # a pool never closed would leave its workers waiting for work, and the interpreter joining them at exit
+        multiprocessing.util.Finalize(self, _stop_all, args=(self._pool,), exitpriority=10)
 
     def __enter__(self) -> WorkerPool:
         return self
@@ -116,18 +134,11 @@ class WorkerPool:
     def _stop(self, worker: _Worker) -> None:
         """End a worker at once (it holds no state worth keeping: a run in flight is lost)."""
         self._pool.remove(worker)
-        worker.connection.close()
-        if worker.process.is_alive():
-            worker.process.terminate()
-        worker.process.join(timeout=10)
-        if worker.process.is_alive():  # pragma: no cover - SIGTERM handled and ignored by the run
-            worker.process.kill()
-            worker.process.join()
+        _stop_worker(worker)
 
     def close(self) -> None:
         """Stop every worker; a run in flight is lost."""
-        for worker in list(self._pool):
-            self._stop(worker)
+        _stop_all(self._pool)
 
     def _hand_out(self, queue: deque[RunSpec]) -> None:
         """Give the next runs to the free workers, starting workers while there are runs and room."""
