@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -171,6 +172,29 @@ def test_an_epoch_interval_lr_scheduler_steps_at_the_cut(tmp_path, stages, valid
     epoch_of = {step: epoch for step, epoch, *_ in trained}
     assert model.lr_at == {step: 0.5 ** epoch_of[step] for step in range(MAX_STEPS)}
     assert epoch_of[cut - 1] == 0 and epoch_of[cut] == 1  # halved at the cut
+
+
+def test_the_cut_runs_epoch_end_hooks_but_not_lightning_s_epoch_end_validation(tmp_path):
+    """With the Trainer's default validation (once an epoch, ``val_check_interval=1.0``, which Lightning counts in the
+    loader's batches), the epochs that end by themselves validate and the cut epoch does not; ``on_train_epoch_end``
+    (where ``ModelCheckpoint(save_on_train_epoch_end=True)`` saves) runs at every epoch's end, the cut's too."""
+
+    class Validated(DataNet):
+        def validation_step(self, batch, batch_idx):
+            self.validated = [*getattr(self, "validated", []), self.trainer.global_step]
+            self.log("val/score", 1.0)
+
+        def on_train_epoch_end(self):
+            self.epoch_ends = [*getattr(self, "epoch_ends", []), self.trainer.global_step]
+
+    model = Validated()
+    callback = StageScheduleCallback(FIXED, verbose=False)
+    trainer(tmp_path, callbacks=[callback], max_epochs=-1, max_steps=MAX_STEPS).fit(model)
+    _, trained = reference(FIXED)
+    ends = [after[0] for before, after in pairwise(trained) if before[1] != after[1]]  # first steps of new epochs
+    assert ends == [7, 10, 13, 16]  # the cut at 7; ft's 3-batch loader ends by itself at 10, 13 and 16
+    assert model.epoch_ends == [*ends, MAX_STEPS]
+    assert model.validated == [10, 13, 16]
 
 
 def test_the_same_data_throughout_builds_the_loader_once(tmp_path):
