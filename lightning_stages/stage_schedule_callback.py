@@ -24,7 +24,7 @@ from lightning_stages.schedule.render import format_stage_line, stage_metrics
 from lightning_stages.schedule.stage import ResolvedStage, Stage
 from lightning_stages.schedule.unit_checks import epoch_ramp_problems
 from lightning_stages.stage_reports import add_stage_text, info, log_stage, report_cache, warn_about_coverage
-from lightning_stages.train_data import TrainData, resumed_epoch
+from lightning_stages.train_data import TrainData, finish_resumed_epoch, resumed_epoch, step_data_problems
 
 __all__ = ["StageScheduleCallback"]
 
@@ -74,7 +74,8 @@ class StageScheduleCallback(CheckpointGuard):
       :class:`~lightning_stages.checkpoint_guard.CheckpointGuard`, also looks at every epoch end);
     * ``stage_data``: the stage's ``data`` (``None`` where it gives none). Where it changes from one epoch to the
       next, the training dataloader is built again, after the new stage is applied, so ``train_dataloader()`` (of
-      the module or the datamodule) can read it; a resumed run builds the data of the stage it resumes in.
+      the module or the datamodule) can read it; a resumed run builds the data of the stage it resumes in. In a step
+      schedule, a change of ``data`` ends the running epoch at the boundary; the new stage starts a new epoch.
 
     The module declares its task losses as the keys of the ``loss_weights`` dict it sets in ``__init__``; those
     values are the base weights when none are given here. Without a schedule the base settings apply to every
@@ -202,9 +203,12 @@ class StageScheduleCallback(CheckpointGuard):
         # a run resumed within an epoch (its batches begun or done) gets no on_train_epoch_start for that epoch:
         # apply and report it here; otherwise on_train_epoch_start does. The stage's text goes to TensorBoard at the
         # first epoch of every run, as well as where a stage begins.
+        if self._bound().unit == "step":  # resumed at an epoch's end: the next epoch starts (as if never stopped)
+            finish_resumed_epoch(trainer)
         self._teachers_from(pl_module, _position(trainer, self._bound()))  # the position the loops restored
         self._batches, self._accumulate = trainer.num_training_batches, trainer.accumulate_grad_batches
-        if problems := epoch_ramp_problems(self._bound(), self._batches, self._accumulate):
+        if problems := (epoch_ramp_problems(self._bound(), self._batches, self._accumulate)
+                        + step_data_problems(trainer, self._bound())):
             raise StageConfigError(problems)
         resolved = self._enter(trainer, pl_module, 0)
         self.adaptive.stop_if_ended(trainer, self._bound())  # resumed after a plateau that ended the run
@@ -225,20 +229,22 @@ class StageScheduleCallback(CheckpointGuard):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if trainer.global_step < self._next_step:  # no boundary crossed and no ramp running: one comparison
-            return
-        resolved = self._enter(trainer, pl_module, batch_idx)
-        if self._bound().unit == "step" and trainer.global_step == resolved.start_epoch:  # a step stage begins
-            self._report(trainer, resolved)
-            add_stage_text(trainer, resolved)
-        elif trainer.global_step != self._logged_step:  # once per optimizer step of a ramp, and where it ends
-            self._log_metrics(trainer, resolved)
+        if trainer.global_step >= self._next_step:  # a boundary crossed or a ramp running (else one comparison)
+            resolved = self._enter(trainer, pl_module, batch_idx)
+            if self._bound().unit == "step" and trainer.global_step == resolved.start_epoch:  # a step stage begins
+                self._report(trainer, resolved)
+                add_stage_text(trainer, resolved)
+            elif trainer.global_step != self._logged_step:  # once per optimizer step of a ramp, and where it ends
+                self._log_metrics(trainer, resolved)
+        if trainer.global_step + 1 >= self._train_data.cut_at:  # the data changes after this optimizer step
+            self._train_data.cut_if_due(trainer)
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
         if fitting and self.adaptive.after_validation(trainer, pl_module, self._bound()):  # a step stage ended here
             self._next_step = min(self._next_step, trainer.global_step)  # enter the next at the next batch
+            self._train_data.cut_now(trainer, self._effective())  # its data differs: the epoch ends here
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -248,16 +254,8 @@ class StageScheduleCallback(CheckpointGuard):
         self.stop_if_nonfinite(trainer, pl_module, "at the end of the epoch")  # before any restore or data switch
         max_epochs = _max_epochs(trainer)
         self.adaptive.at_epoch_end(trainer, pl_module, self._bound(), max_epochs)
-        if self._bound().unit != "epoch":  # a step schedule's data never changes (bind_schedule refuses it)
-            return
-        # Lightning builds the next epoch's loader before on_train_epoch_start: where the next epoch's `data` differs,
-        # apply the next stage's data now and have the loader built again
-        upcoming = trainer.current_epoch + 1
-        if (max_epochs is None or upcoming < max_epochs) and not trainer.should_stop:
-            resolved = self._effective().stage_at(upcoming)
-            if self._train_data.want(trainer, resolved.data):
-                module: Any = pl_module
-                module.stage_data = resolved.data
+        limit = max_epochs if self._bound().unit == "epoch" else _max_steps(trainer)
+        self._train_data.before_next_epoch(trainer, pl_module, self._effective(), limit)  # where `data` changes
 
     def _bound(self) -> StageSchedule:
         if self.resolved_schedule is None:
@@ -278,6 +276,7 @@ class StageScheduleCallback(CheckpointGuard):
             # during a ramp the values change at every optimizer step; else where the range ends
             end = resolved.end_epoch if resolved.end_epoch is not None else math.inf
             self._next_step = trainer.global_step + 1 if resolved.ramping else end
+            self._train_data.plan_cut(schedule, resolved)  # where the data changes, the epoch ends
         else:
             resolved = schedule.at(trainer.current_epoch, batch_idx, self._batches,
                                    accumulate_grad_batches=self._accumulate)

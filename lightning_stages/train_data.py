@@ -5,16 +5,31 @@ epoch *before* ``on_train_epoch_start`` runs. So the stage of the next epoch is 
 one (the schedule is a pure function of the epoch), ``stage_data`` is set then, and the fit loop is told to build
 the loader again: dropping its combined loader makes ``fit_loop.setup_data()`` call ``train_dataloader()`` at the
 next epoch start, whatever ``reload_dataloaders_every_n_epochs`` says.
+
+In a schedule in optimizer steps, a change of ``data`` ends the running epoch at the boundary, and the new stage
+starts a new epoch with its own loader. The batch whose optimizer step reaches the boundary is made the epoch's last
+(``batch_progress.is_last_batch``, set before its training step, so Lightning steps the optimizer and the
+epoch-interval LR schedulers on it as on any epoch's last batch). A plateau that ends a step stage at a validation
+right after an optimizer step ends the epoch there (the epoch-interval LR schedulers are stepped as Lightning would
+have at that batch). The epoch's end then builds the new loader, as above; ``global_step`` keeps counting.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from itertools import pairwise
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+from lightning.pytorch.loops.fetchers import _DataLoaderIterDataFetcher
+from lightning.pytorch.loops.loop import _Loop
 
-__all__ = ["TrainData", "resumed_epoch"]
+from lightning_stages.errors import StageProblem
+from lightning_stages.schedule import StageSchedule
+from lightning_stages.schedule.stage import ResolvedStage
+
+__all__ = ["TrainData", "finish_resumed_epoch", "resumed_epoch", "step_data_problems"]
 
 _UNKNOWN = object()
 
@@ -40,6 +55,45 @@ def resumed_epoch(checkpoint: Mapping[str, Any]) -> Optional[int]:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def step_data_problems(trainer: pl.Trainer, schedule: StageSchedule) -> list[StageProblem]:
+    """What cannot work (checked before the first batch): a step schedule whose ``data`` changes, trained by a
+    ``training_step`` that takes ``dataloader_iter``. Lightning then decides an epoch's last batch itself after every
+    step (from the iterator), so the epoch cannot be ended at the boundary.
+    """
+    if schedule.unit != "step" or not isinstance(trainer.fit_loop._data_fetcher, _DataLoaderIterDataFetcher):
+        return []
+    problems = []
+    for before, after in pairwise(schedule.timeline()):
+        if before.data != after.data:
+            index = after.index if after.index is not None else before.index
+            name = schedule.stages[index].name if index is not None else None
+            problems.append(StageProblem(
+                f"changes the training data at step {after.start_epoch} ({before.data!r} -> {after.data!r}), but "
+                "`training_step` takes `dataloader_iter`, whose epoch cannot be ended at a step", index=index,
+                name=name, field="data", value=after.data if after.index is not None else before.data,
+                hint="take `batch` in `training_step`, or give every stage in steps the same `data`"))
+    return problems
+
+
+def finish_resumed_epoch(trainer: pl.Trainer) -> None:
+    """At the start of a step schedule's fit resumed from a checkpoint written at an epoch's end (in
+    ``on_train_epoch_end``, such as the end of an epoch that a change of ``data`` cut): start the next epoch, as the
+    run that never stopped does.
+
+    Lightning (2.6) restarts iteration-based training (``max_steps``) inside the finished epoch: without a validation
+    due there, it trains one batch more in that epoch, and the epochs after it shift. Here the finished epoch is
+    counted as completed and the loops start afresh (nothing of the finished epoch is left to run).
+    """
+    fit_loop = trainer.fit_loop
+    if not (fit_loop.restarted_on_epoch_end and fit_loop.epoch_loop.batch_progress.is_last_batch):
+        return
+    progress: Any = fit_loop.epoch_progress  # its trackers are _StartedTrackers, typed as their base
+    progress.current.completed, progress.total.completed = progress.current.processed, progress.total.processed
+    for loop in (fit_loop, fit_loop.epoch_loop, fit_loop.epoch_loop.val_loop):
+        loop.reset_restart_stage()
+    _Loop.restarting.fset(fit_loop, False)  # type: ignore[attr-defined]  # FitLoop's setter keeps it for max_steps
+
+
 class TrainData:
     """Remembers which ``stage_data`` the current training dataloader was built with, and has it built again when
     the data an epoch wants differs.
@@ -53,6 +107,8 @@ class TrainData:
 
     def __init__(self) -> None:
         self.built_with: Any = _UNKNOWN
+        # a step schedule: the optimizer step before which the running epoch must end (its data changes there)
+        self.cut_at: float = math.inf
 
     def built(self, data: Optional[str]) -> None:
         """The loader Lightning builds next (or has just built) sees ``stage_data == data``."""
@@ -68,6 +124,53 @@ class TrainData:
         _drop_train_loader(trainer)
         self.built_with = data
         return True
+
+
+    def before_next_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule, schedule: StageSchedule,
+                          limit: Optional[int]) -> None:
+        """At an epoch's end: Lightning builds the next epoch's loader before ``on_train_epoch_start``, so where the
+        next epoch's ``data`` differs (a step schedule: the next optimizer step's), set it on the module as
+        ``stage_data`` now and have the loader built again. ``limit``: the run's epochs (steps), ``None`` if open."""
+        upcoming = trainer.global_step if schedule.unit == "step" else trainer.current_epoch + 1
+        if (limit is None or upcoming < limit) and not trainer.should_stop:
+            data = schedule.stage_at(upcoming).data
+            if self.want(trainer, data):
+                module: Any = pl_module  # a plain attribute
+                module.stage_data = data
+
+    def plan_cut(self, schedule: StageSchedule, resolved: ResolvedStage) -> None:
+        """A step schedule: end the running epoch where ``resolved``'s range ends if the data after it differs and the
+        run goes on (``schedule`` is the effective one, with the plateau transitions taken so far).
+
+        Example::
+
+            >>> s = StageSchedule([{"name": "kd", "start_step": 0, "end_step": 50, "data": "all"},
+            ...                    {"name": "ft", "start_step": 50, "data": "labelled"}], total_steps=80)
+            >>> data = TrainData(); data.plan_cut(s, s.stage_at(10)); data.cut_at
+            50
+            >>> data.plan_cut(s, s.stage_at(60)); data.cut_at  # ft runs to the run's end
+            inf
+        """
+        end, total = resolved.end_epoch, schedule.total_steps
+        inside = resolved.unit == "step" and end is not None and (total is None or end < total)  # not the run's end
+        self.cut_at = end if inside and end is not None and schedule.stage_at(end).data != resolved.data else math.inf
+
+    def cut_if_due(self, trainer: pl.Trainer) -> None:
+        """Before a training batch: make it the epoch's last if its optimizer step reaches :attr:`cut_at`."""
+        loop = trainer.fit_loop.epoch_loop
+        if trainer.global_step + 1 >= self.cut_at and loop._accumulated_batches_reached():
+            loop.batch_progress.is_last_batch = True
+
+    def cut_now(self, trainer: pl.Trainer, schedule: StageSchedule) -> None:
+        """After a validation that ended a step stage: if the next optimizer step trains on other data than the
+        running loader, end the epoch here (with the epoch-interval LR schedulers stepped, as Lightning steps them
+        after an epoch's last batch); the next batch is of the next epoch."""
+        loop = trainer.fit_loop.epoch_loop
+        if trainer.should_stop or loop._should_accumulate() or schedule.stage_at(trainer.global_step).data == self.built_with:
+            return  # inside an accumulation the stage ends after this optimizer step: `cut_if_due` cuts there
+        if not loop._num_ready_batches_reached():
+            loop.batch_progress.is_last_batch = True
+            loop.update_lr_schedulers("epoch", update_plateau_schedulers=False)
 
 
 def _drop_train_loader(trainer: pl.Trainer) -> None:

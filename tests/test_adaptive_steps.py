@@ -1,7 +1,7 @@
 """Adaptive stages in optimizer steps: a step stage ends on a plateau seen at a validation (``val_check_interval``
 in batches, also inside one long epoch), the next stage starts at the next optimizer step, ``end_step`` stays a
 hard cap, resume follows the same transitions, ``restore_best`` loads the stage's own best weights before the next
-stage's first step; ``min_steps``; and a step schedule's ``data`` may not change."""
+stage's first step; ``min_steps`` (a change of ``data`` in steps: tests/test_step_data.py)."""
 
 from __future__ import annotations
 
@@ -240,7 +240,7 @@ def test_resume_follows_the_same_transitions_weights_and_losses(tmp_path, whole_
     assert (callback.adaptive.tracker.best, callback.adaptive.tracker.best_epoch) == (1.0, 14)
 
 
-# ---------------------------------------------------------------------------------------------- bad input, data
+# ---------------------------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize(("stage", "message"), [
     ({"min_steps": 13}, r"`min_steps` = 13: is longer than the stage, which has 12 steps \(\[0, 12\)\)"),
@@ -270,32 +270,6 @@ def test_min_steps_of_a_stage_that_runs_to_the_end_is_checked_against_max_steps(
                                                r"which has 16 steps \(\[4, 20\)\)"):
         fit(tmp_path, model, stages)
     assert model.stage_of == {}
-
-
-class WithData(Scripted):
-    def train_dataloader(self):
-        self.built_with = [*getattr(self, "built_with", []), self.stage_data]
-        return data(24)
-
-
-def test_a_data_change_in_a_step_schedule_is_refused_before_training(tmp_path):
-    stages = [dict(kd_then_ft(patience=1)[0], data="all"), dict(kd_then_ft()[1], data="labelled")]
-    model = WithData(DOWN_THEN_FLAT)
-    with pytest.raises(StageConfigError) as info:
-        trainer(tmp_path, max_epochs=-1, max_steps=18, callbacks=[StageScheduleCallback(stages)]).fit(model)
-    message = str(info.value)
-    assert "stage 1 ('ft'): `data` = 'labelled': differs from the data before step 12 ('all')" in message
-    assert "give the stages in epochs (`start_epoch`/`end_epoch`)" in message
-    assert model.stage_of == {} and not hasattr(model, "built_with")
-    # the base settings after the last stage have no data: a change too, once the run goes on past it
-    same = [dict(stage, data="all") for stage in stages]
-    with pytest.raises(StageConfigError, match=r"stage 1 \('ft'\): `data` = 'all': differs from the base settings' "
-                                               r"from step 18 on \(None\)"):
-        trainer(tmp_path, max_epochs=-1, max_steps=20, callbacks=[StageScheduleCallback(same)]).fit(model)
-    # the same data throughout: the loader is built once, with it
-    trainer(tmp_path, max_epochs=-1, max_steps=18, val_check_interval=EVERY, check_val_every_n_epoch=None,
-            callbacks=[StageScheduleCallback(same, verbose=False)]).fit(model)
-    assert model.built_with == ["all"] and set(model.stage_of.values()) == {"kd", "ft"}
 
 
 # ---------------------------------------------------------------------------------------------- seed JSON, YAML, show

@@ -2,21 +2,20 @@
 
 Kept apart from :mod:`.checks` (which calls :func:`adaptive_problems` for every stage) so that one concept lives in
 one room: the fields that let a stage end on a plateau, restore its best weights and pick its training data.
-:func:`min_length_problems` and :func:`data_change_problems` need the run's length and are called when the schedule is
-bound (:func:`~lightning_stages.schedule.bind.bind_schedule`).
+:func:`min_length_problems` needs the run's length and is called when the schedule is bound
+(:func:`~lightning_stages.schedule.bind.bind_schedule`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from itertools import pairwise
+from collections.abc import Iterable
 from typing import Any, Optional
 
 from lightning_stages.errors import StageProblem, did_you_mean
-from lightning_stages.schedule.stage import ResolvedStage, Stage
+from lightning_stages.schedule.stage import Stage
 
-__all__ = ["MODES", "adaptive_problems", "data_change_problems", "min_length_problems"]
+__all__ = ["MODES", "adaptive_problems", "min_length_problems"]
 
 MODES = ("min", "max")
 # the fields that mean nothing without `monitor`
@@ -119,42 +118,4 @@ def min_length_problems(indexed: Iterable[tuple[int, Stage]], total: Optional[in
             problems.append(StageProblem(
                 f"is longer than the stage, which has {length} {stage.unit}{'s' if length != 1 else ''} "
                 f"([{start}, {end}))", index=index, name=stage.name, field=key, value=least))
-    return problems
-
-
-def data_change_problems(timeline: Sequence[ResolvedStage], stages: Sequence[Stage]) -> list[StageProblem]:
-    """In a step schedule, every range of ``timeline`` (stages and the base between them, as
-    :meth:`~lightning_stages.schedule.StageSchedule.timeline` gives it) must train on the same ``data``.
-
-    Lightning builds the training dataloader once per epoch; a step boundary falls inside an epoch, where the loader
-    cannot be built again without ending the epoch (which would shift the epoch count, epoch-interval LR schedulers,
-    samplers and validation, and make resume inexact). So a change of ``data`` is refused in steps; in epochs it works.
-
-    Example::
-
-        >>> from lightning_stages.schedule import StageSchedule
-        >>> s = StageSchedule([{"name": "kd", "start_step": 0, "end_step": 50, "data": "all"},
-        ...                    {"name": "ft", "start_step": 50, "data": "labelled"}], total_steps=80)
-        >>> print(data_change_problems(s.timeline(), s.stages)[0])  # doctest: +NORMALIZE_WHITESPACE
-        stage 1 ('ft'): `data` = 'labelled': differs from the data before step 50 ('all'): in a step schedule the
-        training data cannot change (Lightning builds the training dataloader once per epoch, and step 50 may fall
-        inside one); give every stage in steps the same `data`, or give the stages in epochs
-        (`start_epoch`/`end_epoch`), where `data` may change at each stage
-    """
-    problems = []
-    for before, after in pairwise(timeline):
-        if after.unit != "step" or before.data == after.data:
-            continue
-        step = after.start_epoch
-        index: Optional[int]
-        if after.index is not None:  # name the stage; the base settings have no data
-            index, value, other = after.index, after.data, f"the data before step {step} ({before.data!r})"
-        else:
-            index, value, other = before.index, before.data, f"the base settings' from step {step} on (None)"
-        problems.append(StageProblem(
-            f"differs from {other}: in a step schedule the training data cannot change (Lightning builds the "
-            f"training dataloader once per epoch, and step {step} may fall inside one)", index=index,
-            name=stages[index].name if index is not None else None, field="data", value=value,
-            hint="give every stage in steps the same `data`, or give the stages in epochs (`start_epoch`/`end_epoch`), "
-                 "where `data` may change at each stage"))
     return problems

@@ -8,7 +8,7 @@ from typing import Any, Optional, Union
 
 from lightning_stages.errors import StageConfigError, StageProblem
 from lightning_stages.schedule import checks, unit_checks
-from lightning_stages.schedule.adaptive_checks import data_change_problems, min_length_problems
+from lightning_stages.schedule.adaptive_checks import min_length_problems
 from lightning_stages.schedule.stage import BASE_STAGE_NAME, plain
 from lightning_stages.schedule.stage_schedule import StageSchedule
 
@@ -110,8 +110,6 @@ def bind_schedule(
     # a stage without `end_epoch` (`end_step`) ends with the run: only now is its length known
     problems += min_length_problems([(i, s) for i, s in enumerate(schedule.stages) if s.end is None],
                                     total if schedule.unit == "epoch" else total_steps)
-    if schedule.unit == "step" and not any(p.field in ("start_step", "end_step") for p in problems):
-        problems += data_change_problems(schedule.timeline(total_steps), schedule.stages)  # the loader is per epoch
     if problems:
         raise StageConfigError(problems)
     return StageSchedule._checked_elsewhere(schedule.stages, base_weights, distillation, lambda_coef, total,

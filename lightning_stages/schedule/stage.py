@@ -51,7 +51,7 @@ class Stage:
         min_steps: the least number of optimizer steps the stage runs before a plateau may end it (step stages).
         restore_best: at the stage's end, load the student's weights of its own best validation. Needs ``monitor``.
         data: the training data the stage wants (e.g. ``"unlabelled"``), set on the module as ``stage_data``; where it
-            changes, the training dataloader is built again (epoch schedules: in a step schedule it cannot change).
+            changes, the training dataloader is built again (in a step schedule, the running epoch ends there).
             ``None``: the module's ``stage_data`` is ``None``.
 
     Example::
