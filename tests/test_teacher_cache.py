@@ -28,7 +28,8 @@ from conftest import ddp_env
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stages import IndexedDataset, StageConfigError, StageScheduleCallback, TeacherCache
-from lightning_stages.distillation.teacher_cache_rows import row_hash, word_hash
+from lightning_stages.distillation.teacher_cache_inputs import word_hash
+from lightning_stages.distillation.teacher_cache_rows import position_multipliers, row_hash
 from lightning_stages.distillation.teacher_fingerprint import teacher_fingerprint
 from lightning_stages.errors import DistillationStepError
 
@@ -107,26 +108,28 @@ def test_row_hash_equals_a_python_reference():
 
 
 def test_word_hash_equals_a_python_reference_and_sees_every_single_word_change():
-    """The input checksum: per half, sum(word * odd multiplier) mod 2**32, with the halves' multipliers the low and
-    high 32 bits of row_hash's (written out here again); high half in the top 32 bits."""
+    """The input checksum: sum(word * odd multiplier of its position) mod 2**64, the multipliers row_hash's (written
+    out here again); the CPU path (a matrix-vector product) and the other devices' (a product and a sum) agree."""
     mask64, golden, mix = (1 << 64) - 1, 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9
 
     def python_hash(words: list[int]) -> int:
-        low = high = 0
+        total = 0
         for position, word in enumerate(words, start=1):
             m = (position * golden) & mask64
             m = (((m ^ ((m >> 31) & 0xFFFFFFFF)) * mix) & mask64) | 1
-            low += (word & 0xFFFFFFFF) * ((m & 0xFFFFFFFF) | 1)
-            high += (word & 0xFFFFFFFF) * (((m >> 32) & 0xFFFFFFFF) | 1)
-        total = ((high & 0xFFFFFFFF) << 32) | (low & 0xFFFFFFFF)
+            total += (word & mask64) * m
+        total &= mask64
         return total - (1 << 64) if total >= 1 << 63 else total
 
-    words = torch.randint(-(2**31), 2**31 - 1, (5, 9), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
-    assert word_hash(words).tolist() == [python_hash(row) for row in words.tolist()]
+    words = torch.randint(-(2**63), 2**63 - 1, (5, 9), generator=torch.Generator().manual_seed(0))
+    expected = [python_hash(row) for row in words.tolist()]
+    assert word_hash(words).tolist() == expected
+    # what word_hash computes off the CPU (integer matrix-vector products are CPU-only): the same numbers
+    assert (words * position_multipliers(words.shape[1], words.device)).sum(-1).tolist() == expected
     for position in range(words.shape[1]):
-        for bit in (0, 17, 31):  # the lowest, a middle and the sign bit of one word
+        for bit in (0, 31, 63):  # the lowest, a middle and the sign bit of one word
             changed = words.clone()
-            changed[:, position] ^= torch.tensor(1 << bit, dtype=torch.int64).to(torch.int32)
+            changed[:, position] ^= torch.tensor(1, dtype=torch.int64) << bit
             assert (word_hash(changed) != word_hash(words)).all(), (position, bit)
     swapped = words[:, [1, 0, *range(2, words.shape[1])]]
     assert (word_hash(swapped) != word_hash(words)).all()

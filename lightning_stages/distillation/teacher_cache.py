@@ -10,7 +10,7 @@ Samples are identified by their index in the dataset. The batch carries them: wr
 A stored row is served only for the input it was computed from: each row keeps a checksum of the sample's teacher
 inputs, compared at every read. A different input (another dataset, random augmentation) recomputes the row and is
 counted as a mismatch (:meth:`TeacherCache.take_stats`). How rows are laid out and checksummed is in
-``teacher_cache_rows.py``; where they are kept in ``teacher_cache_storage.py`` (memory) and ``teacher_cache_files.py``
+``teacher_cache_rows.py``, the input checksum in ``teacher_cache_inputs.py``; where they are kept in ``teacher_cache_storage.py`` (memory) and ``teacher_cache_files.py``
 (files shared by processes).
 """
 
@@ -25,10 +25,10 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from lightning_stages.distillation import teacher_cache_rows
 from lightning_stages.distillation.indexed_dataset import IndexedDataset
 from lightning_stages.distillation.teacher_cache_files import FileRows, drop_unused
-from lightning_stages.distillation.teacher_cache_rows import flatten, input_fingerprints, too_large, unflatten
+from lightning_stages.distillation.teacher_cache_inputs import input_fingerprints, input_tensors
+from lightning_stages.distillation.teacher_cache_rows import flatten, too_large, unflatten
 from lightning_stages.distillation.teacher_cache_storage import MemoryRows, RowStorage, directory_problem
 from lightning_stages.distillation.teacher_fingerprint import teacher_fingerprint
 from lightning_stages.errors import DistillationStepError, StageConfigError, StageProblem
@@ -252,7 +252,7 @@ class TeacherCache:
     def _input_fingerprints(self, inputs: Any, rows: int) -> Tensor:
         if inputs is None:
             return torch.zeros(rows, dtype=torch.int64)
-        tensors = teacher_cache_rows.input_tensors(inputs)
+        tensors = input_tensors(inputs)
         key = [rows, *((id(t), t._version) for t in tensors)]
         if self._memo is None or self._memo[0][0] != key:  # lookup then store of one batch hash it once
             self._memo = ([key, tensors], input_fingerprints(inputs, rows))

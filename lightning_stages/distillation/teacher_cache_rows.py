@@ -4,16 +4,15 @@ Pure functions, shared by the cache and its two storages (``teacher_cache_storag
 
 * :func:`flatten` / :func:`unflatten`: teacher outputs and features <-> a JSON description plus a list of tensors
   with one row per sample;
-* :func:`row_hash`: a 64-bit checksum of each row of an ``int64`` matrix (vectorised, on any device);
-* :func:`word_hash`: a cheaper 64-bit checksum of each row of an ``int32`` matrix, for the inputs of every step;
-* :func:`input_fingerprints`: a checksum of each sample's teacher inputs, so that a stored row is only served for
-  the input it was computed from.
+* :func:`row_hash`: a 64-bit checksum of each row of an ``int64`` matrix (vectorised, on any device), guarding the
+  stored rows against corruption.
+
+The checksum of the teachers' inputs, checked at every cached step, is in ``teacher_cache_inputs.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import sys
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -24,7 +23,7 @@ from torch import Tensor
 
 from lightning_stages.errors import StageConfigError, StageProblem
 
-__all__ = ["check_spec", "flatten", "input_fingerprints", "input_tensors", "row_hash", "too_large", "unflatten", "word_hash"]
+__all__ = ["check_spec", "flatten", "position_multipliers", "row_hash", "too_large", "unflatten"]
 
 _MASK32 = 0xFFFFFFFF
 _MASK35 = (1 << 35) - 1
@@ -194,7 +193,7 @@ def too_large(values: Tensor, dtype: torch.dtype) -> Optional[float]:
     return largest if largest > torch.finfo(dtype).max else None
 
 
-def _multipliers(count: int, device: torch.device) -> Tensor:
+def position_multipliers(count: int, device: torch.device) -> Tensor:
     """``count`` odd pseudo-random 64-bit multipliers, one per word position (the same on every device)."""
     key = (count, str(device))
     cached = _multipliers_cache.get(key)
@@ -222,125 +221,6 @@ def row_hash(words: Tensor) -> Tensor:
         >>> bool(h[0] == h[1]), bool(h[0] == h[2])
         (True, False)
     """
-    x = words * _multipliers(words.shape[-1], words.device)
+    x = words * position_multipliers(words.shape[-1], words.device)
     x ^= (x >> 29) & _MASK35
     return x.sum(-1)
-
-
-def _signed32(values: Tensor) -> Tensor:
-    """The low 32 bits of ``int64`` ``values`` as ``int32`` (two's complement)."""
-    return (((values & _MASK32) ^ 0x80000000) - 0x80000000).to(torch.int32)
-
-
-def _multipliers32(count: int, device: torch.device) -> Tensor:
-    """Two sets of ``count`` odd 32-bit multipliers, ``(2, count)``: the low and high halves of :func:`_multipliers`."""
-    key = (-count, str(device))
-    cached = _multipliers_cache.get(key)
-    if cached is None:
-        m = _multipliers(count, device)
-        cached = torch.stack([_signed32(m) | 1, _signed32(m >> 32) | 1])
-        _multipliers_cache[key] = cached
-    return cached
-
-
-def word_hash(words: Tensor) -> Tensor:
-    """A 64-bit checksum of each row of the ``int32`` matrix ``words``: in each half, the sum of the words times an
-    odd 32-bit multiplier of their position, modulo 2**32 (two independent sets of multipliers).
-
-    Changing any one word always changes both halves (an odd number is invertible modulo 2**32), and reordered words
-    change them too. It is linear, so weaker than :func:`row_hash` against crafted data, and about 5x faster: two
-    passes of 32-bit vector arithmetic (about 0.05 ms for 256 rows of 512 float32 values on one CPU thread). It checks
-    the teachers' inputs at every cached step; :func:`row_hash` guards the stored rows against corruption.
-
-    Example::
-
-        >>> words = torch.tensor([[1, 2, 3], [1, 2, 3], [3, 2, 1]], dtype=torch.int32)
-        >>> h = word_hash(words)
-        >>> bool(h[0] == h[1]), bool(h[0] == h[2])
-        (True, False)
-    """
-    halves = (words.unsqueeze(-2) * _multipliers32(words.shape[-1], words.device)).sum(-1, dtype=torch.int32)
-    return halves.view(torch.int64).squeeze(-1)  # the two int32 sums of a row, read as one int64
-
-
-def _bytes_hash(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
-
-
-def _tensor_rows_hash(tensor: Tensor, rows: int) -> Tensor:
-    """:func:`word_hash` of each of the ``rows`` rows of ``tensor``'s bytes, salted with its dtype and row shape."""
-    flat = tensor.detach().reshape(rows, -1).contiguous()
-    if flat.dtype == torch.bool:
-        flat = flat.to(torch.uint8)
-    data = flat.view(torch.uint8) if flat.shape[1] else flat.new_zeros((rows, 0), dtype=torch.uint8)
-    if data.shape[1] % 4:
-        padded = data.new_zeros((rows, data.shape[1] + 4 - data.shape[1] % 4))
-        padded[:, : data.shape[1]] = data
-        data = padded
-    salt = _bytes_hash(f"{tensor.dtype}{tuple(tensor.shape[1:])}")
-    return word_hash(data.view(torch.int32)) + salt
-
-
-def input_tensors(inputs: Any) -> list[Tensor]:
-    """Every tensor in ``inputs`` (nested tuples, lists and mappings).
-
-    Example::
-
-        >>> len(input_tensors(((torch.ones(1),), {"mask": [torch.ones(2)], "flag": True})))
-        2
-    """
-    tensors: list[Tensor] = []
-    pending = [inputs]
-    while pending:
-        value = pending.pop()
-        if isinstance(value, Tensor):
-            tensors.append(value)
-        elif isinstance(value, Mapping):
-            pending.extend(value.values())
-        elif isinstance(value, (tuple, list)):
-            pending.extend(value)
-    return tensors
-
-
-def input_fingerprints(inputs: Any, rows: int) -> Tensor:
-    """One 64-bit checksum per sample of the teachers' ``inputs`` (a CPU ``int64`` tensor of ``rows`` values).
-
-    Tensors with ``rows`` rows are hashed row by row; any other tensor, and plain values (numbers, strings, None),
-    enter every row's checksum; other objects enter by their type only.
-
-    Example::
-
-        >>> x = torch.arange(6.0).reshape(3, 2)
-        >>> a = input_fingerprints(((x,), {}), 3)
-        >>> bool(a[0] == input_fingerprints(((x[:1],), {}), 1)[0]), bool(a[0] == a[1])
-        (True, False)
-    """
-    total = torch.zeros(rows, dtype=torch.int64)
-    if rows == 0:
-        return total
-    shared = 0
-
-    def visit(value: Any) -> None:
-        nonlocal total, shared
-        if isinstance(value, Tensor):
-            if value.dim() and value.shape[0] == rows and not value.is_sparse and not value.is_meta:
-                total = total * 31 + _tensor_rows_hash(value, rows).cpu()
-            elif value.is_sparse or value.is_meta:
-                shared = shared * 31 + _bytes_hash(f"{value.dtype}{tuple(value.shape)}")
-            else:
-                shared = shared * 31 + int(_tensor_rows_hash(value.reshape(1, -1), 1))
-            shared &= (1 << 63) - 1
-        elif isinstance(value, Mapping):
-            for key in value:
-                shared = (shared * 31 + _bytes_hash(repr(key))) & ((1 << 63) - 1)
-                visit(value[key])
-        elif isinstance(value, (tuple, list)):
-            for item in value:
-                visit(item)
-        else:
-            plain = isinstance(value, (int, float, str, bool, type(None)))
-            text = repr(value)[:1000] if plain else type(value).__qualname__
-            shared = (shared * 31 + _bytes_hash(text)) & ((1 << 63) - 1)
-
-    visit(inputs)
-    return total + shared

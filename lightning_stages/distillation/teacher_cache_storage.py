@@ -124,7 +124,9 @@ class MemoryRows(RowStorage):
         slots = [self._slot.get(i, -1) for i in index]
         present = torch.tensor(slots, dtype=torch.int64)
         mismatched = 0
-        if fingerprints is not None:
+        if fingerprints is not None and -1 not in slots:  # the usual read: every row is stored
+            mismatched = int((self._fingerprints.index_select(0, present) != fingerprints).sum())
+        elif fingerprints is not None:
             known = present >= 0
             mismatched = int((self._fingerprints[present[known]] != fingerprints[known]).sum())
         if self.layout is None or -1 in slots or mismatched:

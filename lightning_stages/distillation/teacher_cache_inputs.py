@@ -1,0 +1,149 @@
+"""The checksum of a batch's teacher inputs, one per sample: a row stored by a :class:`~lightning_stages.TeacherCache`
+is only served for the input it was computed from.
+
+* :func:`input_fingerprints`: each sample's checksum over every tensor of the inputs (and their plain values);
+* :func:`word_hash`: the 64-bit checksum of each row of an ``int64`` matrix it is built on, cheap enough for every
+  cached step;
+* :func:`input_tensors`: the tensors of the inputs (the cache remembers them to hash one batch once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from lightning_stages.distillation.teacher_cache_rows import position_multipliers
+
+__all__ = ["input_fingerprints", "input_tensors", "word_hash"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def word_hash(words: Tensor) -> Tensor:
+    """A 64-bit checksum of each row of the ``int64`` matrix ``words``: the sum of the words times an odd 64-bit
+    multiplier of their position (:func:`position_multipliers`), modulo 2**64.
+
+    Changing any one word always changes it (an odd number is invertible modulo 2**64), and reordered words change it
+    too. It is linear, so weaker than :func:`row_hash` against crafted data, and much cheaper: on the CPU one
+    matrix-vector product that reads the data once, with no temporary (about 0.04 ms for 256 rows of 512 float32
+    values on one thread); elsewhere a product and a sum. It checks the teachers' inputs at every cached step;
+    :func:`row_hash` guards the stored rows against corruption.
+
+    Example::
+
+        >>> words = torch.tensor([[1, 2, 3], [1, 2, 3], [3, 2, 1]])
+        >>> h = word_hash(words)
+        >>> bool(h[0] == h[1]), bool(h[0] == h[2])
+        (True, False)
+    """
+    multipliers = position_multipliers(words.shape[-1], words.device)
+    if words.device.type == "cpu":
+        return torch.mv(words, multipliers)  # integer arithmetic wraps: the same sum modulo 2**64
+    return (words * multipliers).sum(-1)  # integer matrix-vector products are CPU-only
+
+
+def _bytes_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def _tensor_rows_hash(tensor: Tensor, rows: int) -> Tensor:
+    """:func:`word_hash` of each of the ``rows`` rows of ``tensor``'s bytes (unsalted; see :func:`_salt`).
+
+    A contiguous 2-d tensor whose rows are whole 8-byte words (the usual batch) is read in place, with no copy."""
+    flat = tensor.detach() if tensor.requires_grad else tensor
+    if flat.dim() != 2 or not flat.is_contiguous():
+        flat = flat.reshape(rows, -1).contiguous()
+    if flat.dtype != torch.bool and flat.shape[1] and (flat.shape[1] * flat.element_size()) % 8 == 0:
+        return word_hash(flat.view(torch.int64))
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    data = flat.view(torch.uint8) if flat.shape[1] else flat.new_zeros((rows, 0), dtype=torch.uint8)
+    if data.shape[1] % 8:
+        padded = data.new_zeros((rows, data.shape[1] + 8 - data.shape[1] % 8))
+        padded[:, : data.shape[1]] = data
+        data = padded
+    return word_hash(data.view(torch.int64))
+
+
+def _salt(tensor: Tensor) -> int:
+    """What a tensor's dtype and row shape add to each row's checksum."""
+    return _bytes_hash(f"{tensor.dtype}{tuple(tensor.shape[1:])}")
+
+
+def input_tensors(inputs: Any) -> list[Tensor]:
+    """Every tensor in ``inputs`` (nested tuples, lists and mappings).
+
+    Example::
+
+        >>> len(input_tensors(((torch.ones(1),), {"mask": [torch.ones(2)], "flag": True})))
+        2
+    """
+    tensors: list[Tensor] = []
+    pending = [inputs]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, Tensor):
+            tensors.append(value)
+        elif isinstance(value, Mapping):
+            pending.extend(value.values())
+        elif isinstance(value, (tuple, list)):
+            pending.extend(value)
+    return tensors
+
+
+def input_fingerprints(inputs: Any, rows: int) -> Tensor:
+    """One 64-bit checksum per sample of the teachers' ``inputs`` (a CPU ``int64`` tensor of ``rows`` values).
+
+    Tensors with ``rows`` rows are hashed row by row; any other tensor, and plain values (numbers, strings, None),
+    enter every row's checksum; other objects enter by their type only.
+
+    Example::
+
+        >>> x = torch.arange(6.0).reshape(3, 2)
+        >>> a = input_fingerprints(((x,), {}), 3)
+        >>> bool(a[0] == input_fingerprints(((x[:1],), {}), 1)[0]), bool(a[0] == a[1])
+        (True, False)
+    """
+    if rows == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    # each row's checksum is sum_i 31**(n-1-i) * (hash_i + salt_i) + shared, modulo 2**64, over its n row tensors;
+    # the Python-int parts (salts, shared values) are summed here and added once, so that one batch tensor costs
+    # only its own hash
+    total: Optional[Tensor] = None
+    offset = shared = 0
+
+    def visit(value: Any) -> None:
+        nonlocal total, offset, shared
+        if isinstance(value, Tensor):
+            if value.dim() and value.shape[0] == rows and not value.is_sparse and not value.is_meta:
+                hashed = _tensor_rows_hash(value, rows).cpu()
+                total = hashed if total is None else total * 31 + hashed
+                offset = (offset * 31 + _salt(value)) & _MASK64
+            elif value.is_sparse or value.is_meta:
+                shared = shared * 31 + _bytes_hash(f"{value.dtype}{tuple(value.shape)}")
+            else:
+                one = value.reshape(1, -1)
+                shared = shared * 31 + int(_tensor_rows_hash(one, 1)) + _salt(one)
+            shared &= (1 << 63) - 1
+        elif isinstance(value, Mapping):
+            for key in value:
+                shared = (shared * 31 + _bytes_hash(repr(key))) & ((1 << 63) - 1)
+                visit(value[key])
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                visit(item)
+        else:
+            plain = isinstance(value, (int, float, str, bool, type(None)))
+            text = repr(value)[:1000] if plain else type(value).__qualname__
+            shared = (shared * 31 + _bytes_hash(text)) & ((1 << 63) - 1)
+
+    visit(inputs)
+    constant = (offset + shared) & _MASK64
+    constant -= (1 << 64) if constant >= 1 << 63 else 0  # as a signed 64-bit integer
+    if total is None:
+        return torch.full((rows,), constant, dtype=torch.int64)
+    return total + constant if constant else total
