@@ -28,7 +28,7 @@ from conftest import ddp_env
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stages import IndexedDataset, StageConfigError, StageScheduleCallback, TeacherCache
-from lightning_stages.distillation.teacher_cache_inputs import word_hash
+from lightning_stages.distillation.teacher_cache_inputs import input_fingerprints, word_hash
 from lightning_stages.distillation.teacher_cache_rows import position_multipliers, row_hash
 from lightning_stages.distillation.teacher_fingerprint import teacher_fingerprint
 from lightning_stages.errors import DistillationStepError
@@ -133,6 +133,26 @@ def test_word_hash_equals_a_python_reference_and_sees_every_single_word_change()
             assert (word_hash(changed) != word_hash(words)).all(), (position, bit)
     swapped = words[:, [1, 0, *range(2, words.shape[1])]]
     assert (word_hash(swapped) != word_hash(words)).all()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(4, 6),  # whole 8-byte words per row: read in place
+    lambda: torch.randn(4, 7).half(),  # 14 bytes per row: padded
+    lambda: torch.randn(6, 4).t(),  # not contiguous
+    lambda: torch.rand(4, 5) > 0.5,  # bool
+])
+def test_an_input_checksum_changes_in_the_changed_row_only(make):
+    x = make()
+    changed = x.clone()
+    changed[2, -1] = ~changed[2, -1] if x.dtype == torch.bool else changed[2, -1] + 1
+    before, after = input_fingerprints(((x,), {}), 4), input_fingerprints(((changed,), {}), 4)
+    assert (before != after).tolist() == [False, False, True, False]
+
+
+def test_rows_without_elements_have_a_checksum_of_their_shape():
+    empty = input_fingerprints(((torch.zeros(4, 0),), {}), 4)
+    assert empty.tolist() == input_fingerprints(((torch.zeros(4, 0),), {}), 4).tolist()
+    assert (empty != input_fingerprints(((torch.zeros(4, 0, 2),), {}), 4)).all()
 
 
 # ------------------------------------------------------------------------------------------------ concurrency

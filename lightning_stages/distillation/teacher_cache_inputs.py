@@ -59,9 +59,11 @@ def _tensor_rows_hash(tensor: Tensor, rows: int) -> Tensor:
         flat = flat.reshape(rows, -1).contiguous()
     if flat.dtype != torch.bool and flat.shape[1] and (flat.shape[1] * flat.element_size()) % 8 == 0:
         return word_hash(flat.view(torch.int64))
+    if not flat.shape[1]:  # rows of no elements: nothing to read (their shape enters through the salt)
+        return torch.zeros(rows, dtype=torch.int64, device=flat.device)
     if flat.dtype == torch.bool:
         flat = flat.to(torch.uint8)
-    data = flat.view(torch.uint8) if flat.shape[1] else flat.new_zeros((rows, 0), dtype=torch.uint8)
+    data = flat.view(torch.uint8)
     if data.shape[1] % 8:
         padded = data.new_zeros((rows, data.shape[1] + 8 - data.shape[1] % 8))
         padded[:, : data.shape[1]] = data
