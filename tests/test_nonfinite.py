@@ -173,6 +173,11 @@ def test_the_watch_finds_the_first_bad_batch_across_folds_dtypes_and_shapes(fold
     for step, loss in enumerate(losses[:3]):
         finite.update(loss, step, step=step)
     assert finite.check() is None
+    same = [torch.tensor(v) for v in (1.0, 2.0, math.nan, 3.0, math.inf)]  # scalars of one dtype: stacked at once
+    watch = NonFiniteWatch(fold_every=fold_every)
+    for step, loss in enumerate(same):
+        watch.update(loss, 10 - step, step=step)
+    assert watch.check().first_bad == min(10 - 2, 10 - 4)
 
 
 def test_ddp_a_nan_on_one_rank_stops_every_rank_before_the_checkpoint(tmp_path):

@@ -216,12 +216,13 @@ class NonFiniteWatch:
         """Fold the kept losses into the record: the least batch index among the non-finite ones (no host sync)."""
         if not self._losses:
             return
-        device = self._losses[0].device
-        # in float64 a finite loss of any float dtype stays finite, and a non-scalar loss sums to a non-finite
-        # value exactly when one of its elements is not finite (NaN stays NaN, +inf and -inf give NaN)
-        values = torch.stack([loss.to(device, torch.float64).sum() for loss in self._losses])
-        batches = torch.tensor(self._batches, dtype=torch.int64, device=device)
-        bad = torch.where(torch.isfinite(values), _NONE, batches).min()
+        losses, first = self._losses, self._losses[0]
+        if all(loss.dim() == 0 and loss.dtype == first.dtype and loss.device == first.device for loss in losses):
+            finite = torch.isfinite(torch.stack(losses))  # the usual case: scalar losses of one dtype, two operations
+        else:  # non-scalar losses, or dtypes that changed (no conversion: not every device has every dtype)
+            finite = torch.stack([torch.isfinite(loss).all().to(first.device) for loss in losses])
+        batches = torch.tensor(self._batches, dtype=torch.int64, device=first.device)
+        bad = torch.where(finite, _NONE, batches).min()
         self._first_bad = bad if self._first_bad is None else torch.minimum(self._first_bad, bad)
         self._losses, self._batches = [], []
 
