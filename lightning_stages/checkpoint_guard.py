@@ -15,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 from typing_extensions import override
 
 from lightning_stages.distillation.step_checks import NonFiniteWatch
@@ -57,6 +58,10 @@ class CheckpointGuard(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, Tensor) and not pl_module.automatic_optimization:
+            # Lightning hands over a copy only under automatic optimization; a manual training_step's loss may be a
+            # buffer it writes again before the watch reads it
+            loss = loss.detach().clone()
         self._watch().update(loss, batch_idx, trainer.global_step)
 
     @override

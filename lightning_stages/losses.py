@@ -102,15 +102,13 @@ def logit_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float 
     """
     _check_temperature(temperature)
     _check_shapes(student_logits, teacher_logits, name)
-    if temperature != 1:
-        student_logits, teacher_logits = student_logits / temperature, teacher_logits / temperature
-    log_p_student = F.log_softmax(student_logits, dim=1)
-    # a class the teacher gives probability 0 (a logit of -inf) adds 0 * (lowest float - log p) = 0, not
-    # 0 * -inf = NaN as in F.kl_div; a NaN from a broken teacher still comes through (clamp keeps NaN)
-    log_p_teacher = F.log_softmax(teacher_logits, dim=1).clamp(min=torch.finfo(teacher_logits.dtype).min)
-    terms = log_p_teacher.exp() * (log_p_teacher - log_p_student)
-    loss = terms.sum(dim=1).mean()
-    return loss if temperature == 1 else loss * (temperature**2)
+    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    p_teacher = log_p_teacher.exp()
+    # classes the teacher gives probability 0 (a logit of -inf) add 0, not 0 * -inf = NaN as in F.kl_div;
+    # a NaN from a broken teacher still comes through
+    terms = torch.where(p_teacher == 0, torch.zeros_like(p_teacher), p_teacher * (log_p_teacher - log_p_student))
+    return terms.sum(dim=1).mean() * (temperature**2)
 
 
 def mask_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, name: str = "mask_kd") -> Tensor:
@@ -309,6 +307,7 @@ def weighted_sum(
         # 1 * loss is loss: no operation and no backward node (a tensor weight is never compared: no host sync)
         term = loss if isinstance(weight, (int, float)) and weight == 1 else weight * loss
         total = term if total is None else total + term
+    values: list[Tensor] = []
     if distill_losses is not None:
         values = [distill_losses] if isinstance(distill_losses, Tensor) else (
             list(distill_losses.values()) if isinstance(distill_losses, Mapping) else list(distill_losses))
@@ -318,4 +317,6 @@ def weighted_sum(
             total = term if total is None else total + term
     if total is None:
         raise ValueError(f"`task_losses` = {dict(task_losses)!r}: no losses to weight (and no distillation losses)")
+    if any(total is loss for loss in [*task_losses.values(), *values]):  # one term of weight 1: never hand back the caller's own tensor
+        total = total * 1
     return total

@@ -62,8 +62,10 @@ def ddp_env() -> dict[str, str]:
         port = s.getsockname()[1]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK"):
-        env.pop(var, None)
+    for var in list(env):  # no rank, launcher or cluster variables of whatever started pytest
+        if var in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "LOCAL_WORLD_SIZE",
+                   "TORCHELASTIC_RUN_ID", "GROUP_RANK") or var.startswith(("SLURM_", "OMPI_", "PMI_")):
+            env.pop(var)
     return env
 
 

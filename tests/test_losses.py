@@ -68,6 +68,25 @@ def test_logit_kd_is_zero_for_identical_logits_and_positive_otherwise():
     assert float(logit_kd(logits, logits.flip(1))) > 0
 
 
+def test_logit_kd_with_a_class_masked_in_both_models_gives_no_nan():
+    student = torch.tensor([[0.0, 1.0, -math.inf]], dtype=torch.float64, requires_grad=True)
+    teacher = torch.tensor([[0.0, 2.0, -math.inf]], dtype=torch.float64)
+    loss = logit_kd(student, teacher, temperature=2.0)
+    loss.backward()
+    p = torch.softmax(teacher[:, :2] / 2, dim=1)  # the reference over the two classes that are not masked
+    expected = 4 * float((p * (torch.log_softmax(teacher[:, :2] / 2, 1) - torch.log_softmax(student[:, :2] / 2, 1))).sum())
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+    assert torch.isfinite(student.grad[:, :2]).all()
+
+
+def test_weighted_sum_never_returns_the_callers_own_tensor():
+    ce = torch.tensor(2.0)
+    total = weighted_sum({"ce": ce}, {"ce": 1.0})
+    assert total is not ce and float(total) == 2.0
+    kd = torch.tensor(3.0)
+    assert weighted_sum({}, {}, kd, lambda_coef=1.0) is not kd
+
+
 def test_logit_kd_with_zero_teacher_probability_gives_no_nan():
     student = torch.tensor([[0.0, 1.0, 2.0]], dtype=torch.float64, requires_grad=True)
     teacher = torch.tensor([[0.0, 1.0, -math.inf]], dtype=torch.float64)

@@ -138,6 +138,30 @@ def test_two_consecutive_stages_of_one_name_both_check_their_first_step(tmp_path
     assert model.steps[-1] == (0, 3)  # epoch 1 stopped in its first step, before record()
 
 
+def test_manual_optimization_returning_a_reused_buffer_still_stops_on_its_nan(tmp_path):
+    """A manual training_step returns one buffer it writes at every step: the NaN of batch 1 is overwritten by the
+    finite loss of batch 2 before the epoch ends, and the watch still stops the run, naming batch 1."""
+
+    class ManualBuffer(TinyNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.buffer = torch.zeros(())
+
+        def training_step(self, batch, batch_idx):
+            optimizer = self.optimizers()
+            loss = super().training_step(batch, batch_idx)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+            self.buffer.copy_(loss.detach() * (float("nan") if batch_idx == 1 else 1.0))
+            return self.buffer
+
+    run = trainer(tmp_path, max_epochs=1, callbacks=[StageScheduleCallback([{"name": "s", "start_epoch": 0}])])
+    with pytest.raises(DistillationStepError, match="at batch 1 of epoch 0"):
+        run.fit(ManualBuffer(), tiny_loader())
+
+
 def test_the_watch_reads_the_first_non_finite_batch_and_forgets_it_after_a_check():
     watch = NonFiniteWatch()
     assert watch.check() is None  # nothing watched: nothing to read

@@ -117,7 +117,8 @@ def test_word_hash_equals_a_python_reference_and_sees_every_single_word_change()
         for position, word in enumerate(words, start=1):
             m = (position * golden) & mask64
             m = (((m ^ ((m >> 31) & 0xFFFFFFFF)) * mix) & mask64) | 1
-            total += (word & mask64) * m
+            x = word & mask64
+            total += (x ^ (x >> 29)) * m
         total &= mask64
         return total - (1 << 64) if total >= 1 << 63 else total
 
@@ -125,7 +126,11 @@ def test_word_hash_equals_a_python_reference_and_sees_every_single_word_change()
     expected = [python_hash(row) for row in words.tolist()]
     assert word_hash(words).tolist() == expected
     # what word_hash computes off the CPU (integer matrix-vector products are CPU-only): the same numbers
-    assert (words * position_multipliers(words.shape[1], words.device)).sum(-1).tolist() == expected
+    mixed = words ^ ((words >> 29) & ((1 << 35) - 1))
+    assert (mixed * position_multipliers(words.shape[1], words.device)).sum(-1).tolist() == expected
+    signs = words.clone()
+    signs[:, [2, 5]] ^= torch.tensor(1, dtype=torch.int64) << 63  # two sign bits: a plain linear sum cancels them
+    assert (word_hash(signs) != word_hash(words)).all()
     for position in range(words.shape[1]):
         for bit in (0, 31, 63):  # the lowest, a middle and the sign bit of one word
             changed = words.clone()
@@ -137,6 +142,9 @@ def test_word_hash_equals_a_python_reference_and_sees_every_single_word_change()
 
 @pytest.mark.parametrize("make", [
     lambda: torch.randn(4, 6),  # whole 8-byte words per row: read in place
+    lambda: torch.randn(4, 6, dtype=torch.float64),
+    lambda: torch.randn(21)[1:].view(4, 5),  # contiguous, but not from a whole word of its storage
+    lambda: torch.randn(4, 5)[:, :4],  # rows of whole words, strides not
     lambda: torch.randn(4, 7).half(),  # 14 bytes per row: padded
     lambda: torch.randn(6, 4).t(),  # not contiguous
     lambda: torch.rand(4, 5) > 0.5,  # bool
@@ -147,6 +155,11 @@ def test_an_input_checksum_changes_in_the_changed_row_only(make):
     changed[2, -1] = ~changed[2, -1] if x.dtype == torch.bool else changed[2, -1] + 1
     before, after = input_fingerprints(((x,), {}), 4), input_fingerprints(((changed,), {}), 4)
     assert (before != after).tolist() == [False, False, True, False]
+
+
+def test_an_input_and_its_negation_have_other_checksums():
+    x = torch.randn(4, 6, dtype=torch.float64)  # each row: 6 sign bits flip, in whole 8-byte words
+    assert (input_fingerprints(((x,), {}), 4) != input_fingerprints(((-x,), {}), 4)).all()
 
 
 def test_rows_without_elements_have_a_checksum_of_their_shape():

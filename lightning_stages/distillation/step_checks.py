@@ -171,7 +171,7 @@ class NonFiniteRange:
 
 class NonFiniteWatch:
     """A record of non-finite training losses that costs no tensor operation at a step: each step keeps its loss
-    (detached; Lightning hands callbacks a detached copy), and every ``fold_every`` steps the kept losses are folded
+    (the caller hands over a tensor nothing writes again: Lightning's copy under automatic optimization), and every ``fold_every`` steps the kept losses are folded
     into a device-side record with a few tensor operations (no host sync). :meth:`check` folds the rest and reads the
     record once (one sync; under DDP one ``all_gather``, so every rank sees the same).
 
