@@ -87,40 +87,38 @@ def header(path: Path) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------------ checksums
 
 
-def test_row_hash_equals_a_python_reference():
-    mask64, golden, mix = (1 << 64) - 1, 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9
+MASK64 = (1 << 64) - 1
 
+
+def python_multiplier(position: int) -> int:
+    """The odd multiplier of a word position (from 1), written out in Python: splitmix64's first steps."""
+    m = (position * 0x9E3779B97F4A7C15) & MASK64
+    return (((m ^ ((m >> 31) & 0xFFFFFFFF)) * 0xBF58476D1CE4E5B9) & MASK64) | 1
+
+
+def signed64(total: int) -> int:
+    total &= MASK64
+    return total - (1 << 64) if total >= 1 << 63 else total
+
+
+def test_row_hash_equals_a_python_reference():
     def python_hash(words: list[int]) -> int:
-        total = 0
-        for position, word in enumerate(words, start=1):
-            m = (position * golden) & mask64
-            m = (((m ^ ((m >> 31) & 0xFFFFFFFF)) * mix) & mask64) | 1
-            x = (word * m) & mask64
-            total += x ^ (x >> 29)
-        total &= mask64
-        return total - (1 << 64) if total >= 1 << 63 else total
+        products = [(word * python_multiplier(p)) & MASK64 for p, word in enumerate(words, start=1)]
+        return signed64(sum(x ^ (x >> 29) for x in products))
 
     words = torch.randint(-(2**63), 2**63 - 1, (5, 7), generator=torch.Generator().manual_seed(0))
-    assert row_hash(words).tolist() == [python_hash([w & mask64 for w in row]) for row in words.tolist()]
+    assert row_hash(words).tolist() == [python_hash([w & MASK64 for w in row]) for row in words.tolist()]
     flipped = words.clone()
     flipped[:, 3] ^= 1 << 63  # the top bit of one word
     assert (row_hash(flipped) != row_hash(words)).all()
 
 
 def test_word_hash_equals_a_python_reference_and_sees_every_single_word_change():
-    """The input checksum: sum(word * odd multiplier of its position) mod 2**64, the multipliers row_hash's (written
-    out here again); the CPU path (a matrix-vector product) and the other devices' (a product and a sum) agree."""
-    mask64, golden, mix = (1 << 64) - 1, 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9
-
+    """The input checksum: sum(mixed word * odd multiplier of its position) mod 2**64, the multipliers row_hash's;
+    the CPU path (a matrix-vector product) and the other devices' (a product and a sum) agree."""
     def python_hash(words: list[int]) -> int:
-        total = 0
-        for position, word in enumerate(words, start=1):
-            m = (position * golden) & mask64
-            m = (((m ^ ((m >> 31) & 0xFFFFFFFF)) * mix) & mask64) | 1
-            x = word & mask64
-            total += (x ^ (x >> 29)) * m
-        total &= mask64
-        return total - (1 << 64) if total >= 1 << 63 else total
+        mixed = [(word & MASK64) ^ ((word & MASK64) >> 29) for word in words]
+        return signed64(sum(x * python_multiplier(p) for p, x in enumerate(mixed, start=1)))
 
     words = torch.randint(-(2**63), 2**63 - 1, (5, 9), generator=torch.Generator().manual_seed(0))
     expected = [python_hash(row) for row in words.tolist()]
