@@ -6,7 +6,8 @@
   something particular (a copy-counting teacher, an extra loss, feature hooks, what each step saw) subclass it and
   override one hook.
 - ``loader``, ``trainer``: the data and a quiet, deterministic Trainer; ``EpochShuffle`` and ``ResumableLoader``: a
-  sampler that shuffles by epoch and a loader that keeps its position in checkpoints (exact mid-epoch resume).
+  sampler that shuffles by epoch and a loader that keeps its position in checkpoints (exact mid-epoch resume);
+  ``CrashAtStep``: a callback that stops a run like a crash before a given step.
 - ``ddp_env``: the environment for a 2-rank worker script run in a subprocess (a free port, this checkout first on
   ``PYTHONPATH``, no rank variables inherited).
 - The ``tiny_config`` and ``teacher_ckpt`` fixtures: the example's LightningCLI configs cut to tiny data, and a real
@@ -426,3 +427,18 @@ def compare_config(path: Path, teacher: Optional[Path], stages: Optional[list[di
         {"class_path": "lightning_stages.StageScheduleCallback", "init_args": {"stage_schedule": stages}}]
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+class Crash(Exception):
+    """What :class:`CrashAtStep` raises."""
+
+
+class CrashAtStep(pl.Callback):
+    """Stops the run like a crash, right before the step ``step`` (after the checkpoint of step ``step``)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise Crash(f"crash before step {self.step}")

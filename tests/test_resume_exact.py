@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import EpochShuffle, ResumableLoader, TinyNet
+from conftest import Crash, CrashAtStep, EpochShuffle, ResumableLoader, TinyNet
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -82,20 +82,6 @@ def _data(resumable: bool) -> DataLoader:
                          torch.arange(N_SAMPLES))
     return (ResumableLoader if resumable else DataLoader)(data, batch_size=BATCH_SIZE, sampler=EpochShuffle(N_SAMPLES))
 
-
-class Crash(Exception):
-    pass
-
-
-class CrashAtStep(pl.Callback):
-    """Stops the run like a crash, right before the step ``step`` (after the checkpoint of step ``step``)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise Crash(f"crash before step {self.step}")
 
 
 def _trainer(tmp_path, callbacks=(), max_epochs=MAX_EPOCHS, **kwargs) -> pl.Trainer:

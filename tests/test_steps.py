@@ -9,11 +9,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
-from conftest import FIVE_WEIGHTS, EpochShuffle, ResumableLoader, Student, TinyNet, loader, trainer
+from conftest import FIVE_WEIGHTS, Crash, CrashAtStep, EpochShuffle, ResumableLoader, Student, TinyNet, loader, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from torch.utils.data import DataLoader, TensorDataset
@@ -168,18 +167,6 @@ class Net(TinyNet):
                                self.use_distillation, self.lambda_coef, tuple(sorted(self.loss_weights.items())),
                                loss.item(), tuple(batch[2].tolist())))
 
-
-class Crash(Exception):
-    pass
-
-
-class CrashAtStep(pl.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise Crash
 
 
 def _loader(resumable: bool = True) -> DataLoader:
