@@ -128,8 +128,11 @@ class AdaptiveStages:
         epoch = trainer.current_epoch
         last_of_run = max_epochs is not None and epoch + 1 >= max_epochs
         if schedule.unit == "step":
-            max_steps = schedule.total_steps
-            if last_of_run or trainer.should_stop or (max_steps is not None and trainer.global_step >= max_steps):
+            max_steps, step = schedule.total_steps, trainer.global_step
+            # a plateau of the run's last stage stopped the run here; a stop by another callback (EarlyStopping)
+            # keeps the last weights, as in a schedule in epochs
+            plateau_ended = any(end == step and self._ends_run(schedule, index) for index, end in self.transitions.items())
+            if last_of_run or plateau_ended or (max_steps is not None and step >= max_steps):
                 self.at_step(trainer, pl_module, schedule, run_ends=True)
             return
         effective = self.effective(schedule)

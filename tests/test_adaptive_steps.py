@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from conftest import EpochShuffle, PlainStudent, ResumableLoader, TinyNet, trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -187,6 +187,18 @@ def test_a_plateau_of_the_run_s_last_stage_ends_the_run_with_its_best_weights(tm
     assert resumed.stage_of == {}
     for key, value in model.at_validation[6].items():
         assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_a_run_stopped_by_early_stopping_inside_a_restore_best_step_stage_keeps_its_last_weights(tmp_path):
+    """As in a schedule in epochs: only the stage's own end (its cap, a plateau, the run's end) restores its best."""
+    stages = [{"name": "kd", "start_step": 0, "end_step": 12, "monitor": "val/score", "restore_best": True},
+              {"name": "ft", "start_step": 12, "end_step": 20}]
+    model = Scripted([5.0, 3.0, 4.0, 4.0, 4.0, 4.0])  # best at step 4; no improvement at 6 and 8: EarlyStopping stops
+    fit(tmp_path, model, stages, callbacks=[EarlyStopping("val/score", patience=2, check_on_train_epoch_end=False)])
+    assert sorted(model.at_validation) == [2, 4, 6, 8] and max(model.stage_of) == 7  # stopped inside kd
+    for key, value in model.at_validation[8].items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert not all(torch.equal(model.state_dict()[k], v) for k, v in model.at_validation[4].items())
 
 
 # ---------------------------------------------------------------------------------------------- resume

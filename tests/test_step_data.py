@@ -264,6 +264,39 @@ def test_resume_trains_the_same_stages_samples_losses_and_weights(tmp_path, stag
         assert torch.allclose(resumed.state_dict()[key], value, atol=1e-6, rtol=0), key
 
 
+class EpochStarts(pl.Callback):
+    """The optimizer step at which each epoch starts."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.steps.append(trainer.global_step)
+
+
+LONGER_NEXT = [{"name": "kd", "start_step": 0, "end_step": 3, "distillation": True},  # 3 of the 5 batches of None
+               {"name": "ft", "start_step": 3, "end_step": MAX_STEPS, "data": "all"}]  # 10 batches
+
+
+@pytest.mark.parametrize(("stages", "step"), [(LONGER_NEXT, 3), (FIXED, 16)],
+                         ids=["a cut, the next loader longer", "the loader's own end, where the data changes"])
+def test_resume_from_the_end_of_the_last_batch_before_a_data_change(tmp_path, stages, step):
+    """A checkpoint of ``on_train_batch_end`` (``every_n_train_steps``, ``last.ckpt``) on the epoch's last batch, where
+    the next stage's loader is longer than the batches already trained: the resumed run starts that loader at its
+    first batch, in a new epoch, as the run that never stopped does (Lightning alone would resume inside it)."""
+    whole, whole_starts = DataNet(), EpochStarts()
+    fit(tmp_path / "whole", whole, stages, callbacks=[SaveAt(tmp_path, step=step, epoch=-1), whole_starts])
+    resumed, resumed_starts = DataNet(), EpochStarts()
+    fit(tmp_path / "resumed", resumed, stages, callbacks=[resumed_starts], ckpt_path=tmp_path / "mid-epoch.ckpt")
+    _, trained = reference(stages)
+    assert whole.trained == trained
+    assert resumed.trained == [batch for batch in trained if batch[0] >= step]
+    assert resumed.trained[0][1] == whole.trained[step - 1][1] + 1  # a new epoch
+    assert resumed_starts.steps == [s for s in whole_starts.steps if s >= step]
+    for key, value in whole.state_dict().items():
+        assert torch.allclose(resumed.state_dict()[key], value, atol=1e-6, rtol=0), key
+
+
 def test_resume_from_the_validation_whose_plateau_cut_the_epoch(tmp_path):
     """The checkpoint of the validation at step 8 (kd's plateau: the epoch ends right after it)."""
     whole = DataNet()
