@@ -203,9 +203,10 @@ class StageScheduleCallback(CheckpointGuard):
         # a run resumed within an epoch (its batches begun or done) gets no on_train_epoch_start for that epoch:
         # apply and report it here; otherwise on_train_epoch_start does. The stage's text goes to TensorBoard at the
         # first epoch of every run, as well as where a stage begins.
-        if self._bound().unit == "step":  # resumed at an epoch's end: the next epoch starts (as if never stopped)
-            effective, step = self._effective(), trainer.global_step
-            finish_resumed_epoch(trainer, step > 0 and effective.stage_at(step - 1).data != effective.stage_at(step).data)
+        effective = self._effective()  # resumed at an epoch's end: the next epoch starts (as if never stopped)
+        at = _position(trainer, effective)
+        finish_resumed_epoch(trainer, at > 0 and effective.stage_at(at - 1).data != effective.stage_at(at).data,
+                             at_epoch_end=effective.unit == "step")
         self._teachers_from(pl_module, _position(trainer, self._bound()))  # the position the loops restored
         self._batches, self._accumulate = trainer.num_training_batches, trainer.accumulate_grad_batches
         if problems := (epoch_ramp_problems(self._bound(), self._batches, self._accumulate)

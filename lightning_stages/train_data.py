@@ -75,19 +75,21 @@ def step_data_problems(trainer: pl.Trainer, schedule: StageSchedule) -> list[Sta
     return problems
 
 
-def finish_resumed_epoch(trainer: pl.Trainer, data_changes: bool) -> None:
-    """At the start of a step schedule's fit resumed from a checkpoint written at an epoch's end: start the next epoch,
-    from its loader's first batch, as the run that never stopped does. ``data_changes``: the step the run resumes at
-    trains on other ``data`` than the step before it (the loader was built for the next stage).
+def finish_resumed_epoch(trainer: pl.Trainer, data_changes: bool, at_epoch_end: bool) -> None:
+    """At the start of a fit resumed from a checkpoint written at an epoch's end: start the next epoch, from its
+    loader's first batch, as the run that never stopped does. ``data_changes``: the position the run resumes at
+    trains on other ``data`` than the one before it (the loader was built for the next stage).
 
     Two such checkpoints:
 
-    * written in ``on_train_epoch_end`` (such as the end of an epoch that a change of ``data`` cut): Lightning (2.6)
-      restarts iteration-based training (``max_steps``) inside the finished epoch; without a validation due there,
-      it trains one batch more in that epoch, and the epochs after it shift;
+    * written in ``on_train_epoch_end`` (such as the end of an epoch that a change of ``data`` cut), handled when
+      ``at_epoch_end`` (a step schedule): Lightning (2.6) restarts iteration-based training (``max_steps``) inside the
+      finished epoch; without a validation due there, it trains one batch more in that epoch, and the epochs after it
+      shift;
     * written in ``on_train_batch_end`` of the epoch's last batch (``ModelCheckpoint(every_n_train_steps=...)``, a
-      ``last.ckpt``) where the data changes: Lightning counts the finished epoch's batches against the *next* loader
-      and, when that one is longer, resumes inside it, skipping as many of its batches.
+      ``last.ckpt``) where the data changes (a step or an epoch schedule): Lightning counts the finished epoch's
+      batches against the *next* loader and, when that one is longer, resumes inside it, skipping as many of its
+      batches (or ending its first epoch that much early).
 
     Here the finished epoch is counted as completed and the loops start afresh (nothing of the finished epoch is
     left to run); in the second case the loader, built with the finished epoch's position restored, is built again.
@@ -95,7 +97,7 @@ def finish_resumed_epoch(trainer: pl.Trainer, data_changes: bool) -> None:
     fit_loop = trainer.fit_loop
     epoch_loop = fit_loop.epoch_loop
     at_batch_end = data_changes and epoch_loop.restarted_on_train_batch_end and fit_loop.restarted_mid_epoch
-    if not (epoch_loop.batch_progress.is_last_batch and (fit_loop.restarted_on_epoch_end or at_batch_end)):
+    if not (epoch_loop.batch_progress.is_last_batch and ((at_epoch_end and fit_loop.restarted_on_epoch_end) or at_batch_end)):
         return
     if at_batch_end and not epoch_loop._should_accumulate():
         epoch_loop._batches_that_stepped += 1  # what Lightning's restart adds for a checkpoint of a batch's end

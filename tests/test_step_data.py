@@ -297,6 +297,26 @@ def test_resume_from_the_end_of_the_last_batch_before_a_data_change(tmp_path, st
         assert torch.allclose(resumed.state_dict()[key], value, atol=1e-6, rtol=0), key
 
 
+@pytest.mark.parametrize("first", [None, "labelled"], ids=["20 samples first", "12 samples first"])
+def test_the_same_in_a_schedule_in_epochs(tmp_path, first):
+    """An epoch schedule whose data changes to a longer loader at epoch 1, resumed from the end of epoch 0's last
+    batch: the new epoch runs its whole loader (Lightning alone would end it after as many batches as epoch 0 had)."""
+    stages = [{"name": "kd", "start_epoch": 0, "end_epoch": 1, "data": first},
+              {"name": "ft", "start_epoch": 1, "end_epoch": 3, "data": "all"}]
+    step = SIZES[first] // BATCH  # epoch 0's batches: the checkpoint is written at the end of its last
+    options = {"max_epochs": 3, "max_steps": -1}
+    whole, whole_starts = DataNet(), EpochStarts()
+    fit(tmp_path / "whole", whole, stages, callbacks=[SaveAt(tmp_path, step=step, epoch=-1), whole_starts], **options)
+    resumed, resumed_starts = DataNet(), EpochStarts()
+    fit(tmp_path / "resumed", resumed, stages, callbacks=[resumed_starts], ckpt_path=tmp_path / "mid-epoch.ckpt",
+        **options)
+    assert len(whole.trained) == step + 2 * SIZES["all"] // BATCH
+    assert resumed.trained == [batch for batch in whole.trained if batch[0] >= step]
+    assert resumed_starts.steps == [s for s in whole_starts.steps if s >= step]
+    for key, value in whole.state_dict().items():
+        assert torch.allclose(resumed.state_dict()[key], value, atol=1e-6, rtol=0), key
+
+
 def test_resume_from_the_validation_whose_plateau_cut_the_epoch(tmp_path):
     """The checkpoint of the validation at step 8 (kd's plateau: the epoch ends right after it)."""
     whole = DataNet()
