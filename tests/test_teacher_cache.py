@@ -8,6 +8,7 @@ SIGKILLs at a fixed point in the code, never timed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import math
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import _cache_ddp_worker as worker
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from conftest import ddp_env
@@ -164,6 +166,90 @@ def test_rows_without_elements_have_a_checksum_of_their_shape():
     empty = input_fingerprints(((torch.zeros(4, 0),), {}), 4)
     assert empty.tolist() == input_fingerprints(((torch.zeros(4, 0),), {}), 4).tolist()
     assert (empty != input_fingerprints(((torch.zeros(4, 0, 2),), {}), 4)).all()
+
+
+def served_for(first, second) -> bool:
+    """Whether rows stored for the teachers' inputs ``first`` are served for ``second`` (both ``(args, kwargs)``)."""
+    cache = TeacherCache()
+    cache.bind("fingerprint")
+    cache.store([0, 1], {"t": torch.tensor([[1.0], [2.0]])}, {}, inputs=first)
+    return cache.lookup([0, 1], inputs=second) is not None
+
+
+@dataclasses.dataclass
+class Batch:
+    x: torch.Tensor
+    scale: float = 1.0
+
+
+X = torch.randn(2, 4, generator=torch.Generator().manual_seed(3))
+Y = torch.randn(2, 4, generator=torch.Generator().manual_seed(4))
+LONG = "a" * 1000
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    (((X,), {"scale": 1.0}), ((X,), {"scale": 2.0})),  # the same tensor object, another plain argument
+    (((X,), {}), ((), {"x": X})),  # a positional argument, then a keyword one
+    (((X.to_sparse(),), {}), ((Y.to_sparse(),), {})),
+    (((X.to_sparse_csr(),), {}), ((Y.to_sparse_csr(),), {})),
+    (((Batch(X),), {}), ((Batch(Y),), {})),
+    (((Batch(X),), {}), ((Batch(X, 2.0),), {})),
+    (((X.numpy(),), {}), ((Y.numpy(),), {})),
+    (((X,), {"k": np.int64(1)}), ((X,), {"k": np.int64(2)})),
+    ((([LONG + "X"],), {}), (([LONG + "Y"],), {})),  # strings that differ after 1000 characters
+    (((X.to(torch.complex64),), {}), ((X.to(torch.complex64).conj(),), {})),
+    (((X,), {}), ((X._neg_view(),), {})),
+], ids=["plain argument", "argument kind", "sparse COO", "sparse CSR", "dataclass tensor", "dataclass field",
+        "numpy array", "numpy scalar", "long string", "conjugate view", "negative view"])
+def test_a_row_is_not_served_for_other_inputs(first, second):
+    assert served_for(first, first)
+    assert not served_for(first, second)
+
+
+def test_an_input_changed_behind_torch_s_back_is_not_served():
+    array = np.ones((2, 4), dtype=np.float32)
+    shared = torch.from_numpy(array)  # numpy writes do not bump the tensor's version
+    cache = TeacherCache()
+    cache.bind("fingerprint")
+    cache.store([0, 1], {"t": torch.ones(2, 1)}, {}, inputs=((shared,), {}))
+    assert cache.lookup([0, 1], inputs=((shared,), {})) is not None
+    array[1] = 5.0
+    assert cache.lookup([0, 1], inputs=((shared,), {})) is None
+    detached = torch.ones(2, 4)
+    cache.store([0, 1], {"t": torch.ones(2, 1)}, {}, inputs=((detached,), {}))
+    detached.data.mul_(2)  # `.data` has a version counter of its own
+    assert cache.lookup([0, 1], inputs=((detached,), {})) is None
+
+
+def test_inference_mode_inputs_are_checked():
+    with torch.inference_mode():
+        x = torch.randn(2, 4)
+    assert served_for(((x,), {}), ((x,), {}))
+    assert not served_for(((x,), {}), ((x + 1,), {}))
+
+
+def test_a_numpy_batch_is_checked_row_by_row():
+    changed = X.numpy().copy()
+    changed[1, 0] += 1
+    before, after = input_fingerprints(((X.numpy(),), {}), 2), input_fingerprints(((changed,), {}), 2)
+    assert (before != after).tolist() == [False, True]
+
+
+def test_an_input_the_checksum_cannot_cover_is_refused_naming_it():
+    cache = TeacherCache()
+    cache.bind("fingerprint")
+    with pytest.raises(DistillationStepError) as info:
+        cache.lookup([0, 1], inputs=((X,), {"fn": lambda v: v}))
+    assert "inputs" in str(info.value) and "function" in str(info.value)
+
+
+@pytest.mark.parametrize("index", [["a", "b"], [None, 1], "ab"])
+def test_a_sample_index_that_is_not_integers_is_refused_naming_it(index):
+    cache = TeacherCache()
+    cache.bind("fingerprint")
+    with pytest.raises(DistillationStepError) as info:
+        cache.lookup(index, inputs=((X,), {}))
+    assert "sample_index" in str(info.value)
 
 
 # ------------------------------------------------------------------------------------------------ concurrency

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lightning_stages.distillation.indexed_dataset import IndexedDataset
 from lightning_stages.distillation.teacher_cache_files import FileRows, drop_unused
-from lightning_stages.distillation.teacher_cache_inputs import input_fingerprints, input_tensors
+from lightning_stages.distillation.teacher_cache_inputs import UncheckableInput, input_fingerprints, input_tensors
 from lightning_stages.distillation.teacher_cache_rows import flatten, too_large, unflatten
 from lightning_stages.distillation.teacher_cache_storage import MemoryRows, RowStorage, directory_problem
 from lightning_stages.distillation.teacher_fingerprint import teacher_fingerprint
@@ -35,7 +35,7 @@ from lightning_stages.errors import DistillationStepError, StageConfigError, Sta
 
 __all__ = ["IndexedDataset", "TeacherCache", "teacher_fingerprint"]  # the first and last: kept here for 0.1 imports
 
-_FORMAT_VERSION = 4  # 4: input checksums by word_hash; 3: container types are rebuilt (2: ModelOutputs as dicts)
+_FORMAT_VERSION = 5  # 5: input checksums of every input's content and structure; 4: by word_hash; 3: container types are rebuilt (2: ModelOutputs as dicts)
 
 
 def _problem(message: str, field: str, value: Any, hint: Optional[str] = None) -> StageProblem:
@@ -44,6 +44,14 @@ def _problem(message: str, field: str, value: Any, hint: Optional[str] = None) -
 
 def _step_error(problem: StageProblem) -> DistillationStepError:
     return DistillationStepError(problem, when="a step")  # the mixin may re-raise it naming the stage
+
+
+def _versions(inputs: Any) -> Optional[tuple[int, ...]]:
+    """The version counters of the tensors in ``inputs`` (``None`` if one has none: an inference-mode tensor)."""
+    try:
+        return tuple(tensor._version for tensor in input_tensors(inputs))
+    except RuntimeError:
+        return None
 
 
 class TeacherCache:
@@ -126,7 +134,9 @@ class TeacherCache:
         self._fingerprint: Optional[str] = None
         self._storage: Optional[RowStorage] = None
         self._layout: Optional[dict[str, Any]] = None  # of the rows this object stores
-        self._memo: Optional[tuple[list[Any], Tensor]] = None  # the last inputs and their fingerprints
+        # the inputs of the last lookup, their tensors' versions and their checksums: the store of the same batch
+        # (a miss, right after) reuses them; every lookup computes its own
+        self._memo: Optional[tuple[Any, tuple[int, ...], Tensor]] = None
         #: lookups (batches) that found every sample / that did not, since the last :meth:`bind`
         self.hits = self.misses = 0
 
@@ -238,7 +248,11 @@ class TeacherCache:
     # ------------------------------------------------------------------ read and write
 
     def _index(self, sample_index: Any) -> list[int]:
-        index = torch.as_tensor(sample_index)
+        try:
+            index = torch.as_tensor(sample_index)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise _step_error(_problem(f"must hold integer sample indices ({err})", "sample_index",
+                                       type(sample_index).__name__)) from err
         if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
             raise _step_error(_problem("must hold integer sample indices", "sample_index", str(index.dtype)))
         values = index.reshape(-1).tolist()
@@ -249,14 +263,28 @@ class TeacherCache:
                                        "num_samples is the dataset size; raise it or pass dataset indices"))
         return values
 
-    def _input_fingerprints(self, inputs: Any, rows: int) -> Tensor:
+    def _input_fingerprints(self, inputs: Any, rows: int, lookup: bool) -> Tensor:
+        """The checksums of ``inputs`` (see :func:`input_fingerprints`). A lookup always computes them; the store
+        that follows it for the same inputs object, with no tensor changed in place since, reuses them.
+
+        Raises:
+            DistillationStepError: an input the checksum cannot cover, naming its type.
+        """
         if inputs is None:
             return torch.zeros(rows, dtype=torch.int64)
-        tensors = input_tensors(inputs)
-        key = [rows, *((id(t), t._version) for t in tensors)]
-        if self._memo is None or self._memo[0][0] != key:  # lookup then store of one batch hash it once
-            self._memo = ([key, tensors], input_fingerprints(inputs, rows))
-        return self._memo[1]
+        memo, self._memo = self._memo, None
+        versions = _versions(inputs)
+        if not lookup and memo is not None and memo[0] is inputs and versions is not None and memo[1] == versions:
+            return memo[2]
+        try:
+            fingerprints = input_fingerprints(inputs, rows)
+        except UncheckableInput as err:
+            raise _step_error(_problem(f"cannot be checked by the cache: {err}, so a stored row could be stale",
+                                       "inputs", err.kind, "pass the teachers tensors, arrays, numbers, strings, "
+                                       "dataclasses, or lists, tuples and dicts of them")) from err
+        if lookup and versions is not None:
+            self._memo = (inputs, versions, fingerprints)
+        return fingerprints
 
     def _miss(self, rows: int, mismatched: int = 0) -> Optional[tuple[dict, dict]]:
         self.misses, self._stats["misses"] = self.misses + 1, self._stats["misses"] + rows - mismatched
@@ -285,7 +313,7 @@ class TeacherCache:
         if (self._fingerprint is None and self._storage is None) or not index:  # never bound: nothing stored
             return self._miss(len(index))
         storage = self._bound()
-        rows, mismatched = storage.get(index, None if inputs is None else self._input_fingerprints(inputs, len(index)))
+        rows, mismatched = storage.get(index, None if inputs is None else self._input_fingerprints(inputs, len(index), True))
         layout = storage.layout
         if rows is None or layout is None:
             return self._miss(len(index), mismatched)
@@ -342,5 +370,5 @@ class TeacherCache:
             storage.set_layout(layout)
         self._layout = layout
         if index:
-            storage.put(index, self._input_fingerprints(inputs, len(index)),
+            storage.put(index, self._input_fingerprints(inputs, len(index), False),
                               [leaf.detach().to(device="cpu", dtype=dtype) for leaf, dtype in zip(leaves, stored)])

@@ -9,16 +9,20 @@ is only served for the input it was computed from.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import functools
 import hashlib
 from collections.abc import Mapping
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from lightning_stages.distillation.teacher_cache_rows import position_multipliers
 
-__all__ = ["input_fingerprints", "input_tensors", "word_hash"]
+__all__ = ["UncheckableInput", "input_fingerprints", "input_tensors", "word_hash"]
 
 _MASK64 = (1 << 64) - 1
 _MASK35 = (1 << 35) - 1  # keeps the 35 bits a logical shift by 29 leaves
@@ -52,6 +56,7 @@ def word_hash(words: Tensor) -> Tensor:
     return (mixed * multipliers).sum(-1)  # integer matrix-vector products are CPU-only
 
 
+@functools.lru_cache(maxsize=4096)  # the same few names and values at every step
 def _bytes_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
 
@@ -106,11 +111,26 @@ def input_tensors(inputs: Any) -> list[Tensor]:
     return tensors
 
 
+class UncheckableInput(TypeError):
+    """An input the checksum cannot cover (an object that is not a tensor, array, plain value or container)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(f"a {kind} is not a tensor, array, number, string, dataclass, or list, tuple or dict of them")
+        self.kind = kind
+
+
+_PLAIN = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device, enum.Enum, np.generic)
+
+
 def input_fingerprints(inputs: Any, rows: int) -> Tensor:
     """One 64-bit checksum per sample of the teachers' ``inputs`` (a CPU ``int64`` tensor of ``rows`` values).
 
-    Tensors with ``rows`` rows are hashed row by row; any other tensor, and plain values (numbers, strings, None),
-    enter every row's checksum; other objects enter by their type only.
+    Tensors (and numpy arrays) with ``rows`` rows are hashed row by row; any other tensor (sparse ones by their
+    indices and values), and plain values (numbers, strings, None, dtypes, numpy scalars), enter every row's checksum
+    in full; dataclasses by their fields, containers by their items.
+
+    Raises:
+        UncheckableInput: any other object (its content cannot be checked, so a row stored for it could be stale).
 
     Example::
 
@@ -127,30 +147,47 @@ def input_fingerprints(inputs: Any, rows: int) -> Tensor:
     total: Optional[Tensor] = None
     offset = shared = 0
 
+    def add_shared(tensor: Tensor) -> None:  # the whole tensor enters every row's checksum
+        nonlocal shared
+        one = tensor.reshape(1, -1)
+        shared = (shared * 31 + int(_tensor_rows_hash(one, 1)) + _salt(one)) & ((1 << 63) - 1)
+
     def visit(value: Any) -> None:
         nonlocal total, offset, shared
+        if isinstance(value, np.ndarray) and value.dtype != object:
+            value = torch.from_numpy(np.ascontiguousarray(value))
         if isinstance(value, Tensor):
-            if value.dim() and value.shape[0] == rows and not value.is_sparse and not value.is_meta:
+            value = value.resolve_conj().resolve_neg()
+            if value.is_meta:  # no data to read
+                shared = (shared * 31 + _bytes_hash(f"{value.dtype}{tuple(value.shape)}")) & ((1 << 63) - 1)
+            elif value.layout != torch.strided:  # sparse: its indices and values, whole
+                coo = (value if value.layout == torch.sparse_coo else value.to_sparse()).coalesce()
+                shared = (shared * 31 + _bytes_hash(f"{value.layout}{value.dtype}{tuple(value.shape)}")) & ((1 << 63) - 1)
+                add_shared(coo.indices())
+                add_shared(coo.values())
+            elif value.dim() and value.shape[0] == rows:
                 hashed = _tensor_rows_hash(value, rows).cpu()
                 total = hashed if total is None else total * 31 + hashed
                 offset = (offset * 31 + _salt(value)) & _MASK64
-            elif value.is_sparse or value.is_meta:
-                shared = shared * 31 + _bytes_hash(f"{value.dtype}{tuple(value.shape)}")
             else:
-                one = value.reshape(1, -1)
-                shared = shared * 31 + int(_tensor_rows_hash(one, 1)) + _salt(one)
-            shared &= (1 << 63) - 1
+                add_shared(value)
         elif isinstance(value, Mapping):
             for key in value:
                 shared = (shared * 31 + _bytes_hash(repr(key))) & ((1 << 63) - 1)
                 visit(value[key])
         elif isinstance(value, (tuple, list)):
+            shared = (shared * 31 + _bytes_hash(f"{type(value).__qualname__}{len(value)}")) & ((1 << 63) - 1)
             for item in value:
                 visit(item)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            shared = (shared * 31 + _bytes_hash(type(value).__qualname__)) & ((1 << 63) - 1)
+            for field in dataclasses.fields(value):
+                shared = (shared * 31 + _bytes_hash(field.name)) & ((1 << 63) - 1)
+                visit(getattr(value, field.name))
+        elif isinstance(value, _PLAIN):
+            shared = (shared * 31 + _bytes_hash(f"{type(value).__qualname__}:{value!r}")) & ((1 << 63) - 1)
         else:
-            plain = isinstance(value, (int, float, str, bool, type(None)))
-            text = repr(value)[:1000] if plain else type(value).__qualname__
-            shared = (shared * 31 + _bytes_hash(text)) & ((1 << 63) - 1)
+            raise UncheckableInput(type(value).__qualname__)
 
     visit(inputs)
     constant = (offset + shared) & _MASK64
