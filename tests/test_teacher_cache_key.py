@@ -6,6 +6,7 @@ import contextlib
 
 import _cache_ddp_worker as worker
 import lightning.pytorch as pl
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -74,6 +75,45 @@ def _assert_live(model: KeyStudent, teacher: nn.Module, autocast) -> None:
             live = teacher(x)
         assert live.dtype == (autocast or torch.float32)
         torch.testing.assert_close(served, live)
+
+
+@pytest.mark.parametrize("teacher_precision", [None, "32-true"])  # neither sets an autocast: the Trainer's stays
+@pytest.mark.parametrize(("first", "then"), [("32-true", "bf16-mixed"), ("bf16-mixed", "32-true")])
+def test_a_fit_under_another_trainer_precision_recomputes_and_a_same_one_hits(tmp_path, first, then,
+                                                                               teacher_precision):
+    dtype = {"32-true": None, "bf16-mixed": torch.bfloat16}
+    reference = worker.make_teacher()
+    filled = _fit_once(tmp_path, worker.make_teacher(), first, teacher_precision)
+    assert filled.teacher_calls == STEPS
+    _assert_live(filled, reference, dtype[first])
+    other = _fit_once(tmp_path, worker.make_teacher(), then, teacher_precision)
+    assert other.teacher_calls == STEPS  # the rows of the first fit are of another precision
+    _assert_live(other, reference, dtype[then])
+    again = _fit_once(tmp_path, worker.make_teacher(), then, teacher_precision)
+    assert again.teacher_calls == 0  # the same settings: one key, all read from the directory
+    _assert_live(again, reference, dtype[then])
+
+
+def test_an_explicit_teacher_precision_is_its_own_autocast_whatever_the_trainer_and_the_callers(tmp_path):
+    reference = worker.make_teacher()
+    filled = _fit_once(tmp_path, worker.make_teacher(), "32-true", teacher_precision="16-mixed")
+    assert filled.teacher_calls == STEPS
+    _assert_live(filled, reference, torch.float16)
+    again = _fit_once(tmp_path, worker.make_teacher(), "bf16-mixed", teacher_precision="16-mixed")
+    assert again.teacher_calls == 0  # the teachers' autocast is teacher_precision's, not the Trainer's
+    _assert_live(again, reference, torch.float16)
+    # outside a fit: the caller's own autocast around run_teachers is in the key too, and changes of it are followed
+    model = KeyStudent(tmp_path, worker.make_teacher())
+    model.prepare_teachers()
+    model.use_distillation = True
+    x, index = worker.inputs()[:4], torch.arange(4)
+    for autocast, calls in [(None, 1), (torch.bfloat16, 2), (torch.bfloat16, 2), (None, 3)]:
+        with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+            model.seen.append((x, model.run_teachers(x, sample_index=index)["teacher"]))
+        assert model.teacher_calls == calls
+        model.seen, [(_, served)] = [], model.seen
+        with torch.no_grad(), torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+            torch.testing.assert_close(served, reference(x))
 
 
 def test_a_teacher_with_another_non_persistent_buffer_is_not_served_the_old_rows(tmp_path):
