@@ -62,8 +62,9 @@ class TeacherCache:
     steps, a batch whose samples are all stored (for the same inputs) is read from the cache and the teachers do not
     run; any other batch runs the teachers and is stored. Evaluation steps (module in eval mode) always run them.
 
-    Entries are keyed by a :func:`teacher_fingerprint` (teachers' weights, code or ``version``, hooked layers,
-    teacher precision) and the stored ``dtype``; each row also keeps a checksum of its input. Every batch must give
+    Entries are keyed by a :func:`teacher_fingerprint` (teachers' weights and buffers, code or ``version``, hooked
+    layers, teacher precision and the autocast they run under) and the stored ``dtype``; each row also keeps a
+    checksum of its input. Every batch must give
     the same per-sample shapes. Values come back in the dtype the teacher produced, on the module's device.
 
     With a ``directory``, any number of processes (DDP ranks, several runs) may share it: each appends to files of

@@ -33,10 +33,11 @@ def teacher_fingerprint(
     teachers: Mapping[str, nn.Module], feature_layers: Optional[Mapping[str, Sequence[str]]] = None,
     extra: Any = None, version: Optional[str] = None,
 ) -> str:
-    """A hash of what the teachers' outputs depend on: weights (and buffers), code, hooked layers and ``extra``.
+    """A hash of what the teachers' outputs depend on: weights and buffers, code, hooked layers and ``extra``.
 
-    Two fingerprints are equal only if every teacher has the same name, the same ``state_dict`` (keys, dtypes, shapes
-    and bytes), the same classes of modules and the same hooked layers. The code of a class is its source
+    Two fingerprints are equal only if every teacher has the same name, the same ``state_dict`` and non-persistent
+    buffers (``register_buffer(..., persistent=False)``; names, dtypes, shapes and bytes), the same classes of modules
+    and the same hooked layers. The code of a class is its source
     (``inspect.getsource``; torch's own classes by name), so editing a teacher's ``forward`` changes the fingerprint.
     ``version`` replaces the sources: give one when they cannot be read or change without changing the outputs. It
     reads every weight once (about 20 ms per 40 MB here).
@@ -69,14 +70,25 @@ def teacher_fingerprint(
         classes = dict.fromkeys(type(module) for module in teachers[name].modules())
         for cls in classes:
             digest.update((f"{cls.__module__}.{cls.__qualname__}" if version is not None else _class_code(cls)).encode())  # type: ignore[arg-type]
-        for key, value in teachers[name].state_dict().items():
-            if not isinstance(value, Tensor):
-                digest.update(f"{key}={value!r}".encode())
-                continue
-            tensor = value.detach()
-            digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-            if tensor.is_meta or tensor.numel() == 0:
-                continue
-            flat = tensor.cpu().contiguous().reshape(-1)
-            digest.update(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
+        state = teachers[name].state_dict()
+        for key, value in state.items():
+            _update(digest, key, value)
+        # buffers registered with persistent=False (normalisation constants, rotary inv_freq) change the outputs too;
+        # hashed after the state_dict under their own prefix, so a teacher without them keeps its fingerprint
+        for key, buffer in sorted(teachers[name].named_buffers(), key=lambda item: item[0]):
+            if key not in state:
+                _update(digest, f"buffer:{key}", buffer)
     return digest.hexdigest()[:32]
+
+
+def _update(digest: Any, key: str, value: Any) -> None:
+    """Add ``key`` and ``value`` to ``digest``: a tensor's dtype, shape and bytes, anything else by its ``repr``."""
+    if not isinstance(value, Tensor):
+        digest.update(f"{key}={value!r}".encode())
+        return
+    tensor = value.detach()
+    digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+    if tensor.is_meta or tensor.numel() == 0:
+        return
+    flat = tensor.cpu().contiguous().reshape(-1)
+    digest.update(flat.view(torch.uint8).numpy())

@@ -23,8 +23,8 @@ from lightning_stages.distillation.teacher_cache import TeacherCache, teacher_fi
 from lightning_stages.distillation.teacher_inputs import forward_named, teacher_calls
 from lightning_stages.errors import DistillationStepError, StageConfigError, StageProblem, did_you_mean
 
-__all__ = ["AUTOCAST_DTYPES", "OFFLOAD_MODES", "Teachers", "build_teachers", "check_cost_options", "module_device",
-           "prepare", "refuse_sharded_strategy", "wants_offload"]
+__all__ = ["AUTOCAST_DTYPES", "OFFLOAD_MODES", "Teachers", "autocast_in_force", "build_teachers", "check_cost_options",
+           "module_device", "prepare", "refuse_sharded_strategy", "wants_offload"]
 
 #: ``teacher_precision`` values and the autocast dtype each runs the teachers under (``None``: no autocast)
 AUTOCAST_DTYPES: dict[Optional[str], Optional[torch.dtype]] = {
@@ -32,6 +32,34 @@ AUTOCAST_DTYPES: dict[Optional[str], Optional[torch.dtype]] = {
 }
 #: ``offload_teachers`` values
 OFFLOAD_MODES = (False, True, "after_last", "idle")
+
+
+def autocast_in_force(device_type: str, precision: Optional[str] = None) -> Optional[torch.dtype]:
+    """The dtype of the autocast that teachers run under on ``device_type`` (``None``: no autocast):
+    ``teacher_precision``'s own, else the caller's (e.g. a ``Trainer(precision="bf16-mixed")``'s, which
+    :meth:`Teachers.run` leaves in force).
+
+    Example::
+
+        >>> autocast_in_force("cpu"), autocast_in_force("cpu", "16-mixed")
+        (None, torch.float16)
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     autocast_in_force("cpu"), autocast_in_force("cpu", "32-true"), autocast_in_force("cpu", "16-mixed")
+        (torch.bfloat16, torch.bfloat16, torch.float16)
+    """
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is not None:
+        return dtype
+    try:
+        enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except TypeError:  # torch < 2.4: one pair of functions per device type, cuda's named without it ("gpu")
+        kind = "" if device_type == "cuda" else f"{device_type}_"
+        is_enabled = getattr(torch, f"is_autocast_{kind}enabled", None)
+        get_dtype = getattr(torch, f"get_autocast_{kind or 'gpu_'}dtype", None)
+        if is_enabled is None or get_dtype is None:
+            return None  # no autocast for this device type in this torch
+        enabled, dtype = is_enabled(), get_dtype()
+    return dtype if enabled else None
 
 
 def check_cost_options(precision: Any, offload: Any, cache: Any, where: str) -> None:
@@ -192,6 +220,8 @@ class Teachers:
         self.modules = modules
         #: whether ``offload_teachers`` keeps them on CPU now
         self.offloaded = False
+        #: the ``extra`` of the fingerprint the teacher cache was last bound to (precision and autocast in force)
+        self._bound_extra: Optional[dict[str, Any]] = None
 
     def place(self, offload: bool, device: torch.device) -> None:
         """Move the teachers to CPU (``offload``) or back to ``device``; nothing if they are there already."""
@@ -242,7 +272,8 @@ class Teachers:
         teacher features are computed by running the hooked teachers on this batch when first read.
 
         Args:
-            bind: first bind the cache to a fingerprint of the teachers, their hooked layers and the precision.
+            bind: first bind the cache to a fingerprint of the teachers, their hooked layers, ``precision`` and the
+                autocast in force (:func:`autocast_in_force`); it is bound again whenever that autocast changes.
             inputs: per-teacher inputs, as :meth:`run` takes them.
             stage: the stage in force, named in errors.
 
@@ -258,9 +289,12 @@ class Teachers:
                 "wrapped in IndexedDataset, or set teacher_cache = None"), stage=stage)
         given = (args, kwargs) if inputs is None else inputs  # what the teachers read, for the cache's input check
         with _named_stage(stage):
-            if bind:
+            # the autocast in force changes the outputs: a Trainer's bf16-mixed, or the caller's own autocast
+            extra = {"precision": precision, "autocast": str(autocast_in_force(device().type, precision))}
+            if bind or extra != self._bound_extra:
                 layers = {name: hooks.spec.get(name, ()) for name in self.modules}
-                cache.bind(teacher_fingerprint(self.modules, layers, {"precision": precision}, version=cache.version))
+                cache.bind(teacher_fingerprint(self.modules, layers, extra, version=cache.version))
+                self._bound_extra = extra
             hit = cache.lookup(sample_index, device=device(), inputs=given)
         if hit is not None:
             outputs, features = hit
