@@ -15,9 +15,9 @@ import pytest
 from scipy import stats
 
 from lightning_stages.cli import main
-from lightning_stages.cli.compare import LOCK_FILE, OutputInUseError, _schedule_names, run_compare
+from lightning_stages.cli.compare import LOCK_FILE, OutputInUseError, run_compare
 from lightning_stages.cli.compare_report import RunOutcome, metric_verdict
-from lightning_stages.cli.run_store import RESULT_FILE, load_result, run_dir, save_result
+from lightning_stages.cli.run_store import RESULT_FILE, load_result, run_dir, save_result, schedule_names
 from lightning_stages.cli.stats import paired_verdict
 from lightning_stages.cli.training_run import RunSpec, execute_run
 
@@ -186,14 +186,14 @@ def test_sys_exit_in_a_run_stops_only_a_run_of_the_compare_process(here: Path) -
 
 
 def test_names_are_unique_and_do_not_depend_on_the_other_configs() -> None:
-    assert _schedule_names(["a/x.yaml", "b/x.yaml", "c/x_2.yaml"]) == ["a-x", "b-x", "x_2"]  # before: x, x_2, x_2
-    assert _schedule_names(["c/x_2.yaml", "b/x.yaml", "a/x.yaml"]) == ["x_2", "b-x", "a-x"]
-    assert _schedule_names(["p/a/x.yaml", "q/a/x.yaml", "a-x.yaml"])[2] == "a-x"  # folders alike: a hash tells
-    assert len(set(_schedule_names(["p/a/x.yaml", "q/a/x.yaml", "a-x.yaml"]))) == 3
-    twice = _schedule_names(["x.yaml", "x.yaml"])  # the same file twice
+    assert schedule_names(["a/x.yaml", "b/x.yaml", "c/x_2.yaml"]) == ["a-x", "b-x", "x_2"]  # before: x, x_2, x_2
+    assert schedule_names(["c/x_2.yaml", "b/x.yaml", "a/x.yaml"]) == ["x_2", "b-x", "a-x"]
+    assert schedule_names(["p/a/x.yaml", "q/a/x.yaml", "a-x.yaml"])[2] == "a-x"  # folders alike: a hash tells
+    assert len(set(schedule_names(["p/a/x.yaml", "q/a/x.yaml", "a-x.yaml"]))) == 3
+    twice = schedule_names(["x.yaml", "x.yaml"])  # the same file twice
     assert twice[1] == twice[0] + "_2"
-    two = _schedule_names(["seg_distill_finetune.yaml", "seg_distill_only.yaml"])
-    three = _schedule_names(["seg_labels_only.yaml", "seg_distill_finetune.yaml", "seg_distill_only.yaml"])
+    two = schedule_names(["seg_distill_finetune.yaml", "seg_distill_only.yaml"])
+    three = schedule_names(["seg_labels_only.yaml", "seg_distill_finetune.yaml", "seg_distill_only.yaml"])
     assert two == three[1:] == ["seg_distill_finetune", "seg_distill_only"]  # before: distill_finetune, only
 
 

@@ -9,18 +9,15 @@ where the paired analysis of the seeds (:mod:`~lightning_stages.cli.stats`) allo
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import warnings
-from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
-from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from lightning_stages.cli.compare_report import RunOutcome, metric_verdict, plot_curves, write_report
@@ -30,7 +27,16 @@ from lightning_stages.cli.lightning_config import (
     like_for_like_differences,
     schedule_of_config,
 )
-from lightning_stages.cli.run_store import config_fingerprint, load_result, run_dir, save_result
+from lightning_stages.cli.run_store import (
+    LOCK_FILE,
+    OutputInUseError,
+    config_fingerprint,
+    load_result,
+    lock_out,
+    run_dir,
+    save_result,
+    schedule_names,
+)
 from lightning_stages.cli.stats import require_scipy
 from lightning_stages.cli.training_run import RunSpec
 from lightning_stages.errors import StageConfigError
@@ -41,14 +47,6 @@ __all__ = ["AUTO_START_SEEDS", "LOCK_FILE", "CompareResult", "OutputInUseError",
 
 #: ``--seeds auto`` starts with this many seeds (or ``max_seeds`` if fewer), then adds one per round
 AUTO_START_SEEDS = 3
-#: the lock file in ``OUT`` that a running ``compare`` holds
-LOCK_FILE = ".compare.lock"
-
-
-class OutputInUseError(RuntimeError):
-    """Another ``compare`` is writing into the same output directory."""
-
-
 @dataclass
 class CompareResult:
     """What ``compare`` produced: the report, the curves, the run folders and every run's outcome.
@@ -101,38 +99,6 @@ class CompareResult:
         return lines
 
 
-def _schedule_names(configs: Sequence[Union[str, os.PathLike]]) -> list[str]:
-    """The run folder name of each config: its file name without the suffix, whatever the other configs are.
-
-    Only configs whose file names collide are told apart, by their folder's name (``a-x``, ``b-x``), or where that
-    does not tell them apart, by a hash of their path; a name still taken gets ``_2``, ``_3``.
-
-    Example::
-
-        >>> _schedule_names(["a/x.yaml", "b/x.yaml", "c/x_2.yaml", "s_joint.yaml"])
-        ['a-x', 'b-x', 'x_2', 's_joint']
-    """
-    paths = [Path(c).resolve() for c in configs]
-    stems = Counter(p.stem for p in paths)
-
-    def wanted(path: Path) -> str:
-        if stems[path.stem] == 1:
-            return path.stem
-        if len({p.parent.name for p in paths if p.stem == path.stem}) == stems[path.stem]:
-            return f"{path.parent.name}-{path.stem}"
-        return f"{path.stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
-
-    names = [wanted(p) for p in paths]
-    out: list[str] = []
-    for name in names:
-        unique, k = name, 1
-        while unique in out or (unique != name and unique in names):
-            k += 1
-            unique = f"{name}_{k}"
-        out.append(unique)
-    return out
-
-
 def _display_names(names: Sequence[str]) -> dict[str, str]:
     """Shorter names for the report and the progress lines: the prefix all names share (up to a ``_``) dropped.
 
@@ -153,21 +119,6 @@ def _check_readable(configs: Sequence[Union[str, os.PathLike]]) -> None:
     """Raise the :class:`StageConfigError` (naming the file) of the first config that is not a YAML/JSON mapping."""
     for config in configs:
         load_config(config)
-
-
-@contextlib.contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """Hold ``OUT/.compare.lock`` (an OS lock: a killed process releases it), or raise :class:`OutputInUseError`."""
-    lock = FileLock(str(out / LOCK_FILE), timeout=0, thread_local=False)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise OutputInUseError(f"another compare is writing into {out} (it holds {out / LOCK_FILE}); wait for it "
-                               "to finish or give another --out") from None
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def _fingerprint(config: Path, stages: Optional[str]) -> str:
@@ -286,10 +237,10 @@ def run_compare(
     _check_readable([*configs, *(s for s in stages or [] if s)])
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    with _locked(out):
+    with lock_out(out):
         add_working_directory_to_path()
         paths = [Path(c).resolve() for c in configs]
-        names = _schedule_names(configs)
+        names = schedule_names(configs)
         shown = _display_names(names)
         stage_files = ([str(Path(s).resolve()) if s else None for s in stages] if stages is not None
                        else [None] * len(paths))

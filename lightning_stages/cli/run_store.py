@@ -1,29 +1,41 @@
-"""The finished runs of a comparison on disk: ``OUT/runs/<schedule>/seed_<n>/result.json``.
+"""The finished runs of a comparison on disk: ``OUT/runs/<schedule>/seed_<n>/result.json``, and ``OUT``'s lock.
 
 Each finished run's result (metrics, curves, seconds, costs, error) is written with the fingerprint of its config.
 A later ``compare`` into the same ``OUT`` reuses a result whose fingerprint matches, that is well formed and the
 run of its folder, and that has every metric asked for, and trains the rest. A run that failed is trained again.
 The result is written last, atomically, so a run killed in flight leaves no result and is trained again next time.
+Each schedule's folder is named after its config's file alone (:func:`schedule_names`), so that it does not
+change with the other configs of a comparison; one ``compare`` at a time holds ``OUT``'s lock (:func:`lock_out`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
+from filelock import FileLock, Timeout
 
 from lightning_stages.cli.compare_report import RunOutcome
 
-__all__ = ["RESULT_FILE", "config_fingerprint", "load_result", "run_dir", "save_result"]
+__all__ = ["LOCK_FILE", "RESULT_FILE", "OutputInUseError", "config_fingerprint", "load_result", "lock_out", "run_dir",
+           "save_result", "schedule_names"]
 
 RESULT_FILE = "result.json"
+#: the lock file in ``OUT`` that a running ``compare`` holds
+LOCK_FILE = ".compare.lock"
 _FORMAT = 1
+
+
+class OutputInUseError(RuntimeError):
+    """Another ``compare`` is writing into the same output directory."""
 
 
 def _file_digest(path: Path) -> str:
@@ -80,6 +92,53 @@ def config_fingerprint(config: Union[str, os.PathLike], stages: Optional[Union[s
         parts[f"{key}_files"] = _referenced_files(data)
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def schedule_names(configs: Sequence[Union[str, os.PathLike]]) -> list[str]:
+    """The run folder name of each config: its file name without the suffix, whatever the other configs are.
+
+    Only configs whose file names collide are told apart, by their folder's name (``a-x``, ``b-x``), or where that
+    does not tell them apart, by a hash of their path; a name still taken gets ``_2``, ``_3``.
+
+    Example::
+
+        >>> schedule_names(["a/x.yaml", "b/x.yaml", "c/x_2.yaml", "s_joint.yaml"])
+        ['a-x', 'b-x', 'x_2', 's_joint']
+    """
+    paths = [Path(c).resolve() for c in configs]
+    stems = Counter(p.stem for p in paths)
+
+    def wanted(path: Path) -> str:
+        if stems[path.stem] == 1:
+            return path.stem
+        if len({p.parent.name for p in paths if p.stem == path.stem}) == stems[path.stem]:
+            return f"{path.parent.name}-{path.stem}"
+        return f"{path.stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
+    names = [wanted(p) for p in paths]
+    out: list[str] = []
+    for name in names:
+        unique, k = name, 1
+        while unique in out or (unique != name and unique in names):
+            k += 1
+            unique = f"{name}_{k}"
+        out.append(unique)
+    return out
+
+
+@contextlib.contextmanager
+def lock_out(out: Path) -> Iterator[None]:
+    """Hold ``OUT/.compare.lock`` (an OS lock: a killed process releases it), or raise :class:`OutputInUseError`."""
+    lock = FileLock(str(out / LOCK_FILE), timeout=0, thread_local=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OutputInUseError(f"another compare is writing into {out} (it holds {out / LOCK_FILE}); wait for it "
+                               "to finish or give another --out") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def run_dir(out: Union[str, os.PathLike], schedule: str, seed: int) -> Path:
