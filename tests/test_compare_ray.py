@@ -41,7 +41,7 @@ def test_ray_tasks_give_the_runs_of_the_local_launcher(local_ray: None, tmp_path
     local = run_compare(configs, seeds=[0], out=tmp_path / "local", jobs=1, echo=quiet)
     assert not on_ray.failed and on_ray.trained == 2
     assert ray.is_initialized(), "a Ray the caller started is left running"
-    for name in ("kd_ft", "labels"):
+    for name in ("r_kd_ft", "r_labels"):
         (remote,), (here,) = on_ray.runs[name], local.runs[name]
         assert remote.metrics == here.metrics and remote.teacher_forwards == here.teacher_forwards
         assert (tmp_path / "ray" / "runs" / name / "seed_0" / "result.json").is_file()

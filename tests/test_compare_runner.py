@@ -51,15 +51,15 @@ def test_two_jobs_give_the_same_runs_as_one_and_the_costs_per_stage(configs: lis
     one = run_compare(configs, seeds=[1], out=tmp_path / "one", jobs=1, echo=quiet)
     two = run_compare(configs, seeds=[1], out=tmp_path / "two", jobs=2, echo=quiet)  # a worker process per run
     assert not one.failed and not two.failed
-    assert set(per_run(one)) == {("kd_ft", 1), ("labels", 1)}
+    assert set(per_run(one)) == {("s_kd_ft", 1), ("s_labels", 1)}  # named after the files; the report shows kd_ft
     assert per_run(two) == per_run(one)
-    for name in ("kd_ft", "labels"):
+    for name in ("s_kd_ft", "s_labels"):
         assert [r.curves for r in two.runs[name]] == [r.curves for r in one.runs[name]]
 
-    for run in one.runs["kd_ft"]:  # the teacher runs in the distilling epoch only
+    for run in one.runs["s_kd_ft"]:  # the teacher runs in the distilling epoch only
         assert (run.teacher_forwards, run.teacher_samples) == (BATCHES_PER_EPOCH, 16)
         assert run.distill_seconds > 0 and run.other_seconds > 0
-    for run in one.runs["labels"]:
+    for run in one.runs["s_labels"]:
         assert (run.teacher_forwards, run.distill_seconds) == (0, 0.0) and run.other_seconds > 0
     report = one.report.read_text()
     cost = next(line for line in report.splitlines() if line.startswith("| kd_ft |") and line.endswith("| 16 |"))
@@ -81,7 +81,7 @@ def test_a_killed_comparison_resumes_with_only_the_missing_runs(configs: list[Pa
         run_compare(configs, seeds=2, out=out, jobs=1, echo=stop_after_three)
     kept = result_files(out)
     assert len(kept) == 3 and not (out / "report.md").exists()
-    missing = "runs/labels/seed_1/result.json"  # seed-major order: the fourth run
+    missing = "runs/s_labels/seed_1/result.json"  # seed-major order: the fourth run
     assert missing not in kept
     stray = out / Path(missing).parent / "events.out.tfevents.killed"  # what a run killed in flight leaves
     stray.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +89,7 @@ def test_a_killed_comparison_resumes_with_only_the_missing_runs(configs: list[Pa
 
     resumed = run_compare(configs, seeds=2, out=out, jobs=1, echo=quiet)
     assert resumed.trained == 1
-    assert [(r.schedule, r.seed) for runs in resumed.runs.values() for r in runs if not r.reused] == [("labels", 1)]
+    assert [(r.schedule, r.seed) for runs in resumed.runs.values() for r in runs if not r.reused] == [("s_labels", 1)]
     assert {k: v for k, v in result_files(out).items() if k != missing} == kept  # untouched
     assert not stray.exists(), "a rerun run starts from an empty folder"
     report = (out / "report.md").read_text()
@@ -111,12 +111,12 @@ def test_a_changed_config_reruns_its_schedule_and_fresh_reruns_all(configs: list
     labels.write_text(labels.read_text().replace("lr: 0.003", "lr: 0.01"))
     changed = run_compare([kd_ft, labels], seeds=1, out=out, jobs=1, echo=quiet)
     assert changed.trained == 1
-    assert {r.schedule for runs in changed.runs.values() for r in runs if not r.reused} == {"labels"}
+    assert {r.schedule for runs in changed.runs.values() for r in runs if not r.reused} == {"s_labels"}
     after = result_files(out)
-    assert all(after[k] == v for k, v in before.items() if "/kd_ft/" in k)
-    assert all(after[k] != v for k, v in before.items() if "/labels/" in k)
-    saved = json.loads((out / "runs/labels/seed_0/result.json").read_text())
-    assert saved["metrics"]["test/iou"] == changed.runs["labels"][0].metrics["test/iou"]
+    assert all(after[k] == v for k, v in before.items() if "/s_kd_ft/" in k)
+    assert all(after[k] != v for k, v in before.items() if "/s_labels/" in k)
+    saved = json.loads((out / "runs/s_labels/seed_0/result.json").read_text())
+    assert saved["metrics"]["test/iou"] == changed.runs["s_labels"][0].metrics["test/iou"]
 
     again = run_compare([kd_ft, labels], seeds=1, out=out, jobs=1, echo=quiet)
     assert again.trained == 0 and per_run(again) == per_run(changed)
@@ -126,7 +126,7 @@ def test_a_changed_config_reruns_its_schedule_and_fresh_reruns_all(configs: list
                      "--fresh"]) == 0
     assert all(result_files(out)[k] != v for k, v in after.items())
     assert not [w for w in caught if "exists and is not empty" in str(w.message)]
-    assert len(list(out.glob("runs/labels/seed_0/**/*.ckpt"))) == 1
+    assert len(list(out.glob("runs/s_labels/seed_0/**/*.ckpt"))) == 1
 
 
 GAPS = [0.05, -0.04, 0.06, 0.05, 0.055, 0.045, 0.05, 0.05]  # schedule a minus b, per seed
@@ -148,7 +148,7 @@ class ScoresLauncher:
         for spec in specs:
             self.seeds_run.append(spec.seed)
             base = 0.6 + 0.1 * (spec.seed % 3)  # seed-to-seed spread that pairing removes
-            value = base + (GAPS[spec.seed] if spec.schedule == "a" else 0.0)
+            value = base + (GAPS[spec.seed] if spec.schedule == "s_a" else 0.0)
             yield RunOutcome(spec.schedule, spec.seed, metrics={"test/iou": value})
 
 
@@ -173,7 +173,7 @@ def test_seeds_auto_adds_rounds_until_max_seeds_when_undecided(tmp_path: Path, m
     # b and twin score the same on every seed: every paired difference is 0, never decided
     result = run_compare(configs, seeds="auto", max_seeds=5, out=tmp_path / "out", echo=quiet)
     assert result.seeds == [0, 1, 2, 3, 4] and not result.decided
-    assert [r.seed for r in result.runs["twin"]] == [0, 1, 2, 3, 4]
+    assert [r.seed for r in result.runs["s_twin"]] == [0, 1, 2, 3, 4]
     assert "`--seeds auto` started with 3 and added one seed per round; it stopped at 5 seeds, the --max-seeds " \
            "limit (5), without a decision on test/iou" in result.report.read_text()
 

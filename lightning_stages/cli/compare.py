@@ -1,9 +1,9 @@
 """``lightning-stages compare``: train each ``LightningCLI`` config over the same seeds and report which is better.
 
 Each run goes through :func:`~lightning_stages.cli.training_run.execute_run` in its own folder
-``OUT/runs/<schedule>/seed_<n>/``, launched by a :mod:`~lightning_stages.cli.launchers` launcher (this process, a
+``OUT/runs/<schedule>/seed_<n>/`` (``<schedule>``: the config's file name without its suffix), launched by a :mod:`~lightning_stages.cli.launchers` launcher (this process, a
 pool of worker processes, or Ray). Finished runs are kept (:mod:`~lightning_stages.cli.run_store`) and reused by a
-later comparison of the same configs. The report (:mod:`~lightning_stages.cli.compare_report`) names a winner only
+later comparison of the same configs. One ``compare`` at a time writes into ``OUT`` (a lock file there). The report (:mod:`~lightning_stages.cli.compare_report`) names a winner only
 where the paired analysis of the seeds (:mod:`~lightning_stages.cli.stats`) allows an answer.
 """
 
@@ -17,27 +17,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import yaml
 from tqdm.auto import tqdm
 
-from lightning_stages.cli.compare_report import RunOutcome, plot_curves, write_report
+from lightning_stages.cli.compare_report import RunOutcome, metric_verdict, plot_curves, write_report
 from lightning_stages.cli.launchers import LocalLauncher, RayLauncher, default_jobs
 from lightning_stages.cli.lightning_config import (
     add_working_directory_to_path,
     like_for_like_differences,
     schedule_of_config,
 )
-from lightning_stages.cli.run_store import config_fingerprint, load_result, run_dir, save_result
-from lightning_stages.cli.stats import higher_is_better, paired_verdict, require_scipy
+from lightning_stages.cli.run_store import (
+    LOCK_FILE,
+    OutputInUseError,
+    config_fingerprint,
+    load_result,
+    lock_out,
+    run_dir,
+    save_result,
+    schedule_names,
+)
+from lightning_stages.cli.stats import require_scipy
 from lightning_stages.cli.training_run import RunSpec
 from lightning_stages.errors import StageConfigError
 from lightning_stages.schedule.render import format_summary
+from lightning_stages.schedule.seed_format import load_config
 
-__all__ = ["AUTO_START_SEEDS", "CompareResult", "run_compare"]
+__all__ = ["AUTO_START_SEEDS", "LOCK_FILE", "CompareResult", "OutputInUseError", "run_compare"]
 
 #: ``--seeds auto`` starts with this many seeds (or ``max_seeds`` if fewer), then adds one per round
 AUTO_START_SEEDS = 3
-
-
 @dataclass
 class CompareResult:
     """What ``compare`` produced: the report, the curves, the run folders and every run's outcome.
@@ -90,23 +99,32 @@ class CompareResult:
         return lines
 
 
-def _schedule_names(configs: Sequence[Union[str, os.PathLike]]) -> list[str]:
-    stems = [Path(c).stem for c in configs]
-    prefix = os.path.commonprefix(stems) if len(stems) > 1 else ""  # noqa: RUF071 - a common prefix of names, not paths
-    prefix = prefix[: prefix.rfind("_") + 1] if "_" in prefix else ""
-    names = [s[len(prefix):] or s for s in stems]
-    seen: dict[str, int] = {}
-    out = []
-    for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        out.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
-    return out
+def _display_names(names: Sequence[str]) -> dict[str, str]:
+    """Shorter names for the report and the progress lines: the prefix all names share (up to a ``_``) dropped.
+
+    Display only: the run folders keep the full names.
+
+    Example::
+
+        >>> _display_names(["seg_distill", "seg_labels"])
+        {'seg_distill': 'distill', 'seg_labels': 'labels'}
+    """
+    prefix = os.path.commonprefix(list(names)) if len(names) > 1 else ""  # noqa: RUF071 - names, not paths
+    prefix = prefix[: prefix.rfind("_") + 1]
+    shown = [n[len(prefix):] or n for n in names]
+    return dict(zip(names, shown if len(set(shown)) == len(shown) else names))
+
+
+def _check_readable(configs: Sequence[Union[str, os.PathLike]]) -> None:
+    """Raise the :class:`StageConfigError` (naming the file) of the first config that is not a YAML/JSON mapping."""
+    for config in configs:
+        load_config(config)
 
 
 def _fingerprint(config: Path, stages: Optional[str]) -> str:
     try:
         return config_fingerprint(config, stages)
-    except (OSError, ValueError):  # unreadable: its runs fail and are never reused; hash the bytes for the record
+    except (OSError, ValueError, yaml.YAMLError):  # unreadable: its runs fail, never reused; hash the bytes
         data = config.read_bytes() if config.is_file() else str(config).encode()
         return "unreadable-" + hashlib.sha256(data).hexdigest()[:16]
 
@@ -129,20 +147,14 @@ def _seed_rounds(seeds: Union[int, str, Sequence[int]], max_seeds: int) -> tuple
     return seed_list, False
 
 
-def _primary(runs: Mapping[str, Sequence[RunOutcome]], metric: str) -> Any:
-    scores = {name: {r.seed: r.metrics[metric] for r in rs if r.error is None and metric in r.metrics}
-              for name, rs in runs.items()}
-    return paired_verdict(scores, metric, higher_is_better(metric))
-
-
-def _short(result: Any) -> str:
+def _short(result: Any, shown: Mapping[str, str]) -> str:
     if result.winner is not None:
-        return f"{result.winner} wins"
+        return f"{shown[result.winner]} wins"
     return "undecided" if len(result.ranking) > 1 else "-"
 
 
-def _line(run: RunOutcome, done: int, total: int, metrics: Sequence[str]) -> str:
-    where = f"[{done}/{total}] {run.schedule} seed {run.seed}:"
+def _line(run: RunOutcome, name: str, done: int, total: int, metrics: Sequence[str]) -> str:
+    where = f"[{done}/{total}] {name} seed {run.seed}:"
     if run.error is not None:
         return f"{where} FAILED: {run.error.splitlines()[0]}  ({run.seconds:.1f} s)"
     scores = "  ".join(f"{m}={run.metrics[m]:.3f}" for m in metrics if m in run.metrics)
@@ -177,7 +189,9 @@ def run_compare(
     terminal) shows the runs done, the current verdict and the ETA.
 
     Args:
-        configs: LightningCLI YAML files, one per schedule; the schedule is named after the file.
+        configs: LightningCLI YAML files, one per schedule; the schedule and its run folder are named after the
+            file (its name without suffix; configs with the same file name are told apart by their folder). The
+            report and the progress lines show the names without the prefix they all share (``seg_``).
         seeds: how many seeds (``0..n-1``), the seeds themselves, or ``"auto"``: start with 3 seeds and add one
             per round until the primary metric's verdict names a winner or ``max_seeds`` is reached.
         out: the output directory.
@@ -198,6 +212,11 @@ def run_compare(
     Raises:
         ValueError: no config, bad ``seeds``/``max_seeds``/``jobs``/``launcher``.
         ImportError: scipy (or Ray for ``launcher="ray"``) is not installed; the message says how to get it.
+        StageConfigError: a config (or ``stages`` file) is missing or not a YAML/JSON mapping; the message names
+            the file. Nothing was trained.
+        OutputInUseError: another ``compare`` is writing into ``out``. Nothing was trained.
+        KeyboardInterrupt: Ctrl-C (also in a run that trains in this process): the comparison stops; finished runs
+            are kept, the runs in flight are lost and no report is written.
 
     Example::
 
@@ -215,66 +234,73 @@ def run_compare(
         raise ValueError(f"jobs must be at least 1, got {jobs}" if launcher == "local" else
                          "jobs is for the local launcher; with Ray, ray_num_cpus per run decides how many run at once")
     require_scipy()
+    _check_readable([*configs, *(s for s in stages or [] if s)])
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    add_working_directory_to_path()
-    paths = [Path(c).resolve() for c in configs]
-    names = _schedule_names([Path(c) for c in configs])
-    stage_files = [str(Path(s).resolve()) if s else None for s in stages] if stages is not None else [None] * len(paths)
-    differences = like_for_like_differences(paths)
-    for difference in differences:
-        warnings.warn(f"compare: not like for like: {difference}", UserWarning, stacklevel=2)
-    summaries: dict[str, str] = {}
-    for name, path, stage_file in zip(names, paths, stage_files):
-        try:
-            summaries[name] = format_summary(schedule_of_config(path, stages=stage_file))
-        except StageConfigError as err:
-            summaries[name] = "invalid: " + str(err).replace("\n", " ")
-    fingerprints = {name: _fingerprint(path, stage_file) for name, path, stage_file in zip(names, paths, stage_files)}
-    runs: dict[str, dict[int, RunOutcome]] = {name: {} for name in names}
-    pool = (RayLauncher(ray_num_cpus, ray_num_gpus) if launcher == "ray"
-            else LocalLauncher(jobs if jobs is not None else default_jobs()))
-    primary = metrics[0]
-    bar = tqdm(total=len(names) * len(seed_list), unit="run", desc="compare", disable=None if progress is None
-               else not progress, dynamic_ncols=True)
-    done = 0
+    with lock_out(out):
+        add_working_directory_to_path()
+        paths = [Path(c).resolve() for c in configs]
+        names = schedule_names(configs)
+        shown = _display_names(names)
+        stage_files = ([str(Path(s).resolve()) if s else None for s in stages] if stages is not None
+                       else [None] * len(paths))
+        differences = like_for_like_differences(paths)
+        for difference in differences:
+            warnings.warn(f"compare: not like for like: {difference}", UserWarning, stacklevel=2)
+        summaries: dict[str, str] = {}
+        for name, path, stage_file in zip(names, paths, stage_files):
+            try:
+                summaries[shown[name]] = format_summary(schedule_of_config(path, stages=stage_file))
+            except StageConfigError as err:
+                summaries[shown[name]] = "invalid: " + str(err).replace("\n", " ")
+        fingerprints = {name: _fingerprint(path, stage_file)
+                        for name, path, stage_file in zip(names, paths, stage_files)}
+        runs: dict[str, dict[int, RunOutcome]] = {name: {} for name in names}
+        pool = (RayLauncher(ray_num_cpus, ray_num_gpus) if launcher == "ray"
+                else LocalLauncher(jobs if jobs is not None else default_jobs()))
+        primary = metrics[0]
+        bar = tqdm(total=len(names) * len(seed_list), unit="run", desc="compare", disable=None if progress is None
+                   else not progress, dynamic_ncols=True)
+        done = 0
 
-    def finished(outcome: RunOutcome) -> None:
-        nonlocal done
-        runs[outcome.schedule][outcome.seed] = outcome
-        done += 1
-        with tqdm.external_write_mode():
-            echo(_line(outcome, done, bar.total, metrics))
-        bar.set_postfix_str(f"{primary}: {_short(_primary(_sorted(runs), primary))}", refresh=False)
-        bar.update(1)
+        def finished(outcome: RunOutcome) -> None:
+            nonlocal done
+            runs[outcome.schedule][outcome.seed] = outcome
+            done += 1
+            with tqdm.external_write_mode():
+                echo(_line(outcome, shown[outcome.schedule], done, bar.total, metrics))
+            bar.set_postfix_str(f"{primary}: {_short(metric_verdict(_sorted(runs), primary), shown)}", refresh=False)
+            bar.update(1)
 
-    with pool, bar:
-        round_seeds = seed_list
-        while True:
-            todo: list[RunSpec] = []
-            for seed in round_seeds:
-                for name, path, stage_file in zip(names, paths, stage_files):
-                    folder = run_dir(out, name, seed)
-                    kept = None if fresh else load_result(folder, fingerprints[name], metrics)
-                    if kept is not None:
-                        finished(kept)
-                    else:
-                        todo.append(RunSpec(name, seed, str(path), stage_file, str(folder), tuple(metrics)))
-            for outcome in pool.run(todo):
-                save_result(run_dir(out, outcome.schedule, outcome.seed), outcome, fingerprints[outcome.schedule])
-                finished(outcome)
-            verdict_now = _primary(_sorted(runs), primary)
-            if not auto or verdict_now.decided or len(verdict_now.ranking) < 2 or len(seed_list) >= max_seeds:
-                break
-            round_seeds = [max(seed_list) + 1]
-            seed_list = [*seed_list, *round_seeds]
-            bar.total += len(names)
-            bar.refresh()
-    result_runs = _sorted(runs)
-    note = _seeds_note(auto, seed_list, max_seeds, verdict_now, primary)
-    curves = plot_curves(result_runs, curve_metric, out / "curves.png")
-    report = write_report(result_runs, dict(zip(names, map(Path, configs))), seed_list, metrics, summaries, differences, reference,
-                          out, curves, seeds_note=note)
+        with pool, bar:
+            round_seeds = seed_list
+            while True:
+                todo: list[RunSpec] = []
+                for seed in round_seeds:
+                    for name, path, stage_file in zip(names, paths, stage_files):
+                        folder = run_dir(out, name, seed)
+                        kept = None if fresh else load_result(folder, fingerprints[name], metrics)
+                        if kept is not None:
+                            finished(kept)
+                        else:
+                            todo.append(RunSpec(name, seed, str(path), stage_file, str(folder), tuple(metrics)))
+                for outcome in pool.run(todo):
+                    save_result(run_dir(out, outcome.schedule, outcome.seed), outcome, fingerprints[outcome.schedule])
+                    finished(outcome)
+                verdict_now = metric_verdict(_sorted(runs), primary)
+                if not auto or verdict_now.decided or len(verdict_now.ranking) < 2 or len(seed_list) >= max_seeds:
+                    break
+                round_seeds = [max(seed_list) + 1]
+                seed_list = [*seed_list, *round_seeds]
+                bar.total += len(names)
+                bar.refresh()
+        result_runs = _sorted(runs)
+        note = _seeds_note(auto, seed_list, max_seeds, verdict_now, primary)
+        shown_runs = {shown[name]: seed_runs for name, seed_runs in result_runs.items()}
+        curves = plot_curves(shown_runs, curve_metric, out / "curves.png")
+        report = write_report(shown_runs, {shown[n]: Path(c) for n, c in zip(names, configs)}, seed_list, metrics,
+                              summaries, differences, reference, out, curves, seeds_note=note,
+                              folders={shown[n]: n for n in names})
     return CompareResult(report=report, curves=curves, tensorboard=out / "runs", runs=result_runs,
                          warnings=differences, seeds=seed_list, decided=verdict_now.decided)
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Optional, Union
 
 from lightning_stages.cli.plots import PLOT_HINT, require_matplotlib
-from lightning_stages.cli.stats import TEST_SENTENCE, higher_is_better, paired_verdict
+from lightning_stages.cli.stats import TEST_SENTENCE, MetricVerdict, higher_is_better, paired_verdict
 
-__all__ = ["RunOutcome", "plot_curves", "verdict", "write_report"]
+__all__ = ["RunOutcome", "metric_verdict", "plot_curves", "verdict", "write_report"]
 
 
 @dataclass
@@ -53,10 +53,20 @@ class RunOutcome:
     reused: bool = False
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def metric_verdict(runs: Mapping[str, Sequence[RunOutcome]], metric: str, label: Optional[str] = None) -> MetricVerdict:
+    """The paired verdict on ``metric`` of the finished runs (a run whose value is not finite is left out).
+
+    Example::
+
+        >>> runs = {"a": [RunOutcome("a", 0, metrics={"m": 0.5}), RunOutcome("a", 1, error="ValueError: x")],
+        ...         "b": [RunOutcome("b", 0, metrics={"m": 0.4}), RunOutcome("b", 1, metrics={"m": 0.3})]}
+        >>> metric_verdict(runs, "m").text.startswith("Only 1 of the 2 seeds run has a finite result for both a and b")
+        True
+    """
+    scores = {name: {r.seed: r.metrics[metric] for r in seed_runs if r.error is None and metric in r.metrics}
+              for name, seed_runs in runs.items()}
+    seeds = sorted({r.seed for seed_runs in runs.values() for r in seed_runs})
+    return paired_verdict(scores, metric if label is None else label, higher_is_better(metric), seeds_run=seeds)
 
 
 def verdict(scores: Mapping[str, Union[Sequence[float], Mapping[int, float]]], metric: str = "test IoU",
@@ -146,10 +156,18 @@ def plot_curves(runs: Mapping[str, Sequence[RunOutcome]], metric: str, path: Pat
 
 
 def _format_mean_std(values: Sequence[float]) -> str:
-    if not values:
-        return "-"
-    mean, std = _mean_std(values)
-    return f"{mean:.3f} ± {std:.3f}" if len(values) > 1 else f"{mean:.3f}"
+    """Mean ± std of the finite values; values that are not finite (nan, inf) are counted as left out."""
+    finite = [v for v in values if math.isfinite(v)]
+    bad = [v for v in values if not math.isfinite(v)]
+    if not finite:
+        text = "-"
+    elif len(finite) == 1:
+        text = f"{finite[0]:.3f}"
+    else:
+        text = f"{statistics.fmean(finite):.3f} ± {statistics.stdev(finite):.3f}"
+    if bad:
+        text += f" ({len(bad)} {'/'.join(sorted({str(v) for v in bad}))} left out)"
+    return text
 
 
 def _verdict_lines(result_runs: Mapping[str, Sequence[RunOutcome]], metrics: Sequence[str]) -> list[str]:
@@ -157,10 +175,8 @@ def _verdict_lines(result_runs: Mapping[str, Sequence[RunOutcome]], metrics: Seq
     table = ["", "| metric | best | against | seeds | mean difference | interval (Holm) | Holm p | separated |",
              "|---|---|---|---|---|---|---|---|"]
     for i, metric in enumerate(metrics):
-        scores = {name: {r.seed: r.metrics[metric] for r in runs if r.error is None and metric in r.metrics}
-                  for name, runs in result_runs.items()}
         higher = higher_is_better(metric)
-        result = paired_verdict(scores, _label(metric), higher)
+        result = metric_verdict(result_runs, metric, _label(metric))
         direction = "higher is better" if higher else "lower is better"
         lines.append(f"- **{_label(metric)}** ({'primary, ' if i == 0 else ''}{direction}): {result.text}")
         best = result.ranking[0][0] if result.ranking else "-"
@@ -192,7 +208,7 @@ def _cost_lines(result_runs: Mapping[str, Sequence[RunOutcome]]) -> list[str]:
 def write_report(result_runs: Mapping[str, Sequence[RunOutcome]], configs: Mapping[str, Path], seeds: Sequence[int],
                  metrics: Sequence[str], schedules: Mapping[str, str], differences: Sequence[str],
                  reference: Optional[Mapping[str, Mapping[str, float]]], out: Path, curves: Optional[Path],
-                 seeds_note: Optional[str] = None) -> Path:
+                 seeds_note: Optional[str] = None, folders: Optional[Mapping[str, str]] = None) -> Path:
     """Write ``out/report.md``: the table, the paired verdict per metric, the costs, failed runs, every run.
 
     Args:
@@ -206,6 +222,8 @@ def write_report(result_runs: Mapping[str, Sequence[RunOutcome]], configs: Mappi
         out: the output directory.
         curves: the curves PNG, or ``None`` when none was drawn.
         seeds_note: how the number of seeds was chosen (``--seeds auto``), one sentence.
+        folders: ``{schedule: run folder name}`` where the folder under ``runs/`` is not the schedule's name (a
+            shorter name shown in the report).
 
     Returns:
         The path of ``report.md``.
@@ -258,7 +276,9 @@ def write_report(result_runs: Mapping[str, Sequence[RunOutcome]], configs: Mappi
                   + ("".join(f"\n  {line}" for line in error[1:8])) for name, seed, error in failed]
     lines += ["", "## Schedules", ""]
     for name, config in configs.items():
-        lines.append(f"- **{name}** (`{config}`): {schedules.get(name, 'not read')}")
+        folder = (folders or {}).get(name, name)
+        where = f"`{config}`" + (f", runs in `runs/{folder}/`" if folder != name else "")
+        lines.append(f"- **{name}** ({where}): {schedules.get(name, 'not read')}")
     metric_cells = " | ".join(_label(m) for m in metrics)
     lines += ["", "## Runs", "", f"| schedule | seed | {metric_cells} | seconds | status |",
               "|" + "---|" * (len(metrics) + 4)]

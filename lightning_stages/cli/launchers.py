@@ -89,9 +89,9 @@ class LocalLauncher:
     def run(self, specs: Sequence[RunSpec]) -> Iterator[RunOutcome]:
         """Train the runs, yielding each outcome as it finishes."""
         specs = [replace(spec, threads=self.threads) for spec in specs]
-        if self._pool is None:
+        if self._pool is None:  # in this process: Ctrl-C, or Lightning's sys.exit(1) for it, stops the comparison
             for spec in specs:
-                yield execute_run(spec)
+                yield execute_run(spec, stop_on_exit=True)
             return
         yield from self._pool.run(specs)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from lightning_stages.cli.checkpoint_transitions import callback_state, format_checkpoint
-from lightning_stages.cli.compare import run_compare
+from lightning_stages.cli.compare import OutputInUseError, run_compare
 from lightning_stages.cli.declared_weights import DeclaredWeightsWarning
 from lightning_stages.cli.lightning_config import (
     add_working_directory_to_path,
@@ -213,6 +213,16 @@ def _compare(args: argparse.Namespace) -> int:
     except ImportError as err:
         print(f"compare: {err}", file=sys.stderr)
         return 1
+    except StageConfigError as err:  # a config that cannot be read (not YAML, not a mapping): nothing trained
+        print("compare: " + "; ".join(problem.message for problem in err.problems), file=sys.stderr)
+        return 2
+    except OutputInUseError as err:
+        print(f"compare: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"compare: interrupted; the finished runs are kept in {args.out} (the same command trains the rest)",
+              file=sys.stderr)
+        return 130
     print("\n".join(result.locations()))
     return 1 if result.failed else 0
 

@@ -1,29 +1,41 @@
-"""The finished runs of a comparison on disk: ``OUT/runs/<schedule>/seed_<n>/result.json``.
+"""The finished runs of a comparison on disk: ``OUT/runs/<schedule>/seed_<n>/result.json``, and ``OUT``'s lock.
 
 Each finished run's result (metrics, curves, seconds, costs, error) is written with the fingerprint of its config.
-A later ``compare`` into the same ``OUT`` reuses a result whose fingerprint matches and that has every metric asked
-for, and trains the rest. A run that failed is trained again. The result is written last, atomically, so a run
-killed in flight leaves no result and is trained again next time.
+A later ``compare`` into the same ``OUT`` reuses a result whose fingerprint matches, that is well formed and the
+run of its folder, and that has every metric asked for, and trains the rest. A run that failed is trained again.
+The result is written last, atomically, so a run killed in flight leaves no result and is trained again next time.
+Each schedule's folder is named after its config's file alone (:func:`schedule_names`), so that it does not
+change with the other configs of a comparison; one ``compare`` at a time holds ``OUT``'s lock (:func:`lock_out`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
+from filelock import FileLock, Timeout
 
 from lightning_stages.cli.compare_report import RunOutcome
 
-__all__ = ["RESULT_FILE", "config_fingerprint", "load_result", "run_dir", "save_result"]
+__all__ = ["LOCK_FILE", "RESULT_FILE", "OutputInUseError", "config_fingerprint", "load_result", "lock_out", "run_dir",
+           "save_result", "schedule_names"]
 
 RESULT_FILE = "result.json"
+#: the lock file in ``OUT`` that a running ``compare`` holds
+LOCK_FILE = ".compare.lock"
 _FORMAT = 1
+
+
+class OutputInUseError(RuntimeError):
+    """Another ``compare`` is writing into the same output directory."""
 
 
 def _file_digest(path: Path) -> str:
@@ -82,6 +94,53 @@ def config_fingerprint(config: Union[str, os.PathLike], stages: Optional[Union[s
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def schedule_names(configs: Sequence[Union[str, os.PathLike]]) -> list[str]:
+    """The run folder name of each config: its file name without the suffix, whatever the other configs are.
+
+    Only configs whose file names collide are told apart, by their folder's name (``a-x``, ``b-x``), or where that
+    does not tell them apart, by a hash of their path; a name still taken gets ``_2``, ``_3``.
+
+    Example::
+
+        >>> schedule_names(["a/x.yaml", "b/x.yaml", "c/x_2.yaml", "s_joint.yaml"])
+        ['a-x', 'b-x', 'x_2', 's_joint']
+    """
+    paths = [Path(c).resolve() for c in configs]
+    stems = Counter(p.stem for p in paths)
+
+    def wanted(path: Path) -> str:
+        if stems[path.stem] == 1:
+            return path.stem
+        if len({p.parent.name for p in paths if p.stem == path.stem}) == stems[path.stem]:
+            return f"{path.parent.name}-{path.stem}"
+        return f"{path.stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
+    names = [wanted(p) for p in paths]
+    out: list[str] = []
+    for name in names:
+        unique, k = name, 1
+        while unique in out or (unique != name and unique in names):
+            k += 1
+            unique = f"{name}_{k}"
+        out.append(unique)
+    return out
+
+
+@contextlib.contextmanager
+def lock_out(out: Path) -> Iterator[None]:
+    """Hold ``OUT/.compare.lock`` (an OS lock: a killed process releases it), or raise :class:`OutputInUseError`."""
+    lock = FileLock(str(out / LOCK_FILE), timeout=0, thread_local=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise OutputInUseError(f"another compare is writing into {out} (it holds {out / LOCK_FILE}); wait for it "
+                               "to finish or give another --out") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def run_dir(out: Union[str, os.PathLike], schedule: str, seed: int) -> Path:
     """The folder of one run.
 
@@ -99,7 +158,7 @@ def save_result(folder: Union[str, os.PathLike], run: RunOutcome, fingerprint: s
     Example::
 
         >>> import tempfile
-        >>> folder = tempfile.mkdtemp()
+        >>> folder = run_dir(tempfile.mkdtemp(), "a", 0)
         >>> path = save_result(folder, RunOutcome("a", 0, metrics={"test/iou": 0.5}), "f1")
         >>> load_result(folder, "f1", ["test/iou"]).metrics
         {'test/iou': 0.5}
@@ -117,8 +176,42 @@ def save_result(folder: Union[str, os.PathLike], run: RunOutcome, fingerprint: s
     return path
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _pairs(value: Any, first: Any, second: Any) -> bool:
+    """Whether ``value`` is a list of 2-element lists whose items pass ``first`` and ``second``."""
+    return isinstance(value, list) and all(isinstance(p, list) and len(p) == 2 and first(p[0]) and second(p[1])
+                                           for p in value)
+
+
+#: what each field of a saved result must be (missing fields take their defaults)
+_FIELDS = {
+    "schedule": lambda v: isinstance(v, str),
+    "seed": _count,
+    "metrics": lambda v: isinstance(v, dict) and all(isinstance(k, str) and _number(x) for k, x in v.items()),
+    "curves": lambda v: isinstance(v, dict) and all(isinstance(k, str) and _pairs(x, _count, _number)
+                                                    for k, x in v.items()),
+    "seconds": _number,
+    "boundaries": lambda v: _pairs(v, _count, lambda name: isinstance(name, str)),
+    "distill_seconds": _number,
+    "other_seconds": _number,
+    "teacher_forwards": _count,
+    "teacher_samples": _count,
+}
+
+
 def load_result(folder: Union[str, os.PathLike], fingerprint: str, metrics: Sequence[str]) -> Optional[RunOutcome]:
-    """The run's finished result if its fingerprint matches, it did not fail and it has every metric; else ``None``.
+    """The run's finished result if it is the run of this folder and config; else ``None`` (the run is trained again).
+
+    That is: ``result.json`` parses, its fingerprint matches, it did not fail, every field has its type (numbers
+    for metrics and seconds, ``[epoch, value]`` curve points, ``[epoch, name]`` boundaries), its ``schedule`` and
+    ``seed`` are those of the folder ``runs/<schedule>/seed_<seed>``, and it has every metric.
 
     Example::
 
@@ -126,21 +219,23 @@ def load_result(folder: Union[str, os.PathLike], fingerprint: str, metrics: Sequ
         >>> load_result(tempfile.mkdtemp(), "f1", ["test/iou"]) is None
         True
     """
-    path = Path(folder) / RESULT_FILE
+    folder = Path(folder)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or data.pop("fingerprint", None) != fingerprint or data.get("error") is not None:
         return None
-    known = {f.name for f in dataclasses.fields(RunOutcome)}
-    try:
-        run = RunOutcome(**{k: v for k, v in data.items() if k in known})
-    except TypeError:
+    known = {k: v for k, v in data.items() if k in _FIELDS}
+    if not {"schedule", "seed"} <= set(known) or not all(_FIELDS[k](v) for k, v in known.items()):
         return None
+    if known["schedule"] != folder.parent.name or folder.name != f"seed_{known['seed']}":
+        return None
+    run = RunOutcome(**known)
     if any(m not in run.metrics for m in metrics):
         return None
     run.curves = {k: [(int(p[0]), float(p[1])) for p in v] for k, v in run.curves.items()}
     run.boundaries = [(int(b[0]), str(b[1])) for b in run.boundaries]
+    run.metrics = {k: float(v) for k, v in run.metrics.items()}
     run.reused = True
     return run

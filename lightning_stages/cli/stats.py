@@ -11,9 +11,10 @@ The quantiles come from ``scipy.stats`` (the optional extra ``[compare]``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -110,6 +111,8 @@ class MetricVerdict:
         winner: the best schedule when every interval excludes 0, else ``None``.
         tied: the schedules the data cannot separate from the best (with the best first), empty with a winner.
         text: the verdict in words.
+        left_out: ``(schedule, seed, value)`` of the runs whose value is not finite (nan, inf): they are left out of
+            the ranking and the paired tests, and the text says so.
     """
 
     metric: str
@@ -118,6 +121,7 @@ class MetricVerdict:
     winner: Optional[str]
     tied: list[str]
     text: str
+    left_out: tuple[tuple[str, int, float], ...] = ()
 
     @property
     def decided(self) -> bool:
@@ -182,15 +186,38 @@ def _fmt(value: float) -> str:
     return f"{value:.3f}" if math.isfinite(value) else "unknown"
 
 
-def _undecided_text(metric: str, best: str, comparisons: list[PairedComparison], tied: list[str]) -> str:
+def _seeds_text(seeds: Sequence[int]) -> str:
+    return f"seed{'s' if len(seeds) != 1 else ''} {', '.join(map(str, seeds))}"
+
+
+def _few_pairs_text(metric: str, best: str, closest: PairedComparison, scores: Mapping[str, Mapping[int, float]],
+                    seeds_run: Sequence[int]) -> str:
+    """Why fewer than two paired seeds name no winner: one seed was run, or runs failed (or were not finite)."""
+    if len(seeds_run) < 2:
+        return (f"With one seed per schedule the spread across seeds is unknown, so no winner is named on {metric} "
+                "(run with --seeds 3 or more).")
+    missing = [f"{name} {_seeds_text(lost)}" for name in (best, closest.other)
+               if (lost := [s for s in seeds_run if s not in scores[name]])]
+    return (f"Only {closest.seeds} of the {len(seeds_run)} seeds run {'has' if closest.seeds == 1 else 'have'} a "
+            f"finite result for both {best} and {closest.other} (none for {'; '.join(missing)}: failed, or not "
+            f"finite), so the spread of their paired differences is unknown and no winner is named on {metric}. A "
+            "rerun into the same --out trains the failed runs again.")
+
+
+def _left_out_text(left_out: Sequence[tuple[str, int, float]]) -> str:
+    runs = ", ".join(f"{name} seed {seed} ({value})" for name, seed, value in left_out)
+    return f" Left out as not finite: {runs}."
+
+
+def _undecided_text(metric: str, best: str, comparisons: list[PairedComparison], tied: list[str],
+                    scores: Mapping[str, Mapping[int, float]], seeds_run: Sequence[int]) -> str:
     open_ = [c for c in comparisons if not c.separated]
     names = ", ".join(f"**{c.other}**" for c in open_)
     closest = min(open_, key=lambda c: c.difference if math.isfinite(c.difference) else math.inf)
     text = (f"No winner on {metric}: the data cannot separate {names} from the best mean (**{best}**), so the "
             f"schedules {', '.join(tied)} are indistinguishable on this budget")
     if closest.seeds < 2:
-        return (f"With one seed per schedule the spread across seeds is unknown, so no winner is named on {metric} "
-                "(run with --seeds 3 or more).")
+        return _few_pairs_text(metric, best, closest, scores, seeds_run)
     if closest.spread == 0 and closest.difference == 0:
         return text + f". {closest.other} gave the same value as {best} on each of the {closest.seeds} seeds."
     needed = (f"about {closest.seeds_needed} seeds would detect it" if closest.seeds_needed is not None
@@ -202,7 +229,8 @@ def _undecided_text(metric: str, best: str, comparisons: list[PairedComparison],
 
 
 def paired_verdict(scores: Mapping[str, Mapping[int, float]], metric: str = "test IoU",
-                   higher_is_better: bool = True, alpha: float = 0.05) -> MetricVerdict:
+                   higher_is_better: bool = True, alpha: float = 0.05,
+                   seeds_run: Optional[Sequence[int]] = None) -> MetricVerdict:
     """Rank the schedules by mean and test the best against each other schedule on the per-seed differences.
 
     For each other schedule, the differences ``best - other`` (``other - best`` when lower is better) on the seeds
@@ -210,11 +238,16 @@ def paired_verdict(scores: Mapping[str, Mapping[int, float]], metric: str = "tes
     and tests the k-th (from 0) at ``alpha / (m - k)``; each interval has that level. The best wins only when the
     procedure separates it from every other schedule, i.e. every interval excludes 0.
 
+    A value that is not finite (a run that diverged to nan or inf) is left out of the ranking and the tests, as if
+    that run had not finished; :attr:`MetricVerdict.left_out` lists them and the text names them.
+
     Args:
         scores: ``{schedule: {seed: value}}``; seeds a schedule did not finish are left out.
         metric: the metric's label, for the text.
         higher_is_better: the metric's direction.
         alpha: the family-wise error rate (0.05: 95% intervals).
+        seeds_run: the seeds of the comparison, finished or not (default: the seeds in ``scores``); the text of a
+            comparison with fewer than two paired seeds says whether more seeds were run and which runs failed.
 
     Raises:
         ImportError: scipy is not installed (the message says how to get it).
@@ -226,7 +259,21 @@ def paired_verdict(scores: Mapping[str, Mapping[int, float]], metric: str = "tes
         ('a', 0.02, True)
         >>> paired_verdict({"a": {0: 0.8, 1: 0.7}, "b": {0: 0.75, 1: 0.76}}).tied
         ['b', 'a']
+        >>> paired_verdict({"a": {0: 0.8, 1: float("nan")}, "b": {0: 0.7, 1: 0.6}}).left_out
+        (('a', 1, nan),)
     """
+    left_out = tuple((name, seed, value) for name, values in scores.items() for seed, value in sorted(values.items())
+                     if not math.isfinite(value))
+    finite = {name: {seed: value for seed, value in values.items() if math.isfinite(value)}
+              for name, values in scores.items()}
+    seeds = sorted(set().union(*scores.values())) if seeds_run is None else sorted(set(seeds_run))
+    result = _paired_verdict(finite, metric, higher_is_better, alpha, seeds)
+    return dataclasses.replace(result, left_out=left_out, text=result.text + _left_out_text(left_out)) if left_out \
+        else result
+
+
+def _paired_verdict(scores: Mapping[str, Mapping[int, float]], metric: str, higher_is_better: bool, alpha: float,
+                    seeds_run: Sequence[int]) -> MetricVerdict:
     stats = require_scipy()
     sign = 1.0 if higher_is_better else -1.0
     ranking = []
@@ -247,4 +294,5 @@ def paired_verdict(scores: Mapping[str, Mapping[int, float]], metric: str = "tes
                 f"{worst.seeds} seeds, Holm-adjusted p = {worst.p_holm:.3g}).")
         return MetricVerdict(metric, ranking, comparisons, best, [], text)
     tied = [best] + [c.other for c in comparisons if not c.separated]
-    return MetricVerdict(metric, ranking, comparisons, None, tied, _undecided_text(metric, best, comparisons, tied))
+    return MetricVerdict(metric, ranking, comparisons, None, tied,
+                         _undecided_text(metric, best, comparisons, tied, scores, seeds_run))

@@ -14,6 +14,8 @@ import logging
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 import traceback
 import warnings
@@ -219,8 +221,30 @@ def _fit_and_test(spec: RunSpec, run: RunOutcome) -> None:
             run.boundaries = [(r.start_epoch, r.name) for r in callback.resolved_schedule.timeline()]
 
 
-def execute_run(spec: RunSpec) -> RunOutcome:
+@contextlib.contextmanager
+def _own_sigint() -> Any:
+    """Put back the Ctrl-C handler after the run: Lightning ignores Ctrl-C from the first one on (``SIG_IGN``)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main_thread else None
+    try:
+        yield
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGINT, before)
+
+
+def _interrupted(err: BaseException) -> bool:
+    """Whether ``err`` is Ctrl-C: a ``KeyboardInterrupt``, or the ``sys.exit(1)`` Lightning turns one into in fit/test."""
+    return isinstance(err, KeyboardInterrupt) or (isinstance(err, SystemExit)
+                                                  and isinstance(err.__context__, KeyboardInterrupt))
+
+
+def execute_run(spec: RunSpec, *, stop_on_exit: bool = False) -> RunOutcome:
     """Train and test one (schedule, seed) in an emptied run folder; a failure is recorded, not raised.
+
+    Ctrl-C is raised, not recorded: a ``KeyboardInterrupt``, also when Lightning has turned it into ``sys.exit(1)``
+    (raised as ``KeyboardInterrupt`` then). With ``stop_on_exit`` (a run in the ``compare`` process itself), any
+    ``SystemExit`` is raised too, so that the comparison stops rather than recording it and going on.
 
     Example::
 
@@ -239,11 +263,15 @@ def execute_run(spec: RunSpec) -> RunOutcome:
     run = RunOutcome(spec.schedule, spec.seed)
     start = time.perf_counter()
     try:
-        with _quiet(), _torch_threads(spec.threads), _own_seed_state():
+        with _own_sigint(), _quiet(), _torch_threads(spec.threads), _own_seed_state():
             _fit_and_test(spec, run)
-    except KeyboardInterrupt:
-        raise
     except BaseException as err:
+        if _interrupted(err):
+            if isinstance(err, KeyboardInterrupt):
+                raise
+            raise KeyboardInterrupt from err
+        if stop_on_exit and isinstance(err, SystemExit):
+            raise
         run.error = f"{type(err).__name__}: {err}".strip()
         logging.getLogger(__name__).debug("run %s seed %s failed", spec.schedule, spec.seed, exc_info=True)
         if os.environ.get("LIGHTNING_STAGES_DEBUG"):
