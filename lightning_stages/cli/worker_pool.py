@@ -68,11 +68,13 @@ def _died(spec: RunSpec, exitcode: Optional[int]) -> RunOutcome:
 
 
 def _stop_worker(worker: _Worker) -> None:
+    """A free worker ends by itself once its connection closes; one with a run in flight is killed at once (Lightning
+    handles, and ignores, ``SIGTERM`` during a fit: terminating it would wait the whole grace period)."""
     worker.connection.close()
-    if worker.process.is_alive():
-        worker.process.terminate()
+    if worker.run is not None and worker.process.is_alive():
+        worker.process.kill()
     worker.process.join(timeout=10)
-    if worker.process.is_alive():  # pragma: no cover - SIGTERM handled and ignored by the run
+    if worker.process.is_alive():  # pragma: no cover - a free worker that did not see its connection close
         worker.process.kill()
         worker.process.join()
 
