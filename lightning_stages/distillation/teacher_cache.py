@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lightning_stages.distillation.indexed_dataset import IndexedDataset
 from lightning_stages.distillation.teacher_cache_files import FileRows, drop_unused
-from lightning_stages.distillation.teacher_cache_inputs import UncheckableInput, input_fingerprints, input_tensors
+from lightning_stages.distillation.teacher_cache_inputs import InputChecksums, sample_indices
 from lightning_stages.distillation.teacher_cache_rows import flatten, too_large, unflatten
 from lightning_stages.distillation.teacher_cache_storage import MemoryRows, RowStorage, directory_problem
 from lightning_stages.distillation.teacher_fingerprint import teacher_fingerprint
@@ -44,14 +44,6 @@ def _problem(message: str, field: str, value: Any, hint: Optional[str] = None) -
 
 def _step_error(problem: StageProblem) -> DistillationStepError:
     return DistillationStepError(problem, when="a step")  # the mixin may re-raise it naming the stage
-
-
-def _versions(inputs: Any) -> Optional[tuple[int, ...]]:
-    """The version counters of the tensors in ``inputs`` (``None`` if one has none: an inference-mode tensor)."""
-    try:
-        return tuple(tensor._version for tensor in input_tensors(inputs))
-    except RuntimeError:
-        return None
 
 
 class TeacherCache:
@@ -135,9 +127,7 @@ class TeacherCache:
         self._fingerprint: Optional[str] = None
         self._storage: Optional[RowStorage] = None
         self._layout: Optional[dict[str, Any]] = None  # of the rows this object stores
-        # the inputs of the last lookup, their tensors' versions and their checksums: the store of the same batch
-        # (a miss, right after) reuses them; every lookup computes its own
-        self._memo: Optional[tuple[Any, tuple[int, ...], Tensor]] = None
+        self._inputs = InputChecksums()  # the store of a missed batch reuses its lookup's checksums
         #: lookups (batches) that found every sample / that did not, since the last :meth:`bind`
         self.hits = self.misses = 0
 
@@ -248,45 +238,6 @@ class TeacherCache:
 
     # ------------------------------------------------------------------ read and write
 
-    def _index(self, sample_index: Any) -> list[int]:
-        try:
-            index = torch.as_tensor(sample_index)
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise _step_error(_problem(f"must hold integer sample indices ({err})", "sample_index",
-                                       type(sample_index).__name__)) from err
-        if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
-            raise _step_error(_problem("must hold integer sample indices", "sample_index", str(index.dtype)))
-        values = index.reshape(-1).tolist()
-        if values and min(values) < 0:
-            raise _step_error(_problem("must be >= 0 (indices into the dataset)", "sample_index", min(values)))
-        if values and self.num_samples is not None and max(values) >= self.num_samples:
-            raise _step_error(_problem(f"must be < num_samples = {self.num_samples}", "sample_index", max(values),
-                                       "num_samples is the dataset size; raise it or pass dataset indices"))
-        return values
-
-    def _input_fingerprints(self, inputs: Any, rows: int, lookup: bool) -> Tensor:
-        """The checksums of ``inputs`` (see :func:`input_fingerprints`). A lookup always computes them; the store
-        that follows it for the same inputs object, with no tensor changed in place since, reuses them.
-
-        Raises:
-            DistillationStepError: an input the checksum cannot cover, naming its type.
-        """
-        if inputs is None:
-            return torch.zeros(rows, dtype=torch.int64)
-        memo, self._memo = self._memo, None
-        versions = _versions(inputs)
-        if not lookup and memo is not None and memo[0] is inputs and versions is not None and memo[1] == versions:
-            return memo[2]
-        try:
-            fingerprints = input_fingerprints(inputs, rows)
-        except UncheckableInput as err:
-            raise _step_error(_problem(f"cannot be checked by the cache: {err}, so a stored row could be stale",
-                                       "inputs", err.kind, "pass the teachers tensors, arrays, numbers, strings, "
-                                       "dataclasses, or lists, tuples and dicts of them")) from err
-        if lookup and versions is not None:
-            self._memo = (inputs, versions, fingerprints)
-        return fingerprints
-
     def _miss(self, rows: int, mismatched: int = 0) -> Optional[tuple[dict, dict]]:
         self.misses, self._stats["misses"] = self.misses + 1, self._stats["misses"] + rows - mismatched
         self._stats["mismatches"] += mismatched
@@ -310,11 +261,11 @@ class TeacherCache:
         Raises:
             DistillationStepError: an index is negative, not an integer, or not below ``num_samples``.
         """
-        index = self._index(sample_index)
+        index = sample_indices(sample_index, self.num_samples)
         if (self._fingerprint is None and self._storage is None) or not index:  # never bound: nothing stored
             return self._miss(len(index))
         storage = self._bound()
-        rows, mismatched = storage.get(index, None if inputs is None else self._input_fingerprints(inputs, len(index), True))
+        rows, mismatched = storage.get(index, None if inputs is None else self._inputs.checksums(inputs, len(index), lookup=True))
         layout = storage.layout
         if rows is None or layout is None:
             return self._miss(len(index), mismatched)
@@ -341,7 +292,7 @@ class TeacherCache:
                 fit ``dtype`` (e.g. above 65504 for float16).
             StageConfigError: a value is not a container the cache rebuilds (naming the teacher or layer and its type).
         """
-        index = self._index(sample_index)
+        index = sample_indices(sample_index, self.num_samples)
         leaves: list[Tensor] = []
         layout: dict[str, Any] = {
             "outputs": {name: flatten(value, leaves, f"output of teacher {name!r}") for name, value in outputs.items()},
@@ -371,5 +322,5 @@ class TeacherCache:
             storage.set_layout(layout)
         self._layout = layout
         if index:
-            storage.put(index, self._input_fingerprints(inputs, len(index), False),
+            storage.put(index, self._inputs.checksums(inputs, len(index), lookup=False),
                               [leaf.detach().to(device="cpu", dtype=dtype) for leaf, dtype in zip(leaves, stored)])

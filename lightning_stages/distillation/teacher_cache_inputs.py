@@ -4,7 +4,9 @@ is only served for the input it was computed from.
 * :func:`input_fingerprints`: each sample's checksum over every tensor of the inputs (and their plain values);
 * :func:`word_hash`: the 64-bit checksum of each row of an ``int64`` matrix it is built on, cheap enough for every
   cached step;
-* :func:`input_tensors`: the tensors of the inputs (the cache remembers them to hash one batch once).
+* :func:`input_tensors`: the tensors of the inputs;
+* :class:`InputChecksums`: the checksums of a cache's reads and writes (a missed batch is hashed once);
+* :func:`sample_indices`: a batch's sample indices, checked.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import torch
 from torch import Tensor
 
 from lightning_stages.distillation.teacher_cache_rows import position_multipliers
+from lightning_stages.errors import DistillationStepError, StageProblem
 
-__all__ = ["UncheckableInput", "input_fingerprints", "input_tensors", "word_hash"]
+__all__ = ["InputChecksums", "UncheckableInput", "input_fingerprints", "input_tensors", "sample_indices", "word_hash"]
 
 _MASK64 = (1 << 64) - 1
 _MASK35 = (1 << 35) - 1  # keeps the 35 bits a logical shift by 29 leaves
@@ -195,3 +198,72 @@ def input_fingerprints(inputs: Any, rows: int) -> Tensor:
     if total is None:
         return torch.full((rows,), constant, dtype=torch.int64)
     return total + constant if constant else total
+
+
+def _refused(message: str, field: str, value: Any, hint: Optional[str] = None) -> DistillationStepError:
+    return DistillationStepError(StageProblem(message, name="teacher_cache", field=field, value=value, hint=hint),
+                                 when="a step")  # the mixin may re-raise it naming the stage
+
+
+def sample_indices(sample_index: Any, num_samples: Optional[int]) -> list[int]:
+    """A batch's sample indices as a list of ints, checked: integers, ``>= 0`` and below ``num_samples``.
+
+    Raises:
+        DistillationStepError: naming ``sample_index`` and the value.
+
+    Example::
+
+        >>> sample_indices(torch.tensor([3, 1]), num_samples=4)
+        [3, 1]
+    """
+    try:
+        index = torch.as_tensor(sample_index)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise _refused(f"must hold integer sample indices ({err})", "sample_index", type(sample_index).__name__) from err
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise _refused("must hold integer sample indices", "sample_index", str(index.dtype))
+    values = index.reshape(-1).tolist()
+    if values and min(values) < 0:
+        raise _refused("must be >= 0 (indices into the dataset)", "sample_index", min(values))
+    if values and num_samples is not None and max(values) >= num_samples:
+        raise _refused(f"must be < num_samples = {num_samples}", "sample_index", max(values),
+                       "num_samples is the dataset size; raise it or pass dataset indices")
+    return values
+
+
+def _versions(inputs: Any) -> Optional[tuple[int, ...]]:
+    """The version counters of the tensors in ``inputs`` (``None`` if one has none: an inference-mode tensor)."""
+    try:
+        return tuple(tensor._version for tensor in input_tensors(inputs))
+    except RuntimeError:
+        return None
+
+
+class InputChecksums:
+    """:func:`input_fingerprints` of a cache's reads and writes. A lookup always computes them; the store that follows
+    it for the same inputs object (a missed batch), with no tensor changed in place since, reuses them."""
+
+    def __init__(self) -> None:
+        self._last: Optional[tuple[Any, tuple[int, ...], Tensor]] = None  # a lookup's inputs, versions, checksums
+
+    def checksums(self, inputs: Any, rows: int, lookup: bool) -> Tensor:
+        """The checksums of ``inputs`` (zeros for ``None``: no check).
+
+        Raises:
+            DistillationStepError: an input the checksum cannot cover, naming ``inputs`` and its type.
+        """
+        if inputs is None:
+            return torch.zeros(rows, dtype=torch.int64)
+        last, self._last = self._last, None
+        versions = _versions(inputs)
+        if not lookup and last is not None and last[0] is inputs and versions is not None and last[1] == versions:
+            return last[2]
+        try:
+            fingerprints = input_fingerprints(inputs, rows)
+        except UncheckableInput as err:
+            raise _refused(f"cannot be checked by the cache: {err}, so a stored row could be stale", "inputs",
+                           err.kind, "pass the teachers tensors, arrays, numbers, strings, dataclasses, or lists, "
+                           "tuples and dicts of them") from err
+        if lookup and versions is not None:
+            self._last = (inputs, versions, fingerprints)
+        return fingerprints
