@@ -51,8 +51,15 @@ def add_working_directory_to_path() -> None:
         sys.path.insert(0, os.getcwd())
 
 
+_SEED_KEYS = ("stage_schedule", "train", "distillation")
+
+
 def _is_lightning_config(data: Mapping[str, Any]) -> bool:
-    return any(key in data for key in ("trainer", "model", "data", "fit"))
+    """A LightningCLI config has ``trainer`` or ``fit``; one with only ``model``/``data`` is one unless it has a root
+    key of the seed's format (whose schedule would otherwise go unchecked)."""
+    if "trainer" in data or "fit" in data:
+        return True
+    return any(key in data for key in ("model", "data")) and not any(key in data for key in _SEED_KEYS)
 
 
 def _section(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
