@@ -32,3 +32,20 @@ def test_a_seed_config_with_a_model_key_still_has_its_schedule_checked(tmp_path:
     code, out, err = _run(capsys, "validate", str(path))
     assert code == 2 and "OK" not in out
     assert "stage 0 ('a')" in err and "`lambda_coef` = -5" in err
+
+
+@pytest.mark.parametrize(("callbacks", "field", "value"), [
+    ("7", "trainer.callbacks", "7"),
+    ("[{class_path: lightning_stages.StageScheduleCallback, init_args: [1, 2]}]", "trainer.callbacks[0].init_args",
+     "[1, 2]"),
+    ("[{class_path: lightning_stages.StageScheduleCallback, init_args: abc}]", "trainer.callbacks[0].init_args",
+     "'abc'"),
+])
+@pytest.mark.parametrize("no_import", [False, True])
+def test_lightning_config_callbacks_of_the_wrong_shape_are_a_problem_naming_the_field(
+        tmp_path: Path, capsys: pytest.CaptureFixture, callbacks: str, field: str, value: str, no_import: bool) -> None:
+    path = tmp_path / "cli.yaml"
+    path.write_text(f"trainer:\n  max_epochs: 5\n  callbacks: {callbacks}\n")
+    code, out, err = _run(capsys, "validate", *(["--no-import"] if no_import else []), str(path))
+    assert code == 2 and out == ""
+    assert f"`{field}` = {value}: must be a" in err and "Traceback" not in err

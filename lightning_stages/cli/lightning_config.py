@@ -81,7 +81,11 @@ def _callback_entries(data: Mapping[str, Any], import_modules: bool = True
     callbacks = _section(_fit_section(data), "trainer").get("callbacks")
     if isinstance(callbacks, (Mapping, str)):
         callbacks = [callbacks]
-    found, problems = [], []
+    found: list[tuple[int, dict[str, Any]]] = []
+    problems: list[StageProblem] = []
+    if callbacks is not None and not isinstance(callbacks, (list, tuple)):
+        return found, [StageProblem(f"must be a list of callbacks, not {type(callbacks).__name__}", name="config",
+                                    field="trainer.callbacks", value=callbacks)]
     for position, entry in enumerate(callbacks or []):
         if isinstance(entry, str):
             class_path: Any = entry
@@ -97,6 +101,11 @@ def _callback_entries(data: Mapping[str, Any], import_modules: bool = True
             problems += failed
         if class_path == _CALLBACK_NAME or (isinstance(cls, type) and issubclass(cls, StageScheduleCallback)):
             init_args = entry.get("init_args") if isinstance(entry, Mapping) else None
+            if init_args is not None and not isinstance(init_args, Mapping):
+                problems.append(StageProblem(f"must be a mapping of arguments, not {type(init_args).__name__}",
+                                             name="config", field=f"trainer.callbacks[{position}].init_args",
+                                             value=init_args))
+                continue
             found.append((position, dict(init_args or {})))
     return found, problems
 
