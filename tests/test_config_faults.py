@@ -49,3 +49,69 @@ def test_lightning_config_callbacks_of_the_wrong_shape_are_a_problem_naming_the_
     code, out, err = _run(capsys, "validate", *(["--no-import"] if no_import else []), str(path))
     assert code == 2 and out == ""
     assert f"`{field}` = {value}: must be a" in err and "Traceback" not in err
+
+
+_STAGES = [{"name": "kd", "start_epoch": 0, "end_epoch": 6, "monitor": "val/loss", "patience": 1},
+           {"name": "ft", "start_epoch": 6}]
+_GOOD_ADAPTIVE = {"transitions": {0: 4}, "tracker": {"stage": 0, "mode": "min", "min_delta": 0.0, "best": 0.5,
+                                                     "best_epoch": 2, "wait": 1, "restored": False},
+                  "best_weights": {"where": "memory", "weights": None, "path": None}}
+DAMAGED_ADAPTIVE = {
+    "a string": "garbage", "None": None, "a list": [1, 2], "a huge int": 10**400,
+    "transitions a string": {"transitions": "x"}, "transitions a list": {"transitions": [1, 2]},
+    "tracker a string": {"tracker": "x"}, "tracker of unknown fields": {"tracker": {"a": 1}},
+    "tracker best a string": {"tracker": {"stage": 0, "best": "x", "best_epoch": 1}},
+    "tracker best without its epoch": {"tracker": {"stage": 0, "best": 0.5}},
+    "tracker wait negative": {"tracker": {"stage": 0, "wait": -1}},
+    "best_weights a string": {"best_weights": "s"}, "best_weights path a list": {"best_weights": {"path": [1]}},
+}
+
+
+def _checkpoint(tmp_path: Path, state: dict) -> Path:
+    import torch
+
+    path = tmp_path / "run.ckpt"
+    torch.save({"callbacks": {"StageScheduleCallback": state}}, path)
+    return path
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_ADAPTIVE))
+def test_resuming_with_a_damaged_adaptive_state_warns_and_drops_it(case: str) -> None:
+    from lightning_stages import StageScheduleCallback
+
+    callback = StageScheduleCallback(stage_schedule=_STAGES, verbose=False)
+    callback.load_state_dict({"schedule": {"stage_schedule": _STAGES}, "adaptive": _GOOD_ADAPTIVE})
+    assert callback.adaptive.transitions == {0: 4}  # a good state is read
+    with pytest.warns(UserWarning, match="adaptive state in the checkpoint could not be read"):
+        callback.load_state_dict({"schedule": {"stage_schedule": _STAGES}, "adaptive": DAMAGED_ADAPTIVE[case]})
+    assert callback.adaptive.transitions == {} and callback.adaptive.tracker is None
+    assert callback.adaptive.best.empty
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_ADAPTIVE))
+def test_show_checkpoint_with_a_damaged_adaptive_state_exits_2_with_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture, case: str) -> None:
+    path = _checkpoint(tmp_path, {"schedule": {"stage_schedule": _STAGES}, "adaptive": DAMAGED_ADAPTIVE[case]})
+    code, out, err = _run(capsys, "show", "--checkpoint", str(path))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith(f"{path}: ") and "adaptive" in err
+
+
+@pytest.mark.parametrize("schedule", [None, [1], "SCHEDULE_FILE"])
+def test_show_checkpoint_never_opens_a_string_schedule_as_a_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture, schedule: object) -> None:
+    other = _json(tmp_path, {"stage_schedule": _STAGES, "train": {"epochs": 9}}, "other.json")
+    path = _checkpoint(tmp_path, {"schedule": str(other) if schedule == "SCHEDULE_FILE" else schedule})
+    code, out, err = _run(capsys, "show", "--checkpoint", str(path))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "`schedule`" in err and "must be a mapping" in err
+
+
+def test_show_checkpoint_escapes_control_characters_of_the_monitor(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    stages = [{**_STAGES[0], "monitor": "val\x1b[31m/loss\nFORGED"}, _STAGES[1]]
+    path = _checkpoint(tmp_path, {"schedule": {"stage_schedule": stages, "train": {"epochs": 9}},
+                                  "adaptive": _GOOD_ADAPTIVE})
+    code, out, _ = _run(capsys, "show", "--checkpoint", str(path))
+    assert code == 0 and "\x1b" not in out and "\nFORGED" not in out
+    assert "on a plateau of val\\x1b[31m/loss\\nFORGED (cap 6); best 0.5 at epoch 2" in out
