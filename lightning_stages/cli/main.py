@@ -145,7 +145,7 @@ def _show(args: argparse.Namespace) -> int:
         try:
             text = format_checkpoint(callback_state(args.checkpoint))
         except StageConfigError as err:
-            print(f"{args.checkpoint}: {err}", file=sys.stderr)
+            print(_error_text(args.checkpoint, err), file=sys.stderr)
             return 2
         print(f"{args.checkpoint}: {text}")
         return 0
