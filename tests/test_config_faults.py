@@ -115,3 +115,14 @@ def test_show_checkpoint_escapes_control_characters_of_the_monitor(tmp_path: Pat
     code, out, _ = _run(capsys, "show", "--checkpoint", str(path))
     assert code == 0 and "\x1b" not in out and "\nFORGED" not in out
     assert "on a plateau of val\\x1b[31m/loss\\nFORGED (cap 6); best 0.5 at epoch 2" in out
+
+
+def test_a_key_given_twice_in_a_one_line_yaml_flow_mapping_is_refused(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text("train: {epochs: 4}\nstage_schedule:\n"
+                    "  - {name: a, start_epoch: 0, end_epoch: 2, distillation: true, distillation: false}\n")
+    code, out, err = _run(capsys, "validate", str(path))
+    assert code == 2 and out == ""
+    assert err == (f"{path}: the key 'distillation' is given twice in one mapping (line 3, columns 45 and 65); a "
+                   "parser would silently keep the last: give it once\n")
