@@ -126,3 +126,33 @@ def test_a_key_given_twice_in_a_one_line_yaml_flow_mapping_is_refused(tmp_path: 
     assert code == 2 and out == ""
     assert err == (f"{path}: the key 'distillation' is given twice in one mapping (line 3, columns 45 and 65); a "
                    "parser would silently keep the last: give it once\n")
+
+
+@pytest.mark.parametrize(("stage", "field"), [
+    ({"start_epoch": 0, "end_epoch": 5, "ramp_epochs": 10**400}, "ramp_epochs"),
+    ({"start_epoch": 0, "monitor": "v", "patience": 2, "min_delta": 10**400}, "min_delta"),
+    ({"start_epoch": 10**400}, "start_epoch"),
+    ({"start_epoch": 0, "end_epoch": 10**400}, "end_epoch"),
+    ({"start_step": 10**400}, "start_step"),
+    ({"start_step": 0, "end_step": 10**400}, "end_step"),
+])
+def test_integers_too_large_for_a_float_are_a_problem_naming_stage_and_field(
+        tmp_path: Path, capsys: pytest.CaptureFixture, stage: dict, field: str) -> None:
+    from lightning_stages import StageConfigError, StageSchedule
+
+    with pytest.raises(StageConfigError) as caught:
+        StageSchedule([{"name": "big", **stage}])
+    assert [(p.index, p.name, p.field) for p in caught.value.problems] == [(0, "big", field)]
+    assert "is too large (more than 1.8e+308)" in str(caught.value) and len(str(caught.value)) < 200
+    path = _json(tmp_path, {"stage_schedule": [{"name": "big", **stage}]})
+    code, out, err = _run(capsys, "validate", str(path))
+    assert code == 2 and out == "" and f"stage 0 ('big'): `{field}` = <an integer of more than" in err
+
+
+def test_an_overlap_message_shortens_the_name_of_the_stage_overlapped() -> None:
+    from lightning_stages import StageConfigError, StageSchedule
+
+    with pytest.raises(StageConfigError) as caught:
+        StageSchedule([{"name": "x" * 5000, "start_epoch": 0, "end_epoch": 5}, {"start_epoch": 3}])
+    message = str(caught.value)
+    assert "overlaps stage 0 ('xxx" in message and "...x" in message and len(message) < 300
