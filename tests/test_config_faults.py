@@ -156,3 +156,26 @@ def test_an_overlap_message_shortens_the_name_of_the_stage_overlapped() -> None:
         StageSchedule([{"name": "x" * 5000, "start_epoch": 0, "end_epoch": 5}, {"start_epoch": 3}])
     message = str(caught.value)
     assert "overlaps stage 0 ('xxx" in message and "...x" in message and len(message) < 300
+
+
+def test_show_plot_of_values_matplotlib_cannot_draw_exits_2_with_one_line(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("matplotlib")
+    path = _json(tmp_path, {"train": {"epochs": 4, "loss_weights": {"bce": 1.7e308}},
+                            "distillation": {"lambda_coef": 1.7e308},
+                            "stage_schedule": [{"name": "a", "start_epoch": 0, "end_epoch": 2, "lambda_coef": 0,
+                                                "distillation": True, "loss_weights": {"bce": 0}},
+                                               {"name": "b", "start_epoch": 2, "ramp_epochs": 1,
+                                                "distillation": True}]})
+    code, _, err = _run(capsys, "show", str(path), "--plot", str(tmp_path / "t.png"))
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"--plot: cannot draw the timeline of {str(path)!r}: ")
+
+
+def test_show_plot_of_a_start_beyond_any_float_is_refused_before_drawing(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    path = _json(tmp_path, {"stage_schedule": [{"name": "a", "start_epoch": 0, "end_epoch": 2},
+                                               {"name": "b", "start_epoch": 10**400}]})
+    code, out, err = _run(capsys, "show", str(path), "--plot", str(tmp_path / "t.png"))
+    assert code == 2 and out == "" and not (tmp_path / "t.png").exists()
+    assert "stage 1 ('b'): `start_epoch` = <an integer of more than 399 digits>: is too large" in err
