@@ -179,3 +179,25 @@ def test_show_plot_of_a_start_beyond_any_float_is_refused_before_drawing(tmp_pat
     code, out, err = _run(capsys, "show", str(path), "--plot", str(tmp_path / "t.png"))
     assert code == 2 and out == "" and not (tmp_path / "t.png").exists()
     assert "stage 1 ('b'): `start_epoch` = <an integer of more than 399 digits>: is too large" in err
+
+
+@pytest.mark.parametrize("arguments", ["loss_weights f32", "loss_weights i64", "config lambda f32",
+                                       "config distillation bool_"])
+def test_numpy_numbers_in_the_callbacks_base_settings_are_taken_as_plain_numbers(arguments: str) -> None:
+    np = pytest.importorskip("numpy")
+    from lightning_stages import StageScheduleCallback
+    from lightning_stages.schedule.bind import given_schedule
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "seed_distill_finetune.json")
+    kwargs = {"loss_weights f32": {"stage_schedule": [{"start_epoch": 0}], "loss_weights": {"bce": np.float32(1)}},
+              "loss_weights i64": {"stage_schedule": [{"start_epoch": 0}], "loss_weights": {"bce": np.int64(1)}},
+              "config lambda f32": {"config": config, "lambda_coef": np.float32(0.5)},
+              "config distillation bool_": {"config": config, "distillation": np.bool_(True)}}[arguments]
+    StageScheduleCallback(**kwargs)  # not refused
+    schedule, overrides = given_schedule(**kwargs)
+    if "loss_weights" in kwargs:
+        assert overrides == {"bce": 1} and type(overrides["bce"]) in (int, float)
+    elif "lambda_coef" in kwargs:
+        assert schedule.lambda_coef == 0.5 and type(schedule.lambda_coef) is float
+    else:
+        assert schedule.distillation is True
