@@ -201,3 +201,13 @@ def test_numpy_numbers_in_the_callbacks_base_settings_are_taken_as_plain_numbers
         assert schedule.lambda_coef == 0.5 and type(schedule.lambda_coef) is float
     else:
         assert schedule.distillation is True
+
+
+def test_show_escapes_control_characters_in_a_stages_data(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = _json(tmp_path, {"train": {"epochs": 4, "loss_weights": {"bce": 1}},
+                            "stage_schedule": [{"name": "a", "start_epoch": 0, "end_epoch": 2,
+                                                "data": "all\x1b[31mRED\nforged row"},
+                                               {"name": "b", "start_epoch": 2}]})
+    code, out, _ = _run(capsys, "show", str(path))
+    assert code == 0 and "\x1b" not in out and "\nforged row" not in out
+    assert "all\\x1b[31mRED\\nforged row" in out
