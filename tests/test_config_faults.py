@@ -211,3 +211,12 @@ def test_show_escapes_control_characters_in_a_stages_data(tmp_path: Path, capsys
     code, out, _ = _run(capsys, "show", str(path))
     assert code == 0 and "\x1b" not in out and "\nforged row" not in out
     assert "all\\x1b[31mRED\\nforged row" in out
+
+
+def test_a_5000_digit_number_in_json_with_comments_is_named_with_its_line(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "c.json"
+    path.write_text('// a comment\n{"stage_schedule": [\n{"start_epoch": 0, "lambda_coef": ' + "9" * 5000 + "}]}")
+    code, out, err = _run(capsys, "validate", str(path))
+    assert code == 2 and out == ""
+    assert err.startswith(f"{path}:3: a number has more than ") and err.count("\n") == 1

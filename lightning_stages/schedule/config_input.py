@@ -161,6 +161,8 @@ def parse_json(text: str, source: str = "<string>") -> Any:
             except (_DuplicateKey, RecursionError, MemoryError):
                 raise
             except ValueError as err:
+                if "digits" in str(err) and _long_number_line(text) is not None:  # json5's int() of a long number
+                    raise _number_too_long(source, text) from None
                 match = _JSON5_WHERE.match(str(err))
                 if match is None:  # not a syntax error json5 locates: json's own message has line and column
                     line, col, msg = plain_error.lineno, plain_error.colno, plain_error.msg
