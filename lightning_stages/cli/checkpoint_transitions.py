@@ -64,7 +64,7 @@ def format_checkpoint(state: Mapping[str, Any]) -> str:
     problems = [] if isinstance(saved, Mapping) else [  # only a mapping is read: a string is never opened as a file
         StageProblem(f"must be a mapping, not {type(saved).__name__}", name="checkpoint", field="schedule", value=saved)]
     problems += adaptive_state_problems(adaptive)
-    if not problems:
+    if not problems and isinstance(saved, Mapping):
         try:
             schedule = StageSchedule.from_config(saved)
         except StageConfigError as err:
