@@ -77,7 +77,7 @@ def adaptive_state_problems(state: Any) -> list[StageProblem]:
 
         >>> [str(p) for p in adaptive_state_problems({"tracker": "x"})]
         ["checkpoint: `adaptive.tracker` = 'x': must be a mapping, not str"]
-        >>> adaptive_state_problems({"transitions": {0: 3}, "tracker": {"stage": 0, "best": 0.5}})
+        >>> adaptive_state_problems({"transitions": {0: 3}, "tracker": {"stage": 0, "best": 0.5, "best_epoch": 2}})
         []
     """
     if not isinstance(state, Mapping):
