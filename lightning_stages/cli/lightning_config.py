@@ -19,7 +19,7 @@ from lightning_stages.cli.declared_weights import declared_by_model, import_clas
 from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
 from lightning_stages.schedule import StageSchedule, bind_schedule
 from lightning_stages.schedule.bind import given_schedule
-from lightning_stages.schedule.seed_format import load_config
+from lightning_stages.schedule.seed_format import ROOT_KEYS, load_config
 from lightning_stages.stage_schedule_callback import StageScheduleCallback
 
 __all__ = [
@@ -51,15 +51,12 @@ def add_working_directory_to_path() -> None:
         sys.path.insert(0, os.getcwd())
 
 
-_SEED_KEYS = ("stage_schedule", "train", "distillation")
-
-
 def _is_lightning_config(data: Mapping[str, Any]) -> bool:
     """A LightningCLI config has ``trainer`` or ``fit``; one with only ``model``/``data`` is one unless it has a root
     key of the seed's format (whose schedule would otherwise go unchecked)."""
     if "trainer" in data or "fit" in data:
         return True
-    return any(key in data for key in ("model", "data")) and not any(key in data for key in _SEED_KEYS)
+    return any(key in data for key in ("model", "data")) and not any(key in data for key in ROOT_KEYS)
 
 
 def _section(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
