@@ -25,6 +25,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_stages.adaptive_state import adaptive_state_problems
 from lightning_stages.best_weights import BestWeights
 from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
 from lightning_stages.plateau import PlateauTracker
@@ -185,7 +186,16 @@ class AdaptiveStages:
 
     def load_state_dict(self, state: dict[str, Any], schedule: StageSchedule) -> None:
         """Resume the transitions, tracker and best weights; transitions that do not fit ``schedule`` (which changed
-        since) are dropped with a warning."""
+        since) are dropped with a warning; a damaged state (not of the shape :meth:`state_dict` writes) is dropped
+        whole with a warning, and the run resumes without it."""
+        damaged = adaptive_state_problems(state)
+        if damaged:
+            rank_zero_warn("StageScheduleCallback: the adaptive state in the checkpoint could not be read ("
+                           + "; ".join(map(str, damaged)) + "); resuming without it (no early ends, no tracker, no "
+                           "best weights).")
+            self.transitions, self.tracker = {}, None
+            self.best.clear()
+            return
         transitions = state.get("transitions") or {}
         problems = transition_problems(schedule, transitions)
         if problems:

@@ -12,7 +12,9 @@ import pickle
 from collections.abc import Mapping
 from typing import Any, Union
 
-from lightning_stages.errors import StageConfigError, StageProblem
+from lightning_stages.adaptive_state import adaptive_state_problems
+from lightning_stages.errors import StageConfigError, StageProblem, printable, short_repr
+from lightning_stages.plateau import PlateauTracker
 from lightning_stages.schedule import StageSchedule
 from lightning_stages.schedule.render import format_summary, format_table
 from lightning_stages.schedule.stage import stage_name_of
@@ -58,29 +60,42 @@ def format_checkpoint(state: Mapping[str, Any]) -> str:
         [0, 4)  kd (1/2)  off           1
         [4, 9)  ft (2/2)  off           1
     """
-    schedule = StageSchedule.from_config(state["schedule"])
-    adaptive = state.get("adaptive") or {}
-    transitions = dict(adaptive.get("transitions") or {})
-    problems = transition_problems(schedule, transitions)
-    if problems:
-        raise StageConfigError(problems)
+    saved, adaptive = state.get("schedule"), state.get("adaptive", {})
+    problems = [] if isinstance(saved, Mapping) else [  # only a mapping is read: a string is never opened as a file
+        StageProblem(f"must be a mapping, not {type(saved).__name__}", name="checkpoint", field="schedule", value=saved)]
+    problems += adaptive_state_problems(adaptive)
+    if not problems and isinstance(saved, Mapping):
+        try:
+            schedule = StageSchedule.from_config(saved)
+        except StageConfigError as err:
+            problems += err.problems
+        except (TypeError, ValueError, OverflowError, RecursionError) as err:
+            problems.append(StageProblem(f"cannot be read: {printable(err)}", name="checkpoint", field="schedule"))
+    if not problems:
+        transitions = dict(adaptive.get("transitions") or {})
+        problems = transition_problems(schedule, transitions)
+    if problems:  # one line, as every problem of the file itself
+        raise StageConfigError(StageProblem("the StageScheduleCallback state is damaged: "
+                                            + "; ".join(map(str, problems))))
     effective = with_transitions(schedule, transitions)
-    tracker = adaptive.get("tracker") or {}
+    saved_tracker = adaptive.get("tracker")
+    tracker = PlateauTracker.from_state(saved_tracker) if saved_tracker is not None else None
     lines = [format_summary(effective, ended=set(transitions))]
     unit = schedule.unit  # a step schedule's transitions and best are optimizer steps (``trainer.global_step``)
     for index, stage in enumerate(schedule.stages):
         if not stage.ends_on_plateau:
             continue
-        label = f"stage {index} ({stage_name_of(stage, index)!r})"
+        label = f"stage {index} ({short_repr(stage_name_of(stage, index))})"
         cap = schedule.end_of(stage)
         if index in transitions:
-            line = f"{label}: ended at {unit} {transitions[index]} on a plateau of {stage.monitor} (cap {cap})"
+            line = (f"{label}: ended at {unit} {transitions[index]} on a plateau of {printable(stage.monitor)} "
+                    f"(cap {cap})")
         else:
             line = f"{label}: no early end (yet): runs up to {cap if cap is not None else 'the end'}"
-        if tracker.get("stage") == index and tracker.get("best") is not None:
-            line += f"; best {tracker['best']:g} at {unit} {tracker['best_epoch']}"
+        if tracker is not None and tracker.stage == index and tracker.best is not None:
+            line += f"; best {tracker.best:g} at {unit} {tracker.best_epoch}"
             if index not in transitions:
-                line += f", {tracker['wait']} validation run(s) since"
+                line += f", {tracker.wait} validation run(s) since"
         lines.append(line)
     lines.append(format_table(effective, ended=set(transitions)))
     return "\n".join(lines)

@@ -19,7 +19,7 @@ from lightning_stages.cli.declared_weights import declared_by_model, import_clas
 from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
 from lightning_stages.schedule import StageSchedule, bind_schedule
 from lightning_stages.schedule.bind import given_schedule
-from lightning_stages.schedule.seed_format import load_config
+from lightning_stages.schedule.seed_format import ROOT_KEYS, load_config
 from lightning_stages.stage_schedule_callback import StageScheduleCallback
 
 __all__ = [
@@ -52,7 +52,11 @@ def add_working_directory_to_path() -> None:
 
 
 def _is_lightning_config(data: Mapping[str, Any]) -> bool:
-    return any(key in data for key in ("trainer", "model", "data", "fit"))
+    """A LightningCLI config has ``trainer`` or ``fit``; one with only ``model``/``data`` is one unless it has a root
+    key of the seed's format (whose schedule would otherwise go unchecked)."""
+    if "trainer" in data or "fit" in data:
+        return True
+    return any(key in data for key in ("model", "data")) and not any(key in data for key in ROOT_KEYS)
 
 
 def _section(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
@@ -74,7 +78,11 @@ def _callback_entries(data: Mapping[str, Any], import_modules: bool = True
     callbacks = _section(_fit_section(data), "trainer").get("callbacks")
     if isinstance(callbacks, (Mapping, str)):
         callbacks = [callbacks]
-    found, problems = [], []
+    found: list[tuple[int, dict[str, Any]]] = []
+    problems: list[StageProblem] = []
+    if callbacks is not None and not isinstance(callbacks, (list, tuple)):
+        return found, [StageProblem(f"must be a list of callbacks, not {type(callbacks).__name__}", name="config",
+                                    field="trainer.callbacks", value=callbacks)]
     for position, entry in enumerate(callbacks or []):
         if isinstance(entry, str):
             class_path: Any = entry
@@ -90,6 +98,11 @@ def _callback_entries(data: Mapping[str, Any], import_modules: bool = True
             problems += failed
         if class_path == _CALLBACK_NAME or (isinstance(cls, type) and issubclass(cls, StageScheduleCallback)):
             init_args = entry.get("init_args") if isinstance(entry, Mapping) else None
+            if init_args is not None and not isinstance(init_args, Mapping):
+                problems.append(StageProblem(f"must be a mapping of arguments, not {type(init_args).__name__}",
+                                             name="config", field=f"trainer.callbacks[{position}].init_args",
+                                             value=init_args))
+                continue
             found.append((position, dict(init_args or {})))
     return found, problems
 

@@ -145,7 +145,7 @@ def _show(args: argparse.Namespace) -> int:
         try:
             text = format_checkpoint(callback_state(args.checkpoint))
         except StageConfigError as err:
-            print(f"{args.checkpoint}: {err}", file=sys.stderr)
+            print(_error_text(args.checkpoint, err), file=sys.stderr)
             return 2
         print(f"{args.checkpoint}: {text}")
         return 0
@@ -164,12 +164,17 @@ def _show(args: argparse.Namespace) -> int:
         print(_NO_IMPORT_NOTE, file=sys.stderr)
     if png is not None:
         try:
-            png = plot_timeline(schedule, png)
+            with warnings.catch_warnings():  # numpy's overflow warnings come with the error below
+                warnings.simplefilter("ignore", RuntimeWarning)
+                png = plot_timeline(schedule, png)
         except ImportError as err:
             print(str(err), file=sys.stderr)
             return 1
         except OSError as err:
             print(f"--plot: cannot write {printable(str(png))!r}: {err.strerror or err}", file=sys.stderr)
+            return 2
+        except (ValueError, ArithmeticError) as err:  # values matplotlib cannot draw (e.g. weights near 1.7e308)
+            print(f"--plot: cannot draw the timeline of {printable(args.config)!r}: {printable(err)}", file=sys.stderr)
             return 2
         added = " (.png added)" if png.name != Path(args.plot).name else ""
         print(f"timeline written to {png}{added}")

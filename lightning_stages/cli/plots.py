@@ -27,6 +27,7 @@ def require_matplotlib() -> Any:
 
     Raises:
         ImportError: matplotlib is not installed (the message says how to get it).
+        ValueError, ArithmeticError: values matplotlib cannot draw (weights near the largest float).
 
     Example::
 
@@ -98,6 +99,15 @@ def plot_timeline(schedule: StageSchedule, path: Union[str, os.PathLike]) -> Pat
     total = last.end_epoch if last.end_epoch is not None else last.start_epoch + max(1, last.start_epoch // 4 or 1)
     keys = weight_keys(schedule, timeline)
     fig, (ax_w, ax_l) = plt.subplots(2, 1, sharex=True, figsize=(8, 5), gridspec_kw={"height_ratios": [2, 1]})
+    try:
+        return _draw(fig, ax_w, ax_l, schedule, timeline, total, keys, Path(path))
+    finally:
+        plt.close(fig)
+
+
+def _draw(fig: Any, ax_w: Any, ax_l: Any, schedule: StageSchedule, timeline: list[ResolvedStage],
+          total: int, keys: list[str], path: Path) -> Path:
+    """The drawing of :func:`plot_timeline` into its figure, saved to ``path``."""
     ends = [r.end_epoch if r.end_epoch is not None else total for r in timeline]
     points = timeline_points(schedule, ends[-1])
     xs = [x for x, _ in points]
@@ -127,8 +137,6 @@ def plot_timeline(schedule: StageSchedule, path: Union[str, os.PathLike]) -> Pat
     ax_l.set_xlabel(schedule.unit)
     ax_l.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.tight_layout()
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

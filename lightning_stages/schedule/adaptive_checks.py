@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import Any, Optional
 
 from lightning_stages.errors import StageProblem, did_you_mean
-from lightning_stages.schedule.stage import Stage
+from lightning_stages.schedule.stage import TOO_LARGE, Stage, too_large
 
 __all__ = ["MODES", "adaptive_problems", "min_length_problems"]
 
@@ -55,7 +55,9 @@ def adaptive_problems(stage: Stage, index: int) -> list[StageProblem]:
         problems.append(problem("must be an integer >= 1", "patience", stage.patience))
     if stage.min_delta is not None:
         delta = stage.min_delta
-        if not (isinstance(delta, (int, float)) and not isinstance(delta, bool) and math.isfinite(delta)):
+        if too_large(delta):
+            problems.append(problem(TOO_LARGE, "min_delta", delta))
+        elif not (isinstance(delta, (int, float)) and not isinstance(delta, bool) and math.isfinite(delta)):
             problems.append(problem("must be a finite number >= 0", "min_delta", delta))
         elif delta < 0:
             problems.append(problem("must be >= 0", "min_delta", delta))

@@ -144,6 +144,8 @@ def given_schedule(
     if stage_schedule is not None and config is not None:
         raise StageConfigError(StageProblem("give either `stage_schedule` or `config`, not both", name=owner,
                                             field="config", value=str(config)))
+    # numpy (or tensor) scalars count as the numbers they hold, as in the stages
+    loss_weights, distillation, lambda_coef = plain(loss_weights), plain(distillation), plain(lambda_coef)
     problems = checks.base_problems(loss_weights=loss_weights)
     if config is not None:
         from_file = StageSchedule.from_config(os.fspath(config))

@@ -7,13 +7,12 @@ the callback all call these.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional
 
-from lightning_stages.errors import StageProblem, did_you_mean
+from lightning_stages.errors import StageProblem, did_you_mean, short_repr, stage_label
 from lightning_stages.schedule.adaptive_checks import adaptive_problems
-from lightning_stages.schedule.stage import BASE_STAGE_NAME, STAGE_FIELDS, Stage
+from lightning_stages.schedule.stage import BASE_STAGE_NAME, STAGE_FIELDS, TOO_LARGE, Stage, too_large
 
 __all__ = [
     "base_problems",
@@ -51,8 +50,8 @@ def number_problems(value: Any, field: str, *, index: Optional[int] = None, name
     """
     if not _is_real(value):
         message = f"must be a number, not {type(value).__name__}"
-    elif _is_int(value) and abs(value) > sys.float_info.max:  # math.isfinite would overflow
-        message = f"is too large (more than {sys.float_info.max:.3g})"
+    elif too_large(value):  # math.isfinite would overflow
+        message = TOO_LARGE
     elif not math.isfinite(value):
         message = "must be finite"
     elif value < 0:
@@ -134,11 +133,15 @@ def stage_problems(stage: Stage, index: int) -> list[StageProblem]:
         )
     elif stage.start_epoch < 0:
         problems.append(problem("must be >= 0", "start_epoch", stage.start_epoch))
+    elif too_large(stage.start_epoch):
+        problems.append(problem(TOO_LARGE, "start_epoch", stage.start_epoch))
     if stage.end_epoch is not None:
         if not _is_int(stage.end_epoch):
             problems.append(
                 problem(f"must be an integer, not {type(stage.end_epoch).__name__}", "end_epoch", stage.end_epoch)
             )
+        elif too_large(stage.end_epoch):
+            problems.append(problem(TOO_LARGE, "end_epoch", stage.end_epoch))
         elif isinstance(stage.start_epoch, int) and stage.end_epoch <= stage.start_epoch:
             problems.append(
                 problem(f"must be greater than `start_epoch` ({stage.start_epoch})", "end_epoch", stage.end_epoch)
@@ -240,7 +243,9 @@ def base_problems(
                                      name=BASE_STAGE_NAME, field="distillation", value=distillation))
     if lambda_coef is not None:
         problems += number_problems(lambda_coef, "lambda_coef", name=BASE_STAGE_NAME)
-    if total_epochs is not None and not (_is_int(total_epochs) and total_epochs >= 1):
+    if too_large(total_epochs):
+        problems.append(StageProblem(TOO_LARGE, name=BASE_STAGE_NAME, field="total_epochs", value=total_epochs))
+    elif total_epochs is not None and not (_is_int(total_epochs) and total_epochs >= 1):
         problems.append(StageProblem("must be a positive integer", name=BASE_STAGE_NAME, field="total_epochs",
                                      value=total_epochs))
     return problems
@@ -264,10 +269,10 @@ def overlap_problems(ranged: Iterable[tuple[int, Stage]]) -> list[StageProblem]:
         for prev, a in ordered[:pos]:
             a_end = a.end if a.end is not None else math.inf
             if a.unit == b.unit and b.start < a_end:
-                a_range = f"[{a.start}, {a.end if a.end is not None else 'end'})"
+                a_range = f"[{short_repr(a.start)}, {short_repr(a.end) if a.end is not None else 'end'})"
                 problems.append(
                     StageProblem(
-                        f"overlaps stage {prev}{f' ({a.name!r})' if a.name else ''} which covers {a.unit}s {a_range}",
+                        f"overlaps {stage_label(prev, a.name if a.name else None)} which covers {a.unit}s {a_range}",
                         index=cur, name=b.name, field=f"start_{b.unit}", value=b.start,
                         hint=None if a.end is not None else f"a stage without `end_{a.unit}` runs to the last {a.unit}",
                     )

@@ -37,9 +37,10 @@ def _error(message: str) -> StageConfigError:
 
 
 class _DuplicateKey(Exception):
-    def __init__(self, key: Any, lines: tuple[Optional[int], Optional[int]] = (None, None)) -> None:
+    def __init__(self, key: Any, lines: tuple[Optional[int], Optional[int]] = (None, None),
+                 columns: Optional[tuple[int, int]] = None) -> None:
         super().__init__(key)
-        self.key, self.lines = key, lines
+        self.key, self.lines, self.columns = key, lines, columns
 
 
 def _unique(pairs: Iterable[tuple[Any, Any]]) -> dict[Any, Any]:
@@ -55,8 +56,11 @@ def _unique(pairs: Iterable[tuple[Any, Any]]) -> dict[Any, Any]:
     return data
 
 
-def _duplicate_message(source: str, key: Any, lines: tuple[Optional[int], Optional[int]]) -> str:
+def _duplicate_message(source: str, key: Any, lines: tuple[Optional[int], Optional[int]],
+                       columns: Optional[tuple[int, int]] = None) -> str:
     where = f" (lines {lines[0]} and {lines[1]})" if None not in lines else ""
+    if columns is not None and lines[0] == lines[1]:
+        where = f" (line {lines[0]}, columns {columns[0]} and {columns[1]})"
     return (f"{source}: the key {short_repr(key)} is given twice in one mapping{where}; a parser would silently keep "
             "the last: give it once")
 
@@ -157,6 +161,8 @@ def parse_json(text: str, source: str = "<string>") -> Any:
             except (_DuplicateKey, RecursionError, MemoryError):
                 raise
             except ValueError as err:
+                if "digits" in str(err) and _long_number_line(text) is not None:  # json5's int() of a long number
+                    raise _number_too_long(source, text) from None
                 match = _JSON5_WHERE.match(str(err))
                 if match is None:  # not a syntax error json5 locates: json's own message has line and column
                     line, col, msg = plain_error.lineno, plain_error.colno, plain_error.msg
@@ -183,17 +189,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:
         if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, int] = {}
+            seen: dict[Any, tuple[int, int]] = {}  # each key's line and column (a flow mapping is on one line)
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     continue
                 key = self.construct_object(key_node, deep=False)
+                where = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
                 try:
-                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                    first = seen.setdefault(key, where)
                 except TypeError:  # an unhashable key: the constructor names it
                     continue
-                if first != key_node.start_mark.line + 1:
-                    raise _DuplicateKey(key, (first, key_node.start_mark.line + 1))
+                if first != where:
+                    raise _DuplicateKey(key, (first[0], where[0]), (first[1], where[1]))
         return super().construct_mapping(node, deep)
 
 
@@ -217,7 +224,7 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except _DuplicateKey as duplicate:
-        raise _error(_duplicate_message(source, duplicate.key, duplicate.lines)) from None
+        raise _error(_duplicate_message(source, duplicate.key, duplicate.lines, duplicate.columns)) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source

@@ -132,7 +132,7 @@ def format_table(schedule: StageSchedule, ended: Collection[int] = ()) -> str:
                      cell(_number(b.lambda_coef), _number(effective_lambda(r) if b is not r else r.lambda_coef)),
                      *(cell(_number(b.loss_weights[k]), _number(r.loss_weights[k])) if k in r.loss_weights else "-"
                        for k in keys), *([_ramp_cell(schedule, r)] if ramps else []),
-                     *([r.data if r.data is not None else "-"] if with_data else [])])
+                     *([printable(r.data) if r.data is not None else "-"] if with_data else [])])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 

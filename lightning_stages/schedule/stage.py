@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
@@ -10,11 +11,20 @@ from typing import Any, Optional
 __all__ = [
     "BASE_STAGE_NAME",
     "DEFAULT_LAMBDA_COEF",
-    "STAGE_FIELDS", "ResolvedStage", "Stage", "default_stage_name",
-    "plain", "plain_fields", "stage_name_of",
+    "STAGE_FIELDS",
+    "TOO_LARGE",
+    "ResolvedStage",
+    "Stage",
+    "default_stage_name",
+    "plain",
+    "plain_fields",
+    "stage_name_of",
+    "too_large",
 ]
 
 BASE_STAGE_NAME = "base"
+#: the problem of an integer no float can hold (``math.isfinite`` or a plot would overflow on it)
+TOO_LARGE = f"is too large (more than {sys.float_info.max:.3g})"
 DEFAULT_LAMBDA_COEF = 1.0
 
 
@@ -141,6 +151,17 @@ class Stage:
 
 
 STAGE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Stage))
+
+
+def too_large(value: Any) -> bool:
+    """Whether ``value`` is an integer beyond the largest float (:data:`TOO_LARGE`).
+
+    Example::
+
+        >>> too_large(10 ** 400), too_large(10 ** 300), too_large(1e308)
+        (True, False, False)
+    """
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max
 
 
 def plain(value: Any, _memo: Optional[dict[int, Any]] = None) -> Any:

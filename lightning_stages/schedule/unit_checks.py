@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Optional
 
 from lightning_stages.errors import StageProblem, did_you_mean, stage_label
-from lightning_stages.schedule.stage import Stage
+from lightning_stages.schedule.stage import TOO_LARGE, Stage, too_large
 
 if TYPE_CHECKING:
     from lightning_stages.schedule.stage_schedule import StageSchedule
@@ -48,6 +48,8 @@ def step_field_problems(stage: Stage, index: int) -> list[StageProblem]:
             problem(f"must be an integer, not {type(value).__name__}", field, value)
         elif value is not None and value < 0:
             problem("must be >= 0", field, value)
+        elif too_large(value):
+            problem(TOO_LARGE, field, value)
     if stage.unit == "step":
         both = [f for f in ("start_epoch", "end_epoch") if getattr(stage, f) is not None]
         if both:
@@ -64,6 +66,8 @@ def step_field_problems(stage: Stage, index: int) -> list[StageProblem]:
         value = stage.ramp_epochs
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             problem(f"must be a number, not {type(value).__name__}", "ramp_epochs", value)
+        elif too_large(value):
+            problem(TOO_LARGE, "ramp_epochs", value)
         elif not math.isfinite(value) or value <= 0:
             problem("must be a finite number > 0", "ramp_epochs", value)
         elif stage.unit == "step":

@@ -1,0 +1,222 @@
+"""Config and CLI input found wrong in review (issue 10): each bad input is a ``StageConfigError`` naming the stage,
+the field and the value (exit 2 and a short message from the command line), a damaged checkpoint state warns or is
+refused, and nothing escapes as a raw exception.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lightning_stages.cli import main
+
+
+def _run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _json(tmp_path: Path, data: object, name: str = "c.json") -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_a_seed_config_with_a_model_key_still_has_its_schedule_checked(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    path = _json(tmp_path, {"model": {}, "data": {"root": "x"}, "train": {"epochs": 4},
+                            "stage_schedule": [{"name": "a", "start_epoch": 0, "lambda_coef": -5}]})
+    code, out, err = _run(capsys, "validate", str(path))
+    assert code == 2 and "OK" not in out
+    assert "stage 0 ('a')" in err and "`lambda_coef` = -5" in err
+
+
+@pytest.mark.parametrize(("callbacks", "field", "value"), [
+    ("7", "trainer.callbacks", "7"),
+    ("[{class_path: lightning_stages.StageScheduleCallback, init_args: [1, 2]}]", "trainer.callbacks[0].init_args",
+     "[1, 2]"),
+    ("[{class_path: lightning_stages.StageScheduleCallback, init_args: abc}]", "trainer.callbacks[0].init_args",
+     "'abc'"),
+])
+@pytest.mark.parametrize("no_import", [False, True])
+def test_lightning_config_callbacks_of_the_wrong_shape_are_a_problem_naming_the_field(
+        tmp_path: Path, capsys: pytest.CaptureFixture, callbacks: str, field: str, value: str, no_import: bool) -> None:
+    path = tmp_path / "cli.yaml"
+    path.write_text(f"trainer:\n  max_epochs: 5\n  callbacks: {callbacks}\n")
+    code, out, err = _run(capsys, "validate", *(["--no-import"] if no_import else []), str(path))
+    assert code == 2 and out == ""
+    assert f"`{field}` = {value}: must be a" in err and "Traceback" not in err
+
+
+_STAGES = [{"name": "kd", "start_epoch": 0, "end_epoch": 6, "monitor": "val/loss", "patience": 1},
+           {"name": "ft", "start_epoch": 6}]
+_GOOD_ADAPTIVE = {"transitions": {0: 4}, "tracker": {"stage": 0, "mode": "min", "min_delta": 0.0, "best": 0.5,
+                                                     "best_epoch": 2, "wait": 1, "restored": False},
+                  "best_weights": {"where": "memory", "weights": None, "path": None}}
+DAMAGED_ADAPTIVE = {
+    "a string": "garbage", "None": None, "a list": [1, 2], "a huge int": 10**400,
+    "transitions a string": {"transitions": "x"}, "transitions a list": {"transitions": [1, 2]},
+    "tracker a string": {"tracker": "x"}, "tracker of unknown fields": {"tracker": {"a": 1}},
+    "tracker best a string": {"tracker": {"stage": 0, "best": "x", "best_epoch": 1}},
+    "tracker best without its epoch": {"tracker": {"stage": 0, "best": 0.5}},
+    "tracker wait negative": {"tracker": {"stage": 0, "wait": -1}},
+    "best_weights a string": {"best_weights": "s"}, "best_weights path a list": {"best_weights": {"path": [1]}},
+}
+
+
+def _checkpoint(tmp_path: Path, state: dict) -> Path:
+    import torch
+
+    path = tmp_path / "run.ckpt"
+    torch.save({"callbacks": {"StageScheduleCallback": state}}, path)
+    return path
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_ADAPTIVE))
+def test_resuming_with_a_damaged_adaptive_state_warns_and_drops_it(case: str) -> None:
+    from lightning_stages import StageScheduleCallback
+
+    callback = StageScheduleCallback(stage_schedule=_STAGES, verbose=False)
+    callback.load_state_dict({"schedule": {"stage_schedule": _STAGES}, "adaptive": _GOOD_ADAPTIVE})
+    assert callback.adaptive.transitions == {0: 4}  # a good state is read
+    with pytest.warns(UserWarning, match="adaptive state in the checkpoint could not be read"):
+        callback.load_state_dict({"schedule": {"stage_schedule": _STAGES}, "adaptive": DAMAGED_ADAPTIVE[case]})
+    assert callback.adaptive.transitions == {} and callback.adaptive.tracker is None
+    assert callback.adaptive.best.empty
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_ADAPTIVE))
+def test_show_checkpoint_with_a_damaged_adaptive_state_exits_2_with_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture, case: str) -> None:
+    path = _checkpoint(tmp_path, {"schedule": {"stage_schedule": _STAGES}, "adaptive": DAMAGED_ADAPTIVE[case]})
+    code, out, err = _run(capsys, "show", "--checkpoint", str(path))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith(f"{path}: ") and "adaptive" in err
+
+
+@pytest.mark.parametrize("schedule", [None, [1], "SCHEDULE_FILE"])
+def test_show_checkpoint_never_opens_a_string_schedule_as_a_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture, schedule: object) -> None:
+    other = _json(tmp_path, {"stage_schedule": _STAGES, "train": {"epochs": 9}}, "other.json")
+    path = _checkpoint(tmp_path, {"schedule": str(other) if schedule == "SCHEDULE_FILE" else schedule})
+    code, out, err = _run(capsys, "show", "--checkpoint", str(path))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "`schedule`" in err and "must be a mapping" in err
+
+
+def test_show_checkpoint_escapes_control_characters_of_the_monitor(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    stages = [{**_STAGES[0], "monitor": "val\x1b[31m/loss\nFORGED"}, _STAGES[1]]
+    path = _checkpoint(tmp_path, {"schedule": {"stage_schedule": stages, "train": {"epochs": 9}},
+                                  "adaptive": _GOOD_ADAPTIVE})
+    code, out, _ = _run(capsys, "show", "--checkpoint", str(path))
+    assert code == 0 and "\x1b" not in out and "\nFORGED" not in out
+    assert "on a plateau of val\\x1b[31m/loss\\nFORGED (cap 6); best 0.5 at epoch 2" in out
+
+
+def test_a_key_given_twice_in_a_one_line_yaml_flow_mapping_is_refused(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text("train: {epochs: 4}\nstage_schedule:\n"
+                    "  - {name: a, start_epoch: 0, end_epoch: 2, distillation: true, distillation: false}\n")
+    code, out, err = _run(capsys, "validate", str(path))
+    assert code == 2 and out == ""
+    assert err == (f"{path}: the key 'distillation' is given twice in one mapping (line 3, columns 45 and 65); a "
+                   "parser would silently keep the last: give it once\n")
+
+
+@pytest.mark.parametrize(("stage", "field"), [
+    ({"start_epoch": 0, "end_epoch": 5, "ramp_epochs": 10**400}, "ramp_epochs"),
+    ({"start_epoch": 0, "monitor": "v", "patience": 2, "min_delta": 10**400}, "min_delta"),
+    ({"start_epoch": 10**400}, "start_epoch"),
+    ({"start_epoch": 0, "end_epoch": 10**400}, "end_epoch"),
+    ({"start_step": 10**400}, "start_step"),
+    ({"start_step": 0, "end_step": 10**400}, "end_step"),
+])
+def test_integers_too_large_for_a_float_are_a_problem_naming_stage_and_field(
+        tmp_path: Path, capsys: pytest.CaptureFixture, stage: dict, field: str) -> None:
+    from lightning_stages import StageConfigError, StageSchedule
+
+    with pytest.raises(StageConfigError) as caught:
+        StageSchedule([{"name": "big", **stage}])
+    assert [(p.index, p.name, p.field) for p in caught.value.problems] == [(0, "big", field)]
+    assert "is too large (more than 1.8e+308)" in str(caught.value) and len(str(caught.value)) < 200
+    path = _json(tmp_path, {"stage_schedule": [{"name": "big", **stage}]})
+    code, out, err = _run(capsys, "validate", str(path))
+    assert code == 2 and out == "" and f"stage 0 ('big'): `{field}` = <an integer of more than" in err
+
+
+def test_an_overlap_message_shortens_the_name_of_the_stage_overlapped() -> None:
+    from lightning_stages import StageConfigError, StageSchedule
+
+    with pytest.raises(StageConfigError) as caught:
+        StageSchedule([{"name": "x" * 5000, "start_epoch": 0, "end_epoch": 5}, {"start_epoch": 3}])
+    message = str(caught.value)
+    assert "overlaps stage 0 ('xxx" in message and "...x" in message and len(message) < 300
+
+
+def test_show_plot_of_values_matplotlib_cannot_draw_exits_2_with_one_line(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("matplotlib")
+    path = _json(tmp_path, {"train": {"epochs": 4, "loss_weights": {"bce": 1.7e308}},
+                            "distillation": {"lambda_coef": 1.7e308},
+                            "stage_schedule": [{"name": "a", "start_epoch": 0, "end_epoch": 2, "lambda_coef": 0,
+                                                "distillation": True, "loss_weights": {"bce": 0}},
+                                               {"name": "b", "start_epoch": 2, "ramp_epochs": 1,
+                                                "distillation": True}]})
+    code, _, err = _run(capsys, "show", str(path), "--plot", str(tmp_path / "t.png"))
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"--plot: cannot draw the timeline of {str(path)!r}: ")
+
+
+def test_show_plot_of_a_start_beyond_any_float_is_refused_before_drawing(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    path = _json(tmp_path, {"stage_schedule": [{"name": "a", "start_epoch": 0, "end_epoch": 2},
+                                               {"name": "b", "start_epoch": 10**400}]})
+    code, out, err = _run(capsys, "show", str(path), "--plot", str(tmp_path / "t.png"))
+    assert code == 2 and out == "" and not (tmp_path / "t.png").exists()
+    assert "stage 1 ('b'): `start_epoch` = <an integer of more than 399 digits>: is too large" in err
+
+
+@pytest.mark.parametrize("arguments", ["loss_weights f32", "loss_weights i64", "config lambda f32",
+                                       "config distillation bool_"])
+def test_numpy_numbers_in_the_callbacks_base_settings_are_taken_as_plain_numbers(arguments: str) -> None:
+    np = pytest.importorskip("numpy")
+    from lightning_stages import StageScheduleCallback
+    from lightning_stages.schedule.bind import given_schedule
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "seed_distill_finetune.json")
+    kwargs = {"loss_weights f32": {"stage_schedule": [{"start_epoch": 0}], "loss_weights": {"bce": np.float32(1)}},
+              "loss_weights i64": {"stage_schedule": [{"start_epoch": 0}], "loss_weights": {"bce": np.int64(1)}},
+              "config lambda f32": {"config": config, "lambda_coef": np.float32(0.5)},
+              "config distillation bool_": {"config": config, "distillation": np.bool_(True)}}[arguments]
+    StageScheduleCallback(**kwargs)  # not refused
+    schedule, overrides = given_schedule(**kwargs)
+    if "loss_weights" in kwargs:
+        assert overrides == {"bce": 1} and type(overrides["bce"]) in (int, float)
+    elif "lambda_coef" in kwargs:
+        assert schedule.lambda_coef == 0.5 and type(schedule.lambda_coef) is float
+    else:
+        assert schedule.distillation is True
+
+
+def test_show_escapes_control_characters_in_a_stages_data(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = _json(tmp_path, {"train": {"epochs": 4, "loss_weights": {"bce": 1}},
+                            "stage_schedule": [{"name": "a", "start_epoch": 0, "end_epoch": 2,
+                                                "data": "all\x1b[31mRED\nforged row"},
+                                               {"name": "b", "start_epoch": 2}]})
+    code, out, _ = _run(capsys, "show", str(path))
+    assert code == 0 and "\x1b" not in out and "\nforged row" not in out
+    assert "all\\x1b[31mRED\\nforged row" in out
+
+
+def test_a_5000_digit_number_in_json_with_comments_is_named_with_its_line(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "c.json"
+    path.write_text('// a comment\n{"stage_schedule": [\n{"start_epoch": 0, "lambda_coef": ' + "9" * 5000 + "}]}")
+    code, out, err = _run(capsys, "validate", str(path))
+    assert code == 2 and out == ""
+    assert err.startswith(f"{path}:3: a number has more than ") and err.count("\n") == 1
