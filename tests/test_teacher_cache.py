@@ -221,6 +221,27 @@ def test_an_input_changed_behind_torch_s_back_is_not_served():
     assert cache.lookup([0, 1], inputs=((detached,), {})) is None
 
 
+def test_a_missed_batch_is_hashed_once_unless_its_input_changed_before_the_store(monkeypatch):
+    from lightning_stages.distillation import teacher_cache_inputs
+
+    calls = []
+    real = teacher_cache_inputs.input_fingerprints
+    monkeypatch.setattr(teacher_cache_inputs, "input_fingerprints", lambda *a: calls.append(1) or real(*a))
+    cache = TeacherCache()
+    cache.bind("fingerprint")
+    x = torch.randn(2, 4)
+    inputs = ((x,), {})
+    for changed in (False, True):
+        calls.clear()
+        assert cache.lookup([0, 1], inputs=inputs) is None
+        if changed:
+            x.add_(1)  # e.g. a teacher that works in place on its input
+        cache.store([0, 1], {"t": torch.ones(2, 1)}, {}, inputs=inputs)
+        assert len(calls) == (2 if changed else 1)
+        assert cache.lookup([0, 1], inputs=inputs) is not None  # stored for the input as it is now
+        cache.clear()
+
+
 def test_inference_mode_inputs_are_checked():
     with torch.inference_mode():
         x = torch.randn(2, 4)

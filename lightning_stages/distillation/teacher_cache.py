@@ -241,6 +241,7 @@ class TeacherCache:
     def _miss(self, rows: int, mismatched: int = 0) -> Optional[tuple[dict, dict]]:
         self.misses, self._stats["misses"] = self.misses + 1, self._stats["misses"] + rows - mismatched
         self._stats["mismatches"] += mismatched
+        self._inputs.missed()
         return None
 
     def lookup(self, sample_index: Any, device: Union[torch.device, str, None] = None,

@@ -241,10 +241,11 @@ def _versions(inputs: Any) -> Optional[tuple[int, ...]]:
 
 class InputChecksums:
     """:func:`input_fingerprints` of a cache's reads and writes. A lookup always computes them; the store that follows
-    it for the same inputs object (a missed batch), with no tensor changed in place since, reuses them."""
+    a missed lookup for the same inputs object, with no tensor changed in place since, reuses them."""
 
     def __init__(self) -> None:
-        self._last: Optional[tuple[Any, tuple[int, ...], Tensor]] = None  # a lookup's inputs, versions, checksums
+        # a lookup's inputs, their tensors' versions (taken once it missed) and their checksums
+        self._last: Optional[tuple[Any, Optional[tuple[int, ...]], Tensor]] = None
 
     def checksums(self, inputs: Any, rows: int, lookup: bool) -> Tensor:
         """The checksums of ``inputs`` (zeros for ``None``: no check).
@@ -255,8 +256,7 @@ class InputChecksums:
         if inputs is None:
             return torch.zeros(rows, dtype=torch.int64)
         last, self._last = self._last, None
-        versions = _versions(inputs)
-        if not lookup and last is not None and last[0] is inputs and versions is not None and last[1] == versions:
+        if not lookup and last is not None and last[0] is inputs and last[1] is not None and last[1] == _versions(inputs):
             return last[2]
         try:
             fingerprints = input_fingerprints(inputs, rows)
@@ -264,6 +264,12 @@ class InputChecksums:
             raise _refused(f"cannot be checked by the cache: {err}, so a stored row could be stale", "inputs",
                            err.kind, "pass the teachers tensors, arrays, numbers, strings, dataclasses, or lists, "
                            "tuples and dicts of them") from err
-        if lookup and versions is not None:
-            self._last = (inputs, versions, fingerprints)
+        if lookup:
+            self._last = (inputs, None, fingerprints)
         return fingerprints
+
+    def missed(self) -> None:
+        """The lookup just made missed, so the batch will be stored: note its tensors' versions now (a hit, the usual
+        read, never needs them)."""
+        if self._last is not None and self._last[1] is None:
+            self._last = (self._last[0], _versions(self._last[0]), self._last[2])
