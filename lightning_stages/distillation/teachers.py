@@ -210,12 +210,13 @@ class Teachers:
         given = (args, kwargs) if inputs is None else inputs  # what the teachers read, for the cache's input check
         with _named_stage(stage):
             # the autocast in force changes the outputs: a Trainer's bf16-mixed, or the caller's own autocast
-            extra = {"precision": precision, "autocast": str(autocast_in_force(device().type, precision))}
+            place = device()
+            extra = {"precision": precision, "autocast": str(autocast_in_force(place.type, precision))}
             if bind or extra != self._bound_extra:
                 layers = {name: hooks.spec.get(name, ()) for name in self.modules}
                 cache.bind(teacher_fingerprint(self.modules, layers, extra, version=cache.version))
                 self._bound_extra = extra
-            hit = cache.lookup(sample_index, device=device(), inputs=given)
+            hit = cache.lookup(sample_index, device=place, inputs=given)
         if hit is not None:
             outputs, features = hit
             hooks.put(features)
