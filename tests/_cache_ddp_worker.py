@@ -13,12 +13,12 @@ import argparse
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from conftest import run_ddp_worker
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -165,4 +165,4 @@ def die_mid_drop(directory: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_ddp_worker(main)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from conftest import TinyNet
+from conftest import TinyNet, run_ddp_worker
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stages import StageScheduleCallback
@@ -114,4 +114,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_ddp_worker(main)

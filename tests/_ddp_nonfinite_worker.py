@@ -11,12 +11,11 @@ checkpoint is written), so no checkpoint of epoch 1 exists; each rank writes its
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from conftest import TinyNet
+from conftest import TinyNet, run_ddp_worker
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -56,4 +55,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_ddp_worker(main)

@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from conftest import TinyNet
+from conftest import TinyNet, run_ddp_worker
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -142,4 +141,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_ddp_worker(main)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 from _ddp_worker import BATCH_SIZE, Student, dataset
+from conftest import run_ddp_worker
 from torch.utils.data import DataLoader
 
 from lightning_stages import StageScheduleCallback
@@ -61,4 +61,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_ddp_worker(main)

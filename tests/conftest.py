@@ -70,6 +70,17 @@ def ddp_env() -> dict[str, str]:
     return env
 
 
+
+def run_ddp_worker(main: Callable[[], Any]) -> None:
+    """A DDP worker script's entry: run ``main``, end the process group, exit with ``main``'s code. Lightning leaves
+    the group to the script; left to the interpreter's teardown, gloo's threads can abort the finished process
+    (SIGABRT, "terminate called without an active exception")."""
+    code = main()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    raise SystemExit(code)
+
+
 FIVE_WEIGHTS = {"bce": 1.0, "focal": 15.0, "dice": 1.0, "iou": 1.0, "cls": 1.0}
 
 
