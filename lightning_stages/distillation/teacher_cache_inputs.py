@@ -150,22 +150,25 @@ def input_fingerprints(inputs: Any, rows: int) -> Tensor:
     total: Optional[Tensor] = None
     offset = shared = 0
 
-    def add_shared(tensor: Tensor) -> None:  # the whole tensor enters every row's checksum
+    def mix(value: int) -> None:  # a value that enters every row's checksum
         nonlocal shared
+        shared = (shared * 31 + value) & ((1 << 63) - 1)
+
+    def add_shared(tensor: Tensor) -> None:  # the whole tensor enters every row's checksum
         one = tensor.reshape(1, -1)
-        shared = (shared * 31 + int(_tensor_rows_hash(one, 1)) + _salt(one)) & ((1 << 63) - 1)
+        mix(int(_tensor_rows_hash(one, 1)) + _salt(one))
 
     def visit(value: Any) -> None:
-        nonlocal total, offset, shared
+        nonlocal total, offset
         if isinstance(value, np.ndarray) and value.dtype != object:
             value = torch.from_numpy(np.ascontiguousarray(value))
         if isinstance(value, Tensor):
             value = value.resolve_conj().resolve_neg()
             if value.is_meta:  # no data to read
-                shared = (shared * 31 + _bytes_hash(f"{value.dtype}{tuple(value.shape)}")) & ((1 << 63) - 1)
+                mix(_bytes_hash(f"{value.dtype}{tuple(value.shape)}"))
             elif value.layout != torch.strided:  # sparse: its indices and values, whole
                 coo = (value if value.layout == torch.sparse_coo else value.to_sparse()).coalesce()
-                shared = (shared * 31 + _bytes_hash(f"{value.layout}{value.dtype}{tuple(value.shape)}")) & ((1 << 63) - 1)
+                mix(_bytes_hash(f"{value.layout}{value.dtype}{tuple(value.shape)}"))
                 add_shared(coo.indices())
                 add_shared(coo.values())
             elif value.dim() and value.shape[0] == rows:
@@ -176,19 +179,19 @@ def input_fingerprints(inputs: Any, rows: int) -> Tensor:
                 add_shared(value)
         elif isinstance(value, Mapping):
             for key in value:
-                shared = (shared * 31 + _bytes_hash(repr(key))) & ((1 << 63) - 1)
+                mix(_bytes_hash(repr(key)))
                 visit(value[key])
         elif isinstance(value, (tuple, list)):
-            shared = (shared * 31 + _bytes_hash(f"{type(value).__qualname__}{len(value)}")) & ((1 << 63) - 1)
+            mix(_bytes_hash(f"{type(value).__qualname__}{len(value)}"))
             for item in value:
                 visit(item)
         elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-            shared = (shared * 31 + _bytes_hash(type(value).__qualname__)) & ((1 << 63) - 1)
+            mix(_bytes_hash(type(value).__qualname__))
             for field in dataclasses.fields(value):
-                shared = (shared * 31 + _bytes_hash(field.name)) & ((1 << 63) - 1)
+                mix(_bytes_hash(field.name))
                 visit(getattr(value, field.name))
         elif isinstance(value, _PLAIN):
-            shared = (shared * 31 + _bytes_hash(f"{type(value).__qualname__}:{value!r}")) & ((1 << 63) - 1)
+            mix(_bytes_hash(f"{type(value).__qualname__}:{value!r}"))
         else:
             raise UncheckableInput(type(value).__qualname__)
 
