@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import itertools
 import json
 import math
 import multiprocessing
@@ -559,11 +560,12 @@ def fit(model, schedule, epochs):
 def test_indices_are_bounded_by_num_samples_and_a_negative_one_is_refused(tmp_path, storage):
     cache = TeacherCache(tmp_path if storage == "directory" else None, num_samples=16)
     cache.bind("t")
-    for call in (lambda i: cache.lookup(i), lambda i: cache.store(i, {"t": torch.zeros(len(i), 3)}, {})):
+    calls = (lambda i: cache.lookup(i), lambda i: cache.store(i, {"t": torch.zeros(len(i), 3)}, {}))
+    for call, form in itertools.product(calls, (list, torch.tensor)):  # an int64 tensor: the usual batch's indices
         with pytest.raises(DistillationStepError, match=r"`sample_index` = 1000000000: must be < num_samples = 16"):
-            call([3, 10**9])
+            call(form([3, 10**9]))
         with pytest.raises(DistillationStepError, match=r"`sample_index` = -1: must be >= 0"):
-            call([-1, 2])
+            call(form([-1, 2]))
     assert len(cache) == 0
     assert sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()) < 4096  # no sparse file grew
     with pytest.raises(StageConfigError, match=r"`num_samples` = 0: must be None or a positive integer"):

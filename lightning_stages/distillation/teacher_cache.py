@@ -46,6 +46,13 @@ def _step_error(problem: StageProblem) -> DistillationStepError:
     return DistillationStepError(problem, when="a step")  # the mixin may re-raise it naming the stage
 
 
+def _as(row: Tensor, device: Union[torch.device, str, None], dtype: torch.dtype) -> Tensor:
+    """``row`` on ``device`` in ``dtype`` (itself when it is there already: the usual CPU read)."""
+    if row.dtype == dtype and (device is None or row.device == torch.device(device)):
+        return row
+    return row.to(device=device, dtype=dtype)
+
+
 class TeacherCache:
     """Stores teacher outputs and hooked teacher features per sample, so later distilling epochs skip the teachers.
 
@@ -270,7 +277,7 @@ class TeacherCache:
         layout = storage.layout
         if rows is None or layout is None:
             return self._miss(len(index), mismatched)
-        leaves = [r.to(device=device, dtype=getattr(torch, d)) for r, (_, d) in zip(rows, layout["leaves"])]
+        leaves = [_as(r, device, getattr(torch, d)) for r, (_, d) in zip(rows, layout["leaves"])]
         try:
             outputs = {name: unflatten(spec, leaves) for name, spec in layout["outputs"].items()}
             features = {name: {path: unflatten(spec, leaves) for path, spec in paths.items()}

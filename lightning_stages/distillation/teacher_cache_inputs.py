@@ -163,7 +163,8 @@ def input_fingerprints(inputs: Any, rows: int) -> Tensor:
         if isinstance(value, np.ndarray) and value.dtype != object:
             value = torch.from_numpy(np.ascontiguousarray(value))
         if isinstance(value, Tensor):
-            value = value.resolve_conj().resolve_neg()
+            if value.is_conj() or value.is_neg():  # lazy views: their values, not their memory
+                value = value.resolve_conj().resolve_neg()
             if value.is_meta:  # no data to read
                 mix(_bytes_hash(f"{value.dtype}{tuple(value.shape)}"))
             elif value.layout != torch.strided:  # sparse: its indices and values, whole
@@ -219,13 +220,17 @@ def sample_indices(sample_index: Any, num_samples: Optional[int]) -> list[int]:
         >>> sample_indices(torch.tensor([3, 1]), num_samples=4)
         [3, 1]
     """
-    try:
-        index = torch.as_tensor(sample_index)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise _refused(f"must hold integer sample indices ({err})", "sample_index", type(sample_index).__name__) from err
-    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
-        raise _refused("must hold integer sample indices", "sample_index", str(index.dtype))
-    values = index.reshape(-1).tolist()
+    if isinstance(sample_index, Tensor) and sample_index.dim() == 1 and sample_index.dtype == torch.int64:
+        values = sample_index.tolist()  # the usual batch of indices, read as it is
+    else:
+        try:
+            index = torch.as_tensor(sample_index)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise _refused(f"must hold integer sample indices ({err})", "sample_index",
+                           type(sample_index).__name__) from err
+        if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+            raise _refused("must hold integer sample indices", "sample_index", str(index.dtype))
+        values = index.reshape(-1).tolist()
     if values and min(values) < 0:
         raise _refused("must be >= 0 (indices into the dataset)", "sample_index", min(values))
     if values and num_samples is not None and max(values) >= num_samples:

@@ -125,7 +125,8 @@ class MemoryRows(RowStorage):
         present = torch.tensor(slots, dtype=torch.int64)
         mismatched = 0
         if fingerprints is not None and -1 not in slots:  # the usual read: every row is stored
-            mismatched = int((self._fingerprints.index_select(0, present) != fingerprints).sum())
+            stored = self._fingerprints.index_select(0, present)
+            mismatched = 0 if torch.equal(stored, fingerprints) else int((stored != fingerprints).sum())
         elif fingerprints is not None:
             known = present >= 0
             mismatched = int((self._fingerprints[present[known]] != fingerprints[known]).sum())
