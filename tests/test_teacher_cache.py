@@ -31,6 +31,7 @@ from conftest import ddp_env
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stages import IndexedDataset, StageConfigError, StageScheduleCallback, TeacherCache
+from lightning_stages.distillation import teacher_cache_inputs
 from lightning_stages.distillation.teacher_cache_inputs import input_fingerprints, word_hash
 from lightning_stages.distillation.teacher_cache_rows import position_multipliers, row_hash
 from lightning_stages.distillation.teacher_fingerprint import teacher_fingerprint
@@ -158,6 +159,17 @@ def test_an_input_checksum_changes_in_the_changed_row_only(make):
     assert (before != after).tolist() == [False, False, True, False]
 
 
+@pytest.mark.parametrize("x", [torch.randn(4, 6), torch.randint(0, 9, (4, 3, 2)), torch.rand(4, 5) > 0.5,
+                               torch.randn(4, 7).half(), torch.randn(6, 4).t(), torch.zeros(4, 0), torch.arange(4)])
+def test_the_lone_tensor_shortcut_gives_the_checksums_of_the_walk_over_any_inputs(x):
+    inputs = ((x,), {})
+    assert teacher_cache_inputs._lone_batch_tensor(inputs, 4) is x  # run_teachers(x): the shortcut is taken
+    assert torch.equal(input_fingerprints(inputs, 4), teacher_cache_inputs._walk(inputs, 4, hash_rows=True))
+    for other in (((x,), {"scale": 2.0}), ((x, x), {}), [(x,), {}]):  # the walk: other inputs, other checksums
+        assert teacher_cache_inputs._lone_batch_tensor(other, 4) is None
+        assert (input_fingerprints(other, 4) != input_fingerprints(inputs, 4)).all()
+
+
 def test_an_input_and_its_negation_have_other_checksums():
     x = torch.randn(4, 6, dtype=torch.float64)  # each row: 6 sign bits flip, in whole 8-byte words
     assert (input_fingerprints(((x,), {}), 4) != input_fingerprints(((-x,), {}), 4)).all()
@@ -223,7 +235,6 @@ def test_an_input_changed_behind_torch_s_back_is_not_served():
 
 
 def test_a_missed_batch_is_hashed_once_unless_its_input_changed_before_the_store(monkeypatch):
-    from lightning_stages.distillation import teacher_cache_inputs
 
     calls = []
     real = teacher_cache_inputs.input_fingerprints

@@ -144,6 +144,37 @@ def input_fingerprints(inputs: Any, rows: int) -> Tensor:
     """
     if rows == 0:
         return torch.zeros(0, dtype=torch.int64)
+    alone = _lone_batch_tensor(inputs, rows)
+    if alone is not None:  # the usual call, run_teachers(x): what the walk below gives, without the walk
+        return _tensor_rows_hash(alone, rows).cpu() + _lone_constant(alone.dtype, tuple(alone.shape[1:]))
+    return _walk(inputs, rows, hash_rows=True)
+
+
+def _lone_batch_tensor(inputs: Any, rows: int) -> Optional[Tensor]:
+    """``x`` when ``inputs`` is ``((x,), {})`` and ``x`` a plain strided tensor of ``rows`` rows, else ``None``."""
+    if type(inputs) is not tuple or len(inputs) != 2:
+        return None
+    args, kwargs = inputs
+    if type(args) is not tuple or len(args) != 1 or type(kwargs) is not dict or kwargs:
+        return None
+    x = args[0]
+    if (type(x) is not Tensor or x.is_meta or x.layout != torch.strided or x.is_conj() or x.is_neg()
+            or not x.dim() or x.shape[0] != rows):
+        return None
+    return x
+
+
+@functools.lru_cache(maxsize=256)
+def _lone_constant(dtype: torch.dtype, row_shape: tuple[int, ...]) -> int:
+    """What :func:`_walk` adds to each row's hash of a lone batch tensor ``((x,), {})`` of this dtype and row shape
+    (found by walking such inputs with the rows' hashes left out: the same walk, so the same value)."""
+    stand_in = torch.empty((), dtype=dtype).expand(1, *row_shape)  # no memory of its own; its data is never read
+    return int(_walk(((stand_in,), {}), 1, hash_rows=False)[0])
+
+
+def _walk(inputs: Any, rows: int, hash_rows: bool) -> Tensor:
+    """:func:`input_fingerprints` of any inputs, by walking them; with ``hash_rows=False`` only the constant part
+    (every row tensor's own hash counted as 0)."""
     # each row's checksum is sum_i 31**(n-1-i) * (hash_i + salt_i) + shared, modulo 2**64, over its n row tensors;
     # the Python-int parts (salts, shared values) are summed here and added once, so that one batch tensor costs
     # only its own hash
@@ -173,7 +204,8 @@ def input_fingerprints(inputs: Any, rows: int) -> Tensor:
                 add_shared(coo.indices())
                 add_shared(coo.values())
             elif value.dim() and value.shape[0] == rows:
-                hashed = _tensor_rows_hash(value, rows).cpu()
+                hashed = (_tensor_rows_hash(value, rows).cpu() if hash_rows
+                          else torch.zeros(rows, dtype=torch.int64))
                 total = hashed if total is None else total * 31 + hashed
                 offset = (offset * 31 + _salt(value)) & _MASK64
             else:
