@@ -163,13 +163,15 @@ class AdaptiveStages:
         tracker = self.tracker
         if tracker is not None and tracker.stage == index and tracker.restored:
             return
+        validated = tracker is not None and tracker.stage == index
         if tracker is None or tracker.stage != index:  # no validation ran in the stage
             tracker = self.tracker = PlateauTracker(index)
             self.best.clear()
         tracker.restored = True
         if self.best.empty:
-            rank_zero_warn(f"StageScheduleCallback: stage {index} has `restore_best` but no validation ran in it; "
-                           "its last weights are kept.")
+            why = "none of its validations gave a finite value" if validated else "no validation ran in it"
+            rank_zero_warn(f"StageScheduleCallback: stage {index} has `restore_best` but {why}; its last weights "
+                           "are kept.")
             return
         self.best.restore(trainer, pl_module)
         self.best.clear()

@@ -56,11 +56,21 @@ def resumed_epoch(checkpoint: Mapping[str, Any]) -> Optional[int]:
 
 
 def step_data_problems(trainer: pl.Trainer, schedule: StageSchedule) -> list[StageProblem]:
-    """What cannot work (checked before the first batch): a step schedule whose ``data`` changes, trained by a
-    ``training_step`` that takes ``dataloader_iter``. Lightning then decides an epoch's last batch itself after every
-    step (from the iterator), so the epoch cannot be ended at the boundary.
+    """What cannot work (checked before the first batch): a schedule whose ``data`` changes, trained on loaders given
+    to ``fit`` (``train_dataloaders=``: there is no ``train_dataloader()`` to build them again with the new
+    ``stage_data``), or a step schedule whose ``data`` changes, trained by a ``training_step`` that takes
+    ``dataloader_iter`` (Lightning then decides an epoch's last batch itself after every step, from the iterator, so
+    the epoch cannot be ended at the boundary).
     """
-    if schedule.unit != "step" or not isinstance(trainer.fit_loop._data_fetcher, _DataLoaderIterDataFetcher):
+    source = trainer.fit_loop._data_source
+    if source.instance is not None and not source.is_module():
+        reason = ("but the training dataloaders were given to `fit`, so no `train_dataloader()` can build the new "
+                  "data", "define `train_dataloader()` in the LightningModule or a LightningDataModule and read "
+                  "`stage_data` there, or give every stage the same `data`")
+    elif schedule.unit == "step" and isinstance(trainer.fit_loop._data_fetcher, _DataLoaderIterDataFetcher):
+        reason = ("but `training_step` takes `dataloader_iter`, whose epoch cannot be ended at a step",
+                  "take `batch` in `training_step`, or give every stage in steps the same `data`")
+    else:
         return []
     problems = []
     for before, after in pairwise(schedule.timeline()):
@@ -68,10 +78,9 @@ def step_data_problems(trainer: pl.Trainer, schedule: StageSchedule) -> list[Sta
             index = after.index if after.index is not None else before.index
             name = schedule.stages[index].name if index is not None else None
             problems.append(StageProblem(
-                f"changes the training data at step {after.start_epoch} ({before.data!r} -> {after.data!r}), but "
-                "`training_step` takes `dataloader_iter`, whose epoch cannot be ended at a step", index=index,
-                name=name, field="data", value=after.data if after.index is not None else before.data,
-                hint="take `batch` in `training_step`, or give every stage in steps the same `data`"))
+                f"changes the training data at {schedule.unit} {after.start_epoch} ({before.data!r} -> "
+                f"{after.data!r}), {reason[0]}", index=index, name=name, field="data",
+                value=after.data if after.index is not None else before.data, hint=reason[1]))
     return problems
 
 

@@ -287,6 +287,17 @@ def test_restore_best_without_a_validation_in_the_stage_keeps_the_last_weights(t
     assert model.optimizer_state[2] == len(list(model.parameters()))  # the momentum was not reset
 
 
+def test_restore_best_when_no_validation_gave_a_finite_value_says_so(tmp_path):
+    model = Scripted([math.nan, math.nan, 1.0], momentum=0.9)
+    stages = [{"name": "kd", "start_epoch": 0, "end_epoch": 2, "monitor": "val/score", "restore_best": True},
+              {"name": "ft", "start_epoch": 2}]
+    with pytest.warns(UserWarning, match=r"stage 0 has `restore_best` but none of its validations gave a finite "
+                                         r"value; its last weights are kept"):
+        trainer(tmp_path, max_epochs=3, callbacks=[StageScheduleCallback(stages, verbose=False)]).fit(model)
+    assert set(model.at_validation) == {0, 1, 2}  # the stage's validations ran, with NaN
+    assert model.optimizer_state[2] == len(list(model.parameters()))  # nothing restored: the momentum was kept
+
+
 def test_resume_from_a_checkpoint_taken_at_validation_end_restores_and_switches_data(tmp_path):
     """A checkpoint written at the last validation of the stage, before its epoch end (Lightning runs that epoch's
     end again on resume): the resumed run restores the stage's best weights and builds the next stage's data before

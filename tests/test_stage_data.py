@@ -92,6 +92,22 @@ def test_no_data_field_no_rebuild(tmp_path):
     assert model.builds == [(0, None)]
 
 
+def test_loaders_given_to_fit_with_a_change_of_data_are_refused_before_the_first_batch(tmp_path):
+    """Loaders passed to ``fit`` cannot be built again with the new ``stage_data``: refused, not silently kept."""
+    model = DataStudent()
+    loader = DataLoader(dataset("all"), batch_size=100)
+    with pytest.raises(StageConfigError, match=r"stage 2 \('finetune'\): `data` = 'labelled': changes the training "
+                                               r"data at epoch 3 \('all' -> 'labelled'\), but the training "
+                                               r"dataloaders were given to `fit`"):
+        trainer(tmp_path, max_epochs=6, callbacks=[StageScheduleCallback(SCHEDULE, verbose=False)]).fit(
+            model, train_dataloaders=loader)
+    assert model.trained_on == {}
+    same = [dict(stage, data="all") for stage in SCHEDULE]  # no change of data: the given loader is all it needs
+    trainer(tmp_path, max_epochs=6, callbacks=[StageScheduleCallback(same, verbose=False)]).fit(
+        model, train_dataloaders=loader)
+    assert model.trained_on == dict.fromkeys(range(6), SIZES["all"]) and model.builds == []
+
+
 @pytest.mark.parametrize(("resume_after", "builds"), [
     (1, ["all", "labelled", None]),  # resumes in "all", one epoch before the change
     (2, ["labelled", None]),  # resumes exactly at the change: built once, with "labelled", never with "all"
