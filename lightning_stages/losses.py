@@ -50,6 +50,8 @@ def _shape_hint(student: tuple[int, ...], teacher: tuple[int, ...], fix: str) ->
         return f"the channels differ; pass `{fix}`"
     if differ == [len(student) - 1] and len(student) == 3:
         return f"the channels of (N, L, C) token features differ; pass `{tokens}`"
+    if differ == [len(student) - 1]:  # the channels of (N, H, W, C) features, or the width of (N, C, H, W) ones
+        return f"the last dimension differs: for channels-last features the channels, pass `{tokens}`; else {pool}"
     if 1 not in differ:
         return f"only the spatial size differs: {pool}"
     return f"the channels and the spatial size differ: {pool}, and map the channels (`{fix}`)"

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_stages import StageConfigError
 from lightning_stages.distillation.feature_hooks import FeatureHooks, check_hook_spec
+from lightning_stages.distillation.teachers import prepare
+from lightning_stages.errors import DistillationStepError
 
 
 def models() -> dict[str, nn.Module]:
@@ -61,3 +65,60 @@ def test_put_fills_only_attached_models_and_copies_store_nothing():
     clone = copy.deepcopy(nets["teacher"])
     clone(torch.zeros(1, 2))
     assert torch.equal(hooks.captured("teacher")["0"], torch.ones(1))  # the copy's hook wrote nothing here
+
+
+@pytest.mark.parametrize(("spec", "field", "value"), [
+    ({"student": None, "teacher": ["0"]}, "configure_feature_hooks.student", "None"),
+    ({"student": ["0"], "teacher": 0}, "configure_feature_hooks.teacher", "0"),
+    ({"student": {"teacher": None}, "teacher": ["0"]}, "configure_feature_hooks.student.teacher", "None"),
+    ({"student": ["0"], "teacher": {"0"}}, "configure_feature_hooks.teacher", "{'0'}"),  # a set: no pairing order
+])
+def test_an_entry_that_is_not_a_path_or_a_list_of_paths_is_refused_naming_it(spec, field, value):
+    with pytest.raises(StageConfigError) as err:
+        check_hook_spec(spec, models(), "stage 0")
+    assert f"`{field}` = {value}: must be a submodule path or a list of them" in str(err.value)
+
+
+def two_teachers() -> tuple[dict[str, nn.Module], torch.Tensor]:
+    torch.manual_seed(0)
+    return {"a": nn.Sequential(nn.Linear(2, 3)), "b": nn.Sequential(nn.Linear(2, 4))}, torch.randn(5, 2)
+
+
+def test_a_student_layer_paired_with_a_teacher_that_hooks_nothing_is_refused_not_dropped():
+    teachers, x = two_teachers()
+    student = models()["student"]
+    _, hooks = prepare(student, lambda: teachers, lambda: {"student": {"a": ["0"], "b": ["1"]}, "a": ["0"]}, "stage 0")
+    hooks.sync(True, {"student": student, **teachers})
+    student(x), teachers["a"](x), teachers["b"](x)
+    with pytest.raises(DistillationStepError, match=re.escape("layers of teacher 'b' (they are paired in order) but "
+                                                              "got 1 (['1']) and 0 ([])")):
+        hooks.paired_losses(list(teachers), None, None, F.mse_loss, "kd")
+
+
+def test_per_teacher_pairs_and_a_shared_student_list_give_the_losses_of_a_hand_computation():
+    teachers, x = two_teachers()
+    student = models()["student"]
+    wide = nn.Linear(3, 4)
+    for spec, pairs in [({"student": {"a": ["0"], "b": ["1"]}, "a": ["0"], "b": ["0"]}, {"0__a.0", "1__b.0"}),
+                        ({"student": ["0"], "a": ["0"]}, {"0__a.0"})]:  # a shared list pairs with hooked teachers only
+        _, hooks = prepare(student, lambda: teachers, lambda spec=spec: spec, "stage 0")
+        hooks.sync(True, {"student": student, **teachers})
+        student(x), teachers["a"](x), teachers["b"](x)
+        losses = hooks.paired_losses(list(teachers), None, {"1": wide}, F.mse_loss, "kd")
+        with torch.no_grad():
+            h = student[0](x)
+            expected = {"0__a.0": ((h - teachers["a"](x)) ** 2).mean(),
+                        "1__b.0": ((wide(torch.relu(h)) - teachers["b"](x)) ** 2).mean()}
+        assert set(losses) == pairs
+        for key in pairs:
+            assert losses[key].item() == pytest.approx(expected[key].item(), rel=1e-6)
+        hooks.sync(False, {"student": student, **teachers})
+
+
+def test_a_misspelt_teacher_in_feature_losses_gets_a_did_you_mean():
+    teachers, _ = two_teachers()
+    student = models()["student"]
+    _, hooks = prepare(student, lambda: teachers, lambda: {"student": ["0"], "a": ["0"]}, "stage 0")
+    with pytest.raises(DistillationStepError, match=re.escape("`feature_losses.teacher` = 'aa': is not a teacher; did "
+                                                              "you mean `a`?")):
+        hooks.paired_losses(list(teachers), "aa", None, F.mse_loss, "kd")

@@ -304,3 +304,14 @@ def test_paired_feature_losses_names_what_does_not_pair(student_layers, teacher_
     with pytest.raises(ValueError, match=re.escape(message)):
         paired_feature_losses({"a": torch.zeros(1, 2)}, {"b": torch.zeros(1, 2), "c": torch.zeros(1, 2)},
                               student_layers, teacher_layers)
+
+
+@pytest.mark.parametrize(("student", "teacher"), [((2, 4, 4, 16), (2, 4, 4, 32)), ((2, 16, 4, 4), (2, 16, 4, 8))])
+def test_a_mismatch_in_the_last_of_four_dimensions_is_not_called_only_spatial(student, teacher):
+    # (N, H, W, C) features whose channels differ, or (N, C, H, W) ones whose width differs: the shapes cannot tell
+    with pytest.raises(ValueError) as err:
+        paired_feature_losses({"s": torch.zeros(student)}, {"t": torch.zeros(teacher)}, ["s"], ["t"])
+    message = str(err.value)
+    assert "only the spatial size differs" not in message
+    assert "the last dimension differs: for channels-last features the channels, pass `adapters={'s': " \
+           "FeatureAdapter(student_channels, teacher_channels, channels_last=True)}`; else pool or interpolate" in message

@@ -95,8 +95,9 @@ def check_hook_spec(spec: Any, models: Mapping[str, nn.Module], where: str) -> d
         where: the stage that needs the hooks, named in errors.
 
     Raises:
-        StageConfigError: ``spec`` is not a mapping, names an unknown model, a path names no submodule (with the
-            closest submodule names) or has a malformed selector. Every problem is reported at once.
+        StageConfigError: ``spec`` is not a mapping, names an unknown model, an entry is neither a path nor a list of
+            paths, a path names no submodule (with the closest submodule names) or has a malformed selector. Every
+            problem is reported at once.
 
     Example::
 
@@ -127,8 +128,13 @@ def check_hook_spec(spec: Any, models: Mapping[str, nn.Module], where: str) -> d
             problems += [StageProblem("is not a teacher (the student's entry may pair layers per teacher)", name=where,
                                       field=field, value=t, hint=did_you_mean(str(t), [m for m in models if m != STUDENT]))
                          for t in unknown]
-            per_teacher = [_as_paths(p) for p in paths.values()]
+            bad = [t for t, p in paths.items() if not _is_paths(p)]
+            problems += [StageProblem(_NOT_PATHS, name=where, field=f"{field}.{t}", value=paths[t]) for t in bad]
+            per_teacher = [_as_paths(p) for t, p in paths.items() if t not in bad]
             paths = tuple(dict.fromkeys(path for group in per_teacher for path in group))
+        if not _is_paths(paths):
+            problems.append(StageProblem(_NOT_PATHS, name=where, field=field, value=paths))
+            continue
         paths = _as_paths(paths)
         names = [n for n, _ in models[model_name].named_modules()]
         problems += _hook_problems(model_name, paths, names, where, field)
@@ -136,6 +142,13 @@ def check_hook_spec(spec: Any, models: Mapping[str, nn.Module], where: str) -> d
     if problems:
         raise StageConfigError(problems)
     return checked
+
+
+_NOT_PATHS = "must be a submodule path or a list of them (in pairing order)"
+
+
+def _is_paths(paths: Any) -> bool:
+    return isinstance(paths, (str, Sequence))  # a set has no order to pair in
 
 
 def _as_paths(paths: Any) -> tuple[str, ...]:
@@ -182,7 +195,8 @@ class FeatureHooks:
 
     Args:
         spec: ``{model name: (submodule paths...)}``, as returned by :func:`check_hook_spec`.
-        pairing: ``{teacher: student paths}`` (:func:`student_pairing`); default: the student's paths for each.
+        pairing: ``{teacher: student paths}`` when the student's entry pairs layers per teacher
+            (:func:`student_pairing`); default: the student's paths for each.
 
     Example::
 
@@ -276,13 +290,22 @@ class FeatureHooks:
                       adapters: Optional[Mapping[str, Callable[[Tensor], Tensor]]],
                       loss_fn: Callable[[Tensor, Tensor], Tensor], stage: Optional[str]) -> dict[str, Tensor]:
         """:func:`~lightning_stages.losses.paired_feature_losses` of the student with ``teacher`` (default: every
-        teacher with hooked layers, else the first), as ``DistillationModule.feature_losses`` returns them.
+        teacher with hooked layers or that the student's per-teacher entry pairs layers with, else the first), as
+        ``DistillationModule.feature_losses`` returns them.
 
         Raises:
-            DistillationStepError: as :meth:`captured`, or the pairs do not match (naming the pair and the stage).
+            DistillationStepError: as :meth:`captured`, ``teacher`` is not a teacher (with a did-you-mean), or the
+                pairs do not match (naming the pair and the stage).
         """
+        where = f"stage {stage!r}" if stage is not None else "the current stage"
+        if teacher is not None and teacher not in teachers:
+            raise DistillationStepError(StageProblem(
+                "is not a teacher", name=where, field="feature_losses.teacher", value=teacher,
+                hint=did_you_mean(str(teacher), list(teachers)) or f"the teachers are: {', '.join(teachers)}"),
+                stage=stage, when="a step")
+        # every teacher with hooked layers, and every teacher the student's per-teacher entry pairs layers with
         names = [teacher] if teacher is not None else \
-            [t for t in teachers if self.spec.get(t)] or [next(iter(teachers), "teacher")]
+            [t for t in teachers if self.spec.get(t) or self.pairing.get(t)] or [next(iter(teachers), "teacher")]
         student = self.captured(STUDENT, stage)
         losses: dict[str, Tensor] = {}
         for name in names:
@@ -291,7 +314,6 @@ class FeatureHooks:
                                                     self.spec.get(name, ()), adapters=adapters, loss_fn=loss_fn,
                                                     teacher=name))
             except ValueError as err:
-                where = f"stage {stage!r}" if stage is not None else "the current stage"
                 raise DistillationStepError(StageProblem(str(err), name=where), stage=stage) from err
         return losses
 

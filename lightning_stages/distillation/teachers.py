@@ -278,7 +278,8 @@ def prepare(
     spec = check_hook_spec(raw_spec, {STUDENT: student, **modules}, where)
     if spec:
         let_compile_see_hooks()
-    pairing = student_pairing(raw_spec, list(modules)) if spec else {}
+    per_teacher = spec and isinstance(raw_spec.get(STUDENT), Mapping)  # else the student's list pairs with each
+    pairing = student_pairing(raw_spec, list(modules)) if per_teacher else {}
     return (Teachers(modules, device=next((p.device for p in student.parameters()), None)),
             FeatureHooks(spec, pairing))
 
