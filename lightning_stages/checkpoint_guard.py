@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -44,9 +44,14 @@ class CheckpointGuard(Callback):
 
     _nonfinite: NonFiniteWatch
 
-    def watch_afresh(self) -> None:
-        """Start a new watch (at the start of a fit: the weights are loaded or kept, and watched from here)."""
+    def watch_afresh(self, trainer: Optional[pl.Trainer] = None) -> None:
+        """Start a new watch (at the start of a fit: the weights are loaded or kept, and watched from here). With
+        ``trainer``, its weights-only saves (``ModelCheckpoint(save_weights_only=True)``,
+        ``trainer.save_checkpoint(path, weights_only=True)``) read the watch too: Lightning runs no callback's
+        ``on_save_checkpoint`` for those."""
         self._nonfinite = NonFiniteWatch()
+        if trainer is not None:
+            trainer.__dict__["save_checkpoint"] = _GuardedSave(self, trainer)
 
     def _watch(self) -> NonFiniteWatch:
         if "_nonfinite" not in self.__dict__:
@@ -77,11 +82,26 @@ class CheckpointGuard(Callback):
         Raises:
             DistillationStepError: naming the stage, the epoch, the first bad batch and the batches watched.
         """
-        found = self._watch().check(trainer.strategy.all_gather if trainer.world_size > 1 else None)
+        found = self._watch().check(trainer.strategy.all_gather if trainer.world_size > 1 else None,
+                                    trainer.strategy.root_device)
         if found is not None:
             token = getattr(pl_module, "stage_token", None)
             index = token[0] if isinstance(token, tuple) and token and isinstance(token[0], int) else None
             raise found.error(trainer.current_epoch, when, index, getattr(pl_module, "stage_name", None))
+
+
+class _GuardedSave:
+    """``trainer.save_checkpoint`` that reads the guard's watch first when it writes the weights only (picklable, for
+    ``ddp_spawn``)."""
+
+    def __init__(self, guard: CheckpointGuard, trainer: pl.Trainer) -> None:
+        self.guard, self.trainer = guard, trainer
+
+    def __call__(self, filepath: Any, weights_only: Optional[bool] = None, storage_options: Optional[Any] = None
+                 ) -> None:
+        if weights_only:
+            self.guard.stop_if_nonfinite(self.trainer, self.trainer.lightning_module, "before writing a checkpoint")
+        pl.Trainer.save_checkpoint(self.trainer, filepath, weights_only, storage_options)
 
 
 def warn_about_saved_schedule(state: Any, current: StageSchedule) -> None:

@@ -177,7 +177,7 @@ class StageScheduleCallback(CheckpointGuard):
             if not fitting:  # a fit builds them at on_fit_start, when it knows whether (and where) it resumes
                 pl_module.prepare_teachers(needed_by=needed_by)
         if fitting:
-            self.watch_afresh()  # no checkpoint after a non-finite loss (CheckpointGuard); a new fit watches afresh
+            self.watch_afresh(trainer)  # no checkpoint after a non-finite loss (CheckpointGuard); each fit afresh
             warn_about_coverage(schedule, max_epochs if schedule.unit == "epoch" else max_steps)
             self._apply(pl_module, schedule, schedule.stage_at(_position(trainer, schedule)))  # ramps: at train start
         else:
@@ -273,10 +273,11 @@ class StageScheduleCallback(CheckpointGuard):
         next step at which they can change; idempotent (the same batch applies the same values)."""
         schedule = self._effective()
         if schedule.unit == "step":
-            self.adaptive.at_step(trainer, pl_module, self._bound())  # a restore_best stage ended: its best weights
             resolved = schedule.at_step(trainer.global_step)
-            # during a ramp the values change at every optimizer step; else where the range ends
-            end = resolved.end_epoch if resolved.end_epoch is not None else math.inf
+            if getattr(pl_module, "stage_token", None) != (resolved.index, resolved.start_epoch):  # named while in force
+                self.stop_if_nonfinite(trainer, pl_module, "at the end of the stage")
+            self.adaptive.at_step(trainer, pl_module, self._bound())  # a restore_best stage ended: its best weights
+            end = resolved.end_epoch if resolved.end_epoch is not None else math.inf  # ramping: every step
             self._next_step = trainer.global_step + 1 if resolved.ramping else end
             self._train_data.plan_cut(schedule, resolved)  # where the data changes, the epoch ends
         else:

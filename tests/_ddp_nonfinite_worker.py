@@ -6,6 +6,9 @@ Run by ``tests/test_nonfinite.py`` in a subprocess (the pytest process never joi
 
 Every rank must stop with the same ``DistillationStepError`` (the watch is gathered over the ranks before a
 checkpoint is written), so no checkpoint of epoch 1 exists; each rank writes its error to ``rank<N>.txt``.
+
+With ``--skipped``: manual optimization, a checkpoint at every step, and at that batch rank 0's loss is NaN while
+rank 1's ``training_step`` returns ``None`` (it still steps): rank 1 watched no loss, and must join the gather.
 """
 
 from __future__ import annotations
@@ -33,20 +36,39 @@ class NaNOnOneRank(TinyNet):
         return loss
 
 
+class SkippedOnOtherRank(TinyNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        if (self.trainer.current_epoch, batch_idx) == (BAD_EPOCH, BAD_BATCH):
+            return None if self.trainer.global_rank == BAD_RANK else loss * float("nan")
+        return loss
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--skipped", action="store_true")
     args = parser.parse_args()
+    checkpoints = (ModelCheckpoint(dirpath=args.out / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+                   if args.skipped else
+                   ModelCheckpoint(dirpath=args.out / "ckpt", save_last=True, save_top_k=-1, filename="{epoch}"))
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g))
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, default_root_dir=str(args.out),
-        callbacks=[StageScheduleCallback(SCHEDULE),
-                   ModelCheckpoint(dirpath=args.out / "ckpt", save_last=True, save_top_k=-1, filename="{epoch}")],
+        callbacks=[StageScheduleCallback(SCHEDULE), checkpoints],
         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
     )
     try:
-        trainer.fit(NaNOnOneRank(), DataLoader(data, batch_size=4))
+        trainer.fit(SkippedOnOtherRank() if args.skipped else NaNOnOneRank(), DataLoader(data, batch_size=4))
     except Exception as err:
         (args.out / f"rank{trainer.global_rank}.txt").write_text(f"{type(err).__name__}: {err}")
         return 1

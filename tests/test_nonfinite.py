@@ -225,3 +225,76 @@ def test_ddp_a_nan_on_one_rank_stops_every_rank_before_the_checkpoint(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0.ckpt", "last.ckpt"]
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert last["epoch"] == 0 and _all_finite(last["state_dict"])
+
+
+def test_a_weights_only_checkpoint_after_a_nan_is_never_written(tmp_path):
+    """Lightning runs no callback's ``on_save_checkpoint`` for a weights-only save: ``save_weights_only=True`` and
+    ``trainer.save_checkpoint(path, weights_only=True)`` are refused all the same, and ``last.ckpt`` stays good."""
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1, every_n_train_steps=1,
+                                  save_weights_only=True, filename="{step}")
+    run = trainer(tmp_path, max_epochs=2, callbacks=[StageScheduleCallback(), checkpoints], enable_checkpointing=True)
+    with pytest.raises(DistillationStepError, match=r"at batch 1 of epoch 0 \(found before writing a checkpoint"):
+        run.fit(NaNAt(epoch=0, batch=1), tiny_loader())
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt", "step=1.ckpt"]
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 1 and _all_finite(last["state_dict"])
+    with pytest.raises(DistillationStepError, match="at batch 1 of epoch 0"):
+        run.save_checkpoint(tmp_path / "by_hand.ckpt", weights_only=True)
+    assert not (tmp_path / "by_hand.ckpt").exists()
+
+
+def test_a_nan_in_a_step_stage_is_named_with_that_stage_not_the_next(tmp_path):
+    """Stage 'a' covers optimizer steps 0..1 and 'b' the rest of the epoch: a NaN at batch 0 is found where 'a' ends
+    (not at the epoch end, in 'b'), and the message names 'a' and its two batches."""
+
+    class NaNAtFirstBatch(TinyNet):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if batch_idx == 0 else loss
+
+    stages = [{"name": "a", "start_step": 0, "end_step": 2}, {"name": "b", "start_step": 2}]
+    run = trainer(tmp_path, max_epochs=-1, max_steps=8, callbacks=[StageScheduleCallback(stages)])
+    with pytest.raises(DistillationStepError) as caught:
+        run.fit(NaNAtFirstBatch(), tiny_loader())
+    assert str(caught.value).startswith("1 problem at epoch 0 of stage 'a'"), str(caught.value)
+    assert ("stage 0 ('a'): the training loss was not finite (NaN or infinite) at batch 0 of epoch 0 (found at the "
+            "end of the stage; batches 0..1 were watched, global steps 1..2)") in str(caught.value)
+    assert run.global_step == 2  # stopped before the first step of 'b'
+
+
+def test_a_rank_that_watched_no_loss_still_joins_the_gather():
+    """Under DDP every rank must call the gather alike: a rank whose batches returned no loss (``None``) takes part,
+    and learns the other rank's non-finite batch."""
+    gathered: list[torch.Tensor] = []
+
+    def gather(record: torch.Tensor) -> torch.Tensor:  # what the other rank holds: batch 3 was not finite
+        gathered.append(record)
+        return torch.stack([record, torch.tensor(3)])
+
+    watch = NonFiniteWatch()
+    watch.update(None, 2, step=5)
+    watch.update(None, 3, step=6)
+    found = watch.check(gather)
+    assert len(gathered) == 1 and gathered[0].item() == torch.iinfo(torch.int64).max
+    assert (found.first_bad, found.first, found.last, found.first_step, found.last_step) == (3, 2, 3, 5, 6)
+
+
+def test_ddp_a_rank_with_a_skipped_batch_does_not_hang_the_other_at_a_checkpoint(tmp_path):
+    """Manual optimization under DDP, a checkpoint at every step: at batch 1 of epoch 1 rank 0's loss is NaN and rank
+    1's training_step returns None. Both ranks stop with the same error (no hang), and no checkpoint of that step."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import ddp_env
+
+    worker = Path(__file__).with_name("_ddp_nonfinite_worker.py")
+    proc = subprocess.run([sys.executable, str(worker), "--out", str(tmp_path), "--skipped"], cwd=tmp_path,
+                          env=ddp_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    for rank in (0, 1):
+        error = (tmp_path / f"rank{rank}.txt").read_text()
+        assert error.startswith("DistillationStepError: 1 problem at epoch 1 of stage 'main'"), error
+        assert "at batch 1 of epoch 1 (found before writing a checkpoint; batches 1..1" in error, error
+    # 4 batches per rank and epoch: steps 1..5 were written, step 6 (batch 1 of epoch 1) was not
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [f"step={s}.ckpt" for s in range(1, 6)]

@@ -201,14 +201,15 @@ class NonFiniteWatch:
         self._found: Optional[NonFiniteRange] = None  # once found, every later check says so (the weights stay bad)
 
     def update(self, loss: Any, batch: int, step: int) -> None:
-        """Keep ``loss`` (a tensor; anything else is ignored) for the next fold; no tensor operation but a detach."""
+        """Keep ``loss`` (a tensor; anything else is ignored) for the next fold; no tensor operation but a detach.
+        The batch counts as watched either way (every DDP rank runs the same batches, with or without a loss)."""
+        if self._first is None:
+            self._first = (batch, step)
+        self._last = (batch, step)
         if not isinstance(loss, Tensor):
             return
         self._losses.append(loss.detach() if loss.requires_grad else loss)
         self._batches.append(batch)
-        if self._first is None:
-            self._first = (batch, step)
-        self._last = (batch, step)
         if len(self._losses) >= self.fold_every:
             self._fold()
 
@@ -226,18 +227,21 @@ class NonFiniteWatch:
         self._first_bad = bad if self._first_bad is None else torch.minimum(self._first_bad, bad)
         self._losses, self._batches = [], []
 
-    def check(self, gather: Optional[Callable[[Tensor], Tensor]] = None) -> Optional[NonFiniteRange]:
+    def check(self, gather: Optional[Callable[[Tensor], Tensor]] = None, device: Optional[torch.device] = None
+              ) -> Optional[NonFiniteRange]:
         """The non-finite losses since the last check (``None``: every loss was finite, and a new range starts);
         once some are found, every later check returns them (the weights trained on them stay in the module).
 
         Args:
             gather: the strategy's ``all_gather`` under DDP, so that every rank decides alike (every rank must call
                 ``check`` then); ``None`` on one process.
+            device: where the record is made for a rank whose batches gave no loss tensor (it still joins ``gather``).
         """
         self._fold()
-        if self._found is not None or self._first is None or self._first_bad is None:
-            return self._found  # no collective here: every rank returns early alike
-        first_bad = self._first_bad if gather is None else gather(self._first_bad).min()
+        if self._found is not None or self._first is None:
+            return self._found  # no collective here: every rank ran the same batches, so every rank returns alike
+        record = self._first_bad if self._first_bad is not None else torch.tensor(_NONE, device=device)
+        first_bad = record if gather is None else gather(record).min()
         (first, first_step), (last, last_step) = self._first, self._last
         self._first_bad, self._first = None, None
         bad = int(first_bad.item())  # the one host sync
