@@ -36,6 +36,23 @@ from lightning_stages.schedule.transitions import transition_problems, with_tran
 __all__ = ["AdaptiveStages"]
 
 
+def averaging_problems(trainer: pl.Trainer, schedule: StageSchedule) -> list[StageProblem]:
+    """``restore_best`` stages in a fit with Lightning's ``WeightAveraging`` (e.g. ``EMAWeightAveraging``): its
+    validations score the averaged weights, but a stage's best weights would be the raw ones of that validation, and
+    the callback puts its averaged weights back at the end of the fit, over a restored best."""
+    kinds = getattr(pl.callbacks, "WeightAveraging", None)  # Lightning >= 2.6
+    callbacks: list[Any] = getattr(trainer, "callbacks", [])  # set by the Trainer's callback connector
+    averaging = [type(c).__name__ for c in callbacks if kinds is not None and isinstance(c, kinds)]
+    if not averaging:
+        return []
+    return [StageProblem(f"cannot be used beside {averaging[0]}: validation scores the averaged weights, but the "
+                         "stage's best would be the raw ones, and the averaged weights replace them at the end of "
+                         "the fit", index=index, name=stage.name, field="restore_best", value=True,
+                         hint=f"drop `restore_best` (the {averaging[0]} callback keeps its own averaged weights), or "
+                         "the averaging callback")
+            for index, stage in enumerate(schedule.stages) if stage.restore_best]
+
+
 class AdaptiveStages:
     """The run-time state of plateau-ended and ``restore_best`` stages (see the module's docstring).
 
@@ -115,9 +132,16 @@ class AdaptiveStages:
         return (schedule.end_of(schedule.stages[index]) == total
                 and self.effective(schedule).stage_at(self.transitions[index]).is_base)
 
-    def stop_if_ended(self, trainer: pl.Trainer, schedule: StageSchedule) -> None:
-        """At the start of a (resumed) fit: if a plateau already ended the run's last stage before the position the
-        run resumes at, stop again at once (``Trainer.should_stop`` is not part of a checkpoint)."""
+    def start_fit(self, trainer: pl.Trainer, schedule: StageSchedule) -> None:
+        """At the start of a (resumed) fit, before the first batch: refuse ``restore_best`` beside Lightning's
+        ``WeightAveraging`` (:func:`averaging_problems`); if a plateau already ended the run's last stage before the
+        position the run resumes at, stop again at once (``Trainer.should_stop`` is not part of a checkpoint).
+
+        Raises:
+            StageConfigError: naming each ``restore_best`` stage and the averaging callback.
+        """
+        if problems := averaging_problems(trainer, schedule):
+            raise StageConfigError(problems)
         position = trainer.global_step if schedule.unit == "step" else trainer.current_epoch
         if any(end <= position and self._ends_run(schedule, index) for index, end in self.transitions.items()):
             trainer.should_stop = True

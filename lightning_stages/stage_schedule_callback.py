@@ -213,7 +213,7 @@ class StageScheduleCallback(CheckpointGuard):
                         + step_data_problems(trainer, self._bound())):
             raise StageConfigError(problems)
         resolved = self._enter(trainer, pl_module, 0)
-        self.adaptive.stop_if_ended(trainer, self._bound())  # resumed after a plateau that ended the run
+        self.adaptive.start_fit(trainer, self._bound())  # restore_best vs averaging; a plateau that ended the run
         self._train_data.want(trainer, resolved.data)  # a loader built before the resumed epoch was known
         progress: Any = trainer.fit_loop.epoch_progress.current  # a _StartedTracker, typed as its base
         if progress.started > progress.completed:

@@ -316,3 +316,20 @@ def test_resume_from_a_checkpoint_taken_at_validation_end_restores_and_switches_
     assert resumed.losses == whole.losses[-len(resumed.losses):]
     for key, value in finish(whole).items():
         assert torch.equal(finish(resumed)[key], value), key
+
+
+@pytest.mark.parametrize("restore_best", [True, False])
+def test_restore_best_beside_weight_averaging_is_refused_before_the_first_batch(tmp_path, restore_best):
+    averaging = pytest.importorskip("lightning.pytorch.callbacks").EMAWeightAveraging  # Lightning >= 2.6
+    model = Scripted(DOWN_THEN_FLAT)
+    stages = [{"name": "kd", "start_epoch": 0, "end_epoch": 2, "monitor": "val/score", "restore_best": restore_best},
+              {"name": "ft", "start_epoch": 2}]
+    fit = trainer(tmp_path, max_epochs=3, callbacks=[StageScheduleCallback(stages, verbose=False), averaging()]).fit
+    if not restore_best:  # a plateau stage alone is fine beside it
+        fit(model)
+        assert model.stage_of == {0: "kd", 1: "kd", 2: "ft"}
+        return
+    with pytest.raises(StageConfigError, match=r"stage 0 \('kd'\).*`restore_best` = True: cannot be used beside "
+                                               r"EMAWeightAveraging: validation scores the averaged weights"):
+        fit(model)
+    assert model.losses == []  # not one batch trained
