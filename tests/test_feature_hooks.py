@@ -122,3 +122,19 @@ def test_a_misspelt_teacher_in_feature_losses_gets_a_did_you_mean():
     with pytest.raises(DistillationStepError, match=re.escape("`feature_losses.teacher` = 'aa': is not a teacher; did "
                                                               "you mean `a`?")):
         hooks.paired_losses(list(teachers), "aa", None, F.mse_loss, "kd")
+
+
+def test_a_module_shared_by_the_student_and_two_teachers_keeps_each_models_own_output():
+    torch.manual_seed(0)
+    shared = nn.Linear(2, 3)  # e.g. a tied embedding: one module object in every model
+    student, teachers = nn.Sequential(shared, nn.ReLU()), {"a": nn.Sequential(shared), "b": nn.Sequential(shared)}
+    run, hooks = prepare(student, lambda: teachers, lambda: {"student": ["0"], "a": ["0"], "b": ["0"]}, "stage 0")
+    hooks.sync(True, {"student": student, **teachers})
+    xs, xa, xb = torch.randn(5, 2), torch.randn(5, 2), torch.randn(5, 2)
+    student(xs)
+    run.run((), {}, None, lambda: torch.device("cpu"), inputs={"a": xa, "b": xb})  # each teacher its own inputs
+    with torch.no_grad():
+        expected = {"student": xs @ shared.weight.T + shared.bias, "a": xa @ shared.weight.T + shared.bias,
+                    "b": xb @ shared.weight.T + shared.bias}
+    for model, value in expected.items():
+        torch.testing.assert_close(hooks.captured(model)["0"], value)

@@ -9,6 +9,7 @@ from typing import Any, Optional
 from torch import Tensor, nn
 
 from lightning_stages.distillation.feature_selectors import select, split_hook_path, tensor_selectors
+from lightning_stages.distillation.teacher_inputs import RUNNING_TEACHER
 from lightning_stages.errors import DistillationStepError, StageConfigError, StageProblem, closest_names, did_you_mean
 from lightning_stages.losses import paired_feature_losses
 
@@ -30,22 +31,23 @@ class _Capture:
 
 
 class _FeatureHook:
-    """A forward hook that stores a module's (selected) output under ``key``, copied if ``copy``.
+    """A forward hook of ``model`` that stores a module's (selected) output under ``key``, copied if ``copy``; while
+    another model's teacher forward runs (:data:`RUNNING_TEACHER`: a module the models share) it stores nothing.
 
     A deep copy or a pickle of the hooked module (``StochasticWeightAveraging``, ``ddp_spawn``) gets a hook
     that stores nothing, so the copy never writes into the original's features.
     """
 
-    __slots__ = ("copy", "key", "steps", "store")
+    __slots__ = ("copy", "key", "model", "steps", "store")
 
-    def __init__(self, store: Optional[dict[str, Any]], key: str, copy: bool = False) -> None:
-        self.store = store
-        self.key = key
+    def __init__(self, store: Optional[dict[str, Any]], key: str, copy: bool = False, model: str = STUDENT) -> None:
+        self.store, self.key, self.model = store, key, model
         self.steps = split_hook_path(key)[1]
         self.copy = copy
 
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if self.store is None:
+        running = RUNNING_TEACHER.get()  # a module shared by models: only the one running it stores
+        if self.store is None or (running is not None and running != self.model):
             return
         try:
             value = select(output, self.steps)
@@ -57,10 +59,10 @@ class _FeatureHook:
         self.store[self.key] = _Capture(value)
 
     def __deepcopy__(self, memo: dict) -> _FeatureHook:
-        return _FeatureHook(None, self.key, self.copy)
+        return _FeatureHook(None, self.key, self.copy, self.model)
 
     def __reduce__(self) -> tuple:
-        return (_FeatureHook, (None, self.key, self.copy))
+        return (_FeatureHook, (None, self.key, self.copy, self.model))
 
 
 def _closest_submodules(path: str, names: Sequence[str]) -> str:
@@ -235,7 +237,7 @@ class FeatureHooks:
                 modules = dict(models[model_name].named_modules())
                 self._names[model_name] = list(modules)
                 self._handles += [modules[split_hook_path(path)[0]].register_forward_hook(
-                    _FeatureHook(store, path, copy)) for path in paths]
+                    _FeatureHook(store, path, copy, model_name)) for path in paths]
         elif not on and self._handles:
             for handle in self._handles:
                 handle.remove()

@@ -4,6 +4,7 @@ teacher's forward whose input mistakes name the teacher."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Any, Optional
 
 import torch
@@ -57,9 +58,16 @@ def teacher_calls(names: list[str], args: tuple, kwargs: Mapping[str, Any], inpu
     return calls
 
 
+#: the teacher whose forward :func:`forward_named` is running (``None`` outside): a hooked module that several
+#: models share stores its output only for the model running it (``FeatureHooks``)
+RUNNING_TEACHER: ContextVar[Optional[str]] = ContextVar("lightning_stages_running_teacher", default=None)
+
+
 def forward_named(name: str, teacher: nn.Module, call: tuple[tuple, dict], stage: Optional[str], shared: bool) -> Any:
-    """``teacher(*args, **kwargs)``; an input mistake raised inside it names the teacher."""
+    """``teacher(*args, **kwargs)`` (as :data:`RUNNING_TEACHER`); an input mistake raised inside it names the
+    teacher."""
     args, kwargs = call
+    token = RUNNING_TEACHER.set(name)
     try:
         return teacher(*args, **kwargs)
     except torch.OutOfMemoryError:
@@ -69,3 +77,5 @@ def forward_named(name: str, teacher: nn.Module, call: tuple[tuple, dict], stage
         raise DistillationStepError(StageProblem(
             f"teacher {name!r} raised {type(err).__name__} in its forward: {err}", name=stage_where(stage),
             field=f"teachers.{name}", value=type(teacher).__name__, hint=hint), stage=stage, when="a step") from err
+    finally:
+        RUNNING_TEACHER.reset(token)
