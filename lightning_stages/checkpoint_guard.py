@@ -14,12 +14,13 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_stages.distillation.step_checks import NonFiniteWatch
-from lightning_stages.errors import StageConfigError, StageProblem
+from lightning_stages.errors import DistillationStepError, StageConfigError, StageProblem
 from lightning_stages.schedule import StageSchedule
 
 __all__ = ["CheckpointGuard", "warn_about_saved_schedule"]
@@ -92,15 +93,26 @@ class CheckpointGuard(Callback):
 
 class _GuardedSave:
     """``trainer.save_checkpoint`` that reads the guard's watch first when it writes the weights only (picklable, for
-    ``ddp_spawn``)."""
+    ``ddp_spawn``). A save made while the run stops on an error (``OnExceptionCheckpoint``) after a non-finite loss
+    is not written, with a warning: raising there would replace the error the run stops on and skip Lightning's
+    clean-up (the loggers' ``finalize("failed")``, the strategy's teardown)."""
 
     def __init__(self, guard: CheckpointGuard, trainer: pl.Trainer) -> None:
         self.guard, self.trainer = guard, trainer
 
     def __call__(self, filepath: Any, weights_only: Optional[bool] = None, storage_options: Optional[Any] = None
                  ) -> None:
-        if weights_only:
-            self.guard.stop_if_nonfinite(self.trainer, self.trainer.lightning_module, "before writing a checkpoint")
+        # Lightning's handler of the error that stops a run: the status says so, and the stage is not reset yet
+        stopping = self.trainer.state.status == TrainerStatus.INTERRUPTED and self.trainer.state.stage is not None
+        if weights_only or stopping:
+            try:
+                self.guard.stop_if_nonfinite(self.trainer, self.trainer.lightning_module, "before writing a checkpoint")
+            except DistillationStepError as err:
+                if not stopping:
+                    raise
+                rank_zero_warn(f"StageScheduleCallback: the checkpoint {str(filepath)!r} is not written while the run "
+                               f"stops: its weights were trained on a non-finite loss ({err.problems[0].message})")
+                return
         pl.Trainer.save_checkpoint(self.trainer, filepath, weights_only, storage_options)
 
 

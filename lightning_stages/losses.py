@@ -85,14 +85,17 @@ def feature_pair_name(student_layer: str, teacher: str, teacher_layer: str) -> s
     return f"{safe(student_layer)}__{safe(teacher)}.{safe(teacher_layer)}".replace(".__", "__")
 
 
-def logit_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, name: str = "logit_kd") -> Tensor:
+def logit_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, name: str = "logit_kd",
+             dim: int = 1) -> Tensor:
     """Hinton's knowledge distillation: ``T^2 * KL(softmax(teacher/T) || softmax(student/T))``, batch mean.
 
     Args:
-        student_logits: ``(N, C, ...)`` class logits of the student; the class dimension is 1.
+        student_logits: ``(N, C, ...)`` class logits of the student; the class dimension is ``dim``.
         teacher_logits: logits of the teacher, same shape.
         temperature: softening temperature ``T > 0``; the ``T^2`` factor keeps gradient scale independent of ``T``.
         name: named in the error when the shapes differ.
+        dim: the class dimension (1: ``(N, C)`` or ``(N, C, H, W)``). Token logits ``(N, L, V)``, e.g. a
+            HuggingFace causal LM's, take ``dim=-1``; the mean is then over every token.
 
     Example::
 
@@ -104,13 +107,16 @@ def logit_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float 
     """
     _check_temperature(temperature)
     _check_shapes(student_logits, teacher_logits, name)
-    log_p_student = F.log_softmax(student_logits / temperature, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -student_logits.dim() <= dim < student_logits.dim():
+        raise ValueError(f"Expected argument `dim` to be a dimension of the {tuple(student_logits.shape)} logits but "
+                         f"got {dim!r}")
+    log_p_student = F.log_softmax(student_logits / temperature, dim=dim)
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=dim)
     p_teacher = log_p_teacher.exp()
     # classes the teacher gives probability 0 (a logit of -inf) add 0, not 0 * -inf = NaN as in F.kl_div;
     # a NaN from a broken teacher still comes through
     terms = torch.where(p_teacher == 0, torch.zeros_like(p_teacher), p_teacher * (log_p_teacher - log_p_student))
-    return terms.sum(dim=1).mean() * (temperature**2)
+    return terms.sum(dim=dim).mean() * (temperature**2)
 
 
 def mask_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, name: str = "mask_kd") -> Tensor:

@@ -62,6 +62,21 @@ def test_logit_kd_matches_the_hand_formula(temperature, shape):
     assert float(got) == pytest.approx(_logit_kd_reference(student, teacher, temperature), rel=1e-9)
 
 
+def test_logit_kd_over_token_logits_takes_the_vocabulary_dimension():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 7, 11), torch.randn(2, 7, 11)  # (N, L, V): a causal LM's logits
+    # the reference: one row per token, torch's own KL divergence, averaged over the 14 tokens
+    flat_s, flat_t = F.log_softmax(student.reshape(14, 11) / 3.0, 1), F.log_softmax(teacher.reshape(14, 11) / 3.0, 1)
+    expected = F.kl_div(flat_s, flat_t, log_target=True, reduction="batchmean") * 9.0
+    assert logit_kd(student, teacher, temperature=3.0, dim=-1).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert logit_kd(student, teacher, temperature=3.0, dim=2).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert logit_kd(student, teacher, temperature=3.0).item() != pytest.approx(expected.item(), rel=1e-3)  # dim 1: L
+    for dim in (3, -4, 1.0, True):
+        with pytest.raises(ValueError, match=re.escape(f"Expected argument `dim` to be a dimension of the (2, 7, 11) "
+                                                       f"logits but got {dim!r}")):
+            logit_kd(student, teacher, dim=dim)
+
+
 def test_logit_kd_is_zero_for_identical_logits_and_positive_otherwise():
     logits = torch.tensor([[1.0, -2.0, 0.5], [3.0, 3.0, 3.0]])
     assert float(logit_kd(logits, logits.clone(), temperature=3.0)) == pytest.approx(0.0, abs=1e-7)

@@ -98,15 +98,25 @@ def test_an_infinite_loss_of_a_module_without_the_mixin_stops_at_the_epoch_end(t
 
 
 def test_no_checkpoint_on_exception_either(tmp_path):
-    """``OnExceptionCheckpoint`` saves when the run stops: that checkpoint would hold the NaN weights, so it is
-    refused too (the error found stays found), and the original error is what the caller sees."""
+    """``OnExceptionCheckpoint`` saves when the run stops: that checkpoint would hold the NaN weights, so it is not
+    written (with a warning), the original error is what the caller sees, and Lightning's clean-up still runs."""
     from lightning.pytorch.callbacks import OnExceptionCheckpoint
+    from lightning.pytorch.loggers.logger import DummyLogger
+
+    finalized: list[str] = []
+
+    class Logger(DummyLogger):
+        def finalize(self, status: str) -> None:
+            finalized.append(status)
 
     run = trainer(tmp_path, max_epochs=3, callbacks=[StageScheduleCallback(), OnExceptionCheckpoint(tmp_path / "exc")],
-                  enable_checkpointing=True)
-    with pytest.raises(DistillationStepError, match="at batch 1 of epoch 1"):
+                  enable_checkpointing=True, logger=Logger())
+    with pytest.warns(UserWarning, match=r"the checkpoint '.*exc.*' is not written while the run stops: its weights "
+                                         r"were trained on a non-finite loss"), \
+            pytest.raises(DistillationStepError, match=r"at batch 1 of epoch 1 \(found at the end of the epoch"):
         run.fit(NaNAt(epoch=1, batch=1), tiny_loader())
     assert not (tmp_path / "exc").exists() or list((tmp_path / "exc").iterdir()) == []
+    assert finalized == ["failed"]  # Lightning's clean-up after the error ran (it was skipped)
 
 
 def test_finite_losses_train_to_the_end_and_the_checkpoints_are_written(tmp_path):
