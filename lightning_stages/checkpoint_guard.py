@@ -113,7 +113,7 @@ class _GuardedSave:
                 rank_zero_warn(f"StageScheduleCallback: the checkpoint {str(filepath)!r} is not written while the run "
                                f"stops: its weights were trained on a non-finite loss ({err.problems[0].message})")
                 return
-        pl.Trainer.save_checkpoint(self.trainer, filepath, weights_only, storage_options)
+        type(self.trainer).save_checkpoint(self.trainer, filepath, weights_only, storage_options)  # a subclass's own
 
 
 def warn_about_saved_schedule(state: Any, current: StageSchedule) -> None:
