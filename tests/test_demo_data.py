@@ -134,3 +134,16 @@ def test_the_full_label_demo_compares_the_same_schedules_with_every_label(tmp_pa
     for original, copy in zip(SCHEDULE_CONFIGS, written):
         assert yaml.safe_load(copy.read_text())["data"]["init_args"]["labelled_fraction"] == 1.0
         assert schedule_of_config(copy).timeline() == schedule_of_config(original).timeline()
+
+
+@pytest.mark.parametrize("option", ["--seeds", "--jobs"])
+def test_demo_rejects_fewer_than_one_seed_or_job_before_any_training(
+    option: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from examples.segmentation.__main__ import demo
+
+    monkeypatch.chdir(tmp_path)  # no configs here: past the options, the demo would stop at once with code 2
+    with pytest.raises(SystemExit) as exited:
+        demo([option, "0"])
+    assert exited.value.code == 2
+    assert f"argument {option}: must be at least 1, got 0" in capsys.readouterr().err

@@ -46,6 +46,13 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
 def with_labelled_fraction(configs: Sequence[Path], fraction: float, folder: Path) -> list[Path]:
     """Copies of ``configs`` in ``folder`` whose data module has ``labelled_fraction: fraction``; the same file names,
     so the schedules keep their names. Returns their paths."""
@@ -68,8 +75,9 @@ def demo(argv: Optional[list[str]] = None) -> int:
     from lightning_stages.cli.compare import run_compare
 
     parser = argparse.ArgumentParser(prog="python -m examples.segmentation demo", description=demo.__doc__)
-    parser.add_argument("--seeds", type=int, default=DEMO_SEEDS, help=f"seeds per schedule (default {DEMO_SEEDS})")
-    parser.add_argument("--jobs", type=int, default=DEMO_JOBS, help=f"runs at once (default {DEMO_JOBS})")
+    parser.add_argument("--seeds", type=_at_least_one, default=DEMO_SEEDS,
+                        help=f"seeds per schedule (default {DEMO_SEEDS})")
+    parser.add_argument("--jobs", type=_at_least_one, default=DEMO_JOBS, help=f"runs at once (default {DEMO_JOBS})")
     parser.add_argument("--labelled-fraction", type=_fraction, default=None,
                         help="share of the training images whose labels the student knows (default: the configs' "
                              "0.1; 1.0: every label)")
