@@ -147,3 +147,21 @@ def test_demo_rejects_fewer_than_one_seed_or_job_before_any_training(
         demo([option, "0"])
     assert exited.value.code == 2
     assert f"argument {option}: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_a_teacher_checkpoint_of_an_interrupted_training_is_not_the_finished_teacher(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from examples.segmentation import SegmentationTeacher
+    from examples.segmentation.__main__ import unfinished_teacher
+
+    # the teacher config's checkpointing, stopped after 2 epochs (as Ctrl-C leaves it)
+    fit = trainer(tmp_path, max_epochs=2, enable_checkpointing=True, limit_val_batches=0,
+                  callbacks=[ModelCheckpoint(dirpath=tmp_path, filename="teacher", enable_version_counter=False)])
+    fit.fit(SegmentationTeacher(**TINY_TEACHER), datamodule=ShapesDataModule(**TINY_DATA))
+    config = tmp_path / "teacher.yaml"
+    config.write_text("trainer: {max_epochs: 5}\n")
+    assert unfinished_teacher(tmp_path / "teacher.ckpt", config) == (
+        f"it has trained 2 of the 5 epochs of {config} (an interrupted training?)")
+    config.write_text("trainer: {max_epochs: 2}\n")
+    assert unfinished_teacher(tmp_path / "teacher.ckpt", config) is None

@@ -2,8 +2,9 @@
 
 ``demo`` answers the research question end to end, where distillation can matter: the student knows the labels of
 only 10% of the training images (``labelled_fraction``), the teacher was trained on all of them. It trains the
-teacher (unless its checkpoint exists), tests it for reference, then runs ``lightning-stages compare --jobs 2`` over
-distill->finetune, finetune->distill, joint, and labels only (no distillation), and prints where the report is.
+teacher (unless its finished checkpoint exists), tests it for reference, then runs ``lightning-stages compare
+--jobs 2`` over distill->finetune, finetune->distill, joint, and labels only (no distillation), and prints where the
+report is.
 ``--labelled-fraction 1.0`` runs the same comparison with every label known.
 """
 
@@ -53,6 +54,21 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def unfinished_teacher(checkpoint: Path, config: Path = TEACHER_CONFIG) -> Optional[str]:
+    """Why ``checkpoint`` is not the teacher ``config`` trains, or ``None`` when it is.
+
+    The teacher config saves its checkpoint after every epoch, so an interrupted training leaves the checkpoint of
+    its last finished epoch: one that has trained fewer than the config's ``max_epochs`` is not the teacher.
+    """
+    import torch
+
+    wanted = (yaml.safe_load(config.read_text()).get("trainer") or {}).get("max_epochs")
+    epoch = torch.load(checkpoint, map_location="cpu", weights_only=True).get("epoch")
+    if isinstance(wanted, int) and isinstance(epoch, int) and epoch + 1 < wanted:
+        return f"it has trained {epoch + 1} of the {wanted} epochs of {config} (an interrupted training?)"
+    return None
+
+
 def with_labelled_fraction(configs: Sequence[Path], fraction: float, folder: Path) -> list[Path]:
     """Copies of ``configs`` in ``folder`` whose data module has ``labelled_fraction: fraction``; the same file names,
     so the schedules keep their names. Returns their paths."""
@@ -99,7 +115,10 @@ def demo(argv: Optional[list[str]] = None) -> int:
         configs = with_labelled_fraction(configs, args.labelled_fraction, out / "configs")
     start = time.perf_counter()
     teacher_ckpt = Path(TEACHER_CHECKPOINT)
-    if args.retrain_teacher or not teacher_ckpt.is_file():
+    unfinished = unfinished_teacher(teacher_ckpt) if teacher_ckpt.is_file() and not args.retrain_teacher else None
+    if unfinished:
+        print(f"demo: {teacher_ckpt} is not the finished teacher: {unfinished}", flush=True)
+    if args.retrain_teacher or unfinished or not teacher_ckpt.is_file():
         print(f"demo: training the teacher ({TEACHER_CONFIG}) -> {teacher_ckpt}", flush=True)
         StagesLightningCLI(args=["fit", "--config", str(TEACHER_CONFIG), "--trainer.enable_progress_bar=false"])
     else:
