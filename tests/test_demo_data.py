@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -123,6 +124,13 @@ def test_an_unknown_data_value_fails_before_training_naming_stage_field_and_valu
 def test_labelled_fraction_outside_zero_one_is_an_error(fraction: float) -> None:
     with pytest.raises(ValueError, match=rf"`labelled_fraction` to be in \(0, 1\] but got {fraction!r}"):
         data(labelled_fraction=fraction)
+
+
+@pytest.mark.parametrize("fraction", [np.float32(0.25), np.int64(1)])
+def test_a_numpy_labelled_fraction_in_range_is_accepted(fraction: float) -> None:
+    module = data(labelled_fraction=fraction)
+    assert module.num_labelled == {0.25: 8, 1: 32}[float(fraction)]  # of 32 images
+    assert type(module.hparams.labelled_fraction) is float  # a checkpoint's hyper-parameters load with weights_only
 
 
 def test_the_full_label_demo_compares_the_same_schedules_with_every_label(tmp_path: Path) -> None:

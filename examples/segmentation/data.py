@@ -14,6 +14,7 @@ default, without a schedule) or ``"labelled"``, the labelled subset alone.
 
 from __future__ import annotations
 
+import numbers
 from functools import lru_cache
 from typing import Any, Optional
 
@@ -192,10 +193,11 @@ class ShapesDataModule(pl.LightningDataModule):
         labelled_fraction: float = 1.0,
     ) -> None:
         super().__init__()
-        if isinstance(labelled_fraction, bool) or not isinstance(labelled_fraction, (int, float)) or not (
+        if isinstance(labelled_fraction, bool) or not isinstance(labelled_fraction, numbers.Real) or not (
             0 < labelled_fraction <= 1
         ):
             raise ValueError(f"Expected argument `labelled_fraction` to be in (0, 1] but got {labelled_fraction!r}")
+        labelled_fraction = float(labelled_fraction)  # a numpy scalar in a checkpoint fails torch.load(weights_only)
         self.save_hyperparameters()
         self.num_classes = len(CLASSES)
         self.num_labelled = len(labelled_indices(data_seed, num_train, labelled_fraction))
