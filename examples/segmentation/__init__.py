@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python -m examples.segmentation demo                      # teacher, then compare the three schedules
+    python -m examples.segmentation demo                      # teacher, then compare the four schedules
     python -m examples.segmentation fit --config configs/segmentation_teacher.yaml
     python -m examples.segmentation fit --config configs/segmentation_distill_finetune.yaml
 """
