@@ -60,6 +60,22 @@ def test_validate_checks_loss_weights_against_the_model_of_a_lightning_config(
         capsys.readouterr().err
 
 
+def test_validate_takes_the_callbacks_best_weights_argument(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # `best_weights` is an argument of the callback (and `--print_config` writes it), not of the schedule
+    callback = {"class_path": "lightning_stages.StageScheduleCallback",
+                "init_args": {"best_weights": "file", "verbose": False,
+                              "stage_schedule": [{"name": "kd", "start_epoch": 0, "end_epoch": 2}]}}
+    config = tmp_path / "cli.yaml"
+    config.write_text(json.dumps({"trainer": {"max_epochs": 4, "callbacks": [callback]}}))
+    assert main(["validate", str(config)]) == 0
+    assert "1 stage over 4 epochs (kd [0, 2), base [2, 4))" in capsys.readouterr().out
+    callback["init_args"]["best_weights"] = "fiel"
+    config.write_text(json.dumps({"trainer": {"max_epochs": 4, "callbacks": [callback]}}))
+    assert main(["validate", str(config)]) == 2
+    assert ("trainer.callbacks[0] (StageScheduleCallback): `best_weights` = 'fiel': must be 'memory' or 'file'; "
+            "did you mean `file`?") in capsys.readouterr().err
+
+
 def test_validate_with_max_epochs_flags_stages_that_would_never_run(capsys: pytest.CaptureFixture) -> None:
     assert main(["validate", str(CONFIGS / "segmentation_distill_finetune.yaml"), "--max-epochs", "3"]) == 2
     assert "stage 1 ('finetune_only'): `start_epoch` = 3: starts at or beyond max_epochs (3)" in capsys.readouterr().err
