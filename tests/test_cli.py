@@ -76,6 +76,20 @@ def test_validate_takes_the_callbacks_best_weights_argument(tmp_path: Path, caps
             "did you mean `file`?") in capsys.readouterr().err
 
 
+def test_validate_refuses_callback_arguments_outside_init_args(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # LightningCLI's parser refuses this entry; validate said "OK ... no stage schedule"
+    callback = {"class_path": "lightning_stages.StageScheduleCallback",
+                "stage_schedule": [{"name": "kd", "start_epoch": 0, "end_epoch": 2}], "init_arg": {}}
+    config = tmp_path / "cli.yaml"
+    config.write_text(json.dumps({"trainer": {"max_epochs": 4, "callbacks": [callback]}}))
+    assert main(["validate", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert ("config: `trainer.callbacks[0].stage_schedule` = [{'end_epoch': 2, 'name': 'kd', 'start_epoch': 0}]: "
+            "is not a key of a callback entry; the callback's arguments go under `init_args`") in err
+    assert "`trainer.callbacks[0].init_arg` = {}: is not a key of a callback entry" in err
+    assert "did you mean `init_args`?" in err
+
+
 def test_validate_with_max_epochs_flags_stages_that_would_never_run(capsys: pytest.CaptureFixture) -> None:
     assert main(["validate", str(CONFIGS / "segmentation_distill_finetune.yaml"), "--max-epochs", "3"]) == 2
     assert "stage 1 ('finetune_only'): `start_epoch` = 3: starts at or beyond max_epochs (3)" in capsys.readouterr().err

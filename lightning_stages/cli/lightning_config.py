@@ -99,6 +99,11 @@ def _callback_entries(data: Mapping[str, Any], import_modules: bool = True
             problems += failed
         if class_path == _CALLBACK_NAME or (isinstance(cls, type) and issubclass(cls, StageScheduleCallback)):
             init_args = entry.get("init_args") if isinstance(entry, Mapping) else None
+            # LightningCLI's parser refuses any other key in a callback's entry (arguments go under init_args)
+            problems += [StageProblem("is not a key of a callback entry; the callback's arguments go under `init_args`",
+                                      name="config", field=f"trainer.callbacks[{position}].{key}", value=entry[key],
+                                      hint=did_you_mean(str(key), ["class_path", "init_args"]))
+                         for key in (entry if isinstance(entry, Mapping) else ()) if key not in ("class_path", "init_args")]
             if init_args is not None and not isinstance(init_args, Mapping):
                 problems.append(StageProblem(f"must be a mapping of arguments, not {type(init_args).__name__}",
                                              name="config", field=f"trainer.callbacks[{position}].init_args",
