@@ -90,6 +90,25 @@ def test_validate_refuses_callback_arguments_outside_init_args(tmp_path: Path, c
     assert "did you mean `init_args`?" in err
 
 
+def test_lightning_config_values_are_checked_as_the_cli_parser_reads_them() -> None:
+    # LightningCLI's parser turns a YAML "0.5" into the float it types, so fit trains with it; the check refused it
+    from lightning_stages.cli.lightning_config import check_lightning_config
+    from lightning_stages.errors import StageConfigError
+
+    init_args = {"lambda_coef": "0.5", "loss_weights": {"bce": "2"},
+                 "stage_schedule": [{"name": "kd", "start_epoch": 0, "end_epoch": "2", "distillation": "true",
+                                     "lambda_coef": "0.25"}]}
+    config = {"trainer": {"callbacks": [{"class_path": "lightning_stages.StageScheduleCallback",
+                                         "init_args": init_args}]}}
+    ((schedule, overrides),) = check_lightning_config(config)
+    (stage,) = schedule.stages
+    assert (stage.end_epoch, stage.distillation, stage.lambda_coef) == (2, True, 0.25)
+    assert (schedule.lambda_coef, overrides) == (0.5, {"bce": 2.0})
+    init_args["stage_schedule"][0]["lambda_coef"] = "half"  # the parser refuses it too
+    with pytest.raises(StageConfigError, match=r"stage 0 \('kd'\): `lambda_coef` = 'half': must be a number"):
+        check_lightning_config(config)
+
+
 def test_validate_with_max_epochs_flags_stages_that_would_never_run(capsys: pytest.CaptureFixture) -> None:
     assert main(["validate", str(CONFIGS / "segmentation_distill_finetune.yaml"), "--max-epochs", "3"]) == 2
     assert "stage 1 ('finetune_only'): `start_epoch` = 3: starts at or beyond max_epochs (3)" in capsys.readouterr().err

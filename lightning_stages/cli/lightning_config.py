@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from lightning_stages.best_weights import BEST_WEIGHTS_PLACES
-from lightning_stages.cli.declared_weights import declared_by_model, import_class_path
+from lightning_stages.cli.declared_weights import as_the_parser_reads, declared_by_model, import_class_path
 from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
 from lightning_stages.schedule import StageSchedule, bind_schedule
 from lightning_stages.schedule.bind import given_schedule
@@ -130,11 +130,15 @@ def _callback_schedule(init_args: Mapping[str, Any], position: int
                                      hint=did_you_mean(value, BEST_WEIGHTS_PLACES) if isinstance(value, str) else None))
     # the arguments that shape the schedule (`verbose` and `best_weights` do not)
     shaping = [p for p in inspect.signature(given_schedule).parameters if p in accepted]
-    arguments = {k: v for k, v in init_args.items() if k in shaping}
     try:
-        given = given_schedule(**arguments)
-    except StageConfigError as err:
-        raise StageConfigError([*problems, *err.problems]) from None
+        given = given_schedule(**{k: v for k, v in init_args.items() if k in shaping})
+    except StageConfigError:
+        # checked again as LightningCLI's parser reads the values (it converts a YAML "0.5" where a float is typed)
+        try:
+            parsed = as_the_parser_reads(StageScheduleCallback, init_args)
+            given = given_schedule(**{k: v for k, v in parsed.items() if k in shaping})
+        except StageConfigError as err:
+            raise StageConfigError([*problems, *err.problems]) from None
     if problems:
         raise StageConfigError(problems)
     return given
