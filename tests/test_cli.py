@@ -109,6 +109,17 @@ def test_lightning_config_values_are_checked_as_the_cli_parser_reads_them() -> N
         check_lightning_config(config)
 
 
+def test_validate_reads_a_string_max_epochs_as_the_cli_parser_does(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    # LightningCLI trains `max_epochs: "1"` as 1 epoch, so `fit` refuses this stage; validate ignored the epochs
+    callback = {"class_path": "lightning_stages.StageScheduleCallback",
+                "init_args": {"stage_schedule": [{"name": "late", "start_epoch": 2, "distillation": True}]}}
+    config = tmp_path / "cli.yaml"
+    config.write_text(json.dumps({"trainer": {"max_epochs": "1", "callbacks": [callback]}}))
+    assert main(["validate", str(config)]) == 2
+    assert "stage 0 ('late'): `start_epoch` = 2: starts at or beyond max_epochs (1)" in capsys.readouterr().err
+
+
 def test_validate_with_max_epochs_flags_stages_that_would_never_run(capsys: pytest.CaptureFixture) -> None:
     assert main(["validate", str(CONFIGS / "segmentation_distill_finetune.yaml"), "--max-epochs", "3"]) == 2
     assert "stage 1 ('finetune_only'): `start_epoch` = 3: starts at or beyond max_epochs (3)" in capsys.readouterr().err

@@ -8,6 +8,7 @@ LightningCLI config are what its model, built from the config, declares, as the 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import sys
@@ -189,6 +190,9 @@ def check_lightning_config(data: Mapping[str, Any], import_modules: bool = True
 
 def _max_epochs_of(data: Mapping[str, Any], key: str = "max_epochs") -> Optional[int]:
     value = _section(_fit_section(data), "trainer").get(key)
+    if isinstance(value, str):  # LightningCLI's parser reads a YAML "9" where an int is typed as 9
+        with contextlib.suppress(ValueError):
+            value = int(value)
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
