@@ -60,6 +60,66 @@ def test_validate_checks_loss_weights_against_the_model_of_a_lightning_config(
         capsys.readouterr().err
 
 
+def test_validate_takes_the_callbacks_best_weights_argument(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # `best_weights` is an argument of the callback (and `--print_config` writes it), not of the schedule
+    callback = {"class_path": "lightning_stages.StageScheduleCallback",
+                "init_args": {"best_weights": "file", "verbose": False,
+                              "stage_schedule": [{"name": "kd", "start_epoch": 0, "end_epoch": 2}]}}
+    config = tmp_path / "cli.yaml"
+    config.write_text(json.dumps({"trainer": {"max_epochs": 4, "callbacks": [callback]}}))
+    assert main(["validate", str(config)]) == 0
+    assert "1 stage over 4 epochs (kd [0, 2), base [2, 4))" in capsys.readouterr().out
+    callback["init_args"]["best_weights"] = "fiel"
+    config.write_text(json.dumps({"trainer": {"max_epochs": 4, "callbacks": [callback]}}))
+    assert main(["validate", str(config)]) == 2
+    assert ("trainer.callbacks[0] (StageScheduleCallback): `best_weights` = 'fiel': must be 'memory' or 'file'; "
+            "did you mean `file`?") in capsys.readouterr().err
+
+
+def test_validate_refuses_callback_arguments_outside_init_args(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # LightningCLI's parser refuses this entry; validate said "OK ... no stage schedule"
+    callback = {"class_path": "lightning_stages.StageScheduleCallback",
+                "stage_schedule": [{"name": "kd", "start_epoch": 0, "end_epoch": 2}], "init_arg": {}}
+    config = tmp_path / "cli.yaml"
+    config.write_text(json.dumps({"trainer": {"max_epochs": 4, "callbacks": [callback]}}))
+    assert main(["validate", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert ("config: `trainer.callbacks[0].stage_schedule` = [{'end_epoch': 2, 'name': 'kd', 'start_epoch': 0}]: "
+            "is not a key of a callback entry; the callback's arguments go under `init_args`") in err
+    assert "`trainer.callbacks[0].init_arg` = {}: is not a key of a callback entry" in err
+    assert "did you mean `init_args`?" in err
+
+
+def test_lightning_config_values_are_checked_as_the_cli_parser_reads_them() -> None:
+    # LightningCLI's parser turns a YAML "0.5" into the float it types, so fit trains with it; the check refused it
+    from lightning_stages.cli.lightning_config import check_lightning_config
+    from lightning_stages.errors import StageConfigError
+
+    init_args = {"lambda_coef": "0.5", "loss_weights": {"bce": "2"},
+                 "stage_schedule": [{"name": "kd", "start_epoch": 0, "end_epoch": "2", "distillation": "true",
+                                     "lambda_coef": "0.25"}]}
+    config = {"trainer": {"callbacks": [{"class_path": "lightning_stages.StageScheduleCallback",
+                                         "init_args": init_args}]}}
+    ((schedule, overrides),) = check_lightning_config(config)
+    (stage,) = schedule.stages
+    assert (stage.end_epoch, stage.distillation, stage.lambda_coef) == (2, True, 0.25)
+    assert (schedule.lambda_coef, overrides) == (0.5, {"bce": 2.0})
+    init_args["stage_schedule"][0]["lambda_coef"] = "half"  # the parser refuses it too
+    with pytest.raises(StageConfigError, match=r"stage 0 \('kd'\): `lambda_coef` = 'half': must be a number"):
+        check_lightning_config(config)
+
+
+def test_validate_reads_a_string_max_epochs_as_the_cli_parser_does(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    # LightningCLI trains `max_epochs: "1"` as 1 epoch, so `fit` refuses this stage; validate ignored the epochs
+    callback = {"class_path": "lightning_stages.StageScheduleCallback",
+                "init_args": {"stage_schedule": [{"name": "late", "start_epoch": 2, "distillation": True}]}}
+    config = tmp_path / "cli.yaml"
+    config.write_text(json.dumps({"trainer": {"max_epochs": "1", "callbacks": [callback]}}))
+    assert main(["validate", str(config)]) == 2
+    assert "stage 0 ('late'): `start_epoch` = 2: starts at or beyond max_epochs (1)" in capsys.readouterr().err
+
+
 def test_validate_with_max_epochs_flags_stages_that_would_never_run(capsys: pytest.CaptureFixture) -> None:
     assert main(["validate", str(CONFIGS / "segmentation_distill_finetune.yaml"), "--max-epochs", "3"]) == 2
     assert "stage 1 ('finetune_only'): `start_epoch` = 3: starts at or beyond max_epochs (3)" in capsys.readouterr().err

@@ -244,3 +244,14 @@ def test_stages_option_with_a_schedule_already_in_the_config_is_an_error(
     config = tiny_config("joint", tmp_path, teacher=None)
     with pytest.raises(StageConfigError, match="already has a StageScheduleCallback"):
         cli(config, "--stages", str(CONFIGS / "segmentation_distill_finetune.json"))
+
+
+def test_stages_option_after_a_config_that_clears_the_callbacks(tiny_config: Callable[..., Path],
+                                                                tmp_path: Path) -> None:
+    # the first config's schedule is replaced by the second's empty callbacks: `--stages` is the only schedule
+    config = tiny_config("joint", tmp_path, teacher=None)
+    cleared = tmp_path / "cleared.yaml"
+    cleared.write_text("trainer:\n  callbacks: []\n")
+    built = cli(config, "--config", str(cleared), "--stages", str(CONFIGS / "segmentation_distill_finetune.json"))
+    callbacks = [c for c in built.trainer.callbacks if isinstance(c, StageScheduleCallback)]
+    assert [[s.name for s in c.schedule.stages] for c in callbacks] == [["distill_only", "finetune_only"]]

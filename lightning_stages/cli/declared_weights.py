@@ -18,7 +18,7 @@ from typing import Any, Optional
 from lightning_stages.errors import StageConfigError, StageProblem
 from lightning_stages.schedule.bind import declared_settings
 
-__all__ = ["DeclaredWeightsWarning", "declared_by_model", "import_class_path"]
+__all__ = ["DeclaredWeightsWarning", "as_the_parser_reads", "declared_by_model", "import_class_path"]
 
 _KEYS = ("loss_weights", "use_distillation", "lambda_coef")
 
@@ -126,3 +126,49 @@ def declared_by_model(model: Mapping[str, Any], model_class: Optional[str] = Non
         return _static(cls, init_args), False
     return declared_settings(getattr(module, "loss_weights", None), getattr(module, "use_distillation", None),
                              getattr(module, "lambda_coef", None)), True
+
+
+def as_the_parser_reads(cls: type, init_args: Mapping[str, Any]) -> dict[str, Any]:
+    """A callback's ``init_args`` with every value ``LightningCLI``'s parser converts converted as it does (a YAML
+    string ``"0.5"`` where a float is typed, ``"true"`` for a bool), argument by argument and stage by stage of
+    ``stage_schedule``; a value the parser refuses is kept as given, for the library's checks to name.
+
+    Example::
+
+        >>> from lightning_stages import StageScheduleCallback
+        >>> as_the_parser_reads(StageScheduleCallback, {"lambda_coef": "0.5", "distillation": "maybe",
+        ...                                             "stage_schedule": [{"start_epoch": "2"}]})
+        {'lambda_coef': 0.5, 'distillation': 'maybe', 'stage_schedule': [{'start_epoch': 2}]}
+    """
+    try:
+        from jsonargparse import ArgumentParser
+    except ImportError:  # the `cli` extra is not installed: the values as given
+        return dict(init_args)
+    from lightning_stages.schedule.stage import Stage
+
+    def parser(target: type) -> Any:
+        built = ArgumentParser(exit_on_error=False)
+        built.add_class_arguments(target, "x", fail_untyped=False)
+        return built
+
+    def converted(built: Any, values: Mapping[str, Any]) -> Mapping[str, Any]:
+        try:
+            parsed = built.parse_object({"x": dict(values)}).x.as_dict()
+        except Exception:  # the parser refuses it: the library's checks say why, in its words
+            return values
+        return {key: strings_converted(value, parsed.get(key, value)) for key, value in values.items()}
+
+    def strings_converted(given: Any, parsed: Any) -> Any:  # the rest as given, so a message shows it as written
+        if isinstance(given, Mapping) and isinstance(parsed, Mapping):
+            return {key: strings_converted(value, parsed.get(key, value)) for key, value in given.items()}
+        return parsed if isinstance(given, str) else given
+
+    out = dict(init_args)
+    arguments = parser(cls)
+    for key, value in init_args.items():
+        if key == "stage_schedule" and isinstance(value, list):
+            stages = parser(Stage)
+            out[key] = [converted(stages, s) if isinstance(s, Mapping) else s for s in value]
+        elif isinstance(key, str):
+            out[key] = converted(arguments, {key: value}).get(key, value)
+    return out

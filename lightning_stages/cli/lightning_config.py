@@ -8,6 +8,7 @@ LightningCLI config are what its model, built from the config, declares, as the 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import sys
@@ -15,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from lightning_stages.cli.declared_weights import declared_by_model, import_class_path
+from lightning_stages.best_weights import BEST_WEIGHTS_PLACES
+from lightning_stages.cli.declared_weights import as_the_parser_reads, declared_by_model, import_class_path
 from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
 from lightning_stages.schedule import StageSchedule, bind_schedule
 from lightning_stages.schedule.bind import given_schedule
@@ -98,6 +100,11 @@ def _callback_entries(data: Mapping[str, Any], import_modules: bool = True
             problems += failed
         if class_path == _CALLBACK_NAME or (isinstance(cls, type) and issubclass(cls, StageScheduleCallback)):
             init_args = entry.get("init_args") if isinstance(entry, Mapping) else None
+            # LightningCLI's parser refuses any other key in a callback's entry (arguments go under init_args)
+            problems += [StageProblem("is not a key of a callback entry; the callback's arguments go under `init_args`",
+                                      name="config", field=f"trainer.callbacks[{position}].{key}", value=entry[key],
+                                      hint=did_you_mean(str(key), ["class_path", "init_args"]))
+                         for key in (entry if isinstance(entry, Mapping) else ()) if key not in ("class_path", "init_args")]
             if init_args is not None and not isinstance(init_args, Mapping):
                 problems.append(StageProblem(f"must be a mapping of arguments, not {type(init_args).__name__}",
                                              name="config", field=f"trainer.callbacks[{position}].init_args",
@@ -118,11 +125,21 @@ def _callback_schedule(init_args: Mapping[str, Any], position: int
                      hint=did_you_mean(str(key), accepted) or f"the arguments are: {', '.join(accepted)}")
         for key, value in init_args.items() if key not in accepted
     ]
-    arguments = {k: v for k, v in init_args.items() if k in accepted and k != "verbose"}
+    if "best_weights" in init_args and init_args["best_weights"] not in BEST_WEIGHTS_PLACES:
+        value = init_args["best_weights"]
+        problems.append(StageProblem("must be 'memory' or 'file'", name=where, field="best_weights", value=value,
+                                     hint=did_you_mean(value, BEST_WEIGHTS_PLACES) if isinstance(value, str) else None))
+    # the arguments that shape the schedule (`verbose` and `best_weights` do not)
+    shaping = [p for p in inspect.signature(given_schedule).parameters if p in accepted]
     try:
-        given = given_schedule(**arguments)
-    except StageConfigError as err:
-        raise StageConfigError([*problems, *err.problems]) from None
+        given = given_schedule(**{k: v for k, v in init_args.items() if k in shaping})
+    except StageConfigError:
+        # checked again as LightningCLI's parser reads the values (it converts a YAML "0.5" where a float is typed)
+        try:
+            parsed = as_the_parser_reads(StageScheduleCallback, init_args)
+            given = given_schedule(**{k: v for k, v in parsed.items() if k in shaping})
+        except StageConfigError as err:
+            raise StageConfigError([*problems, *err.problems]) from None
     if problems:
         raise StageConfigError(problems)
     return given
@@ -173,6 +190,9 @@ def check_lightning_config(data: Mapping[str, Any], import_modules: bool = True
 
 def _max_epochs_of(data: Mapping[str, Any], key: str = "max_epochs") -> Optional[int]:
     value = _section(_fit_section(data), "trainer").get(key)
+    if isinstance(value, str):  # LightningCLI's parser reads a YAML "9" where an int is typed as 9
+        with contextlib.suppress(ValueError):
+            value = int(value)
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 

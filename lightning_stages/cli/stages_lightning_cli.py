@@ -79,10 +79,9 @@ class StagesLightningCLI(LightningCLI):
             configs, stages = _config_paths(list(sys.argv[1:] if args is None else args))
             for path in configs:
                 if Path(path).is_file():
-                    data = load_config(path)
-                    found = check_lightning_config(data)
-                    if found and stages:
-                        raise StageConfigError(two_schedules_problem(stages[0]))
+                    # a schedule here and `--stages` is an error only if a later config does not replace it: the
+                    # Trainer's callbacks after parsing tell (instantiate_trainer)
+                    check_lightning_config(load_config(path))
             for path in stages:
                 StageSchedule.from_config(path)
         with warnings.catch_warnings():
