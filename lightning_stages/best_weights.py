@@ -21,9 +21,25 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 
-__all__ = ["BEST_WEIGHTS_PLACES", "BestWeights", "student_weights"]
+from lightning_stages.errors import StageProblem, did_you_mean
+
+__all__ = ["BEST_WEIGHTS_PLACES", "BestWeights", "best_weights_problem", "student_weights"]
 
 BEST_WEIGHTS_PLACES = ("memory", "file")
+
+
+def best_weights_problem(value: Any, name: str) -> Optional[StageProblem]:
+    """What is wrong with a ``best_weights`` argument (``None``: it is ``"memory"`` or ``"file"``).
+
+    Example::
+
+        >>> print(best_weights_problem("fiel", "StageScheduleCallback"))
+        StageScheduleCallback: `best_weights` = 'fiel': must be 'memory' or 'file'; did you mean `file`?
+    """
+    if value in BEST_WEIGHTS_PLACES:
+        return None
+    return StageProblem("must be 'memory' or 'file'", name=name, field="best_weights", value=value,
+                        hint=did_you_mean(value, BEST_WEIGHTS_PLACES) if isinstance(value, str) else None)
 
 
 def student_weights(pl_module: torch.nn.Module) -> dict[str, torch.Tensor]:

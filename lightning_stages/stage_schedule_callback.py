@@ -13,11 +13,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_stages.adaptive_stages import AdaptiveStages
-from lightning_stages.best_weights import BEST_WEIGHTS_PLACES
+from lightning_stages.best_weights import best_weights_problem
 from lightning_stages.checkpoint_guard import CheckpointGuard, warn_about_saved_schedule
 from lightning_stages.distillation.distillation_module import DistillationModule
 from lightning_stages.distillation.teachers import refuse_sharded_strategy
-from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
+from lightning_stages.errors import StageConfigError, StageProblem
 from lightning_stages.schedule import StageSchedule
 from lightning_stages.schedule.bind import bind_schedule, declared_settings, given_schedule
 from lightning_stages.schedule.render import format_stage_line, stage_metrics
@@ -122,10 +122,8 @@ class StageScheduleCallback(CheckpointGuard):
         verbose: bool = True,
         best_weights: str = "memory",
     ) -> None:
-        if best_weights not in BEST_WEIGHTS_PLACES:
-            raise StageConfigError(StageProblem(
-                "must be 'memory' or 'file'", name="StageScheduleCallback", field="best_weights", value=best_weights,
-                hint=did_you_mean(best_weights, BEST_WEIGHTS_PLACES) if isinstance(best_weights, str) else None))
+        if problem := best_weights_problem(best_weights, "StageScheduleCallback"):
+            raise StageConfigError(problem)
         # the base weights given here override the module's declared ones key by key (checked against them in
         # setup), so they are kept apart from the schedule
         schedule, self.base_loss_weights = given_schedule(stage_schedule, config, loss_weights, distillation,

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from lightning_stages.best_weights import BEST_WEIGHTS_PLACES
+from lightning_stages.best_weights import best_weights_problem
 from lightning_stages.cli.declared_weights import as_the_parser_reads, declared_by_model, import_class_path
 from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
 from lightning_stages.schedule import StageSchedule, bind_schedule
@@ -125,10 +125,8 @@ def _callback_schedule(init_args: Mapping[str, Any], position: int
                      hint=did_you_mean(str(key), accepted) or f"the arguments are: {', '.join(accepted)}")
         for key, value in init_args.items() if key not in accepted
     ]
-    if "best_weights" in init_args and init_args["best_weights"] not in BEST_WEIGHTS_PLACES:
-        value = init_args["best_weights"]
-        problems.append(StageProblem("must be 'memory' or 'file'", name=where, field="best_weights", value=value,
-                                     hint=did_you_mean(value, BEST_WEIGHTS_PLACES) if isinstance(value, str) else None))
+    if "best_weights" in init_args and (problem := best_weights_problem(init_args["best_weights"], where)):
+        problems.append(problem)
     # the arguments that shape the schedule (`verbose` and `best_weights` do not)
     shaping = [p for p in inspect.signature(given_schedule).parameters if p in accepted]
     try:
