@@ -120,6 +120,30 @@ def test_logit_kd_with_extreme_logits_stays_finite():
     assert torch.isfinite(logit_kd(teacher, student))
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize(("shape", "dim"), [((6, 4), 1), ((6, 4), -1), ((2, 3, 5), -1), ((2, 4, 3), 1), ((5, 3), 0)])
+def test_logit_kd_gradient_is_the_closed_form(temperature, shape, dim):
+    """d/ds of T^2 * mean KL = T * (softmax(s/T) - softmax(t/T)) / positions, along the class dimension: the
+    classes-last layouts (computed on a transpose) and the others alike, contiguous or not."""
+    gen = torch.Generator().manual_seed(3)
+    for student0 in (torch.randn(shape, generator=gen, dtype=torch.float64) * 2,
+                     torch.randn(shape[::-1], generator=gen, dtype=torch.float64).permute(*range(len(shape))[::-1])):
+        teacher = torch.randn(shape, generator=gen, dtype=torch.float64) * 2
+        student = student0.clone().requires_grad_()
+        logit_kd(student, teacher, temperature=temperature, dim=dim).backward()
+        positions = student.numel() // shape[dim]
+        p_s = torch.softmax(student0.detach() / temperature, dim=dim)
+        p_t = torch.softmax(teacher / temperature, dim=dim)
+        torch.testing.assert_close(student.grad, temperature * (p_s - p_t) / positions, rtol=1e-9, atol=1e-12)
+        assert float(logit_kd(student0, teacher, temperature, dim=dim)) == pytest.approx(
+            _logit_kd_reference(student0.movedim(dim, 1), teacher.movedim(dim, 1), temperature), rel=1e-9)
+
+
+def test_logit_kd_of_no_logits_is_nan_as_a_mean_of_nothing():
+    assert math.isnan(float(logit_kd(torch.zeros(0, 5), torch.zeros(0, 5))))
+    assert math.isnan(float(logit_kd(torch.zeros(0, 5), torch.zeros(0, 5), dim=-1, temperature=2.0)))
+
+
 def test_logit_kd_gradient_reaches_the_student_only():
     student = torch.randn(3, 4, requires_grad=True)
     teacher = torch.randn(3, 4)
