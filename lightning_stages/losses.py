@@ -3,6 +3,7 @@ functions that pair hooked features and weight losses (the math behind ``Distill
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -68,6 +69,7 @@ def _check_features(student: Tensor, teacher: Tensor, name: str, adapted: bool, 
         raise ValueError(f"{name}: student features {s_shape} do not match teacher features {t_shape}{how}; {hint}")
 
 
+@functools.lru_cache(maxsize=1024)  # the same few pairs at every step
 def feature_pair_name(student_layer: str, teacher: str, teacher_layer: str) -> str:
     """The key of a layer pair in :func:`paired_feature_losses`: ``"<student layer>__<teacher>.<teacher layer>"``,
     with selectors written as path segments, so that every common logger accepts it (MLflow allows only letters,

@@ -32,8 +32,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stages import IndexedDataset, StageConfigError, StageScheduleCallback, TeacherCache
 from lightning_stages.distillation import teacher_cache_inputs
-from lightning_stages.distillation.teacher_cache_inputs import input_fingerprints, word_hash
-from lightning_stages.distillation.teacher_cache_rows import position_multipliers, row_hash
+from lightning_stages.distillation.teacher_cache_inputs import input_fingerprints
+from lightning_stages.distillation.teacher_cache_rows import (
+    byte_hash,
+    byte_multipliers,
+    byte_sums,
+    products_and_sums,
+    row_hash,
+)
 from lightning_stages.distillation.teacher_fingerprint import teacher_fingerprint
 from lightning_stages.errors import DistillationStepError
 
@@ -117,29 +123,101 @@ def test_row_hash_equals_a_python_reference():
     assert (row_hash(flipped) != row_hash(words)).all()
 
 
-def test_word_hash_equals_a_python_reference_and_sees_every_single_word_change():
-    """The input checksum: sum(mixed word * odd multiplier of its position) mod 2**64, the multipliers row_hash's;
-    the CPU path (a matrix-vector product) and the other devices' (a product and a sum) agree."""
-    def python_hash(words: list[int]) -> int:
-        mixed = [(word & MASK64) ^ ((word & MASK64) >> 29) for word in words]
-        return signed64(sum(x * python_multiplier(p) for p, x in enumerate(mixed, start=1)))
+def _python_byte_hash(row: bytes) -> int:
+    """byte_hash of one row, in plain Python: per 32 KiB chunk 8 sums of signed byte * multiplier, where column 0
+    is 1, columns 1-3 the base-127 digits of the byte's position + 1 and columns 4-7 bytes 1-4 of the position's
+    64-bit word (row_hash's multipliers) mapped to -127..-1, 1..127 (column 6 moved by one where the even columns
+    would add up even); the 32-bit sums, two per little-endian 64-bit
+    word, times those odd multipliers of the word's position, summed modulo 2**64."""
+    chunk = 1 << 15
+    if len(row) > chunk:
+        row = row + bytes(-len(row) % chunk)
+    sums = []
+    for start in range(0, len(row), chunk):
+        part = row[start:start + chunk]
+        columns = [0] * 8
+        for position, byte in enumerate(part):
+            value = byte - 256 if byte > 127 else byte
+            word = python_multiplier(position + 1) & MASK64
+            noise = [((word >> (8 * k + 8)) & 0xFF) % 254 - 127 for k in range(4)]
+            multipliers = [1, *(position // 127**k % 127 + 1 for k in range(3)), *(n + 1 if n >= 0 else n for n in noise)]
+            if sum(multipliers[0::2]) % 2 == 0:  # column 6 moved by one, so that the even columns add up odd
+                multipliers[6] = -2 if multipliers[6] == -1 else 126 if multipliers[6] == 127 else multipliers[6] + 1
+            for k in range(8):
+                columns[k] += value * multipliers[k]
+        sums += columns
+    words = [(sums[2 * i] & 0xFFFFFFFF) | ((sums[2 * i + 1] & 0xFFFFFFFF) << 32) for i in range(len(sums) // 2)]
+    return signed64(sum(w * python_multiplier(p) for p, w in enumerate(words, start=1)))
 
-    words = torch.randint(-(2**63), 2**63 - 1, (5, 9), generator=torch.Generator().manual_seed(0))
-    expected = [python_hash(row) for row in words.tolist()]
-    assert word_hash(words).tolist() == expected
-    # what word_hash computes off the CPU (integer matrix-vector products are CPU-only): the same numbers
-    mixed = words ^ ((words >> 29) & ((1 << 35) - 1))
-    assert (mixed * position_multipliers(words.shape[1], words.device)).sum(-1).tolist() == expected
-    signs = words.clone()
-    signs[:, [2, 5]] ^= torch.tensor(1, dtype=torch.int64) << 63  # two sign bits: a plain linear sum cancels them
-    assert (word_hash(signs) != word_hash(words)).all()
-    for position in range(words.shape[1]):
-        for bit in (0, 31, 63):  # the lowest, a middle and the sign bit of one word
-            changed = words.clone()
-            changed[:, position] ^= torch.tensor(1, dtype=torch.int64) << bit
-            assert (word_hash(changed) != word_hash(words)).all(), (position, bit)
-    swapped = words[:, [1, 0, *range(2, words.shape[1])]]
-    assert (word_hash(swapped) != word_hash(words)).all()
+
+def test_byte_hash_equals_a_python_reference_and_sees_every_one_and_two_byte_change():
+    """The input checksum, against a plain-Python reference; the CPU path (an int8 matrix product and a matrix-vector
+    product) and the other devices' (products and sums) agree; one or two changed bytes always change it."""
+    data = torch.randint(-128, 128, (3, 13), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    expected = [_python_byte_hash(bytes(row)) for row in data.view(torch.uint8).tolist()]
+    assert byte_hash(data).tolist() == expected
+    # what byte_sums computes off the CPU: the same sums
+    multipliers = byte_multipliers(13, data.device)
+    reference = (data.to(torch.int64).unsqueeze(-1) * multipliers.to(torch.int64)).sum(1)
+    assert torch.equal(byte_sums(data).to(torch.int64), reference)
+    assert torch.equal(products_and_sums(data, multipliers).to(torch.int64), reference)
+    base = byte_hash(data)
+    for position in range(13):
+        for delta in (1, 128, 255):  # the lowest bit, the sign bit of a byte, every bit
+            changed = data.view(torch.uint8).clone()
+            changed[:, position] ^= delta
+            assert (byte_hash(changed.view(torch.int8)) != base).all(), (position, delta)
+    for a in range(13):  # every pair of bytes, each changed by opposite amounts (a plain sum would not see it)
+        for b in range(a + 1, 13):
+            changed = data.view(torch.uint8).clone()
+            changed[:, a] += 1
+            changed[:, b] -= 1
+            assert (byte_hash(changed.view(torch.int8)) != base).all(), (a, b)
+    swapped = data[:, [1, 0, *range(2, 13)]]
+    differs = (swapped != data).any(1)
+    assert (byte_hash(swapped.contiguous()) != base)[differs].all()
+
+
+def test_byte_hash_of_rows_longer_than_a_chunk_sees_a_change_and_a_move_of_chunks():
+    gen = torch.Generator().manual_seed(1)
+    data = torch.randint(-128, 128, (2, (1 << 15) + 40), dtype=torch.int8, generator=gen)  # a chunk and 40 bytes
+    assert byte_hash(data).tolist() == [_python_byte_hash(bytes(row)) for row in data.view(torch.uint8).tolist()]
+    changed = data.clone()
+    changed[:, -1] += 1  # in the partial chunk
+    assert (byte_hash(changed) != byte_hash(data)).all()
+    halves = torch.randint(-128, 128, (1, 1 << 15), dtype=torch.int8, generator=gen)
+    other = torch.randint(-128, 128, (1, 1 << 15), dtype=torch.int8, generator=gen)
+    assert byte_hash(torch.cat([halves, other], 1)) != byte_hash(torch.cat([other, halves], 1))
+
+
+def test_byte_multipliers_have_no_zero_no_two_equal_rows_and_an_odd_sum_of_even_columns():
+    multipliers = byte_multipliers(1 << 15, torch.device("cpu"))
+    assert multipliers.dtype == torch.int8 and multipliers.shape == (1 << 15, 8)
+    assert (multipliers != 0).all()
+    assert len(set(map(tuple, multipliers.tolist()))) == 1 << 15
+    assert (multipliers[:, 0::2].to(torch.int64).sum(1) % 2 == 1).all()  # what makes every one-byte change seen
+
+
+def test_byte_hash_sees_every_change_of_one_byte_at_every_position_of_a_chunk():
+    """Every position of a whole 32 KiB chunk, each changed by +1 and by -128: every checksum changes."""
+    gen = torch.Generator().manual_seed(2)
+    row = torch.randint(-128, 128, (1, 1 << 15), dtype=torch.int8, generator=gen)
+    base = byte_hash(row)
+    for delta in (1, -128):
+        for start in range(0, 1 << 15, 4096):  # 4096 changed copies at a time (128 MiB)
+            changed = row.repeat(4096, 1)
+            at = torch.arange(4096)
+            changed[at, start + at] = (changed[at, start + at].to(torch.int64) + delta).to(torch.int8)  # wraps
+            assert (byte_hash(changed) != base).all(), (delta, start)
+
+
+@pytest.mark.parametrize("fill", [-128, 127])
+def test_byte_sums_of_a_whole_chunk_of_extreme_bytes_are_exact(fill):
+    """The largest sums a chunk can give: this CPU's integer matrix product neither wraps nor saturates them."""
+    data = torch.full((3, 1 << 15), fill, dtype=torch.int8)
+    multipliers = byte_multipliers(1 << 15, data.device)
+    expected = (data.to(torch.int64).unsqueeze(-1) * multipliers.to(torch.int64)).sum(1)
+    assert torch.equal(byte_sums(data).to(torch.int64), expected)
 
 
 @pytest.mark.parametrize("make", [

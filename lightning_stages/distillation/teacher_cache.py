@@ -35,7 +35,7 @@ from lightning_stages.errors import DistillationStepError, StageConfigError, Sta
 
 __all__ = ["IndexedDataset", "TeacherCache", "teacher_fingerprint"]  # the first and last: kept here for 0.1 imports
 
-_FORMAT_VERSION = 5  # 5: input checksums of every input's content and structure; 4: by word_hash; 3: container types are rebuilt (2: ModelOutputs as dicts)
+_FORMAT_VERSION = 6  # 6: input checksums by byte_hash; 5: of every input's content and structure; 4: by word_hash; 3: container types are rebuilt (2: ModelOutputs as dicts)
 
 
 def _problem(message: str, field: str, value: Any, hint: Optional[str] = None) -> StageProblem:

@@ -2,8 +2,6 @@
 is only served for the input it was computed from.
 
 * :func:`input_fingerprints`: each sample's checksum over every tensor of the inputs (and their plain values);
-* :func:`word_hash`: the 64-bit checksum of each row of an ``int64`` matrix it is built on, cheap enough for every
-  cached step;
 * :func:`input_tensors`: the tensors of the inputs;
 * :class:`InputChecksums`: the checksums of a cache's reads and writes (a missed batch is hashed once);
 * :func:`sample_indices`: a batch's sample indices, checked.
@@ -22,41 +20,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_stages.distillation.teacher_cache_rows import position_multipliers
+from lightning_stages.distillation.teacher_cache_rows import byte_hash
 from lightning_stages.errors import DistillationStepError, StageProblem
 
-__all__ = ["InputChecksums", "UncheckableInput", "input_fingerprints", "input_tensors", "sample_indices", "word_hash"]
+__all__ = ["InputChecksums", "UncheckableInput", "input_fingerprints", "input_tensors", "sample_indices"]
 
 _MASK64 = (1 << 64) - 1
-_MASK35 = (1 << 35) - 1  # keeps the 35 bits a logical shift by 29 leaves
-
-
-def word_hash(words: Tensor) -> Tensor:
-    """A 64-bit checksum of each row of the ``int64`` matrix ``words``: each word mixed (``x ^ (x >>> 29)``), times
-    an odd 64-bit multiplier of its position (:func:`position_multipliers`), summed modulo 2**64.
-
-    Changing any one word always changes it (the mix is a bijection and an odd number is invertible modulo 2**64),
-    and reordered words change it too. Cheaper than :func:`row_hash`, which mixes the products as well: on the CPU
-    three in-place passes and one matrix-vector product (about 0.1 ms for 256 rows of 512 float32 values on one
-    thread); elsewhere a product and a sum. It checks the teachers' inputs at every cached step;
-    :func:`row_hash` guards the stored rows against corruption.
-
-    Example::
-
-        >>> words = torch.tensor([[1, 2, 3], [1, 2, 3], [3, 2, 1]])
-        >>> h = word_hash(words)
-        >>> bool(h[0] == h[1]), bool(h[0] == h[2])
-        (True, False)
-    """
-    # mixed first (x ^ (x >>> 29), a bijection): in a plain linear sum the top bit of every word would add 2**63
-    # whatever its position, so two sign flips (x and -x in float64) would cancel
-    mixed = torch.bitwise_right_shift(words, 29)
-    mixed &= _MASK35
-    mixed ^= words
-    multipliers = position_multipliers(words.shape[-1], words.device)
-    if words.device.type == "cpu":
-        return torch.mv(mixed, multipliers)  # integer arithmetic wraps: the same sum modulo 2**64
-    return (mixed * multipliers).sum(-1)  # integer matrix-vector products are CPU-only
 
 
 @functools.lru_cache(maxsize=4096)  # the same few names and values at every step
@@ -65,27 +34,17 @@ def _bytes_hash(text: str) -> int:
 
 
 def _tensor_rows_hash(tensor: Tensor, rows: int) -> Tensor:
-    """:func:`word_hash` of each of the ``rows`` rows of ``tensor``'s bytes (unsalted; see :func:`_salt`).
+    """:func:`~lightning_stages.distillation.teacher_cache_rows.byte_hash` of each of the ``rows`` rows of ``tensor``'s bytes (unsalted; see :func:`_salt`).
 
-    A contiguous 2-d tensor whose rows are whole 8-byte words (the usual batch) is read in place, with no copy."""
+    A contiguous 2-d tensor (the usual batch) is read in place, with no copy."""
     flat = tensor.detach() if tensor.requires_grad else tensor
     if flat.dim() != 2 or not flat.is_contiguous():
         flat = flat.reshape(rows, -1).contiguous()
-    size = flat.element_size()
-    whole_words = (flat.shape[1] * size) % 8 == 0 and (flat.stride(0) * size) % 8 == 0
-    if flat.dtype != torch.bool and flat.shape[1] and whole_words and (flat.storage_offset() * size) % 8 == 0:
-        return word_hash(flat.view(torch.int64))
-    flat = flat.clone(memory_format=torch.contiguous_format)  # a buffer of its own, rows packed from its start
     if not flat.shape[1]:  # rows of no elements: nothing to read (their shape enters through the salt)
         return torch.zeros(rows, dtype=torch.int64, device=flat.device)
     if flat.dtype == torch.bool:
-        flat = flat.to(torch.uint8)
-    data = flat.view(torch.uint8)
-    if data.shape[1] % 8:
-        padded = data.new_zeros((rows, data.shape[1] + 8 - data.shape[1] % 8))
-        padded[:, : data.shape[1]] = data
-        data = padded
-    return word_hash(data.view(torch.int64))
+        flat = flat.view(torch.uint8)
+    return byte_hash(flat.view(torch.int8))
 
 
 def _salt(tensor: Tensor) -> int:
