@@ -37,6 +37,7 @@ from lightning_stages.distillation.teacher_cache_rows import (
     byte_hash,
     byte_multipliers,
     byte_sums,
+    padded_int_mm,
     products_and_sums,
     row_hash,
 )
@@ -161,6 +162,8 @@ def test_byte_hash_equals_a_python_reference_and_sees_every_one_and_two_byte_cha
     reference = (data.to(torch.int64).unsqueeze(-1) * multipliers.to(torch.int64)).sum(1)
     assert torch.equal(byte_sums(data).to(torch.int64), reference)
     assert torch.equal(products_and_sums(data, multipliers).to(torch.int64), reference)
+    # CUDA's integer product takes more than 16 rows and a multiple of 8 columns: padded, the same sums
+    assert torch.equal(padded_int_mm(data, multipliers).to(torch.int64), reference)
     base = byte_hash(data)
     for position in range(13):
         for delta in (1, 128, 255):  # the lowest bit, the sign bit of a byte, every bit
@@ -176,6 +179,25 @@ def test_byte_hash_equals_a_python_reference_and_sees_every_one_and_two_byte_cha
     swapped = data[:, [1, 0, *range(2, 13)]]
     differs = (swapped != data).any(1)
     assert (byte_hash(swapped.contiguous()) != base)[differs].all()
+
+
+def test_byte_hash_without_an_integer_matrix_product_gives_the_same_checksums(monkeypatch):
+    """A device or build where torch._int_mm does not run: the products and sums from then on, the same numbers."""
+    from lightning_stages.distillation import teacher_cache_rows
+
+    data = torch.randint(-128, 128, (5, 40), dtype=torch.int8, generator=torch.Generator().manual_seed(4))
+    expected = byte_hash(data)
+    calls = []
+
+    def refuse(*args):
+        calls.append(1)
+        raise NotImplementedError("_int_mm: not on this device")
+
+    monkeypatch.setattr(torch, "_int_mm", refuse)
+    monkeypatch.setitem(teacher_cache_rows._int_mm_works, "cpu", True)
+    assert torch.equal(byte_hash(data), expected)
+    assert torch.equal(byte_hash(data), expected)
+    assert calls == [1] and teacher_cache_rows._int_mm_works["cpu"] is False  # tried once, then not again
 
 
 def test_byte_hash_of_rows_longer_than_a_chunk_sees_a_change_and_a_move_of_chunks():

@@ -20,12 +20,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_stages.errors import StageConfigError, StageProblem
 
-__all__ = ["byte_hash", "byte_multipliers", "byte_sums", "check_spec", "flatten", "position_multipliers",
-           "products_and_sums", "row_hash", "too_large", "unflatten"]
+__all__ = ["byte_hash", "byte_multipliers", "byte_sums", "check_spec", "flatten", "padded_int_mm",
+           "position_multipliers", "products_and_sums", "row_hash", "too_large", "unflatten"]
 
 _MASK32 = 0xFFFFFFFF
 _MASK35 = (1 << 35) - 1
@@ -267,25 +268,40 @@ def byte_multipliers(count: int, device: torch.device) -> Tensor:
     return cached
 
 
-_int_mm_works = {"cpu": hasattr(torch, "_int_mm")}
+_int_mm_works: dict[str, bool] = {}  # per device type: False once torch._int_mm refused to run there
 
 
 def byte_sums(data: Tensor) -> Tensor:
     """``data @ byte_multipliers`` for an ``int8`` matrix of at most 32768 columns: ``(rows, 8)`` ``int32`` sums, exact
     (no sum can overflow), so every device and kernel gives the same numbers."""
     multipliers = byte_multipliers(data.shape[1], data.device)
-    if data.device.type == "cpu" and _int_mm_works["cpu"]:
-        try:
-            return torch._int_mm(data, multipliers)  # one integer matrix product (VNNI where the CPU has it)
-        except (RuntimeError, NotImplementedError):  # a build without it: the same sums below, from then on
-            _int_mm_works["cpu"] = False
+    kind = data.device.type
+    if _int_mm_works.get(kind, hasattr(torch, "_int_mm")):
+        try:  # one integer matrix product (VNNI on the CPU, cuBLASLt on CUDA)
+            return torch._int_mm(data, multipliers) if kind == "cpu" else padded_int_mm(data, multipliers)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (RuntimeError, NotImplementedError):  # not on this device or build: the same sums below, from then on
+            _int_mm_works[kind] = False
     return products_and_sums(data, multipliers)
 
 
+def padded_int_mm(data: Tensor, multipliers: Tensor) -> Tensor:
+    """``torch._int_mm`` with the shapes CUDA's takes (more than 16 rows, a multiple of 8 columns): zero rows and
+    bytes added, which add nothing to the sums, and the added rows' sums dropped."""
+    rows, width = data.shape
+    extra_rows, extra_width = max(0, 17 - rows), -width % 8
+    if extra_rows or extra_width:
+        data = F.pad(data, (0, extra_width, 0, extra_rows))
+        multipliers = F.pad(multipliers, (0, 0, 0, extra_width))
+    return torch._int_mm(data, multipliers)[:rows]
+
+
 def products_and_sums(data: Tensor, multipliers: Tensor) -> Tensor:
-    """:func:`byte_sums` on any device: one product and sum per column, in 64-bit integers."""
-    wide = data.to(torch.int64)
-    return torch.stack([(wide * multipliers[:, k].to(torch.int64)).sum(-1) for k in range(_SUMS)], 1).to(torch.int32)
+    """:func:`byte_sums` on any device: per column a product and a sum in ``int32`` (exact: no sum can overflow), so
+    that the extra memory is four times the data's, one column at a time."""
+    columns = multipliers.to(torch.int32)
+    return torch.stack([torch.sum(data * columns[:, k], dim=-1, dtype=torch.int32) for k in range(_SUMS)], 1)
 
 
 def byte_hash(data: Tensor) -> Tensor:
