@@ -243,6 +243,29 @@ def test_byte_sums_of_a_whole_chunk_of_extreme_bytes_are_exact(fill):
 
 
 @pytest.mark.parametrize("make", [
+    lambda: torch.randn(6, 1).t(),  # a batch of one sample, contiguous with strides (1, 1)
+    lambda: torch.randint(0, 256, (6, 1), dtype=torch.uint8).t(),
+    lambda: torch.randn(1, 4).t(),  # one value per sample, contiguous with strides (1, 4)
+    lambda: torch.arange(4).reshape(1, 4).t(),
+    lambda: torch.randn(6, 1, 1).permute(1, 2, 0),
+])
+def test_an_input_checksum_ignores_the_strides_of_dimensions_of_size_one(make):
+    """A dimension of size 1 may have any stride in a contiguous tensor: the same checksum as a fresh copy's, at
+    every call (torch._int_mm misread a (1, n) int8 matrix of strides (1, 1); view(torch.int8) refused (n, 1)
+    float32 rows of strides (1, n))."""
+    x = make()
+    assert x.is_contiguous() and x.stride() != torch.empty_like(x, memory_format=torch.contiguous_format).stride()
+    expected = input_fingerprints(((x.reshape(-1).clone().view(x.shape),), {}), x.shape[0])
+    for _ in range(3):
+        assert torch.equal(input_fingerprints(((x,), {}), x.shape[0]), expected)
+        assert torch.equal(input_fingerprints(([x], {}), x.shape[0]), input_fingerprints(([x.clone()], {}), x.shape[0]))
+    data = x.reshape(x.shape[0], -1).view(torch.uint8) if x.dtype == torch.uint8 else None
+    if data is not None:  # byte_hash and byte_sums themselves, on such a matrix
+        data = data.view(torch.int8)
+        assert torch.equal(byte_hash(data), byte_hash(data.clone().reshape(-1).view(data.shape)))
+
+
+@pytest.mark.parametrize("make", [
     lambda: torch.randn(4, 6),  # whole 8-byte words per row: read in place
     lambda: torch.randn(4, 6, dtype=torch.float64),
     lambda: torch.randn(21)[1:].view(4, 5),  # contiguous, but not from a whole word of its storage

@@ -274,6 +274,9 @@ _int_mm_works: dict[str, bool] = {}  # per device type: False once torch._int_mm
 def byte_sums(data: Tensor) -> Tensor:
     """``data @ byte_multipliers`` for an ``int8`` matrix of at most 32768 columns: ``(rows, 8)`` ``int32`` sums, exact
     (no sum can overflow), so every device and kernel gives the same numbers."""
+    if data.stride() != (data.shape[1], 1):  # contiguous, yet a dimension of size 1 may have any stride: the CPU's
+        # torch._int_mm reads a (1, n) matrix of strides (1, 1) at the wrong places (a different sum at every call)
+        data = data.as_strided(data.shape, (data.shape[1], 1))
     multipliers = byte_multipliers(data.shape[1], data.device)
     kind = data.device.type
     if _int_mm_works.get(kind, hasattr(torch, "_int_mm")):
