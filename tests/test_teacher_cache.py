@@ -245,6 +245,7 @@ def test_byte_sums_of_a_whole_chunk_of_extreme_bytes_are_exact(fill):
 @pytest.mark.parametrize("make", [
     lambda: torch.randn(6, 1).t(),  # a batch of one sample, contiguous with strides (1, 1)
     lambda: torch.randint(0, 256, (6, 1), dtype=torch.uint8).t(),
+    lambda: torch.randint(0, 256, (1, 6), dtype=torch.uint8).as_strided((1, 6), (0, 1)),  # as Inductor makes them
     lambda: torch.randn(1, 4).t(),  # one value per sample, contiguous with strides (1, 4)
     lambda: torch.arange(4).reshape(1, 4).t(),
     lambda: torch.randn(6, 1, 1).permute(1, 2, 0),

@@ -275,7 +275,8 @@ def byte_sums(data: Tensor) -> Tensor:
     """``data @ byte_multipliers`` for an ``int8`` matrix of at most 32768 columns: ``(rows, 8)`` ``int32`` sums, exact
     (no sum can overflow), so every device and kernel gives the same numbers."""
     if data.stride() != (data.shape[1], 1):  # contiguous, yet a dimension of size 1 may have any stride: the CPU's
-        # torch._int_mm reads a (1, n) matrix of strides (1, 1) at the wrong places (a different sum at every call)
+        # torch._int_mm (oneDNN) takes a stride below n as the row length, refuses silently and leaves its output
+        # unwritten: another sum at every call (pytorch/pytorch#195066)
         data = data.as_strided(data.shape, (data.shape[1], 1))
     multipliers = byte_multipliers(data.shape[1], data.device)
     kind = data.device.type
