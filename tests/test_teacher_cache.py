@@ -32,15 +32,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stages import IndexedDataset, StageConfigError, StageScheduleCallback, TeacherCache
 from lightning_stages.distillation import teacher_cache_inputs
-from lightning_stages.distillation.teacher_cache_inputs import input_fingerprints
-from lightning_stages.distillation.teacher_cache_rows import (
+from lightning_stages.distillation.teacher_cache_bytes import (
     byte_hash,
     byte_multipliers,
     byte_sums,
     padded_int_mm,
     products_and_sums,
-    row_hash,
 )
+from lightning_stages.distillation.teacher_cache_inputs import input_fingerprints
+from lightning_stages.distillation.teacher_cache_rows import row_hash
 from lightning_stages.distillation.teacher_fingerprint import teacher_fingerprint
 from lightning_stages.errors import DistillationStepError
 
@@ -183,7 +183,7 @@ def test_byte_hash_equals_a_python_reference_and_sees_every_one_and_two_byte_cha
 
 def test_byte_hash_without_an_integer_matrix_product_gives_the_same_checksums(monkeypatch):
     """A device or build where torch._int_mm does not run: the products and sums from then on, the same numbers."""
-    from lightning_stages.distillation import teacher_cache_rows
+    from lightning_stages.distillation import teacher_cache_bytes
 
     data = torch.randint(-128, 128, (5, 40), dtype=torch.int8, generator=torch.Generator().manual_seed(4))
     expected = byte_hash(data)
@@ -194,10 +194,23 @@ def test_byte_hash_without_an_integer_matrix_product_gives_the_same_checksums(mo
         raise NotImplementedError("_int_mm: not on this device")
 
     monkeypatch.setattr(torch, "_int_mm", refuse)
-    monkeypatch.setitem(teacher_cache_rows._int_mm_works, "cpu", True)
+    monkeypatch.setitem(teacher_cache_bytes._int_mm_works, "cpu", True)
     assert torch.equal(byte_hash(data), expected)
     assert torch.equal(byte_hash(data), expected)
-    assert calls == [1] and teacher_cache_rows._int_mm_works["cpu"] is False  # tried once, then not again
+    assert calls == [1] and teacher_cache_bytes._int_mm_works["cpu"] is False  # tried once, then not again
+
+
+def test_an_integer_matrix_product_that_gives_other_sums_is_not_used(monkeypatch):
+    """A kernel that runs but gives wrong numbers (zeros here) is found by the one check on a fixed matrix; the sums
+    then come from products and sums, and the checksums are the right ones."""
+    from lightning_stages.distillation import teacher_cache_bytes
+
+    data = torch.randint(-128, 128, (5, 40), dtype=torch.int8, generator=torch.Generator().manual_seed(5))
+    expected = byte_hash(data)
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: torch.zeros(a.shape[0], b.shape[1], dtype=torch.int32))
+    monkeypatch.delitem(teacher_cache_bytes._int_mm_works, "cpu", raising=False)
+    assert torch.equal(byte_hash(data), expected)
+    assert teacher_cache_bytes._int_mm_works["cpu"] is False
 
 
 def test_byte_hash_of_rows_longer_than_a_chunk_sees_a_change_and_a_move_of_chunks():

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_stages.distillation.teacher_cache_rows import byte_hash
+from lightning_stages.distillation.teacher_cache_bytes import byte_hash
 from lightning_stages.errors import DistillationStepError, StageProblem
 
 __all__ = ["InputChecksums", "UncheckableInput", "input_fingerprints", "input_tensors", "sample_indices"]
@@ -34,7 +34,7 @@ def _bytes_hash(text: str) -> int:
 
 
 def _tensor_rows_hash(tensor: Tensor, rows: int) -> Tensor:
-    """:func:`~lightning_stages.distillation.teacher_cache_rows.byte_hash` of each of the ``rows`` rows of ``tensor``'s bytes (unsalted; see :func:`_salt`).
+    """:func:`~lightning_stages.distillation.teacher_cache_bytes.byte_hash` of each of the ``rows`` rows of ``tensor``'s bytes (unsalted; see :func:`_salt`).
 
     A contiguous 2-d tensor (the usual batch) is read in place, with no copy."""
     flat = tensor.detach() if tensor.requires_grad else tensor

@@ -5,10 +5,7 @@ Pure functions, shared by the cache and its two storages (``teacher_cache_storag
 * :func:`flatten` / :func:`unflatten`: teacher outputs and features <-> a JSON description plus a list of tensors
   with one row per sample;
 * :func:`row_hash`: a 64-bit checksum of each row of an ``int64`` matrix (vectorised, on any device), guarding the
-  stored rows against corruption;
-* :func:`byte_hash`: a 64-bit checksum of each row of an ``int8`` matrix (:func:`byte_sums` of
-  :func:`byte_multipliers`, two integer matrix products on the CPU), cheap enough for the teachers' inputs at every
-  cached step (``teacher_cache_inputs.py`` applies it to them).
+  stored rows against corruption (the checksum of the teachers' inputs is in ``teacher_cache_bytes.py``).
 """
 
 from __future__ import annotations
@@ -20,13 +17,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_stages.errors import StageConfigError, StageProblem
 
-__all__ = ["byte_hash", "byte_multipliers", "byte_sums", "check_spec", "flatten", "padded_int_mm",
-           "position_multipliers", "products_and_sums", "row_hash", "too_large", "unflatten"]
+__all__ = ["check_spec", "flatten", "position_multipliers", "row_hash", "too_large", "unflatten"]
 
 _MASK32 = 0xFFFFFFFF
 _MASK35 = (1 << 35) - 1
@@ -227,111 +222,3 @@ def row_hash(words: Tensor) -> Tensor:
     x = words * position_multipliers(words.shape[-1], words.device)
     x ^= (x >> 29) & _MASK35
     return x.sum(-1)
-
-
-_CHUNK = 1 << 15  # bytes per partial sum: 32768 * 255 * 127 < 2**31, so no int32 sum can overflow, even with the
-# unsigned-times-signed byte products some CPU kernels use on the way
-_SUMS = 8  # partial sums per chunk of bytes
-_byte_multipliers_cache: dict[tuple[int, str], Tensor] = {}
-
-
-def byte_multipliers(count: int, device: torch.device) -> Tensor:
-    """The ``(count, 8)`` ``int8`` multipliers of :func:`byte_hash` for ``count <= 32768`` byte positions, the same on
-    every device: column 0 is 1, columns 1-3 the base-127 digits of the position plus 1, columns 4-7 pseudo-random,
-    column 6 made odd or even so that the even columns of a row add up to an odd number.
-
-    No entry is 0 and no two rows are equal, so that changing one byte, or two bytes, always changes the sums; the
-    odd sum of the even columns makes a changed byte always change :func:`byte_hash` itself (see there).
-
-    Example::
-
-        >>> byte_multipliers(3, torch.device("cpu"))[:, :4].tolist()
-        [[1, 1, 1, 1], [1, 2, 1, 1], [1, 3, 1, 1]]
-    """
-    key = (count, str(device))
-    cached = _byte_multipliers_cache.get(key)
-    if cached is None:
-        position = torch.arange(count, dtype=torch.int64)
-        digits = [position // 127**k % 127 + 1 for k in range(3)]  # 1..127
-        mixed = position_multipliers(count, torch.device("cpu"))  # pseudo-random 64-bit words
-        noise = [((mixed >> (8 * k + 8)) & 0xFF) % 254 - 127 for k in range(4)]  # -127..126
-        noise = [torch.where(n >= 0, n + 1, n) for n in noise]  # -127..-1, 1..127
-        columns = torch.stack([torch.ones_like(position), *digits, *noise], dim=1)
-        even = columns[:, 0::2].sum(1) % 2 == 0
-        column6 = columns[:, 6]
-        columns[:, 6] = torch.where(even, torch.where(column6 == -1, -2, torch.where(column6 == 127, 126, column6 + 1)),
-                                    column6)
-        cached = columns.to(torch.int8).to(device)
-        if len(_byte_multipliers_cache) > 64:
-            _byte_multipliers_cache.clear()
-        _byte_multipliers_cache[key] = cached
-    return cached
-
-
-_int_mm_works: dict[str, bool] = {}  # per device type: False once torch._int_mm refused to run there
-
-
-def byte_sums(data: Tensor) -> Tensor:
-    """``data @ byte_multipliers`` for an ``int8`` matrix of at most 32768 columns: ``(rows, 8)`` ``int32`` sums, exact
-    (no sum can overflow), so every device and kernel gives the same numbers."""
-    if data.stride() != (data.shape[1], 1):  # contiguous, yet a dimension of size 1 may have any stride: the CPU's
-        # torch._int_mm (oneDNN) takes a stride below n as the row length, refuses silently and leaves its output
-        # unwritten: another sum at every call (pytorch/pytorch#195066)
-        data = data.as_strided(data.shape, (data.shape[1], 1))
-    multipliers = byte_multipliers(data.shape[1], data.device)
-    kind = data.device.type
-    if _int_mm_works.get(kind, hasattr(torch, "_int_mm")):
-        try:  # one integer matrix product (VNNI on the CPU, cuBLASLt on CUDA)
-            return torch._int_mm(data, multipliers) if kind == "cpu" else padded_int_mm(data, multipliers)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except (RuntimeError, NotImplementedError):  # not on this device or build: the same sums below, from then on
-            _int_mm_works[kind] = False
-    return products_and_sums(data, multipliers)
-
-
-def padded_int_mm(data: Tensor, multipliers: Tensor) -> Tensor:
-    """``torch._int_mm`` with the shapes CUDA's takes (more than 16 rows, a multiple of 8 columns): zero rows and
-    bytes added, which add nothing to the sums, and the added rows' sums dropped."""
-    rows, width = data.shape
-    extra_rows, extra_width = max(0, 17 - rows), -width % 8
-    if extra_rows or extra_width:
-        data = F.pad(data, (0, extra_width, 0, extra_rows))
-        multipliers = F.pad(multipliers, (0, 0, 0, extra_width))
-    return torch._int_mm(data, multipliers)[:rows]
-
-
-def products_and_sums(data: Tensor, multipliers: Tensor) -> Tensor:
-    """:func:`byte_sums` on any device: per column a product and a sum in ``int32`` (exact: no sum can overflow), so
-    that the extra memory is four times the data's, one column at a time."""
-    columns = multipliers.to(torch.int32)
-    return torch.stack([torch.sum(data * columns[:, k], dim=-1, dtype=torch.int32) for k in range(_SUMS)], 1)
-
-
-def byte_hash(data: Tensor) -> Tensor:
-    """A 64-bit checksum of each row of the contiguous ``int8`` matrix ``data`` (a batch's bytes, a row per sample).
-
-    Each 32 KiB chunk of a row gives 8 exact sums of its bytes times :func:`byte_multipliers` (one integer matrix
-    product); the sums, read as 64-bit words, are summed times odd multipliers of their positions (one
-    matrix-vector product), modulo 2**64. Changing one byte of a row always changes its checksum: its low 32 bits
-    are the bytes times odd numbers (the even columns of :func:`byte_multipliers` add up to an odd number, the
-    multipliers are odd), modulo 2**32. Two changed bytes always change the sums; reordered bytes and chunks change
-    the checksum too. About 0.07 ms for 256 rows of 512 float32 values on one thread, against 0.08 ms for a copy.
-
-    Example::
-
-        >>> data = torch.tensor([[1, 2, 3], [1, 2, 3], [3, 2, 1]], dtype=torch.int8)
-        >>> h = byte_hash(data)
-        >>> bool(h[0] == h[1]), bool(h[0] == h[2])
-        (True, False)
-    """
-    rows, width = data.shape
-    if width > _CHUNK:  # whole chunks (zero bytes add nothing), a row of partial sums per chunk
-        if width % _CHUNK:
-            data = torch.cat([data, data.new_zeros(rows, _CHUNK - width % _CHUNK)], dim=1)
-        data = data.reshape(-1, _CHUNK)
-    words = byte_sums(data).reshape(rows, -1).view(torch.int64)  # two sums per 64-bit word
-    multipliers = position_multipliers(words.shape[1], words.device)
-    if words.device.type == "cpu":
-        return torch.mv(words, multipliers)  # integer arithmetic wraps: the sum modulo 2**64
-    return (words * multipliers).sum(-1)  # integer matrix-vector products are CPU-only
