@@ -18,7 +18,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from conftest import TinyNet, run_ddp_worker
+from conftest import ManualTinyNet, TinyNet, run_ddp_worker
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -36,17 +36,9 @@ class NaNOnOneRank(TinyNet):
         return loss
 
 
-class SkippedOnOtherRank(TinyNet):
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
-
+class SkippedOnOtherRank(ManualTinyNet):
     def training_step(self, batch, batch_idx):
-        optimizer = self.optimizers()
-        loss = super().training_step(batch, batch_idx)
-        optimizer.zero_grad()
-        self.manual_backward(loss)
-        optimizer.step()
+        loss = super().training_step(batch, batch_idx)  # stepped
         if (self.trainer.current_epoch, batch_idx) == (BAD_EPOCH, BAD_BATCH):
             return None if self.trainer.global_rank == BAD_RANK else loss * float("nan")
         return loss

@@ -236,6 +236,23 @@ class TinyNet(DistillationModule, pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
+class ManualTinyNet(TinyNet):
+    """:class:`TinyNet` under manual optimization: each ``training_step`` runs one optimizer step on its loss and
+    returns the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss
+
+
 class EpochShuffle(Sampler):
     """A new permutation every epoch, a pure function of the epoch (Lightning calls ``set_epoch``)."""
 

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import PlainStudent, TinyNet, loader, trainer
+from conftest import ManualTinyNet, PlainStudent, TinyNet, loader, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -152,18 +152,13 @@ def test_manual_optimization_returning_a_reused_buffer_still_stops_on_its_nan(tm
     """A manual training_step returns one buffer it writes at every step: the NaN of batch 1 is overwritten by the
     finite loss of batch 2 before the epoch ends, and the watch still stops the run, naming batch 1."""
 
-    class ManualBuffer(TinyNet):
+    class ManualBuffer(ManualTinyNet):
         def __init__(self) -> None:
             super().__init__()
-            self.automatic_optimization = False
             self.buffer = torch.zeros(())
 
         def training_step(self, batch, batch_idx):
-            optimizer = self.optimizers()
-            loss = super().training_step(batch, batch_idx)
-            optimizer.zero_grad()
-            self.manual_backward(loss)
-            optimizer.step()
+            loss = super().training_step(batch, batch_idx)  # stepped
             self.buffer.copy_(loss.detach() * (float("nan") if batch_idx == 1 else 1.0))
             return self.buffer
 
