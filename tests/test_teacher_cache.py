@@ -231,6 +231,7 @@ def test_byte_multipliers_have_no_zero_no_two_equal_rows_and_an_odd_sum_of_even_
     assert (multipliers != 0).all()
     assert len(set(map(tuple, multipliers.tolist()))) == 1 << 15
     assert (multipliers[:, 0::2].to(torch.int64).sum(1) % 2 == 1).all()  # what makes every one-byte change seen
+    assert torch.equal(byte_multipliers(40, torch.device("cpu")), multipliers[:40])  # a position's own, any width
 
 
 def test_byte_hash_sees_every_change_of_one_byte_at_every_position_of_a_chunk():

@@ -20,13 +20,14 @@ __all__ = ["byte_hash", "byte_multipliers", "byte_sums", "padded_int_mm", "produ
 _CHUNK = 1 << 15  # bytes per partial sum: 32768 * 255 * 127 < 2**31, so no int32 sum can overflow, even with the
 # unsigned-times-signed byte products some CPU kernels use on the way
 _SUMS = 8  # partial sums per chunk of bytes
-_byte_multipliers_cache: dict[tuple[int, str], Tensor] = {}
+_byte_multipliers: dict[str, Tensor] = {}  # per device: the multipliers of every position of a chunk
 
 
 def byte_multipliers(count: int, device: torch.device) -> Tensor:
     """The ``(count, 8)`` ``int8`` multipliers of :func:`byte_hash` for ``count <= 32768`` byte positions, the same on
     every device: column 0 is 1, columns 1-3 the base-127 digits of the position plus 1, columns 4-7 pseudo-random,
-    column 6 made odd or even so that the even columns of a row add up to an odd number.
+    column 6 made odd or even so that the even columns of a row add up to an odd number. A position's multipliers do
+    not depend on ``count``: they are the first rows of one table per device, made once.
 
     No entry is 0 and no two rows are equal, so that changing one byte, or two bytes, always changes the sums; the
     odd sum of the even columns makes a changed byte always change :func:`byte_hash` itself (see there).
@@ -36,12 +37,11 @@ def byte_multipliers(count: int, device: torch.device) -> Tensor:
         >>> byte_multipliers(3, torch.device("cpu"))[:, :4].tolist()
         [[1, 1, 1, 1], [1, 2, 1, 1], [1, 3, 1, 1]]
     """
-    key = (count, str(device))
-    cached = _byte_multipliers_cache.get(key)
-    if cached is None:
-        position = torch.arange(count, dtype=torch.int64)
+    table = _byte_multipliers.get(str(device))
+    if table is None:
+        position = torch.arange(_CHUNK, dtype=torch.int64)
         digits = [position // 127**k % 127 + 1 for k in range(3)]  # 1..127
-        mixed = position_multipliers(count, torch.device("cpu"))  # pseudo-random 64-bit words
+        mixed = position_multipliers(_CHUNK, torch.device("cpu"))  # pseudo-random 64-bit words
         noise = [((mixed >> (8 * k + 8)) & 0xFF) % 254 - 127 for k in range(4)]  # -127..126
         noise = [torch.where(n >= 0, n + 1, n) for n in noise]  # -127..-1, 1..127
         columns = torch.stack([torch.ones_like(position), *digits, *noise], dim=1)
@@ -49,11 +49,8 @@ def byte_multipliers(count: int, device: torch.device) -> Tensor:
         column6 = columns[:, 6]
         columns[:, 6] = torch.where(even, torch.where(column6 == -1, -2, torch.where(column6 == 127, 126, column6 + 1)),
                                     column6)
-        cached = columns.to(torch.int8).to(device)
-        if len(_byte_multipliers_cache) > 64:
-            _byte_multipliers_cache.clear()
-        _byte_multipliers_cache[key] = cached
-    return cached
+        table = _byte_multipliers[str(device)] = columns.to(torch.int8).to(device)
+    return table[:count]
 
 
 _int_mm_works: dict[str, bool] = {}  # per device type: whether torch._int_mm gave the exact sums there
