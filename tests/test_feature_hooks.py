@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import loader, trainer
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from lightning_stages import StageConfigError
+from lightning_stages import DistillationModule, StageConfigError, StageScheduleCallback
 from lightning_stages.distillation.feature_hooks import FeatureHooks, check_hook_spec
 from lightning_stages.distillation.teachers import prepare
 from lightning_stages.errors import DistillationStepError
@@ -138,3 +142,60 @@ def test_a_module_shared_by_the_student_and_two_teachers_keeps_each_models_own_o
                     "b": xb @ shared.weight.T + shared.bias}
     for model, value in expected.items():
         torch.testing.assert_close(hooks.captured(model)["0"], value)
+
+
+class _CheckpointedStudent(DistillationModule, pl.LightningModule):
+    """6 features -> stem -> block (hooked ``block.0``; run through ``checkpoint`` with ``reentrant`` unless None) ->
+    head; cross-entropy plus the feature loss against the teacher's first layer."""
+
+    def __init__(self, reentrant: bool | None, frozen_block: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.block, self.head = nn.Linear(6, 8), nn.Sequential(nn.Linear(8, 8), nn.ReLU()), nn.Linear(8, 2)
+        self.block.requires_grad_(not frozen_block)
+        self.reentrant, self.frozen_block = reentrant, frozen_block
+        self.loss_weights = {"cls": 1.0}
+
+    def configure_teachers(self):
+        return {"teacher": nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))}
+
+    def configure_feature_hooks(self):
+        return {"student": ["block.0"], "teacher": ["0"]}
+
+    def forward(self, x):
+        h = self.stem(x)
+        if self.frozen_block:
+            with torch.no_grad():
+                h = self.block(h)
+        elif self.reentrant is None:
+            h = self.block(h)
+        else:
+            h = checkpoint(self.block, h, use_reentrant=self.reentrant)
+        return self.head(h)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.run_teachers(x)
+        return self.weighted_loss({"cls": F.cross_entropy(logits, y)}, self.feature_losses())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize(("reentrant", "frozen", "warned"), [
+    (True, False, True),  # the hooked layer ran under no_grad: its feature loss trains nothing
+    (False, False, False),  # non-reentrant checkpointing captures with the gradient
+    (None, False, False),
+    (None, True, False),  # a frozen block under no_grad: nothing there to train
+])
+def test_a_student_layer_captured_without_autograd_is_warned_about_once(tmp_path, reentrant, frozen, warned):
+    fit = trainer(tmp_path, max_epochs=2,
+                  callbacks=[StageScheduleCallback([{"name": "distill", "start_epoch": 0, "distillation": True}])])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit.fit(_CheckpointedStudent(reentrant, frozen), train_dataloaders=loader())
+    about = [str(w.message) for w in caught if "ran without autograd" in str(w.message)]
+    assert len(about) == (1 if warned else 0), about
+    if warned:
+        assert "stage 'distill'" in about[0] and "'block.0'" in about[0] and "use_reentrant=False" in about[0]

@@ -6,6 +6,8 @@ from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Optional
 
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_stages.distillation.feature_selectors import select, split_hook_path, tensor_selectors
@@ -13,7 +15,7 @@ from lightning_stages.distillation.teacher_inputs import RUNNING_TEACHER
 from lightning_stages.errors import DistillationStepError, StageConfigError, StageProblem, closest_names, did_you_mean
 from lightning_stages.losses import paired_feature_losses
 
-__all__ = ["STUDENT", "FeatureHooks", "check_hook_spec", "let_compile_see_hooks", "student_pairing"]
+__all__ = ["STUDENT", "FeatureHooks", "check_hook_spec", "student_pairing"]
 
 #: the name of the student in ``configure_feature_hooks`` and ``captured_features``
 STUDENT = "student"
@@ -23,10 +25,10 @@ class _Capture:
     """What a hook captured: the selected output and the tensor version it had then (``None``: not a tensor, or an
     inference tensor, which keeps no version), or why the selectors did not apply."""
 
-    __slots__ = ("failed", "raw", "value", "version")
+    __slots__ = ("failed", "raw", "value", "version", "without_grad")
 
-    def __init__(self, value: Any, raw: Any = None, failed: Optional[str] = None) -> None:
-        self.value, self.raw, self.failed = value, raw, failed
+    def __init__(self, value: Any, raw: Any = None, failed: Optional[str] = None, without_grad: bool = False) -> None:
+        self.value, self.raw, self.failed, self.without_grad = value, raw, failed, without_grad
         self.version = value._version if isinstance(value, Tensor) and not value.is_inference() else None
 
 
@@ -56,7 +58,12 @@ class _FeatureHook:
             return
         if self.copy and isinstance(value, Tensor):
             value = value.clone()
-        self.store[self.key] = _Capture(value)
+        # a training student module with trainable weights whose output has no gradient: it ran under no_grad, e.g. in
+        # torch.utils.checkpoint(..., use_reentrant=True), so a loss on this capture cannot train it
+        without_grad = (self.model == STUDENT and isinstance(value, Tensor) and not value.requires_grad
+                        and not torch.is_grad_enabled() and module.training
+                        and any(p.requires_grad for p in module.parameters()))
+        self.store[self.key] = _Capture(value, without_grad=without_grad)
 
     def __deepcopy__(self, memo: dict) -> _FeatureHook:
         return _FeatureHook(None, self.key, self.copy, self.model)
@@ -174,20 +181,6 @@ def student_pairing(spec: Mapping[str, Any], teachers: Sequence[str]) -> dict[st
     return {t: _as_paths(own) for t in teachers}
 
 
-def let_compile_see_hooks() -> None:
-    """Make ``torch.compile`` guard on forward hooks, so attaching and removing them per stage takes effect.
-
-    By default Dynamo skips those guards (``skip_nnmodule_hook_guards``) and keeps running whichever hooks
-    existed when it first compiled. With the guards, each hook state compiles once and is then reused.
-    """
-    try:
-        import torch._dynamo.config as dynamo_config
-    except ImportError:  # pragma: no cover - builds without Dynamo
-        return
-    if getattr(dynamo_config, "skip_nnmodule_hook_guards", False):
-        dynamo_config.skip_nnmodule_hook_guards = False
-
-
 class FeatureHooks:
     """The forward hooks of one student and its teachers, and the outputs they captured at the latest forward.
 
@@ -221,6 +214,7 @@ class FeatureHooks:
         self._handles: list[Any] = []
         self._features: dict[str, dict[str, _Capture]] = {}
         self._names: dict[str, list[str]] = {}
+        self._warned: set[str] = set()  # student paths already warned about (captured without a gradient)
 
     def student_layers(self, teacher: str) -> tuple[str, ...]:
         """The student paths paired with ``teacher``'s hooked layers, in order."""
@@ -309,6 +303,8 @@ class FeatureHooks:
         names = [teacher] if teacher is not None else \
             [t for t in teachers if self.spec.get(t) or self.pairing.get(t)] or [next(iter(teachers), "teacher")]
         student = self.captured(STUDENT, stage)
+        if torch.is_grad_enabled():
+            self._warn_without_grad(where)
         losses: dict[str, Tensor] = {}
         for name in names:
             try:
@@ -318,6 +314,16 @@ class FeatureHooks:
             except ValueError as err:
                 raise DistillationStepError(StageProblem(str(err), name=where), stage=stage) from err
         return losses
+
+    def _warn_without_grad(self, where: str) -> None:
+        """Warn, once per layer, that a student layer's capture has no gradient while the loss needs one."""
+        for path, capture in self._features.get(STUDENT, {}).items():
+            if capture.without_grad and path not in self._warned:
+                self._warned.add(path)
+                rank_zero_warn(f"feature distillation in {where}: the student's hooked layer {path!r} ran without "
+                               "autograd (inside torch.utils.checkpoint(..., use_reentrant=True) or torch.no_grad()), "
+                               "so its feature loss trains nothing before it; use use_reentrant=False, or hook a layer "
+                               "outside the checkpointed block")
 
     def put(self, features: Mapping[str, Mapping[str, Any]]) -> None:
         """Put features that did not come from a forward (a teacher cache's) where :meth:`captured` reads them."""

@@ -15,7 +15,6 @@ from lightning_stages.distillation.feature_hooks import (
     STUDENT,
     FeatureHooks,
     check_hook_spec,
-    let_compile_see_hooks,
     student_pairing,
 )
 from lightning_stages.distillation.step_checks import stage_where
@@ -242,6 +241,20 @@ class Teachers:
                 run(hooked)
 
         hooked += hooks.defer(list(self.modules), lambda store, path: _LiveFeature(store, path, run_once))
+
+
+def let_compile_see_hooks() -> None:
+    """Make ``torch.compile`` guard on forward hooks, so attaching and removing them per stage takes effect.
+
+    By default Dynamo skips those guards (``skip_nnmodule_hook_guards``) and keeps running whichever hooks
+    existed when it first compiled. With the guards, each hook state compiles once and is then reused.
+    """
+    try:
+        import torch._dynamo.config as dynamo_config
+    except ImportError:  # pragma: no cover - builds without Dynamo
+        return
+    if getattr(dynamo_config, "skip_nnmodule_hook_guards", False):
+        dynamo_config.skip_nnmodule_hook_guards = False
 
 
 def module_device(module: nn.Module, teachers: Optional[Teachers]) -> torch.device:
