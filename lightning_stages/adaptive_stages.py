@@ -63,7 +63,7 @@ class AdaptiveStages:
 
         >>> adaptive = AdaptiveStages()
         >>> adaptive.state_dict()
-        {'transitions': {}, 'tracker': None, 'best_weights': {'where': 'memory', 'weights': None, 'path': None}}
+        {'transitions': {}, 'tracker': None, 'best_weights': {'where': 'memory', 'weights': None, 'path': None, 'step': None}}
     """
 
     def __init__(self, best_weights: str = "memory") -> None:
@@ -197,10 +197,11 @@ class AdaptiveStages:
             rank_zero_warn(f"StageScheduleCallback: stage {index} has `restore_best` but {why}; its last weights "
                            "are kept.")
             return
-        self.best.restore(trainer, pl_module)
+        restored = self.best.restore(trainer, pl_module)
         self.best.clear()
-        for optimizer in trainer.optimizers:
-            optimizer.state.clear()
+        if restored:  # the running state was gathered on other weights
+            for optimizer in trainer.optimizers:
+                optimizer.state.clear()
 
     # ------------------------------------------------------------------ checkpointing
 

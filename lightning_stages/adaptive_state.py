@@ -19,7 +19,7 @@ from lightning_stages.schedule.adaptive_checks import MODES
 __all__ = ["adaptive_state_problems"]
 
 _TRACKER_FIELDS = tuple(PlateauTracker.__dataclass_fields__)
-_BEST_FIELDS = ("where", "weights", "path")
+_BEST_FIELDS = ("where", "weights", "path", "step")  # step: a file's global step (absent in older checkpoints)
 
 
 def _problem(message: str, field: str, value: Any) -> StageProblem:
@@ -65,6 +65,9 @@ def _best_weights_problems(best: Any) -> list[StageProblem]:
         problems.append(_problem("must be a mapping of names to tensors", f"{field}.weights", value=weights))
     if path is not None and not isinstance(path, str):
         problems.append(_problem("must be the path of a weights file", f"{field}.path", value=path))
+    step = best.get("step")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+        problems.append(_problem("must be the global step the file was written at", f"{field}.step", value=step))
     return problems
 
 

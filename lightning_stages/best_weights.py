@@ -6,8 +6,10 @@ Two places, chosen with ``StageScheduleCallback(best_weights=...)``:
   ``restore_best`` stage runs; it is also written into every checkpoint taken during the stage (a checkpoint grows
   by one copy of the student), which is what lets a resumed run restore the same weights.
 * ``"file"``: ``<trainer.log_dir>/best_weights/stage_<index>.pt``, written by rank zero at each improvement (one
-  ``torch.save`` of the student); the checkpoint holds only its path. Under DDP every rank reads that file at the
-  stage's end, so the log dir must be on a file system all ranks see (as for ``ModelCheckpoint``).
+  ``torch.save`` of the student and the global step); the checkpoint holds only its path and that step. Under DDP
+  every rank reads that file at the stage's end, so the log dir must be on a file system all ranks see (as for
+  ``ModelCheckpoint``). A file that holds another step's weights than the checkpoint names (a run resumed from an
+  earlier checkpoint, after the original run improved again) is not loaded, with a warning.
 
 Teachers are never stored: a :class:`~lightning_stages.DistillationModule` keeps them out of ``state_dict()``.
 """
@@ -20,8 +22,11 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_stages.errors import StageProblem, did_you_mean
+
+_MARK = "lightning_stages_best_weights"  # a file of this module: {_MARK: 1, "step": ..., "weights": ...}
 
 __all__ = ["BEST_WEIGHTS_PLACES", "BestWeights", "best_weights_problem", "student_weights"]
 
@@ -73,6 +78,7 @@ class BestWeights:
         self.where = where
         self.weights: Optional[dict[str, torch.Tensor]] = None
         self.path: Optional[str] = None
+        self.step: Optional[int] = None  # the global step the file's weights were saved at
 
     @property
     def empty(self) -> bool:
@@ -88,30 +94,45 @@ class BestWeights:
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(path.name + ".partial")
-            torch.save(student_weights(pl_module), partial)
+            torch.save({_MARK: 1, "step": trainer.global_step, "weights": student_weights(pl_module)}, partial)
             os.replace(partial, path)  # a file that exists is whole
-        self.path = str(path)
+        self.path, self.step = str(path), trainer.global_step
 
-    def restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Load the stored weights into the module; every rank loads the same ones. Nothing stored: nothing done."""
+    def restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Load the stored weights into the module; every rank loads the same ones. Nothing stored: nothing done.
+
+        Returns whether weights were loaded: not when the file holds the weights of another step than the one this
+        store saved (a run resumed from an earlier checkpoint, after the original run overwrote the file), which is
+        warned about."""
         if self.path is not None:
             trainer.strategy.barrier("lightning_stages.best_weights")  # rank zero's file is written
             weights: Any = torch.load(self.path, map_location="cpu", weights_only=True)
+            if isinstance(weights, dict) and weights.get(_MARK) == 1:
+                if self.step is not None and weights.get("step") != self.step:
+                    rank_zero_warn(f"StageScheduleCallback: the best-weights file {self.path!r} holds the weights of "
+                                   f"step {weights.get('step')}, not those of step {self.step} that the resumed "
+                                   "checkpoint names: a later improvement of the run it came from overwrote them. The "
+                                   "stage's last weights are kept.")
+                    return False
+                weights = weights.get("weights")
         else:
             weights = self.weights
             if trainer.world_size > 1:  # equal on every rank under DDP anyway; rank zero's copy makes it certain
                 weights = trainer.strategy.broadcast(weights, src=0)
-        if weights is not None:
-            pl_module.load_state_dict(weights)
+        if weights is None:
+            return False
+        pl_module.load_state_dict(weights)
+        return True
 
     def clear(self) -> None:
         """Forget the stored weights (a file stays on disk)."""
-        self.weights, self.path = None, None
+        self.weights, self.path, self.step = None, None, None
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint holds: the weights (``"memory"``) or the file's path (``"file"``)."""
-        return {"where": self.where, "weights": self.weights, "path": self.path}
+        """What a checkpoint holds: the weights (``"memory"``) or the file's path and the step it was saved at
+        (``"file"``)."""
+        return {"where": self.where, "weights": self.weights, "path": self.path, "step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take the stored weights of a checkpoint (kept where this store keeps them)."""
-        self.weights, self.path = state.get("weights"), state.get("path")
+        self.weights, self.path, self.step = state.get("weights"), state.get("path"), state.get("step")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -244,6 +245,35 @@ def test_best_weights_in_a_file_under_the_log_dir(tmp_path):
     for key, value in finish(in_memory).items():
         assert torch.equal(finish(in_file)[key], value), key
     assert callback.adaptive.state_dict()["best_weights"]["weights"] is None
+
+
+@pytest.mark.parametrize(("resume_after", "restored"), [(2, False), (4, True)])
+def test_a_best_weights_file_overwritten_after_the_resumed_checkpoint_is_not_loaded(tmp_path, resume_after, restored):
+    """kd's best is epoch 1, then epoch 4, which overwrites the file. A run resumed from epoch 2's checkpoint (best:
+    epoch 1) that does not improve again must not restore the original run's epoch 4: it warns and keeps its last
+    weights. Resumed from epoch 4's checkpoint, the file is the one it names: restored."""
+    script = [5.0, 3.0, 4.0, 4.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0]
+    stages = two_stages(patience=5, restore_best=True)
+    original = Scripted(script)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
+    trainer(tmp_path, max_epochs=7, enable_checkpointing=True, callbacks=[
+        StageScheduleCallback(stages, verbose=False, best_weights="file"), checkpoints]).fit(original)
+    resumed = Scripted(script[:resume_after + 1] + [9.0] * (len(script) - resume_after - 1))  # no later improvement
+    run = trainer(tmp_path, max_epochs=7, callbacks=[StageScheduleCallback(stages, verbose=False, best_weights="file")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.fit(resumed, ckpt_path=tmp_path / "ckpt" / f"epoch={resume_after}.ckpt")
+    stale = [str(w.message) for w in caught if "holds the weights of step" in str(w.message)]
+    after_kd = resumed.at_epoch_start[6]
+    if restored:
+        assert not stale
+        for key, value in original.at_validation[4].items():
+            assert torch.equal(after_kd[key], value), key
+    else:
+        assert len(stale) == 1 and "stage_0.pt" in stale[0] and "last weights are kept" in stale[0]
+        for key, value in resumed.at_validation[5].items():  # its own last weights
+            assert torch.equal(after_kd[key], value), key
+        assert not all(torch.equal(after_kd[k], v) for k, v in original.at_validation[4].items())
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
