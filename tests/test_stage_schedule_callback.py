@@ -223,7 +223,7 @@ def test_state_dict_holds_the_schedule_and_round_trips_silently_into_the_same_sc
     assert set(state) == {"schedule", "adaptive"}
     # nothing of plateau-ended stages happened before training (tests/test_adaptive_stages.py fills it)
     assert state["adaptive"] == {"transitions": {}, "tracker": None,
-                                 "best_weights": {"where": "memory", "weights": None, "path": None}}
+                                 "best_weights": {"where": "memory", "weights": None, "path": None, "step": None}}
     assert StageSchedule.from_config(state["schedule"]) == callback.schedule
     assert state["schedule"]["distillation"] == {"lambda_coef": 0.5}
     assert [stage["name"] for stage in state["schedule"]["stage_schedule"]] == ["distill_only", "finetune_only"]
