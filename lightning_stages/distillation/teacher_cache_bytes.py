@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lightning_stages.distillation.teacher_cache_rows import position_multipliers
 
-__all__ = ["byte_hash", "byte_multipliers", "byte_sums", "padded_int_mm", "products_and_sums"]
+__all__ = ["byte_hash", "byte_multipliers", "byte_sums", "padded_int_mm", "plain_strides", "products_and_sums"]
 
 _CHUNK = 1 << 15  # bytes per partial sum: 32768 * 255 * 127 < 2**31, so no int32 sum can overflow, even with the
 # unsigned-times-signed byte products some CPU kernels use on the way
@@ -74,13 +74,20 @@ def _int_mm_checked(kind: str, device: torch.device) -> bool:
     return works
 
 
+def plain_strides(matrix: Tensor) -> Tensor:
+    """A contiguous matrix with the strides ``(columns, 1)``, a view of the same memory. A contiguous tensor's
+    dimension of size 1 may have any stride (``x.t()`` of an ``(n, 1)`` ``x``): ``view(torch.int8)`` refuses a last
+    stride other than 1, and the CPU's ``torch._int_mm`` (oneDNN) takes a row stride below the row length as the row
+    length, refuses silently and leaves its output unwritten (pytorch/pytorch#195066)."""
+    if matrix.stride() == (matrix.shape[1], 1):
+        return matrix
+    return matrix.as_strided(matrix.shape, (matrix.shape[1], 1))
+
+
 def byte_sums(data: Tensor) -> Tensor:
     """``data @ byte_multipliers`` for an ``int8`` matrix of at most 32768 columns: ``(rows, 8)`` ``int32`` sums, exact
     (no sum can overflow), so every device and kernel gives the same numbers."""
-    if data.stride() != (data.shape[1], 1):  # contiguous, yet a dimension of size 1 may have any stride: the CPU's
-        # torch._int_mm (oneDNN) takes a stride below n as the row length, refuses silently and leaves its output
-        # unwritten: another sum at every call (pytorch/pytorch#195066)
-        data = data.as_strided(data.shape, (data.shape[1], 1))
+    data = plain_strides(data)
     multipliers = byte_multipliers(data.shape[1], data.device)
     kind = data.device.type
     if _int_mm_checked(kind, data.device):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_stages.distillation.teacher_cache_bytes import byte_hash
+from lightning_stages.distillation.teacher_cache_bytes import byte_hash, plain_strides
 from lightning_stages.errors import DistillationStepError, StageProblem
 
 __all__ = ["InputChecksums", "UncheckableInput", "input_fingerprints", "input_tensors", "sample_indices"]
@@ -40,9 +40,7 @@ def _tensor_rows_hash(tensor: Tensor, rows: int) -> Tensor:
     flat = tensor.detach() if tensor.requires_grad else tensor
     if flat.dim() != 2 or not flat.is_contiguous():
         flat = flat.reshape(rows, -1).contiguous()
-    if flat.stride() != (flat.shape[1], 1):  # contiguous, but a dimension of size 1 with any stride (x.t() of an
-        # (n, 1) x): view(torch.int8) refuses a last stride other than 1, torch._int_mm misreads a batch of one row
-        flat = flat.as_strided(flat.shape, (flat.shape[1], 1))
+    flat = plain_strides(flat)  # before view(torch.int8), which refuses a last stride other than 1
     if not flat.shape[1]:  # rows of no elements: nothing to read (their shape enters through the salt)
         return torch.zeros(rows, dtype=torch.int64, device=flat.device)
     if flat.dtype == torch.bool:
