@@ -193,6 +193,11 @@ class DistillationModule:
                              copy=bool(self.copy_features))
 
     def _module_device(self) -> torch.device:
+        # a LightningModule's device, which Lightning keeps as it moves the module: no walk over the parameters at
+        # every step; another module's first parameter's (see module_device)
+        device = getattr(self, "device", None)
+        if isinstance(device, torch.device):
+            return device
         return module_device(self, self._distillation_state.teachers)  # type: ignore[arg-type]
 
     def update_teacher_placement(self, distills_now: bool, distills_later: bool = False) -> None:
