@@ -181,6 +181,14 @@ def test_byte_hash_equals_a_python_reference_and_sees_every_one_and_two_byte_cha
     assert (byte_hash(swapped.contiguous()) != base)[differs].all()
 
 
+@pytest.mark.parametrize("constant", [0, 5, -(2**63), 2**63 - 1])
+def test_byte_hash_adds_a_constant_modulo_two_to_the_64(constant):
+    """The constant rides in the last operation (an addmv on the CPU); the sum wraps like the checksum's own."""
+    data = torch.randint(-128, 128, (6, 100), dtype=torch.int8, generator=torch.Generator().manual_seed(6))
+    wrapped = [(h + constant + 2**63) % 2**64 - 2**63 for h in byte_hash(data).tolist()]  # in Python integers
+    assert byte_hash(data, torch.tensor(constant)).tolist() == wrapped
+
+
 def test_byte_hash_without_an_integer_matrix_product_gives_the_same_checksums(monkeypatch):
     """A device or build where torch._int_mm does not run: the products and sums from then on, the same numbers."""
     from lightning_stages.distillation import teacher_cache_bytes

@@ -9,6 +9,8 @@ input_fingerprints` takes of the teachers' inputs at every cached step:
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -20,7 +22,8 @@ __all__ = ["byte_hash", "byte_multipliers", "byte_sums", "padded_int_mm", "plain
 _CHUNK = 1 << 15  # bytes per partial sum: 32768 * 255 * 127 < 2**31, so no int32 sum can overflow, even with the
 # unsigned-times-signed byte products some CPU kernels use on the way
 _SUMS = 8  # partial sums per chunk of bytes
-_byte_multipliers: dict[str, Tensor] = {}  # per device: the multipliers of every position of a chunk
+_byte_multipliers: dict[torch.device, Tensor] = {}  # per device: the multipliers of every position of a chunk
+_first_rows: dict[tuple[torch.device, int], Tensor] = {}  # per device and count: the first rows of that table (a view)
 
 
 def byte_multipliers(count: int, device: torch.device) -> Tensor:
@@ -37,7 +40,10 @@ def byte_multipliers(count: int, device: torch.device) -> Tensor:
         >>> byte_multipliers(3, torch.device("cpu"))[:, :4].tolist()
         [[1, 1, 1, 1], [1, 2, 1, 1], [1, 3, 1, 1]]
     """
-    table = _byte_multipliers.get(str(device))
+    rows = _first_rows.get((device, count))  # the usual call: the same count at every step, no slicing
+    if rows is not None:
+        return rows
+    table = _byte_multipliers.get(device)
     if table is None:
         position = torch.arange(_CHUNK, dtype=torch.int64)
         digits = [position // 127**k % 127 + 1 for k in range(3)]  # 1..127
@@ -49,8 +55,11 @@ def byte_multipliers(count: int, device: torch.device) -> Tensor:
         column6 = columns[:, 6]
         columns[:, 6] = torch.where(even, torch.where(column6 == -1, -2, torch.where(column6 == 127, 126, column6 + 1)),
                                     column6)
-        table = _byte_multipliers[str(device)] = columns.to(torch.int8).to(device)
-    return table[:count]
+        table = _byte_multipliers[device] = columns.to(torch.int8).to(device)
+    if len(_first_rows) > 64:  # row lengths of many different inputs: keep the views few
+        _first_rows.clear()
+    rows = _first_rows[(device, count)] = table[:count]
+    return rows
 
 
 _int_mm_works: dict[str, bool] = {}  # per device type: whether torch._int_mm gave the exact sums there
@@ -118,8 +127,9 @@ def products_and_sums(data: Tensor, multipliers: Tensor) -> Tensor:
     return torch.stack([torch.sum(data * columns[:, k], dim=-1, dtype=torch.int32) for k in range(_SUMS)], 1)
 
 
-def byte_hash(data: Tensor) -> Tensor:
-    """A 64-bit checksum of each row of the contiguous ``int8`` matrix ``data`` (a batch's bytes, a row per sample).
+def byte_hash(data: Tensor, constant: Optional[Tensor] = None) -> Tensor:
+    """A 64-bit checksum of each row of the contiguous ``int8`` matrix ``data`` (a batch's bytes, a row per sample),
+    plus ``constant`` (a 0-d ``int64`` tensor on ``data``'s device, added in the same operation on the CPU).
 
     Each 32 KiB chunk of a row gives 8 exact sums of its bytes times :func:`byte_multipliers` (one integer matrix
     product); the sums, read as 64-bit words, are summed times odd multipliers of their positions (one
@@ -143,5 +153,7 @@ def byte_hash(data: Tensor) -> Tensor:
     words = byte_sums(data).reshape(rows, -1).view(torch.int64)  # two sums per 64-bit word
     multipliers = position_multipliers(words.shape[1], words.device)
     if words.device.type == "cpu":
-        return torch.mv(words, multipliers)  # integer arithmetic wraps: the sum modulo 2**64
-    return (words * multipliers).sum(-1)  # integer matrix-vector products are CPU-only
+        # integer arithmetic wraps: the sum modulo 2**64
+        return torch.mv(words, multipliers) if constant is None else torch.addmv(constant, words, multipliers)
+    hashed = (words * multipliers).sum(-1)  # integer matrix-vector products are CPU-only
+    return hashed if constant is None else hashed + constant

@@ -33,8 +33,8 @@ def _bytes_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
 
 
-def _tensor_rows_hash(tensor: Tensor, rows: int) -> Tensor:
-    """:func:`~lightning_stages.distillation.teacher_cache_bytes.byte_hash` of each of the ``rows`` rows of ``tensor``'s bytes (unsalted; see :func:`_salt`).
+def _tensor_rows_hash(tensor: Tensor, rows: int, constant: Optional[Tensor] = None) -> Tensor:
+    """:func:`~lightning_stages.distillation.teacher_cache_bytes.byte_hash` of each of the ``rows`` rows of ``tensor``'s bytes (unsalted; see :func:`_salt`), plus ``constant``.
 
     A contiguous 2-d tensor (the usual batch) is read in place, with no copy."""
     flat = tensor.detach() if tensor.requires_grad else tensor
@@ -42,10 +42,11 @@ def _tensor_rows_hash(tensor: Tensor, rows: int) -> Tensor:
         flat = flat.reshape(rows, -1).contiguous()
     flat = plain_strides(flat)  # before view(torch.int8), which refuses a last stride other than 1
     if not flat.shape[1]:  # rows of no elements: nothing to read (their shape enters through the salt)
-        return torch.zeros(rows, dtype=torch.int64, device=flat.device)
+        zeros = torch.zeros(rows, dtype=torch.int64, device=flat.device)
+        return zeros if constant is None else zeros + constant
     if flat.dtype == torch.bool:
         flat = flat.view(torch.uint8)
-    return byte_hash(flat.view(torch.int8))
+    return byte_hash(flat.view(torch.int8), constant)
 
 
 def _salt(tensor: Tensor) -> int:
@@ -106,7 +107,8 @@ def input_fingerprints(inputs: Any, rows: int) -> Tensor:
         return torch.zeros(0, dtype=torch.int64)
     alone = _lone_batch_tensor(inputs, rows)
     if alone is not None:  # the usual call, run_teachers(x): what the walk below gives, without the walk
-        return _tensor_rows_hash(alone, rows).cpu() + _lone_constant(alone.dtype, tuple(alone.shape[1:]))
+        constant = _lone_constant(alone.dtype, tuple(alone.shape[1:]), alone.device)
+        return _tensor_rows_hash(alone, rows, constant).cpu()
     return _walk(inputs, rows, hash_rows=True)
 
 
@@ -125,11 +127,12 @@ def _lone_batch_tensor(inputs: Any, rows: int) -> Optional[Tensor]:
 
 
 @functools.lru_cache(maxsize=256)
-def _lone_constant(dtype: torch.dtype, row_shape: tuple[int, ...]) -> int:
+def _lone_constant(dtype: torch.dtype, row_shape: tuple[int, ...], device: torch.device) -> Tensor:
     """What :func:`_walk` adds to each row's hash of a lone batch tensor ``((x,), {})`` of this dtype and row shape
-    (found by walking such inputs with the rows' hashes left out: the same walk, so the same value)."""
+    (found by walking such inputs with the rows' hashes left out: the same walk, so the same value), as a 0-d tensor
+    on ``device``, so that the hash adds it in its last operation."""
     stand_in = torch.empty((), dtype=dtype).expand(1, *row_shape)  # no memory of its own; its data is never read
-    return int(_walk(((stand_in,), {}), 1, hash_rows=False)[0])
+    return torch.tensor(int(_walk(((stand_in,), {}), 1, hash_rows=False)[0]), dtype=torch.int64, device=device)
 
 
 def _walk(inputs: Any, rows: int, hash_rows: bool) -> Tensor:

@@ -27,7 +27,7 @@ _MASK32 = 0xFFFFFFFF
 _MASK35 = (1 << 35) - 1
 _MIX = -0x40A7B892E31B1A47  # 0xBF58476D1CE4E5B9 as a signed 64-bit integer (splitmix64's first multiplier)
 _GOLDEN = -0x61C8864680B583EB  # 0x9E3779B97F4A7C15
-_multipliers_cache: dict[tuple[int, str], Tensor] = {}
+_multipliers_cache: dict[tuple[int, torch.device], Tensor] = {}
 
 
 _SUPPORTED = ("tensors, None, and tuples, lists, namedtuples, dicts, OrderedDicts, dataclasses and ModelOutputs of "
@@ -193,7 +193,7 @@ def too_large(values: Tensor, dtype: torch.dtype) -> Optional[float]:
 
 def position_multipliers(count: int, device: torch.device) -> Tensor:
     """``count`` odd pseudo-random 64-bit multipliers, one per word position (the same on every device)."""
-    key = (count, str(device))
+    key = (count, device)
     cached = _multipliers_cache.get(key)
     if cached is None:
         m = torch.arange(1, count + 1, dtype=torch.int64, device=device) * _GOLDEN
