@@ -53,6 +53,14 @@ def _as(row: Tensor, device: Union[torch.device, str, None], dtype: torch.dtype)
     return row.to(device=device, dtype=dtype)
 
 
+def _index_tensor(sample_index: Any) -> Optional[Tensor]:
+    """``sample_index`` if it is a CPU ``int64`` vector (a batch's indices, already checked), else ``None``."""
+    if isinstance(sample_index, Tensor) and sample_index.dtype == torch.int64 and sample_index.dim() == 1 \
+            and sample_index.device.type == "cpu":
+        return sample_index
+    return None
+
+
 class TeacherCache:
     """Stores teacher outputs and hooked teacher features per sample, so later distilling epochs skip the teachers.
 
@@ -273,7 +281,8 @@ class TeacherCache:
         if (self._fingerprint is None and self._storage is None) or not index:  # never bound: nothing stored
             return self._miss(len(index))
         storage = self._bound()
-        rows, mismatched = storage.get(index, None if inputs is None else self._inputs.checksums(inputs, len(index), lookup=True))
+        fingerprints = None if inputs is None else self._inputs.checksums(inputs, len(index), lookup=True)
+        rows, mismatched = storage.get(index, fingerprints, _index_tensor(sample_index))
         layout = storage.layout
         if rows is None or layout is None:
             return self._miss(len(index), mismatched)

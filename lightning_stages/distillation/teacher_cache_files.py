@@ -236,7 +236,8 @@ class FileRows(RowStorage):
     def _intact(self, words: Tensor) -> Tensor:
         return words[:, 0] == row_hash(words[:, 1:]) + self._salt
 
-    def get(self, index: list[int], fingerprints: Optional[Tensor]) -> tuple[Optional[list[Tensor]], int]:
+    def get(self, index: list[int], fingerprints: Optional[Tensor],
+            index_tensor: Optional[Tensor] = None) -> tuple[Optional[list[Tensor]], int]:
         entries = [self._where.get(i) for i in index]
         if None in entries or self.layout is None:
             self._scan()

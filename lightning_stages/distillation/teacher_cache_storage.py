@@ -86,9 +86,11 @@ class RowStorage(abc.ABC):
         """Store (and serve) rows of ``layout`` from now on; rows of another layout are forgotten."""
 
     @abc.abstractmethod
-    def get(self, index: list[int], fingerprints: Optional[Tensor]) -> tuple[Optional[list[Tensor]], int]:
+    def get(self, index: list[int], fingerprints: Optional[Tensor],
+            index_tensor: Optional[Tensor] = None) -> tuple[Optional[list[Tensor]], int]:
         """The stored leaves of the rows ``index`` (or ``None`` unless all are stored, intact and, when
-        ``fingerprints`` is given, stored for those inputs), and how many stored rows had another input."""
+        ``fingerprints`` is given, stored for those inputs), and how many stored rows had another input.
+        ``index_tensor``: the same indices as a CPU ``int64`` tensor, when the caller has one (a batch's)."""
 
     @abc.abstractmethod
     def put(self, index: list[int], fingerprints: Tensor, leaves: list[Tensor]) -> None:
@@ -103,24 +105,35 @@ class RowStorage(abc.ABC):
 
 
 class MemoryRows(RowStorage):
-    """Rows in CPU tensors, one slot per stored sample (growing by doubling)."""
+    """Rows in CPU tensors, one slot per stored sample (growing by doubling).
+
+    While the stored sample indices are compact (the largest below 4 times their number plus 65536: a dataset's
+    indices), a tensor maps each index to its slot too, so that reading a batch whose indices come as a tensor is four
+    tensor operations, with no Python work per sample."""
 
     def __init__(self) -> None:
         self.layout = None
         self._slot: dict[int, int] = {}
         self._leaves: list[Tensor] = []
         self._fingerprints = torch.zeros(0, dtype=torch.int64)
+        self._table: Optional[Tensor] = None  # sample index -> slot, -1 for none; None while the indices are sparse
+        self._top = 0  # 1 + the largest sample index stored
 
     def set_layout(self, layout: dict[str, Any]) -> None:
         if layout != self.layout:
-            self.layout, self._slot = layout, {}
+            self.layout, self._slot, self._table, self._top = layout, {}, None, 0
             self._leaves = [torch.empty((0, *shape), dtype=dtype) for shape, dtype, _ in leaf_specs(layout)]
             self._fingerprints = torch.zeros(0, dtype=torch.int64)
 
     def __len__(self) -> int:
         return len(self._slot)
 
-    def get(self, index: list[int], fingerprints: Optional[Tensor]) -> tuple[Optional[list[Tensor]], int]:
+    def get(self, index: list[int], fingerprints: Optional[Tensor],
+            index_tensor: Optional[Tensor] = None) -> tuple[Optional[list[Tensor]], int]:
+        if index_tensor is not None and self._table is not None and self.layout is not None:
+            rows = self._read_by_table(index_tensor, fingerprints)
+            if rows is not None:  # the usual read: every row stored, for these inputs
+                return rows, 0
         slots = [self._slot.get(i, -1) for i in index]
         present = torch.tensor(slots, dtype=torch.int64)
         mismatched = 0
@@ -146,3 +159,31 @@ class MemoryRows(RowStorage):
         for stored, leaf in zip(self._leaves, leaves):
             stored.index_copy_(0, rows, leaf)
         self._fingerprints.index_copy_(0, rows, fingerprints)
+        self._map(index, rows)
+
+    def _read_by_table(self, index_tensor: Tensor, fingerprints: Optional[Tensor]) -> Optional[list[Tensor]]:
+        """The leaves of the rows ``index_tensor`` if every one is stored (for ``fingerprints``, if given), else
+        ``None``: the read by slots then finds what is missing or stored for another input."""
+        try:  # an index with no row (slot -1) or beyond the table fails the first index_select that reads it
+            present = self._table.index_select(0, index_tensor)  # type: ignore[union-attr]
+            stored = self._fingerprints.index_select(0, present)
+        except IndexError:
+            return None
+        if fingerprints is not None and not torch.equal(stored, fingerprints):
+            return None
+        return [leaf.index_select(0, present) for leaf in self._leaves]
+
+    def _map(self, index: list[int], rows: Tensor) -> None:
+        """Enter the slots ``rows`` of the samples ``index`` into the table (made again from the slots when it
+        grows; dropped while the indices are sparse)."""
+        if not index:
+            return
+        self._top = max(self._top, max(index) + 1)
+        if self._top > 4 * len(self._slot) + 65536:  # a table would be mostly empty: the slots alone
+            self._table = None
+        elif self._table is not None and len(self._table) >= self._top:
+            self._table[torch.tensor(index, dtype=torch.int64)] = rows
+        else:
+            size = self._top if self._table is None else max(self._top, 2 * len(self._table))
+            self._table = torch.full((size,), -1, dtype=torch.int64)
+            self._table[torch.tensor(list(self._slot), dtype=torch.int64)] = torch.tensor(list(self._slot.values()))
