@@ -246,6 +246,16 @@ def test_stages_option_with_a_schedule_already_in_the_config_is_an_error(
         cli(config, "--stages", str(CONFIGS / "segmentation_distill_finetune.json"))
 
 
+def test_a_second_schedule_added_on_the_command_line_is_the_library_s_error_not_lightning_s(
+    tiny_config: Callable[..., Path], tmp_path: Path
+) -> None:
+    config = tiny_config("joint", tmp_path, teacher=None)
+    with pytest.raises(StageConfigError, match="has 2 StageScheduleCallbacks") as info:
+        cli(config, "--trainer.callbacks+=lightning_stages.StageScheduleCallback",
+            "--trainer.callbacks.stage_schedule=[{start_epoch: 0, lambda_coef: 0.5}]")
+    assert info.value.problems[0].field == "trainer.callbacks"
+
+
 def test_stages_option_after_a_config_that_clears_the_callbacks(tiny_config: Callable[..., Path],
                                                                 tmp_path: Path) -> None:
     # the first config's schedule is replaced by the second's empty callbacks: `--stages` is the only schedule

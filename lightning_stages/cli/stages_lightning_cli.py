@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 from typing_extensions import override
 
 from lightning_stages.cli.lightning_config import check_lightning_config, two_schedules_problem
-from lightning_stages.errors import StageConfigError
+from lightning_stages.errors import StageConfigError, StageProblem
 from lightning_stages.schedule import StageSchedule
 from lightning_stages.schedule.seed_format import load_config
 from lightning_stages.stage_schedule_callback import StageScheduleCallback
@@ -92,10 +92,17 @@ class StagesLightningCLI(LightningCLI):
     @override
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         stages = self._get(self.config_init, "stages")
+        callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        schedules = sum(isinstance(cb, StageScheduleCallback) for cb in callbacks)
         if stages:
-            callbacks = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
-            callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
-            if any(isinstance(cb, StageScheduleCallback) for cb in callbacks):
+            if schedules:
                 raise StageConfigError(two_schedules_problem(stages))
             kwargs["callbacks"] = [*callbacks, StageScheduleCallback(config=stages)]
+        elif schedules > 1:  # else Lightning's "more than one stateful callback" RuntimeError
+            raise StageConfigError(StageProblem(
+                f"has {schedules} StageScheduleCallbacks; a run follows one schedule", name="config",
+                field="trainer.callbacks", value=schedules,
+                hint="keep one (a config's, or one added with --trainer.callbacks+=), or give the schedule with "
+                "--stages alone"))
         return super().instantiate_trainer(**kwargs)
