@@ -177,10 +177,7 @@ def check_lightning_config(data: Mapping[str, Any], import_modules: bool = True
         except StageConfigError as err:
             problems += err.problems
     if len(entries) > 1:
-        problems.append(
-            StageProblem("holds more than one StageScheduleCallback; give one schedule per run", name="config",
-                         field="trainer.callbacks", value=[p for p, _ in entries])
-        )
+        problems.append(more_schedules_problem([p for p, _ in entries]))
     if problems:
         raise StageConfigError(problems)
     return given
@@ -274,6 +271,19 @@ def schedule_of_config(
                          else schedule.distillation, declared["lambda_coef"] if schedule.lambda_coef is None
                          else schedule.lambda_coef, total if schedule.total_epochs is None else schedule.total_epochs,
                          total_steps=schedule.total_steps)
+
+
+def more_schedules_problem(value: Any) -> StageProblem:
+    """The problem of ``trainer.callbacks`` holding more than one ``StageScheduleCallback`` (``value``: their
+    positions in a config, or their number after LightningCLI merged the configs and the command line).
+
+    Example::
+
+        >>> more_schedules_problem(2).field
+        'trainer.callbacks'
+    """
+    return StageProblem("holds more than one StageScheduleCallback; give one schedule per run", name="config",
+                        field="trainer.callbacks", value=value)
 
 
 def two_schedules_problem(stages: Union[str, os.PathLike]) -> StageProblem:

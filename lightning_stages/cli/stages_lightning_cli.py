@@ -18,8 +18,12 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 from typing_extensions import override
 
-from lightning_stages.cli.lightning_config import check_lightning_config, two_schedules_problem
-from lightning_stages.errors import StageConfigError, StageProblem
+from lightning_stages.cli.lightning_config import (
+    check_lightning_config,
+    more_schedules_problem,
+    two_schedules_problem,
+)
+from lightning_stages.errors import StageConfigError
 from lightning_stages.schedule import StageSchedule
 from lightning_stages.schedule.seed_format import load_config
 from lightning_stages.stage_schedule_callback import StageScheduleCallback
@@ -99,10 +103,6 @@ class StagesLightningCLI(LightningCLI):
             if schedules:
                 raise StageConfigError(two_schedules_problem(stages))
             kwargs["callbacks"] = [*callbacks, StageScheduleCallback(config=stages)]
-        elif schedules > 1:  # else Lightning's "more than one stateful callback" RuntimeError
-            raise StageConfigError(StageProblem(
-                f"has {schedules} StageScheduleCallbacks; a run follows one schedule", name="config",
-                field="trainer.callbacks", value=schedules,
-                hint="keep one (a config's, or one added with --trainer.callbacks+=), or give the schedule with "
-                "--stages alone"))
+        elif schedules > 1:  # e.g. one added with --trainer.callbacks+=; else Lightning's stateful-callback error
+            raise StageConfigError(more_schedules_problem(schedules))
         return super().instantiate_trainer(**kwargs)
