@@ -256,6 +256,24 @@ def test_a_second_schedule_added_on_the_command_line_is_the_library_s_error_not_
     assert (info.value.problems[0].field, info.value.problems[0].value) == ("trainer.callbacks", 2)
 
 
+@pytest.mark.parametrize("option", ["--trainer.callbacks.stage_schedule", "--trainer.callbacks.init_args.stage_schedule"])
+def test_a_schedule_given_on_the_command_line_is_checked_before_parsing(
+    tiny_config: Callable[..., Path], tmp_path: Path, option: str
+) -> None:
+    config = tiny_config("no_schedule", tmp_path, teacher=None)
+    with pytest.raises(StageConfigError, match="did you mean `lambda_coef`") as info:  # not the parser's long message
+        cli(config, "--trainer.callbacks+=lightning_stages.StageScheduleCallback",
+            option, "[{start_epoch: 0, lamda_coef: 0.5}]")
+    assert (info.value.problems[0].field, info.value.problems[0].value) == ("lamda_coef", 0.5)
+    with pytest.raises(StageConfigError, match="given twice"):
+        cli(config, "--trainer.callbacks+=lightning_stages.StageScheduleCallback",
+            f"{option}=[{{start_epoch: 0, lambda_coef: 0.5, lambda_coef: 1.0}}]")
+    built = cli(config, "--trainer.callbacks+=lightning_stages.StageScheduleCallback",
+                f"{option}=[{{name: warm, start_epoch: 0, lambda_coef: 0.5}}]")
+    callbacks = [c for c in built.trainer.callbacks if isinstance(c, StageScheduleCallback)]
+    assert [[s.name for s in c.schedule.stages] for c in callbacks] == [["warm"]]
+
+
 def test_stages_option_after_a_config_that_clears_the_callbacks(tiny_config: Callable[..., Path],
                                                                 tmp_path: Path) -> None:
     # the first config's schedule is replaced by the second's empty callbacks: `--stages` is the only schedule

@@ -25,10 +25,37 @@ from lightning_stages.cli.lightning_config import (
 )
 from lightning_stages.errors import StageConfigError
 from lightning_stages.schedule import StageSchedule
+from lightning_stages.schedule.config_input import parse_yaml
 from lightning_stages.schedule.seed_format import load_config
 from lightning_stages.stage_schedule_callback import StageScheduleCallback
 
 __all__ = ["StagesLightningCLI"]
+
+
+_SCHEDULE_OPTIONS = ("--trainer.callbacks.stage_schedule", "--trainer.callbacks.init_args.stage_schedule")
+
+
+def _command_line_schedules(args: Sequence[str]) -> list[tuple[str, str]]:
+    """``(option, value)`` of every stage schedule given on a command line to the last callback (jsonargparse's
+    ``--trainer.callbacks.stage_schedule=...``, after ``--trainer.callbacks+=...StageScheduleCallback``)."""
+    found: list[tuple[str, str]] = []
+    for i, arg in enumerate(args):
+        option, equals, value = arg.partition("=")
+        if option in _SCHEDULE_OPTIONS:
+            if equals:
+                found.append((option, value))
+            elif i + 1 < len(args):
+                found.append((option, args[i + 1]))
+    return found
+
+
+def _check_command_line_schedule(option: str, value: str) -> None:
+    """Check a stage schedule given on the command line as the parser would read it (YAML), so that a bad one fails
+    with the library's error; a value that is no list (a path, say) is left to the parser."""
+    schedule = parse_yaml(value, source=option)
+    if isinstance(schedule, list):
+        check_lightning_config({"trainer": {"callbacks": [
+            {"class_path": "lightning_stages.StageScheduleCallback", "init_args": {"stage_schedule": schedule}}]}})
 
 
 def _config_paths(args: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -49,8 +76,8 @@ class StagesLightningCLI(LightningCLI):
 
     * ``--stages path``: train with a schedule in the seed's JSON format (``stage_schedule``,
       ``train.loss_weights``, ``distillation``); it adds ``StageScheduleCallback(config=path)`` to the Trainer.
-    * Before parsing, the schedule of every ``--config`` file's ``StageScheduleCallback`` and of every ``--stages``
-      file is checked (without building a callback), so a bad schedule fails with :class:`~lightning_stages.StageConfigError` naming stage, field and value (the
+    * Before parsing, the schedule of every ``--config`` file's ``StageScheduleCallback``, of every ``--stages``
+      file and of every ``--trainer.callbacks.stage_schedule=...`` is checked (without building a callback), so a bad schedule fails with :class:`~lightning_stages.StageConfigError` naming stage, field and value (the
       parser alone would only say that ``trainer.callbacks`` does not validate).
 
     Takes ``LightningCLI``'s arguments; ``model_class`` and ``datamodule_class`` default to ``None`` (any
@@ -88,6 +115,8 @@ class StagesLightningCLI(LightningCLI):
                     check_lightning_config(load_config(path))
             for path in stages:
                 StageSchedule.from_config(path)
+            for option, value in _command_line_schedules(list(sys.argv[1:] if args is None else args)):
+                _check_command_line_schedule(option, value)
         with warnings.catch_warnings():
             # giving `args` from Python (compare, tests) is what we mean to do; LightningCLI warns about it anyway
             warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
