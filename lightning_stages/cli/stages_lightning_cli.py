@@ -35,13 +35,13 @@ __all__ = ["StagesLightningCLI"]
 _SCHEDULE_OPTIONS = ("--trainer.callbacks.stage_schedule", "--trainer.callbacks.init_args.stage_schedule")
 
 
-def _command_line_schedules(args: Sequence[str]) -> list[tuple[str, str]]:
-    """``(option, value)`` of every stage schedule given on a command line to the last callback (jsonargparse's
-    ``--trainer.callbacks.stage_schedule=...``, after ``--trainer.callbacks+=...StageScheduleCallback``)."""
+def _option_values(args: Sequence[str], options: Sequence[str]) -> list[tuple[str, str]]:
+    """``(option, value)`` of every one of ``options`` on a command line, as ``--option value`` or
+    ``--option=value``, in order."""
     found: list[tuple[str, str]] = []
     for i, arg in enumerate(args):
         option, equals, value = arg.partition("=")
-        if option in _SCHEDULE_OPTIONS:
+        if option in options:
             if equals:
                 found.append((option, value))
             elif i + 1 < len(args):
@@ -50,25 +50,14 @@ def _command_line_schedules(args: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def _check_command_line_schedule(option: str, value: str) -> None:
-    """Check a stage schedule given on the command line as the parser would read it (YAML), so that a bad one fails
-    with the library's error; a value that is no list (a path, say) is left to the parser."""
+    """Check a stage schedule given on the command line to the last callback (jsonargparse's
+    ``--trainer.callbacks.stage_schedule=...``, after ``--trainer.callbacks+=...StageScheduleCallback``) as the parser
+    would read it (YAML), so that a bad one fails with the library's error; a value that is no list (a path, say) is
+    left to the parser."""
     schedule = parse_yaml(value, source=option)
     if isinstance(schedule, list):
         check_lightning_config({"trainer": {"callbacks": [
             {"class_path": "lightning_stages.StageScheduleCallback", "init_args": {"stage_schedule": schedule}}]}})
-
-
-def _config_paths(args: Sequence[str]) -> tuple[list[str], list[str]]:
-    """The ``--config`` and ``--stages`` files named on a command line."""
-    configs: list[str] = []
-    stages: list[str] = []
-    for i, arg in enumerate(args):
-        for flag, out in (("--config", configs), ("-c", configs), ("--stages", stages)):
-            if arg == flag and i + 1 < len(args):
-                out.append(args[i + 1])
-            elif arg.startswith(flag + "="):
-                out.append(arg[len(flag) + 1:])
-    return configs, stages
 
 
 class StagesLightningCLI(LightningCLI):
@@ -107,15 +96,15 @@ class StagesLightningCLI(LightningCLI):
     @override
     def parse_arguments(self, parser: Any, args: Any) -> None:
         if args is None or isinstance(args, (list, tuple)):
-            configs, stages = _config_paths(list(sys.argv[1:] if args is None else args))
-            for path in configs:
+            given = list(sys.argv[1:] if args is None else args)
+            for _, path in _option_values(given, ("--config", "-c")):
                 if Path(path).is_file():
                     # a schedule here and `--stages` is an error only if a later config does not replace it: the
                     # Trainer's callbacks after parsing tell (instantiate_trainer)
                     check_lightning_config(load_config(path))
-            for path in stages:
+            for _, path in _option_values(given, ("--stages",)):
                 StageSchedule.from_config(path)
-            for option, value in _command_line_schedules(list(sys.argv[1:] if args is None else args)):
+            for option, value in _option_values(given, _SCHEDULE_OPTIONS):
                 _check_command_line_schedule(option, value)
         with warnings.catch_warnings():
             # giving `args` from Python (compare, tests) is what we mean to do; LightningCLI warns about it anyway
