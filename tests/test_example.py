@@ -274,6 +274,30 @@ def test_a_schedule_given_on_the_command_line_is_checked_before_parsing(
     assert [[s.name for s in c.schedule.stages] for c in callbacks] == [["warm"]]
 
 
+@pytest.mark.parametrize("section", ["validate", "test", "predict"])
+def test_a_schedule_in_another_subcommand_s_section_is_checked_before_parsing(
+    tiny_config: Callable[..., Path], tmp_path: Path, section: str
+) -> None:
+    # LightningCLI's parser reads every subcommand's section whichever runs: a misspelt key in the `test:` section
+    # stopped `fit` with the parser's long message; now it is the library's error, naming the section
+    fit = yaml.safe_load(tiny_config("no_schedule", tmp_path, teacher=None).read_text())
+    schedule = [{"name": "kd", "start_epoch": 0, "lamda_coef": 0.5}]
+    other = {"trainer": {"callbacks": [{"class_path": "lightning_stages.StageScheduleCallback",
+                                         "init_args": {"stage_schedule": schedule}}]}}
+    config = tmp_path / "sections.yaml"
+    config.write_text(yaml.safe_dump({"fit": fit, section: other}))
+    with pytest.raises(StageConfigError, match=re.escape(f"(in the `{section}` section); did you mean `lambda_coef`")
+                       ) as info:
+        StagesLightningCLI(args=["--config", str(config), "fit"], save_config_callback=None)
+    problem = info.value.problems[0]
+    assert (problem.index, problem.name, problem.field, problem.value) == (0, "kd", "lamda_coef", 0.5)
+    with pytest.raises(StageConfigError, match=f"in the `{section}` section"):
+        schedule_of_config(config)  # `lightning-stages validate` reads the file the same way
+    schedule[0]["lambda_coef"] = schedule[0].pop("lamda_coef")  # a good schedule there is no problem
+    config.write_text(yaml.safe_dump({"fit": fit, section: other}))
+    assert schedule_of_config(config).stages == ()  # the fit run's schedule: none
+
+
 def test_stages_option_after_a_config_that_clears_the_callbacks(tiny_config: Callable[..., Path],
                                                                 tmp_path: Path) -> None:
     # the first config's schedule is replaced by the second's empty callbacks: `--stages` is the only schedule

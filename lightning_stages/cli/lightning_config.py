@@ -9,6 +9,7 @@ LightningCLI config are what its model, built from the config, declares, as the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import os
 import sys
@@ -146,14 +147,14 @@ def _callback_schedule(init_args: Mapping[str, Any], position: int
 def check_lightning_config(data: Mapping[str, Any], import_modules: bool = True
                            ) -> list[tuple[StageSchedule, Optional[dict[str, float]]]]:
     """Check every ``StageScheduleCallback`` of a LightningCLI config without building it, raising the library's
-    error for bad ones.
+    error for bad ones; those of its ``validate``, ``test`` and ``predict`` sections too.
 
     Callback class paths other than ``StageScheduleCallback`` are imported (running the module's top-level code) to
     find subclasses of it; ``import_modules=False`` imports nothing and recognises the callback by its class name.
 
     Returns:
-        ``(schedule, weight overrides)`` of each callback, as :func:`~lightning_stages.schedule.bind.bind_schedule`
-        takes them.
+        ``(schedule, weight overrides)`` of each callback of the ``fit`` run, as
+        :func:`~lightning_stages.schedule.bind.bind_schedule` takes them.
 
     Raises:
         StageConfigError: a schedule problem (each naming stage, field and value), a callback ``class_path`` that
@@ -178,6 +179,12 @@ def check_lightning_config(data: Mapping[str, Any], import_modules: bool = True
             problems += err.problems
     if len(entries) > 1:
         problems.append(more_schedules_problem([p for p, _ in entries]))
+    for key in ("validate", "test", "predict"):  # LightningCLI's parser reads these sections whatever it runs
+        try:
+            if isinstance(data.get(key), Mapping):
+                check_lightning_config(data[key], import_modules)
+        except StageConfigError as err:
+            problems += [dataclasses.replace(p, message=f"{p.message} (in the `{key}` section)") for p in err.problems]
     if problems:
         raise StageConfigError(problems)
     return given
@@ -193,8 +200,7 @@ def _max_epochs_of(data: Mapping[str, Any], key: str = "max_epochs") -> Optional
 
 def schedule_of_config(
     path: Union[str, os.PathLike], max_epochs: Optional[int] = None, stages: Union[str, os.PathLike, None] = None,
-    model_class: Optional[str] = None,
-    import_modules: bool = True,
+    model_class: Optional[str] = None, import_modules: bool = True,
 ) -> StageSchedule:
     """The schedule a config trains with, every base setting resolved, checked the way ``fit`` would check it.
 
@@ -326,23 +332,18 @@ def like_for_like_differences(configs: Sequence[Union[str, os.PathLike]]) -> lis
                 flat[prefix] = value
 
         walk("data", data.get("data"))
-        model = dict(_section(data, "model"))
+        model = {k: v for k, v in _section(data, "model").items() if k not in _SCHEDULE_MODEL_KEYS}
         model["init_args"] = {k: v for k, v in _section(model, "init_args").items() if k not in _SCHEDULE_MODEL_KEYS}
-        for key in _SCHEDULE_MODEL_KEYS:
-            model.pop(key, None)
         walk("model", model)
         flat["trainer.max_epochs"] = _max_epochs_of(data)
         return flat
 
     if len(configs) < 2:
         return []
-    first = settings(configs[0])
-    first_name = Path(configs[0]).name
+    first, first_name = settings(configs[0]), Path(configs[0]).name
     out = []
     for path in configs[1:]:
         other = settings(path)
-        for key in sorted(set(first) | set(other)):
-            mine, theirs = first.get(key), other.get(key)
-            if mine != theirs:
-                out.append(f"{Path(path).name}: {key} = {theirs!r}, but {mine!r} in {first_name}")
+        out += [f"{Path(path).name}: {key} = {other.get(key)!r}, but {first.get(key)!r} in {first_name}"
+                for key in sorted(set(first) | set(other)) if first.get(key) != other.get(key)]
     return out
