@@ -320,3 +320,63 @@ def test_a_second_compare_into_the_same_out_exits_2_and_a_dead_holder_does_not_b
     assert (out / LOCK_FILE).exists()
     result = compare([Path(c) for c in configs], out)
     assert result.trained == 2 and not result.failed
+
+
+# ------------------------------------------------------------------- nothing the user had is lost or overwritten
+
+
+def test_a_misspelt_metric_fails_the_runs_without_deleting_them_and_the_right_one_reuses_them(here: Path) -> None:
+    configs = [fault_config(here, "a", bias=0.1), fault_config(here, "b")]
+    out = here / "out"
+    first = compare(configs, out)
+    assert first.trained == 2 and not first.failed
+    result_file = out / "runs/a/seed_0" / RESULT_FILE
+    saved = result_file.read_bytes()
+    mine = out / "runs/a/seed_0" / "notes.txt"
+    mine.write_text("mine")
+    typo = run_compare(configs, seeds=1, out=out, jobs=1, metrics=["test/scroe"], curve_metric="val/x",
+                       echo=lambda line: None)
+    # before: both runs deleted and trained again, then failed ("logged no test/scroe"); the results were gone
+    assert typo.trained == 0 and typo.failed
+    assert all("the test step logged no test/scroe (logged: " in r.error for runs in typo.runs.values() for r in runs)
+    assert result_file.read_bytes() == saved and mine.read_text() == "mine"
+    again = compare(configs, out)
+    assert again.trained == 0 and not again.failed
+    assert score(again, "a", 0) == pytest.approx(score(first, "a", 0))
+
+
+def test_a_report_or_curves_that_compare_did_not_write_are_never_overwritten(here: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    configs = [str(fault_config(here, "a")), str(fault_config(here, "b"))]
+    out = here / "mine"
+    out.mkdir()
+    (out / "report.md").write_text("my report")
+    args = ["compare", *configs, "--seeds", "1", "--jobs", "1", "--out", str(out), "--metrics", *METRICS,
+            "--curve-metric", "val/x"]
+    assert main(args) == 2  # before: trained, then replaced report.md
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()] and "holds report.md that compare did not write" in err
+    assert (out / "report.md").read_text() == "my report" and not (out / "runs").exists()
+    (out / "report.md").unlink()
+    (out / "curves.png").write_bytes(b"mine")
+    with pytest.raises(OutputInUseError, match="holds curves.png"):
+        compare([Path(c) for c in configs], out)
+    (out / "curves.png").unlink()
+    assert compare([Path(c) for c in configs], out).trained == 2  # an earlier compare's own files are rewritten
+    assert compare([Path(c) for c in configs], out, fresh=True).trained == 2
+
+
+@pytest.mark.parametrize("option", [["--seeds", "\u00b2"], ["--seeds", "9" * 5000], ["--out", "a_file"],
+                                    ["--out", "a_file/under"], ["--launcher", "ray", "--ray-num-cpus", "nan"],
+                                    ["--launcher", "ray", "--ray-num-gpus", "nan"]])
+def test_bad_compare_options_exit_2_with_one_line_before_anything_runs(here: Path, capsys: pytest.CaptureFixture,
+                                                                       option: list[str]) -> None:
+    configs = [str(fault_config(here, "a")), str(fault_config(here, "b"))]
+    (here / "a_file").write_text("mine")
+    args = ["compare", *configs, "--jobs", "1", "--metrics", *METRICS, "--curve-metric", "val/x", "--out", "out"]
+    if "--launcher" in option:
+        args.remove("--jobs"), args.remove("1")
+    assert main([*args, *option]) == 2  # before: a raw ValueError, FileExistsError or NotADirectoryError
+    err = capsys.readouterr().err
+    assert err.startswith("compare: ") and len(err.strip().splitlines()) == 1
+    assert (here / "a_file").read_text() == "mine" and not (here / "out").exists()

@@ -214,7 +214,8 @@ def run_compare(
         ImportError: scipy (or Ray for ``launcher="ray"``) is not installed; the message says how to get it.
         StageConfigError: a config (or ``stages`` file) is missing or not a YAML/JSON mapping; the message names
             the file. Nothing was trained.
-        OutputInUseError: another ``compare`` is writing into ``out``. Nothing was trained.
+        OutputInUseError: another ``compare`` is writing into ``out``, or ``out`` holds a ``report.md`` or
+            ``curves.png`` that no ``compare`` wrote. Nothing was trained.
         KeyboardInterrupt: Ctrl-C (also in a run that trains in this process): the comparison stops; finished runs
             are kept, the runs in flight are lost and no report is written.
 
@@ -236,6 +237,10 @@ def run_compare(
     require_scipy()
     _check_readable([*configs, *(s for s in stages or [] if s)])
     out = Path(out).resolve()
+    theirs = [name for name in ("report.md", "curves.png") if (out / name).exists()]
+    if theirs and not (out / LOCK_FILE).exists():  # files of the user's, not of an earlier compare: never overwritten
+        raise OutputInUseError(f"{out} holds {' and '.join(theirs)} that compare did not write (no {LOCK_FILE}); give "
+                               "another --out, or move them")
     out.mkdir(parents=True, exist_ok=True)
     with lock_out(out):
         add_working_directory_to_path()

@@ -14,6 +14,8 @@ The work is done in :mod:`~lightning_stages.cli.lightning_config` (reading confi
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -184,7 +186,7 @@ def _show(args: argparse.Namespace) -> int:
 def _compare_options(args: argparse.Namespace) -> list[str]:
     problems = []
     seeds = args.seeds
-    if seeds != "auto" and not (seeds.isdigit() and int(seeds) >= 1):
+    if seeds != "auto" and not (re.fullmatch("[0-9]{1,9}", seeds) and int(seeds) >= 1):  # ASCII digits only
         problems.append(f"--seeds must be a positive number of seeds or 'auto', got {seeds!r}")
     if args.max_seeds is not None and seeds != "auto":
         problems.append(f"--max-seeds {args.max_seeds} goes with --seeds auto, not --seeds {seeds}")
@@ -195,10 +197,14 @@ def _compare_options(args: argparse.Namespace) -> list[str]:
     if args.jobs is not None and args.launcher == "ray":
         problems.append("--jobs is for the local launcher; with --launcher ray, --ray-num-cpus per run decides how "
                         "many runs share a machine")
-    if args.ray_num_cpus <= 0 or args.ray_num_gpus < 0:
+    if not (0 < args.ray_num_cpus < math.inf and 0 <= args.ray_num_gpus < math.inf):  # NaN fails both
         problems.append(f"--ray-num-cpus must be > 0 and --ray-num-gpus >= 0, got {args.ray_num_cpus:g} and "
                         f"{args.ray_num_gpus:g}")
     problems += [f"no such config: {path}" for path in args.configs if not Path(path).is_file()]
+    out = Path(args.out)
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        problems.append(f"--out {printable(args.out)!r} cannot be a directory: {printable(str(blocking))!r} is a file")
     return problems
 
 

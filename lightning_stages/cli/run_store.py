@@ -211,7 +211,9 @@ def load_result(folder: Union[str, os.PathLike], fingerprint: str, metrics: Sequ
 
     That is: ``result.json`` parses, its fingerprint matches, it did not fail, every field has its type (numbers
     for metrics and seconds, ``[epoch, value]`` curve points, ``[epoch, name]`` boundaries), its ``schedule`` and
-    ``seed`` are those of the folder ``runs/<schedule>/seed_<seed>``, and it has every metric.
+    ``seed`` are those of the folder ``runs/<schedule>/seed_<seed>``. A run without one of ``metrics`` is returned
+    failed, with the error a new run would give: the same config logs the same metrics, so training it again would
+    only delete a finished run (``compare --fresh`` does that on purpose).
 
     Example::
 
@@ -232,8 +234,9 @@ def load_result(folder: Union[str, os.PathLike], fingerprint: str, metrics: Sequ
     if known["schedule"] != folder.parent.name or folder.name != f"seed_{known['seed']}":
         return None
     run = RunOutcome(**known)
-    if any(m not in run.metrics for m in metrics):
-        return None
+    missing = [m for m in metrics if m not in run.metrics]
+    if missing:  # e.g. a misspelt --metrics: reported as a new run would report it, the run kept as it is
+        run.error = f"KeyError: the test step logged no {', '.join(missing)} (logged: {', '.join(run.metrics) or 'nothing'})"
     run.curves = {k: [(int(p[0]), float(p[1])) for p in v] for k, v in run.curves.items()}
     run.boundaries = [(int(b[0]), str(b[1])) for b in run.boundaries]
     run.metrics = {k: float(v) for k, v in run.metrics.items()}
