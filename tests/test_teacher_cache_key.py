@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_stages import IndexedDataset, StageScheduleCallback
+from lightning_stages import IndexedDataset, StageScheduleCallback, TeacherCache
 from lightning_stages.distillation.teacher_fingerprint import teacher_fingerprint
 from lightning_stages.losses import logit_kd
 
@@ -141,3 +141,36 @@ def test_the_fingerprint_reads_non_persistent_buffers_and_keeps_the_other_teache
         plain.weight.copy_(torch.tensor([[1.0, -2.0]]))
         plain.bias.fill_(0.5)
     assert teacher_fingerprint({"t": plain}, {"t": [""]}, {"precision": None}) == PLAIN_KEY
+
+
+class NewTeacherWeights(pl.Callback):
+    """Loads other weights into the fit's teacher at the end of epoch 0 (``load_state_dict``: in place)."""
+
+    def __init__(self, weights: dict) -> None:
+        self.weights = weights
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == 0:
+            pl_module.teachers["teacher"].load_state_dict(self.weights)
+
+
+@pytest.mark.parametrize("directory", [False, True])
+def test_teacher_weights_changed_in_place_during_a_fit_are_not_served_the_old_rows(tmp_path, directory):
+    other = worker.make_teacher(seed=99)  # the worker's teacher, other weights
+    reference = {0: worker.make_teacher(), 1: other}
+    model = KeyStudent(tmp_path, worker.make_teacher())
+    if not directory:
+        model.teacher_cache = TeacherCache()
+    data = IndexedDataset(TensorDataset(worker.inputs(), torch.zeros(worker.N_SAMPLES, dtype=torch.long)))
+    epochs = []
+    model.on_train_epoch_start = lambda: epochs.append(len(model.seen))  # the first step of each epoch
+    pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0,
+               callbacks=[StageScheduleCallback(stage_schedule=[{"name": "kd", "start_epoch": 0, "distillation": True}],
+                                                verbose=False), NewTeacherWeights(other.state_dict())],
+               ).fit(model, DataLoader(data, batch_size=worker.BATCH_SIZE))
+    assert epochs == [0, STEPS] and len(model.seen) == 2 * STEPS
+    assert model.teacher_calls == 2 * STEPS  # the new weights: a new key, every batch computed again
+    for step, (x, served) in enumerate(model.seen):
+        with torch.no_grad():
+            torch.testing.assert_close(served, reference[step // STEPS](x))

@@ -35,7 +35,7 @@ from lightning_stages.errors import DistillationStepError, StageConfigError, Sta
 
 __all__ = ["IndexedDataset", "TeacherCache", "teacher_fingerprint"]  # the first and last: kept here for 0.1 imports
 
-_FORMAT_VERSION = 6  # 6: input checksums by byte_hash; 5: of every input's content and structure; 4: by word_hash; 3: container types are rebuilt (2: ModelOutputs as dicts)
+_FORMAT_VERSION = 7  # 7: the checksum marks where row tensors stand, mappings and shared shapes; 6: input checksums by byte_hash; 5: of every input's content and structure; 4: by word_hash; 3: container types are rebuilt (2: ModelOutputs as dicts)
 
 
 def _problem(message: str, field: str, value: Any, hint: Optional[str] = None) -> StageProblem:
@@ -118,9 +118,10 @@ class TeacherCache:
         num_samples: Optional[int] = None, version: Optional[str] = None, store_features: bool = True,
     ) -> None:
         problems = []
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            problems.append(_problem("must be None or a floating-point torch.dtype", "dtype", dtype,
-                                     "e.g. torch.bfloat16 or torch.float16"))
+        if dtype is not None and dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            # float8 types have no inf (e4m3fn stores inf as 448) and no index_copy_: values would be silently wrong
+            problems.append(_problem("must be None, torch.float16, torch.bfloat16, torch.float32 or torch.float64",
+                                     "dtype", dtype, "e.g. torch.bfloat16 or torch.float16"))
         if num_samples is not None and (not isinstance(num_samples, int) or isinstance(num_samples, bool)
                                         or num_samples < 1):
             problems.append(_problem("must be None or a positive integer (the dataset size)", "num_samples",

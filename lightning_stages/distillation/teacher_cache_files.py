@@ -23,6 +23,7 @@ import mmap
 import os
 import re
 import uuid
+import warnings
 import zlib
 from typing import Any, Optional, cast
 
@@ -175,6 +176,7 @@ class FileRows(RowStorage):
         self._where: dict[int, tuple[_Shard, int, int]] = {}  # sample -> (shard, record, input fingerprint)
         self._writer: Optional[_Shard] = None
         self._writer_fd: Optional[int] = None
+        self._unwritable = False  # a write failed (disk full, no permission): warned once
         os.makedirs(directory, exist_ok=True)
         with FileLock(os.path.join(directory, ".teacher_cache.lock"), thread_local=False):
             if not os.path.isdir(self.path):
@@ -264,6 +266,8 @@ class FileRows(RowStorage):
             rows.numpy()[positions] = found
         words = rows.view(torch.int64)
         intact = self._intact(words) & (words[:, 1] == torch.tensor(index, dtype=torch.int64))
+        if fingerprints is not None:  # an intact record stored since for another input of the sample: recompute
+            intact &= words[:, 2] == fingerprints
         if not bool(intact.all()):
             for k in (~intact).nonzero().flatten().tolist():
                 if self._where.get(index[k]) is entries[k]:
@@ -271,7 +275,9 @@ class FileRows(RowStorage):
             return None, 0
         leaves, start = [], _ROW_HEAD
         for shape, dtype, nbytes in specs:
-            leaves.append(rows[:, start:start + nbytes].contiguous().view(dtype).view(len(index), *shape))
+            # a copy that starts the storage, aligned for any dtype (a one-row slice is contiguous at offset 24)
+            leaf = rows[:, start:start + nbytes].clone(memory_format=torch.contiguous_format)
+            leaves.append(leaf.view(dtype).view(len(index), *shape))
             start += _align8(nbytes)
         return leaves, 0
 
@@ -280,8 +286,6 @@ class FileRows(RowStorage):
             raise RuntimeError("set_layout before put")
         specs = leaf_specs(self.layout)
         record_bytes = _ROW_HEAD + sum(_align8(n) for _, _, n in specs)
-        if self._writer is None:
-            self._open_writer(record_bytes)
         rows = torch.zeros((len(index), record_bytes), dtype=torch.uint8)
         words = rows.view(torch.int64)
         words[:, 1] = torch.tensor(index, dtype=torch.int64)
@@ -296,12 +300,18 @@ class FileRows(RowStorage):
         words[:, 0] = row_hash(words[:, 1:]) + self._salt
         data = memoryview(rows.numpy()).cast("B")  # type: ignore[arg-type]
         try:
+            if self._writer is None:
+                self._open_writer(record_bytes)
             written = 0
             while written < len(data):
                 written += os.write(self._writer_fd, data[written:])  # type: ignore[arg-type]
-        except OSError:
+        except OSError as err:
             self._close_writer()  # a torn record stays at the end of this shard, never read; the next put starts anew
-            raise
+            if not self._unwritable:
+                warnings.warn(f"teacher cache: cannot write to {self.path} ({err}); training goes on, and the rows "
+                              "that could not be stored are computed again when next needed", stacklevel=2)
+            self._unwritable = True
+            return
         writer = cast(_Shard, self._writer)  # opened above
         for k, (i, fingerprint) in enumerate(zip(index, fingerprints.tolist())):
             self._where[i] = (writer, writer.count + k, fingerprint)

@@ -4,7 +4,8 @@ is only served for the input it was computed from.
 * :func:`input_fingerprints`: each sample's checksum over every tensor of the inputs (and their plain values);
 * :func:`input_tensors`: the tensors of the inputs;
 * :class:`InputChecksums`: the checksums of a cache's reads and writes (a missed batch is hashed once);
-* :func:`sample_indices`: a batch's sample indices, checked.
+* :func:`sample_indices`: a batch's sample indices, checked;
+* :func:`input_versions`: the version counters of the inputs' tensors (an in-place change moves them).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from torch import Tensor
 from lightning_stages.distillation.teacher_cache_bytes import byte_hash, plain_strides
 from lightning_stages.errors import DistillationStepError, StageProblem
 
-__all__ = ["InputChecksums", "UncheckableInput", "input_fingerprints", "input_tensors", "sample_indices"]
+__all__ = ["InputChecksums", "UncheckableInput", "input_fingerprints", "input_tensors", "input_versions",
+           "sample_indices"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -76,13 +78,24 @@ def input_tensors(inputs: Any) -> list[Tensor]:
 
 
 class UncheckableInput(TypeError):
-    """An input the checksum cannot cover (an object that is not a tensor, array, plain value or container)."""
+    """An input the checksum cannot cover: an object that is not a tensor, array, plain value or container, or a
+    tensor or array whose content cannot be read as bytes (``reason`` says why)."""
 
-    def __init__(self, kind: str) -> None:
-        super().__init__(f"a {kind} is not a tensor, array, number, string, dataclass, or list, tuple or dict of them")
+    def __init__(self, kind: str, reason: Optional[str] = None) -> None:
+        super().__init__(f"a {kind} cannot be read ({reason})" if reason else
+                         f"a {kind} is not a tensor, array, number, string, dataclass, or list, tuple or dict of them")
         self.kind = kind
 
 
+def _unreadable(value: Any, err: Exception) -> UncheckableInput:
+    """The error for a tensor or array whose bytes cannot be read (a jagged nested tensor, a quantized or MKL-DNN
+    tensor, a numpy array of strings, dates or records, or in another byte order)."""
+    kind = type(value).__qualname__ if not isinstance(value, (Tensor, np.ndarray)) else (
+        f"{type(value).__qualname__} of {value.dtype}" + (f" ({'nested, ' * value.is_nested}{value.layout})" if isinstance(value, Tensor) else ""))
+    return UncheckableInput(kind, str(err).splitlines()[0] if str(err) else type(err).__name__)
+
+
+_ROW_MARK = _bytes_hash("a tensor of one row per sample")
 _PLAIN = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.device, enum.Enum, np.generic)
 
 
@@ -107,8 +120,13 @@ def input_fingerprints(inputs: Any, rows: int) -> Tensor:
         return torch.zeros(0, dtype=torch.int64)
     alone = _lone_batch_tensor(inputs, rows)
     if alone is not None:  # the usual call, run_teachers(x): what the walk below gives, without the walk
-        constant = _lone_constant(alone.dtype, tuple(alone.shape[1:]), alone.device)
-        return _tensor_rows_hash(alone, rows, constant).cpu()
+        try:
+            constant = _lone_constant(alone.dtype, tuple(alone.shape[1:]), alone.device)
+            return _tensor_rows_hash(alone, rows, constant).cpu()
+        except (RuntimeError, NotImplementedError, TypeError, ValueError) as err:
+            if isinstance(err, torch.cuda.OutOfMemoryError):
+                raise
+            raise _unreadable(alone, err) from err
     return _walk(inputs, rows, hash_rows=True)
 
 
@@ -120,8 +138,8 @@ def _lone_batch_tensor(inputs: Any, rows: int) -> Optional[Tensor]:
     if type(args) is not tuple or len(args) != 1 or type(kwargs) is not dict or kwargs:
         return None
     x = args[0]
-    if (type(x) is not Tensor or x.is_meta or x.layout != torch.strided or x.is_conj() or x.is_neg()
-            or not x.dim() or x.shape[0] != rows):
+    if (type(x) is not Tensor or x.is_meta or x.layout != torch.strided or x.is_nested or x.is_quantized
+            or x.is_conj() or x.is_neg() or not x.dim() or x.shape[0] != rows):
         return None
     return x
 
@@ -148,14 +166,21 @@ def _walk(inputs: Any, rows: int, hash_rows: bool) -> Tensor:
         nonlocal shared
         shared = (shared * 31 + value) & ((1 << 63) - 1)
 
-    def add_shared(tensor: Tensor) -> None:  # the whole tensor enters every row's checksum
-        one = tensor.reshape(1, -1)
-        mix(int(_tensor_rows_hash(one, 1)) + _salt(one))
+    def add_shared(tensor: Tensor) -> None:  # the whole tensor, and its shape, enter every row's checksum
+        mix(int(_tensor_rows_hash(tensor.reshape(1, -1), 1)) + _bytes_hash(f"{tensor.dtype}{tuple(tensor.shape)}"))
 
     def visit(value: Any) -> None:
+        try:
+            visit_value(value)
+        except (RuntimeError, NotImplementedError, TypeError, ValueError) as err:
+            if isinstance(err, (UncheckableInput, torch.cuda.OutOfMemoryError)):
+                raise
+            raise _unreadable(value, err) from err
+
+    def visit_value(value: Any) -> None:
         nonlocal total, offset
-        if isinstance(value, np.ndarray) and value.dtype != object:
-            value = torch.from_numpy(np.ascontiguousarray(value))
+        if isinstance(value, np.ndarray) and value.dtype != object:  # as a tensor, in this machine's byte order
+            value = torch.from_numpy(np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("=")))
         if isinstance(value, Tensor):
             if value.is_conj() or value.is_neg():  # lazy views: their values, not their memory
                 value = value.resolve_conj().resolve_neg()
@@ -171,9 +196,11 @@ def _walk(inputs: Any, rows: int, hash_rows: bool) -> Tensor:
                           else torch.zeros(rows, dtype=torch.int64))
                 total = hashed if total is None else total * 31 + hashed
                 offset = (offset * 31 + _salt(value)) & _MASK64
+                mix(_ROW_MARK)  # where it stands among the shared values: (x, m, None) is not (x, None, m)
             else:
                 add_shared(value)
         elif isinstance(value, Mapping):
+            mix(_bytes_hash(f"{type(value).__qualname__}{len(value)}"))  # {"a": {}, "b": 1} is not {"a": {"b": 1}}
             for key in value:
                 mix(_bytes_hash(repr(key)))
                 visit(value[key])
@@ -223,18 +250,20 @@ def sample_indices(sample_index: Any, num_samples: Optional[int]) -> list[int]:
         except (TypeError, ValueError, RuntimeError) as err:
             raise _refused(f"must hold integer sample indices ({err})", "sample_index",
                            type(sample_index).__name__) from err
-        if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        if index.numel() and (index.is_floating_point() or index.is_complex() or index.dtype == torch.bool):
             raise _refused("must hold integer sample indices", "sample_index", str(index.dtype))
         values = index.reshape(-1).tolist()
     if values and min(values) < 0:
         raise _refused("must be >= 0 (indices into the dataset)", "sample_index", min(values))
+    if values and max(values) >= 1 << 63:  # e.g. a uint64 index: not a 64-bit dataset index
+        raise _refused("must be < 2**63 (indices into the dataset)", "sample_index", max(values))
     if values and num_samples is not None and max(values) >= num_samples:
         raise _refused(f"must be < num_samples = {num_samples}", "sample_index", max(values),
                        "num_samples is the dataset size; raise it or pass dataset indices")
     return values
 
 
-def _versions(inputs: Any) -> Optional[tuple[int, ...]]:
+def input_versions(inputs: Any) -> Optional[tuple[int, ...]]:
     """The version counters of the tensors in ``inputs`` (``None`` if one has none: an inference-mode tensor)."""
     try:
         return tuple(tensor._version for tensor in input_tensors(inputs))
@@ -259,7 +288,7 @@ class InputChecksums:
         if inputs is None:
             return torch.zeros(rows, dtype=torch.int64)
         last, self._last = self._last, None
-        if not lookup and last is not None and last[0] is inputs and last[1] is not None and last[1] == _versions(inputs):
+        if not lookup and last is not None and last[0] is inputs and last[1] is not None and last[1] == input_versions(inputs):
             return last[2]
         try:
             fingerprints = input_fingerprints(inputs, rows)
@@ -275,4 +304,4 @@ class InputChecksums:
         """The lookup just made missed, so the batch will be stored: note its tensors' versions now (a hit, the usual
         read, never needs them)."""
         if self._last is not None and self._last[1] is None:
-            self._last = (self._last[0], _versions(self._last[0]), self._last[2])
+            self._last = (self._last[0], input_versions(self._last[0]), self._last[2])
