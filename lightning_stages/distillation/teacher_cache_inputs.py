@@ -182,6 +182,8 @@ def _walk(inputs: Any, rows: int, hash_rows: bool) -> Tensor:
         if isinstance(value, np.ndarray) and value.dtype != object:  # as a tensor, in this machine's byte order
             value = torch.from_numpy(np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("=")))
         if isinstance(value, Tensor):
+            if value.is_quantized:  # its bytes are not its values (and viewing them can crash the process)
+                raise _unreadable(value, TypeError("a quantized tensor"))
             if value.is_conj() or value.is_neg():  # lazy views: their values, not their memory
                 value = value.resolve_conj().resolve_neg()
             if value.is_meta:  # no data to read
