@@ -87,9 +87,10 @@ class StageProblem:
         text = self.where
         if self.field is not None:
             text += f": `{printable(self.field)}` = {short_repr(self.value)}"
-        text += f": {self.message}"
+        # the message and hint may quote config text (a key, a class path, a parser's error): escaped, never raw
+        text += f": {printable(self.message, 2000)}"
         if self.hint:
-            text += f"; {self.hint}"
+            text += f"; {printable(self.hint, 2000)}"
         return text
 
 

@@ -220,3 +220,42 @@ def test_a_5000_digit_number_in_json_with_comments_is_named_with_its_line(tmp_pa
     code, out, err = _run(capsys, "validate", str(path))
     assert code == 2 and out == ""
     assert err.startswith(f"{path}:3: a number has more than ") and err.count("\n") == 1
+
+
+_HOSTILE = "bce\nFORGED LINE\x1b[31m"
+
+
+@pytest.mark.parametrize(("config", "quoted"), [
+    # a did-you-mean hint quoting a base loss name
+    ({"train": {"epochs": 6, "loss_weights": {_HOSTILE: 1.0}},
+      "stage_schedule": [{"name": "kd", "start_epoch": 0, "loss_weights": {"bce\nFORGED LINE\x1b[3": 0}}]},
+     "did you mean `bce\\nFORGED LINE\\x1b[31m`?"),
+    # the list of task losses in a message
+    ({"train": {"epochs": 6, "loss_weights": {_HOSTILE: 1.0}},
+      "stage_schedule": [{"name": "kd", "start_epoch": 0, "loss_weights": {"qqqqqqqqqqqqq": 0}}]},
+     "the task losses are: bce\\nFORGED LINE\\x1b[31m"),
+    # an import error quoting a class path
+    ({"model": {"class_path": "json.M\x1b[31m\nFORGED"}, "trainer": {"max_epochs": 2}},
+     "has no attribute 'M\\x1b[31m\\nFORGED'"),
+])
+def test_config_text_quoted_in_a_message_or_hint_reaches_the_terminal_escaped(
+        tmp_path: Path, capsys: pytest.CaptureFixture, config: dict, quoted: str) -> None:
+    code, out, err = _run(capsys, "validate", str(_json(tmp_path, config)))
+    assert code == 2 and out == ""
+    assert "\x1b" not in err and "\nFORGED" not in err  # before: the hint, the list and the import error were raw
+    assert quoted in err and len(err.strip().splitlines()) == 2  # the file's line and the one problem
+
+
+def test_a_note_quoting_the_parser_s_error_reaches_the_terminal_escaped(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "note_model.py").write_text(
+        "import lightning.pytorch as pl\n\nclass M(pl.LightningModule):\n    def __init__(self, lr: float = 0.1):\n"
+        "        super().__init__()\n")
+    config = tmp_path / "c.yaml"
+    config.write_text('model: {class_path: note_model.M, init_args: {lr: "\\e[31mRED\\nFORGED OK line"}}\n'
+                      "trainer: {max_epochs: 2}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, err = _run(capsys, "validate", str(config))
+    assert code == 0 and out.startswith("OK ")
+    assert err.startswith("note: ") and "\x1b" not in err and "\nFORGED" not in err  # before: the parser's text, raw
+    assert "Got value: \\x1b[31mRED\\n  FORGED OK line" in err

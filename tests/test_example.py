@@ -274,6 +274,19 @@ def test_a_schedule_given_on_the_command_line_is_checked_before_parsing(
     assert [[s.name for s in c.schedule.stages] for c in callbacks] == [["warm"]]
 
 
+@pytest.mark.parametrize("option", ["--trainer.callbacks.config", "--trainer.callbacks.init_args.config"])
+def test_a_schedule_file_given_to_the_callback_on_the_command_line_is_checked_before_parsing(
+    tiny_config: Callable[..., Path], tmp_path: Path, option: str
+) -> None:
+    config = tiny_config("no_schedule", tmp_path, teacher=None)
+    bad = tmp_path / "nan.json"
+    bad.write_text('{"train": {"epochs": 2}, "stage_schedule": [{"name": "kd", "start_epoch": 0, "lambda_coef": NaN}]}')
+    with pytest.raises(StageConfigError, match="must be finite") as info:  # before: the parser's own error
+        cli(config, "--trainer.callbacks+=lightning_stages.StageScheduleCallback", f"{option}={bad}")
+    problem = info.value.problems[0]
+    assert (problem.index, problem.name, problem.field) == (0, "kd", "lambda_coef") and math.isnan(problem.value)
+
+
 @pytest.mark.parametrize("section", ["validate", "test", "predict"])
 def test_a_schedule_in_another_subcommand_s_section_is_checked_before_parsing(
     tiny_config: Callable[..., Path], tmp_path: Path, section: str

@@ -79,7 +79,7 @@ def _read(path: str, args: argparse.Namespace) -> StageSchedule:
     finally:  # the note also goes with the problems of a config that fails; other warnings go on as they were
         for warning in caught:
             if issubclass(warning.category, DeclaredWeightsWarning):
-                print(f"note: {path}: {warning.message}", file=sys.stderr)
+                print(f"note: {path}: {printable(str(warning.message), 2000)}", file=sys.stderr)
             else:
                 warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
@@ -215,7 +215,8 @@ def _compare(args: argparse.Namespace) -> int:
         return 2
     try:
         with warnings.catch_warnings():
-            warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
+            warnings.showwarning = lambda message, *a, **k: print(f"warning: {printable(str(message), 2000)}",
+                                                                  file=sys.stderr)
             result = run_compare(args.configs, seeds=args.seeds if args.seeds == "auto" else int(args.seeds),
                                  out=args.out, metrics=args.metrics, curve_metric=args.curve_metric,
                                  echo=lambda line: print(line, flush=True), max_seeds=args.max_seeds or 10,

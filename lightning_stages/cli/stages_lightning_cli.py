@@ -33,6 +33,7 @@ __all__ = ["StagesLightningCLI"]
 
 
 _SCHEDULE_OPTIONS = ("--trainer.callbacks.stage_schedule", "--trainer.callbacks.init_args.stage_schedule")
+_CONFIG_OPTIONS = ("--trainer.callbacks.config", "--trainer.callbacks.init_args.config")  # a seed-format file
 
 
 def _option_values(args: Sequence[str], options: Sequence[str]) -> list[tuple[str, str]]:
@@ -66,7 +67,7 @@ class StagesLightningCLI(LightningCLI):
     * ``--stages path``: train with a schedule in the seed's JSON format (``stage_schedule``,
       ``train.loss_weights``, ``distillation``); it adds ``StageScheduleCallback(config=path)`` to the Trainer.
     * Before parsing, the schedule of every ``--config`` file's ``StageScheduleCallback``, of every ``--stages``
-      file and of every ``--trainer.callbacks.stage_schedule=...`` is checked (without building a callback), so a bad schedule fails with :class:`~lightning_stages.StageConfigError` naming stage, field and value (the
+      file, of every ``--trainer.callbacks.config=...`` file and of every ``--trainer.callbacks.stage_schedule=...`` is checked (without building a callback), so a bad schedule fails with :class:`~lightning_stages.StageConfigError` naming stage, field and value (the
       parser alone would only say that ``trainer.callbacks`` does not validate).
 
     Takes ``LightningCLI``'s arguments; ``model_class`` and ``datamodule_class`` default to ``None`` (any
@@ -102,7 +103,7 @@ class StagesLightningCLI(LightningCLI):
                     # a schedule here and `--stages` is an error only if a later config does not replace it: the
                     # Trainer's callbacks after parsing tell (instantiate_trainer)
                     check_lightning_config(load_config(path))
-            for _, path in _option_values(given, ("--stages",)):
+            for _, path in _option_values(given, ("--stages", *_CONFIG_OPTIONS)):
                 StageSchedule.from_config(path)
             for option, value in _option_values(given, _SCHEDULE_OPTIONS):
                 _check_command_line_schedule(option, value)
