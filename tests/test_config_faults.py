@@ -6,6 +6,8 @@ refused, and nothing escapes as a raw exception.
 from __future__ import annotations
 
 import json
+import math
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -147,6 +149,89 @@ def test_integers_too_large_for_a_float_are_a_problem_naming_stage_and_field(
     path = _json(tmp_path, {"stage_schedule": [{"name": "big", **stage}]})
     code, out, err = _run(capsys, "validate", str(path))
     assert code == 2 and out == "" and f"stage 0 ('big'): `{field}` = <an integer of more than" in err
+
+
+_HUGE = Fraction(10**400, 1)
+# where a real number beyond a float's range can be given: (callback arguments, (index, name, field) of the problem)
+BEYOND_FLOAT = {
+    "stage lambda_coef": ({"stage_schedule": [{"name": "big", "start_epoch": 0, "lambda_coef": _HUGE}]},
+                          (0, "big", "lambda_coef")),
+    "stage start_epoch": ({"stage_schedule": [{"name": "big", "start_epoch": _HUGE}]}, (0, "big", "start_epoch")),
+    "stage loss weight": ({"stage_schedule": [{"name": "big", "start_epoch": 0, "loss_weights": {"bce": _HUGE}}],
+                           "loss_weights": {"bce": 1.0}}, (0, "big", "loss_weights.bce")),
+    "stage ramp_epochs": ({"stage_schedule": [{"name": "big", "start_epoch": 0, "ramp_epochs": _HUGE}]},
+                          (0, "big", "ramp_epochs")),
+    "stage min_delta": ({"stage_schedule": [{"name": "big", "start_epoch": 0, "monitor": "v", "patience": 1,
+                                             "min_delta": _HUGE}]}, (0, "big", "min_delta")),
+    "callback loss_weights": ({"loss_weights": {"bce": _HUGE}}, (None, "base", "loss_weights.bce")),
+    "callback lambda_coef": ({"lambda_coef": _HUGE}, (None, "base", "lambda_coef")),
+    "not a whole number": ({"lambda_coef": Fraction(10**400 + 1, 3)}, (None, "base", "lambda_coef")),
+    "negative": ({"loss_weights": {"bce": -_HUGE}}, (None, "base", "loss_weights.bce")),
+}
+
+
+@pytest.mark.parametrize("case", list(BEYOND_FLOAT))
+def test_a_fraction_beyond_a_float_is_too_large_not_an_overflow(case: str) -> None:
+    from lightning_stages import StageConfigError, StageScheduleCallback
+
+    arguments, where = BEYOND_FLOAT[case]
+    with pytest.raises(StageConfigError) as caught:
+        StageScheduleCallback(**arguments)
+    assert [(p.index, p.name, p.field) for p in caught.value.problems] == [where]
+    assert "is too large (more than 1.8e+308)" in str(caught.value) and len(str(caught.value)) < 200
+
+
+def test_plain_keeps_real_numbers_within_a_float_and_gives_those_beyond_as_ints() -> None:
+    np = pytest.importorskip("numpy")
+    from lightning_stages.schedule.stage import plain
+
+    assert plain(Fraction(1, 4)) == 0.25 and type(plain(Fraction(1, 4))) is float
+    assert plain(_HUGE) == 10**400 and plain(-_HUGE) == -(10**400)
+    assert plain(np.longdouble("inf")) == math.inf  # infinite in its own type: stays infinite ("must be finite")
+    if np.finfo(np.longdouble).max > 1e308:  # a long double wider than a float (not on every platform)
+        assert plain(np.longdouble("1e400")) == int(np.longdouble("1e400")) > 10**399
+
+
+def _self_referring() -> dict:
+    weights: dict = {"bce": 1.0}
+    weights["again"] = weights
+    return weights
+
+
+@pytest.mark.parametrize(("arguments", "where"), [
+    ({"stage_schedule": [{"name": "kd", "start_epoch": 0, "loss_weights": _self_referring()}, {"start_epoch": -1}]},
+     [(0, "kd", "loss_weights"), (1, None, "start_epoch")]),
+    ({"stage_schedule": [{"start_epoch": 0}], "loss_weights": _self_referring()}, [(None, "base", "loss_weights")]),
+    ({"lambda_coef": [_self_referring()]}, [(None, "base", "lambda_coef")]),
+])
+def test_a_value_that_refers_to_itself_is_a_problem_naming_its_field(arguments: dict, where: list) -> None:
+    from lightning_stages import StageConfigError, StageScheduleCallback
+
+    with pytest.raises(StageConfigError) as caught:
+        StageScheduleCallback(**arguments)
+    assert [(p.index, p.name, p.field) for p in caught.value.problems] == where
+    assert caught.value.problems[0].message == "refers to itself" and len(str(caught.value)) < 400
+
+
+def test_a_self_referring_base_weight_is_named_shortened() -> None:
+    from lightning_stages import StageConfigError, StageSchedule
+
+    with pytest.raises(StageConfigError) as caught:
+        StageSchedule([], loss_weights=_self_referring())
+    assert str(caught.value) == ("1 problem in the stage schedule:\n  - base: `loss_weights` = {'again': {'again': "
+                                 "{'again': {...}, 'bce': 1.0}, 'bce': 1.0}, 'bce': 1.0}: refers to itself")
+
+
+def test_a_python_value_nested_deeper_than_a_config_may_be_is_refused() -> None:
+    from lightning_stages import StageConfigError, StageSchedule
+
+    deep: list = []
+    for _ in range(2000):  # deeper than Python's recursion limit allows a recursive copy
+        deep = [deep]
+    with pytest.raises(StageConfigError) as caught:
+        StageSchedule([{"name": "deep", "start_epoch": 0, "data": deep}])
+    assert [(p.index, p.name, p.field, p.message) for p in caught.value.problems] == [
+        (0, "deep", "data", "is nested too deeply (100 levels at most)")]
 
 
 def test_an_overlap_message_shortens_the_name_of_the_stage_overlapped() -> None:

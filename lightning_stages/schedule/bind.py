@@ -15,6 +15,11 @@ from lightning_stages.schedule.stage_schedule import StageSchedule
 __all__ = ["bind_schedule", "declared_settings", "given_schedule"]
 
 
+def _plain_base(**values: Any) -> list[Any]:
+    """:func:`plain` of each base setting; one that refers to itself is a problem of the base naming its key."""
+    return [plain(value, field=key, name=BASE_STAGE_NAME) for key, value in values.items()]
+
+
 def declared_settings(loss_weights: Any = None, distillation: Any = None, lambda_coef: Any = None) -> dict[str, Any]:
     """What a module declares, as :func:`bind_schedule` reads it: values of the wrong type count as not declared.
 
@@ -23,7 +28,8 @@ def declared_settings(loss_weights: Any = None, distillation: Any = None, lambda
         >>> declared_settings({"bce": 1}, distillation="yes", lambda_coef=0.5)
         {'loss_weights': {'bce': 1}, 'distillation': None, 'lambda_coef': 0.5}
     """
-    loss_weights, distillation, lambda_coef = plain(loss_weights), plain(distillation), plain(lambda_coef)
+    loss_weights, distillation, lambda_coef = _plain_base(loss_weights=loss_weights, distillation=distillation,
+                                                          lambda_coef=lambda_coef)
     return {
         "loss_weights": dict(loss_weights) if isinstance(loss_weights, Mapping) else None,
         "distillation": distillation if isinstance(distillation, bool) else None,
@@ -145,7 +151,8 @@ def given_schedule(
         raise StageConfigError(StageProblem("give either `stage_schedule` or `config`, not both", name=owner,
                                             field="config", value=str(config)))
     # numpy (or tensor) scalars count as the numbers they hold, as in the stages
-    loss_weights, distillation, lambda_coef = plain(loss_weights), plain(distillation), plain(lambda_coef)
+    loss_weights, distillation, lambda_coef = _plain_base(loss_weights=loss_weights, distillation=distillation,
+                                                          lambda_coef=lambda_coef)
     problems = checks.base_problems(loss_weights=loss_weights)
     if config is not None:
         from_file = StageSchedule.from_config(os.fspath(config))

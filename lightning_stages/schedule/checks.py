@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Optional
 
-from lightning_stages.errors import StageProblem, did_you_mean, short_repr, stage_label
+from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean, short_repr, stage_label
 from lightning_stages.schedule.adaptive_checks import adaptive_problems
 from lightning_stages.schedule.stage import BASE_STAGE_NAME, STAGE_FIELDS, TOO_LARGE, Stage, too_large
 
@@ -213,7 +214,10 @@ def parse_stage(entry: Any, index: int) -> tuple[Optional[Stage], list[StageProb
                     hint=did_you_mean(str(key), STAGE_FIELDS) or f"the fields are: {', '.join(STAGE_FIELDS)}",
                 )
             )
-    stage = Stage(**known)
+    try:
+        stage = Stage(**known)
+    except StageConfigError as err:  # a value that refers to itself or nests too deeply
+        return None, problems + [replace(p, index=index, name=name) for p in err.problems]
     problems += stage_problems(stage, index)
     return stage, problems
 
