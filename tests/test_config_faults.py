@@ -53,6 +53,36 @@ def test_lightning_config_callbacks_of_the_wrong_shape_are_a_problem_naming_the_
     assert f"`{field}` = {value}: must be a" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(("config", "shown", "kind"), [("123", "123", "int"), ("[a.json]", "['a.json']", "list"),
+                                                    ("{a: 1}", "{'a': 1}", "dict")])
+def test_a_callback_config_that_is_not_a_path_is_a_problem_naming_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture, config: str, shown: str, kind: str) -> None:
+    path = tmp_path / "cli.yaml"
+    path.write_text("trainer:\n  max_epochs: 5\n  callbacks:\n  - class_path: lightning_stages.StageScheduleCallback\n"
+                    f"    init_args: {{config: {config}}}\n")
+    code, out, err = _run(capsys, "validate", str(path))
+    assert code == 2 and out == ""
+    assert err == (f"{path}: 1 problem in the stage schedule:\n  - StageScheduleCallback: `config` = {shown}: must be "
+                   f"the path of a JSON or YAML config file, not {kind}\n")
+
+
+@pytest.mark.parametrize("config", [123, ["a.json"], {"stage_schedule": []}, b"c.json"])
+def test_a_config_argument_that_is_not_a_path_is_a_problem_from_python(config: object) -> None:
+    from lightning_stages import StageConfigError, StageSchedule, StageScheduleCallback
+
+    with pytest.raises(StageConfigError) as caught:
+        StageScheduleCallback(config=config)  # type: ignore[arg-type]
+    assert [(p.name, p.field, p.value) for p in caught.value.problems] == [("StageScheduleCallback", "config", config)]
+    if isinstance(config, dict):  # a loaded mapping is what from_config also reads
+        assert StageSchedule.from_config(config).stages == ()
+        return
+    with pytest.raises(StageConfigError) as caught:
+        StageSchedule.from_config(config)  # type: ignore[arg-type]
+    assert [(p.field, p.value) for p in caught.value.problems] == [("config", config)]
+    assert str(caught.value).endswith(f"must be the path of a JSON or YAML config file or a mapping, not "
+                                      f"{type(config).__name__}")
+
+
 _STAGES = [{"name": "kd", "start_epoch": 0, "end_epoch": 6, "monitor": "val/loss", "patience": 1},
            {"name": "ft", "start_epoch": 6}]
 _GOOD_ADAPTIVE = {"transitions": {0: 4}, "tracker": {"stage": 0, "mode": "min", "min_delta": 0.0, "best": 0.5,

@@ -9,6 +9,7 @@ from typing import Any, Optional, Union
 from lightning_stages.errors import StageConfigError, StageProblem
 from lightning_stages.schedule import checks, unit_checks
 from lightning_stages.schedule.adaptive_checks import min_length_problems
+from lightning_stages.schedule.seed_format import config_path_problems
 from lightning_stages.schedule.stage import BASE_STAGE_NAME, plain
 from lightning_stages.schedule.stage_schedule import StageSchedule
 
@@ -139,7 +140,8 @@ def given_schedule(
     key, which only binding knows.
 
     Raises:
-        StageConfigError: both ``stage_schedule`` and ``config``, or any problem of the schedule, all together.
+        StageConfigError: both ``stage_schedule`` and ``config``, a ``config`` that is not a path, or any problem of
+            the schedule, all together.
 
     Example::
 
@@ -155,7 +157,9 @@ def given_schedule(
                                                           lambda_coef=lambda_coef)
     problems = checks.base_problems(loss_weights=loss_weights)
     if config is not None:
-        from_file = StageSchedule.from_config(os.fspath(config))
+        if not_a_path := config_path_problems(config, name=owner):
+            raise StageConfigError(not_a_path)
+        from_file = StageSchedule.from_config(config)
         if from_file.loss_weights is not None or loss_weights is not None:
             loss_weights = {**(from_file.loss_weights or {}), **(loss_weights or {})}
         problems += checks.base_problems(distillation=distillation, lambda_coef=lambda_coef)
