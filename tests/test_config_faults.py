@@ -83,6 +83,19 @@ def test_a_config_argument_that_is_not_a_path_is_a_problem_from_python(config: o
                                       f"{type(config).__name__}")
 
 
+@pytest.mark.parametrize(("key", "shown"), [("yes", "True"), ("null", "None"), ("1", "1")])
+def test_a_yaml_base_loss_weight_key_read_as_no_string_is_a_problem_naming_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture, key: str, shown: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train: {{epochs: 6, loss_weights: {{{key}: 1.0}}}}\n"
+                    "stage_schedule: [{name: kd, start_epoch: 0, loss_weights: {zzz: 0}}]\n")
+    code, out, err = _run(capsys, "validate", str(path))
+    assert code == 2 and out == ""
+    assert err == (f"{path}: 2 problems in the stage schedule:\n  - base: `loss_weights` = {shown}: loss names must be "
+                   f"strings\n  - stage 0 ('kd'): `loss_weights.zzz` = 0: is not a task loss of this module; the task "
+                   f"losses are: {shown}\n")
+
+
 _STAGES = [{"name": "kd", "start_epoch": 0, "end_epoch": 6, "monitor": "val/loss", "patience": 1},
            {"name": "ft", "start_epoch": 6}]
 _GOOD_ADAPTIVE = {"transitions": {0: 4}, "tracker": {"stage": 0, "mode": "min", "min_delta": 0.0, "best": 0.5,

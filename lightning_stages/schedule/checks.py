@@ -91,7 +91,7 @@ def unknown_loss_problems(
     return [
         StageProblem("is not a task loss of this module", index=index, name=name, field=f"loss_weights.{key}",
                      value=value, hint=did_you_mean(str(key), known)
-                     or (f"{listing}: {', '.join(known)}" if known else when_none))
+                     or (f"{listing}: {', '.join(map(str, known))}" if known else when_none))
         for key, value in weights.items() if key not in known
     ]
 
@@ -241,6 +241,10 @@ def base_problems(
             )
         else:
             for key, weight in loss_weights.items():
+                if not isinstance(key, str):  # as in a stage (e.g. YAML's `yes:` or `null:`, read as True or None)
+                    problems.append(StageProblem("loss names must be strings", name=BASE_STAGE_NAME,
+                                                 field="loss_weights", value=key))
+                    continue
                 problems += number_problems(weight, f"loss_weights.{key}", name=BASE_STAGE_NAME)
     if distillation is not None and not isinstance(distillation, bool):
         problems.append(StageProblem(f"must be true or false, not {type(distillation).__name__}",
