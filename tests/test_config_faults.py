@@ -180,6 +180,11 @@ def test_a_key_given_twice_in_a_one_line_yaml_flow_mapping_is_refused(tmp_path: 
     ({"start_epoch": 0, "end_epoch": 10**400}, "end_epoch"),
     ({"start_step": 10**400}, "start_step"),
     ({"start_step": 0, "end_step": 10**400}, "end_step"),
+    ({"start_step": 0, "ramp_steps": 10**400}, "ramp_steps"),  # open-ended: no stage length to be longer than
+    ({"start_epoch": 0, "ramp_steps": 10**400}, "ramp_steps"),
+    ({"start_epoch": 0, "monitor": "v", "patience": 10**400}, "patience"),
+    ({"start_epoch": 0, "monitor": "v", "patience": 2, "min_epochs": 10**400}, "min_epochs"),
+    ({"start_step": 0, "monitor": "v", "patience": 2, "min_steps": 10**400}, "min_steps"),
 ])
 def test_integers_too_large_for_a_float_are_a_problem_naming_stage_and_field(
         tmp_path: Path, capsys: pytest.CaptureFixture, stage: dict, field: str) -> None:
@@ -275,6 +280,17 @@ def test_a_python_value_nested_deeper_than_a_config_may_be_is_refused() -> None:
         StageSchedule([{"name": "deep", "start_epoch": 0, "data": deep}])
     assert [(p.index, p.name, p.field, p.message) for p in caught.value.problems] == [
         (0, "deep", "data", "is nested too deeply (100 levels at most)")]
+
+
+@pytest.mark.parametrize("unit", ["epoch", "step"])
+def test_show_of_a_ramp_beyond_any_float_exits_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                           unit: str) -> None:
+    path = _json(tmp_path, {"stage_schedule": [{f"start_{unit}": 0, f"end_{unit}": 5, "distillation": True},
+                                               {f"start_{unit}": 5, "ramp_steps": 10**400}]})
+    code, out, err = _run(capsys, "show", str(path))
+    assert code == 2 and out == ""
+    assert err == (f"{path}: 1 problem in the stage schedule:\n  - stage 1: `ramp_steps` = <an integer of more than "
+                   "399 digits>: is too large (more than 1.8e+308)\n")
 
 
 def test_an_overlap_message_shortens_the_name_of_the_stage_overlapped() -> None:
