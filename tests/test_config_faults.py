@@ -6,6 +6,8 @@ refused, and nothing escapes as a raw exception.
 from __future__ import annotations
 
 import json
+import math
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,49 @@ def test_lightning_config_callbacks_of_the_wrong_shape_are_a_problem_naming_the_
     code, out, err = _run(capsys, "validate", *(["--no-import"] if no_import else []), str(path))
     assert code == 2 and out == ""
     assert f"`{field}` = {value}: must be a" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("config", "shown", "kind"), [("123", "123", "int"), ("[a.json]", "['a.json']", "list"),
+                                                    ("{a: 1}", "{'a': 1}", "dict")])
+def test_a_callback_config_that_is_not_a_path_is_a_problem_naming_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture, config: str, shown: str, kind: str) -> None:
+    path = tmp_path / "cli.yaml"
+    path.write_text("trainer:\n  max_epochs: 5\n  callbacks:\n  - class_path: lightning_stages.StageScheduleCallback\n"
+                    f"    init_args: {{config: {config}}}\n")
+    code, out, err = _run(capsys, "validate", str(path))
+    assert code == 2 and out == ""
+    assert err == (f"{path}: 1 problem in the stage schedule:\n  - StageScheduleCallback: `config` = {shown}: must be "
+                   f"the path of a JSON or YAML config file, not {kind}\n")
+
+
+@pytest.mark.parametrize("config", [123, ["a.json"], {"stage_schedule": []}, b"c.json"])
+def test_a_config_argument_that_is_not_a_path_is_a_problem_from_python(config: object) -> None:
+    from lightning_stages import StageConfigError, StageSchedule, StageScheduleCallback
+
+    with pytest.raises(StageConfigError) as caught:
+        StageScheduleCallback(config=config)  # type: ignore[arg-type]
+    assert [(p.name, p.field, p.value) for p in caught.value.problems] == [("StageScheduleCallback", "config", config)]
+    if isinstance(config, dict):  # a loaded mapping is what from_config also reads
+        assert StageSchedule.from_config(config).stages == ()
+        return
+    with pytest.raises(StageConfigError) as caught:
+        StageSchedule.from_config(config)  # type: ignore[arg-type]
+    assert [(p.field, p.value) for p in caught.value.problems] == [("config", config)]
+    assert str(caught.value).endswith(f"must be the path of a JSON or YAML config file or a mapping, not "
+                                      f"{type(config).__name__}")
+
+
+@pytest.mark.parametrize(("key", "shown"), [("yes", "True"), ("null", "None"), ("1", "1")])
+def test_a_yaml_base_loss_weight_key_read_as_no_string_is_a_problem_naming_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture, key: str, shown: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train: {{epochs: 6, loss_weights: {{{key}: 1.0}}}}\n"
+                    "stage_schedule: [{name: kd, start_epoch: 0, loss_weights: {zzz: 0}}]\n")
+    code, out, err = _run(capsys, "validate", str(path))
+    assert code == 2 and out == ""
+    assert err == (f"{path}: 2 problems in the stage schedule:\n  - base: `loss_weights` = {shown}: loss names must be "
+                   f"strings\n  - stage 0 ('kd'): `loss_weights.zzz` = 0: is not a task loss of this module; the task "
+                   f"losses are: {shown}\n")
 
 
 _STAGES = [{"name": "kd", "start_epoch": 0, "end_epoch": 6, "monitor": "val/loss", "patience": 1},
@@ -135,6 +180,11 @@ def test_a_key_given_twice_in_a_one_line_yaml_flow_mapping_is_refused(tmp_path: 
     ({"start_epoch": 0, "end_epoch": 10**400}, "end_epoch"),
     ({"start_step": 10**400}, "start_step"),
     ({"start_step": 0, "end_step": 10**400}, "end_step"),
+    ({"start_step": 0, "ramp_steps": 10**400}, "ramp_steps"),  # open-ended: no stage length to be longer than
+    ({"start_epoch": 0, "ramp_steps": 10**400}, "ramp_steps"),
+    ({"start_epoch": 0, "monitor": "v", "patience": 10**400}, "patience"),
+    ({"start_epoch": 0, "monitor": "v", "patience": 2, "min_epochs": 10**400}, "min_epochs"),
+    ({"start_step": 0, "monitor": "v", "patience": 2, "min_steps": 10**400}, "min_steps"),
 ])
 def test_integers_too_large_for_a_float_are_a_problem_naming_stage_and_field(
         tmp_path: Path, capsys: pytest.CaptureFixture, stage: dict, field: str) -> None:
@@ -147,6 +197,100 @@ def test_integers_too_large_for_a_float_are_a_problem_naming_stage_and_field(
     path = _json(tmp_path, {"stage_schedule": [{"name": "big", **stage}]})
     code, out, err = _run(capsys, "validate", str(path))
     assert code == 2 and out == "" and f"stage 0 ('big'): `{field}` = <an integer of more than" in err
+
+
+_HUGE = Fraction(10**400, 1)
+# where a real number beyond a float's range can be given: (callback arguments, (index, name, field) of the problem)
+BEYOND_FLOAT = {
+    "stage lambda_coef": ({"stage_schedule": [{"name": "big", "start_epoch": 0, "lambda_coef": _HUGE}]},
+                          (0, "big", "lambda_coef")),
+    "stage start_epoch": ({"stage_schedule": [{"name": "big", "start_epoch": _HUGE}]}, (0, "big", "start_epoch")),
+    "stage loss weight": ({"stage_schedule": [{"name": "big", "start_epoch": 0, "loss_weights": {"bce": _HUGE}}],
+                           "loss_weights": {"bce": 1.0}}, (0, "big", "loss_weights.bce")),
+    "stage ramp_epochs": ({"stage_schedule": [{"name": "big", "start_epoch": 0, "ramp_epochs": _HUGE}]},
+                          (0, "big", "ramp_epochs")),
+    "stage min_delta": ({"stage_schedule": [{"name": "big", "start_epoch": 0, "monitor": "v", "patience": 1,
+                                             "min_delta": _HUGE}]}, (0, "big", "min_delta")),
+    "callback loss_weights": ({"loss_weights": {"bce": _HUGE}}, (None, "base", "loss_weights.bce")),
+    "callback lambda_coef": ({"lambda_coef": _HUGE}, (None, "base", "lambda_coef")),
+    "not a whole number": ({"lambda_coef": Fraction(10**400 + 1, 3)}, (None, "base", "lambda_coef")),
+    "negative": ({"loss_weights": {"bce": -_HUGE}}, (None, "base", "loss_weights.bce")),
+}
+
+
+@pytest.mark.parametrize("case", list(BEYOND_FLOAT))
+def test_a_fraction_beyond_a_float_is_too_large_not_an_overflow(case: str) -> None:
+    from lightning_stages import StageConfigError, StageScheduleCallback
+
+    arguments, where = BEYOND_FLOAT[case]
+    with pytest.raises(StageConfigError) as caught:
+        StageScheduleCallback(**arguments)
+    assert [(p.index, p.name, p.field) for p in caught.value.problems] == [where]
+    assert "is too large (more than 1.8e+308)" in str(caught.value) and len(str(caught.value)) < 200
+
+
+def test_plain_keeps_real_numbers_within_a_float_and_gives_those_beyond_as_ints() -> None:
+    np = pytest.importorskip("numpy")
+    from lightning_stages.schedule.stage import plain
+
+    assert plain(Fraction(1, 4)) == 0.25 and type(plain(Fraction(1, 4))) is float
+    assert plain(_HUGE) == 10**400 and plain(-_HUGE) == -(10**400)
+    assert plain(np.longdouble("inf")) == math.inf  # infinite in its own type: stays infinite ("must be finite")
+    if np.finfo(np.longdouble).max > 1e308:  # a long double wider than a float (not on every platform)
+        assert plain(np.longdouble("1e400")) == int(np.longdouble("1e400")) > 10**399
+
+
+def _self_referring() -> dict:
+    weights: dict = {"bce": 1.0}
+    weights["again"] = weights
+    return weights
+
+
+@pytest.mark.parametrize(("arguments", "where"), [
+    ({"stage_schedule": [{"name": "kd", "start_epoch": 0, "loss_weights": _self_referring()}, {"start_epoch": -1}]},
+     [(0, "kd", "loss_weights"), (1, None, "start_epoch")]),
+    ({"stage_schedule": [{"start_epoch": 0}], "loss_weights": _self_referring()}, [(None, "base", "loss_weights")]),
+    ({"lambda_coef": [_self_referring()]}, [(None, "base", "lambda_coef")]),
+])
+def test_a_value_that_refers_to_itself_is_a_problem_naming_its_field(arguments: dict, where: list) -> None:
+    from lightning_stages import StageConfigError, StageScheduleCallback
+
+    with pytest.raises(StageConfigError) as caught:
+        StageScheduleCallback(**arguments)
+    assert [(p.index, p.name, p.field) for p in caught.value.problems] == where
+    assert caught.value.problems[0].message == "refers to itself" and len(str(caught.value)) < 400
+
+
+def test_a_self_referring_base_weight_is_named_shortened() -> None:
+    from lightning_stages import StageConfigError, StageSchedule
+
+    with pytest.raises(StageConfigError) as caught:
+        StageSchedule([], loss_weights=_self_referring())
+    assert str(caught.value) == ("1 problem in the stage schedule:\n  - base: `loss_weights` = {'again': {'again': "
+                                 "{'again': {...}, 'bce': 1.0}, 'bce': 1.0}, 'bce': 1.0}: refers to itself")
+
+
+def test_a_python_value_nested_deeper_than_a_config_may_be_is_refused() -> None:
+    from lightning_stages import StageConfigError, StageSchedule
+
+    deep: list = []
+    for _ in range(2000):  # deeper than Python's recursion limit allows a recursive copy
+        deep = [deep]
+    with pytest.raises(StageConfigError) as caught:
+        StageSchedule([{"name": "deep", "start_epoch": 0, "data": deep}])
+    assert [(p.index, p.name, p.field, p.message) for p in caught.value.problems] == [
+        (0, "deep", "data", "is nested too deeply (100 levels at most)")]
+
+
+@pytest.mark.parametrize("unit", ["epoch", "step"])
+def test_show_of_a_ramp_beyond_any_float_exits_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                           unit: str) -> None:
+    path = _json(tmp_path, {"stage_schedule": [{f"start_{unit}": 0, f"end_{unit}": 5, "distillation": True},
+                                               {f"start_{unit}": 5, "ramp_steps": 10**400}]})
+    code, out, err = _run(capsys, "show", str(path))
+    assert code == 2 and out == ""
+    assert err == (f"{path}: 1 problem in the stage schedule:\n  - stage 1: `ramp_steps` = <an integer of more than "
+                   "399 digits>: is too large (more than 1.8e+308)\n")
 
 
 def test_an_overlap_message_shortens_the_name_of_the_stage_overlapped() -> None:

@@ -483,6 +483,26 @@ def test_wrong_base_types(base, field):
     assert (problem.name, problem.field) == ("base", field)
 
 
+@pytest.mark.parametrize("key", [1, True, None, ("a", 1)])
+def test_base_loss_weight_keys_must_be_strings_as_a_stages_must(key):
+    err = _problems([{"name": "kd", "start_epoch": 0, "loss_weights": {"zzz": 0}}], loss_weights={key: 1.0, "bce": 2})
+    assert [(p.index, p.name, p.field, p.value, p.message) for p in err.problems] == [
+        (None, "base", "loss_weights", key, "loss names must be strings"),
+        (0, "kd", "loss_weights.zzz", 0, "is not a task loss of this module")]
+    assert str(err).endswith(f"; the task losses are: {key}, bce")
+    stage_err = _problems([{"name": "kd", "start_epoch": 0, "loss_weights": {key: 1.0}}])
+    assert [(p.field, p.value, p.message) for p in stage_err.problems] == [
+        ("loss_weights", key, "loss names must be strings")]
+
+
+def test_the_callbacks_base_loss_weight_keys_must_be_strings():
+    from lightning_stages import StageScheduleCallback
+
+    with pytest.raises(StageConfigError) as info:
+        StageScheduleCallback(stage_schedule=[{"start_epoch": 0}], loss_weights={"bce": 1.0, 2: 1.0})
+    assert [(p.name, p.field, p.value) for p in info.value.problems] == [("base", "loss_weights", 2)]
+
+
 @pytest.mark.parametrize(("start", "end"), [(5, 5), (5, 2), (100, 0)])
 def test_start_epoch_must_be_before_end_epoch(start, end):
     err = _problems([{"name": "bad", "start_epoch": start, "end_epoch": end}])

@@ -53,6 +53,8 @@ def adaptive_problems(stage: Stage, index: int) -> list[StageProblem]:
         problems.append(problem("must be 'min' or 'max'", "mode", stage.mode, hint))
     if stage.patience is not None and not (_is_int(stage.patience) and stage.patience >= 1):
         problems.append(problem("must be an integer >= 1", "patience", stage.patience))
+    elif too_large(stage.patience):
+        problems.append(problem(TOO_LARGE, "patience", stage.patience))
     if stage.min_delta is not None:
         delta = stage.min_delta
         if too_large(delta):
@@ -85,6 +87,8 @@ def _min_length_problems(stage: Stage, index: int, problem: Any) -> list[StagePr
         other = "min_steps" if unit == "epoch" else "min_epochs"
         if not (_is_int(value) and value >= least):
             problems.append(problem(f"must be an integer >= {least}", key, value))
+        elif too_large(value):
+            problems.append(problem(TOO_LARGE, key, value))
         elif stage.unit != unit:
             counts = "optimizer steps" if stage.unit == "step" else "epochs"
             problems.append(problem(f"counts {unit}s, but this stage counts {counts}; give `{other}`", key, value))

@@ -9,10 +9,16 @@ from typing import Any, Optional, Union
 from lightning_stages.errors import StageConfigError, StageProblem
 from lightning_stages.schedule import checks, unit_checks
 from lightning_stages.schedule.adaptive_checks import min_length_problems
+from lightning_stages.schedule.seed_format import config_path_problems
 from lightning_stages.schedule.stage import BASE_STAGE_NAME, plain
 from lightning_stages.schedule.stage_schedule import StageSchedule
 
 __all__ = ["bind_schedule", "declared_settings", "given_schedule"]
+
+
+def _plain_base(**values: Any) -> list[Any]:
+    """:func:`plain` of each base setting; one that refers to itself is a problem of the base naming its key."""
+    return [plain(value, field=key, name=BASE_STAGE_NAME) for key, value in values.items()]
 
 
 def declared_settings(loss_weights: Any = None, distillation: Any = None, lambda_coef: Any = None) -> dict[str, Any]:
@@ -23,7 +29,8 @@ def declared_settings(loss_weights: Any = None, distillation: Any = None, lambda
         >>> declared_settings({"bce": 1}, distillation="yes", lambda_coef=0.5)
         {'loss_weights': {'bce': 1}, 'distillation': None, 'lambda_coef': 0.5}
     """
-    loss_weights, distillation, lambda_coef = plain(loss_weights), plain(distillation), plain(lambda_coef)
+    loss_weights, distillation, lambda_coef = _plain_base(loss_weights=loss_weights, distillation=distillation,
+                                                          lambda_coef=lambda_coef)
     return {
         "loss_weights": dict(loss_weights) if isinstance(loss_weights, Mapping) else None,
         "distillation": distillation if isinstance(distillation, bool) else None,
@@ -133,7 +140,8 @@ def given_schedule(
     key, which only binding knows.
 
     Raises:
-        StageConfigError: both ``stage_schedule`` and ``config``, or any problem of the schedule, all together.
+        StageConfigError: both ``stage_schedule`` and ``config``, a ``config`` that is not a path, or any problem of
+            the schedule, all together.
 
     Example::
 
@@ -145,10 +153,13 @@ def given_schedule(
         raise StageConfigError(StageProblem("give either `stage_schedule` or `config`, not both", name=owner,
                                             field="config", value=str(config)))
     # numpy (or tensor) scalars count as the numbers they hold, as in the stages
-    loss_weights, distillation, lambda_coef = plain(loss_weights), plain(distillation), plain(lambda_coef)
+    loss_weights, distillation, lambda_coef = _plain_base(loss_weights=loss_weights, distillation=distillation,
+                                                          lambda_coef=lambda_coef)
     problems = checks.base_problems(loss_weights=loss_weights)
     if config is not None:
-        from_file = StageSchedule.from_config(os.fspath(config))
+        if not_a_path := config_path_problems(config, name=owner):
+            raise StageConfigError(not_a_path)
+        from_file = StageSchedule.from_config(config)
         if from_file.loss_weights is not None or loss_weights is not None:
             loss_weights = {**(from_file.loss_weights or {}), **(loss_weights or {})}
         problems += checks.base_problems(distillation=distillation, lambda_coef=lambda_coef)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Optional
 
-from lightning_stages.errors import StageProblem, did_you_mean, short_repr, stage_label
+from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean, short_repr, stage_label
 from lightning_stages.schedule.adaptive_checks import adaptive_problems
 from lightning_stages.schedule.stage import BASE_STAGE_NAME, STAGE_FIELDS, TOO_LARGE, Stage, too_large
 
@@ -90,7 +91,7 @@ def unknown_loss_problems(
     return [
         StageProblem("is not a task loss of this module", index=index, name=name, field=f"loss_weights.{key}",
                      value=value, hint=did_you_mean(str(key), known)
-                     or (f"{listing}: {', '.join(known)}" if known else when_none))
+                     or (f"{listing}: {', '.join(map(str, known))}" if known else when_none))
         for key, value in weights.items() if key not in known
     ]
 
@@ -213,7 +214,10 @@ def parse_stage(entry: Any, index: int) -> tuple[Optional[Stage], list[StageProb
                     hint=did_you_mean(str(key), STAGE_FIELDS) or f"the fields are: {', '.join(STAGE_FIELDS)}",
                 )
             )
-    stage = Stage(**known)
+    try:
+        stage = Stage(**known)
+    except StageConfigError as err:  # a value that refers to itself or nests too deeply
+        return None, problems + [replace(p, index=index, name=name) for p in err.problems]
     problems += stage_problems(stage, index)
     return stage, problems
 
@@ -237,6 +241,10 @@ def base_problems(
             )
         else:
             for key, weight in loss_weights.items():
+                if not isinstance(key, str):  # as in a stage (e.g. YAML's `yes:` or `null:`, read as True or None)
+                    problems.append(StageProblem("loss names must be strings", name=BASE_STAGE_NAME,
+                                                 field="loss_weights", value=key))
+                    continue
                 problems += number_problems(weight, f"loss_weights.{key}", name=BASE_STAGE_NAME)
     if distillation is not None and not isinstance(distillation, bool):
         problems.append(StageProblem(f"must be true or false, not {type(distillation).__name__}",

@@ -11,7 +11,7 @@ import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from lightning_stages.errors import StageConfigError, StageProblem
 from lightning_stages.schedule.checks import near_miss_problems
@@ -21,7 +21,7 @@ from lightning_stages.schedule.stage import STAGE_FIELDS, plain
 if TYPE_CHECKING:
     from lightning_stages.schedule.stage_schedule import StageSchedule
 
-__all__ = ["diff", "load_config", "parse_json", "schedule_arguments", "to_dict"]
+__all__ = ["config_path_problems", "diff", "load_config", "parse_json", "schedule_arguments", "to_dict"]
 
 # root keys of the seed's config format that the schedule reads; everything else (dataset, model, ...) is ignored
 ROOT_KEYS = ("stage_schedule", "train", "distillation")
@@ -69,6 +69,21 @@ def load_config(path: PathLike) -> dict[str, Any]:
     return dict(data)
 
 
+def config_path_problems(value: Any, *, name: Optional[str] = None, what: str = "") -> list[StageProblem]:
+    """A config file must be named by a path: a ``str`` or an ``os.PathLike`` giving one (``what``: the other kinds of
+    value also accepted, for the message).
+
+    Example::
+
+        >>> print(config_path_problems(123, name="StageScheduleCallback")[0])
+        StageScheduleCallback: `config` = 123: must be the path of a JSON or YAML config file, not int
+    """
+    if isinstance(value, str) or (isinstance(value, os.PathLike) and isinstance(os.fspath(value), str)):
+        return []
+    return [StageProblem(f"must be the path of a JSON or YAML config file{what}, not {type(value).__name__}",
+                         name=name, field="config", value=value)]
+
+
 def schedule_arguments(source: Union[PathLike, Mapping[str, Any]]) -> dict[str, Any]:
     """The arguments of :class:`~lightning_stages.StageSchedule` a config in the seed's format gives.
 
@@ -76,14 +91,16 @@ def schedule_arguments(source: Union[PathLike, Mapping[str, Any]]) -> dict[str, 
     may be keys of an older config (``training``, ``distillation.lambda``) that must keep working: a warning.
 
     Raises:
-        StageConfigError: the file cannot be read or parsed, a section is not a mapping, or ``stage_schedule`` is
-            misspelt.
+        StageConfigError: ``source`` is neither a path nor a mapping, the file cannot be read or parsed, a section is
+            not a mapping, or ``stage_schedule`` is misspelt.
 
     Example::
 
         >>> schedule_arguments({"train": {"epochs": 4}, "stage_schedule": [{"start_epoch": 0}]})
         {'stages': [{'start_epoch': 0}], 'loss_weights': None, 'distillation': None, 'lambda_coef': None, 'total_epochs': 4}
     """
+    if not isinstance(source, Mapping) and (not_a_path := config_path_problems(source, what=" or a mapping")):
+        raise StageConfigError(not_a_path)
     data = load_config(source) if not isinstance(source, Mapping) else source
     problems: list[StageProblem] = []
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
+
+from lightning_stages.errors import StageConfigError, StageProblem, short_repr
+from lightning_stages.schedule.config_input import MAX_DEPTH
 
 __all__ = [
     "BASE_STAGE_NAME",
@@ -103,7 +107,8 @@ class Stage:
     def __post_init__(self) -> None:
         # plain Python numbers (numpy's are accepted), and a private copy of every dict: never share (or later
         # mutate) the caller's
-        plain_fields(self)
+        if problems := plain_fields(self):
+            raise StageConfigError(problems)
 
     def __repr__(self) -> str:  # the fields given, as the user wrote them
         return f"Stage({', '.join(f'{key}={value!r}' for key, value in self.to_dict().items())})"
@@ -164,12 +169,18 @@ def too_large(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max
 
 
-def plain(value: Any, _memo: Optional[dict[int, Any]] = None) -> Any:
+def plain(value: Any, *, field: Optional[str] = None, name: Optional[str] = None) -> Any:
     """``value`` as plain Python data: numpy (or other 0-d array) scalars become ``bool``/``int``/``float``, float
     and int subclasses their base type, mappings ``dict`` and lists ``list`` (copies that share what the original
-    shares, so an alias-heavy value costs its size in memory, not its expansion); anything else as it is.
+    shares, so an alias-heavy value costs its size in memory, not its expansion); anything else as it is. A real
+    number beyond a float's range (a ``Fraction``, a ``numpy.longdouble``) becomes the ``int`` it truncates to, which
+    every check refuses as :data:`TOO_LARGE`.
 
     What a checkpoint holds must load with ``torch.load(weights_only=True)``, which refuses numpy scalars.
+
+    Raises:
+        StageConfigError: ``value`` refers to itself or nests deeper than ``MAX_DEPTH`` levels; the problem names
+            ``field`` of the stage (or base) ``name``.
 
     Example::
 
@@ -178,15 +189,39 @@ def plain(value: Any, _memo: Optional[dict[int, Any]] = None) -> Any:
         {'bce': 0.5, 'epochs': [3, True]}
         >>> type(plain(np.linspace(0, 1, 3)[1])).__name__
         'float'
+        >>> w = {"bce": 1.0}
+        >>> w["self"] = w
+        >>> plain(w, field="loss_weights", name="base")
+        Traceback (most recent call last):
+        ...
+        lightning_stages.errors.StageConfigError: 1 problem in the stage schedule:
+          - base: `loss_weights` = {'bce': 1.0, 'self': {'bce': 1.0, 'self': {...}}}: refers to itself
     """
+    try:
+        return _plain(value, {}, set())
+    except _NotPlain as err:
+        raise StageConfigError(StageProblem(str(err), name=name, field=field, value=value)) from None
+
+
+class _NotPlain(Exception):
+    """A value :func:`plain` cannot copy: it refers to itself or nests too deeply."""
+
+
+def _plain(value: Any, memo: dict[int, Any], open_ids: set[int]) -> Any:
     kind = type(value)
     if value is None or kind in (bool, int, float, str):
         return value
     if isinstance(value, Mapping) or kind in (list, tuple):
-        memo = {} if _memo is None else _memo
-        if id(value) not in memo:
-            memo[id(value)] = ({key: plain(item, memo) for key, item in value.items()} if isinstance(value, Mapping)
-                               else kind(plain(item, memo) for item in value))
+        if id(value) in memo:
+            return memo[id(value)]
+        if id(value) in open_ids:
+            raise _NotPlain("refers to itself")
+        if len(open_ids) >= MAX_DEPTH:
+            raise _NotPlain(f"is nested too deeply ({MAX_DEPTH} levels at most)")
+        open_ids.add(id(value))
+        memo[id(value)] = ({key: _plain(item, memo, open_ids) for key, item in value.items()}
+                           if isinstance(value, Mapping) else kind(_plain(item, memo, open_ids) for item in value))
+        open_ids.discard(id(value))
         return memo[id(value)]
     item = getattr(value, "item", None)
     if callable(item) and hasattr(value, "dtype") and getattr(value, "shape", None) == ():
@@ -199,12 +234,25 @@ def plain(value: Any, _memo: Optional[dict[int, Any]] = None) -> Any:
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real) and not isinstance(value, str):
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # a Fraction beyond a float's range (numpy's long double gives inf instead)
+            number = math.inf
+        if math.isinf(number):
+            try:  # finite but beyond a float: the int it truncates to, which the checks name as too large
+                return int(value)  # type: ignore[call-overload]  # numbers.Real need not define __int__
+            except (OverflowError, ValueError, TypeError):  # infinite in its own type too
+                pass
+        return number
     return value
 
 
-def plain_fields(data: Any, **values: Any) -> None:
+def plain_fields(data: Any, **values: Any) -> list[StageProblem]:
     """Set every init field of the frozen dataclass ``data`` to :func:`plain` of its value (or of ``values[name]``).
+
+    Returns:
+        The values that refer to themselves or nest too deeply (those fields are left as they are), each naming the
+        field and the stage (by its name; its index is the schedule's to add) or the base.
 
     Example::
 
@@ -212,9 +260,18 @@ def plain_fields(data: Any, **values: Any) -> None:
         >>> Stage(start_epoch=np.int64(2), lambda_coef=np.float64(0.5)).to_dict()
         {'start_epoch': 2, 'lambda_coef': 0.5}
     """
+    name = BASE_STAGE_NAME if not isinstance(data, Stage) else "stage" + (
+        f" {short_repr(data.name)}" if isinstance(data.name, str) else "")
+    problems: list[StageProblem] = []
     for f in fields(data):
         if f.init:
-            object.__setattr__(data, f.name, plain(values.get(f.name, getattr(data, f.name))))
+            try:
+                value = plain(values.get(f.name, getattr(data, f.name)), field=f.name, name=name)
+            except StageConfigError as err:
+                problems += err.problems
+            else:
+                object.__setattr__(data, f.name, value)
+    return problems
 
 
 @dataclass(frozen=True)

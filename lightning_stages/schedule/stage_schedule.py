@@ -21,10 +21,9 @@ __all__ = ["BASE_STAGE_NAME", "DEFAULT_LAMBDA_COEF", "StageSchedule"]
 class StageSchedule:
     """Consecutive stages plus the base settings they override.
 
-    Building a schedule checks it: every problem (unknown keys, wrong types, negative or non-finite
-    numbers, ``start_epoch >= end_epoch``, overlaps, weight keys without a base) is collected and raised
-    together as one :class:`~lightning_stages.StageConfigError`. The caller's lists and dicts are copied,
-    never changed.
+    Building a schedule checks it: every problem (unknown keys, wrong types, negative or non-finite numbers,
+    ``start_epoch >= end_epoch``, overlaps, weight keys without a base) is collected and raised together as one
+    :class:`~lightning_stages.StageConfigError`. The caller's lists and dicts are copied, never changed.
 
     Args:
         stages: the stages, as :class:`Stage` objects or plain mappings in the seed's format.
@@ -83,7 +82,9 @@ class StageSchedule:
                     ranged.append((index, stage))
                 if stage.loss_weights is None or isinstance(stage.loss_weights, Mapping):
                     weighted.append((index, stage))
-        stage_module.plain_fields(self, stages=tuple(stages))  # the base too: plain copies, numpy numbers made plain
+        # the base too: plain copies, numpy numbers made plain; a value that refers to itself is refused at once
+        if found := stage_module.plain_fields(self, stages=tuple(stages)):
+            raise StageConfigError(problems + found)
         problems += checks.base_problems(self.loss_weights, self.distillation, self.lambda_coef, self.total_epochs)
         # the same rule for total_steps: a positive integer
         problems += [replace(p, field="total_steps") for p in checks.base_problems(total_epochs=self.total_steps)]
@@ -95,8 +96,7 @@ class StageSchedule:
         if self.total_steps is not None and not any(p.field == "total_steps" for p in problems):
             problems += checks.starts_beyond_problems(ranged, self.total_steps, "total_steps")
         if not any(p.field and p.field.startswith("ramp_") for p in problems):
-            problems += unit_checks.ramp_length_problems(ranged, self.total_epochs if self.unit == "epoch"
-                                                         else self.total_steps)
+            problems += unit_checks.ramp_length_problems(ranged, self._total())
         if problems:
             raise StageConfigError(problems)
         self._index()

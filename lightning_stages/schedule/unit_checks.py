@@ -78,6 +78,8 @@ def step_field_problems(stage: Stage, index: int) -> list[StageProblem]:
             problem(f"must be an integer, not {type(value).__name__}", "ramp_steps", value)
         elif value <= 0:
             problem("must be an integer > 0", "ramp_steps", value)
+        elif too_large(value):  # `show` writes it as a float
+            problem(TOO_LARGE, "ramp_steps", value)
     if stage.ramp_shape is not None:
         if not isinstance(stage.ramp_shape, str) or stage.ramp_shape not in RAMP_SHAPES:
             problem("is not a ramp shape", "ramp_shape", stage.ramp_shape,
