@@ -359,7 +359,7 @@ def test_a_report_or_curves_that_compare_did_not_write_are_never_overwritten(her
     assert (out / "report.md").read_text() == "my report" and not (out / "runs").exists()
     (out / "report.md").unlink()
     (out / "curves.png").write_bytes(b"mine")
-    with pytest.raises(OutputInUseError, match="holds curves.png"):
+    with pytest.raises(OutputInUseError, match=r"holds curves\.png"):
         compare([Path(c) for c in configs], out)
     (out / "curves.png").unlink()
     assert compare([Path(c) for c in configs], out).trained == 2  # an earlier compare's own files are rewritten
