@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lightning_stages.cli import main
+from lightning_stages.cli.lightning_config import schedule_of_config
 
 
 def _run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
@@ -403,3 +404,23 @@ def test_a_note_quoting_the_parser_s_error_reaches_the_terminal_escaped(
     assert code == 0 and out.startswith("OK ")
     assert err.startswith("note: ") and "\x1b" not in err and "\nFORGED" not in err  # before: the parser's text, raw
     assert "Got value: \\x1b[31mRED\\n  FORGED OK line" in err
+
+
+@pytest.mark.parametrize("value", ["'abc'", "1.5", "true", "1e400", ".inf"])
+@pytest.mark.parametrize("key", ["max_epochs", "max_steps"])
+def test_a_trainer_epoch_or_step_count_the_parser_refuses_is_refused_by_validate(
+        tmp_path: Path, capsys: pytest.CaptureFixture, key: str, value: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(f"trainer:\n  {key}: {value}\n  callbacks:\n  - class_path: lightning_stages.StageScheduleCallback\n"
+                    "    init_args: {stage_schedule: [{start_epoch: 0, end_epoch: 3}]}\n")
+    code, out, err = _run(capsys, "validate", str(path))
+    assert code == 2 and out == ""  # before: OK, the value ignored (LightningCLI's parser refuses it at fit)
+    assert f"- config: `trainer.{key}` = " in err and "must be an integer or null" in err
+
+
+@pytest.mark.parametrize(("value", "epochs"), [("9", 9), ("'9'", 9), ("null", None), ("-1", None)])
+def test_a_trainer_max_epochs_the_parser_takes_is_taken(tmp_path: Path, value: str, epochs: object) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(f"trainer:\n  max_epochs: {value}\n  callbacks:\n  - class_path: lightning_stages.StageScheduleCallback\n"
+                    "    init_args: {stage_schedule: [{start_epoch: 0, end_epoch: 3}]}\n")
+    assert schedule_of_config(path).total_epochs == epochs  # no error; the run's epochs when it has some

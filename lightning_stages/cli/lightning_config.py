@@ -42,14 +42,7 @@ _SCHEDULE_MODEL_KEYS = ("loss_weights", "use_distillation", "lambda_coef")
 
 
 def add_working_directory_to_path() -> None:
-    """Let class paths in configs resolve from the working directory, as with ``python -m``.
-
-    Example::
-
-        >>> add_working_directory_to_path()
-        >>> os.getcwd() in sys.path
-        True
-    """
+    """Let class paths in configs resolve from the working directory, as with ``python -m``."""
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
 
@@ -195,7 +188,10 @@ def _max_epochs_of(data: Mapping[str, Any], key: str = "max_epochs") -> Optional
     if isinstance(value, str):  # LightningCLI's parser reads a YAML "9" where an int is typed as 9
         with contextlib.suppress(ValueError):
             value = int(value)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):  # the parser refuses it too
+        raise StageConfigError(StageProblem("must be an integer or null", name="config", field=f"trainer.{key}",
+                                            value=value))
+    return value if value is not None and value >= 0 else None
 
 
 def schedule_of_config(
@@ -338,10 +334,10 @@ def like_for_like_differences(configs: Sequence[Union[str, os.PathLike]]) -> lis
         flat["trainer.max_epochs"] = _max_epochs_of(data)
         return flat
 
+    out: list[str] = []
     if len(configs) < 2:
-        return []
+        return out
     first, first_name = settings(configs[0]), Path(configs[0]).name
-    out = []
     for path in configs[1:]:
         other = settings(path)
         out += [f"{Path(path).name}: {key} = {other.get(key)!r}, but {first.get(key)!r} in {first_name}"
