@@ -90,8 +90,11 @@ class UncheckableInput(TypeError):
 def _unreadable(value: Any, err: Exception) -> UncheckableInput:
     """The error for a tensor or array whose bytes cannot be read (a jagged nested tensor, a quantized or MKL-DNN
     tensor, a numpy array of strings, dates or records, or in another byte order)."""
-    kind = type(value).__qualname__ if not isinstance(value, (Tensor, np.ndarray)) else (
-        f"{type(value).__qualname__} of {value.dtype}" + (f" ({'nested, ' * value.is_nested}{value.layout})" if isinstance(value, Tensor) else ""))
+    kind = type(value).__qualname__
+    if isinstance(value, (Tensor, np.ndarray)):
+        kind += f" of {value.dtype}"
+    if isinstance(value, Tensor):
+        kind += f" ({'nested, ' * value.is_nested}{value.layout})"
     return UncheckableInput(kind, str(err).splitlines()[0] if str(err) else type(err).__name__)
 
 
