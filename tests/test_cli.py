@@ -166,6 +166,12 @@ def test_validate_a_missing_file_exits_2(tmp_path: Path, capsys: pytest.CaptureF
     assert "cannot read config file" in capsys.readouterr().err
 
 
+def test_validate_an_empty_path_names_it_not_the_working_directory(capsys: pytest.CaptureFixture) -> None:
+    assert main(["validate", ""]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read config file '': the path is empty" in err and "'.'" not in err  # before: named '.'
+
+
 # ---------------------------------------------------------------------------------------------- show
 
 

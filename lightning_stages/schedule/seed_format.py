@@ -52,6 +52,8 @@ def load_config(path: PathLike) -> dict[str, Any]:
         >>> load_config(p)
         {'stage_schedule': []}
     """
+    if not os.fspath(path):  # Path("") would read as "." and be named so
+        raise StageConfigError(StageProblem("cannot read config file '': the path is empty"))
     path = Path(path)
     text = read_text(path)
     if path.suffix.lower() == ".json":
