@@ -106,6 +106,8 @@ def test_anchors_and_merge_keys_within_the_limits_are_read(tmp_path: Path) -> No
      "distillation", (3, 5)),
     ("root.yaml", "stage_schedule:\n- start_epoch: 0\ntrain: {epochs: 4}\nstage_schedule: []\n", "stage_schedule",
      (1, 4)),
+    # a single-quoted key with an escape, as JSON with comments allows: the same key (before: named without lines)
+    ("escaped.json", "{'stage_schedule': [{'start_epoch': 0,\n 'na\\x6de': 'a',\n name: 'b'}]} // c", "name", (2, 3)),
 ])
 def test_a_key_given_twice_names_the_key_and_both_lines(tmp_path: Path, name: str, text: str, key: str,
                                                         lines: tuple[int, int]) -> None:

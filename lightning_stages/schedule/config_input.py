@@ -78,8 +78,8 @@ def _json_key_lines(text: str, key: Any) -> tuple[Optional[int], Optional[int]]:
             while j < n and text[j] != c:
                 j += 2 if text[j] == "\\" else 1
             raw = text[i:j + 1]
-            try:
-                token = (json.loads(raw) if c == '"' else raw[1:-1], line)
+            try:  # json5 decodes what JSON with comments allows in a string (single quotes, \x41 escapes)
+                token = (json.loads(raw) if c == '"' else json5.loads(raw), line)
             except ValueError:
                 token = (raw[1:-1], line)
             line += raw.count("\n")
