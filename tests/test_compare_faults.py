@@ -15,11 +15,12 @@ import pytest
 from scipy import stats
 
 from lightning_stages.cli import main
-from lightning_stages.cli.compare import LOCK_FILE, OutputInUseError, run_compare
+from lightning_stages.cli.compare import LOCK_FILE, OutputInUseError, _line, run_compare
 from lightning_stages.cli.compare_report import RunOutcome, metric_verdict
 from lightning_stages.cli.run_store import RESULT_FILE, load_result, run_dir, save_result, schedule_names
 from lightning_stages.cli.stats import paired_verdict
 from lightning_stages.cli.training_run import RunSpec, execute_run
+from lightning_stages.errors import StageConfigError, StageProblem
 
 MODEL = """
 import os
@@ -380,3 +381,12 @@ def test_bad_compare_options_exit_2_with_one_line_before_anything_runs(here: Pat
     err = capsys.readouterr().err
     assert err.startswith("compare: ") and len(err.strip().splitlines()) == 1
     assert (here / "a_file").read_text() == "mine" and not (here / "out").exists()
+
+
+def test_a_failed_run_s_line_shows_the_problem_not_only_the_error_s_first_line() -> None:
+    error = StageConfigError(StageProblem("must be >= 0", index=1, name="kd\x1b[2J", field="lambda_coef", value=-1))
+    run = RunOutcome("a", 0, error=f"StageConfigError: {error}", seconds=1.25)
+    line = _line(run, "a", 1, 2, METRICS)
+    # before: "FAILED: StageConfigError: 1 problem in the stage schedule:" and nothing of the problem
+    assert line == ("[1/2] a seed 0: FAILED: StageConfigError: 1 problem in the stage schedule: - stage 1 "
+                    "('kd\\x1b[2J'): `lambda_coef` = -1: must be >= 0  (1.2 s)")

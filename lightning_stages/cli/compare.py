@@ -39,7 +39,7 @@ from lightning_stages.cli.run_store import (
 )
 from lightning_stages.cli.stats import require_scipy
 from lightning_stages.cli.training_run import RunSpec
-from lightning_stages.errors import StageConfigError
+from lightning_stages.errors import StageConfigError, printable
 from lightning_stages.schedule.render import format_summary
 from lightning_stages.schedule.seed_format import load_config
 
@@ -156,7 +156,9 @@ def _short(result: Any, shown: Mapping[str, str]) -> str:
 def _line(run: RunOutcome, name: str, done: int, total: int, metrics: Sequence[str]) -> str:
     where = f"[{done}/{total}] {name} seed {run.seed}:"
     if run.error is not None:
-        return f"{where} FAILED: {run.error.splitlines()[0]}  ({run.seconds:.1f} s)"
+        # its lines joined (a StageConfigError's first line only says how many problems), shortened
+        error = printable(" ".join(line.strip() for line in run.error.splitlines()), 300)
+        return f"{where} FAILED: {error}  ({run.seconds:.1f} s)"
     scores = "  ".join(f"{m}={run.metrics[m]:.3f}" for m in metrics if m in run.metrics)
     return f"{where} {scores}  ({run.seconds:.1f} s{', reused' if run.reused else ''})"
 
