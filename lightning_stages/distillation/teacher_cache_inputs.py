@@ -10,11 +10,12 @@ is only served for the input it was computed from.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Optional
 
 import numpy as np
@@ -87,9 +88,21 @@ class UncheckableInput(TypeError):
         self.kind = kind
 
 
+@contextlib.contextmanager
+def _reading(value: Any) -> Iterator[None]:
+    """An error while reading ``value``'s bytes becomes :class:`UncheckableInput` naming it (one already raised for a
+    value inside it, and CUDA's out-of-memory error, pass through)."""
+    try:
+        yield
+    except (RuntimeError, NotImplementedError, TypeError, ValueError) as err:
+        if isinstance(err, (UncheckableInput, torch.cuda.OutOfMemoryError)):
+            raise
+        raise _unreadable(value, err) from err
+
+
 def _unreadable(value: Any, err: Exception) -> UncheckableInput:
     """The error for a tensor or array whose bytes cannot be read (a jagged nested tensor, a quantized or MKL-DNN
-    tensor, a numpy array of strings, dates or records, or in another byte order)."""
+    tensor, a numpy array of strings, dates or records)."""
     kind = type(value).__qualname__
     if isinstance(value, (Tensor, np.ndarray)):
         kind += f" of {value.dtype}"
@@ -123,13 +136,9 @@ def input_fingerprints(inputs: Any, rows: int) -> Tensor:
         return torch.zeros(0, dtype=torch.int64)
     alone = _lone_batch_tensor(inputs, rows)
     if alone is not None:  # the usual call, run_teachers(x): what the walk below gives, without the walk
-        try:
+        with _reading(alone):
             constant = _lone_constant(alone.dtype, tuple(alone.shape[1:]), alone.device)
             return _tensor_rows_hash(alone, rows, constant).cpu()
-        except (RuntimeError, NotImplementedError, TypeError, ValueError) as err:
-            if isinstance(err, torch.cuda.OutOfMemoryError):
-                raise
-            raise _unreadable(alone, err) from err
     return _walk(inputs, rows, hash_rows=True)
 
 
@@ -173,12 +182,8 @@ def _walk(inputs: Any, rows: int, hash_rows: bool) -> Tensor:
         mix(int(_tensor_rows_hash(tensor.reshape(1, -1), 1)) + _bytes_hash(f"{tensor.dtype}{tuple(tensor.shape)}"))
 
     def visit(value: Any) -> None:
-        try:
+        with _reading(value):
             visit_value(value)
-        except (RuntimeError, NotImplementedError, TypeError, ValueError) as err:
-            if isinstance(err, (UncheckableInput, torch.cuda.OutOfMemoryError)):
-                raise
-            raise _unreadable(value, err) from err
 
     def visit_value(value: Any) -> None:
         nonlocal total, offset
