@@ -18,85 +18,24 @@ truncated by hand while a process reads it can stop that process (SIGBUS), never
 from __future__ import annotations
 
 import contextlib
-import json
-import mmap
 import os
 import re
 import uuid
 import warnings
-import zlib
 from typing import Any, Optional, cast
 
-import numpy as np
 import torch
 from filelock import FileLock, Timeout
 from torch import Tensor
 
 from lightning_stages.distillation.teacher_cache_rows import row_hash
+from lightning_stages.distillation.teacher_cache_shards import ROW_HEAD, Shard, align8, header_bytes, read_header
 from lightning_stages.distillation.teacher_cache_storage import RowStorage, leaf_specs
 
 __all__ = ["FileRows", "drop_unused"]
 
 _KEY_DIR = re.compile(r"tc2-[0-9a-f]{32}")
 _LEGACY = re.compile(r"teacher_cache\.json(\.tmp)?|filled\.bin|leaf\d+\.bin")  # the 0.1 single-writer format
-_MAGIC = b"LSTCROW2"
-_FORMAT = 2
-_HEAD = 16  # magic (8 bytes), header length (4), header CRC-32 (4), then the JSON header
-_ROW_HEAD = 24  # per record: checksum, sample index, input fingerprint (int64 each), then the leaves' bytes
-
-
-def _align8(nbytes: int) -> int:
-    return -(-nbytes // 8) * 8
-
-
-class _Shard:
-    """One append-only file of records, written by one process."""
-
-    def __init__(self, path: str, layout: dict[str, Any], offset: int, record_bytes: int) -> None:
-        self.path, self.layout, self.offset, self.record_bytes = path, layout, offset, record_bytes
-        self.count = 0  # records indexed (or, for this process's own shard, written)
-        self._records: Optional[np.ndarray] = None  # the whole records mapped so far, (count, record_bytes)
-
-    def rows(self, records: list[int]) -> Optional[np.ndarray]:
-        """A copy of the records ``records``, ``(len(records), record_bytes)``; ``None`` if the file is gone or
-        shorter. Read through a read-only memory map of the whole records, mapped again when the file has grown
-        (no process ever truncates a shard, so the map never loses its pages)."""
-        needed = max(records) + 1
-        if self._records is None or len(self._records) < needed:
-            try:
-                count = (os.stat(self.path).st_size - self.offset) // self.record_bytes
-                if count < needed:
-                    return None
-                with open(self.path, "rb") as handle:
-                    mapped = mmap.mmap(handle.fileno(), self.offset + count * self.record_bytes,
-                                       access=mmap.ACCESS_READ)
-            except (OSError, ValueError):
-                return None
-            self._records = np.frombuffer(mapped, dtype=np.uint8, count=count * self.record_bytes,
-                                          offset=self.offset).reshape(count, self.record_bytes)
-        return self._records[records]
-
-
-def _read_header(path: str, key: str) -> Optional[_Shard]:
-    """The shard at ``path`` if its header is intact and written for ``key``, else ``None`` (never raises)."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(_HEAD)
-            length = int.from_bytes(head[8:12], "little")
-            body = handle.read(length)
-        if head[:8] != _MAGIC or len(body) != length or zlib.crc32(body) != int.from_bytes(head[12:16], "little"):
-            return None
-        meta = json.loads(body)
-        if meta.get("format") != _FORMAT or meta.get("key") != key:
-            return None
-        layout = meta["layout"]
-        if meta["record_bytes"] != _ROW_HEAD + sum(_align8(n) for _, _, n in leaf_specs(layout)):
-            return None
-        return _Shard(path, layout, _align8(_HEAD + length), meta["record_bytes"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
-        return None
-
-
 def _held(path: str) -> bool:
     """Whether a live process holds the lock file ``path``."""
     lock = FileLock(path, timeout=0, thread_local=False)
@@ -171,10 +110,10 @@ class FileRows(RowStorage):
         self.path = os.path.join(directory, f"tc2-{key}")
         self._salt = int(key[:16], 16) - (1 << 63)
         self._id = f"{os.getpid()}-{uuid.uuid4().hex}"
-        self._shards: dict[str, _Shard] = {}
+        self._shards: dict[str, Shard] = {}
         self._bad: set[str] = set()
-        self._where: dict[int, tuple[_Shard, int, int]] = {}  # sample -> (shard, record, input fingerprint)
-        self._writer: Optional[_Shard] = None
+        self._where: dict[int, tuple[Shard, int, int]] = {}  # sample -> (shard, record, input fingerprint)
+        self._writer: Optional[Shard] = None
         self._writer_fd: Optional[int] = None
         self._unwritable = False  # a write failed (disk full, no permission): warned once
         os.makedirs(directory, exist_ok=True)
@@ -210,7 +149,7 @@ class FileRows(RowStorage):
             own = self._writer is not None and path == self._writer.path
             if not name.endswith(".rows") or path in self._bad or own:
                 continue
-            shard = self._shards.get(path) or _read_header(path, self.key)
+            shard = self._shards.get(path) or read_header(path, self.key)
             if shard is None:
                 self._bad.add(path)
                 continue
@@ -220,7 +159,7 @@ class FileRows(RowStorage):
             if shard.layout == self.layout:
                 self._index(shard)
 
-    def _index(self, shard: _Shard) -> None:
+    def _index(self, shard: Shard) -> None:
         try:
             count = max(0, (os.stat(shard.path).st_size - shard.offset) // shard.record_bytes)
         except OSError:
@@ -249,9 +188,9 @@ class FileRows(RowStorage):
         if None in entries or mismatched or self.layout is None:
             return None, mismatched
         specs = leaf_specs(self.layout)
-        record_bytes = _ROW_HEAD + sum(_align8(n) for _, _, n in specs)
+        record_bytes = ROW_HEAD + sum(align8(n) for _, _, n in specs)
         rows = torch.empty((len(index), record_bytes), dtype=torch.uint8)
-        groups: dict[_Shard, tuple[list[int], list[int]]] = {}
+        groups: dict[Shard, tuple[list[int], list[int]]] = {}
         for position, (shard, record, _) in enumerate(entries):  # type: ignore[misc]
             positions, records = groups.setdefault(shard, ([], []))
             positions.append(position)
@@ -273,30 +212,30 @@ class FileRows(RowStorage):
                 if self._where.get(index[k]) is entries[k]:
                     del self._where[index[k]]  # damaged: never served, recomputed by the caller
             return None, 0
-        leaves, start = [], _ROW_HEAD
+        leaves, start = [], ROW_HEAD
         for shape, dtype, nbytes in specs:
             # a copy that starts the storage, aligned for any dtype (a one-row slice is contiguous at offset 24)
             leaf = rows[:, start:start + nbytes].clone(memory_format=torch.contiguous_format)
             leaves.append(leaf.view(dtype).view(len(index), *shape))
-            start += _align8(nbytes)
+            start += align8(nbytes)
         return leaves, 0
 
     def put(self, index: list[int], fingerprints: Tensor, leaves: list[Tensor]) -> None:
         if self.layout is None:
             raise RuntimeError("set_layout before put")
         specs = leaf_specs(self.layout)
-        record_bytes = _ROW_HEAD + sum(_align8(n) for _, _, n in specs)
+        record_bytes = ROW_HEAD + sum(align8(n) for _, _, n in specs)
         rows = torch.zeros((len(index), record_bytes), dtype=torch.uint8)
         words = rows.view(torch.int64)
         words[:, 1] = torch.tensor(index, dtype=torch.int64)
         words[:, 2] = fingerprints
-        start = _ROW_HEAD
+        start = ROW_HEAD
         for (_, _, nbytes), leaf in zip(specs, leaves):
             if nbytes:
                 flat = leaf.reshape(len(index), -1).contiguous()
                 rows[:, start:start + nbytes] = (flat.to(torch.uint8) if flat.dtype == torch.bool else flat).view(
                     torch.uint8)
-            start += _align8(nbytes)
+            start += align8(nbytes)
         words[:, 0] = row_hash(words[:, 1:]) + self._salt
         data = memoryview(rows.numpy()).cast("B")  # type: ignore[arg-type]
         try:
@@ -312,16 +251,13 @@ class FileRows(RowStorage):
                               "that could not be stored are computed again when next needed", stacklevel=2)
             self._unwritable = True
             return
-        writer = cast(_Shard, self._writer)  # opened above
+        writer = cast(Shard, self._writer)  # opened above
         for k, (i, fingerprint) in enumerate(zip(index, fingerprints.tolist())):
             self._where[i] = (writer, writer.count + k, fingerprint)
         writer.count += len(index)
 
     def _open_writer(self, record_bytes: int) -> None:
-        body = json.dumps({"format": _FORMAT, "key": self.key, "layout": self.layout,
-                           "record_bytes": record_bytes}).encode()
-        head = _MAGIC + len(body).to_bytes(4, "little") + zlib.crc32(body).to_bytes(4, "little") + body
-        head += bytes(_align8(len(head)) - len(head))
+        head = header_bytes(self.key, self.layout)  # type: ignore[arg-type]
         os.makedirs(self.path, exist_ok=True)
         name = f"{self._id}-{uuid.uuid4().hex[:8]}"
         tmp, final = os.path.join(self.path, f"{self._id}.tmp"), os.path.join(self.path, f"{name}.rows")
@@ -329,7 +265,7 @@ class FileRows(RowStorage):
             handle.write(head)
         os.rename(tmp, final)  # a shard is visible only with its whole header
         self._writer_fd = os.open(final, os.O_WRONLY | os.O_APPEND)
-        self._writer = self._shards[final] = _Shard(final, self.layout, len(head), record_bytes)  # type: ignore[arg-type]
+        self._writer = self._shards[final] = Shard(final, self.layout, len(head), record_bytes)  # type: ignore[arg-type]
 
     def _close_writer(self) -> None:
         if self._writer_fd is not None:
