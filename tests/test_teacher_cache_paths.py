@@ -1,5 +1,5 @@
 """The teacher cache's directory as a path: relative paths and ``os.chdir``, ``~``, arguments that are not
-paths, and a kill at every file operation of a re-key.
+paths, a directory deleted or moved under a running cache, and a kill at every file operation of a re-key.
 
 Every value read back is compared with the teacher run in the test on that sample alone
 (``_cache_ddp_worker.reference``).
@@ -8,11 +8,13 @@ Every value read back is compared with the teacher run in the test on that sampl
 from __future__ import annotations
 
 import builtins
+import contextlib
 import fcntl
 import multiprocessing
 import os
 import shutil
 import warnings
+from pathlib import Path
 
 import _cache_ddp_worker as worker
 import pytest
@@ -44,6 +46,15 @@ def bound(directory, key: str = "k") -> TeacherCache:
     cache = TeacherCache(directory)
     cache.bind(key)
     return cache
+
+
+def deleted_shards_open() -> list[str]:
+    """The shard files this process still has open although they were deleted (Linux's ``/proc``)."""
+    links = []
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):  # an fd closed while listing
+            links.append(os.readlink(fd))
+    return [link for link in links if link.endswith(".rows (deleted)")]
 
 
 # ------------------------------------------------------------------------------------------------ paths
@@ -83,6 +94,24 @@ def test_a_directory_given_as_bytes_is_used(tmp_path):
     cache = bound(os.fsencode(tmp_path / "kd"))
     assert epoch(cache) == [False] * 4 and epoch(cache) == [True] * 4
     assert epoch(bound(tmp_path / "kd")) == [True] * 4
+
+
+@pytest.mark.parametrize("how", ["deleted", "moved"])
+def test_a_directory_deleted_or_moved_under_a_running_cache_is_made_again(tmp_path, how):
+    cache = bound(tmp_path / "kd")
+    epoch(cache)
+    if how == "deleted":
+        shutil.rmtree(tmp_path / "kd")
+    else:
+        (tmp_path / "kd").rename(tmp_path / "moved")
+    with pytest.warns(UserWarning, match="deleted or moved during the run"):
+        assert epoch(cache) == [False] * 4  # the rows went with the directory: computed again, and stored again
+    assert epoch(cache) == [True] * 4  # in the directory made again, not in a deleted or moved file
+    assert epoch(bound(tmp_path / "kd")) == [True] * 4  # where the next run looks
+    if how == "moved":
+        assert epoch(bound(tmp_path / "moved")) == [True] * 4  # the moved rows are still right
+    if Path("/proc/self/fd").is_dir():
+        assert deleted_shards_open() == []  # no rows appended to a deleted file (disk space nobody can see)
 
 
 # ------------------------------------------------------------------------------------------------ kills

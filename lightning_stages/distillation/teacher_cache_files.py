@@ -10,6 +10,8 @@
 * a process holds a lock file in its key's subdirectory while it uses it (released by the OS when the process dies);
   subdirectories of other keys that no live process holds are deleted, under a lock on the whole directory. A
   deletion cut short leaves shards that are each still complete or detectably incomplete.
+* a subdirectory deleted or moved while a process uses it (its shard is no longer at its path, one ``stat`` per
+  stored batch) is made again, with a warning: rows are never appended to a file that no later run can find.
 
 Rows are read through read-only memory maps (as fast as LMDB's ``get`` here); like any memory-mapped store, a shard
 truncated by hand while a process reads it can stop that process (SIGBUS), never make it read a wrong value.
@@ -106,6 +108,7 @@ class FileRows(RowStorage):
 
     def __init__(self, directory: str, key: str) -> None:
         self.layout = None
+        directory = os.path.abspath(directory)  # the same directory after an os.chdir
         self.directory, self.key = directory, key
         self.path = os.path.join(directory, f"tc2-{key}")
         self._salt = int(key[:16], 16) - (1 << 63)
@@ -115,16 +118,35 @@ class FileRows(RowStorage):
         self._where: dict[int, tuple[Shard, int, int]] = {}  # sample -> (shard, record, input fingerprint)
         self._writer: Optional[Shard] = None
         self._writer_fd: Optional[int] = None
+        self._writer_id: Optional[tuple[int, int]] = None  # (device, inode) of the writer's file
         self._unwritable = False  # a write failed (disk full, no permission): warned once
-        os.makedirs(directory, exist_ok=True)
-        with FileLock(os.path.join(directory, ".teacher_cache.lock"), thread_local=False):
+        self._moved = False  # the key's subdirectory was deleted or moved while in use: warned once
+        self._enter()
+        self._scan()
+
+    def _enter(self) -> None:
+        """Create the key's subdirectory, hold this process's lock file in it, and drop the keys nobody uses."""
+        os.makedirs(self.directory, exist_ok=True)
+        with FileLock(os.path.join(self.directory, ".teacher_cache.lock"), thread_local=False):
             if not os.path.isdir(self.path):
                 _remove(self.path)
             os.makedirs(self.path, exist_ok=True)
             self._live = FileLock(os.path.join(self.path, self._id + ".live"), timeout=0, thread_local=False)
             self._live.acquire()
-            _tidy(directory, self.path)
-        self._scan()
+            _tidy(self.directory, self.path)
+
+    def _enter_again(self) -> None:
+        """The key's subdirectory, or this process's lock file in it, was deleted or moved while in use: forget its
+        rows and enter it again (made anew), so that rows are stored where the next run looks, never lost."""
+        if not self._moved:
+            warnings.warn(f"teacher cache: {self.path} was deleted or moved during the run; it is made again, and "
+                          "its rows are computed again when next needed", stacklevel=2)
+        self._moved = True
+        self._close_writer()
+        with contextlib.suppress(OSError, AttributeError):
+            self._live.release()
+        self._shards, self._bad, self._where = {}, set(), {}
+        self._enter()
 
     def __len__(self) -> int:
         return len(self._where)
@@ -239,6 +261,8 @@ class FileRows(RowStorage):
         words[:, 0] = row_hash(words[:, 1:]) + self._salt
         data = memoryview(rows.numpy()).cast("B")  # type: ignore[arg-type]
         try:
+            if self._writer is not None and not self._in_place():
+                self._enter_again()  # its directory was deleted or moved: rows appended there would be lost
             if self._writer is None:
                 self._open_writer(record_bytes)
             written = 0
@@ -258,14 +282,25 @@ class FileRows(RowStorage):
 
     def _open_writer(self, record_bytes: int) -> None:
         head = header_bytes(self.key, self.layout)  # type: ignore[arg-type]
-        os.makedirs(self.path, exist_ok=True)
+        if not os.path.exists(self._live.lock_file):
+            self._enter_again()
         name = f"{self._id}-{uuid.uuid4().hex[:8]}"
         tmp, final = os.path.join(self.path, f"{self._id}.tmp"), os.path.join(self.path, f"{name}.rows")
         with open(tmp, "wb") as handle:
             handle.write(head)
         os.rename(tmp, final)  # a shard is visible only with its whole header
         self._writer_fd = os.open(final, os.O_WRONLY | os.O_APPEND)
+        stat = os.fstat(self._writer_fd)
+        self._writer_id = (stat.st_dev, stat.st_ino)
         self._writer = self._shards[final] = Shard(final, self.layout, len(head), record_bytes)  # type: ignore[arg-type]
+
+    def _in_place(self) -> bool:
+        """Whether the writer's file is still at its path (its directory was not deleted or moved): one ``stat``."""
+        try:
+            stat = os.stat(self._writer.path)  # type: ignore[union-attr]
+        except OSError:
+            return False
+        return (stat.st_dev, stat.st_ino) == self._writer_id
 
     def _close_writer(self) -> None:
         if self._writer_fd is not None:
