@@ -114,6 +114,39 @@ def test_a_directory_deleted_or_moved_under_a_running_cache_is_made_again(tmp_pa
         assert deleted_shards_open() == []  # no rows appended to a deleted file (disk space nobody can see)
 
 
+@pytest.mark.parametrize("denied", ["remove", "listdir"])
+def test_another_key_that_cannot_be_deleted_is_kept_and_the_cache_still_works(tmp_path, monkeypatch, denied):
+    old = bound(tmp_path, "old")
+    epoch(old, seed=8)
+    old.close()
+    (stale,) = tmp_path.glob("tc2-*")
+    real = getattr(os, denied)
+
+    def refused(path, *args, **kwargs):  # a subdirectory made read-only (remove) or unreadable (listdir)
+        if str(path).startswith(str(stale)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, denied, refused)
+    cache = bound(tmp_path, "new")  # deleting the old key is housekeeping: it must not make the cache unusable
+    assert epoch(cache) == [False] * 4 and epoch(cache) == [True] * 4
+    cache.clear()  # no raw PermissionError either
+    monkeypatch.undo()
+    cache.close()
+    assert epoch(bound(tmp_path, "old"), seed=8) == [True] * 4  # kept, and still its own teacher's rows
+
+
+def test_clearing_a_directory_that_cannot_be_locked_warns_instead_of_raising(tmp_path):
+    cache = bound(tmp_path / "kd")
+    epoch(cache)
+    cache.close()
+    lock = tmp_path / "kd" / ".teacher_cache.lock"
+    lock.unlink()
+    lock.mkdir()  # opening the lock file fails (as for a lock file of another user)
+    with pytest.warns(UserWarning, match="cannot delete the unused rows"):
+        TeacherCache(tmp_path / "kd").clear()
+
+
 # ------------------------------------------------------------------------------------------------ kills
 
 

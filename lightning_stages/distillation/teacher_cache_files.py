@@ -38,6 +38,8 @@ __all__ = ["FileRows", "drop_unused"]
 
 _KEY_DIR = re.compile(r"tc2-[0-9a-f]{32}")
 _LEGACY = re.compile(r"teacher_cache\.json(\.tmp)?|filled\.bin|leaf\d+\.bin")  # the 0.1 single-writer format
+
+
 def _held(path: str) -> bool:
     """Whether a live process holds the lock file ``path``."""
     lock = FileLock(path, timeout=0, thread_local=False)
@@ -52,14 +54,20 @@ def _held(path: str) -> bool:
 
 
 def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
+    """Delete the file ``path`` if this process can: what it cannot delete (a read-only subdirectory, another user's
+    files) is kept, since nothing is ever read from another key's files (deleting them only frees space)."""
+    with contextlib.suppress(OSError):
         os.remove(path)
 
 
 def drop_unused(directory: str) -> None:
-    """Delete the key subdirectories of ``directory`` (and the 0.1 format's files) that no live process uses."""
-    with FileLock(os.path.join(directory, ".teacher_cache.lock"), thread_local=False):
-        _tidy(directory, None)
+    """Delete the key subdirectories of ``directory`` (and the 0.1 format's files) that no live process uses; warn
+    when the directory cannot be locked (nothing deleted)."""
+    try:
+        with FileLock(os.path.join(directory, ".teacher_cache.lock"), thread_local=False):
+            _tidy(directory, None)
+    except OSError as err:
+        warnings.warn(f"teacher cache: cannot delete the unused rows in {directory} ({err})", stacklevel=3)
 
 
 def _tidy(root: str, keep: Optional[str]) -> None:
@@ -77,7 +85,10 @@ def _tidy(root: str, keep: Optional[str]) -> None:
         if not os.path.isdir(path):
             _remove(path)
             continue
-        inside = os.listdir(path)
+        try:
+            inside = os.listdir(path)
+        except OSError:  # cannot be read (another user's, no permission): kept
+            continue
         if any(_held(os.path.join(path, n)) for n in inside if n.endswith(".live")):
             continue
         for suffix in (".rows", ".tmp", ".live"):
