@@ -129,7 +129,6 @@ class FileRows(RowStorage):
         self._where: dict[int, tuple[Shard, int, int]] = {}  # sample -> (shard, record, input fingerprint)
         self._writer: Optional[Shard] = None
         self._writer_fd: Optional[int] = None
-        self._writer_id: Optional[tuple[int, int]] = None  # (device, inode) of the writer's file
         self._unwritable = False  # a write failed (disk full, no permission): warned once
         self._moved = False  # the key's subdirectory was deleted or moved while in use: warned once
         self._enter()
@@ -301,17 +300,12 @@ class FileRows(RowStorage):
             handle.write(head)
         os.rename(tmp, final)  # a shard is visible only with its whole header
         self._writer_fd = os.open(final, os.O_WRONLY | os.O_APPEND)
-        stat = os.fstat(self._writer_fd)
-        self._writer_id = (stat.st_dev, stat.st_ino)
         self._writer = self._shards[final] = Shard(final, self.layout, len(head), record_bytes)  # type: ignore[arg-type]
 
     def _in_place(self) -> bool:
-        """Whether the writer's file is still at its path (its directory was not deleted or moved): one ``stat``."""
-        try:
-            stat = os.stat(self._writer.path)  # type: ignore[union-attr]
-        except OSError:
-            return False
-        return (stat.st_dev, stat.st_ino) == self._writer_id
+        """Whether the writer's file is still at its path (its directory was not deleted or moved): one ``stat``.
+        (By path, not by inode: some network and FUSE filesystems do not keep inode numbers stable.)"""
+        return os.path.exists(self._writer.path)  # type: ignore[union-attr]
 
     def _close_writer(self) -> None:
         if self._writer_fd is not None:
