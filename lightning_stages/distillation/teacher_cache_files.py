@@ -131,6 +131,7 @@ class FileRows(RowStorage):
         self._writer_fd: Optional[int] = None
         self._unwritable = False  # a write failed (disk full, no permission): warned once
         self._moved = False  # the key's subdirectory was deleted or moved while in use: warned once
+        self._appended, self._grows = 0, False  # records this object appended; warned once: far more than samples
         self._enter()
         self._scan()
 
@@ -289,6 +290,13 @@ class FileRows(RowStorage):
         for k, (i, fingerprint) in enumerate(zip(index, fingerprints.tolist())):
             self._where[i] = (writer, writer.count + k, fingerprint)
         writer.count += len(index)
+        self._appended += len(index)
+        if self._appended > 2 * len(self._where) + 256 and not self._grows:
+            self._grows = True
+            warnings.warn(f"teacher cache: {self._appended} rows stored in {self.path} for {len(self._where)} samples: "
+                          "a sample whose input changed (random augmentation, batches reshuffled under dynamic "
+                          "padding) is stored again, and the directory only grows (never compacted); use the cache "
+                          "when a sample index always gives the same input", stacklevel=3)
 
     def _open_writer(self, record_bytes: int) -> None:
         head = header_bytes(self.key, self.layout)  # type: ignore[arg-type]
