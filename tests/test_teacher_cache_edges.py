@@ -244,6 +244,19 @@ def test_a_write_that_fails_warns_once_and_its_rows_are_not_served(tmp_path):
     assert hit is not None and torch.equal(hit[0]["t"], outputs[4:8])
 
 
+def test_a_directory_that_keeps_growing_because_inputs_change_warns_once(tmp_path):
+    cache, index = bound(tmp_path), list(range(16))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for epoch in range(20):  # a random augmentation: another input every epoch, so every row is stored again
+            x = rand(16, 3, seed=100 + epoch)
+            assert cache.lookup(index, inputs=x) is None
+            cache.store(index, {"t": 2 * x}, {}, inputs=x)
+    grows = [str(w.message) for w in caught if "only grows" in str(w.message)]
+    assert len(grows) == 1 and "for 16 samples" in grows[0], grows  # 320 rows on disk for 16 samples
+    assert sum(path.stat().st_size for path in tmp_path.glob("tc2-*/*.rows")) > 320 * 24  # 24 bytes of row head each
+
+
 # ------------------------------------------------------------------------------------------------ limits
 
 

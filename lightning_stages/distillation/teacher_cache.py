@@ -29,7 +29,12 @@ from lightning_stages.distillation.indexed_dataset import IndexedDataset
 from lightning_stages.distillation.teacher_cache_files import FileRows, drop_unused
 from lightning_stages.distillation.teacher_cache_inputs import InputChecksums, sample_indices
 from lightning_stages.distillation.teacher_cache_rows import flatten, too_large, unflatten
-from lightning_stages.distillation.teacher_cache_storage import MemoryRows, RowStorage, directory_problem
+from lightning_stages.distillation.teacher_cache_storage import (
+    MemoryRows,
+    RowStorage,
+    directory_path,
+    directory_problem,
+)
 from lightning_stages.distillation.teacher_fingerprint import teacher_fingerprint
 from lightning_stages.errors import DistillationStepError, StageConfigError, StageProblem
 
@@ -79,7 +84,8 @@ class TeacherCache:
     concurrent process never makes another one read a wrong value (details in ``teacher_cache_storage.py``).
 
     Args:
-        directory: where to keep the entries (files shared by processes); ``None`` keeps them in CPU memory.
+        directory: where to keep the entries (files shared by processes); ``None`` keeps them in CPU memory. A
+            ``~`` is expanded and a relative path is taken from the working directory when the cache is made.
         dtype: store floating-point values in this dtype (``torch.bfloat16`` or ``torch.float16``: half the bytes
             of float32); ``None`` keeps the teacher's dtype. A value outside its range is refused when stored.
         num_samples: the dataset size: sample indices must be below it.
@@ -91,7 +97,7 @@ class TeacherCache:
 
     Raises:
         StageConfigError: ``dtype``, ``num_samples``, ``version`` or ``store_features`` has the wrong type, or
-            ``directory`` is an existing file, lies under one, or is not writable.
+            ``directory`` is not a path, is empty, is an existing file, lies under one, or is not writable.
 
     Example::
 
@@ -130,9 +136,8 @@ class TeacherCache:
             problems.append(_problem("must be None or a string", "version", version))
         if not isinstance(store_features, bool):
             problems.append(_problem("must be True or False", "store_features", store_features))
-        self.directory = os.fspath(directory) if directory is not None else None
-        if self.directory is not None:
-            problems += self._directory_problems(create=False)
+        self.directory, wrong = directory_path(directory)  # absolute, ~ expanded; (None, None) for None
+        problems += [_problem(wrong, "directory", directory)] if wrong else self._directory_problems(create=False)
         if problems:
             raise StageConfigError(problems)
         self.dtype, self.num_samples, self.version, self.store_features = dtype, num_samples, version, store_features
@@ -176,7 +181,7 @@ class TeacherCache:
     # ------------------------------------------------------------------ setup
 
     def _directory_problems(self, create: bool) -> list[StageProblem]:
-        problem = directory_problem(self.directory, create)  # type: ignore[arg-type]
+        problem = None if self.directory is None else directory_problem(self.directory, create)
         return [] if problem is None else [_problem(problem[0], "directory", self.directory, problem[1])]
 
     def check_directory(self) -> None:

@@ -10,6 +10,8 @@
 * a process holds a lock file in its key's subdirectory while it uses it (released by the OS when the process dies);
   subdirectories of other keys that no live process holds are deleted, under a lock on the whole directory. A
   deletion cut short leaves shards that are each still complete or detectably incomplete.
+* a subdirectory deleted or moved while a process uses it (its shard is no longer at its path, one ``stat`` per
+  stored batch) is made again, with a warning: rows are never appended to a file that no later run can find.
 
 Rows are read through read-only memory maps (as fast as LMDB's ``get`` here); like any memory-mapped store, a shard
 truncated by hand while a process reads it can stop that process (SIGBUS), never make it read a wrong value.
@@ -18,83 +20,24 @@ truncated by hand while a process reads it can stop that process (SIGBUS), never
 from __future__ import annotations
 
 import contextlib
-import json
-import mmap
 import os
 import re
 import uuid
 import warnings
-import zlib
 from typing import Any, Optional, cast
 
-import numpy as np
 import torch
 from filelock import FileLock, Timeout
 from torch import Tensor
 
 from lightning_stages.distillation.teacher_cache_rows import row_hash
+from lightning_stages.distillation.teacher_cache_shards import ROW_HEAD, Shard, align8, header_bytes, read_header
 from lightning_stages.distillation.teacher_cache_storage import RowStorage, leaf_specs
 
 __all__ = ["FileRows", "drop_unused"]
 
 _KEY_DIR = re.compile(r"tc2-[0-9a-f]{32}")
 _LEGACY = re.compile(r"teacher_cache\.json(\.tmp)?|filled\.bin|leaf\d+\.bin")  # the 0.1 single-writer format
-_MAGIC = b"LSTCROW2"
-_FORMAT = 2
-_HEAD = 16  # magic (8 bytes), header length (4), header CRC-32 (4), then the JSON header
-_ROW_HEAD = 24  # per record: checksum, sample index, input fingerprint (int64 each), then the leaves' bytes
-
-
-def _align8(nbytes: int) -> int:
-    return -(-nbytes // 8) * 8
-
-
-class _Shard:
-    """One append-only file of records, written by one process."""
-
-    def __init__(self, path: str, layout: dict[str, Any], offset: int, record_bytes: int) -> None:
-        self.path, self.layout, self.offset, self.record_bytes = path, layout, offset, record_bytes
-        self.count = 0  # records indexed (or, for this process's own shard, written)
-        self._records: Optional[np.ndarray] = None  # the whole records mapped so far, (count, record_bytes)
-
-    def rows(self, records: list[int]) -> Optional[np.ndarray]:
-        """A copy of the records ``records``, ``(len(records), record_bytes)``; ``None`` if the file is gone or
-        shorter. Read through a read-only memory map of the whole records, mapped again when the file has grown
-        (no process ever truncates a shard, so the map never loses its pages)."""
-        needed = max(records) + 1
-        if self._records is None or len(self._records) < needed:
-            try:
-                count = (os.stat(self.path).st_size - self.offset) // self.record_bytes
-                if count < needed:
-                    return None
-                with open(self.path, "rb") as handle:
-                    mapped = mmap.mmap(handle.fileno(), self.offset + count * self.record_bytes,
-                                       access=mmap.ACCESS_READ)
-            except (OSError, ValueError):
-                return None
-            self._records = np.frombuffer(mapped, dtype=np.uint8, count=count * self.record_bytes,
-                                          offset=self.offset).reshape(count, self.record_bytes)
-        return self._records[records]
-
-
-def _read_header(path: str, key: str) -> Optional[_Shard]:
-    """The shard at ``path`` if its header is intact and written for ``key``, else ``None`` (never raises)."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(_HEAD)
-            length = int.from_bytes(head[8:12], "little")
-            body = handle.read(length)
-        if head[:8] != _MAGIC or len(body) != length or zlib.crc32(body) != int.from_bytes(head[12:16], "little"):
-            return None
-        meta = json.loads(body)
-        if meta.get("format") != _FORMAT or meta.get("key") != key:
-            return None
-        layout = meta["layout"]
-        if meta["record_bytes"] != _ROW_HEAD + sum(_align8(n) for _, _, n in leaf_specs(layout)):
-            return None
-        return _Shard(path, layout, _align8(_HEAD + length), meta["record_bytes"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
-        return None
 
 
 def _held(path: str) -> bool:
@@ -111,14 +54,20 @@ def _held(path: str) -> bool:
 
 
 def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
+    """Delete the file ``path`` if this process can: what it cannot delete (a read-only subdirectory, another user's
+    files) is kept, since nothing is ever read from another key's files (deleting them only frees space)."""
+    with contextlib.suppress(OSError):
         os.remove(path)
 
 
 def drop_unused(directory: str) -> None:
-    """Delete the key subdirectories of ``directory`` (and the 0.1 format's files) that no live process uses."""
-    with FileLock(os.path.join(directory, ".teacher_cache.lock"), thread_local=False):
-        _tidy(directory, None)
+    """Delete the key subdirectories of ``directory`` (and the 0.1 format's files) that no live process uses; warn
+    when the directory cannot be locked (nothing deleted)."""
+    try:
+        with FileLock(os.path.join(directory, ".teacher_cache.lock"), thread_local=False):
+            _tidy(directory, None)
+    except OSError as err:
+        warnings.warn(f"teacher cache: cannot delete the unused rows in {directory} ({err})", stacklevel=3)
 
 
 def _tidy(root: str, keep: Optional[str]) -> None:
@@ -136,7 +85,10 @@ def _tidy(root: str, keep: Optional[str]) -> None:
         if not os.path.isdir(path):
             _remove(path)
             continue
-        inside = os.listdir(path)
+        try:
+            inside = os.listdir(path)
+        except OSError:  # cannot be read (another user's, no permission): kept
+            continue
         if any(_held(os.path.join(path, n)) for n in inside if n.endswith(".live")):
             continue
         for suffix in (".rows", ".tmp", ".live"):
@@ -167,25 +119,45 @@ class FileRows(RowStorage):
 
     def __init__(self, directory: str, key: str) -> None:
         self.layout = None
+        directory = os.path.abspath(directory)  # the same directory after an os.chdir
         self.directory, self.key = directory, key
         self.path = os.path.join(directory, f"tc2-{key}")
         self._salt = int(key[:16], 16) - (1 << 63)
         self._id = f"{os.getpid()}-{uuid.uuid4().hex}"
-        self._shards: dict[str, _Shard] = {}
+        self._shards: dict[str, Shard] = {}
         self._bad: set[str] = set()
-        self._where: dict[int, tuple[_Shard, int, int]] = {}  # sample -> (shard, record, input fingerprint)
-        self._writer: Optional[_Shard] = None
+        self._where: dict[int, tuple[Shard, int, int]] = {}  # sample -> (shard, record, input fingerprint)
+        self._writer: Optional[Shard] = None
         self._writer_fd: Optional[int] = None
         self._unwritable = False  # a write failed (disk full, no permission): warned once
-        os.makedirs(directory, exist_ok=True)
-        with FileLock(os.path.join(directory, ".teacher_cache.lock"), thread_local=False):
+        self._moved = False  # the key's subdirectory was deleted or moved while in use: warned once
+        self._appended, self._grows = 0, False  # records this object appended; warned once: far more than samples
+        self._enter()
+        self._scan()
+
+    def _enter(self) -> None:
+        """Create the key's subdirectory, hold this process's lock file in it, and drop the keys nobody uses."""
+        os.makedirs(self.directory, exist_ok=True)
+        with FileLock(os.path.join(self.directory, ".teacher_cache.lock"), thread_local=False):
             if not os.path.isdir(self.path):
                 _remove(self.path)
             os.makedirs(self.path, exist_ok=True)
             self._live = FileLock(os.path.join(self.path, self._id + ".live"), timeout=0, thread_local=False)
             self._live.acquire()
-            _tidy(directory, self.path)
-        self._scan()
+            _tidy(self.directory, self.path)
+
+    def _enter_again(self) -> None:
+        """The key's subdirectory, or this process's lock file in it, was deleted or moved while in use: forget its
+        rows and enter it again (made anew), so that rows are stored where the next run looks, never lost."""
+        if not self._moved:
+            warnings.warn(f"teacher cache: {self.path} was deleted or moved during the run; it is made again, and "
+                          "its rows are computed again when next needed", stacklevel=2)
+        self._moved = True
+        self._close_writer()
+        with contextlib.suppress(OSError, AttributeError):
+            self._live.release()
+        self._shards, self._bad, self._where = {}, set(), {}
+        self._enter()
 
     def __len__(self) -> int:
         return len(self._where)
@@ -210,7 +182,7 @@ class FileRows(RowStorage):
             own = self._writer is not None and path == self._writer.path
             if not name.endswith(".rows") or path in self._bad or own:
                 continue
-            shard = self._shards.get(path) or _read_header(path, self.key)
+            shard = self._shards.get(path) or read_header(path, self.key)
             if shard is None:
                 self._bad.add(path)
                 continue
@@ -220,7 +192,7 @@ class FileRows(RowStorage):
             if shard.layout == self.layout:
                 self._index(shard)
 
-    def _index(self, shard: _Shard) -> None:
+    def _index(self, shard: Shard) -> None:
         try:
             count = max(0, (os.stat(shard.path).st_size - shard.offset) // shard.record_bytes)
         except OSError:
@@ -249,9 +221,9 @@ class FileRows(RowStorage):
         if None in entries or mismatched or self.layout is None:
             return None, mismatched
         specs = leaf_specs(self.layout)
-        record_bytes = _ROW_HEAD + sum(_align8(n) for _, _, n in specs)
+        record_bytes = ROW_HEAD + sum(align8(n) for _, _, n in specs)
         rows = torch.empty((len(index), record_bytes), dtype=torch.uint8)
-        groups: dict[_Shard, tuple[list[int], list[int]]] = {}
+        groups: dict[Shard, tuple[list[int], list[int]]] = {}
         for position, (shard, record, _) in enumerate(entries):  # type: ignore[misc]
             positions, records = groups.setdefault(shard, ([], []))
             positions.append(position)
@@ -273,33 +245,35 @@ class FileRows(RowStorage):
                 if self._where.get(index[k]) is entries[k]:
                     del self._where[index[k]]  # damaged: never served, recomputed by the caller
             return None, 0
-        leaves, start = [], _ROW_HEAD
+        leaves, start = [], ROW_HEAD
         for shape, dtype, nbytes in specs:
             # a copy that starts the storage, aligned for any dtype (a one-row slice is contiguous at offset 24)
             leaf = rows[:, start:start + nbytes].clone(memory_format=torch.contiguous_format)
             leaves.append(leaf.view(dtype).view(len(index), *shape))
-            start += _align8(nbytes)
+            start += align8(nbytes)
         return leaves, 0
 
     def put(self, index: list[int], fingerprints: Tensor, leaves: list[Tensor]) -> None:
         if self.layout is None:
             raise RuntimeError("set_layout before put")
         specs = leaf_specs(self.layout)
-        record_bytes = _ROW_HEAD + sum(_align8(n) for _, _, n in specs)
+        record_bytes = ROW_HEAD + sum(align8(n) for _, _, n in specs)
         rows = torch.zeros((len(index), record_bytes), dtype=torch.uint8)
         words = rows.view(torch.int64)
         words[:, 1] = torch.tensor(index, dtype=torch.int64)
         words[:, 2] = fingerprints
-        start = _ROW_HEAD
+        start = ROW_HEAD
         for (_, _, nbytes), leaf in zip(specs, leaves):
             if nbytes:
                 flat = leaf.reshape(len(index), -1).contiguous()
                 rows[:, start:start + nbytes] = (flat.to(torch.uint8) if flat.dtype == torch.bool else flat).view(
                     torch.uint8)
-            start += _align8(nbytes)
+            start += align8(nbytes)
         words[:, 0] = row_hash(words[:, 1:]) + self._salt
         data = memoryview(rows.numpy()).cast("B")  # type: ignore[arg-type]
         try:
+            if self._writer is not None and not self._in_place():
+                self._enter_again()  # its directory was deleted or moved: rows appended there would be lost
             if self._writer is None:
                 self._open_writer(record_bytes)
             written = 0
@@ -312,24 +286,34 @@ class FileRows(RowStorage):
                               "that could not be stored are computed again when next needed", stacklevel=2)
             self._unwritable = True
             return
-        writer = cast(_Shard, self._writer)  # opened above
+        writer = cast(Shard, self._writer)  # opened above
         for k, (i, fingerprint) in enumerate(zip(index, fingerprints.tolist())):
             self._where[i] = (writer, writer.count + k, fingerprint)
         writer.count += len(index)
+        self._appended += len(index)
+        if self._appended > 2 * len(self._where) + 256 and not self._grows:
+            self._grows = True
+            warnings.warn(f"teacher cache: {self._appended} rows stored in {self.path} for {len(self._where)} samples: "
+                          "a sample whose input changed (random augmentation, batches reshuffled under dynamic "
+                          "padding) is stored again, and the directory only grows (never compacted); use the cache "
+                          "when a sample index always gives the same input", stacklevel=3)
 
     def _open_writer(self, record_bytes: int) -> None:
-        body = json.dumps({"format": _FORMAT, "key": self.key, "layout": self.layout,
-                           "record_bytes": record_bytes}).encode()
-        head = _MAGIC + len(body).to_bytes(4, "little") + zlib.crc32(body).to_bytes(4, "little") + body
-        head += bytes(_align8(len(head)) - len(head))
-        os.makedirs(self.path, exist_ok=True)
+        head = header_bytes(self.key, self.layout)  # type: ignore[arg-type]
+        if not os.path.exists(self._live.lock_file):
+            self._enter_again()
         name = f"{self._id}-{uuid.uuid4().hex[:8]}"
         tmp, final = os.path.join(self.path, f"{self._id}.tmp"), os.path.join(self.path, f"{name}.rows")
         with open(tmp, "wb") as handle:
             handle.write(head)
         os.rename(tmp, final)  # a shard is visible only with its whole header
         self._writer_fd = os.open(final, os.O_WRONLY | os.O_APPEND)
-        self._writer = self._shards[final] = _Shard(final, self.layout, len(head), record_bytes)  # type: ignore[arg-type]
+        self._writer = self._shards[final] = Shard(final, self.layout, len(head), record_bytes)  # type: ignore[arg-type]
+
+    def _in_place(self) -> bool:
+        """Whether the writer's file is still at its path (its directory was not deleted or moved): one ``stat``.
+        (By path, not by inode: some network and FUSE filesystems do not keep inode numbers stable.)"""
+        return os.path.exists(self._writer.path)  # type: ignore[union-attr]
 
     def _close_writer(self) -> None:
         if self._writer_fd is not None:

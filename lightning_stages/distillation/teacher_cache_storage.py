@@ -17,7 +17,7 @@ from torch import Tensor
 
 from lightning_stages.distillation.teacher_cache_rows import check_spec
 
-__all__ = ["MemoryRows", "RowStorage", "directory_problem", "leaf_specs"]
+__all__ = ["MemoryRows", "RowStorage", "directory_path", "directory_problem", "leaf_specs"]
 
 
 def leaf_specs(layout: dict[str, Any]) -> list[tuple[tuple[int, ...], torch.dtype, int]]:
@@ -42,6 +42,26 @@ def leaf_specs(layout: dict[str, Any]) -> list[tuple[tuple[int, ...], torch.dtyp
         for spec in specs_of.values():
             check_spec(spec, len(specs))  # raises on a spec that names no leaf
     return specs
+
+
+def directory_path(directory: Any) -> tuple[Optional[str], Optional[str]]:
+    """``(the absolute path, None)`` of a ``directory`` argument (``~`` expanded, resolved against the working
+    directory now, so an ``os.chdir`` later changes nothing), ``(None, what is wrong with it)``, or ``(None, None)``
+    for ``None``.
+
+    Example::
+
+        >>> directory_path("~/kd")[0] == os.path.join(os.path.expanduser("~"), "kd"), directory_path("")
+        (True, (None, 'is empty; give the path of a directory, or None to keep the values in memory'))
+    """
+    if directory is None:
+        return None, None
+    if not isinstance(directory, (str, bytes, os.PathLike)):
+        return None, f"must be None or a path (str or os.PathLike), not {type(directory).__name__}"
+    path = os.fsdecode(os.fspath(directory))
+    if not path:
+        return None, "is empty; give the path of a directory, or None to keep the values in memory"
+    return os.path.abspath(os.path.expanduser(path)), None
 
 
 def directory_problem(directory: str, create: bool) -> Optional[tuple[str, Optional[str]]]:
