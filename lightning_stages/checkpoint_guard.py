@@ -2,17 +2,20 @@
 
 * :class:`CheckpointGuard`, the base of :class:`~lightning_stages.StageScheduleCallback`: watches the loss of every
   training step on the device (:class:`~lightning_stages.distillation.step_checks.NonFiniteWatch`, no host sync) and
-  stops the run before a checkpoint is written after a non-finite loss.
+  stops the run before a checkpoint is written after a non-finite loss, or of weights that are not finite (a finite
+  loss whose gradient was not: :func:`nonfinite_weight`).
 * :func:`warn_about_saved_schedule`: the schedule saved in a checkpoint, compared with the one given now; damaged
   state only warns, and a string there is never opened as a file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from itertools import chain
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerStatus
 from lightning.pytorch.utilities import rank_zero_warn
@@ -23,7 +26,7 @@ from lightning_stages.distillation.step_checks import NonFiniteWatch
 from lightning_stages.errors import DistillationStepError, StageConfigError, StageProblem
 from lightning_stages.schedule import StageSchedule
 
-__all__ = ["CheckpointGuard", "warn_about_saved_schedule"]
+__all__ = ["CheckpointGuard", "nonfinite_weight", "warn_about_saved_schedule"]
 
 
 class CheckpointGuard(Callback):
@@ -35,7 +38,9 @@ class CheckpointGuard(Callback):
     (the callback: at every epoch end). A non-finite loss stops the run with a
     :class:`~lightning_stages.DistillationStepError` naming the stage in force (the module's ``stage_name`` and the
     index the callback puts first in its ``stage_token``), the epoch and the batches; the checkpoints written before
-    are kept as they were. Once found, it stays found until the next fit (:meth:`watch_afresh`).
+    are kept as they were. Once found, it stays found until the next fit (:meth:`watch_afresh`). Before a checkpoint
+    the weights themselves are read too (one pass over them, one sync): a finite loss whose gradient was NaN or
+    infinite leaves every loss finite up to that step, and non-finite weights after it.
 
     Example::
 
@@ -75,20 +80,64 @@ class CheckpointGuard(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         # raising here, while the checkpoint is being assembled, means it is never written
-        self.stop_if_nonfinite(trainer, pl_module, "before writing a checkpoint")
+        self.stop_if_nonfinite(trainer, pl_module, "before writing a checkpoint", weights=True)
 
-    def stop_if_nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
-        """Raise if a training loss since the last look was not finite (every rank must call it alike).
+    def stop_if_nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str, weights: bool = False
+                          ) -> None:
+        """Raise if a training loss since the last look was not finite, or (``weights``: before weights are written)
+        a parameter or buffer of the module is not (every rank must call it alike).
 
         Raises:
-            DistillationStepError: naming the stage, the epoch, the first bad batch and the batches watched.
+            DistillationStepError: naming the stage, the epoch, the first bad batch and the batches watched; or the
+                first non-finite parameter and the global step.
         """
-        found = self._watch().check(trainer.strategy.all_gather if trainer.world_size > 1 else None,
-                                    trainer.strategy.root_device)
+        gather = trainer.strategy.all_gather if trainer.world_size > 1 else None
+        found = self._watch().check(gather, trainer.strategy.root_device)
+        token = getattr(pl_module, "stage_token", None)
+        index = token[0] if isinstance(token, tuple) and token and isinstance(token[0], int) else None
+        name = getattr(pl_module, "stage_name", None)
         if found is not None:
-            token = getattr(pl_module, "stage_token", None)
-            index = token[0] if isinstance(token, tuple) and token and isinstance(token[0], int) else None
-            raise found.error(trainer.current_epoch, when, index, getattr(pl_module, "stage_name", None))
+            raise found.error(trainer.current_epoch, when, index, name)
+        bad = nonfinite_weight(pl_module, gather, trainer.strategy.root_device) if weights else None
+        if bad is not None:
+            raise DistillationStepError(StageProblem(
+                f"the weights are not finite ({bad} holds NaN or infinite values) at global step "
+                f"{trainer.global_step} of epoch {trainer.current_epoch}, although every training loss watched was "
+                f"finite (found {when}): a gradient was not (a square root, norm or log of zero, an overflow), or "
+                "something other than the optimizer wrote them; the run stops before any checkpoint holds them: the "
+                "last checkpoint written before is kept", index=index, name=name,
+                hint="find the operation (`Trainer(detect_anomaly=True)` names it), then resume from that checkpoint"),
+                stage=name, when=f"epoch {trainer.current_epoch}")
+
+
+def nonfinite_weight(module: torch.nn.Module, gather: Optional[Callable[[Tensor], Tensor]] = None,
+                     device: Optional[torch.device] = None) -> Optional[str]:
+    """The first floating parameter or buffer of ``module`` that holds a NaN or infinite value, quoted (``None``: all
+    are finite). One pass over the weights and one host sync; under DDP (``gather``, the strategy's ``all_gather``,
+    which every rank must call alike) a rank whose own weights are finite names another rank's.
+
+    Example::
+
+        >>> layer = torch.nn.Linear(2, 1)
+        >>> nonfinite_weight(layer) is None
+        True
+        >>> _ = layer.bias.data.fill_(float("inf"))
+        >>> nonfinite_weight(layer)
+        '`bias`'
+    """
+    named = [(name, t) for name, t in chain(module.named_parameters(), module.named_buffers())
+             if (t.is_floating_point() or t.is_complex()) and t.layout == torch.strided and not t.is_meta]
+    if not named:
+        finite = torch.ones(0, dtype=torch.bool, device=device)
+    else:
+        place = device if device is not None else named[0][1].device
+        finite = torch.stack([torch.isfinite(t.detach()).all().to(place) for _, t in named])
+    bad_here = (~finite).any().to(torch.int64)
+    if not bool((gather(bad_here).max() if gather is not None else bad_here).item()):  # the one host sync
+        return None
+    if not bool(bad_here.item()):
+        return "a weight of another process"
+    return f"`{named[int(torch.nonzero(~finite)[0].item())][0]}`"
 
 
 class _GuardedSave:
@@ -106,12 +155,15 @@ class _GuardedSave:
         stopping = self.trainer.state.status == TrainerStatus.INTERRUPTED and self.trainer.state.stage is not None
         if weights_only or stopping:
             try:
-                self.guard.stop_if_nonfinite(self.trainer, self.trainer.lightning_module, "before writing a checkpoint")
+                self.guard.stop_if_nonfinite(self.trainer, self.trainer.lightning_module, "before writing a checkpoint",
+                                             weights=True)
             except DistillationStepError as err:
                 if not stopping:
                     raise
+                why = err.problems[0].message
+                what = "are not finite" if why.startswith("the weights") else "were trained on a non-finite loss"
                 rank_zero_warn(f"StageScheduleCallback: the checkpoint {str(filepath)!r} is not written while the run "
-                               f"stops: its weights were trained on a non-finite loss ({err.problems[0].message})")
+                               f"stops: its weights {what} ({why})")
                 return
         type(self.trainer).save_checkpoint(self.trainer, filepath, weights_only, storage_options)  # a subclass's own
 

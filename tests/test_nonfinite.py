@@ -303,3 +303,49 @@ def test_ddp_a_rank_with_a_skipped_batch_does_not_hang_the_other_at_a_checkpoint
         assert "at batch 1 of epoch 1 (found before writing a checkpoint; batches 1..1" in error, error
     # 4 batches per rank and epoch: steps 1..5 were written, step 6 (batch 1 of epoch 1) was not
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [f"step={s}.ckpt" for s in range(1, 6)]
+
+
+class NaNGradientAt(TinyNet):
+    """A finite loss whose gradient is NaN at one (epoch, batch): ``sqrt(sum((0 * w) ** 2))`` is 0, and its derivative
+    ``0 / sqrt(0)`` is NaN, so the optimizer step writes NaN into ``head.weight``; every loss watched up to there is
+    finite (the next one is not)."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        super().__init__()
+        self.bad_at = (epoch, batch)
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if (self.trainer.current_epoch, batch_idx) == self.bad_at:
+            loss = loss + (self.head.weight * 0).pow(2).sum().sqrt()
+            assert bool(torch.isfinite(loss))
+        return loss
+
+
+@pytest.mark.parametrize("weights_only", [False, True])
+def test_a_finite_loss_with_a_nan_gradient_never_writes_its_weights(tmp_path, weights_only):
+    """The NaN gradient comes at the epoch's last batch (3): the epoch-end checkpoint (full), or the checkpoint of that
+    step (weights only), would hold NaN weights over a good ``last.ckpt``; the run stops naming the parameter, and
+    ``OnExceptionCheckpoint`` does not write them either."""
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1, filename="{step}",
+                                  save_weights_only=weights_only, every_n_train_steps=1 if weights_only else None)
+    stages = [{"name": "warm", "start_epoch": 0, "end_epoch": 1}, {"name": "main", "start_epoch": 1}]
+    run = trainer(tmp_path, max_epochs=3, enable_checkpointing=True,
+                  callbacks=[StageScheduleCallback(stages), checkpoints, OnExceptionCheckpoint(tmp_path / "exc")])
+    with pytest.warns(UserWarning, match="is not written while the run stops: its weights are not finite"), \
+            pytest.raises(DistillationStepError) as caught:
+        run.fit(NaNGradientAt(epoch=1, batch=3), tiny_loader())
+    message = str(caught.value)
+    assert message.startswith("1 problem at epoch 1 of stage 'main'"), message
+    assert ("stage 1 ('main'): the weights are not finite (`head.weight` holds NaN or infinite values) at global "
+            "step 8 of epoch 1") in message, message
+    assert not (tmp_path / "exc").exists() or list((tmp_path / "exc").iterdir()) == []
+    written = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert written == (["last.ckpt"] + [f"step={s}.ckpt" for s in range(1, 8)] if weights_only
+                       else ["last.ckpt", "step=4.ckpt"])
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == (7 if weights_only else 4) and _all_finite(last["state_dict"])
+    assert not bool(torch.isfinite(run.lightning_module.head.weight).all())  # what the checkpoint would have held
+
