@@ -134,7 +134,7 @@ class StageScheduleCallback(CheckpointGuard):
         self.resolved_schedule: Optional[StageSchedule] = None
         self._train_data = TrainData()
         # plateau-ended stages and restore_best: the transitions taken, the stage's tracker and best weights
-        self.adaptive = AdaptiveStages(best_weights)
+        self.adaptive = AdaptiveStages(best_weights, guard=self.stop_if_nonfinite)  # never best weights after a NaN
         self._resume_at: Optional[int] = None  # the epoch (or step) a resumed run trains next, from its checkpoint
         # derived at every application, never checkpointed: the global step from which on_train_batch_start must look
         # at the schedule again (inf: not in this epoch; 0: every batch, during an epoch ramp), the fit's batches per

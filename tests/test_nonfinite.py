@@ -349,3 +349,34 @@ def test_a_finite_loss_with_a_nan_gradient_never_writes_its_weights(tmp_path, we
     assert last["global_step"] == (7 if weights_only else 4) and _all_finite(last["state_dict"])
     assert not bool(torch.isfinite(run.lightning_module.head.weight).all())  # what the checkpoint would have held
 
+
+def test_a_nan_before_a_validation_never_replaces_the_stages_best_weights_file(tmp_path):
+    """``restore_best`` with ``best_weights="file"``: the loss is NaN at batch 1 of epoch 1, and the validation at that
+    epoch's end scores the NaN weights best (NaN logits all "predict" class 0, the label of every validation sample).
+    The run stops before they are kept: the best-weights file still holds epoch 0's weights, which ``last.ckpt`` names
+    (overwritten, a run resumed from ``last.ckpt`` would have lost them)."""
+
+    class AccuracyOnNaN(NaNAt):
+        def validation_step(self, batch, batch_idx):
+            accuracy = (self(batch[0]).argmax(-1) == batch[1]).float().mean()
+            self.scores = [*getattr(self, "scores", []), float(accuracy)]
+            self.log("val_acc", accuracy)
+
+    g = torch.Generator().manual_seed(1)
+    val = DataLoader(TensorDataset(torch.randn(8, 4, generator=g), torch.zeros(8, dtype=torch.long)), batch_size=8)
+    stages = [{"name": "a", "start_epoch": 0, "end_epoch": 3, "monitor": "val_acc", "mode": "max",
+               "restore_best": True}]
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    run = trainer(tmp_path, max_epochs=3, enable_checkpointing=True,
+                  callbacks=[StageScheduleCallback(stages, best_weights="file"), checkpoints])
+    model = AccuracyOnNaN(epoch=1, batch=1)
+    with pytest.raises(DistillationStepError, match=r"at batch 1 of epoch 1 \(found ") as caught:
+        run.fit(model, tiny_loader(), val)
+    assert model.scores[0] < 1.0 == model.scores[1]  # the NaN weights did score best
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 4
+    assert last["callbacks"]["StageScheduleCallback"]["adaptive"]["best_weights"]["step"] == 4
+    best = torch.load(next(tmp_path.rglob("stage_0.pt")), weights_only=True)
+    assert best["step"] == 4 and _all_finite(best["weights"])
+    assert all(torch.equal(best["weights"][k], v) for k, v in last["state_dict"].items())
+    assert "(found before keeping the stage's best weights; batches 0..3 were watched" in str(caught.value)
