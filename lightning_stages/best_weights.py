@@ -134,7 +134,7 @@ class BestWeights:
         store saved (a run resumed from an earlier checkpoint, after the original run overwrote the file), nor when
         they cannot be read or do not fit the module (a file moved, deleted or damaged since; a checkpoint edited by
         hand): each is warned about, naming stage ``stage``, and every rank then keeps its last weights."""
-        why = None
+        why = stale = None
         if self.path is not None:
             trainer.strategy.barrier("lightning_stages.best_weights")  # rank zero's file is written
             try:
@@ -143,11 +143,10 @@ class BestWeights:
                 weights, why = None, f"the file {self.path!r} cannot be read ({type(err).__name__}: {err})"
             if isinstance(weights, dict) and weights.get(_MARK) == 1:
                 if self.step is not None and weights.get("step") != self.step:
-                    rank_zero_warn(f"StageScheduleCallback: the best-weights file {self.path!r} holds the weights of "
+                    why = stale = (f"StageScheduleCallback: the best-weights file {self.path!r} holds the weights of "
                                    f"step {weights.get('step')}, not those of step {self.step} that the resumed "
                                    "checkpoint names: a later improvement of the run it came from overwrote them. The "
                                    "stage's last weights are kept.")
-                    return False
                 weights = weights.get("weights")  # else a file written before it held the step: the weights
         else:
             weights = self.weights
@@ -160,7 +159,7 @@ class BestWeights:
         if trainer.world_size > 1:  # every rank restores, or none does (a file only some ranks can read)
             fits = bool(trainer.strategy.reduce_boolean_decision(fits, all=True))
         if not fits:
-            rank_zero_warn(f"StageScheduleCallback: the best weights of stage {stage} cannot be restored: "
+            rank_zero_warn(stale or f"StageScheduleCallback: the best weights of stage {stage} cannot be restored: "
                            f"{why or 'another process could not read them'}. The stage's last weights are kept.")
             return False
         pl_module.load_state_dict(weights)
