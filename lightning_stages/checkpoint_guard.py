@@ -56,6 +56,8 @@ class CheckpointGuard(Callback):
         ``trainer.save_checkpoint(path, weights_only=True)``) read the watch too: Lightning runs no callback's
         ``on_save_checkpoint`` for those."""
         self._nonfinite = NonFiniteWatch()
+        for callback in self.__dict__.pop("_muted", []):  # the previous fit's (see on_exception)
+            callback.save_on_exception = True
         if trainer is not None:
             trainer.__dict__["save_checkpoint"] = _GuardedSave(self, trainer)
 
@@ -81,6 +83,24 @@ class CheckpointGuard(Callback):
     ) -> None:
         # raising here, while the checkpoint is being assembled, means it is never written
         self.stop_if_nonfinite(trainer, pl_module, "before writing a checkpoint", weights=True)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """A ``ModelCheckpoint(save_on_exception=True)`` would take its refused save (see :class:`_GuardedSave`) for
+        written, and with ``save_last="link"`` point ``last.ckpt`` at that missing file: a resume from "last" would
+        start from scratch. After a non-finite loss or with non-finite weights it does not save for this fit (Lightning
+        runs checkpoint callbacks' hooks after the others)."""
+        exceptional = [c for c in trainer.checkpoint_callbacks if getattr(c, "save_on_exception", False) is True]
+        if not exceptional:  # no collective unless a save (which reads the watch alike) is coming anyway
+            return
+        try:
+            self.stop_if_nonfinite(trainer, pl_module, "while the run stops", weights=True)
+        except DistillationStepError as err:
+            for callback in exceptional:
+                callback.save_on_exception = False  # type: ignore[attr-defined]  # set back by watch_afresh
+            self.__dict__.setdefault("_muted", []).extend(exceptional)
+            rank_zero_warn("StageScheduleCallback: ModelCheckpoint(save_on_exception=True) does not save while the "
+                           f"run stops: its weights would not be finite ({err.problems[0].message})")
 
     def stop_if_nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str, weights: bool = False
                           ) -> None:

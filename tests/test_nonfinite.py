@@ -8,6 +8,7 @@ naming the stage and the batches, and the checkpoints written before it are kept
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -380,3 +381,32 @@ def test_a_nan_before_a_validation_never_replaces_the_stages_best_weights_file(t
     assert best["step"] == 4 and _all_finite(best["weights"])
     assert all(torch.equal(best["weights"][k], v) for k, v in last["state_dict"].items())
     assert "(found before keeping the stage's best weights; batches 0..3 were watched" in str(caught.value)
+
+
+def test_save_on_exception_never_points_last_ckpt_at_a_checkpoint_that_was_not_written(tmp_path):
+    """``ModelCheckpoint(save_last="link", save_on_exception=True)``: the save made while the run stops on the NaN is
+    refused, and Lightning would then link ``last.ckpt`` to that missing file (a resume from "last" started from
+    scratch). ``last.ckpt`` keeps pointing at the last good checkpoint, and a resume from it starts there."""
+
+    class Steps(TinyNet):
+        def record(self, batch, batch_idx, loss):
+            self.steps = [*getattr(self, "steps", []), self.trainer.global_step]
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last="link", save_top_k=-1, filename="{step}",
+                                  save_on_exception=True)
+    callback = StageScheduleCallback()
+    run = trainer(tmp_path, max_epochs=3, callbacks=[callback, checkpoints], enable_checkpointing=True)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(DistillationStepError, match="batch 1 of epoch 1"):
+        warnings.simplefilter("always")
+        run.fit(NaNAt(epoch=1, batch=1), tiny_loader())
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt", "step=4.ckpt"]
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert last.exists(), f"last.ckpt points at the missing {last.readlink()}"
+    assert any(str(w.message).startswith("StageScheduleCallback: ModelCheckpoint(save_on_exception=True) does not save "
+                                         "while the run stops: its weights would not be finite (the training loss was "
+                                         "not finite") for w in caught), [str(w.message) for w in caught]
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+    resumed = Steps()
+    trainer(tmp_path, max_epochs=3, callbacks=[callback, checkpoints], enable_checkpointing=True).fit(
+        resumed, tiny_loader(), ckpt_path="last")
+    assert resumed.steps[0] == 4 and checkpoints.save_on_exception  # set back for the next fit
