@@ -19,7 +19,6 @@ transitions by the pure :func:`~lightning_stages.schedule.transitions.with_trans
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -59,7 +58,6 @@ class AdaptiveStages:
 
     Args:
         best_weights: where the best weights are kept, ``"memory"`` or ``"file"``.
-        guard: called before best weights are kept, to raise if they must not be (see ``__init__``).
 
     Example::
 
@@ -68,10 +66,7 @@ class AdaptiveStages:
         {'transitions': {}, 'tracker': None, 'best_weights': {'where': 'memory', 'weights': None, 'path': None, 'step': None}}
     """
 
-    def __init__(self, best_weights: str = "memory", guard: Optional[Callable[..., None]] = None) -> None:
-        # called as guard(trainer, pl_module, when, weights=True) before best weights are kept: raises after a
-        # non-finite loss or with non-finite weights (the callback's CheckpointGuard.stop_if_nonfinite)
-        self.guard = guard
+    def __init__(self, best_weights: str = "memory") -> None:
         self.transitions: dict[int, int] = {}
         self.tracker: Optional[PlateauTracker] = None
         self.best = BestWeights(best_weights)
@@ -114,8 +109,6 @@ class AdaptiveStages:
             self.tracker = PlateauTracker(index, stage.mode or "min", float(stage.min_delta or 0.0))
             self.best.clear()
         if self.tracker.update(value, position) and stage.restore_best:
-            if self.guard is not None:  # weights trained on a NaN never replace the best (a file: on disk)
-                self.guard(trainer, pl_module, "before keeping the stage's best weights", weights=True)
             self.best.save(trainer, pl_module, index)
         if stage.patience is None:
             return False

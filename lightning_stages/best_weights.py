@@ -63,7 +63,8 @@ def student_weights(pl_module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def misfit(weights: Any, pl_module: torch.nn.Module) -> Optional[str]:
     """Why ``weights`` cannot be the module's best weights (``None``: they can): not a mapping of names to tensors,
-    names the module lacks or misses (unless its ``strict_loading`` is off), another shape, NaN or infinite values.
+    names the module lacks or misses (unless its ``strict_loading`` is off), another shape, NaN or infinite values in
+    a trainable parameter.
 
     Example::
 
@@ -76,7 +77,7 @@ def misfit(weights: Any, pl_module: torch.nn.Module) -> Optional[str]:
     if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                  for k, v in weights.items()):
         return "they are not a mapping of names to tensors"
-    own = pl_module.state_dict()
+    own, trainable = pl_module.state_dict(), {name for name, p in pl_module.named_parameters() if p.requires_grad}
     if getattr(pl_module, "strict_loading", True):
         if missing := sorted(set(own) - set(weights)):
             return f"they lack {short_repr(missing)}"
@@ -85,7 +86,7 @@ def misfit(weights: Any, pl_module: torch.nn.Module) -> Optional[str]:
     for key, value in weights.items():
         if key in own and tuple(value.shape) != tuple(own[key].shape):
             return f"`{key}` has the shape {tuple(value.shape)}, the module {tuple(own[key].shape)}"
-        if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+        if key in trainable and not bool(torch.isfinite(value).all()):  # a buffer may hold -inf (a mask)
             return f"`{key}` holds NaN or infinite values"
     return None
 

@@ -11,13 +11,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from itertools import chain
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.states import TrainerStatus
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
@@ -34,8 +33,8 @@ class CheckpointGuard(Callback):
 
     The loss ``training_step`` returns is watched at every step on the device; the watch is read (one host sync,
     gathered over DDP ranks so that every rank decides alike) before any checkpoint is written, in
-    ``on_save_checkpoint``, so Lightning never writes it, and wherever the subclass calls :meth:`stop_if_nonfinite`
-    (the callback: at every epoch end). A non-finite loss stops the run with a
+    ``on_save_checkpoint``, so Lightning never writes it, at the end of every validation of a fit, and wherever the
+    subclass calls :meth:`stop_if_nonfinite` (the callback: at every epoch end). A non-finite loss stops the run with a
     :class:`~lightning_stages.DistillationStepError` naming the stage in force (the module's ``stage_name`` and the
     index the callback puts first in its ``stage_token``), the epoch and the batches; the checkpoints written before
     are kept as they were. Once found, it stays found until the next fit (:meth:`watch_afresh`). Before a checkpoint
@@ -102,6 +101,13 @@ class CheckpointGuard(Callback):
             rank_zero_warn("StageScheduleCallback: ModelCheckpoint(save_on_exception=True) does not save while the "
                            f"run stops: its weights would not be finite ({err.problems[0].message})")
 
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # before anything acts on the metrics of weights trained on a NaN: ModelCheckpoint's top-k (which would name
+        # as its best a checkpoint it is then refused), EarlyStopping, restore_best keeping them as a stage's best
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self.stop_if_nonfinite(trainer, pl_module, "at the end of a validation", weights=True)
+
     def stop_if_nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str, weights: bool = False
                           ) -> None:
         """Raise if a training loss since the last look was not finite, or (``weights``: before weights are written)
@@ -132,8 +138,8 @@ class CheckpointGuard(Callback):
 
 def nonfinite_weight(module: torch.nn.Module, gather: Optional[Callable[[Tensor], Tensor]] = None,
                      device: Optional[torch.device] = None) -> Optional[str]:
-    """The first floating parameter or buffer of ``module`` that holds a NaN or infinite value, quoted (``None``: all
-    are finite). One pass over the weights and one host sync; under DDP (``gather``, the strategy's ``all_gather``,
+    """The first trainable parameter of ``module`` that holds a NaN or infinite value, quoted (``None``: all are
+    finite; buffers are not read, since an attention mask may hold ``-inf`` on purpose). One pass over the weights and one host sync; under DDP (``gather``, the strategy's ``all_gather``,
     which every rank must call alike) a rank whose own weights are finite names another rank's.
 
     Example::
@@ -145,8 +151,9 @@ def nonfinite_weight(module: torch.nn.Module, gather: Optional[Callable[[Tensor]
         >>> nonfinite_weight(layer)
         '`bias`'
     """
-    named = [(name, t) for name, t in chain(module.named_parameters(), module.named_buffers())
-             if (t.is_floating_point() or t.is_complex()) and t.layout == torch.strided and not t.is_meta]
+    named = [(name, p) for name, p in module.named_parameters()  # not buffers: a float mask may hold -inf on purpose
+             if p.requires_grad and (p.is_floating_point() or p.is_complex()) and p.layout == torch.strided
+             and not p.is_meta]
     if not named:
         finite = torch.ones(0, dtype=torch.bool, device=device)
     else:

@@ -134,7 +134,7 @@ class StageScheduleCallback(CheckpointGuard):
         self.resolved_schedule: Optional[StageSchedule] = None
         self._train_data = TrainData()
         # plateau-ended stages and restore_best: the transitions taken, the stage's tracker and best weights
-        self.adaptive = AdaptiveStages(best_weights, guard=self.stop_if_nonfinite)  # never best weights after a NaN
+        self.adaptive = AdaptiveStages(best_weights)
         self._resume_at: Optional[int] = None  # the epoch (or step) a resumed run trains next, from its checkpoint
         # derived at every application, never checkpointed: the global step from which on_train_batch_start must look
         # at the schedule again (inf: not in this epoch; 0: every batch, during an epoch ramp), the fit's batches per
@@ -241,6 +241,7 @@ class StageScheduleCallback(CheckpointGuard):
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)  # no NaN-trained weights are scored (CheckpointGuard)
         fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
         if fitting and self.adaptive.after_validation(trainer, pl_module, self._bound()):  # a step stage ended here
             self._next_step = min(self._next_step, trainer.global_step)  # enter the next at the next batch

@@ -354,8 +354,8 @@ def test_a_finite_loss_with_a_nan_gradient_never_writes_its_weights(tmp_path, we
 def test_a_nan_before_a_validation_never_replaces_the_stages_best_weights_file(tmp_path):
     """``restore_best`` with ``best_weights="file"``: the loss is NaN at batch 1 of epoch 1, and the validation at that
     epoch's end scores the NaN weights best (NaN logits all "predict" class 0, the label of every validation sample).
-    The run stops before they are kept: the best-weights file still holds epoch 0's weights, which ``last.ckpt`` names
-    (overwritten, a run resumed from ``last.ckpt`` would have lost them)."""
+    The run stops at that validation's end, before they are kept: the best-weights file still holds epoch 0's weights,
+    which ``last.ckpt`` names (overwritten, a run resumed from ``last.ckpt`` would have lost them)."""
 
     class AccuracyOnNaN(NaNAt):
         def validation_step(self, batch, batch_idx):
@@ -380,7 +380,7 @@ def test_a_nan_before_a_validation_never_replaces_the_stages_best_weights_file(t
     best = torch.load(next(tmp_path.rglob("stage_0.pt")), weights_only=True)
     assert best["step"] == 4 and _all_finite(best["weights"])
     assert all(torch.equal(best["weights"][k], v) for k, v in last["state_dict"].items())
-    assert "(found before keeping the stage's best weights; batches 0..3 were watched" in str(caught.value)
+    assert "(found at the end of a validation; batches 0..3 were watched" in str(caught.value)
 
 
 def test_save_on_exception_never_points_last_ckpt_at_a_checkpoint_that_was_not_written(tmp_path):
@@ -410,3 +410,32 @@ def test_save_on_exception_never_points_last_ckpt_at_a_checkpoint_that_was_not_w
     trainer(tmp_path, max_epochs=3, callbacks=[callback, checkpoints], enable_checkpointing=True).fit(
         resumed, tiny_loader(), ckpt_path="last")
     assert resumed.steps[0] == 4 and checkpoints.save_on_exception  # set back for the next fit
+
+
+def test_modelcheckpoint_never_names_as_its_best_a_checkpoint_that_was_not_written(tmp_path):
+    """``ModelCheckpoint(monitor="val_acc", save_top_k=1, every_n_train_steps=1)``, validation every 2 batches: the loss
+    is NaN at batch 1 of epoch 1 and the validation after it scores the NaN weights best. Left to go on, ModelCheckpoint
+    would take the next step's checkpoint for its new best, be refused it, and name a missing file as
+    ``best_model_path`` (``test(ckpt_path="best")`` then raised FileNotFoundError). The run stops at that validation's
+    end: the best stays the checkpoint written before the NaN."""
+
+    class Accuracy(NaNAt):
+        def validation_step(self, batch, batch_idx):
+            self.log("val_acc", (self(batch[0]).argmax(-1) == batch[1]).float().mean())
+
+        test_step = validation_step
+
+    g = torch.Generator().manual_seed(1)
+    val = DataLoader(TensorDataset(torch.randn(8, 4, generator=g), torch.zeros(8, dtype=torch.long)), batch_size=8)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_acc", mode="max", save_top_k=1,
+                                  every_n_train_steps=1, filename="{step}")
+    run = trainer(tmp_path, max_epochs=3, enable_checkpointing=True, val_check_interval=2,
+                  callbacks=[StageScheduleCallback(), checkpoints])
+    with pytest.raises(DistillationStepError, match=r"at batch 1 of epoch 1 \(found ") as caught:
+        run.fit(Accuracy(epoch=1, batch=1), tiny_loader(), val)
+    written = list((tmp_path / "ckpt").iterdir())
+    assert len(written) == 1 and checkpoints.best_model_path == str(written[0])  # the one written, before the NaN
+    best = torch.load(written[0], weights_only=True)
+    assert best["global_step"] <= 5 and _all_finite(best["state_dict"])
+    run.test(Accuracy(epoch=9, batch=0), val, ckpt_path="best", verbose=False)  # loads it
+    assert "(found at the end of a validation" in str(caught.value)
