@@ -75,6 +75,12 @@ class CheckpointGuard(Callback):
             # buffer it writes again before the watch reads it
             loss = loss.detach().clone()
         self._watch().update(loss, batch_idx, trainer.global_step)
+        step = trainer.global_step
+        if self.__dict__.get("_looked_at") != step and any(_due(c, step) for c in trainer.checkpoint_callbacks):
+            # before ModelCheckpoint(every_n_train_steps=n) takes this step's checkpoint for its best (or last) and
+            # then is refused it: it would name a file that was never written (one sync per n optimizer steps)
+            self.__dict__["_looked_at"] = step
+            self.stop_if_nonfinite(trainer, pl_module, "before writing a checkpoint", weights=True)
 
     @override
     def on_save_checkpoint(
@@ -165,6 +171,13 @@ def nonfinite_weight(module: torch.nn.Module, gather: Optional[Callable[[Tensor]
     if not bool(bad_here.item()):
         return "a weight of another process"
     return f"`{named[int(torch.nonzero(~finite)[0].item())][0]}`"
+
+
+def _due(callback: Any, step: int) -> bool:
+    """Whether ``callback`` is a ``ModelCheckpoint`` due to save at the end of this batch (``every_n_train_steps``, a
+    private attribute of Lightning's; ``train_time_interval`` cannot be told in advance)."""
+    every = getattr(callback, "_every_n_train_steps", 0)
+    return isinstance(every, int) and every >= 1 and step % every == 0 and step > 0
 
 
 class _GuardedSave:

@@ -413,9 +413,9 @@ def test_save_on_exception_never_points_last_ckpt_at_a_checkpoint_that_was_not_w
 
 
 def test_modelcheckpoint_never_names_as_its_best_a_checkpoint_that_was_not_written(tmp_path):
-    """``ModelCheckpoint(monitor="val_acc", save_top_k=1, every_n_train_steps=1)``, validation every 2 batches: the loss
-    is NaN at batch 1 of epoch 1 and the validation after it scores the NaN weights best. Left to go on, ModelCheckpoint
-    would take the next step's checkpoint for its new best, be refused it, and name a missing file as
+    """``ModelCheckpoint(monitor="val_acc", save_top_k=1, save_on_train_epoch_end=False)``, validation every 2 batches:
+    the loss is NaN at batch 1 of epoch 1 and the validation after it scores the NaN weights best. Left to go on,
+    ModelCheckpoint would take that validation's checkpoint for its new best, be refused it, and name a missing file as
     ``best_model_path`` (``test(ckpt_path="best")`` then raised FileNotFoundError). The run stops at that validation's
     end: the best stays the checkpoint written before the NaN."""
 
@@ -428,7 +428,7 @@ def test_modelcheckpoint_never_names_as_its_best_a_checkpoint_that_was_not_writt
     g = torch.Generator().manual_seed(1)
     val = DataLoader(TensorDataset(torch.randn(8, 4, generator=g), torch.zeros(8, dtype=torch.long)), batch_size=8)
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_acc", mode="max", save_top_k=1,
-                                  every_n_train_steps=1, filename="{step}")
+                                  save_on_train_epoch_end=False, filename="{step}")
     run = trainer(tmp_path, max_epochs=3, enable_checkpointing=True, val_check_interval=2,
                   callbacks=[StageScheduleCallback(), checkpoints])
     with pytest.raises(DistillationStepError, match=r"at batch 1 of epoch 1 \(found ") as caught:
@@ -439,3 +439,31 @@ def test_modelcheckpoint_never_names_as_its_best_a_checkpoint_that_was_not_writt
     assert best["global_step"] <= 5 and _all_finite(best["state_dict"])
     run.test(Accuracy(epoch=9, batch=0), val, ckpt_path="best", verbose=False)  # loads it
     assert "(found at the end of a validation" in str(caught.value)
+
+
+def test_a_checkpoint_every_n_steps_refused_is_never_named_best(tmp_path):
+    """``every_n_train_steps=3`` and a validation every 2 batches: the validation at step 4 improves ``val_loss`` and
+    its checkpoint is due at step 6, but batch 5 (the step-6 batch) is NaN. ModelCheckpoint would take step 6 for its
+    new best and be refused it (``best_model_path`` named the missing ``step=6.ckpt``); the watch is read before it
+    decides, so the best stays ``step=3.ckpt``, the last one written."""
+
+    class ValLoss(NaNAt):
+        def validation_step(self, batch, batch_idx):
+            value = torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+            self.scores = [*getattr(self, "scores", []), float(value)]
+            self.log("val_loss", value)
+
+    g = torch.Generator().manual_seed(0)
+    train = DataLoader(TensorDataset(torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g)),
+                       batch_size=4)
+    val = DataLoader(TensorDataset(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)), batch_size=8)
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_top_k=1, every_n_train_steps=3,
+                                  save_last=True, filename="{step}")
+    run = trainer(tmp_path, max_epochs=2, enable_checkpointing=True, val_check_interval=2,
+                  callbacks=[StageScheduleCallback(), checkpoints])
+    with pytest.raises(DistillationStepError, match=r"at batch 5 of epoch 0 \(found before writing a checkpoint"):
+        run.fit(model := ValLoss(epoch=0, batch=5), train, val)
+    assert model.scores[1] < model.scores[0]  # step 4's validation improved: step 6 would have been the new best
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt", "step=3.ckpt"]
+    assert checkpoints.best_model_path == str(tmp_path / "ckpt" / "step=3.ckpt")
