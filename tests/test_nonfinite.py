@@ -467,3 +467,29 @@ def test_a_checkpoint_every_n_steps_refused_is_never_named_best(tmp_path):
     assert model.scores[1] < model.scores[0]  # step 4's validation improved: step 6 would have been the new best
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt", "step=3.ckpt"]
     assert checkpoints.best_model_path == str(tmp_path / "ckpt" / "step=3.ckpt")
+
+
+def test_ddp_a_nan_gradient_on_one_rank_stops_every_rank_before_its_weights_are_kept(tmp_path):
+    """Under DDP (2 CPU processes) every loss is finite but rank 1's gradient is NaN at the last batch of epoch 1; the
+    all-reduce makes both ranks' weights NaN, and the validation after it scores them best for a ``restore_best``
+    stage. Both ranks stop with the same error at that validation's end (no hang): no checkpoint of epoch 1, and the
+    best-weights file still holds epoch 0's weights."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import ddp_env
+
+    worker = Path(__file__).with_name("_ddp_nonfinite_worker.py")
+    proc = subprocess.run([sys.executable, str(worker), "--out", str(tmp_path), "--nan-gradient"], cwd=tmp_path,
+                          env=ddp_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    errors = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert errors[0] == errors[1], errors
+    assert errors[0].startswith("DistillationStepError: 1 problem at epoch 1 of stage 'main'"), errors[0]
+    assert ("the weights are not finite (`head.weight` holds NaN or infinite values) at global step 8 of epoch 1, "
+            "although every training loss watched was finite (found at the end of a validation)") in errors[0]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0.ckpt", "last.ckpt"]
+    assert not (tmp_path / "exc").exists() or list((tmp_path / "exc").iterdir()) == []
+    best = torch.load(tmp_path / "best_weights" / "stage_0.pt", weights_only=True)
+    assert best["step"] == 4 and _all_finite(best["weights"])
