@@ -121,9 +121,21 @@ def test_no_checkpoint_on_exception_either(tmp_path):
 
 
 def test_finite_losses_train_to_the_end_and_the_checkpoints_are_written(tmp_path):
+    """Non-finite values the module holds on purpose are not weights trained on a NaN: a float attention mask buffer
+    of ``-inf`` and a frozen parameter of ``inf`` (the weights read before a checkpoint are the trainable ones)."""
+
+    class Masked(TinyNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("mask", torch.full((3, 3), -math.inf).triu(1))
+            self.bound = torch.nn.Parameter(torch.tensor(math.inf), requires_grad=False)
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", torch.nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1, filename="{epoch}")
     run = trainer(tmp_path, max_epochs=2, callbacks=[StageScheduleCallback(), checkpoints], enable_checkpointing=True)
-    run.fit(TinyNet(), tiny_loader())
+    run.fit(Masked(), tiny_loader(), tiny_loader(n=8))
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0.ckpt", "epoch=1.ckpt", "last.ckpt"]
 
 
