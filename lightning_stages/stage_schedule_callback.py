@@ -252,7 +252,7 @@ class StageScheduleCallback(CheckpointGuard):
         cache = getattr(pl_module, "teacher_cache", None) if isinstance(pl_module, DistillationModule) else None
         if cache is not None:
             report_cache(trainer, cache.take_stats(), self.verbose)
-        self.stop_if_nonfinite(trainer, pl_module, "at the end of the epoch")  # before any restore or data switch
+        self.stop_if_nonfinite(trainer, pl_module, "at the end of the epoch", weights=True)  # before ModelCheckpoint
         max_epochs = _max_epochs(trainer)
         self.adaptive.at_epoch_end(trainer, pl_module, self._bound(), max_epochs)
         limit = max_epochs if self._bound().unit == "epoch" else _max_steps(trainer)

@@ -505,3 +505,15 @@ def test_ddp_a_nan_gradient_on_one_rank_stops_every_rank_before_its_weights_are_
     assert not (tmp_path / "exc").exists() or list((tmp_path / "exc").iterdir()) == []
     best = torch.load(tmp_path / "best_weights" / "stage_0.pt", weights_only=True)
     assert best["step"] == 4 and _all_finite(best["weights"])
+
+
+def test_a_nan_gradient_at_an_epochs_last_batch_never_becomes_modelcheckpoints_best(tmp_path):
+    """``ModelCheckpoint(monitor="step", mode="max", save_top_k=1)`` saves at every epoch end, each a new best. The NaN
+    gradient of epoch 1's last batch leaves NaN weights: the epoch-end look reads them before ModelCheckpoint takes that
+    checkpoint for its best (and is refused it), so ``best_model_path`` stays the one written, epoch 0's."""
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="step", mode="max", save_top_k=1, filename="{step}")
+    run = trainer(tmp_path, max_epochs=3, enable_checkpointing=True, callbacks=[StageScheduleCallback(), checkpoints])
+    with pytest.raises(DistillationStepError, match=r"the weights are not finite \(`head.weight` .*\) at global step 8"):
+        run.fit(NaNGradientAt(epoch=1, batch=3), tiny_loader())
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step=4.ckpt"]
+    assert checkpoints.best_model_path == str(tmp_path / "ckpt" / "step=4.ckpt")
