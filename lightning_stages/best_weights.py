@@ -163,7 +163,7 @@ class BestWeights:
             rank_zero_warn(stale or f"StageScheduleCallback: the best weights of stage {stage} cannot be restored: "
                            f"{why or 'another process could not read them'}. The stage's last weights are kept.")
             return False
-        pl_module.load_state_dict(weights)
+        pl_module.load_state_dict(weights, strict=getattr(pl_module, "strict_loading", True))
         return True
 
     def clear(self) -> None:
