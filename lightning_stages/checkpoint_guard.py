@@ -55,6 +55,7 @@ class CheckpointGuard(Callback):
         ``trainer.save_checkpoint(path, weights_only=True)``) read the watch too: Lightning runs no callback's
         ``on_save_checkpoint`` for those."""
         self._nonfinite = NonFiniteWatch()
+        self.__dict__.pop("_looked_at", None)  # the step the watch was last read at for a due ModelCheckpoint
         for callback in self.__dict__.pop("_muted", []):  # the previous fit's (see on_exception)
             callback.save_on_exception = True
         if trainer is not None:
