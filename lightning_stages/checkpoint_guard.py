@@ -135,10 +135,11 @@ class CheckpointGuard(Callback):
         if bad is not None:
             raise DistillationStepError(StageProblem(
                 f"the weights are not finite ({bad} holds NaN or infinite values) at global step "
-                f"{trainer.global_step} of epoch {trainer.current_epoch}, although every training loss watched was "
-                f"finite (found {when}): a gradient was not (a square root, norm or log of zero, an overflow), or "
-                "something other than the optimizer wrote them; the run stops before any checkpoint holds them: the "
-                "last checkpoint written before is kept", index=index, name=name,
+                f"{trainer.global_step} of epoch {trainer.current_epoch}, although no loss `training_step` returned "
+                f"was (found {when}): a gradient was not (a square root, norm or log of zero, an overflow), the loss "
+                "was not returned (manual optimization), or something other than the optimizer wrote them; the run "
+                "stops before any checkpoint holds them: the last checkpoint written before is kept",
+                index=index, name=name,
                 hint="find the operation (`Trainer(detect_anomaly=True)` names it), then resume from that checkpoint"),
                 stage=name, when=f"epoch {trainer.current_epoch}")
 

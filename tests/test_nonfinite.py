@@ -500,7 +500,7 @@ def test_ddp_a_nan_gradient_on_one_rank_stops_every_rank_before_its_weights_are_
     assert errors[0] == errors[1], errors
     assert errors[0].startswith("DistillationStepError: 1 problem at epoch 1 of stage 'main'"), errors[0]
     assert ("the weights are not finite (`head.weight` holds NaN or infinite values) at global step 8 of epoch 1, "
-            "although every training loss watched was finite (found at the end of a validation)") in errors[0]
+            "although no loss `training_step` returned was (found at the end of a validation)") in errors[0]
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0.ckpt", "last.ckpt"]
     assert not (tmp_path / "exc").exists() or list((tmp_path / "exc").iterdir()) == []
     best = torch.load(tmp_path / "best_weights" / "stage_0.pt", weights_only=True)
@@ -517,3 +517,26 @@ def test_a_nan_gradient_at_an_epochs_last_batch_never_becomes_modelcheckpoints_b
         run.fit(NaNGradientAt(epoch=1, batch=3), tiny_loader())
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step=4.ckpt"]
     assert checkpoints.best_model_path == str(tmp_path / "ckpt" / "step=4.ckpt")
+
+
+def test_manual_optimization_that_returns_no_loss_still_never_checkpoints_nan_weights(tmp_path):
+    """A manual ``training_step`` that steps on a NaN loss (batch 1 of epoch 1) and returns nothing: the watch sees no
+    loss, but the weights it made are read at the epoch's end, before the epoch's checkpoint."""
+
+    class NoReturn(ManualTinyNet):
+        def training_step(self, batch, batch_idx):
+            optimizer = self.optimizers()
+            loss = TinyNet.training_step(self, batch, batch_idx)
+            if (self.trainer.current_epoch, batch_idx) == (1, 1):
+                loss = loss * float("nan")
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, filename="{step}")
+    run = trainer(tmp_path, max_epochs=3, enable_checkpointing=True, callbacks=[StageScheduleCallback(), checkpoints])
+    with pytest.raises(DistillationStepError, match=r"the weights are not finite \(`body.weight` .*\) at global step 8 "
+                                                    r"of epoch 1, although no loss `training_step` returned was"):
+        run.fit(NoReturn(), tiny_loader())
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt", "step=4.ckpt"]
+    assert _all_finite(torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"])
