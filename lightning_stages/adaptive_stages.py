@@ -197,7 +197,7 @@ class AdaptiveStages:
             rank_zero_warn(f"StageScheduleCallback: stage {index} has `restore_best` but {why}; its last weights "
                            "are kept.")
             return
-        restored = self.best.restore(trainer, pl_module)
+        restored = self.best.restore(trainer, pl_module, index)
         self.best.clear()
         if restored:  # the running state was gathered on other weights
             for optimizer in trainer.optimizers:

@@ -24,11 +24,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_stages.errors import StageProblem, did_you_mean
+from lightning_stages.errors import StageProblem, did_you_mean, short_repr
 
 _MARK = "lightning_stages_best_weights"  # a file of this module: {_MARK: 1, "step": ..., "weights": ...}
 
-__all__ = ["BEST_WEIGHTS_PLACES", "BestWeights", "best_weights_problem", "student_weights"]
+__all__ = ["BEST_WEIGHTS_PLACES", "BestWeights", "best_weights_problem", "misfit", "student_weights"]
 
 BEST_WEIGHTS_PLACES = ("memory", "file")
 
@@ -59,6 +59,36 @@ def student_weights(pl_module: torch.nn.Module) -> dict[str, torch.Tensor]:
         True
     """
     return {key: value.detach().to("cpu", copy=True) for key, value in pl_module.state_dict().items()}
+
+
+def misfit(weights: Any, pl_module: torch.nn.Module) -> Optional[str]:
+    """Why ``weights`` cannot be the module's best weights (``None``: they can): not a mapping of names to tensors,
+    names the module lacks or misses (unless its ``strict_loading`` is off), another shape, NaN or infinite values in
+    a trainable parameter.
+
+    Example::
+
+        >>> layer = torch.nn.Linear(2, 1)
+        >>> misfit(student_weights(layer), layer) is None
+        True
+        >>> misfit({"weight": torch.zeros(3), "bias": torch.zeros(1)}, layer)
+        '`weight` has the shape (3,), the module (1, 2)'
+    """
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                 for k, v in weights.items()):
+        return "they are not a mapping of names to tensors"
+    own, trainable = pl_module.state_dict(), {name for name, p in pl_module.named_parameters() if p.requires_grad}
+    if getattr(pl_module, "strict_loading", True):
+        if missing := sorted(set(own) - set(weights)):
+            return f"they lack {short_repr(missing)}"
+        if unknown := sorted(set(weights) - set(own)):
+            return f"they hold {short_repr(unknown)}, which the module does not have"
+    for key, value in weights.items():
+        if key in own and tuple(value.shape) != tuple(own[key].shape):
+            return f"`{key}` has the shape {tuple(value.shape)}, the module {tuple(own[key].shape)}"
+        if key in trainable and not bool(torch.isfinite(value).all()):  # a buffer may hold -inf (a mask)
+            return f"`{key}` holds NaN or infinite values"
+    return None
 
 
 class BestWeights:
@@ -98,30 +128,42 @@ class BestWeights:
             os.replace(partial, path)  # a file that exists is whole
         self.path, self.step = str(path), trainer.global_step
 
-    def restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+    def restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: int = 0) -> bool:
         """Load the stored weights into the module; every rank loads the same ones. Nothing stored: nothing done.
 
         Returns whether weights were loaded: not when the file holds the weights of another step than the one this
-        store saved (a run resumed from an earlier checkpoint, after the original run overwrote the file), which is
-        warned about."""
+        store saved (a run resumed from an earlier checkpoint, after the original run overwrote the file), nor when
+        they cannot be read or do not fit the module (a file moved, deleted or damaged since; a checkpoint edited by
+        hand): each is warned about, naming stage ``stage``, and every rank then keeps its last weights."""
+        why = stale = None
         if self.path is not None:
             trainer.strategy.barrier("lightning_stages.best_weights")  # rank zero's file is written
-            weights: Any = torch.load(self.path, map_location="cpu", weights_only=True)
+            try:
+                weights: Any = torch.load(self.path, map_location="cpu", weights_only=True)
+            except Exception as err:  # missing, unreadable, not a torch file: whatever torch.load raises for it
+                weights, why = None, f"the file {self.path!r} cannot be read ({type(err).__name__}: {err})"
             if isinstance(weights, dict) and weights.get(_MARK) == 1:
                 if self.step is not None and weights.get("step") != self.step:
-                    rank_zero_warn(f"StageScheduleCallback: the best-weights file {self.path!r} holds the weights of "
+                    why = stale = (f"StageScheduleCallback: the best-weights file {self.path!r} holds the weights of "
                                    f"step {weights.get('step')}, not those of step {self.step} that the resumed "
                                    "checkpoint names: a later improvement of the run it came from overwrote them. The "
                                    "stage's last weights are kept.")
-                    return False
-                weights = weights.get("weights")
+                weights = weights.get("weights")  # else a file written before it held the step: the weights
         else:
             weights = self.weights
             if trainer.world_size > 1:  # equal on every rank under DDP anyway; rank zero's copy makes it certain
                 weights = trainer.strategy.broadcast(weights, src=0)
-        if weights is None:
+            if weights is None:
+                return False
+        why = why or misfit(weights, pl_module)
+        fits = why is None
+        if trainer.world_size > 1:  # every rank restores, or none does (a file only some ranks can read)
+            fits = bool(trainer.strategy.reduce_boolean_decision(fits, all=True))
+        if not fits:
+            rank_zero_warn(stale or f"StageScheduleCallback: the best weights of stage {stage} cannot be restored: "
+                           f"{why or 'another process could not read them'}. The stage's last weights are kept.")
             return False
-        pl_module.load_state_dict(weights)
+        pl_module.load_state_dict(weights, strict=getattr(pl_module, "strict_loading", True))
         return True
 
     def clear(self) -> None:

@@ -2,19 +2,21 @@
 
 * :class:`CheckpointGuard`, the base of :class:`~lightning_stages.StageScheduleCallback`: watches the loss of every
   training step on the device (:class:`~lightning_stages.distillation.step_checks.NonFiniteWatch`, no host sync) and
-  stops the run before a checkpoint is written after a non-finite loss.
+  stops the run before a checkpoint is written after a non-finite loss, or of weights that are not finite (a finite
+  loss whose gradient was not: :func:`nonfinite_weight`).
 * :func:`warn_about_saved_schedule`: the schedule saved in a checkpoint, compared with the one given now; damaged
   state only warns, and a string there is never opened as a file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.states import TrainerStatus
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
@@ -23,7 +25,7 @@ from lightning_stages.distillation.step_checks import NonFiniteWatch
 from lightning_stages.errors import DistillationStepError, StageConfigError, StageProblem
 from lightning_stages.schedule import StageSchedule
 
-__all__ = ["CheckpointGuard", "warn_about_saved_schedule"]
+__all__ = ["CheckpointGuard", "nonfinite_weight", "warn_about_saved_schedule"]
 
 
 class CheckpointGuard(Callback):
@@ -31,11 +33,13 @@ class CheckpointGuard(Callback):
 
     The loss ``training_step`` returns is watched at every step on the device; the watch is read (one host sync,
     gathered over DDP ranks so that every rank decides alike) before any checkpoint is written, in
-    ``on_save_checkpoint``, so Lightning never writes it, and wherever the subclass calls :meth:`stop_if_nonfinite`
-    (the callback: at every epoch end). A non-finite loss stops the run with a
+    ``on_save_checkpoint``, so Lightning never writes it, at the end of every validation of a fit, and wherever the
+    subclass calls :meth:`stop_if_nonfinite` (the callback: at every epoch end). A non-finite loss stops the run with a
     :class:`~lightning_stages.DistillationStepError` naming the stage in force (the module's ``stage_name`` and the
     index the callback puts first in its ``stage_token``), the epoch and the batches; the checkpoints written before
-    are kept as they were. Once found, it stays found until the next fit (:meth:`watch_afresh`).
+    are kept as they were. Once found, it stays found until the next fit (:meth:`watch_afresh`). Before a checkpoint
+    the weights themselves are read too (one pass over them, one sync): a finite loss whose gradient was NaN or
+    infinite leaves every loss finite up to that step, and non-finite weights after it.
 
     Example::
 
@@ -51,6 +55,9 @@ class CheckpointGuard(Callback):
         ``trainer.save_checkpoint(path, weights_only=True)``) read the watch too: Lightning runs no callback's
         ``on_save_checkpoint`` for those."""
         self._nonfinite = NonFiniteWatch()
+        self.__dict__.pop("_looked_at", None)  # the step the watch was last read at for a due ModelCheckpoint
+        for callback in self.__dict__.pop("_muted", []):  # the previous fit's (see on_exception)
+            callback.save_on_exception = True
         if trainer is not None:
             trainer.__dict__["save_checkpoint"] = _GuardedSave(self, trainer)
 
@@ -69,26 +76,110 @@ class CheckpointGuard(Callback):
             # buffer it writes again before the watch reads it
             loss = loss.detach().clone()
         self._watch().update(loss, batch_idx, trainer.global_step)
+        step = trainer.global_step
+        if self.__dict__.get("_looked_at") != step and any(_due(c, step) for c in trainer.checkpoint_callbacks):
+            # before ModelCheckpoint(every_n_train_steps=n) takes this step's checkpoint for its best (or last) and
+            # then is refused it: it would name a file that was never written (one sync per n optimizer steps)
+            self.__dict__["_looked_at"] = step
+            self.stop_if_nonfinite(trainer, pl_module, "before writing a checkpoint", weights=True)
 
     @override
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         # raising here, while the checkpoint is being assembled, means it is never written
-        self.stop_if_nonfinite(trainer, pl_module, "before writing a checkpoint")
+        self.stop_if_nonfinite(trainer, pl_module, "before writing a checkpoint", weights=True)
 
-    def stop_if_nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str) -> None:
-        """Raise if a training loss since the last look was not finite (every rank must call it alike).
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """A ``ModelCheckpoint(save_on_exception=True)`` would take its refused save (see :class:`_GuardedSave`) for
+        written, and with ``save_last="link"`` point ``last.ckpt`` at that missing file: a resume from "last" would
+        start from scratch. After a non-finite loss or with non-finite weights it does not save for this fit (Lightning
+        runs checkpoint callbacks' hooks after the others)."""
+        exceptional = [c for c in trainer.checkpoint_callbacks if getattr(c, "save_on_exception", False) is True]
+        if not exceptional:  # no collective unless a save (which reads the watch alike) is coming anyway
+            return
+        try:
+            self.stop_if_nonfinite(trainer, pl_module, "while the run stops", weights=True)
+        except DistillationStepError as err:
+            for callback in exceptional:
+                callback.save_on_exception = False  # type: ignore[attr-defined]  # set back by watch_afresh
+            self.__dict__.setdefault("_muted", []).extend(exceptional)
+            rank_zero_warn("StageScheduleCallback: ModelCheckpoint(save_on_exception=True) does not save while the "
+                           f"run stops: its weights would not be finite ({err.problems[0].message})")
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # before anything acts on the metrics of weights trained on a NaN: ModelCheckpoint's top-k (which would name
+        # as its best a checkpoint it is then refused), EarlyStopping, restore_best keeping them as a stage's best
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self.stop_if_nonfinite(trainer, pl_module, "at the end of a validation", weights=True)
+
+    def stop_if_nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str, weights: bool = False
+                          ) -> None:
+        """Raise if a training loss since the last look was not finite, or (``weights``: before weights are written)
+        a parameter or buffer of the module is not (every rank must call it alike).
 
         Raises:
-            DistillationStepError: naming the stage, the epoch, the first bad batch and the batches watched.
+            DistillationStepError: naming the stage, the epoch, the first bad batch and the batches watched; or the
+                first non-finite parameter and the global step.
         """
-        found = self._watch().check(trainer.strategy.all_gather if trainer.world_size > 1 else None,
-                                    trainer.strategy.root_device)
+        gather = trainer.strategy.all_gather if trainer.world_size > 1 else None
+        found = self._watch().check(gather, trainer.strategy.root_device)
+        token = getattr(pl_module, "stage_token", None)
+        index = token[0] if isinstance(token, tuple) and token and isinstance(token[0], int) else None
+        name = getattr(pl_module, "stage_name", None)
         if found is not None:
-            token = getattr(pl_module, "stage_token", None)
-            index = token[0] if isinstance(token, tuple) and token and isinstance(token[0], int) else None
-            raise found.error(trainer.current_epoch, when, index, getattr(pl_module, "stage_name", None))
+            raise found.error(trainer.current_epoch, when, index, name)
+        bad = nonfinite_weight(pl_module, gather, trainer.strategy.root_device) if weights else None
+        if bad is not None:
+            raise DistillationStepError(StageProblem(
+                f"the weights are not finite ({bad} holds NaN or infinite values) at global step "
+                f"{trainer.global_step} of epoch {trainer.current_epoch}, although no loss `training_step` returned "
+                f"was (found {when}): a gradient was not (a square root, norm or log of zero, an overflow), the loss "
+                "was not returned (manual optimization), or something other than the optimizer wrote them; the run "
+                "stops before any checkpoint holds them: the last checkpoint written before is kept",
+                index=index, name=name,
+                hint="find the operation (`Trainer(detect_anomaly=True)` names it), then resume from that checkpoint"),
+                stage=name, when=f"epoch {trainer.current_epoch}")
+
+
+def nonfinite_weight(module: torch.nn.Module, gather: Optional[Callable[[Tensor], Tensor]] = None,
+                     device: Optional[torch.device] = None) -> Optional[str]:
+    """The first trainable parameter of ``module`` that holds a NaN or infinite value, quoted (``None``: all are
+    finite; buffers are not read, since an attention mask may hold ``-inf`` on purpose). One pass over the weights and one host sync; under DDP (``gather``, the strategy's ``all_gather``,
+    which every rank must call alike) a rank whose own weights are finite names another rank's.
+
+    Example::
+
+        >>> layer = torch.nn.Linear(2, 1)
+        >>> nonfinite_weight(layer) is None
+        True
+        >>> _ = layer.bias.data.fill_(float("inf"))
+        >>> nonfinite_weight(layer)
+        '`bias`'
+    """
+    named = [(name, p) for name, p in module.named_parameters()  # not buffers: a float mask may hold -inf on purpose
+             if p.requires_grad and (p.is_floating_point() or p.is_complex()) and p.layout == torch.strided
+             and not p.is_meta]
+    if not named:
+        finite = torch.ones(0, dtype=torch.bool, device=device)
+    else:
+        place = device if device is not None else named[0][1].device
+        finite = torch.stack([torch.isfinite(t.detach()).all().to(place) for _, t in named])
+    bad_here = (~finite).any().to(torch.int64)
+    if not bool((gather(bad_here).max() if gather is not None else bad_here).item()):  # the one host sync
+        return None
+    if not bool(bad_here.item()):
+        return "a weight of another process"
+    return f"`{named[int(torch.nonzero(~finite)[0].item())][0]}`"
+
+
+def _due(callback: Any, step: int) -> bool:
+    """Whether ``callback`` is a ``ModelCheckpoint`` due to save at the end of this batch (``every_n_train_steps``, a
+    private attribute of Lightning's; ``train_time_interval`` cannot be told in advance)."""
+    every = getattr(callback, "_every_n_train_steps", 0)
+    return isinstance(every, int) and every >= 1 and step % every == 0 and step > 0
 
 
 class _GuardedSave:
@@ -106,12 +197,15 @@ class _GuardedSave:
         stopping = self.trainer.state.status == TrainerStatus.INTERRUPTED and self.trainer.state.stage is not None
         if weights_only or stopping:
             try:
-                self.guard.stop_if_nonfinite(self.trainer, self.trainer.lightning_module, "before writing a checkpoint")
+                self.guard.stop_if_nonfinite(self.trainer, self.trainer.lightning_module, "before writing a checkpoint",
+                                             weights=True)
             except DistillationStepError as err:
                 if not stopping:
                     raise
+                why = err.problems[0].message
+                what = "are not finite" if why.startswith("the weights") else "were trained on a non-finite loss"
                 rank_zero_warn(f"StageScheduleCallback: the checkpoint {str(filepath)!r} is not written while the run "
-                               f"stops: its weights were trained on a non-finite loss ({err.problems[0].message})")
+                               f"stops: its weights {what} ({why})")
                 return
         type(self.trainer).save_checkpoint(self.trainer, filepath, weights_only, storage_options)  # a subclass's own
 

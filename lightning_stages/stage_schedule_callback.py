@@ -241,6 +241,7 @@ class StageScheduleCallback(CheckpointGuard):
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)  # no NaN-trained weights are scored (CheckpointGuard)
         fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
         if fitting and self.adaptive.after_validation(trainer, pl_module, self._bound()):  # a step stage ended here
             self._next_step = min(self._next_step, trainer.global_step)  # enter the next at the next batch
@@ -251,7 +252,7 @@ class StageScheduleCallback(CheckpointGuard):
         cache = getattr(pl_module, "teacher_cache", None) if isinstance(pl_module, DistillationModule) else None
         if cache is not None:
             report_cache(trainer, cache.take_stats(), self.verbose)
-        self.stop_if_nonfinite(trainer, pl_module, "at the end of the epoch")  # before any restore or data switch
+        self.stop_if_nonfinite(trainer, pl_module, "at the end of the epoch", weights=True)  # before ModelCheckpoint
         max_epochs = _max_epochs(trainer)
         self.adaptive.at_epoch_end(trainer, pl_module, self._bound(), max_epochs)
         limit = max_epochs if self._bound().unit == "epoch" else _max_steps(trainer)

@@ -9,6 +9,11 @@ checkpoint is written), so no checkpoint of epoch 1 exists; each rank writes its
 
 With ``--skipped``: manual optimization, a checkpoint at every step, and at that batch rank 0's loss is NaN while
 rank 1's ``training_step`` returns ``None`` (it still steps): rank 1 watched no loss, and must join the gather.
+
+With ``--nan-gradient``: every loss is finite, but rank 1's gradient is NaN at the last batch (3) of epoch 1, which
+DDP's all-reduce spreads to both ranks' weights; a validation every epoch scores them best for a ``restore_best``
+stage (``best_weights="file"``), and ``OnExceptionCheckpoint`` is there. Both ranks must stop with the same error at
+that validation's end: no checkpoint of epoch 1, the best-weights file still epoch 0's.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from conftest import ManualTinyNet, TinyNet, run_ddp_worker
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stages import StageScheduleCallback
@@ -44,11 +49,25 @@ class SkippedOnOtherRank(ManualTinyNet):
         return loss
 
 
+class NaNGradientOnOneRank(TinyNet):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if (self.trainer.current_epoch, batch_idx, self.trainer.global_rank) == (BAD_EPOCH, 3, BAD_RANK):
+            loss = loss + (self.head.weight * 0).pow(2).sum().sqrt()  # 0, with the gradient 0 / sqrt(0) = NaN
+        return loss
+
+    def validation_step(self, batch, batch_idx):  # NaN logits all "predict" class 0: scored best
+        self.log("val_acc", (self(batch[0]).argmax(-1) == 0).float().mean(), sync_dist=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--skipped", action="store_true")
+    parser.add_argument("--nan-gradient", action="store_true")
     args = parser.parse_args()
+    if args.nan_gradient:
+        return nan_gradient(args.out)
     checkpoints = (ModelCheckpoint(dirpath=args.out / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}")
                    if args.skipped else
                    ModelCheckpoint(dirpath=args.out / "ckpt", save_last=True, save_top_k=-1, filename="{epoch}"))
@@ -65,6 +84,26 @@ def main() -> int:
         (args.out / f"rank{trainer.global_rank}.txt").write_text(f"{type(err).__name__}: {err}")
         return 1
     (args.out / f"rank{trainer.global_rank}.txt").write_text("finished")
+    return 0
+
+
+def nan_gradient(out: Path) -> int:
+    stages = [{"name": "main", "start_epoch": 0, "end_epoch": 3, "monitor": "val_acc", "mode": "max",
+               "restore_best": True}]
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g))
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, default_root_dir=str(out),
+        callbacks=[StageScheduleCallback(stages, best_weights="file"), OnExceptionCheckpoint(out / "exc"),
+                   ModelCheckpoint(dirpath=out / "ckpt", save_last=True, save_top_k=-1, filename="{epoch}")],
+        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    try:
+        trainer.fit(NaNGradientOnOneRank(), DataLoader(data, batch_size=4), DataLoader(data, batch_size=8))
+    except Exception as err:
+        (out / f"rank{trainer.global_rank}.txt").write_text(f"{type(err).__name__}: {err}")
+        return 1
+    (out / f"rank{trainer.global_rank}.txt").write_text("finished")
     return 0
 
 

@@ -276,6 +276,46 @@ def test_a_best_weights_file_overwritten_after_the_resumed_checkpoint_is_not_loa
         assert not all(torch.equal(after_kd[k], v) for k, v in original.at_validation[4].items())
 
 
+@pytest.mark.parametrize("damage", ["deleted", "not a torch file", "another model"])
+def test_best_weights_that_are_gone_or_do_not_fit_warn_and_keep_the_last_weights(tmp_path, damage):
+    """Resumed from epoch 4's checkpoint (kd's best: epoch 4), the best weights restored at kd's end (epoch 5) are gone
+    (the run moved, its log dir deleted), damaged, or another model's (a checkpoint written by hand): the run warns
+    naming the stage and why, keeps its last weights and trains to its end, instead of a raw error at kd's end."""
+    script = [5.0, 3.0, 4.0, 4.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0]
+    stages = two_stages(patience=5, restore_best=True)
+    where = "memory" if damage == "another model" else "file"
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
+    trainer(tmp_path, max_epochs=7, enable_checkpointing=True, callbacks=[
+        StageScheduleCallback(stages, verbose=False, best_weights=where), checkpoints]).fit(Scripted(script))
+    ckpt = tmp_path / "ckpt" / "epoch=4.ckpt"
+    best_file = tmp_path / "best_weights" / "stage_0.pt"
+    if damage == "deleted":
+        best_file.unlink()
+    elif damage == "not a torch file":
+        best_file.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    else:
+        state = torch.load(ckpt, weights_only=True)
+        weights = state["callbacks"]["StageScheduleCallback"]["adaptive"]["best_weights"]["weights"]
+        weights["head.weight"] = torch.zeros(5, 8)  # the module's is (3, 8)
+        torch.save(state, ckpt)
+    resumed = Scripted(script)
+    run = trainer(tmp_path / "resumed", max_epochs=7,
+                  callbacks=[StageScheduleCallback(stages, verbose=False, best_weights=where)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.fit(resumed, ckpt_path=ckpt)
+    assert run.current_epoch == 7
+    warned = [str(w.message) for w in caught if "cannot be restored" in str(w.message)]
+    assert len(warned) == 1 and warned[0].startswith("StageScheduleCallback: the best weights of stage 0 cannot be "
+                                                      "restored: "), warned
+    assert warned[0].endswith("The stage's last weights are kept.")
+    expected = {"deleted": "FileNotFoundError", "not a torch file": "cannot be read",
+                "another model": "`head.weight` has the shape (5, 8), the module (3, 8)"}[damage]
+    assert expected in warned[0], warned[0]
+    for key, value in resumed.at_validation[5].items():  # its own last weights, going into ft
+        assert torch.equal(resumed.at_epoch_start[6][key], value), key
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("mode", "mx", r"`mode` = 'mx': must be 'min' or 'max'; did you mean `max`\?"),
     ("patience", 0, r"`patience` = 0: must be an integer >= 1"),

@@ -1,7 +1,8 @@
 """What the callback checkpoints is plain Python, and damaged state never stops a resume.
 
-A schedule built from numpy numbers (``np.linspace(...)[i]``, ``np.int64`` epochs, a pandas-like row) holds plain
-``int``/``float``/``bool``, so every checkpoint loads with ``torch.load(weights_only=True)``, as Lightning loads it.
+A schedule built from numpy numbers (``np.linspace(...)[i]``, ``np.int64`` epochs, a pandas-like row, ``np.str_``
+loss names) holds plain ``int``/``float``/``bool``/``str``, so every checkpoint loads with
+``torch.load(weights_only=True)``, as Lightning loads it.
 A checkpoint whose saved schedule is damaged (``null``, a list, a string, garbage) resumes with a warning and the
 schedule given now; a string there is never opened as a file.
 """
@@ -31,14 +32,15 @@ def tiny_loader() -> DataLoader:
 def numpy_stages() -> list:
     lambdas = np.linspace(0.0, 1.0, 3)
     row = {"name": np.str_("joint"), "start_epoch": np.int64(1), "end_epoch": np.int32(2),  # a pandas-like row
-           "distillation": np.bool_(True), "lambda_coef": lambdas[1], "loss_weights": {"cls": np.float32(0.5)}}
+           "distillation": np.bool_(True), "lambda_coef": lambdas[1],
+           "loss_weights": {np.array(["cls"])[0]: np.float32(0.5)}}  # an np.str_ loss name
     return [Stage(name="kd", start_epoch=np.int64(0), end_epoch=np.int64(1), distillation=True,
                   lambda_coef=lambdas[2]), row]
 
 
 def _types(value) -> set[str]:
-    if isinstance(value, dict):
-        return set().union(*(_types(v) for v in value.values())) if value else set()
+    if isinstance(value, dict):  # keys and values
+        return set().union(*(_types(k) | _types(v) for k, v in value.items())) if value else set()
     if isinstance(value, (list, tuple)):
         return set().union(*(_types(v) for v in value)) if value else set()
     return {type(value).__module__ + "." + type(value).__name__}
@@ -58,6 +60,7 @@ def test_a_numpy_schedule_checkpoint_loads_with_weights_only_and_resumes(tmp_pat
         def __init__(self):
             super().__init__()
             self.lambda_coef = np.float64(0.25)  # the module's declared base, numpy too
+            self.loss_weights = {np.str_("cls"): np.float64(1.0)}
 
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
     run = trainer(tmp_path, max_epochs=3, callbacks=[StageScheduleCallback(numpy_stages()), checkpoints],

@@ -8,6 +8,7 @@ naming the stage and the batches, and the checkpoints written before it are kept
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -120,9 +121,21 @@ def test_no_checkpoint_on_exception_either(tmp_path):
 
 
 def test_finite_losses_train_to_the_end_and_the_checkpoints_are_written(tmp_path):
+    """Non-finite values the module holds on purpose are not weights trained on a NaN: a float attention mask buffer
+    of ``-inf`` and a frozen parameter of ``inf`` (the weights read before a checkpoint are the trainable ones)."""
+
+    class Masked(TinyNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("mask", torch.full((3, 3), -math.inf).triu(1))
+            self.bound = torch.nn.Parameter(torch.tensor(math.inf), requires_grad=False)
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", torch.nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1, filename="{epoch}")
     run = trainer(tmp_path, max_epochs=2, callbacks=[StageScheduleCallback(), checkpoints], enable_checkpointing=True)
-    run.fit(TinyNet(), tiny_loader())
+    run.fit(Masked(), tiny_loader(), tiny_loader(n=8))
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0.ckpt", "epoch=1.ckpt", "last.ckpt"]
 
 
@@ -303,3 +316,227 @@ def test_ddp_a_rank_with_a_skipped_batch_does_not_hang_the_other_at_a_checkpoint
         assert "at batch 1 of epoch 1 (found before writing a checkpoint; batches 1..1" in error, error
     # 4 batches per rank and epoch: steps 1..5 were written, step 6 (batch 1 of epoch 1) was not
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [f"step={s}.ckpt" for s in range(1, 6)]
+
+
+class NaNGradientAt(TinyNet):
+    """A finite loss whose gradient is NaN at one (epoch, batch): ``sqrt(sum((0 * w) ** 2))`` is 0, and its derivative
+    ``0 / sqrt(0)`` is NaN, so the optimizer step writes NaN into ``head.weight``; every loss watched up to there is
+    finite (the next one is not)."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        super().__init__()
+        self.bad_at = (epoch, batch)
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if (self.trainer.current_epoch, batch_idx) == self.bad_at:
+            loss = loss + (self.head.weight * 0).pow(2).sum().sqrt()
+            assert bool(torch.isfinite(loss))
+        return loss
+
+
+@pytest.mark.parametrize("weights_only", [False, True])
+def test_a_finite_loss_with_a_nan_gradient_never_writes_its_weights(tmp_path, weights_only):
+    """The NaN gradient comes at the epoch's last batch (3): the epoch-end checkpoint (full), or the checkpoint of that
+    step (weights only), would hold NaN weights over a good ``last.ckpt``; the run stops naming the parameter, and
+    ``OnExceptionCheckpoint`` does not write them either."""
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1, filename="{step}",
+                                  save_weights_only=weights_only, every_n_train_steps=1 if weights_only else None)
+    stages = [{"name": "warm", "start_epoch": 0, "end_epoch": 1}, {"name": "main", "start_epoch": 1}]
+    run = trainer(tmp_path, max_epochs=3, enable_checkpointing=True,
+                  callbacks=[StageScheduleCallback(stages), checkpoints, OnExceptionCheckpoint(tmp_path / "exc")])
+    with pytest.warns(UserWarning, match="is not written while the run stops: its weights are not finite"), \
+            pytest.raises(DistillationStepError) as caught:
+        run.fit(NaNGradientAt(epoch=1, batch=3), tiny_loader())
+    message = str(caught.value)
+    assert message.startswith("1 problem at epoch 1 of stage 'main'"), message
+    assert ("stage 1 ('main'): the weights are not finite (`head.weight` holds NaN or infinite values) at global "
+            "step 8 of epoch 1") in message, message
+    assert not (tmp_path / "exc").exists() or list((tmp_path / "exc").iterdir()) == []
+    written = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert written == (["last.ckpt"] + [f"step={s}.ckpt" for s in range(1, 8)] if weights_only
+                       else ["last.ckpt", "step=4.ckpt"])
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == (7 if weights_only else 4) and _all_finite(last["state_dict"])
+    assert not bool(torch.isfinite(run.lightning_module.head.weight).all())  # what the checkpoint would have held
+
+
+def test_a_nan_before_a_validation_never_replaces_the_stages_best_weights_file(tmp_path):
+    """``restore_best`` with ``best_weights="file"``: the loss is NaN at batch 1 of epoch 1, and the validation at that
+    epoch's end scores the NaN weights best (NaN logits all "predict" class 0, the label of every validation sample).
+    The run stops at that validation's end, before they are kept: the best-weights file still holds epoch 0's weights,
+    which ``last.ckpt`` names (overwritten, a run resumed from ``last.ckpt`` would have lost them)."""
+
+    class AccuracyOnNaN(NaNAt):
+        def validation_step(self, batch, batch_idx):
+            accuracy = (self(batch[0]).argmax(-1) == batch[1]).float().mean()
+            self.scores = [*getattr(self, "scores", []), float(accuracy)]
+            self.log("val_acc", accuracy)
+
+    g = torch.Generator().manual_seed(1)
+    val = DataLoader(TensorDataset(torch.randn(8, 4, generator=g), torch.zeros(8, dtype=torch.long)), batch_size=8)
+    stages = [{"name": "a", "start_epoch": 0, "end_epoch": 3, "monitor": "val_acc", "mode": "max",
+               "restore_best": True}]
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    run = trainer(tmp_path, max_epochs=3, enable_checkpointing=True,
+                  callbacks=[StageScheduleCallback(stages, best_weights="file"), checkpoints])
+    model = AccuracyOnNaN(epoch=1, batch=1)
+    with pytest.raises(DistillationStepError, match=r"at batch 1 of epoch 1 \(found ") as caught:
+        run.fit(model, tiny_loader(), val)
+    assert model.scores[0] < 1.0 == model.scores[1]  # the NaN weights did score best
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 4
+    assert last["callbacks"]["StageScheduleCallback"]["adaptive"]["best_weights"]["step"] == 4
+    best = torch.load(next(tmp_path.rglob("stage_0.pt")), weights_only=True)
+    assert best["step"] == 4 and _all_finite(best["weights"])
+    assert all(torch.equal(best["weights"][k], v) for k, v in last["state_dict"].items())
+    assert "(found at the end of a validation; batches 0..3 were watched" in str(caught.value)
+
+
+def test_save_on_exception_never_points_last_ckpt_at_a_checkpoint_that_was_not_written(tmp_path):
+    """``ModelCheckpoint(save_last="link", save_on_exception=True)``: the save made while the run stops on the NaN is
+    refused, and Lightning would then link ``last.ckpt`` to that missing file (a resume from "last" started from
+    scratch). ``last.ckpt`` keeps pointing at the last good checkpoint, and a resume from it starts there."""
+
+    class Steps(TinyNet):
+        def record(self, batch, batch_idx, loss):
+            self.steps = [*getattr(self, "steps", []), self.trainer.global_step]
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last="link", save_top_k=-1, filename="{step}",
+                                  save_on_exception=True)
+    callback = StageScheduleCallback()
+    run = trainer(tmp_path, max_epochs=3, callbacks=[callback, checkpoints], enable_checkpointing=True)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(DistillationStepError, match="batch 1 of epoch 1"):
+        warnings.simplefilter("always")
+        run.fit(NaNAt(epoch=1, batch=1), tiny_loader())
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt", "step=4.ckpt"]
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert last.exists(), f"last.ckpt points at the missing {last.readlink()}"
+    assert any(str(w.message).startswith("StageScheduleCallback: ModelCheckpoint(save_on_exception=True) does not save "
+                                         "while the run stops: its weights would not be finite (the training loss was "
+                                         "not finite") for w in caught), [str(w.message) for w in caught]
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+    resumed = Steps()
+    trainer(tmp_path, max_epochs=3, callbacks=[callback, checkpoints], enable_checkpointing=True).fit(
+        resumed, tiny_loader(), ckpt_path="last")
+    assert resumed.steps[0] == 4 and checkpoints.save_on_exception  # set back for the next fit
+
+
+def test_modelcheckpoint_never_names_as_its_best_a_checkpoint_that_was_not_written(tmp_path):
+    """``ModelCheckpoint(monitor="val_acc", save_top_k=1, save_on_train_epoch_end=False)``, validation every 2 batches:
+    the loss is NaN at batch 1 of epoch 1 and the validation after it scores the NaN weights best. Left to go on,
+    ModelCheckpoint would take that validation's checkpoint for its new best, be refused it, and name a missing file as
+    ``best_model_path`` (``test(ckpt_path="best")`` then raised FileNotFoundError). The run stops at that validation's
+    end: the best stays the checkpoint written before the NaN."""
+
+    class Accuracy(NaNAt):
+        def validation_step(self, batch, batch_idx):
+            self.log("val_acc", (self(batch[0]).argmax(-1) == batch[1]).float().mean())
+
+        test_step = validation_step
+
+    g = torch.Generator().manual_seed(1)
+    val = DataLoader(TensorDataset(torch.randn(8, 4, generator=g), torch.zeros(8, dtype=torch.long)), batch_size=8)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_acc", mode="max", save_top_k=1,
+                                  save_on_train_epoch_end=False, filename="{step}")
+    run = trainer(tmp_path, max_epochs=3, enable_checkpointing=True, val_check_interval=2,
+                  callbacks=[StageScheduleCallback(), checkpoints])
+    with pytest.raises(DistillationStepError, match=r"at batch 1 of epoch 1 \(found ") as caught:
+        run.fit(Accuracy(epoch=1, batch=1), tiny_loader(), val)
+    written = list((tmp_path / "ckpt").iterdir())
+    assert len(written) == 1 and checkpoints.best_model_path == str(written[0])  # the one written, before the NaN
+    best = torch.load(written[0], weights_only=True)
+    assert best["global_step"] <= 5 and _all_finite(best["state_dict"])
+    run.test(Accuracy(epoch=9, batch=0), val, ckpt_path="best", verbose=False)  # loads it
+    assert "(found at the end of a validation" in str(caught.value)
+
+
+def test_a_checkpoint_every_n_steps_refused_is_never_named_best(tmp_path):
+    """``every_n_train_steps=3`` and a validation every 2 batches: the validation at step 4 improves ``val_loss`` and
+    its checkpoint is due at step 6, but batch 5 (the step-6 batch) is NaN. ModelCheckpoint would take step 6 for its
+    new best and be refused it (``best_model_path`` named the missing ``step=6.ckpt``); the watch is read before it
+    decides, so the best stays ``step=3.ckpt``, the last one written."""
+
+    class ValLoss(NaNAt):
+        def validation_step(self, batch, batch_idx):
+            value = torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+            self.scores = [*getattr(self, "scores", []), float(value)]
+            self.log("val_loss", value)
+
+    g = torch.Generator().manual_seed(0)
+    train = DataLoader(TensorDataset(torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g)),
+                       batch_size=4)
+    val = DataLoader(TensorDataset(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)), batch_size=8)
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_top_k=1, every_n_train_steps=3,
+                                  save_last=True, filename="{step}")
+    run = trainer(tmp_path, max_epochs=2, enable_checkpointing=True, val_check_interval=2,
+                  callbacks=[StageScheduleCallback(), checkpoints])
+    with pytest.raises(DistillationStepError, match=r"at batch 5 of epoch 0 \(found before writing a checkpoint"):
+        run.fit(model := ValLoss(epoch=0, batch=5), train, val)
+    assert model.scores[1] < model.scores[0]  # step 4's validation improved: step 6 would have been the new best
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt", "step=3.ckpt"]
+    assert checkpoints.best_model_path == str(tmp_path / "ckpt" / "step=3.ckpt")
+
+
+def test_ddp_a_nan_gradient_on_one_rank_stops_every_rank_before_its_weights_are_kept(tmp_path):
+    """Under DDP (2 CPU processes) every loss is finite but rank 1's gradient is NaN at the last batch of epoch 1; the
+    all-reduce makes both ranks' weights NaN, and the validation after it scores them best for a ``restore_best``
+    stage. Both ranks stop with the same error at that validation's end (no hang): no checkpoint of epoch 1, and the
+    best-weights file still holds epoch 0's weights."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import ddp_env
+
+    worker = Path(__file__).with_name("_ddp_nonfinite_worker.py")
+    proc = subprocess.run([sys.executable, str(worker), "--out", str(tmp_path), "--nan-gradient"], cwd=tmp_path,
+                          env=ddp_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    errors = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert errors[0] == errors[1], errors
+    assert errors[0].startswith("DistillationStepError: 1 problem at epoch 1 of stage 'main'"), errors[0]
+    assert ("the weights are not finite (`head.weight` holds NaN or infinite values) at global step 8 of epoch 1, "
+            "although no loss `training_step` returned was (found at the end of a validation)") in errors[0]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0.ckpt", "last.ckpt"]
+    assert not (tmp_path / "exc").exists() or list((tmp_path / "exc").iterdir()) == []
+    best = torch.load(tmp_path / "best_weights" / "stage_0.pt", weights_only=True)
+    assert best["step"] == 4 and _all_finite(best["weights"])
+
+
+def test_a_nan_gradient_at_an_epochs_last_batch_never_becomes_modelcheckpoints_best(tmp_path):
+    """``ModelCheckpoint(monitor="step", mode="max", save_top_k=1)`` saves at every epoch end, each a new best. The NaN
+    gradient of epoch 1's last batch leaves NaN weights: the epoch-end look reads them before ModelCheckpoint takes that
+    checkpoint for its best (and is refused it), so ``best_model_path`` stays the one written, epoch 0's."""
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="step", mode="max", save_top_k=1, filename="{step}")
+    run = trainer(tmp_path, max_epochs=3, enable_checkpointing=True, callbacks=[StageScheduleCallback(), checkpoints])
+    with pytest.raises(DistillationStepError, match=r"the weights are not finite \(`head.weight` .*\) at global step 8"):
+        run.fit(NaNGradientAt(epoch=1, batch=3), tiny_loader())
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step=4.ckpt"]
+    assert checkpoints.best_model_path == str(tmp_path / "ckpt" / "step=4.ckpt")
+
+
+def test_manual_optimization_that_returns_no_loss_still_never_checkpoints_nan_weights(tmp_path):
+    """A manual ``training_step`` that steps on a NaN loss (batch 1 of epoch 1) and returns nothing: the watch sees no
+    loss, but the weights it made are read at the epoch's end, before the epoch's checkpoint."""
+
+    class NoReturn(ManualTinyNet):
+        def training_step(self, batch, batch_idx):
+            optimizer = self.optimizers()
+            loss = TinyNet.training_step(self, batch, batch_idx)
+            if (self.trainer.current_epoch, batch_idx) == (1, 1):
+                loss = loss * float("nan")
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, filename="{step}")
+    run = trainer(tmp_path, max_epochs=3, enable_checkpointing=True, callbacks=[StageScheduleCallback(), checkpoints])
+    with pytest.raises(DistillationStepError, match=r"the weights are not finite \(`body.weight` .*\) at global step 8 "
+                                                    r"of epoch 1, although no loss `training_step` returned was"):
+        run.fit(NoReturn(), tiny_loader())
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt", "step=4.ckpt"]
+    assert _all_finite(torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"])

@@ -170,11 +170,11 @@ def too_large(value: Any) -> bool:
 
 
 def plain(value: Any, *, field: Optional[str] = None, name: Optional[str] = None) -> Any:
-    """``value`` as plain Python data: numpy (or other 0-d array) scalars become ``bool``/``int``/``float``, float
-    and int subclasses their base type, mappings ``dict`` and lists ``list`` (copies that share what the original
-    shares, so an alias-heavy value costs its size in memory, not its expansion); anything else as it is. A real
-    number beyond a float's range (a ``Fraction``, a ``numpy.longdouble``) becomes the ``int`` it truncates to, which
-    every check refuses as :data:`TOO_LARGE`.
+    """``value`` as plain Python data: numpy (or other 0-d array) scalars become ``bool``/``int``/``float``; float,
+    int and str subclasses (``np.str_``, a ``StrEnum``) their base type, in mapping keys too (loss names); mappings
+    ``dict`` and lists ``list`` (copies that share what the original shares, so an alias-heavy value costs its size in
+    memory, not its expansion); anything else as it is. A real number beyond a float's range (a ``Fraction``, a
+    ``numpy.longdouble``) becomes the ``int`` it truncates to, which every check refuses as :data:`TOO_LARGE`.
 
     What a checkpoint holds must load with ``torch.load(weights_only=True)``, which refuses numpy scalars.
 
@@ -219,10 +219,12 @@ def _plain(value: Any, memo: dict[int, Any], open_ids: set[int]) -> Any:
         if len(open_ids) >= MAX_DEPTH:
             raise _NotPlain(f"is nested too deeply ({MAX_DEPTH} levels at most)")
         open_ids.add(id(value))
-        memo[id(value)] = ({key: _plain(item, memo, open_ids) for key, item in value.items()}
+        memo[id(value)] = ({_plain(key, memo, open_ids): _plain(item, memo, open_ids) for key, item in value.items()}
                            if isinstance(value, Mapping) else kind(_plain(item, memo, open_ids) for item in value))
         open_ids.discard(id(value))
         return memo[id(value)]
+    if isinstance(value, str):  # np.str_, a StrEnum member: pickled as their class, which weights_only refuses
+        return str.__str__(value)
     item = getattr(value, "item", None)
     if callable(item) and hasattr(value, "dtype") and getattr(value, "shape", None) == ():
         try:  # a numpy scalar, a 0-d array or tensor
