@@ -118,7 +118,7 @@ class CheckpointGuard(Callback):
     def stop_if_nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str, weights: bool = False
                           ) -> None:
         """Raise if a training loss since the last look was not finite, or (``weights``: before weights are written)
-        a parameter or buffer of the module is not (every rank must call it alike).
+        a trainable parameter of the module is not (every rank must call it alike).
 
         Raises:
             DistillationStepError: naming the stage, the epoch, the first bad batch and the batches watched; or the
@@ -147,8 +147,9 @@ class CheckpointGuard(Callback):
 def nonfinite_weight(module: torch.nn.Module, gather: Optional[Callable[[Tensor], Tensor]] = None,
                      device: Optional[torch.device] = None) -> Optional[str]:
     """The first trainable parameter of ``module`` that holds a NaN or infinite value, quoted (``None``: all are
-    finite; buffers are not read, since an attention mask may hold ``-inf`` on purpose). One pass over the weights and one host sync; under DDP (``gather``, the strategy's ``all_gather``,
-    which every rank must call alike) a rank whose own weights are finite names another rank's.
+    finite; buffers and frozen parameters are not read, since an attention mask may hold ``-inf`` on purpose). One
+    pass over the weights and one host sync; under DDP (``gather``, the strategy's ``all_gather``, which every rank
+    must call alike) a rank whose own weights are finite names another rank's.
 
     Example::
 
