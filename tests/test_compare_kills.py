@@ -1,0 +1,117 @@
+"""``compare`` killed outright, and a finished comparison run again after what it depends on changed: no worker
+outlives a killed ``compare``, no stale run is reused, no report is left half written."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ddp_env
+
+from lightning_stages.cli.compare import run_compare
+
+BLOCKING = """
+import os
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class Blocking(pl.LightningModule):
+    \"\"\"test/score = bias + 0.01 * seed. With BLOCK_STARTED and BLOCK_GATE (FIFOs), the training step writes its
+    process id into the first and then waits for the second forever (nobody writes it).\"\"\"
+
+    def __init__(self, bias: float = 0.0) -> None:
+        super().__init__()
+        self.bias = bias
+        self.layer = torch.nn.Linear(2, 1)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.ones(4, 2)), batch_size=2)
+
+    def test_dataloader(self):
+        return self.train_dataloader()
+
+    def training_step(self, batch, batch_idx):
+        if os.environ.get("BLOCK_GATE"):
+            with open(os.environ["BLOCK_STARTED"], "w") as started:
+                started.write(f"{os.getpid()}\\n")
+            with open(os.environ["BLOCK_GATE"]) as gate:
+                gate.read()
+        return self.layer(batch[0]).sum()
+
+    def test_step(self, batch, batch_idx):
+        self.log("test/score", self.bias + 0.01 * int(os.environ["PL_GLOBAL_SEED"]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+"""
+METRICS = ["test/score"]
+pytestmark = pytest.mark.filterwarnings("ignore:compare. not like for like")
+
+
+def blocking_config(folder: Path, name: str, bias: float = 0.0) -> Path:
+    (folder / "compare_blocking_model.py").write_text(BLOCKING)
+    path = folder / f"{name}.yaml"
+    path.write_text("trainer: {max_epochs: 1, logger: false, enable_checkpointing: false, accelerator: cpu, devices: 1, "
+                    "enable_progress_bar: false}\n"
+                    f"model: {{class_path: compare_blocking_model.Blocking, init_args: {{bias: {bias}}}}}\n")
+    return path
+
+
+def compare(configs: list[Path], out: Path, **kwargs):
+    return run_compare(configs, seeds=1, out=out, jobs=1, metrics=METRICS, curve_metric="val/x",
+                       echo=lambda line: None, **kwargs)
+
+
+def _ended(pid: int, timeout: float) -> bool:
+    """Whether the process (not a child of ours) ends within ``timeout`` seconds (a bound on a hang, not a timing)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open (Linux)")
+def test_workers_end_with_a_killed_compare_and_its_lock_does_not_block(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    configs = [blocking_config(tmp_path, "a")]  # one run: one worker (the pool starts them as needed)
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    os.mkfifo(started)
+    os.mkfifo(gate)
+    env = {**ddp_env(), "BLOCK_STARTED": str(started), "BLOCK_GATE": str(gate)}
+    args = ["compare", *map(str, configs), "--seeds", "1", "--jobs", "2", "--out", "out", "--metrics", *METRICS,
+            "--curve-metric", "val/x"]
+    parent = subprocess.Popen([sys.executable, "-c", f"from lightning_stages.cli import main; main({args!r})"],
+                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids: list[int] = []
+    try:
+        while not pids:  # the worker is in a training step
+            with started.open() as lines:
+                pids += [int(line) for line in lines]
+        parent.kill()  # SIGKILL: no finally, no atexit in compare
+        parent.wait()
+        alive = [pid for pid in pids if not _ended(pid, 60)]
+        # before: the worker went on (here: waited forever); a real run would have gone on writing into
+        # runs/a/seed_0 while the next compare trained the same run there
+        assert not alive, f"worker {alive} outlived the killed compare"
+    finally:
+        parent.kill()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert not list((tmp_path / "out").glob("runs/*/*/result.json"))
+    result = compare(configs, tmp_path / "out")  # the lock of the killed compare does not block
+    assert result.trained == 1 and not result.failed
