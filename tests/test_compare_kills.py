@@ -115,3 +115,52 @@ def test_workers_end_with_a_killed_compare_and_its_lock_does_not_block(tmp_path:
     assert not list((tmp_path / "out").glob("runs/*/*/result.json"))
     result = compare(configs, tmp_path / "out")  # the lock of the killed compare does not block
     assert result.trained == 1 and not result.failed
+
+
+# ------------------------------------------------------------------ a nested config or a file it names, changed
+
+
+def test_a_changed_nested_config_or_a_file_it_names_reruns_the_schedule(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    blocking_config(tmp_path, "unused")
+    folder = tmp_path / "configs"  # not the working directory: LightningCLI reads model.yaml from the config's folder
+    folder.mkdir()
+    config = folder / "a.yaml"
+    config.write_text("trainer: {max_epochs: 1, logger: false, enable_checkpointing: false, accelerator: cpu, "
+                      "devices: 1, enable_progress_bar: false}\nmodel: model.yaml\n")
+    nested = folder / "model.yaml"
+    nested.write_text("class_path: compare_blocking_model.Blocking\ninit_args: {bias: 0.1}\n")
+    first = compare([config], tmp_path / "out")
+    assert first.trained == 1 and first.runs["a"][0].metrics["test/score"] == pytest.approx(0.1)
+
+    nested.write_text("class_path: compare_blocking_model.Blocking\ninit_args: {bias: 0.5}\n")
+    second = compare([config], tmp_path / "out")
+    # before: reused, test/score 0.1 for a model trained with bias 0.5
+    assert second.trained == 1 and second.runs["a"][0].metrics["test/score"] == pytest.approx(0.5)
+    assert compare([config], tmp_path / "out").trained == 0
+
+
+def test_the_fingerprint_follows_nested_configs_and_the_files_they_name(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_stages.cli.run_store import config_fingerprint
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs" / "parts").mkdir(parents=True)
+    config = tmp_path / "configs" / "a.yaml"
+    config.write_text("model: parts/model.yaml\n")
+    nested = tmp_path / "configs" / "parts" / "model.yaml"
+    nested.write_text("init_args: {teacher_checkpoint: teacher.ckpt}\n")
+    teacher = tmp_path / "configs" / "parts" / "teacher.ckpt"
+    teacher.write_bytes(b"teacher 1")
+    before = config_fingerprint(config)
+    config.write_text("model: parts/model.yaml  # a comment\n")
+    assert config_fingerprint(config) == before
+    teacher.write_bytes(b"teacher 2")  # named by the nested config, relative to its folder
+    after_teacher = config_fingerprint(config)
+    assert after_teacher != before
+    nested.write_text("init_args: {teacher_checkpoint: teacher.ckpt, lr: 0.1}\n")
+    assert config_fingerprint(config) not in (before, after_teacher)
+    nested.write_text(f"init_args: {{teacher_checkpoint: {config.name}}}\n")  # names the config: no endless loop
+    config.write_text(f"model: parts/model.yaml\nagain: {config}\n")
+    assert config_fingerprint(config) == config_fingerprint(config)

@@ -46,22 +46,47 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _referenced_files(value: Any) -> dict[str, str]:
-    """``{path: sha256}`` of every string in a config that names an existing file (a teacher checkpoint, say)."""
-    found: dict[str, str] = {}
+def _named(value: Any) -> Iterator[str]:
+    """Every string in parsed YAML that could name a file."""
     if isinstance(value, dict):
         for item in value.values():
-            found.update(_referenced_files(item))
+            yield from _named(item)
     elif isinstance(value, list):
         for item in value:
-            found.update(_referenced_files(item))
+            yield from _named(item)
     elif isinstance(value, str) and 0 < len(value) < 4096 and "\n" not in value:
-        with_base = Path(value) if Path(value).is_absolute() else Path.cwd() / value
-        try:
-            if with_base.is_file():
-                found[value] = _file_digest(with_base)
-        except OSError:
-            pass
+        yield value
+
+
+_NESTED = (".yaml", ".yml", ".json")  # a named file read as a config of its own (``model: model.yaml``)
+
+
+def _referenced_files(value: Any, base: Optional[Path] = None, seen: Optional[set[Path]] = None) -> dict[str, str]:
+    """``{name: sha256}`` of every string in a config that names an existing file (a teacher checkpoint, say).
+
+    A name counts relative to the working directory and, where it names another file there, relative to ``base``
+    (the config's folder, where LightningCLI reads a nested config file ``model: model.yaml`` from); a named YAML or
+    JSON file's own names count too, relative to its folder (``model.yaml > teacher.ckpt``).
+    """
+    seen = set() if seen is None else seen
+    found: dict[str, str] = {}
+    for name in _named(value):
+        here = Path(name) if Path(name).is_absolute() else Path.cwd() / name
+        candidates = [("", here)] + ([("in the config's folder: ", base / name)] if base is not None
+                                     and not Path(name).is_absolute() else [])
+        for prefix, path in candidates:
+            try:
+                if not path.is_file() or (prefix and here.is_file() and here.resolve() == path.resolve()):
+                    continue
+                found[prefix + name] = _file_digest(path)
+                resolved = path.resolve()
+                if resolved.suffix.lower() in _NESTED and resolved not in seen and path.stat().st_size < 1 << 20:
+                    seen.add(resolved)
+                    nested = yaml.safe_load(path.read_text(encoding="utf-8"))
+                    for key, digest in _referenced_files(nested, resolved.parent, seen).items():
+                        found[f"{prefix}{name} > {key}"] = digest
+            except (OSError, ValueError, yaml.YAMLError):
+                pass
     return found
 
 
@@ -69,7 +94,8 @@ def config_fingerprint(config: Union[str, os.PathLike], stages: Optional[Union[s
     """A hash of what a run of this config depends on: the config, the ``--stages`` file and the files they name.
 
     The YAML is hashed as parsed data, so comments and formatting do not count; a file named in it (such as a
-    teacher checkpoint) counts by its content.
+    teacher checkpoint, relative to the working directory or to the config's folder) counts by its content, and a
+    YAML or JSON file named in it (a nested config, ``model: model.yaml``) by what it names too.
 
     Example::
 
@@ -89,7 +115,7 @@ def config_fingerprint(config: Union[str, os.PathLike], stages: Optional[Union[s
             continue
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         parts[key] = data
-        parts[f"{key}_files"] = _referenced_files(data)
+        parts[f"{key}_files"] = _referenced_files(data, Path(path).resolve().parent, {Path(path).resolve()})
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
