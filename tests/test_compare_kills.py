@@ -164,3 +164,48 @@ def test_the_fingerprint_follows_nested_configs_and_the_files_they_name(tmp_path
     nested.write_text(f"init_args: {{teacher_checkpoint: {config.name}}}\n")  # names the config: no endless loop
     config.write_text(f"model: parts/model.yaml\nagain: {config}\n")
     assert config_fingerprint(config) == config_fingerprint(config)
+
+
+# ------------------------------------------------------------------------------------ the report, written whole
+
+
+def test_a_report_write_killed_midway_leaves_the_earlier_report_whole(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    configs = [blocking_config(tmp_path, "a", 0.1), blocking_config(tmp_path, "b")]
+    out = tmp_path / "out"
+    compare(configs, out)
+    earlier = (out / "report.md").read_text()
+    write_text = Path.write_text
+
+    def killed_midway(self: Path, data: str, *args, **kwargs) -> int:
+        write_text(self, data[: len(data) // 2], *args, **kwargs)
+        raise KeyboardInterrupt  # the process is stopped in the middle of the write
+
+    monkeypatch.setattr(Path, "write_text", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        compare(configs, out)
+    monkeypatch.undo()
+    # before: report.md held the first half of the new report, as if complete
+    assert (out / "report.md").read_text() == earlier
+    assert sorted(p.name for p in out.iterdir()) == [".compare.lock", "curves.png", "report.md", "runs"]
+
+
+def test_a_config_whose_file_name_is_not_utf8_is_trained_and_reported(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    from lightning_stages.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    good = blocking_config(tmp_path, "a", 0.1)
+    latin1 = tmp_path / os.fsdecode(b"caf\xe9.yaml")  # a Latin-1 file name on a UTF-8 system
+    latin1.write_text(good.read_text())
+    args = ["compare", str(good), str(latin1), "--seeds", "1", "--jobs", "1", "--out", "out", "--metrics", *METRICS,
+            "--curve-metric", "val/x"]
+    # before: the run failed (Lightning's logger refused its folder name), then a UnicodeEncodeError traceback
+    # left report.md empty
+    assert main(args) == 0
+    assert "[2/2] caf\\xe9 seed 0: test/score=0.100" in capsys.readouterr().out
+    report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "| caf\\xe9 | 0 | 0.1000 |" in report
+    assert (tmp_path / "out" / "runs" / "caf\\xe9" / "seed_0" / "result.json").is_file()

@@ -120,6 +120,17 @@ def config_fingerprint(config: Union[str, os.PathLike], stages: Optional[Union[s
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def _decoded(name: str) -> str:
+    r"""``name`` with the bytes a file name had that were not UTF-8 (surrogate escapes) written as ``\xff``.
+
+    Example::
+
+        >>> _decoded(b"caf\xe9".decode("utf-8", "surrogateescape"))
+        'caf\\xe9'
+    """
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def schedule_names(configs: Sequence[Union[str, os.PathLike]]) -> list[str]:
     """The run folder name of each config: its file name without the suffix, whatever the other configs are.
 
@@ -132,6 +143,7 @@ def schedule_names(configs: Sequence[Union[str, os.PathLike]]) -> list[str]:
         ['a-x', 'b-x', 'x_2', 's_joint']
     """
     paths = [Path(c).resolve() for c in configs]
+    paths = [Path(_decoded(str(p))) for p in paths]  # a name that is not UTF-8 gets a folder Lightning can log to
     stems = Counter(p.stem for p in paths)
 
     def wanted(path: Path) -> str:
