@@ -209,3 +209,20 @@ def test_a_config_whose_file_name_is_not_utf8_is_trained_and_reported(tmp_path: 
     report = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
     assert "| caf\\xe9 | 0 | 0.1000 |" in report
     assert (tmp_path / "out" / "runs" / "caf\\xe9" / "seed_0" / "result.json").is_file()
+
+
+def test_finished_runs_replaced_because_their_config_changed_are_named_first(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    configs = [blocking_config(tmp_path, "a", 0.1), blocking_config(tmp_path, "b")]
+    out = tmp_path / "out"
+    run_compare(configs, seeds=2, out=out, jobs=1, metrics=METRICS, curve_metric="val/x", echo=lambda line: None)
+    blocking_config(tmp_path, "a", 0.3)
+    with pytest.warns(UserWarning) as caught:
+        again = run_compare(configs, seeds=2, out=out, jobs=1, metrics=METRICS, curve_metric="val/x",
+                            echo=lambda line: None)
+    assert again.trained == 2
+    replaced = [str(w.message) for w in caught if "changed since" in str(w.message)]
+    # before: the two finished runs of a were replaced without a word
+    assert replaced == [f"compare: a: the config or a file it names changed since seeds 0, 1 were trained into "
+                        f"{out}; training them again replaces the earlier results"]

@@ -33,6 +33,7 @@ from lightning_stages.cli.run_store import (
     config_fingerprint,
     load_result,
     lock_out,
+    replaced_runs,
     run_dir,
     save_result,
     schedule_names,
@@ -291,6 +292,11 @@ def run_compare(
                             finished(kept)
                         else:
                             todo.append(RunSpec(name, seed, str(path), stage_file, str(folder), tuple(metrics)))
+                for name in names:  # finished runs of a changed config: say so before they are replaced
+                    stale = None if fresh else replaced_runs(out, name, round_seeds, fingerprints[name])
+                    if stale is not None:
+                        with tqdm.external_write_mode():
+                            warnings.warn(stale, UserWarning, stacklevel=2)
                 for outcome in pool.run(todo):
                     save_result(run_dir(out, outcome.schedule, outcome.seed), outcome, fingerprints[outcome.schedule])
                     finished(outcome)

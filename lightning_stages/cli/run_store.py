@@ -25,8 +25,8 @@ from filelock import FileLock, Timeout
 
 from lightning_stages.cli.compare_report import RunOutcome
 
-__all__ = ["LOCK_FILE", "RESULT_FILE", "OutputInUseError", "config_fingerprint", "load_result", "lock_out", "run_dir",
-           "save_result", "schedule_names"]
+__all__ = ["LOCK_FILE", "RESULT_FILE", "OutputInUseError", "config_fingerprint", "load_result", "lock_out",
+           "replaced_runs", "run_dir", "save_result", "schedule_names"]
 
 RESULT_FILE = "result.json"
 #: the lock file in ``OUT`` that a running ``compare`` holds
@@ -242,6 +242,36 @@ _FIELDS = {
     "teacher_forwards": _count,
     "teacher_samples": _count,
 }
+
+
+def replaced_runs(out: Union[str, os.PathLike], schedule: str, seeds: Sequence[int], fingerprint: str) -> Optional[str]:
+    """A warning naming the finished runs of ``schedule`` that a changed config (or a file it names) makes stale,
+    and that training it again replaces; ``None`` when there are none.
+
+    Example::
+
+        >>> import tempfile
+        >>> out = tempfile.mkdtemp()
+        >>> _ = save_result(run_dir(out, "a", 1), RunOutcome("a", 1, metrics={"test/iou": 0.5}), "f1")
+        >>> replaced_runs(out, "a", [0, 1], "f1") is None
+        True
+        >>> "compare: a: the config or a file it names changed since seed 1 was trained" in replaced_runs(
+        ...     out, "a", [0, 1], "f2")
+        True
+    """
+    stale = []
+    for seed in seeds:
+        try:
+            data = json.loads((run_dir(out, schedule, seed) / RESULT_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("fingerprint") != fingerprint and data.get("error") is None:
+            stale.append(seed)
+    if not stale:
+        return None
+    return (f"compare: {schedule}: the config or a file it names changed since seed{'s' if len(stale) > 1 else ''} "
+            f"{', '.join(map(str, stale))} {'were' if len(stale) > 1 else 'was'} trained into {out}; training "
+            f"{'them' if len(stale) > 1 else 'it'} again replaces the earlier result{'s' if len(stale) > 1 else ''}")
 
 
 def load_result(folder: Union[str, os.PathLike], fingerprint: str, metrics: Sequence[str]) -> Optional[RunOutcome]:
