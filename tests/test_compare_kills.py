@@ -224,5 +224,30 @@ def test_finished_runs_replaced_because_their_config_changed_are_named_first(tmp
     assert again.trained == 2
     replaced = [str(w.message) for w in caught if "changed since" in str(w.message)]
     # before: the two finished runs of a were replaced without a word
-    assert replaced == [f"compare: a: the config or a file it names changed since seeds 0, 1 were trained into "
-                        f"{out}; training them again replaces the earlier results"]
+    assert replaced == [f"compare: a: the config, a file it names or its model's code changed since seeds 0, 1 "
+                        f"were trained into {out}; training them again replaces the earlier results"]
+
+
+def test_an_edited_model_module_reruns_its_schedule_and_older_results_are_still_reused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_stages.cli.run_store import config_fingerprint, save_result
+
+    monkeypatch.chdir(tmp_path)
+    configs = [blocking_config(tmp_path, "a", 0.1), blocking_config(tmp_path, "b")]
+    out = tmp_path / "out"
+    monkeypatch.delitem(sys.modules, "compare_blocking_model", raising=False)  # another test's, or the one edited
+    first = compare(configs, out)
+    assert first.trained == 2
+    module = tmp_path / "compare_blocking_model.py"
+    module.write_text(module.read_text().replace("self.bias + 0.01 *", "2 * self.bias + 0.01 *"))
+    monkeypatch.delitem(sys.modules, "compare_blocking_model")  # as a new compare process imports it
+    second = compare(configs, out)
+    # before: both runs reused, a's test/score 0.1 from the model as it was, not 0.2
+    assert second.trained == 2 and second.runs["a"][0].metrics["test/score"] == pytest.approx(0.2)
+    assert compare(configs, out).trained == 0
+
+    # a result saved before the code counted (its fingerprint without it) is reused, not trained again
+    old = config_fingerprint(configs[0], code=False)
+    assert old != config_fingerprint(configs[0])
+    save_result(out / "runs" / "a" / "seed_0", first.runs["a"][0], old)
+    assert compare(configs, out).trained == 0

@@ -122,9 +122,9 @@ def _check_readable(configs: Sequence[Union[str, os.PathLike]]) -> None:
         load_config(config)
 
 
-def _fingerprint(config: Path, stages: Optional[str]) -> str:
+def _fingerprint(config: Path, stages: Optional[str], code: bool = True) -> str:
     try:
-        return config_fingerprint(config, stages)
+        return config_fingerprint(config, stages, code)
     except (OSError, ValueError, yaml.YAMLError):  # unreadable: its runs fail, never reused; hash the bytes
         data = config.read_bytes() if config.is_file() else str(config).encode()
         return "unreadable-" + hashlib.sha256(data).hexdigest()[:16]
@@ -263,6 +263,9 @@ def run_compare(
                 summaries[shown[name]] = "invalid: " + str(err).replace("\n", " ")
         fingerprints = {name: _fingerprint(path, stage_file)
                         for name, path, stage_file in zip(names, paths, stage_files)}
+        # results saved before the model's code counted are reused when the rest matches
+        accepted = {name: {fingerprints[name], _fingerprint(path, stage_file, code=False)}
+                    for name, path, stage_file in zip(names, paths, stage_files)}
         runs: dict[str, dict[int, RunOutcome]] = {name: {} for name in names}
         pool = (RayLauncher(ray_num_cpus, ray_num_gpus) if launcher == "ray"
                 else LocalLauncher(jobs if jobs is not None else default_jobs()))
@@ -287,13 +290,13 @@ def run_compare(
                 for seed in round_seeds:
                     for name, path, stage_file in zip(names, paths, stage_files):
                         folder = run_dir(out, name, seed)
-                        kept = None if fresh else load_result(folder, fingerprints[name], metrics)
+                        kept = None if fresh else load_result(folder, accepted[name], metrics)
                         if kept is not None:
                             finished(kept)
                         else:
                             todo.append(RunSpec(name, seed, str(path), stage_file, str(folder), tuple(metrics)))
                 for name in names:  # finished runs of a changed config: say so before they are replaced
-                    stale = None if fresh else replaced_runs(out, name, round_seeds, fingerprints[name])
+                    stale = None if fresh else replaced_runs(out, name, round_seeds, accepted[name])
                     if stale is not None:
                         with tqdm.external_write_mode():
                             warnings.warn(stale, UserWarning, stacklevel=2)

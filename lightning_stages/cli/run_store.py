@@ -16,13 +16,14 @@ import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
 from filelock import FileLock, Timeout
 
+from lightning_stages.cli.code_fingerprint import source_digests
 from lightning_stages.cli.compare_report import RunOutcome
 
 __all__ = ["LOCK_FILE", "RESULT_FILE", "OutputInUseError", "config_fingerprint", "load_result", "lock_out",
@@ -61,12 +62,14 @@ def _named(value: Any) -> Iterator[str]:
 _NESTED = (".yaml", ".yml", ".json")  # a named file read as a config of its own (``model: model.yaml``)
 
 
-def _referenced_files(value: Any, base: Optional[Path] = None, seen: Optional[set[Path]] = None) -> dict[str, str]:
+def _referenced_files(value: Any, base: Optional[Path] = None, seen: Optional[set[Path]] = None,
+                      parsed: Optional[list[Any]] = None) -> dict[str, str]:
     """``{name: sha256}`` of every string in a config that names an existing file (a teacher checkpoint, say).
 
     A name counts relative to the working directory and, where it names another file there, relative to ``base``
     (the config's folder, where LightningCLI reads a nested config file ``model: model.yaml`` from); a named YAML or
-    JSON file's own names count too, relative to its folder (``model.yaml > teacher.ckpt``).
+    JSON file's own names count too, relative to its folder (``model.yaml > teacher.ckpt``); its parsed content is
+    added to ``parsed``.
     """
     seen = set() if seen is None else seen
     found: dict[str, str] = {}
@@ -83,15 +86,19 @@ def _referenced_files(value: Any, base: Optional[Path] = None, seen: Optional[se
                 if resolved.suffix.lower() in _NESTED and resolved not in seen and path.stat().st_size < 1 << 20:
                     seen.add(resolved)
                     nested = yaml.safe_load(path.read_text(encoding="utf-8"))
-                    for key, digest in _referenced_files(nested, resolved.parent, seen).items():
+                    if parsed is not None:
+                        parsed.append(nested)
+                    for key, digest in _referenced_files(nested, resolved.parent, seen, parsed).items():
                         found[f"{prefix}{name} > {key}"] = digest
             except (OSError, ValueError, yaml.YAMLError):
                 pass
     return found
 
 
-def config_fingerprint(config: Union[str, os.PathLike], stages: Optional[Union[str, os.PathLike]] = None) -> str:
-    """A hash of what a run of this config depends on: the config, the ``--stages`` file and the files they name.
+def config_fingerprint(config: Union[str, os.PathLike], stages: Optional[Union[str, os.PathLike]] = None,
+                       code: bool = True) -> str:
+    """A hash of what a run of this config depends on: the config, the ``--stages`` file, the files they name and
+    (``code``) the source of the modules in the working directory that their ``class_path`` s name.
 
     The YAML is hashed as parsed data, so comments and formatting do not count; a file named in it (such as a
     teacher checkpoint, relative to the working directory or to the config's folder) counts by its content, and a
@@ -110,12 +117,17 @@ def config_fingerprint(config: Union[str, os.PathLike], stages: Optional[Union[s
         False
     """
     parts: dict[str, Any] = {"format": _FORMAT}
+    parsed: list[Any] = []
     for key, path in (("config", config), ("stages", stages)):
         if path is None:
             continue
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         parts[key] = data
-        parts[f"{key}_files"] = _referenced_files(data, Path(path).resolve().parent, {Path(path).resolve()})
+        parsed.append(data)
+        parts[f"{key}_files"] = _referenced_files(data, Path(path).resolve().parent, {Path(path).resolve()}, parsed)
+    sources = source_digests(parsed) if code else {}
+    if sources:  # only then: a fingerprint without code is the one of results saved before code counted
+        parts["code"] = sources
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -244,7 +256,8 @@ _FIELDS = {
 }
 
 
-def replaced_runs(out: Union[str, os.PathLike], schedule: str, seeds: Sequence[int], fingerprint: str) -> Optional[str]:
+def replaced_runs(out: Union[str, os.PathLike], schedule: str, seeds: Sequence[int],
+                  fingerprint: Union[str, Collection[str]]) -> Optional[str]:
     """A warning naming the finished runs of ``schedule`` that a changed config (or a file it names) makes stale,
     and that training it again replaces; ``None`` when there are none.
 
@@ -255,9 +268,8 @@ def replaced_runs(out: Union[str, os.PathLike], schedule: str, seeds: Sequence[i
         >>> _ = save_result(run_dir(out, "a", 1), RunOutcome("a", 1, metrics={"test/iou": 0.5}), "f1")
         >>> replaced_runs(out, "a", [0, 1], "f1") is None
         True
-        >>> "compare: a: the config or a file it names changed since seed 1 was trained" in replaced_runs(
-        ...     out, "a", [0, 1], "f2")
-        True
+        >>> print(replaced_runs(out, "a", [0, 1], "f2").split(";")[0].replace(out, "OUT"))
+        compare: a: the config, a file it names or its model's code changed since seed 1 was trained into OUT
     """
     stale = []
     for seed in seeds:
@@ -265,19 +277,25 @@ def replaced_runs(out: Union[str, os.PathLike], schedule: str, seeds: Sequence[i
             data = json.loads((run_dir(out, schedule, seed) / RESULT_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if isinstance(data, dict) and data.get("fingerprint") != fingerprint and data.get("error") is None:
+        if isinstance(data, dict) and data.get("fingerprint") not in _accepted(fingerprint) and data.get("error") is None:
             stale.append(seed)
     if not stale:
         return None
-    return (f"compare: {schedule}: the config or a file it names changed since seed{'s' if len(stale) > 1 else ''} "
-            f"{', '.join(map(str, stale))} {'were' if len(stale) > 1 else 'was'} trained into {out}; training "
+    return (f"compare: {schedule}: the config, a file it names or its model's code changed since "
+            f"seed{'s' if len(stale) > 1 else ''} {', '.join(map(str, stale))} "
+            f"{'were' if len(stale) > 1 else 'was'} trained into {out}; training "
             f"{'them' if len(stale) > 1 else 'it'} again replaces the earlier result{'s' if len(stale) > 1 else ''}")
 
 
-def load_result(folder: Union[str, os.PathLike], fingerprint: str, metrics: Sequence[str]) -> Optional[RunOutcome]:
+def _accepted(fingerprint: Union[str, Collection[str]]) -> Collection[str]:
+    return (fingerprint,) if isinstance(fingerprint, str) else fingerprint
+
+
+def load_result(folder: Union[str, os.PathLike], fingerprint: Union[str, Collection[str]],
+                metrics: Sequence[str]) -> Optional[RunOutcome]:
     """The run's finished result if it is the run of this folder and config; else ``None`` (the run is trained again).
 
-    That is: ``result.json`` parses, its fingerprint matches, it did not fail, every field has its type (numbers
+    That is: ``result.json`` parses, its fingerprint is ``fingerprint`` (or one of them), it did not fail, every field has its type (numbers
     for metrics and seconds, ``[epoch, value]`` curve points, ``[epoch, name]`` boundaries), its ``schedule`` and
     ``seed`` are those of the folder ``runs/<schedule>/seed_<seed>``. A run without one of ``metrics`` is returned
     failed, with the error a new run would give: the same config logs the same metrics, so training it again would
@@ -294,7 +312,8 @@ def load_result(folder: Union[str, os.PathLike], fingerprint: str, metrics: Sequ
         data = json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or data.pop("fingerprint", None) != fingerprint or data.get("error") is not None:
+    if (not isinstance(data, dict) or data.pop("fingerprint", None) not in _accepted(fingerprint)
+            or data.get("error") is not None):
         return None
     known = {k: v for k, v in data.items() if k in _FIELDS}
     if not {"schedule", "seed"} <= set(known) or not all(_FIELDS[k](v) for k, v in known.items()):
