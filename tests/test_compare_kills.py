@@ -7,6 +7,7 @@ import contextlib
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -251,3 +252,29 @@ def test_an_edited_model_module_reruns_its_schedule_and_older_results_are_still_
     assert old != config_fingerprint(configs[0])
     save_result(out / "runs" / "a" / "seed_0", first.runs["a"][0], old)
     assert compare(configs, out).trained == 0
+
+
+# ------------------------------------------------------------------------------------------ a wrong RAY_ADDRESS
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+@pytest.mark.parametrize("address", ["head", "closed"])
+def test_a_wrong_ray_address_exits_2_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture, address: str) -> None:
+    pytest.importorskip("ray")
+    from lightning_stages.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    config = blocking_config(tmp_path, "a")
+    monkeypatch.setenv("RAY_ADDRESS", address if address == "head" else f"127.0.0.1:{_closed_port()}")
+    args = ["compare", str(config), "--seeds", "1", "--launcher", "ray", "--out", "out", "--metrics", *METRICS]
+    # before: "head" was a ValueError traceback from Ray; a closed port had Ray retry for many minutes
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("compare: ") and "RAY_ADDRESS" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out" / "runs").exists()
