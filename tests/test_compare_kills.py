@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,30 @@ def test_a_wrong_ray_address_exits_2_with_one_line(tmp_path: Path, monkeypatch: 
     err = capsys.readouterr().err.strip()
     assert err.startswith("compare: ") and "RAY_ADDRESS" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_reused_runs_trained_with_other_package_versions_are_named(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_stages.cli import run_store
+
+    monkeypatch.chdir(tmp_path)
+    configs = [blocking_config(tmp_path, "a", 0.1), blocking_config(tmp_path, "b")]
+    out = tmp_path / "out"
+    now = run_store.package_versions()
+    monkeypatch.setattr(run_store, "package_versions", lambda: {**now, "lightning-stages": "0.0.1"})
+    compare(configs, out)  # trained with "0.0.1"
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning) as caught:
+        again = compare(configs, out)
+    assert again.trained == 0  # kept: an upgrade alone does not throw finished runs away
+    notes = [str(w.message) for w in caught if "other versions" in str(w.message)]
+    # before: reused without a word
+    assert notes == [f"compare: 2 of the reused runs trained with other versions: lightning-stages 0.0.1 (now "
+                     f"{now['lightning-stages']}); their results may differ from a run now (--fresh trains every run "
+                     "again)"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", "compare. not like for like")
+        assert compare(configs, out, fresh=True).trained == 2
+        assert compare(configs, out).trained == 0  # the same versions: nothing to say

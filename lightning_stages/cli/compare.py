@@ -37,6 +37,7 @@ from lightning_stages.cli.run_store import (
     run_dir,
     save_result,
     schedule_names,
+    version_note,
 )
 from lightning_stages.cli.stats import require_scipy
 from lightning_stages.cli.training_run import RunSpec
@@ -272,7 +273,7 @@ def run_compare(
         primary = metrics[0]
         bar = tqdm(total=len(names) * len(seed_list), unit="run", desc="compare", disable=None if progress is None
                    else not progress, dynamic_ncols=True)
-        done = 0
+        done, reused = 0, []
 
         def finished(outcome: RunOutcome) -> None:
             nonlocal done
@@ -292,6 +293,7 @@ def run_compare(
                         folder = run_dir(out, name, seed)
                         kept = None if fresh else load_result(folder, accepted[name], metrics)
                         if kept is not None:
+                            reused.append(folder)
                             finished(kept)
                         else:
                             todo.append(RunSpec(name, seed, str(path), stage_file, str(folder), tuple(metrics)))
@@ -310,6 +312,8 @@ def run_compare(
                 seed_list = [*seed_list, *round_seeds]
                 bar.total += len(names)
                 bar.refresh()
+        if (versions := version_note(reused)) is not None:
+            warnings.warn(versions, UserWarning, stacklevel=2)
         result_runs = _sorted(runs)
         note = _seeds_note(auto, seed_list, max_seeds, verdict_now, primary)
         shown_runs = {shown[name]: seed_runs for name, seed_runs in result_runs.items()}

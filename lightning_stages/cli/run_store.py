@@ -1,6 +1,7 @@
 """The finished runs of a comparison on disk: ``OUT/runs/<schedule>/seed_<n>/result.json``, and ``OUT``'s lock.
 
-Each finished run's result (metrics, curves, seconds, costs, error) is written with the fingerprint of its config.
+Each finished run's result (metrics, curves, seconds, costs, error) is written with the fingerprint of its config
+(:mod:`~lightning_stages.cli.run_fingerprint`) and the versions of the packages it trained with.
 A later ``compare`` into the same ``OUT`` reuses a result whose fingerprint matches, that is well formed and the
 run of its folder, and that has every metric asked for, and trains the rest. A run that failed is trained again.
 The result is written last, atomically, so a run killed in flight leaves no result and is trained again next time.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import os
 from collections import Counter
@@ -20,116 +22,22 @@ from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import yaml
 from filelock import FileLock, Timeout
 
-from lightning_stages.cli.code_fingerprint import source_digests
 from lightning_stages.cli.compare_report import RunOutcome
+from lightning_stages.cli.run_fingerprint import config_fingerprint
 
 __all__ = ["LOCK_FILE", "RESULT_FILE", "OutputInUseError", "config_fingerprint", "load_result", "lock_out",
-           "replaced_runs", "run_dir", "save_result", "schedule_names"]
+           "package_versions", "replaced_runs", "run_dir", "save_result", "schedule_names",
+           "version_note"]
 
 RESULT_FILE = "result.json"
 #: the lock file in ``OUT`` that a running ``compare`` holds
 LOCK_FILE = ".compare.lock"
-_FORMAT = 1
 
 
 class OutputInUseError(RuntimeError):
     """Another ``compare`` is writing into the same output directory."""
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _named(value: Any) -> Iterator[str]:
-    """Every string in parsed YAML that could name a file."""
-    if isinstance(value, dict):
-        for item in value.values():
-            yield from _named(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _named(item)
-    elif isinstance(value, str) and 0 < len(value) < 4096 and "\n" not in value:
-        yield value
-
-
-_NESTED = (".yaml", ".yml", ".json")  # a named file read as a config of its own (``model: model.yaml``)
-
-
-def _referenced_files(value: Any, base: Optional[Path] = None, seen: Optional[set[Path]] = None,
-                      parsed: Optional[list[Any]] = None) -> dict[str, str]:
-    """``{name: sha256}`` of every string in a config that names an existing file (a teacher checkpoint, say).
-
-    A name counts relative to the working directory and, where it names another file there, relative to ``base``
-    (the config's folder, where LightningCLI reads a nested config file ``model: model.yaml`` from); a named YAML or
-    JSON file's own names count too, relative to its folder (``model.yaml > teacher.ckpt``); its parsed content is
-    added to ``parsed``.
-    """
-    seen = set() if seen is None else seen
-    found: dict[str, str] = {}
-    for name in _named(value):
-        here = Path(name) if Path(name).is_absolute() else Path.cwd() / name
-        candidates = [("", here)] + ([("in the config's folder: ", base / name)] if base is not None
-                                     and not Path(name).is_absolute() else [])
-        for prefix, path in candidates:
-            try:
-                if not path.is_file() or (prefix and here.is_file() and here.resolve() == path.resolve()):
-                    continue
-                found[prefix + name] = _file_digest(path)
-                resolved = path.resolve()
-                if resolved.suffix.lower() in _NESTED and resolved not in seen and path.stat().st_size < 1 << 20:
-                    seen.add(resolved)
-                    nested = yaml.safe_load(path.read_text(encoding="utf-8"))
-                    if parsed is not None:
-                        parsed.append(nested)
-                    for key, digest in _referenced_files(nested, resolved.parent, seen, parsed).items():
-                        found[f"{prefix}{name} > {key}"] = digest
-            except (OSError, ValueError, yaml.YAMLError):
-                pass
-    return found
-
-
-def config_fingerprint(config: Union[str, os.PathLike], stages: Optional[Union[str, os.PathLike]] = None,
-                       code: bool = True) -> str:
-    """A hash of what a run of this config depends on: the config, the ``--stages`` file, the files they name and
-    (``code``) the source of the modules in the working directory that their ``class_path`` s name.
-
-    The YAML is hashed as parsed data, so comments and formatting do not count; a file named in it (such as a
-    teacher checkpoint, relative to the working directory or to the config's folder) counts by its content, and a
-    YAML or JSON file named in it (a nested config, ``model: model.yaml``) by what it names too.
-
-    Example::
-
-        >>> import tempfile, pathlib
-        >>> d = pathlib.Path(tempfile.mkdtemp())
-        >>> _ = (d / "a.yaml").write_text("trainer: {max_epochs: 2}  # two")
-        >>> _ = (d / "b.yaml").write_text("trainer:\\n  max_epochs: 2\\n")
-        >>> config_fingerprint(d / "a.yaml") == config_fingerprint(d / "b.yaml")
-        True
-        >>> _ = (d / "b.yaml").write_text("trainer: {max_epochs: 3}")
-        >>> config_fingerprint(d / "a.yaml") == config_fingerprint(d / "b.yaml")
-        False
-    """
-    parts: dict[str, Any] = {"format": _FORMAT}
-    parsed: list[Any] = []
-    for key, path in (("config", config), ("stages", stages)):
-        if path is None:
-            continue
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        parts[key] = data
-        parsed.append(data)
-        parts[f"{key}_files"] = _referenced_files(data, Path(path).resolve().parent, {Path(path).resolve()}, parsed)
-    sources = source_digests(parsed) if code else {}
-    if sources:  # only then: a fingerprint without code is the one of results saved before code counted
-        parts["code"] = sources
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def _decoded(name: str) -> str:
@@ -202,6 +110,43 @@ def run_dir(out: Union[str, os.PathLike], schedule: str, seed: int) -> Path:
     return Path(out) / "runs" / schedule / f"seed_{seed}"
 
 
+_PACKAGES = ("lightning-stages", "lightning", "torch")
+
+
+def package_versions() -> dict[str, str]:
+    """The versions of the packages a run trains with (those installed).
+
+    Example::
+
+        >>> sorted(package_versions())
+        ['lightning', 'lightning-stages', 'torch']
+    """
+    found = {}
+    for name in _PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found[name] = importlib.metadata.version(name)
+    return found
+
+
+def version_note(folders: Sequence[Path]) -> Optional[str]:
+    """A warning when reused runs (their folders) were trained with other package versions than now, else ``None``.
+
+    Results written before versions were saved are not counted: their versions are not known.
+    """
+    now, other, seen = package_versions(), 0, set()
+    for folder in folders:
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+            saved = json.loads((Path(folder) / RESULT_FILE).read_text(encoding="utf-8")).get("versions")
+            changed = {(k, str(v)) for k, v in dict(saved).items() if k in now and now[k] != str(v)}
+            other += bool(changed)
+            seen |= changed
+    if not other:
+        return None
+    then = ", ".join(f"{k} {v} (now {now[k]})" for k, v in sorted(seen))
+    return (f"compare: {other} of the reused runs trained with other versions: {then}; their results may differ from a "
+            "run now (--fresh trains every run again)")
+
+
 def save_result(folder: Union[str, os.PathLike], run: RunOutcome, fingerprint: str) -> Path:
     """Write ``result.json`` into the run folder, atomically (a temporary file, then a rename).
 
@@ -217,7 +162,7 @@ def save_result(folder: Union[str, os.PathLike], run: RunOutcome, fingerprint: s
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    data = {"fingerprint": fingerprint, **dataclasses.asdict(run)}
+    data = {"fingerprint": fingerprint, **dataclasses.asdict(run), "versions": package_versions()}
     data.pop("reused", None)
     path = folder / RESULT_FILE
     tmp = folder / f".{RESULT_FILE}.tmp"
