@@ -306,3 +306,16 @@ def test_reused_runs_trained_with_other_package_versions_are_named(tmp_path: Pat
         warnings.filterwarnings("ignore", "compare. not like for like")
         assert compare(configs, out, fresh=True).trained == 2
         assert compare(configs, out).trained == 0  # the same versions: nothing to say
+
+
+def test_a_model_package_that_cannot_be_imported_fails_its_run_not_compare(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken_model_pkg").mkdir()
+    (tmp_path / "broken_model_pkg" / "__init__.py").write_text("1 / 0\n")
+    (tmp_path / "broken_model_pkg" / "model.py").write_text("class Net:\n    pass\n")
+    config = tmp_path / "c.yaml"
+    config.write_text("trainer: {max_epochs: 1, logger: false}\nmodel: {class_path: broken_model_pkg.model.Net}\n")
+    result = compare([config], tmp_path / "out")  # the fingerprint looks for the model's source, and cannot import
+    (run,) = result.runs["c"]
+    assert run.error is not None and "division by zero" in run.error

@@ -45,7 +45,7 @@ def _project_source(module: str, project: Path) -> Path | None:
     """The source file of ``module`` if it lies in ``project`` (and not in an installed package there, a venv)."""
     try:
         spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError, AttributeError):  # a parent that cannot be imported: the run reports it
+    except Exception:  # a parent package that cannot be imported (any error): the run reports it
         return None
     if spec is None or not spec.origin or not spec.origin.endswith(".py"):
         return None
