@@ -227,7 +227,8 @@ def test_finished_runs_replaced_because_their_config_changed_are_named_first(tmp
     replaced = [str(w.message) for w in caught if "changed since" in str(w.message)]
     # before: the two finished runs of a were replaced without a word
     assert replaced == [f"compare: a: the config, a file it names or its model's code changed since seeds 0, 1 "
-                        f"were trained into {out}; training them again replaces the earlier results"]
+                        f"were trained into {out}; training them again replaces the earlier results (kept where the "
+                        "new run fails)"]
 
 
 def test_an_edited_model_module_reruns_its_schedule_and_older_results_are_still_reused(
@@ -319,3 +320,35 @@ def test_a_model_package_that_cannot_be_imported_fails_its_run_not_compare(tmp_p
     result = compare([config], tmp_path / "out")  # the fingerprint looks for the model's source, and cannot import
     (run,) = result.runs["c"]
     assert run.error is not None and "division by zero" in run.error
+
+
+SCHEDULED = """trainer:
+  max_epochs: 1
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  callbacks:
+  - class_path: lightning_stages.StageScheduleCallback
+    init_args:
+      stage_schedule: [{name: kd, start_epoch: 0, lambda_coef: LAMBDA}]
+model: {class_path: compare_blocking_model.Blocking, init_args: {bias: 0.1}}
+"""
+
+
+def test_a_run_that_fails_after_a_config_change_keeps_the_finished_result_it_was_to_replace(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    blocking_config(tmp_path, "unused")
+    config = tmp_path / "a.yaml"
+    config.write_text(SCHEDULED.replace("LAMBDA", "0.0"))
+    first = compare([config], tmp_path / "out")
+    saved = (tmp_path / "out/runs/a/seed_0/result.json").read_bytes()
+    config.write_text(SCHEDULED.replace("LAMBDA", "-1"))  # a typo: the run fails
+    with pytest.warns(UserWarning, match="changed since seed 0 was trained"):
+        typo = compare([config], tmp_path / "out")
+    assert typo.failed and "`lambda_coef` = -1: must be >= 0" in typo.runs["a"][0].error
+    assert (tmp_path / "out/runs/a/seed_0/result.json").read_bytes() == saved
+    config.write_text(SCHEDULED.replace("LAMBDA", "0.0"))  # the typo undone
+    again = compare([config], tmp_path / "out")
+    # before: the failed run had replaced the finished one, which was trained again
+    assert again.trained == 0 and again.runs["a"][0].metrics == first.runs["a"][0].metrics

@@ -31,11 +31,12 @@ from lightning_stages.cli.run_store import (
     LOCK_FILE,
     OutputInUseError,
     config_fingerprint,
+    finished_bytes,
     load_result,
     lock_out,
+    record_result,
     replaced_runs,
     run_dir,
-    save_result,
     schedule_names,
     version_note,
 )
@@ -302,8 +303,10 @@ def run_compare(
                     if stale is not None:
                         with tqdm.external_write_mode():
                             warnings.warn(stale, UserWarning, stacklevel=2)
+                earlier = {(spec.schedule, spec.seed): finished_bytes(spec.run_dir) for spec in todo}
                 for outcome in pool.run(todo):
-                    save_result(run_dir(out, outcome.schedule, outcome.seed), outcome, fingerprints[outcome.schedule])
+                    record_result(run_dir(out, outcome.schedule, outcome.seed), outcome, fingerprints[outcome.schedule],
+                                  earlier[outcome.schedule, outcome.seed])
                     finished(outcome)
                 verdict_now = metric_verdict(_sorted(runs), primary)
                 if not auto or verdict_now.decided or len(verdict_now.ranking) < 2 or len(seed_list) >= max_seeds:

@@ -27,8 +27,8 @@ from filelock import FileLock, Timeout
 from lightning_stages.cli.compare_report import RunOutcome
 from lightning_stages.cli.run_fingerprint import config_fingerprint
 
-__all__ = ["LOCK_FILE", "RESULT_FILE", "OutputInUseError", "config_fingerprint", "load_result", "lock_out",
-           "package_versions", "replaced_runs", "run_dir", "save_result", "schedule_names",
+__all__ = ["LOCK_FILE", "RESULT_FILE", "OutputInUseError", "config_fingerprint", "finished_bytes", "load_result", "lock_out",
+           "package_versions", "record_result", "replaced_runs", "run_dir", "save_result", "schedule_names",
            "version_note"]
 
 RESULT_FILE = "result.json"
@@ -171,6 +171,29 @@ def save_result(folder: Union[str, os.PathLike], run: RunOutcome, fingerprint: s
     return path
 
 
+def finished_bytes(folder: Union[str, os.PathLike]) -> Optional[bytes]:
+    """The content of the folder's ``result.json`` if it holds a finished run (of whatever config), else ``None``."""
+    try:
+        raw = (Path(folder) / RESULT_FILE).read_bytes()
+        data = json.loads(raw)
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(data, dict) and data.get("error") is None else None
+
+
+def record_result(folder: Union[str, os.PathLike], run: RunOutcome, fingerprint: str, earlier: Optional[bytes]) -> None:
+    """:func:`save_result`, except that a failed run puts back the ``result.json`` of the finished run it was to
+    replace (``earlier``): a run that fails (a config made invalid, say) does not cost the result of the config as it
+    was, which a later ``compare`` of that config reuses. The report shows the failure.
+    """
+    if run.error is None or earlier is None:
+        save_result(folder, run, fingerprint)
+        return
+    tmp = Path(folder) / f".{RESULT_FILE}.tmp"
+    tmp.write_bytes(earlier)
+    os.replace(tmp, Path(folder) / RESULT_FILE)
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -229,7 +252,8 @@ def replaced_runs(out: Union[str, os.PathLike], schedule: str, seeds: Sequence[i
     return (f"compare: {schedule}: the config, a file it names or its model's code changed since "
             f"seed{'s' if len(stale) > 1 else ''} {', '.join(map(str, stale))} "
             f"{'were' if len(stale) > 1 else 'was'} trained into {out}; training "
-            f"{'them' if len(stale) > 1 else 'it'} again replaces the earlier result{'s' if len(stale) > 1 else ''}")
+            f"{'them' if len(stale) > 1 else 'it'} again replaces the earlier result{'s' if len(stale) > 1 else ''} "
+            "(kept where the new run fails)")
 
 
 def _accepted(fingerprint: Union[str, Collection[str]]) -> Collection[str]:
