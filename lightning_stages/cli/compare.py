@@ -31,11 +31,14 @@ from lightning_stages.cli.run_store import (
     LOCK_FILE,
     OutputInUseError,
     config_fingerprint,
+    finished_bytes,
     load_result,
     lock_out,
+    record_result,
+    replaced_runs,
     run_dir,
-    save_result,
     schedule_names,
+    version_note,
 )
 from lightning_stages.cli.stats import require_scipy
 from lightning_stages.cli.training_run import RunSpec
@@ -121,9 +124,9 @@ def _check_readable(configs: Sequence[Union[str, os.PathLike]]) -> None:
         load_config(config)
 
 
-def _fingerprint(config: Path, stages: Optional[str]) -> str:
+def _fingerprint(config: Path, stages: Optional[str], code: bool = True) -> str:
     try:
-        return config_fingerprint(config, stages)
+        return config_fingerprint(config, stages, code)
     except (OSError, ValueError, yaml.YAMLError):  # unreadable: its runs fail, never reused; hash the bytes
         data = config.read_bytes() if config.is_file() else str(config).encode()
         return "unreadable-" + hashlib.sha256(data).hexdigest()[:16]
@@ -262,13 +265,16 @@ def run_compare(
                 summaries[shown[name]] = "invalid: " + str(err).replace("\n", " ")
         fingerprints = {name: _fingerprint(path, stage_file)
                         for name, path, stage_file in zip(names, paths, stage_files)}
+        # results saved before the model's code counted are reused when the rest matches
+        accepted = {name: {fingerprints[name], _fingerprint(path, stage_file, code=False)}
+                    for name, path, stage_file in zip(names, paths, stage_files)}
         runs: dict[str, dict[int, RunOutcome]] = {name: {} for name in names}
         pool = (RayLauncher(ray_num_cpus, ray_num_gpus) if launcher == "ray"
                 else LocalLauncher(jobs if jobs is not None else default_jobs()))
         primary = metrics[0]
         bar = tqdm(total=len(names) * len(seed_list), unit="run", desc="compare", disable=None if progress is None
                    else not progress, dynamic_ncols=True)
-        done = 0
+        done, reused = 0, []
 
         def finished(outcome: RunOutcome) -> None:
             nonlocal done
@@ -286,13 +292,21 @@ def run_compare(
                 for seed in round_seeds:
                     for name, path, stage_file in zip(names, paths, stage_files):
                         folder = run_dir(out, name, seed)
-                        kept = None if fresh else load_result(folder, fingerprints[name], metrics)
+                        kept = None if fresh else load_result(folder, accepted[name], metrics)
                         if kept is not None:
+                            reused.append(folder)
                             finished(kept)
                         else:
                             todo.append(RunSpec(name, seed, str(path), stage_file, str(folder), tuple(metrics)))
+                for name in names:  # finished runs of a changed config: say so before they are replaced
+                    stale = None if fresh else replaced_runs(out, name, round_seeds, accepted[name])
+                    if stale is not None:
+                        with tqdm.external_write_mode():
+                            warnings.warn(stale, UserWarning, stacklevel=2)
+                earlier = {(spec.schedule, spec.seed): finished_bytes(spec.run_dir) for spec in todo}
                 for outcome in pool.run(todo):
-                    save_result(run_dir(out, outcome.schedule, outcome.seed), outcome, fingerprints[outcome.schedule])
+                    record_result(run_dir(out, outcome.schedule, outcome.seed), outcome, fingerprints[outcome.schedule],
+                                  earlier[outcome.schedule, outcome.seed])
                     finished(outcome)
                 verdict_now = metric_verdict(_sorted(runs), primary)
                 if not auto or verdict_now.decided or len(verdict_now.ranking) < 2 or len(seed_list) >= max_seeds:
@@ -301,6 +315,8 @@ def run_compare(
                 seed_list = [*seed_list, *round_seeds]
                 bar.total += len(names)
                 bar.refresh()
+        if (versions := version_note(reused)) is not None:
+            warnings.warn(versions, UserWarning, stacklevel=2)
         result_runs = _sorted(runs)
         note = _seeds_note(auto, seed_list, max_seeds, verdict_now, primary)
         shown_runs = {shown[name]: seed_runs for name, seed_runs in result_runs.items()}

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from lightning_stages.cli.plots import PLOT_HINT, require_matplotlib
 from lightning_stages.cli.stats import TEST_SENTENCE, MetricVerdict, higher_is_better, paired_verdict
@@ -150,9 +151,21 @@ def plot_curves(runs: Mapping[str, Sequence[RunOutcome]], metric: str, path: Pat
         ax.text(0.5, 0.5, "no run finished", transform=ax.transAxes, ha="center", va="center")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        _replace(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
     return path
+
+
+def _replace(path: Path, write: Any) -> None:
+    """Write ``path`` through a temporary file and a rename: a killed or failed write leaves the earlier file whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _format_mean_std(values: Sequence[float]) -> str:
@@ -294,6 +307,6 @@ def write_report(result_runs: Mapping[str, Sequence[RunOutcome]], configs: Mappi
         lines.append(f"- no curves.png: {PLOT_HINT}")
     lines.append(f"- `runs/<schedule>/seed_<n>/`: each run's `result.json` and TensorBoard events "
                  f"(`tensorboard --logdir {out / 'runs'}`).")
-    report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    report = out / "report.md"  # a file name that is not UTF-8 (a surrogate escape) is written as \udcff
+    _replace(report, lambda tmp: tmp.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="backslashreplace"))
     return report

@@ -12,6 +12,7 @@ error; a worker that dies takes only its own run.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any, Optional
@@ -20,7 +21,7 @@ from lightning_stages.cli.compare_report import RunOutcome
 from lightning_stages.cli.training_run import RunSpec, execute_run
 from lightning_stages.cli.worker_pool import WorkerPool
 
-__all__ = ["RAY_HINT", "LocalLauncher", "RayLauncher", "available_cores", "default_jobs"]
+__all__ = ["RAY_HINT", "LocalLauncher", "RayConnectError", "RayLauncher", "available_cores", "default_jobs"]
 
 RAY_HINT = "--launcher ray needs Ray: pip install 'lightning-stages[ray]'"
 
@@ -48,6 +49,32 @@ def default_jobs() -> int:
         True
     """
     return max(1, available_cores() // 2)
+
+
+class RayConnectError(ConnectionError):
+    """The Ray cluster's address (``RAY_ADDRESS``) is not ``host:port``, or nothing answers there."""
+
+
+def _check_address(address: str) -> None:
+    """Raise :class:`RayConnectError` unless ``address`` is ``host:port`` (or ``ray://host:port``) and accepts a
+    connection: Ray itself would retry an unreachable cluster for minutes, or raise a bare ``ValueError``.
+
+    Example::
+
+        >>> _check_address("head")
+        Traceback (most recent call last):
+        ...
+        lightning_stages.cli.launchers.RayConnectError: the Ray address 'head' (RAY_ADDRESS) is not host:port
+    """
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise RayConnectError(f"the Ray address {address!r} (RAY_ADDRESS) is not host:port")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except (OSError, ValueError, OverflowError) as err:
+        raise RayConnectError(f"no Ray cluster answers at {address!r} (RAY_ADDRESS): {err}") from None
 
 
 def _failed(spec: RunSpec, err: BaseException) -> RunOutcome:
@@ -106,6 +133,7 @@ class RayLauncher:
 
     Raises:
         ImportError: Ray is not installed (the message says how to get it).
+        RayConnectError: (on entering) the address is not ``host:port``, or no Ray cluster answers there.
     """
 
     def __init__(self, num_cpus: float = 1.0, num_gpus: float = 0.0, address: Optional[str] = None) -> None:
@@ -125,7 +153,11 @@ class RayLauncher:
         ray = self._ray
         if not ray.is_initialized():
             if self.address is not None:
-                ray.init(address=self.address)
+                _check_address(self.address)
+                try:
+                    ray.init(address=self.address)
+                except (ValueError, ConnectionError) as err:
+                    raise RayConnectError(f"cannot connect to Ray at {self.address!r} (RAY_ADDRESS): {err}") from None
             else:
                 env = {"PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), os.environ.get("PYTHONPATH", "")] if p)}
                 ray.init(include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)

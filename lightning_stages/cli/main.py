@@ -25,6 +25,7 @@ from typing import Optional
 from lightning_stages.cli.checkpoint_transitions import callback_state, format_checkpoint
 from lightning_stages.cli.compare import OutputInUseError, run_compare
 from lightning_stages.cli.declared_weights import DeclaredWeightsWarning
+from lightning_stages.cli.launchers import RayConnectError
 from lightning_stages.cli.lightning_config import (
     add_working_directory_to_path,
     schedule_of_config,
@@ -228,8 +229,8 @@ def _compare(args: argparse.Namespace) -> int:
     except StageConfigError as err:  # a config that cannot be read (not YAML, not a mapping): nothing trained
         print("compare: " + "; ".join(problem.message for problem in err.problems), file=sys.stderr)
         return 2
-    except OutputInUseError as err:
-        print(f"compare: {err}", file=sys.stderr)
+    except (OutputInUseError, RayConnectError) as err:
+        print(f"compare: {printable(str(err), 2000)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"compare: interrupted; the finished runs are kept in {args.out} (the same command trains the rest)",

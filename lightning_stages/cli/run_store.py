@@ -1,6 +1,7 @@
 """The finished runs of a comparison on disk: ``OUT/runs/<schedule>/seed_<n>/result.json``, and ``OUT``'s lock.
 
-Each finished run's result (metrics, curves, seconds, costs, error) is written with the fingerprint of its config.
+Each finished run's result (metrics, curves, seconds, costs, error) is written with the fingerprint of its config
+(:mod:`~lightning_stages.cli.run_fingerprint`) and the versions of the packages it trained with.
 A later ``compare`` into the same ``OUT`` reuses a result whose fingerprint matches, that is well formed and the
 run of its folder, and that has every metric asked for, and trains the rest. A run that failed is trained again.
 The result is written last, atomically, so a run killed in flight leaves no result and is trained again next time.
@@ -13,85 +14,41 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import yaml
 from filelock import FileLock, Timeout
 
 from lightning_stages.cli.compare_report import RunOutcome
+from lightning_stages.cli.run_fingerprint import config_fingerprint
 
-__all__ = ["LOCK_FILE", "RESULT_FILE", "OutputInUseError", "config_fingerprint", "load_result", "lock_out", "run_dir",
-           "save_result", "schedule_names"]
+__all__ = ["LOCK_FILE", "RESULT_FILE", "OutputInUseError", "config_fingerprint", "finished_bytes", "load_result", "lock_out",
+           "package_versions", "record_result", "replaced_runs", "run_dir", "save_result", "schedule_names",
+           "version_note"]
 
 RESULT_FILE = "result.json"
 #: the lock file in ``OUT`` that a running ``compare`` holds
 LOCK_FILE = ".compare.lock"
-_FORMAT = 1
 
 
 class OutputInUseError(RuntimeError):
     """Another ``compare`` is writing into the same output directory."""
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _referenced_files(value: Any) -> dict[str, str]:
-    """``{path: sha256}`` of every string in a config that names an existing file (a teacher checkpoint, say)."""
-    found: dict[str, str] = {}
-    if isinstance(value, dict):
-        for item in value.values():
-            found.update(_referenced_files(item))
-    elif isinstance(value, list):
-        for item in value:
-            found.update(_referenced_files(item))
-    elif isinstance(value, str) and 0 < len(value) < 4096 and "\n" not in value:
-        with_base = Path(value) if Path(value).is_absolute() else Path.cwd() / value
-        try:
-            if with_base.is_file():
-                found[value] = _file_digest(with_base)
-        except OSError:
-            pass
-    return found
-
-
-def config_fingerprint(config: Union[str, os.PathLike], stages: Optional[Union[str, os.PathLike]] = None) -> str:
-    """A hash of what a run of this config depends on: the config, the ``--stages`` file and the files they name.
-
-    The YAML is hashed as parsed data, so comments and formatting do not count; a file named in it (such as a
-    teacher checkpoint) counts by its content.
+def _decoded(name: str) -> str:
+    r"""``name`` with the bytes a file name had that were not UTF-8 (surrogate escapes) written as ``\xff``.
 
     Example::
 
-        >>> import tempfile, pathlib
-        >>> d = pathlib.Path(tempfile.mkdtemp())
-        >>> _ = (d / "a.yaml").write_text("trainer: {max_epochs: 2}  # two")
-        >>> _ = (d / "b.yaml").write_text("trainer:\\n  max_epochs: 2\\n")
-        >>> config_fingerprint(d / "a.yaml") == config_fingerprint(d / "b.yaml")
-        True
-        >>> _ = (d / "b.yaml").write_text("trainer: {max_epochs: 3}")
-        >>> config_fingerprint(d / "a.yaml") == config_fingerprint(d / "b.yaml")
-        False
+        >>> _decoded(b"caf\xe9".decode("utf-8", "surrogateescape"))
+        'caf\\xe9'
     """
-    parts: dict[str, Any] = {"format": _FORMAT}
-    for key, path in (("config", config), ("stages", stages)):
-        if path is None:
-            continue
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        parts[key] = data
-        parts[f"{key}_files"] = _referenced_files(data)
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def schedule_names(configs: Sequence[Union[str, os.PathLike]]) -> list[str]:
@@ -106,6 +63,7 @@ def schedule_names(configs: Sequence[Union[str, os.PathLike]]) -> list[str]:
         ['a-x', 'b-x', 'x_2', 's_joint']
     """
     paths = [Path(c).resolve() for c in configs]
+    paths = [Path(_decoded(str(p))) for p in paths]  # a name that is not UTF-8 gets a folder Lightning can log to
     stems = Counter(p.stem for p in paths)
 
     def wanted(path: Path) -> str:
@@ -152,6 +110,43 @@ def run_dir(out: Union[str, os.PathLike], schedule: str, seed: int) -> Path:
     return Path(out) / "runs" / schedule / f"seed_{seed}"
 
 
+_PACKAGES = ("lightning-stages", "lightning", "torch")
+
+
+def package_versions() -> dict[str, str]:
+    """The versions of the packages a run trains with (those installed).
+
+    Example::
+
+        >>> sorted(package_versions())
+        ['lightning', 'lightning-stages', 'torch']
+    """
+    found = {}
+    for name in _PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found[name] = importlib.metadata.version(name)
+    return found
+
+
+def version_note(folders: Sequence[Path]) -> Optional[str]:
+    """A warning when reused runs (their folders) were trained with other package versions than now, else ``None``.
+
+    Results written before versions were saved are not counted: their versions are not known.
+    """
+    now, other, seen = package_versions(), 0, set()
+    for folder in folders:
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+            saved = json.loads((Path(folder) / RESULT_FILE).read_text(encoding="utf-8")).get("versions")
+            changed = {(k, str(v)) for k, v in dict(saved).items() if k in now and now[k] != str(v)}
+            other += bool(changed)
+            seen |= changed
+    if not other:
+        return None
+    then = ", ".join(f"{k} {v} (now {now[k]})" for k, v in sorted(seen))
+    return (f"compare: {other} of the reused runs trained with other versions: {then}; their results may differ from a "
+            "run now (--fresh trains every run again)")
+
+
 def save_result(folder: Union[str, os.PathLike], run: RunOutcome, fingerprint: str) -> Path:
     """Write ``result.json`` into the run folder, atomically (a temporary file, then a rename).
 
@@ -167,13 +162,36 @@ def save_result(folder: Union[str, os.PathLike], run: RunOutcome, fingerprint: s
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    data = {"fingerprint": fingerprint, **dataclasses.asdict(run)}
+    data = {"fingerprint": fingerprint, **dataclasses.asdict(run), "versions": package_versions()}
     data.pop("reused", None)
     path = folder / RESULT_FILE
     tmp = folder / f".{RESULT_FILE}.tmp"
     tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def finished_bytes(folder: Union[str, os.PathLike]) -> Optional[bytes]:
+    """The content of the folder's ``result.json`` if it holds a finished run (of whatever config), else ``None``."""
+    try:
+        raw = (Path(folder) / RESULT_FILE).read_bytes()
+        data = json.loads(raw)
+    except (OSError, ValueError):
+        return None
+    return raw if isinstance(data, dict) and data.get("error") is None else None
+
+
+def record_result(folder: Union[str, os.PathLike], run: RunOutcome, fingerprint: str, earlier: Optional[bytes]) -> None:
+    """:func:`save_result`, except that a failed run puts back the ``result.json`` of the finished run it was to
+    replace (``earlier``): a run that fails (a config made invalid, say) does not cost the result of the config as it
+    was, which a later ``compare`` of that config reuses. The report shows the failure.
+    """
+    if run.error is None or earlier is None:
+        save_result(folder, run, fingerprint)
+        return
+    tmp = Path(folder) / f".{RESULT_FILE}.tmp"
+    tmp.write_bytes(earlier)
+    os.replace(tmp, Path(folder) / RESULT_FILE)
 
 
 def _number(value: Any) -> bool:
@@ -206,10 +224,47 @@ _FIELDS = {
 }
 
 
-def load_result(folder: Union[str, os.PathLike], fingerprint: str, metrics: Sequence[str]) -> Optional[RunOutcome]:
+def replaced_runs(out: Union[str, os.PathLike], schedule: str, seeds: Sequence[int],
+                  fingerprint: Union[str, Collection[str]]) -> Optional[str]:
+    """A warning naming the finished runs of ``schedule`` that a changed config (or a file it names) makes stale,
+    and that training it again replaces; ``None`` when there are none.
+
+    Example::
+
+        >>> import tempfile
+        >>> out = tempfile.mkdtemp()
+        >>> _ = save_result(run_dir(out, "a", 1), RunOutcome("a", 1, metrics={"test/iou": 0.5}), "f1")
+        >>> replaced_runs(out, "a", [0, 1], "f1") is None
+        True
+        >>> print(replaced_runs(out, "a", [0, 1], "f2").split(";")[0].replace(out, "OUT"))
+        compare: a: the config, a file it names or its model's code changed since seed 1 was trained into OUT
+    """
+    stale = []
+    for seed in seeds:
+        try:
+            data = json.loads((run_dir(out, schedule, seed) / RESULT_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("fingerprint") not in _accepted(fingerprint) and data.get("error") is None:
+            stale.append(seed)
+    if not stale:
+        return None
+    return (f"compare: {schedule}: the config, a file it names or its model's code changed since "
+            f"seed{'s' if len(stale) > 1 else ''} {', '.join(map(str, stale))} "
+            f"{'were' if len(stale) > 1 else 'was'} trained into {out}; training "
+            f"{'them' if len(stale) > 1 else 'it'} again replaces the earlier result{'s' if len(stale) > 1 else ''} "
+            "(kept where the new run fails)")
+
+
+def _accepted(fingerprint: Union[str, Collection[str]]) -> Collection[str]:
+    return (fingerprint,) if isinstance(fingerprint, str) else fingerprint
+
+
+def load_result(folder: Union[str, os.PathLike], fingerprint: Union[str, Collection[str]],
+                metrics: Sequence[str]) -> Optional[RunOutcome]:
     """The run's finished result if it is the run of this folder and config; else ``None`` (the run is trained again).
 
-    That is: ``result.json`` parses, its fingerprint matches, it did not fail, every field has its type (numbers
+    That is: ``result.json`` parses, its fingerprint is ``fingerprint`` (or one of them), it did not fail, every field has its type (numbers
     for metrics and seconds, ``[epoch, value]`` curve points, ``[epoch, name]`` boundaries), its ``schedule`` and
     ``seed`` are those of the folder ``runs/<schedule>/seed_<seed>``. A run without one of ``metrics`` is returned
     failed, with the error a new run would give: the same config logs the same metrics, so training it again would
@@ -226,7 +281,8 @@ def load_result(folder: Union[str, os.PathLike], fingerprint: str, metrics: Sequ
         data = json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or data.pop("fingerprint", None) != fingerprint or data.get("error") is not None:
+    if (not isinstance(data, dict) or data.pop("fingerprint", None) not in _accepted(fingerprint)
+            or data.get("error") is not None):
         return None
     known = {k: v for k, v in data.items() if k in _FIELDS}
     if not {"schedule", "seed"} <= set(known) or not all(_FIELDS[k](v) for k, v in known.items()):

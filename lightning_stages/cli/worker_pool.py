@@ -11,6 +11,7 @@ A worker that dies (a segfault, the out-of-memory killer, ``os._exit``) fails on
 is reported with the worker's exit code, a new worker takes its place, and the other runs go on. Workers ignore
 ``SIGINT`` (Ctrl-C reaches the ``compare`` process, which stops them); closing the pool, or abandoning a
 :meth:`WorkerPool.run` midway (an interrupted comparison), stops the workers, so only the runs in flight are lost.
+A worker whose parent is killed outright (``SIGKILL``, ``SIGTERM``) ends at once, its run in flight with it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import multiprocessing.util
+import os
 import signal
+import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,9 +34,22 @@ from lightning_stages.cli.training_run import RunSpec
 __all__ = ["WorkerPool"]
 
 
+def _exit_with(parent_sentinel: Any) -> None:
+    """End this worker at once when the ``compare`` process is gone (killed, ``SIGKILL`` or ``SIGTERM``: no cleanup)."""
+    wait([parent_sentinel])
+    os._exit(1)  # a run in flight is lost, as when the parent stops it; its own processes (DataLoader) follow
+
+
 def _serve(connection: Connection, threads: int) -> None:
-    """A worker's life: set the threads, import the training stack once, then train what arrives until told to stop."""
+    """A worker's life: set the threads, import the training stack once, then train what arrives until told to stop.
+
+    A thread watches the parent: a worker must not outlive a killed ``compare`` and go on writing into a run folder
+    that the next ``compare`` trains the same run in.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent.sentinel,), name="parent-watch", daemon=True).start()
     import torch
 
     torch.set_num_threads(threads)

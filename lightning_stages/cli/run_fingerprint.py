@@ -1,0 +1,177 @@
+"""The fingerprint of a ``compare`` run: what its result depends on, so that a changed input is never reused.
+
+:func:`config_fingerprint` hashes the config (and ``--stages`` file) as parsed YAML, so comments do not count; the
+content of every file they name (a teacher checkpoint), relative to the working directory or to the config's folder;
+what a named YAML file (a nested config, ``model: model.yaml``) names in turn; and the source of your own classes:
+a config names its model, data module and callbacks by ``class_path``, and where such a class is defined in a module
+of the working directory (your project, not an installed package), that module's source file counts, so editing the
+model's code makes the finished runs of that config stale, as editing the config does. Only the module that defines
+the class counts, not the modules it imports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+__all__ = ["config_fingerprint", "source_digests"]
+
+_FORMAT = 1
+
+_INSTALLED = ("site-packages", "dist-packages")
+
+
+def _class_paths(value: Any) -> Iterator[str]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "class_path" and isinstance(item, str):
+                yield item
+            else:
+                yield from _class_paths(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _class_paths(item)
+
+
+def _project_source(module: str, project: Path) -> Path | None:
+    """The source file of ``module`` if it lies in ``project`` (and not in an installed package there, a venv)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except Exception:  # a parent package that cannot be imported (any error): the run reports it
+        return None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    path = Path(spec.origin).resolve()
+    if not path.is_relative_to(project) or any(part in _INSTALLED for part in path.parts):
+        return None
+    return path
+
+
+def source_digests(configs: Iterable[Any]) -> dict[str, str]:
+    """``{module: sha256 of its source}`` of each module in the working directory that a ``class_path`` names.
+
+    Example::
+
+        >>> import os, tempfile, pathlib
+        >>> here = os.getcwd()
+        >>> os.chdir(tempfile.mkdtemp())
+        >>> _ = pathlib.Path("my_model_module.py").write_text("class Net: pass")
+        >>> import sys; sys.path.insert(0, os.getcwd())
+        >>> list(source_digests([{"model": {"class_path": "my_model_module.Net"}},
+        ...                      {"trainer": {"callbacks": [{"class_path": "lightning_stages.StageScheduleCallback"}]}}]))
+        ['my_model_module']
+        >>> _ = sys.path.pop(0); os.chdir(here)
+    """
+    project = Path.cwd().resolve()
+    found: dict[str, str] = {}
+    for config in configs:
+        for class_path in _class_paths(config):
+            module = class_path.rpartition(".")[0]
+            if not module or module in found:
+                continue
+            source = _project_source(module, project)
+            if source is not None:
+                with contextlib.suppress(OSError):
+                    found[module] = hashlib.sha256(source.read_bytes()).hexdigest()
+    return found
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _named(value: Any) -> Iterator[str]:
+    """Every string in parsed YAML that could name a file."""
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _named(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _named(item)
+    elif isinstance(value, str) and 0 < len(value) < 4096 and "\n" not in value:
+        yield value
+
+
+_NESTED = (".yaml", ".yml", ".json")  # a named file read as a config of its own (``model: model.yaml``)
+
+
+def _referenced_files(value: Any, base: Optional[Path] = None, seen: Optional[set[Path]] = None,
+                      parsed: Optional[list[Any]] = None) -> dict[str, str]:
+    """``{name: sha256}`` of every string in a config that names an existing file (a teacher checkpoint, say).
+
+    A name counts relative to the working directory and, where it names another file there, relative to ``base``
+    (the config's folder, where LightningCLI reads a nested config file ``model: model.yaml`` from); a named YAML or
+    JSON file's own names count too, relative to its folder (``model.yaml > teacher.ckpt``); its parsed content is
+    added to ``parsed``.
+    """
+    seen = set() if seen is None else seen
+    found: dict[str, str] = {}
+    for name in _named(value):
+        here = Path(name) if Path(name).is_absolute() else Path.cwd() / name
+        candidates = [("", here)] + ([("in the config's folder: ", base / name)] if base is not None
+                                     and not Path(name).is_absolute() else [])
+        for prefix, path in candidates:
+            try:
+                if not path.is_file() or (prefix and here.is_file() and here.resolve() == path.resolve()):
+                    continue
+                found[prefix + name] = _file_digest(path)
+                resolved = path.resolve()
+                if resolved.suffix.lower() in _NESTED and resolved not in seen and path.stat().st_size < 1 << 20:
+                    seen.add(resolved)
+                    nested = yaml.safe_load(path.read_text(encoding="utf-8"))
+                    if parsed is not None:
+                        parsed.append(nested)
+                    for key, digest in _referenced_files(nested, resolved.parent, seen, parsed).items():
+                        found[f"{prefix}{name} > {key}"] = digest
+            except (OSError, ValueError, yaml.YAMLError):
+                pass
+    return found
+
+
+def config_fingerprint(config: Union[str, os.PathLike], stages: Optional[Union[str, os.PathLike]] = None,
+                       code: bool = True) -> str:
+    """A hash of what a run of this config depends on: the config, the ``--stages`` file, the files they name and
+    (``code``) the source of the modules in the working directory that their ``class_path`` s name.
+
+    The YAML is hashed as parsed data, so comments and formatting do not count; a file named in it (such as a
+    teacher checkpoint, relative to the working directory or to the config's folder) counts by its content, and a
+    YAML or JSON file named in it (a nested config, ``model: model.yaml``) by what it names too.
+
+    Example::
+
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / "a.yaml").write_text("trainer: {max_epochs: 2}  # two")
+        >>> _ = (d / "b.yaml").write_text("trainer:\\n  max_epochs: 2\\n")
+        >>> config_fingerprint(d / "a.yaml") == config_fingerprint(d / "b.yaml")
+        True
+        >>> _ = (d / "b.yaml").write_text("trainer: {max_epochs: 3}")
+        >>> config_fingerprint(d / "a.yaml") == config_fingerprint(d / "b.yaml")
+        False
+    """
+    parts: dict[str, Any] = {"format": _FORMAT}
+    parsed: list[Any] = []
+    for key, path in (("config", config), ("stages", stages)):
+        if path is None:
+            continue
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        parts[key] = data
+        parsed.append(data)
+        parts[f"{key}_files"] = _referenced_files(data, Path(path).resolve().parent, {Path(path).resolve()}, parsed)
+    sources = source_digests(parsed) if code else {}
+    if sources:  # only then: a fingerprint without code is the one of results saved before code counted
+        parts["code"] = sources
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
