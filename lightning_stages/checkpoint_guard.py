@@ -56,10 +56,18 @@ class CheckpointGuard(Callback):
         ``on_save_checkpoint`` for those."""
         self._nonfinite = NonFiniteWatch()
         self.__dict__.pop("_looked_at", None)  # the step the watch was last read at for a due ModelCheckpoint
-        for callback in self.__dict__.pop("_muted", []):  # the previous fit's (see on_exception)
-            callback.save_on_exception = True
+        self.unmute(trainer)
         if trainer is not None:
             trainer.__dict__["save_checkpoint"] = _GuardedSave(self, trainer)
+
+    def unmute(self, trainer: Optional[pl.Trainer] = None) -> None:
+        """Give back ``save_on_exception`` to each ``ModelCheckpoint`` that :meth:`on_exception` muted: this guard's,
+        and those of ``trainer`` that any guard muted."""
+        muted = list(self.__dict__.pop("_muted", []))
+        muted += [c for c in getattr(trainer, "checkpoint_callbacks", []) if c.__dict__.get(_MUTED)]
+        for callback in muted:
+            if callback.__dict__.pop(_MUTED, False):
+                callback.save_on_exception = True
 
     def _watch(self) -> NonFiniteWatch:
         if "_nonfinite" not in self.__dict__:
@@ -96,15 +104,18 @@ class CheckpointGuard(Callback):
         written, and with ``save_last="link"`` point ``last.ckpt`` at that missing file: a resume from "last" would
         start from scratch. After a non-finite loss or with non-finite weights it does not save for this fit (Lightning
         runs checkpoint callbacks' hooks after the others)."""
-        exceptional = [c for c in trainer.checkpoint_callbacks if getattr(c, "save_on_exception", False) is True]
+        exceptional = [c for c in trainer.checkpoint_callbacks if getattr(c, "save_on_exception", False) is True
+                       and _will_save_on_exception(c, trainer)]
         if not exceptional:  # no collective unless a save (which reads the watch alike) is coming anyway
             return
         try:
             self.stop_if_nonfinite(trainer, pl_module, "while the run stops", weights=True)
         except DistillationStepError as err:
             for callback in exceptional:
-                callback.save_on_exception = False  # type: ignore[attr-defined]  # set back by watch_afresh
+                callback.save_on_exception = False  # type: ignore[attr-defined]  # set back right after (below)
+                callback.__dict__[_MUTED] = True  # and by any guard's next fit, should the trainer be gone
             self.__dict__.setdefault("_muted", []).extend(exceptional)
+            _unmute_after_checkpoint_hooks(trainer, self)
             rank_zero_warn("StageScheduleCallback: ModelCheckpoint(save_on_exception=True) does not save while the "
                            f"run stops: its weights would not be finite ({err.problems[0].message})")
 
@@ -174,6 +185,30 @@ def nonfinite_weight(module: torch.nn.Module, gather: Optional[Callable[[Tensor]
     if not bool(bad_here.item()):
         return "a weight of another process"
     return f"`{named[int(torch.nonzero(~finite)[0].item())][0]}`"
+
+
+_MUTED = "_lightning_stages_muted_save_on_exception"
+
+
+def _will_save_on_exception(callback: Any, trainer: pl.Trainer) -> bool:
+    """Whether ``ModelCheckpoint`` will save in its ``on_exception`` (not: already saved at this step, the sanity
+    check, ``fast_dev_run``): only then is the watch read, since only then does Lightning's save wait for every rank
+    anyway; a rank-local error must not wait in a gather the other ranks never join."""
+    should = getattr(callback, "_should_save_on_exception", None)
+    return bool(should(trainer)) if callable(should) else True
+
+
+def _unmute_after_checkpoint_hooks(trainer: pl.Trainer, guard: CheckpointGuard) -> None:
+    """Set ``save_on_exception`` back once the checkpoint callbacks' ``on_exception`` have run: Lightning calls the
+    strategy's ``on_exception`` right after them."""
+    strategy = trainer.strategy
+    if "on_exception" in strategy.__dict__:
+        return
+    def on_exception(exception: BaseException) -> None:
+        del strategy.__dict__["on_exception"]
+        guard.unmute(trainer)
+        strategy.on_exception(exception)
+    strategy.__dict__["on_exception"] = on_exception
 
 
 def _due(callback: Any, step: int) -> bool:

@@ -157,6 +157,7 @@ class FileRows(RowStorage):
         with contextlib.suppress(OSError, AttributeError):
             self._live.release()
         self._shards, self._bad, self._where = {}, set(), {}
+        self._appended = 0  # counted against the rows of the directory made again (the growth warning)
         self._enter()
 
     def __len__(self) -> int:

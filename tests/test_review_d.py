@@ -1,0 +1,77 @@
+"""Review D: save_on_exception is given back after the fit that muted it; the guard reads nothing on an error after
+which ModelCheckpoint does not save (a rank-local error must not wait in a gather); the teacher cache's growth
+warning after its directory was deleted."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+from conftest import TinyNet, trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from test_nonfinite import NaNAt, tiny_loader
+
+import lightning_stages.checkpoint_guard as guard_module
+from lightning_stages import DistillationStepError, StageScheduleCallback, TeacherCache
+
+
+class RaisesAt(TinyNet):
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.at = step
+
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_step == self.at:
+            raise RuntimeError("an ordinary error")
+        return super().training_step(batch, batch_idx)
+
+
+def test_save_on_exception_is_given_back_when_the_fit_that_muted_it_ends(tmp_path):
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{step}", save_on_exception=True)
+    run = trainer(tmp_path, max_epochs=3, callbacks=[StageScheduleCallback(), checkpoints], enable_checkpointing=True)
+    with warnings.catch_warnings(), pytest.raises(DistillationStepError):
+        warnings.simplefilter("ignore")
+        run.fit(NaNAt(epoch=1, batch=1), tiny_loader())
+    assert checkpoints.save_on_exception  # the user's object, as given
+    # the same ModelCheckpoint in a new Trainer with a new callback: an ordinary error saves its checkpoint
+    again = trainer(tmp_path / "2", max_epochs=3, callbacks=[StageScheduleCallback(), checkpoints],
+                    enable_checkpointing=True)
+    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="an ordinary error"):
+        warnings.simplefilter("ignore")
+        again.fit(RaisesAt(6), tiny_loader())
+    assert "step=6.ckpt" in {p.name for p in (tmp_path / "ckpt").iterdir()}
+
+
+def test_no_weights_are_read_on_an_error_after_which_modelcheckpoint_does_not_save(tmp_path, monkeypatch):
+    """At global step 0 (or right after a save) Lightning's ModelCheckpoint does not save on an exception, so it
+    waits for no other rank: nor may the guard (under DDP, a rank-local error would wait in the gather for ever)."""
+    reads = []
+    real = guard_module.nonfinite_weight
+    monkeypatch.setattr(guard_module, "nonfinite_weight", lambda *a, **k: reads.append(1) or real(*a, **k))
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_on_exception=True)
+    run = trainer(tmp_path, max_epochs=1, callbacks=[StageScheduleCallback(), checkpoints], enable_checkpointing=True)
+    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="an ordinary error"):
+        warnings.simplefilter("ignore")
+        run.fit(RaisesAt(0), tiny_loader())
+    assert reads == []
+
+
+def test_no_growth_warning_after_the_directory_was_deleted_and_made_again(tmp_path):
+    teacher, x = torch.nn.Linear(4, 3), torch.randn(400, 4)
+    cache = TeacherCache(tmp_path / "kd")
+    cache.bind("k")
+
+    def epoch() -> None:
+        for index in torch.arange(400).split(8):
+            if cache.lookup(index, inputs=x[index]) is None:
+                with torch.no_grad():
+                    cache.store(index, {"t": teacher(x[index])}, {}, inputs=x[index])
+
+    epoch()
+    shutil.rmtree(tmp_path / "kd")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        epoch()  # 400 rows for 400 samples again: not a run that grows
+    assert not [w for w in caught if "rows stored" in str(w.message)], [str(w.message) for w in caught]
