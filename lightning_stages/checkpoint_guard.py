@@ -173,7 +173,7 @@ def nonfinite_weight(module: torch.nn.Module, gather: Optional[Callable[[Tensor]
     """
     named = [(name, p) for name, p in module.named_parameters()  # not buffers: a float mask may hold -inf on purpose
              if p.requires_grad and (p.is_floating_point() or p.is_complex()) and p.layout == torch.strided
-             and not p.is_meta]
+             and not p.is_meta and not isinstance(p, torch.nn.parameter.UninitializedParameter)]  # LazyLinear's
     if not named:
         finite = torch.ones(0, dtype=torch.bool, device=device)
     else:

@@ -1,6 +1,6 @@
-"""Review D: save_on_exception is given back after the fit that muted it; the guard reads nothing on an error after
-which ModelCheckpoint does not save (a rank-local error must not wait in a gather); the teacher cache's growth
-warning after its directory was deleted."""
+"""The checkpoint guard's edges: save_on_exception is given back after the fit that muted it; the guard reads
+nothing on an error after which ModelCheckpoint does not save (a rank-local error must not wait in a gather); an
+uninitialised lazy parameter is not read; the teacher cache's growth warning after its directory was deleted."""
 
 from __future__ import annotations
 
@@ -75,3 +75,12 @@ def test_no_growth_warning_after_the_directory_was_deleted_and_made_again(tmp_pa
         warnings.simplefilter("always")
         epoch()  # 400 rows for 400 samples again: not a run that grows
     assert not [w for w in caught if "rows stored" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_an_uninitialised_lazy_parameter_is_not_read_and_the_others_are():
+    # a LazyLinear's weight before its first forward has no values: reading it raised a raw ValueError
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.LazyLinear(1))
+    assert guard_module.nonfinite_weight(model) is None
+    with torch.no_grad():
+        model[0].bias[1] = float("nan")
+    assert guard_module.nonfinite_weight(model) == "`0.bias`"
