@@ -3,10 +3,10 @@
 :func:`config_fingerprint` hashes the config (and ``--stages`` file) as parsed YAML, so comments do not count; the
 content of every file they name (a teacher checkpoint), relative to the working directory or to the config's folder;
 what a named YAML file (a nested config, ``model: model.yaml``) names in turn; and the source of your own classes:
-a config names its model, data module and callbacks by ``class_path``, and where such a class is defined in a module
-of the working directory (your project, not an installed package), that module's source file counts, so editing the
-model's code makes the finished runs of that config stale, as editing the config does. Only the module that defines
-the class counts, not the modules it imports.
+a config names its model, data module and callbacks by ``class_path``, and where the module a ``class_path`` names
+lies in the working directory (your project, not an installed package), that module's source file counts, so editing
+the model's code makes the finished runs of that config stale, as editing the config does. Only that module counts,
+not the modules it imports (a class re-exported by a package's ``__init__.py``: that file only).
 """
 
 from __future__ import annotations
