@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -99,10 +100,20 @@ def test_workers_end_with_a_killed_compare_and_its_lock_does_not_block(tmp_path:
     parent = subprocess.Popen([sys.executable, "-c", f"from lightning_stages.cli import main; main({args!r})"],
                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pids: list[int] = []
-    try:
+
+    def read_pids() -> None:
         while not pids:  # the worker is in a training step
             with started.open() as lines:
-                pids += [int(line) for line in lines]
+                pids.extend(int(line) for line in lines)
+
+    try:
+        reader = threading.Thread(target=read_pids, daemon=True)
+        reader.start()
+        reader.join(300)  # a bound on a hang (compare failed before any worker trained), not a timing
+        if not pids:
+            with contextlib.suppress(OSError):  # let the reader's open return
+                os.close(os.open(started, os.O_WRONLY | os.O_NONBLOCK))
+            pytest.fail(f"no worker started a training step; compare exited with {parent.poll()}")
         parent.kill()  # SIGKILL: no finally, no atexit in compare
         parent.wait()
         alive = [pid for pid in pids if not _ended(pid, 60)]
