@@ -265,6 +265,12 @@ def test_an_edited_model_module_reruns_its_schedule_and_older_results_are_still_
     assert old != config_fingerprint(configs[0])
     save_result(out / "runs" / "a" / "seed_0", first.runs["a"][0], old)
     assert compare(configs, out).trained == 0
+    # ... but from then on it is the result of the code as it is now: editing the module again reruns it
+    module.write_text(module.read_text().replace("2 * self.bias + 0.01 *", "3 * self.bias + 0.01 *"))
+    monkeypatch.delitem(sys.modules, "compare_blocking_model")
+    third = compare(configs, out)
+    # before: the old result was reused after every edit of the model's code, for ever
+    assert third.trained == 2 and third.runs["a"][0].metrics["test/score"] == pytest.approx(0.3)
 
 
 # ------------------------------------------------------------------------------------------ a wrong RAY_ADDRESS

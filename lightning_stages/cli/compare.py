@@ -30,6 +30,7 @@ from lightning_stages.cli.lightning_config import (
 from lightning_stages.cli.run_store import (
     LOCK_FILE,
     OutputInUseError,
+    adopt_fingerprint,
     config_fingerprint,
     finished_bytes,
     load_result,
@@ -294,6 +295,7 @@ def run_compare(
                         folder = run_dir(out, name, seed)
                         kept = None if fresh else load_result(folder, accepted[name], metrics)
                         if kept is not None:
+                            adopt_fingerprint(folder, fingerprints[name])  # a result saved before code counted
                             reused.append(folder)
                             finished(kept)
                         else:
