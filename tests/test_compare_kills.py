@@ -179,6 +179,21 @@ def test_the_fingerprint_follows_nested_configs_and_the_files_they_name(tmp_path
     assert config_fingerprint(config) == config_fingerprint(config)
 
 
+def test_a_named_yaml_that_refers_to_itself_or_nests_deeply_counts_by_its_bytes(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_stages.cli.run_store import config_fingerprint
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "a.yaml"
+    config.write_text("model: model.yaml\ndata: {init_args: {index: index.json}}\n")
+    (tmp_path / "model.yaml").write_text("a: &a [*a]\n")  # a YAML alias inside its own anchor
+    (tmp_path / "index.json").write_text("[" * 5000 + "]" * 5000)  # valid JSON, nested deeper than the stack
+    # before: RecursionError, a traceback out of compare
+    before = config_fingerprint(config)
+    (tmp_path / "model.yaml").write_text("a: &a [*a, 1]\n")
+    assert config_fingerprint(config) != before
+
+
 # ------------------------------------------------------------------------------------ the report, written whole
 
 

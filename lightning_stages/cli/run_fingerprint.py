@@ -131,11 +131,12 @@ def _referenced_files(value: Any, base: Optional[Path] = None, seen: Optional[se
                 if resolved.suffix.lower() in _NESTED and resolved not in seen and path.stat().st_size < 1 << 20:
                     seen.add(resolved)
                     nested = yaml.safe_load(path.read_text(encoding="utf-8"))
+                    json.dumps(nested, default=str)  # an alias inside its own anchor (ValueError), too deep: bytes only
                     if parsed is not None:
                         parsed.append(nested)
                     for key, digest in _referenced_files(nested, resolved.parent, seen, parsed).items():
                         found[f"{prefix}{name} > {key}"] = digest
-            except (OSError, ValueError, yaml.YAMLError):
+            except (OSError, ValueError, RecursionError, yaml.YAMLError):  # the file counts by its bytes only
                 pass
     return found
 
