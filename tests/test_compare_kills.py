@@ -194,6 +194,21 @@ def test_a_named_yaml_that_refers_to_itself_or_nests_deeply_counts_by_its_bytes(
     assert config_fingerprint(config) != before
 
 
+def test_each_file_a_config_names_is_read_once_per_compare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_stages.cli import run_fingerprint
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "teacher.ckpt").write_bytes(b"a big teacher")
+    configs = [blocking_config(tmp_path, "a", 0.1), blocking_config(tmp_path, "b")]
+    configs[0].write_text(configs[0].read_text() + "teacher: teacher.ckpt\n")
+    reads: list[str] = []
+    digest = run_fingerprint._file_digest
+    monkeypatch.setattr(run_fingerprint, "_file_digest", lambda path: reads.append(path.name) or digest(path))
+    compare(configs, tmp_path / "out")
+    # before: twice (the fingerprint with the model's code, then without): a checkpoint of gigabytes read twice
+    assert reads == ["teacher.ckpt"]
+
+
 # ------------------------------------------------------------------------------------ the report, written whole
 
 

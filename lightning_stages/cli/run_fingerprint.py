@@ -22,7 +22,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-__all__ = ["config_fingerprint", "source_digests"]
+__all__ = ["config_fingerprint", "config_fingerprints", "source_digests"]
 
 _FORMAT = 1
 
@@ -162,6 +162,23 @@ def config_fingerprint(config: Union[str, os.PathLike], stages: Optional[Union[s
         >>> config_fingerprint(d / "a.yaml") == config_fingerprint(d / "b.yaml")
         False
     """
+    with_code, without_code = config_fingerprints(config, stages)
+    return with_code if code else without_code
+
+
+def config_fingerprints(config: Union[str, os.PathLike],
+                        stages: Optional[Union[str, os.PathLike]] = None) -> tuple[str, str]:
+    """:func:`config_fingerprint` with and without ``code``, reading each named file once (a teacher checkpoint may
+    be gigabytes).
+
+    Example::
+
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / "a.yaml").write_text("trainer: {max_epochs: 2}")
+        >>> config_fingerprints(d / "a.yaml") == (config_fingerprint(d / "a.yaml"), config_fingerprint(d / "a.yaml", code=False))
+        True
+    """
     parts: dict[str, Any] = {"format": _FORMAT}
     parsed: list[Any] = []
     for key, path in (("config", config), ("stages", stages)):
@@ -171,8 +188,12 @@ def config_fingerprint(config: Union[str, os.PathLike], stages: Optional[Union[s
         parts[key] = data
         parsed.append(data)
         parts[f"{key}_files"] = _referenced_files(data, Path(path).resolve().parent, {Path(path).resolve()}, parsed)
-    sources = source_digests(parsed) if code else {}
-    if sources:  # only then: a fingerprint without code is the one of results saved before code counted
-        parts["code"] = sources
+    without_code = _digest(parts)
+    sources = source_digests(parsed)
+    # only with code: a fingerprint without code is the one of results saved before code counted
+    return (_digest({**parts, "code": sources}) if sources else without_code), without_code
+
+
+def _digest(parts: dict[str, Any]) -> str:
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
