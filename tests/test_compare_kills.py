@@ -209,6 +209,21 @@ def test_each_file_a_config_names_is_read_once_per_compare(tmp_path: Path, monke
     assert reads == ["teacher.ckpt"]
 
 
+def test_a_model_named_by_a_class_path_string_counts_its_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    configs = [blocking_config(tmp_path, "a"), blocking_config(tmp_path, "b", 0.1)]
+    # LightningCLI takes the class path as the value itself (no class_path key, no init_args)
+    configs[0].write_text(configs[0].read_text().split("model:")[0] + "model: compare_blocking_model.Blocking\n")
+    monkeypatch.delitem(sys.modules, "compare_blocking_model", raising=False)
+    assert compare(configs, tmp_path / "out").trained == 2
+    module = tmp_path / "compare_blocking_model.py"
+    module.write_text(module.read_text().replace("self.bias + 0.01 *", "5 + self.bias + 0.01 *"))
+    monkeypatch.delitem(sys.modules, "compare_blocking_model")
+    again = compare(configs, tmp_path / "out")
+    # before: a reused with test/score 0.0, from the model as it was
+    assert again.trained == 2 and again.runs["a"][0].metrics["test/score"] == pytest.approx(5.0)
+
+
 # ------------------------------------------------------------------------------------ the report, written whole
 
 

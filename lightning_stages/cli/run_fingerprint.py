@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -29,16 +30,23 @@ _FORMAT = 1
 _INSTALLED = ("site-packages", "dist-packages")
 
 
-def _class_paths(value: Any) -> Iterator[str]:
+#: keys whose value LightningCLI also takes as a bare class path (``model: my_models.Net``, ``callbacks: [a.B]``)
+_CLASS_KEYS = ("model", "data", "callbacks", "logger", "optimizer", "lr_scheduler", "plugins")
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
+
+
+def _class_paths(value: Any, key: Any = None) -> Iterator[str]:
     if isinstance(value, dict):
-        for key, item in value.items():
-            if key == "class_path" and isinstance(item, str):
+        for name, item in value.items():
+            if name == "class_path" and isinstance(item, str):
                 yield item
             else:
-                yield from _class_paths(item)
+                yield from _class_paths(item, name)
     elif isinstance(value, list):
         for item in value:
-            yield from _class_paths(item)
+            yield from _class_paths(item, key)
+    elif key in _CLASS_KEYS and isinstance(value, str) and _DOTTED.fullmatch(value):
+        yield value
 
 
 def _project_source(module: str, project: Path) -> Path | None:
