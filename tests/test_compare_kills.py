@@ -224,6 +224,20 @@ def test_a_model_named_by_a_class_path_string_counts_its_code(tmp_path: Path, mo
     assert again.trained == 2 and again.runs["a"][0].metrics["test/score"] == pytest.approx(5.0)
 
 
+def test_a_model_module_linked_into_the_working_directory_counts(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_stages.cli.run_fingerprint import source_digests
+
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "project").mkdir()
+    (tmp_path / "shared" / "linked_model_module.py").write_text("class Net: pass\n")
+    (tmp_path / "project" / "linked_model_module.py").symlink_to(tmp_path / "shared" / "linked_model_module.py")
+    monkeypatch.chdir(tmp_path / "project")
+    monkeypatch.syspath_prepend(str(tmp_path / "project"))
+    # before: {} (the module's real path is outside the working directory): editing it reused the stale runs
+    assert list(source_digests([{"model": {"class_path": "linked_model_module.Net"}}])) == ["linked_model_module"]
+
+
 # ------------------------------------------------------------------------------------ the report, written whole
 
 

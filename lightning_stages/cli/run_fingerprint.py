@@ -57,8 +57,11 @@ def _project_source(module: str, project: Path) -> Path | None:
         return None
     if spec is None or not spec.origin or not spec.origin.endswith(".py"):
         return None
-    path = Path(spec.origin).resolve()
-    if not path.is_relative_to(project) or any(part in _INSTALLED for part in path.parts):
+    named = Path(os.path.abspath(spec.origin))  # a module linked into the project from elsewhere lies in it too
+    path = named.resolve()
+    if not (path.is_relative_to(project) or named.is_relative_to(project) or named.is_relative_to(Path.cwd())):
+        return None
+    if any(part in _INSTALLED for part in (*path.parts, *named.parts)):
         return None
     return path
 
