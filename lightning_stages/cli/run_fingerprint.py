@@ -45,7 +45,8 @@ def _class_paths(value: Any, key: Any = None) -> Iterator[str]:
     elif isinstance(value, list):
         for item in value:
             yield from _class_paths(item, key)
-    elif key in _CLASS_KEYS and isinstance(value, str) and _DOTTED.fullmatch(value):
+    elif (key in _CLASS_KEYS and isinstance(value, str) and _DOTTED.fullmatch(value)
+          and not value.lower().endswith(_NESTED)):  # model: model.yaml is a nested config, not a class
         yield value
 
 
