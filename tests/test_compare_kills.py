@@ -238,6 +238,18 @@ def test_a_model_module_linked_into_the_working_directory_counts(tmp_path: Path,
     assert list(source_digests([{"model": {"class_path": "linked_model_module.Net"}}])) == ["linked_model_module"]
 
 
+def test_a_config_with_int_and_str_keys_in_one_mapping_has_a_fingerprint(tmp_path: Path) -> None:
+    from lightning_stages.cli.run_store import config_fingerprint
+
+    config = tmp_path / "a.yaml"
+    config.write_text("model: {init_args: {class_weights: {0: 1.0, background: 0.5}}}\n")
+    # before: TypeError ('<' between str and int, sorting the keys): a traceback out of compare
+    before = config_fingerprint(config)
+    assert before == config_fingerprint(config)
+    config.write_text("model: {init_args: {class_weights: {0: 1.0, background: 0.7}}}\n")
+    assert config_fingerprint(config) != before
+
+
 # ------------------------------------------------------------------------------------ the report, written whole
 
 

@@ -206,6 +206,15 @@ def config_fingerprints(config: Union[str, os.PathLike],
     return (_digest({**parts, "code": sources}) if sources else without_code), without_code
 
 
+def _str_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _str_keys(v) for k, v in value.items()}
+    return [_str_keys(v) for v in value] if isinstance(value, list) else value
+
+
 def _digest(parts: dict[str, Any]) -> str:
-    text = json.dumps(parts, sort_keys=True, default=str)
+    try:
+        text = json.dumps(parts, sort_keys=True, default=str)
+    except TypeError:  # keys that do not sort together ({0: 1.0, background: 0.5}): sorted as strings
+        text = json.dumps(_str_keys(parts), sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
