@@ -18,6 +18,7 @@ import pytest
 from conftest import ddp_env
 
 from lightning_stages.cli.compare import run_compare
+from lightning_stages.cli.run_store import RESULT_FILE
 
 BLOCKING = """
 import os
@@ -248,6 +249,27 @@ def test_a_config_with_int_and_str_keys_in_one_mapping_has_a_fingerprint(tmp_pat
     assert before == config_fingerprint(config)
     config.write_text("model: {init_args: {class_weights: {0: 1.0, background: 0.7}}}\n")
     assert config_fingerprint(config) != before
+
+
+def test_an_interrupted_rerun_of_a_changed_config_keeps_the_finished_result(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    configs = [blocking_config(tmp_path, "a", 0.1), blocking_config(tmp_path, "b")]
+    out = tmp_path / "out"
+    monkeypatch.delitem(sys.modules, "compare_blocking_model", raising=False)
+    assert compare(configs, out).trained == 2
+    result = out / "runs" / "a" / "seed_0" / RESULT_FILE
+    kept = result.read_bytes()
+    blocking_config(tmp_path, "a", 0.3)  # changed: a's finished run is stale, the warning says so
+    module = tmp_path / "compare_blocking_model.py"
+    module.write_text(module.read_text().replace("        return self.layer(batch[0]).sum()",
+                                                 "        raise KeyboardInterrupt  # Ctrl-C in the rerun"))
+    monkeypatch.delitem(sys.modules, "compare_blocking_model")
+    with pytest.raises(KeyboardInterrupt), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compare(configs, out)
+    # before: gone (the rerun had emptied the folder), though the warning said "kept where the new run fails"
+    assert result.read_bytes() == kept
 
 
 # ------------------------------------------------------------------------------------ the report, written whole

@@ -37,6 +37,7 @@ from lightning_stages.cli.run_store import (
     lock_out,
     record_result,
     replaced_runs,
+    restore_result,
     run_dir,
     schedule_names,
     version_note,
@@ -307,10 +308,18 @@ def run_compare(
                         with tqdm.external_write_mode():
                             warnings.warn(stale, UserWarning, stacklevel=2)
                 earlier = {(spec.schedule, spec.seed): finished_bytes(spec.run_dir) for spec in todo}
-                for outcome in pool.run(todo):
-                    record_result(run_dir(out, outcome.schedule, outcome.seed), outcome, fingerprints[outcome.schedule],
-                                  earlier[outcome.schedule, outcome.seed])
-                    finished(outcome)
+                outcomes = pool.run(todo)
+                try:
+                    for outcome in outcomes:
+                        record_result(run_dir(out, outcome.schedule, outcome.seed), outcome,
+                                      fingerprints[outcome.schedule], earlier.pop((outcome.schedule, outcome.seed)))
+                        finished(outcome)
+                except BaseException:  # Ctrl-C: the runs in flight stop; those that had a finished result keep it
+                    outcomes.close()
+                    for (name, seed), raw in earlier.items():
+                        if raw is not None:
+                            restore_result(run_dir(out, name, seed), raw)
+                    raise
                 verdict_now = metric_verdict(_sorted(runs), primary)
                 if not auto or verdict_now.decided or len(verdict_now.ranking) < 2 or len(seed_list) >= max_seeds:
                     break

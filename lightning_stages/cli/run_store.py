@@ -29,7 +29,7 @@ from lightning_stages.cli.run_fingerprint import config_fingerprint
 
 __all__ = ["LOCK_FILE", "RESULT_FILE", "OutputInUseError", "adopt_fingerprint", "config_fingerprint", "finished_bytes",
            "load_result", "lock_out",
-           "package_versions", "record_result", "replaced_runs", "run_dir", "save_result", "schedule_names",
+           "package_versions", "record_result", "replaced_runs", "restore_result", "run_dir", "save_result", "schedule_names",
            "version_note"]
 
 RESULT_FILE = "result.json"
@@ -219,6 +219,18 @@ def adopt_fingerprint(folder: Union[str, os.PathLike], fingerprint: str) -> None
         tmp = Path(folder) / f".{RESULT_FILE}.tmp"
         tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
         os.replace(tmp, path)
+
+
+def restore_result(folder: Union[str, os.PathLike], earlier: bytes) -> None:
+    """Put ``earlier`` back as the folder's ``result.json`` if it has none now (its rerun emptied the folder and was
+    interrupted); a run not started yet still has its own and is left alone."""
+    folder = Path(folder)
+    if (folder / RESULT_FILE).exists() or not folder.is_dir():
+        return
+    tmp = folder / f".{RESULT_FILE}.tmp"
+    with contextlib.suppress(OSError):
+        tmp.write_bytes(earlier)
+        os.replace(tmp, folder / RESULT_FILE)
 
 
 def _number(value: Any) -> bool:
