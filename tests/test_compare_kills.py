@@ -272,6 +272,16 @@ def test_an_interrupted_rerun_of_a_changed_config_keeps_the_finished_result(tmp_
     assert result.read_bytes() == kept
 
 
+def test_a_yaml_set_in_a_config_gives_the_same_fingerprint_in_every_process(tmp_path: Path) -> None:
+    config = tmp_path / "a.yaml"
+    config.write_text("model: {init_args: {tags: !!set {alpha, beta, gamma, delta, epsilon}}}\n")
+    code = f"from lightning_stages.cli.run_store import config_fingerprint; print(config_fingerprint({str(config)!r}))"
+    prints = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                             capture_output=True, text=True, check=True).stdout for seed in range(4)}
+    # before: str() of the set, in the order of that process's string hashes: every compare retrained the runs
+    assert len(prints) == 1
+
+
 # ------------------------------------------------------------------------------------ the report, written whole
 
 

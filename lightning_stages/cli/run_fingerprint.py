@@ -212,9 +212,14 @@ def _str_keys(value: Any) -> Any:
     return [_str_keys(v) for v in value] if isinstance(value, list) else value
 
 
+def _plain(value: Any) -> Any:
+    """What JSON has no type for: a set (``!!set``) as its sorted items (its order changes between processes)."""
+    return sorted(map(str, value)) if isinstance(value, (set, frozenset)) else str(value)
+
+
 def _digest(parts: dict[str, Any]) -> str:
     try:
-        text = json.dumps(parts, sort_keys=True, default=str)
+        text = json.dumps(parts, sort_keys=True, default=_plain)
     except TypeError:  # keys that do not sort together ({0: 1.0, background: 0.5}): sorted as strings
-        text = json.dumps(_str_keys(parts), sort_keys=True, default=str)
+        text = json.dumps(_str_keys(parts), sort_keys=True, default=_plain)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
