@@ -18,6 +18,7 @@ import pytest
 from conftest import ddp_env
 
 from lightning_stages.cli.compare import run_compare
+from lightning_stages.cli.run_store import RESULT_FILE
 
 BLOCKING = """
 import os
@@ -179,6 +180,108 @@ def test_the_fingerprint_follows_nested_configs_and_the_files_they_name(tmp_path
     assert config_fingerprint(config) == config_fingerprint(config)
 
 
+def test_a_named_yaml_that_refers_to_itself_or_nests_deeply_counts_by_its_bytes(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_stages.cli.run_store import config_fingerprint
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "a.yaml"
+    config.write_text("model: model.yaml\ndata: {init_args: {index: index.json}}\n")
+    (tmp_path / "model.yaml").write_text("a: &a [*a]\n")  # a YAML alias inside its own anchor
+    (tmp_path / "index.json").write_text("[" * 5000 + "]" * 5000)  # valid JSON, nested deeper than the stack
+    # before: RecursionError, a traceback out of compare
+    before = config_fingerprint(config)
+    (tmp_path / "model.yaml").write_text("a: &a [*a, 1]\n")
+    assert config_fingerprint(config) != before
+
+
+def test_each_file_a_config_names_is_read_once_per_compare(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_stages.cli import run_fingerprint
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "teacher.ckpt").write_bytes(b"a big teacher")
+    configs = [blocking_config(tmp_path, "a", 0.1), blocking_config(tmp_path, "b")]
+    configs[0].write_text(configs[0].read_text() + "teacher: teacher.ckpt\n")
+    reads: list[str] = []
+    digest = run_fingerprint._file_digest
+    monkeypatch.setattr(run_fingerprint, "_file_digest", lambda path: reads.append(path.name) or digest(path))
+    compare(configs, tmp_path / "out")
+    # before: twice (the fingerprint with the model's code, then without): a checkpoint of gigabytes read twice
+    assert reads == ["teacher.ckpt"]
+
+
+def test_a_model_named_by_a_class_path_string_counts_its_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    configs = [blocking_config(tmp_path, "a"), blocking_config(tmp_path, "b", 0.1)]
+    # LightningCLI takes the class path as the value itself (no class_path key, no init_args)
+    configs[0].write_text(configs[0].read_text().split("model:")[0] + "model: compare_blocking_model.Blocking\n")
+    monkeypatch.delitem(sys.modules, "compare_blocking_model", raising=False)
+    assert compare(configs, tmp_path / "out").trained == 2
+    module = tmp_path / "compare_blocking_model.py"
+    module.write_text(module.read_text().replace("self.bias + 0.01 *", "5 + self.bias + 0.01 *"))
+    monkeypatch.delitem(sys.modules, "compare_blocking_model")
+    again = compare(configs, tmp_path / "out")
+    # before: a reused with test/score 0.0, from the model as it was
+    assert again.trained == 2 and again.runs["a"][0].metrics["test/score"] == pytest.approx(5.0)
+
+
+def test_a_model_module_linked_into_the_working_directory_counts(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_stages.cli.run_fingerprint import source_digests
+
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "project").mkdir()
+    (tmp_path / "shared" / "linked_model_module.py").write_text("class Net: pass\n")
+    (tmp_path / "project" / "linked_model_module.py").symlink_to(tmp_path / "shared" / "linked_model_module.py")
+    monkeypatch.chdir(tmp_path / "project")
+    monkeypatch.syspath_prepend(str(tmp_path / "project"))
+    # before: {} (the module's real path is outside the working directory): editing it reused the stale runs
+    assert list(source_digests([{"model": {"class_path": "linked_model_module.Net"}}])) == ["linked_model_module"]
+
+
+def test_a_config_with_int_and_str_keys_in_one_mapping_has_a_fingerprint(tmp_path: Path) -> None:
+    from lightning_stages.cli.run_store import config_fingerprint
+
+    config = tmp_path / "a.yaml"
+    config.write_text("model: {init_args: {class_weights: {0: 1.0, background: 0.5}}}\n")
+    # before: TypeError ('<' between str and int, sorting the keys): a traceback out of compare
+    before = config_fingerprint(config)
+    assert before == config_fingerprint(config)
+    config.write_text("model: {init_args: {class_weights: {0: 1.0, background: 0.7}}}\n")
+    assert config_fingerprint(config) != before
+
+
+def test_an_interrupted_rerun_of_a_changed_config_keeps_the_finished_result(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    configs = [blocking_config(tmp_path, "a", 0.1), blocking_config(tmp_path, "b")]
+    out = tmp_path / "out"
+    monkeypatch.delitem(sys.modules, "compare_blocking_model", raising=False)
+    assert compare(configs, out).trained == 2
+    result = out / "runs" / "a" / "seed_0" / RESULT_FILE
+    kept = result.read_bytes()
+    blocking_config(tmp_path, "a", 0.3)  # changed: a's finished run is stale, the warning says so
+    module = tmp_path / "compare_blocking_model.py"
+    module.write_text(module.read_text().replace("        return self.layer(batch[0]).sum()",
+                                                 "        raise KeyboardInterrupt  # Ctrl-C in the rerun"))
+    monkeypatch.delitem(sys.modules, "compare_blocking_model")
+    with pytest.raises(KeyboardInterrupt), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compare(configs, out)
+    # before: gone (the rerun had emptied the folder), though the warning said "kept where the new run fails"
+    assert result.read_bytes() == kept
+
+
+def test_a_yaml_set_in_a_config_gives_the_same_fingerprint_in_every_process(tmp_path: Path) -> None:
+    config = tmp_path / "a.yaml"
+    config.write_text("model: {init_args: {tags: !!set {alpha, beta, gamma, delta, epsilon}}}\n")
+    code = f"from lightning_stages.cli.run_store import config_fingerprint; print(config_fingerprint({str(config)!r}))"
+    prints = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                             capture_output=True, text=True, check=True).stdout for seed in range(4)}
+    # before: str() of the set, in the order of that process's string hashes: every compare retrained the runs
+    assert len(prints) == 1
+
+
 # ------------------------------------------------------------------------------------ the report, written whole
 
 
@@ -265,6 +368,12 @@ def test_an_edited_model_module_reruns_its_schedule_and_older_results_are_still_
     assert old != config_fingerprint(configs[0])
     save_result(out / "runs" / "a" / "seed_0", first.runs["a"][0], old)
     assert compare(configs, out).trained == 0
+    # ... but from then on it is the result of the code as it is now: editing the module again reruns it
+    module.write_text(module.read_text().replace("2 * self.bias + 0.01 *", "3 * self.bias + 0.01 *"))
+    monkeypatch.delitem(sys.modules, "compare_blocking_model")
+    third = compare(configs, out)
+    # before: the old result was reused after every edit of the model's code, for ever
+    assert third.trained == 2 and third.runs["a"][0].metrics["test/score"] == pytest.approx(0.3)
 
 
 # ------------------------------------------------------------------------------------------ a wrong RAY_ADDRESS

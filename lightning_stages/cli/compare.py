@@ -27,15 +27,17 @@ from lightning_stages.cli.lightning_config import (
     like_for_like_differences,
     schedule_of_config,
 )
+from lightning_stages.cli.run_fingerprint import config_fingerprints
 from lightning_stages.cli.run_store import (
     LOCK_FILE,
     OutputInUseError,
-    config_fingerprint,
+    adopt_fingerprint,
     finished_bytes,
     load_result,
     lock_out,
     record_result,
     replaced_runs,
+    restore_result,
     run_dir,
     schedule_names,
     version_note,
@@ -124,12 +126,14 @@ def _check_readable(configs: Sequence[Union[str, os.PathLike]]) -> None:
         load_config(config)
 
 
-def _fingerprint(config: Path, stages: Optional[str], code: bool = True) -> str:
+def _fingerprints(config: Path, stages: Optional[str]) -> tuple[str, str]:
+    """The config's fingerprint with and without its model's code (see :func:`config_fingerprints`)."""
     try:
-        return config_fingerprint(config, stages, code)
+        return config_fingerprints(config, stages)
     except (OSError, ValueError, yaml.YAMLError):  # unreadable: its runs fail, never reused; hash the bytes
         data = config.read_bytes() if config.is_file() else str(config).encode()
-        return "unreadable-" + hashlib.sha256(data).hexdigest()[:16]
+        unreadable = "unreadable-" + hashlib.sha256(data).hexdigest()[:16]
+        return unreadable, unreadable
 
 
 def _seed_rounds(seeds: Union[int, str, Sequence[int]], max_seeds: int) -> tuple[list[int], bool]:
@@ -263,11 +267,10 @@ def run_compare(
                 summaries[shown[name]] = format_summary(schedule_of_config(path, stages=stage_file))
             except StageConfigError as err:
                 summaries[shown[name]] = "invalid: " + str(err).replace("\n", " ")
-        fingerprints = {name: _fingerprint(path, stage_file)
-                        for name, path, stage_file in zip(names, paths, stage_files)}
+        both = {name: _fingerprints(path, stage_file) for name, path, stage_file in zip(names, paths, stage_files)}
+        fingerprints = {name: pair[0] for name, pair in both.items()}
         # results saved before the model's code counted are reused when the rest matches
-        accepted = {name: {fingerprints[name], _fingerprint(path, stage_file, code=False)}
-                    for name, path, stage_file in zip(names, paths, stage_files)}
+        accepted = {name: set(pair) for name, pair in both.items()}
         runs: dict[str, dict[int, RunOutcome]] = {name: {} for name in names}
         pool = (RayLauncher(ray_num_cpus, ray_num_gpus) if launcher == "ray"
                 else LocalLauncher(jobs if jobs is not None else default_jobs()))
@@ -294,6 +297,7 @@ def run_compare(
                         folder = run_dir(out, name, seed)
                         kept = None if fresh else load_result(folder, accepted[name], metrics)
                         if kept is not None:
+                            adopt_fingerprint(folder, fingerprints[name])  # a result saved before code counted
                             reused.append(folder)
                             finished(kept)
                         else:
@@ -304,10 +308,18 @@ def run_compare(
                         with tqdm.external_write_mode():
                             warnings.warn(stale, UserWarning, stacklevel=2)
                 earlier = {(spec.schedule, spec.seed): finished_bytes(spec.run_dir) for spec in todo}
-                for outcome in pool.run(todo):
-                    record_result(run_dir(out, outcome.schedule, outcome.seed), outcome, fingerprints[outcome.schedule],
-                                  earlier[outcome.schedule, outcome.seed])
-                    finished(outcome)
+                outcomes = pool.run(todo)
+                try:
+                    for outcome in outcomes:
+                        record_result(run_dir(out, outcome.schedule, outcome.seed), outcome,
+                                      fingerprints[outcome.schedule], earlier.pop((outcome.schedule, outcome.seed)))
+                        finished(outcome)
+                except BaseException:  # Ctrl-C: the runs in flight stop; those that had a finished result keep it
+                    outcomes.close()
+                    for (name, seed), raw in earlier.items():
+                        if raw is not None:
+                            restore_result(run_dir(out, name, seed), raw)
+                    raise
                 verdict_now = metric_verdict(_sorted(runs), primary)
                 if not auto or verdict_now.decided or len(verdict_now.ranking) < 2 or len(seed_list) >= max_seeds:
                     break

@@ -16,29 +16,38 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
 
-__all__ = ["config_fingerprint", "source_digests"]
+__all__ = ["config_fingerprint", "config_fingerprints", "source_digests"]
 
 _FORMAT = 1
 
 _INSTALLED = ("site-packages", "dist-packages")
 
 
-def _class_paths(value: Any) -> Iterator[str]:
+#: keys whose value LightningCLI also takes as a bare class path (``model: my_models.Net``, ``callbacks: [a.B]``)
+_CLASS_KEYS = ("model", "data", "callbacks", "logger", "optimizer", "lr_scheduler", "plugins")
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
+
+
+def _class_paths(value: Any, key: Any = None) -> Iterator[str]:
     if isinstance(value, dict):
-        for key, item in value.items():
-            if key == "class_path" and isinstance(item, str):
+        for name, item in value.items():
+            if name == "class_path" and isinstance(item, str):
                 yield item
             else:
-                yield from _class_paths(item)
+                yield from _class_paths(item, name)
     elif isinstance(value, list):
         for item in value:
-            yield from _class_paths(item)
+            yield from _class_paths(item, key)
+    elif (key in _CLASS_KEYS and isinstance(value, str) and _DOTTED.fullmatch(value)
+          and not value.lower().endswith(_NESTED)):  # model: model.yaml is a nested config, not a class
+        yield value
 
 
 def _project_source(module: str, project: Path) -> Path | None:
@@ -49,8 +58,11 @@ def _project_source(module: str, project: Path) -> Path | None:
         return None
     if spec is None or not spec.origin or not spec.origin.endswith(".py"):
         return None
-    path = Path(spec.origin).resolve()
-    if not path.is_relative_to(project) or any(part in _INSTALLED for part in path.parts):
+    named = Path(os.path.abspath(spec.origin))  # a module linked into the project from elsewhere lies in it too
+    path = named.resolve()
+    if not (path.is_relative_to(project) or named.is_relative_to(project) or named.is_relative_to(Path.cwd())):
+        return None
+    if any(part in _INSTALLED for part in (*path.parts, *named.parts)):
         return None
     return path
 
@@ -131,11 +143,12 @@ def _referenced_files(value: Any, base: Optional[Path] = None, seen: Optional[se
                 if resolved.suffix.lower() in _NESTED and resolved not in seen and path.stat().st_size < 1 << 20:
                     seen.add(resolved)
                     nested = yaml.safe_load(path.read_text(encoding="utf-8"))
+                    json.dumps(nested, default=str)  # an alias inside its own anchor (ValueError), too deep: bytes only
                     if parsed is not None:
                         parsed.append(nested)
                     for key, digest in _referenced_files(nested, resolved.parent, seen, parsed).items():
                         found[f"{prefix}{name} > {key}"] = digest
-            except (OSError, ValueError, yaml.YAMLError):
+            except (OSError, ValueError, RecursionError, yaml.YAMLError):  # the file counts by its bytes only
                 pass
     return found
 
@@ -161,6 +174,23 @@ def config_fingerprint(config: Union[str, os.PathLike], stages: Optional[Union[s
         >>> config_fingerprint(d / "a.yaml") == config_fingerprint(d / "b.yaml")
         False
     """
+    with_code, without_code = config_fingerprints(config, stages)
+    return with_code if code else without_code
+
+
+def config_fingerprints(config: Union[str, os.PathLike],
+                        stages: Optional[Union[str, os.PathLike]] = None) -> tuple[str, str]:
+    """:func:`config_fingerprint` with and without ``code``, reading each named file once (a teacher checkpoint may
+    be gigabytes).
+
+    Example::
+
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / "a.yaml").write_text("trainer: {max_epochs: 2}")
+        >>> config_fingerprints(d / "a.yaml") == (config_fingerprint(d / "a.yaml"), config_fingerprint(d / "a.yaml", code=False))
+        True
+    """
     parts: dict[str, Any] = {"format": _FORMAT}
     parsed: list[Any] = []
     for key, path in (("config", config), ("stages", stages)):
@@ -170,8 +200,26 @@ def config_fingerprint(config: Union[str, os.PathLike], stages: Optional[Union[s
         parts[key] = data
         parsed.append(data)
         parts[f"{key}_files"] = _referenced_files(data, Path(path).resolve().parent, {Path(path).resolve()}, parsed)
-    sources = source_digests(parsed) if code else {}
-    if sources:  # only then: a fingerprint without code is the one of results saved before code counted
-        parts["code"] = sources
-    text = json.dumps(parts, sort_keys=True, default=str)
+    without_code = _digest(parts)
+    sources = source_digests(parsed)
+    # only with code: a fingerprint without code is the one of results saved before code counted
+    return (_digest({**parts, "code": sources}) if sources else without_code), without_code
+
+
+def _str_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _str_keys(v) for k, v in value.items()}
+    return [_str_keys(v) for v in value] if isinstance(value, list) else value
+
+
+def _plain(value: Any) -> Any:
+    """What JSON has no type for: a set (``!!set``) as its sorted items (its order changes between processes)."""
+    return sorted(map(str, value)) if isinstance(value, (set, frozenset)) else str(value)
+
+
+def _digest(parts: dict[str, Any]) -> str:
+    try:
+        text = json.dumps(parts, sort_keys=True, default=_plain)
+    except TypeError:  # keys that do not sort together ({0: 1.0, background: 0.5}): sorted as strings
+        text = json.dumps(_str_keys(parts), sort_keys=True, default=_plain)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

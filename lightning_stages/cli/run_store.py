@@ -27,8 +27,9 @@ from filelock import FileLock, Timeout
 from lightning_stages.cli.compare_report import RunOutcome
 from lightning_stages.cli.run_fingerprint import config_fingerprint
 
-__all__ = ["LOCK_FILE", "RESULT_FILE", "OutputInUseError", "config_fingerprint", "finished_bytes", "load_result", "lock_out",
-           "package_versions", "record_result", "replaced_runs", "run_dir", "save_result", "schedule_names",
+__all__ = ["LOCK_FILE", "RESULT_FILE", "OutputInUseError", "adopt_fingerprint", "config_fingerprint", "finished_bytes",
+           "load_result", "lock_out",
+           "package_versions", "record_result", "replaced_runs", "restore_result", "run_dir", "save_result", "schedule_names",
            "version_note"]
 
 RESULT_FILE = "result.json"
@@ -192,6 +193,44 @@ def record_result(folder: Union[str, os.PathLike], run: RunOutcome, fingerprint:
     tmp = Path(folder) / f".{RESULT_FILE}.tmp"
     tmp.write_bytes(earlier)
     os.replace(tmp, Path(folder) / RESULT_FILE)
+
+
+def adopt_fingerprint(folder: Union[str, os.PathLike], fingerprint: str) -> None:
+    """Give a reused ``result.json`` the fingerprint it is reused under now (the rest as it was, atomically).
+
+    A result saved before the model's code counted is reused under its fingerprint without code; from then on it
+    stands for the code as it is now, so a later edit of that code makes it stale (else it would be reused for ever).
+
+    Example::
+
+        >>> import tempfile
+        >>> folder = run_dir(tempfile.mkdtemp(), "a", 0)
+        >>> _ = save_result(folder, RunOutcome("a", 0, metrics={"test/iou": 0.5}), "old")
+        >>> adopt_fingerprint(folder, "new")
+        >>> load_result(folder, "old", []) is None, load_result(folder, "new", []).metrics
+        (True, {'test/iou': 0.5})
+    """
+    path = Path(folder) / RESULT_FILE
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or data.get("fingerprint") == fingerprint:
+            return
+        data["fingerprint"] = fingerprint
+        tmp = Path(folder) / f".{RESULT_FILE}.tmp"
+        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def restore_result(folder: Union[str, os.PathLike], earlier: bytes) -> None:
+    """Put ``earlier`` back as the folder's ``result.json`` if it has none now (its rerun emptied the folder and was
+    interrupted); a run not started yet still has its own and is left alone."""
+    folder = Path(folder)
+    if (folder / RESULT_FILE).exists() or not folder.is_dir():
+        return
+    tmp = folder / f".{RESULT_FILE}.tmp"
+    with contextlib.suppress(OSError):
+        tmp.write_bytes(earlier)
+        os.replace(tmp, folder / RESULT_FILE)
 
 
 def _number(value: Any) -> bool:
