@@ -9,7 +9,6 @@ where the paired analysis of the seeds (:mod:`~lightning_stages.cli.stats`) allo
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -17,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import yaml
 from tqdm.auto import tqdm
 
 from lightning_stages.cli.compare_report import RunOutcome, metric_verdict, plot_curves, write_report
@@ -27,7 +25,7 @@ from lightning_stages.cli.lightning_config import (
     like_for_like_differences,
     schedule_of_config,
 )
-from lightning_stages.cli.run_fingerprint import config_fingerprints
+from lightning_stages.cli.run_fingerprint import run_fingerprints
 from lightning_stages.cli.run_store import (
     LOCK_FILE,
     OutputInUseError,
@@ -124,16 +122,6 @@ def _check_readable(configs: Sequence[Union[str, os.PathLike]]) -> None:
     """Raise the :class:`StageConfigError` (naming the file) of the first config that is not a YAML/JSON mapping."""
     for config in configs:
         load_config(config)
-
-
-def _fingerprints(config: Path, stages: Optional[str]) -> tuple[str, str]:
-    """The config's fingerprint with and without its model's code (see :func:`config_fingerprints`)."""
-    try:
-        return config_fingerprints(config, stages)
-    except (OSError, ValueError, yaml.YAMLError):  # unreadable: its runs fail, never reused; hash the bytes
-        data = config.read_bytes() if config.is_file() else str(config).encode()
-        unreadable = "unreadable-" + hashlib.sha256(data).hexdigest()[:16]
-        return unreadable, unreadable
 
 
 def _seed_rounds(seeds: Union[int, str, Sequence[int]], max_seeds: int) -> tuple[list[int], bool]:
@@ -267,7 +255,7 @@ def run_compare(
                 summaries[shown[name]] = format_summary(schedule_of_config(path, stages=stage_file))
             except StageConfigError as err:
                 summaries[shown[name]] = "invalid: " + str(err).replace("\n", " ")
-        both = {name: _fingerprints(path, stage_file) for name, path, stage_file in zip(names, paths, stage_files)}
+        both = {name: run_fingerprints(path, stage_file) for name, path, stage_file in zip(names, paths, stage_files)}
         fingerprints = {name: pair[0] for name, pair in both.items()}
         # results saved before the model's code counted are reused when the rest matches
         accepted = {name: set(pair) for name, pair in both.items()}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import replace
 from typing import Any, Optional
 
@@ -113,7 +113,7 @@ class LocalLauncher:
         if self._pool is not None:
             self._pool.close()
 
-    def run(self, specs: Sequence[RunSpec]) -> Iterator[RunOutcome]:
+    def run(self, specs: Sequence[RunSpec]) -> Generator[RunOutcome, None, None]:
         """Train the runs, yielding each outcome as it finishes."""
         specs = [replace(spec, threads=self.threads) for spec in specs]
         if self._pool is None:  # in this process: Ctrl-C, or Lightning's sys.exit(1) for it, stops the comparison
@@ -174,7 +174,7 @@ class RayLauncher:
             self._ray.shutdown()
             self._started = False
 
-    def run(self, specs: Sequence[RunSpec]) -> Iterator[RunOutcome]:
+    def run(self, specs: Sequence[RunSpec]) -> Generator[RunOutcome, None, None]:
         """Submit every run as a task, yielding each outcome as it finishes."""
         if self._remote is None:
             raise RuntimeError("use RayLauncher as a context manager: `with RayLauncher() as launcher:`")

@@ -23,7 +23,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-__all__ = ["config_fingerprint", "config_fingerprints", "source_digests"]
+__all__ = ["config_fingerprint", "config_fingerprints", "run_fingerprints", "source_digests"]
 
 _FORMAT = 1
 
@@ -204,6 +204,17 @@ def config_fingerprints(config: Union[str, os.PathLike],
     sources = source_digests(parsed)
     # only with code: a fingerprint without code is the one of results saved before code counted
     return (_digest({**parts, "code": sources}) if sources else without_code), without_code
+
+
+def run_fingerprints(config: Path, stages: Optional[str]) -> tuple[str, str]:
+    """:func:`config_fingerprints`, or for a config that cannot be read or parsed a fingerprint of its bytes (twice):
+    its runs fail, and are never reused."""
+    try:
+        return config_fingerprints(config, stages)
+    except (OSError, ValueError, yaml.YAMLError):
+        data = config.read_bytes() if config.is_file() else str(config).encode()
+        unreadable = "unreadable-" + hashlib.sha256(data).hexdigest()[:16]
+        return unreadable, unreadable
 
 
 def _str_keys(value: Any) -> Any:

@@ -23,7 +23,7 @@ import os
 import signal
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, Optional
@@ -175,7 +175,7 @@ class WorkerPool:
                 continue
             worker.run = spec
 
-    def run(self, specs: Sequence[RunSpec]) -> Iterator[RunOutcome]:
+    def run(self, specs: Sequence[RunSpec]) -> Generator[RunOutcome, None, None]:
         """Train the runs on the workers, yielding each outcome as it finishes (a dead worker's run as failed)."""
         queue = deque(specs)
         try:
