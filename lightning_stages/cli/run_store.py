@@ -28,9 +28,8 @@ from lightning_stages.cli.compare_report import RunOutcome
 from lightning_stages.cli.run_fingerprint import config_fingerprint
 
 __all__ = ["LOCK_FILE", "RESULT_FILE", "OutputInUseError", "adopt_fingerprint", "config_fingerprint", "finished_bytes",
-           "load_result", "lock_out",
-           "package_versions", "record_result", "replaced_runs", "restore_result", "run_dir", "save_result", "schedule_names",
-           "version_note"]
+           "load_result", "lock_out", "package_versions", "record_result", "replaced_runs", "restore_result", "run_dir",
+           "save_result", "schedule_names", "version_note"]
 
 RESULT_FILE = "result.json"
 #: the lock file in ``OUT`` that a running ``compare`` holds
@@ -165,11 +164,15 @@ def save_result(folder: Union[str, os.PathLike], run: RunOutcome, fingerprint: s
     folder.mkdir(parents=True, exist_ok=True)
     data = {"fingerprint": fingerprint, **dataclasses.asdict(run), "versions": package_versions()}
     data.pop("reused", None)
-    path = folder / RESULT_FILE
+    return _write_result(folder, json.dumps(data, indent=1).encode("utf-8"))
+
+
+def _write_result(folder: Path, content: bytes) -> Path:
+    """Write ``content`` as the folder's ``result.json`` atomically (a temporary file, then a rename)."""
     tmp = folder / f".{RESULT_FILE}.tmp"
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    tmp.write_bytes(content)
+    os.replace(tmp, folder / RESULT_FILE)
+    return folder / RESULT_FILE
 
 
 def finished_bytes(folder: Union[str, os.PathLike]) -> Optional[bytes]:
@@ -190,9 +193,7 @@ def record_result(folder: Union[str, os.PathLike], run: RunOutcome, fingerprint:
     if run.error is None or earlier is None:
         save_result(folder, run, fingerprint)
         return
-    tmp = Path(folder) / f".{RESULT_FILE}.tmp"
-    tmp.write_bytes(earlier)
-    os.replace(tmp, Path(folder) / RESULT_FILE)
+    _write_result(Path(folder), earlier)
 
 
 def adopt_fingerprint(folder: Union[str, os.PathLike], fingerprint: str) -> None:
@@ -216,9 +217,7 @@ def adopt_fingerprint(folder: Union[str, os.PathLike], fingerprint: str) -> None
         if not isinstance(data, dict) or data.get("fingerprint") == fingerprint:
             return
         data["fingerprint"] = fingerprint
-        tmp = Path(folder) / f".{RESULT_FILE}.tmp"
-        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
+        _write_result(Path(folder), json.dumps(data, indent=1).encode("utf-8"))
 
 
 def restore_result(folder: Union[str, os.PathLike], earlier: bytes) -> None:
@@ -227,10 +226,8 @@ def restore_result(folder: Union[str, os.PathLike], earlier: bytes) -> None:
     folder = Path(folder)
     if (folder / RESULT_FILE).exists() or not folder.is_dir():
         return
-    tmp = folder / f".{RESULT_FILE}.tmp"
     with contextlib.suppress(OSError):
-        tmp.write_bytes(earlier)
-        os.replace(tmp, folder / RESULT_FILE)
+        _write_result(folder, earlier)
 
 
 def _number(value: Any) -> bool:
