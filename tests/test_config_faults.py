@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -424,3 +426,57 @@ def test_a_trainer_max_epochs_the_parser_takes_is_taken(tmp_path: Path, value: s
     path.write_text(f"trainer:\n  max_epochs: {value}\n  callbacks:\n  - class_path: lightning_stages.StageScheduleCallback\n"
                     "    init_args: {stage_schedule: [{start_epoch: 0, end_epoch: 3}]}\n")
     assert schedule_of_config(path).total_epochs == epochs  # no error; the run's epochs when it has some
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+def test_a_stream_that_never_ends_is_refused_at_the_size_limit(capsys: pytest.CaptureFixture,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lightning_stages.schedule.config_input.MAX_BYTES", 3 << 20)  # the real one is 256 MiB
+    code, out, err = _run(capsys, "validate", "/dev/zero")  # read for ever before: memory without end
+    assert code == 2 and out == ""
+    assert err.strip() == "/dev/zero: larger than 3 MiB, not a config file"
+
+
+def test_a_regular_file_beyond_the_size_limit_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lightning_stages.schedule.config_input.MAX_BYTES", 1 << 20)
+    path = tmp_path / "big.json"
+    path.write_text('{"stage_schedule": []' + " " * (1 << 20) + "}")
+    code, _, err = _run(capsys, "validate", str(path))
+    assert code == 2 and err.strip() == f"{path}: larger than 1 MiB, not a config file"
+    path.write_text('{"stage_schedule": []' + " " * ((1 << 20) - 22) + "}")  # 1 MiB exactly: read
+    assert len(path.read_bytes()) == 1 << 20
+    assert _run(capsys, "validate", str(path))[0] == 0
+
+
+def _through_a_pipe(tmp_path: Path, data: bytes) -> Path:
+    """A FIFO (what a shell's ``<(...)`` gives) that a thread fills with ``data``."""
+    fifo = tmp_path / "stream.yaml"
+    os.mkfifo(fifo)
+
+    def write() -> None:
+        with open(fifo, "wb") as handle:
+            handle.write(data)
+
+    threading.Thread(target=write, daemon=True).start()
+    return fifo
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_config_read_through_a_pipe_is_checked_as_a_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    text = "stage_schedule:\n  - {name: a, start_epoch: 0, end_epoch: 2}\n"
+    code, out, _ = _run(capsys, "validate", str(_through_a_pipe(tmp_path, text.encode())))
+    assert code == 0 and "1 stage (a [0, 2)" in out
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize(("data", "byte", "offset"), [
+    (b"stage_schedule: []\n\xff", 0xFF, 19),
+    (b"#" * ((1 << 20) - 1) + b"\n\xe9x", 0xE9, 1 << 20),  # the bad byte in the second block read
+    (b"stage_schedule: []\n# \xc3", 0xC3, 21),  # cut off inside a two-byte character, at the end
+])
+def test_binary_data_through_a_pipe_is_named_with_its_offset(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                             data: bytes, byte: int, offset: int) -> None:
+    fifo = _through_a_pipe(tmp_path, data)
+    code, _, err = _run(capsys, "validate", str(fifo))
+    assert code == 2 and err.strip() == f"{fifo}: not a text file (not UTF-8: byte {byte:#04x} at offset {offset})"
