@@ -46,11 +46,21 @@ def printable(text: Any, limit: int = 120) -> str:
 
         >>> printable("warm\nup\x1b[31m")
         'warm\\nup\\x1b[31m'
+        >>> printable(b"caf\xe9".decode("utf-8", "surrogateescape"))  # a file name that is not UTF-8
+        'caf\\xe9'
     """
     text = str(text)
     if len(text) > limit:
         text = text[: limit - 3] + "..."
-    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if text.isprintable() else "".join(c if c.isprintable() else _escaped(c) for c in text)
+
+
+def _escaped(character: str) -> str:
+    r"""``repr``'s escape of a character; a byte that was not UTF-8 in a file name (Python's surrogate escape
+    ``\udce9``) is shown as that byte, ``\xe9``."""
+    if "\udc80" <= character <= "\udcff":
+        return f"\\x{ord(character) - 0xDC00:02x}"
+    return repr(character)[1:-1]
 
 
 @dataclass(frozen=True)

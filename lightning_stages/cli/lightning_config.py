@@ -13,8 +13,7 @@ import dataclasses
 import inspect
 import os
 import sys
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Optional, Union
 
 from lightning_stages.best_weights import best_weights_problem
@@ -28,7 +27,6 @@ from lightning_stages.stage_schedule_callback import StageScheduleCallback
 __all__ = [
     "add_working_directory_to_path",
     "check_lightning_config",
-    "like_for_like_differences",
     "schedule_of_config",
     "two_schedules_problem",
 ]
@@ -300,46 +298,11 @@ def two_schedules_problem(stages: Union[str, os.PathLike]) -> StageProblem:
                         name="config", field="stages", value=os.fspath(stages))
 
 
-def like_for_like_differences(configs: Sequence[Union[str, os.PathLike]]) -> list[str]:
-    """Data, model or epoch settings in which the configs differ from the first (the schedule aside).
+def __getattr__(name: str) -> Any:
+    """``like_for_like_differences``, moved to :mod:`~lightning_stages.cli.like_for_like`, still importable from here
+    (that module builds on this one)."""
+    if name == "like_for_like_differences":
+        from lightning_stages.cli.like_for_like import like_for_like_differences
 
-    Everything under ``data`` and ``model`` counts, except the model's schedule settings (``loss_weights``,
-    ``use_distillation``, ``lambda_coef``); so does ``trainer.max_epochs``.
-
-    Example::
-
-        >>> import tempfile, pathlib
-        >>> d = pathlib.Path(tempfile.mkdtemp())
-        >>> _ = (d / "a.yaml").write_text("data: {init_args: {num_train: 64}}\\nmodel: {init_args: {lambda_coef: 1}}")
-        >>> _ = (d / "b.yaml").write_text("data: {init_args: {num_train: 32}}\\nmodel: {init_args: {lambda_coef: 2}}")
-        >>> like_for_like_differences([d / "a.yaml", d / "b.yaml"])
-        ['b.yaml: data.init_args.num_train = 32, but 64 in a.yaml']
-    """
-
-    def settings(path: Union[str, os.PathLike]) -> dict[str, Any]:
-        data = _fit_section(load_config(path))
-        flat: dict[str, Any] = {}
-
-        def walk(prefix: str, value: Any) -> None:
-            if isinstance(value, Mapping):
-                for key, item in value.items():
-                    walk(f"{prefix}.{key}", item)
-            else:
-                flat[prefix] = value
-
-        walk("data", data.get("data"))
-        model = {k: v for k, v in _section(data, "model").items() if k not in _SCHEDULE_MODEL_KEYS}
-        model["init_args"] = {k: v for k, v in _section(model, "init_args").items() if k not in _SCHEDULE_MODEL_KEYS}
-        walk("model", model)
-        flat["trainer.max_epochs"] = _max_epochs_of(data)
-        return flat
-
-    out: list[str] = []
-    if len(configs) < 2:
-        return out
-    first, first_name = settings(configs[0]), Path(configs[0]).name
-    for path in configs[1:]:
-        other = settings(path)
-        out += [f"{Path(path).name}: {key} = {other.get(key)!r}, but {first.get(key)!r} in {first_name}"
-                for key in sorted(set(first) | set(other)) if first.get(key) != other.get(key)]
-    return out
+        return like_for_like_differences
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
