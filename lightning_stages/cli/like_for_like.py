@@ -23,17 +23,15 @@ _NESTED = (".yaml", ".yml", ".json")
 
 
 def _nested_file(value: Any, folder: Path) -> Optional[Path]:
-    """The config file a setting's string names: in the config's folder (where LightningCLI looks), else in the
-    working directory; ``None`` if it names none."""
+    """The config file a setting's string names, relative to the config's folder (where LightningCLI reads it, not
+    the working directory); ``None`` if it names none."""
     if not isinstance(value, str) or not value.lower().endswith(_NESTED) or "\n" in value or len(value) > 4096:
         return None
-    for path in (folder / value, Path.cwd() / value):
-        try:
-            if path.is_file():
-                return path.resolve()
-        except (OSError, ValueError):  # a name the file system refuses (a NUL byte, too long)
-            return None
-    return None
+    try:
+        path = folder / value
+        return path.resolve() if path.is_file() else None
+    except (OSError, ValueError):  # a name the file system refuses (a NUL byte, too long)
+        return None
 
 
 def _expanded(value: Any, folder: Path, open_files: tuple[Path, ...] = ()) -> Any:
