@@ -198,6 +198,9 @@ def test_teachers_that_differ_only_in_a_plain_setting_have_other_keys():
         assert teacher_fingerprint({"t": other}) != key
     assert teacher_fingerprint({"t": Scaled()}, version="v1") != teacher_fingerprint({"t": Scaled(eps=10.0)},
                                                                                      version="v1")
+    # where a teacher says it runs does not change its outputs: two DDP ranks on two devices share one key
+    assert teacher_fingerprint({"t": Scaled(helper=torch.device("cuda", 0))}) == teacher_fingerprint(
+        {"t": Scaled(helper=torch.device("cuda", 1))})
 
 
 def test_a_huggingface_teacher_with_other_attention_heads_and_the_same_weights_has_another_key():

@@ -104,7 +104,9 @@ def _plain(value: Any, depth: int = 0) -> Any:
         return value
     if isinstance(value, float):
         return repr(value)  # nan and inf too
-    if isinstance(value, (complex, torch.dtype, torch.device, torch.Size, enum.Enum)):
+    if isinstance(value, torch.device):  # its type only: DDP ranks on cuda:0 and cuda:1 share one key
+        return value.type
+    if isinstance(value, (complex, torch.dtype, torch.Size, enum.Enum)):
         return repr(value)
     if isinstance(value, (list, tuple)):
         return [type(value).__name__, [_plain(item, depth + 1) for item in value]]
