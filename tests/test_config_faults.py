@@ -480,3 +480,19 @@ def test_binary_data_through_a_pipe_is_named_with_its_offset(tmp_path: Path, cap
     fifo = _through_a_pipe(tmp_path, data)
     code, _, err = _run(capsys, "validate", str(fifo))
     assert code == 2 and err.strip() == f"{fifo}: not a text file (not UTF-8: byte {byte:#04x} at offset {offset})"
+
+
+def test_yaml_is_read_with_the_types_lightningcli_reads_it_with(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """jsonargparse (LightningCLI's parser) reads ``2024-01-01`` as a string and ``1e-3`` as a number; YAML 1.1 reads
+    a date and a string, so ``validate`` refused configs that train."""
+    path = tmp_path / "c.yaml"
+    path.write_text("trainer:\n  max_epochs: 5\n  callbacks:\n    - class_path: lightning_stages.StageScheduleCallback\n"
+                    "      init_args:\n        stage_schedule:\n          - {name: 2024-01-01, start_epoch: 0, "
+                    "end_epoch: 3, distillation: true, lambda_coef: 1e-3}\n")
+    code, out, err = _run(capsys, "show", str(path), "--no-import")
+    assert code == 0, err
+    assert "[0, 3)  2024-01-01 (1/1)  on            0.001" in out
+    from lightning_stages.schedule.config_input import parse_yaml
+
+    assert parse_yaml("a: 1e-3\nb: 2024-01-01\nc: -2E+2\nd: 1.5\ne: 7\nf: .inf") == {
+        "a": 0.001, "b": "2024-01-01", "c": -200.0, "d": 1.5, "e": 7, "f": math.inf}

@@ -209,6 +209,27 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def _read_as_jsonargparse_does(loader: type[yaml.SafeLoader]) -> None:
+    """Give ``loader`` the implicit types of jsonargparse's YAML loader, which LightningCLI reads configs with: a
+    date (``name: 2024-01-01``) stays a string, and a number with an exponent but no dot (``1e-3``) is a float (YAML
+    1.1 reads the first as a date and the second as a string)."""
+    loader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers
+                if tag not in ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:float")]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:
+        [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+_read_as_jsonargparse_does(_UniqueKeyLoader)
+
+
 def parse_yaml(text: str, source: str = "<string>") -> Any:
     """Parse YAML with the safe loader; a key given twice in one mapping is an error, and so is a value that refers to
     itself, too deep or, through aliases, too large (:func:`check_shape`).
