@@ -431,7 +431,7 @@ def test_a_trainer_max_epochs_the_parser_takes_is_taken(tmp_path: Path, value: s
 @pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
 def test_a_stream_that_never_ends_is_refused_at_the_size_limit(capsys: pytest.CaptureFixture,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("lightning_stages.schedule.config_input.MAX_BYTES", 3 << 20)  # the real one is 256 MiB
+    monkeypatch.setattr("lightning_stages.schedule.config_files.MAX_BYTES", 3 << 20)  # the real one is 256 MiB
     code, out, err = _run(capsys, "validate", "/dev/zero")  # read for ever before: memory without end
     assert code == 2 and out == ""
     assert err.strip() == "/dev/zero: larger than 3 MiB, not a config file"
@@ -439,7 +439,7 @@ def test_a_stream_that_never_ends_is_refused_at_the_size_limit(capsys: pytest.Ca
 
 def test_a_regular_file_beyond_the_size_limit_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("lightning_stages.schedule.config_input.MAX_BYTES", 1 << 20)
+    monkeypatch.setattr("lightning_stages.schedule.config_files.MAX_BYTES", 1 << 20)
     path = tmp_path / "big.json"
     path.write_text('{"stage_schedule": []' + " " * (1 << 20) + "}")
     code, _, err = _run(capsys, "validate", str(path))

@@ -1,7 +1,7 @@
 """Reading config text that may be hostile: every way it can go wrong is a :class:`~lightning_stages.StageConfigError`
 naming the file (and the line where there is one), never a raw exception.
 
-* the file is read as UTF-8, at most :data:`MAX_BYTES` of it (a binary file is named as such);
+* the file is read as UTF-8, at most 256 MiB of it (:mod:`.config_files`; a binary file is named as such);
 * JSON is read by ``json.loads`` (plain JSON at C speed) and, for JSON with comments, ``json5``; YAML by a safe loader;
 * a key given twice in one mapping is an error naming the key and both lines (JSON and YAML would keep the last);
 * a number with more digits than Python converts, nesting deeper than :data:`MAX_DEPTH`, a YAML value that refers
@@ -10,27 +10,22 @@ naming the file (and the line where there is one), never a raw exception.
 
 from __future__ import annotations
 
-import codecs
 import json
-import os
 import re
-import stat
 import sys
 from collections.abc import Iterable, Mapping
-from pathlib import Path
-from typing import Any, BinaryIO, Optional
+from typing import Any, Optional
 
 import json5
 import yaml
 
 from lightning_stages.errors import StageConfigError, StageProblem, short_repr
+from lightning_stages.schedule.config_files import MAX_BYTES, read_text  # re-exported: read from here too
 
 __all__ = ["MAX_BYTES", "MAX_DEPTH", "MAX_VALUES", "check_shape", "parse_json", "parse_yaml", "read_text"]
 
 #: the deepest nesting of mappings and lists a config may have
 MAX_DEPTH = 100
-#: the most bytes of a config file that are read (a longer one, or a stream that never ends, is refused)
-MAX_BYTES = 1 << 28
 #: the most values a YAML config may expand to through its aliases (each alias counts what it repeats)
 MAX_VALUES = 10_000_000
 # json5's message: "<string>:LINE Unexpected "x" at column COL" (or without a column at the end of the text)
@@ -315,52 +310,3 @@ def check_shape(value: Any, source: str = "<string>") -> None:
         open_ids.add(id(item))
         stack.append((item, True))
         stack.extend((c, False) for c in children if isinstance(c, (Mapping, list, tuple)))
-
-
-def _too_large(path: Path) -> StageConfigError:
-    return _error(f"{path}: larger than {MAX_BYTES >> 20} MiB, not a config file")
-
-
-def _read_stream(handle: BinaryIO, path: Path) -> str:
-    """A stream's text, decoded as it is read (a device that gives binary data, such as ``/dev/urandom``, is named
-    as such at once; one that never ends, such as ``/dev/zero``, at the limit)."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    parts: list[str] = []
-    size = 0
-    while True:
-        block = handle.read(1 << 20)
-        size += len(block)
-        if size > MAX_BYTES:
-            raise _too_large(path)
-        try:
-            parts.append(decoder.decode(block, final=not block))
-        except UnicodeDecodeError as err:  # err.object: the bytes held back from the last block, then this one
-            byte, offset = err.object[err.start], size - len(err.object) + err.start
-            raise _error(f"{path}: not a text file (not UTF-8: byte {byte:#04x} at offset {offset})") from None
-        if not block:
-            break
-    return "".join(parts)
-
-
-def read_text(path: Path) -> str:
-    """The file's text (UTF-8), at most :data:`MAX_BYTES` bytes of it.
-
-    Raises:
-        StageConfigError: the file is missing or unreadable, is not UTF-8 text (e.g. a binary file), or is larger
-            than :data:`MAX_BYTES` (e.g. ``/dev/zero``, which never ends).
-    """
-    try:
-        with path.open("rb") as handle:
-            if stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                data = handle.read(MAX_BYTES + 1)
-                if len(data) > MAX_BYTES:
-                    raise _too_large(path)
-                return data.decode("utf-8")
-            return _read_stream(handle, path)  # a pipe (``<(...)``) or a device: until its end, the limit or a non-text byte
-    except OSError as err:
-        raise _error(f"cannot read config file {str(path)!r}: {err.strerror or err}") from None
-    except UnicodeDecodeError as err:
-        byte = err.object[err.start]
-        raise _error(f"{path}: not a text file (not UTF-8: byte {byte:#04x} at offset {err.start})") from None
-    except MemoryError:
-        raise _error(f"{path}: too large to read into memory") from None
