@@ -274,7 +274,7 @@ class StageScheduleCallback(CheckpointGuard):
         if schedule.unit == "step":
             resolved = schedule.at_step(trainer.global_step)
             if getattr(pl_module, "stage_token", None) != (resolved.index, resolved.start_epoch):  # named while in force
-                self.stop_if_nonfinite(trainer, pl_module, "at the end of the stage")
+                self.stop_if_nonfinite(trainer, pl_module, "at the end of the stage", weights=True)
             self.adaptive.at_step(trainer, pl_module, self._bound())  # a restore_best stage ended: its best weights
             end = resolved.end_epoch if resolved.end_epoch is not None else math.inf  # ramping: every step
             self._next_step = trainer.global_step + 1 if resolved.ramping else end
