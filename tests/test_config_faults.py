@@ -496,3 +496,20 @@ def test_yaml_is_read_with_the_types_lightningcli_reads_it_with(tmp_path: Path, 
 
     assert parse_yaml("a: 1e-3\nb: 2024-01-01\nc: -2E+2\nd: 1.5\ne: 7\nf: .inf") == {
         "a": 0.001, "b": "2024-01-01", "c": -200.0, "d": 1.5, "e": 7, "f": math.inf}
+
+
+@pytest.mark.parametrize("model", ["model: {class_path: not_imported.Net}\n", ""])
+def test_a_stage_weight_the_callbacks_own_weights_lack_is_taken_when_the_modules_are_unknown(
+        tmp_path: Path, capsys: pytest.CaptureFixture, model: str) -> None:
+    """With ``--no-import`` (or no model class) the module's weights are unknown: a stage weight that the callback's
+    ``loss_weights`` do not name may be one of the module's, as the README says; it was refused."""
+    path = tmp_path / "c.yaml"
+    callback = ("trainer:\n  max_epochs: 5\n  callbacks:\n    - class_path: lightning_stages.StageScheduleCallback\n"
+                "      init_args:\n        loss_weights: {bce: 2}\n        stage_schedule:\n"
+                "          - {name: a, start_epoch: 0, end_epoch: 3, loss_weights: {dice: %s}}\n")
+    path.write_text(model + callback % "0")
+    code, out, err = _run(capsys, "validate", str(path), "--no-import")
+    assert code == 0 and out.startswith(f"OK {path}: 1 stage"), err
+    path.write_text(model + callback % "-1")  # what can be checked still is
+    code, _, err = _run(capsys, "validate", str(path), "--no-import")
+    assert code == 2 and "stage 0 ('a'): `loss_weights.dice` = -1.0: must be >= 0" in err

@@ -34,6 +34,8 @@ __all__ = [
 _CALLBACK_NAME = StageScheduleCallback.__name__
 # the problem that only the module's declared weights can decide (schedule.checks.missing_weight_problems)
 _NO_BASE_WEIGHT = "is not set and has no base weight"
+# the problem of a stage weight that the module's weights (here: the callback's own, the module's being unknown) lack
+_NOT_A_TASK_LOSS = "is not a task loss of this module"
 # model settings that belong to the schedule, not to the model: the base the callback takes from the module, and
 # what is left out when judging whether two configs compare like for like
 _SCHEDULE_MODEL_KEYS = ("loss_weights", "use_distillation", "lambda_coef")
@@ -262,11 +264,14 @@ def schedule_of_config(
     except StageConfigError as err:
         if read or declared["loss_weights"] is not None:
             raise
-        # the module's weights are unknown (a warning said so): a stage weight without a base one may be declared
-        # there, so only the rest is checked
-        rest = [p for p in err.problems if p.message != _NO_BASE_WEIGHT]
+        # the module's weights are unknown (a warning said so): a stage weight without a base one, or that the
+        # callback's own weights do not name, may be declared there, so only the rest is checked
+        rest = [p for p in err.problems if p.message not in (_NO_BASE_WEIGHT, _NOT_A_TASK_LOSS)]
         if rest:
             raise StageConfigError(rest) from None
+    if isinstance(overrides, Mapping) and any(key not in overrides for stage in schedule.stages
+                                              if isinstance(stage.loss_weights, Mapping) for key in stage.loss_weights):
+        overrides = None  # the callback's own weights are not all of the module's (unknown here): none is the base
     return StageSchedule(schedule.stages, overrides, declared["distillation"] if schedule.distillation is None
                          else schedule.distillation, declared["lambda_coef"] if schedule.lambda_coef is None
                          else schedule.lambda_coef, total if schedule.total_epochs is None else schedule.total_epochs,
