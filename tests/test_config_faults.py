@@ -513,3 +513,17 @@ def test_a_stage_weight_the_callbacks_own_weights_lack_is_taken_when_the_modules
     path.write_text(model + callback % "-1")  # what can be checked still is
     code, _, err = _run(capsys, "validate", str(path), "--no-import")
     assert code == 2 and "stage 0 ('a'): `loss_weights.dice` = -1.0: must be >= 0" in err
+
+
+@pytest.mark.parametrize("text", ["", "   \n", "---\n...\n", "~\n", "trainer: {max_epochs: 3}\n"])
+def test_a_schedule_file_that_holds_no_schedule_is_refused(tmp_path: Path, text: str) -> None:
+    """``config=`` (and ``--stages``) naming an empty file, or a LightningCLI config, trained single-stage in silence."""
+    from lightning_stages import StageConfigError, StageScheduleCallback
+
+    path = tmp_path / "stages.yaml"
+    path.write_text(text)
+    with pytest.raises(StageConfigError, match=r"`config` = '.*stages.yaml': holds none of stage_schedule, train, "
+                                               r"distillation: no schedule to read"):
+        StageScheduleCallback(config=path)
+    path.write_text("train: {epochs: 3}\n")
+    assert StageScheduleCallback(config=path) is not None  # a base alone is a schedule (single-stage)
