@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 __all__ = [
-    "DistillationStepError", "StageConfigError", "StageProblem", "closest_names", "did_you_mean", "printable",
-    "short_repr", "stage_label",
+    "DistillationStepError", "StageConfigError", "StageProblem", "closest_names", "did_you_mean", "flag_problem",
+    "printable", "short_repr", "stage_label",
 ]
 
 _REPR = reprlib.Repr()
@@ -187,6 +187,19 @@ def stage_label(index: Optional[int], name: Optional[str]) -> str:
     if index is None:
         return printable(name) if name is not None else "schedule"
     return f"stage {index} ({short_repr(name)})" if name is not None else f"stage {index}"
+
+
+def flag_problem(value: Any, field: str, name: str) -> Optional[StageProblem]:
+    """What is wrong with an argument that must be ``True`` or ``False`` (a numpy bool counts as one).
+
+    Example::
+
+        >>> print(flag_problem("no", "verbose", "StageScheduleCallback"))
+        StageScheduleCallback: `verbose` = 'no': must be true or false, not str
+    """
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")):
+        return None
+    return StageProblem(f"must be true or false, not {type(value).__name__}", name=name, field=field, value=value)
 
 
 def did_you_mean(word: str, candidates: Sequence[str]) -> Optional[str]:

@@ -17,7 +17,7 @@ from lightning_stages.best_weights import best_weights_problem
 from lightning_stages.checkpoint_guard import CheckpointGuard, warn_about_saved_schedule
 from lightning_stages.distillation.distillation_module import DistillationModule
 from lightning_stages.distillation.teachers import refuse_sharded_strategy
-from lightning_stages.errors import StageConfigError, StageProblem
+from lightning_stages.errors import StageConfigError, StageProblem, flag_problem
 from lightning_stages.schedule import StageSchedule
 from lightning_stages.schedule.bind import bind_schedule, declared_settings, given_schedule
 from lightning_stages.schedule.render import format_stage_line, stage_metrics
@@ -122,13 +122,14 @@ class StageScheduleCallback(CheckpointGuard):
         verbose: bool = True,
         best_weights: str = "memory",
     ) -> None:
-        if problem := best_weights_problem(best_weights, "StageScheduleCallback"):
+        if problem := (best_weights_problem(best_weights, "StageScheduleCallback")
+                       or flag_problem(verbose, "verbose", "StageScheduleCallback")):
             raise StageConfigError(problem)
         # the base weights given here override the module's declared ones key by key (checked against them in
         # setup), so they are kept apart from the schedule
         schedule, self.base_loss_weights = given_schedule(stage_schedule, config, loss_weights, distillation,
                                                           lambda_coef)
-        self.verbose = verbose
+        self.verbose = bool(verbose)
         # the state: the schedule as given, and as bound to the module and the Trainer at `setup`
         self.schedule = schedule
         self.resolved_schedule: Optional[StageSchedule] = None

@@ -527,3 +527,15 @@ def test_a_schedule_file_that_holds_no_schedule_is_refused(tmp_path: Path, text:
         StageScheduleCallback(config=path)
     path.write_text("train: {epochs: 3}\n")
     assert StageScheduleCallback(config=path) is not None  # a base alone is a schedule (single-stage)
+
+
+@pytest.mark.parametrize("verbose", ["no", 0, None, [False]])
+def test_verbose_that_is_not_true_or_false_is_refused(verbose: object) -> None:
+    """``verbose="no"`` was taken as true: a string is truthy."""
+    import numpy as np
+
+    from lightning_stages import StageConfigError, StageScheduleCallback
+
+    with pytest.raises(StageConfigError, match=r"StageScheduleCallback: `verbose` = .*: must be true or false, not "):
+        StageScheduleCallback(verbose=verbose)
+    assert StageScheduleCallback(verbose=np.bool_(False)).verbose is False
