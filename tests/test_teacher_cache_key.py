@@ -261,3 +261,15 @@ class TemperatureTeacher(nn.Module):
 
     def forward(self, x):
         return self.net(x) / self.temperature
+
+
+def test_numpy_settings_count_by_their_values():
+    import numpy as np
+
+    def key(helper) -> str:
+        return teacher_fingerprint({"t": Scaled(helper=helper)})
+
+    assert key(np.arange(3.0)) == key(np.arange(3.0)) != key(np.arange(3.0) + 1)
+    assert key(np.arange(3.0)) != key(np.arange(3.0).astype(np.float32))  # the same values in another dtype
+    assert key(np.float32(0.5)) == key(np.float32(0.5)) != key(np.float32(0.25))
+    assert key(np.array(2.0)) != key(np.array(3.0))  # 0-d

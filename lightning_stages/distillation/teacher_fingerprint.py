@@ -11,6 +11,7 @@ import types
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -112,6 +113,11 @@ def _plain(value: Any, depth: int = 0) -> Any:
         return [type(value).__name__, [_plain(item, depth + 1) for item in value]]
     if isinstance(value, Mapping):
         return sorted([repr(key), _plain(item, depth + 1)] for key, item in value.items())
+    if isinstance(value, np.generic):  # a numpy number: the Python value it holds
+        return [type(value).__name__, _plain(value.item(), depth + 1)]
+    if isinstance(value, np.ndarray) and value.dtype != object:  # an object array's bytes are addresses
+        return ["ndarray", str(value.dtype), list(value.shape),
+                hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()]
     if isinstance(value, Tensor):
         digest = hashlib.sha256()
         _update(digest, "", value)
