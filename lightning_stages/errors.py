@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 __all__ = [
-    "DistillationStepError", "StageConfigError", "StageProblem", "closest_names", "did_you_mean", "printable",
-    "short_repr", "stage_label",
+    "DistillationStepError", "StageConfigError", "StageProblem", "closest_names", "did_you_mean", "flag_problem",
+    "printable", "short_repr", "stage_label",
 ]
 
 _REPR = reprlib.Repr()
@@ -46,11 +46,21 @@ def printable(text: Any, limit: int = 120) -> str:
 
         >>> printable("warm\nup\x1b[31m")
         'warm\\nup\\x1b[31m'
+        >>> printable(b"caf\xe9".decode("utf-8", "surrogateescape"))  # a file name that is not UTF-8
+        'caf\\xe9'
     """
     text = str(text)
     if len(text) > limit:
         text = text[: limit - 3] + "..."
-    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if text.isprintable() else "".join(c if c.isprintable() else _escaped(c) for c in text)
+
+
+def _escaped(character: str) -> str:
+    r"""``repr``'s escape of a character; a byte that was not UTF-8 in a file name (Python's surrogate escape
+    ``\udce9``) is shown as that byte, ``\xe9``."""
+    if "\udc80" <= character <= "\udcff":
+        return f"\\x{ord(character) - 0xDC00:02x}"
+    return repr(character)[1:-1]
 
 
 @dataclass(frozen=True)
@@ -177,6 +187,19 @@ def stage_label(index: Optional[int], name: Optional[str]) -> str:
     if index is None:
         return printable(name) if name is not None else "schedule"
     return f"stage {index} ({short_repr(name)})" if name is not None else f"stage {index}"
+
+
+def flag_problem(value: Any, field: str, name: str) -> Optional[StageProblem]:
+    """What is wrong with an argument that must be ``True`` or ``False`` (a numpy bool counts as one).
+
+    Example::
+
+        >>> print(flag_problem("no", "verbose", "StageScheduleCallback"))
+        StageScheduleCallback: `verbose` = 'no': must be true or false, not str
+    """
+    if isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")):
+        return None
+    return StageProblem(f"must be true or false, not {type(value).__name__}", name=name, field=field, value=value)
 
 
 def did_you_mean(word: str, candidates: Sequence[str]) -> Optional[str]:

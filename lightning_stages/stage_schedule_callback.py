@@ -17,7 +17,7 @@ from lightning_stages.best_weights import best_weights_problem
 from lightning_stages.checkpoint_guard import CheckpointGuard, warn_about_saved_schedule
 from lightning_stages.distillation.distillation_module import DistillationModule
 from lightning_stages.distillation.teachers import refuse_sharded_strategy
-from lightning_stages.errors import StageConfigError, StageProblem
+from lightning_stages.errors import StageConfigError, StageProblem, flag_problem
 from lightning_stages.schedule import StageSchedule
 from lightning_stages.schedule.bind import bind_schedule, declared_settings, given_schedule
 from lightning_stages.schedule.render import format_stage_line, stage_metrics
@@ -122,13 +122,14 @@ class StageScheduleCallback(CheckpointGuard):
         verbose: bool = True,
         best_weights: str = "memory",
     ) -> None:
-        if problem := best_weights_problem(best_weights, "StageScheduleCallback"):
+        if problem := (best_weights_problem(best_weights, "StageScheduleCallback")
+                       or flag_problem(verbose, "verbose", "StageScheduleCallback")):
             raise StageConfigError(problem)
         # the base weights given here override the module's declared ones key by key (checked against them in
         # setup), so they are kept apart from the schedule
         schedule, self.base_loss_weights = given_schedule(stage_schedule, config, loss_weights, distillation,
                                                           lambda_coef)
-        self.verbose = verbose
+        self.verbose = bool(verbose)
         # the state: the schedule as given, and as bound to the module and the Trainer at `setup`
         self.schedule = schedule
         self.resolved_schedule: Optional[StageSchedule] = None
@@ -274,7 +275,7 @@ class StageScheduleCallback(CheckpointGuard):
         if schedule.unit == "step":
             resolved = schedule.at_step(trainer.global_step)
             if getattr(pl_module, "stage_token", None) != (resolved.index, resolved.start_epoch):  # named while in force
-                self.stop_if_nonfinite(trainer, pl_module, "at the end of the stage")
+                self.stop_if_nonfinite(trainer, pl_module, "at the end of the stage", weights=True)
             self.adaptive.at_step(trainer, pl_module, self._bound())  # a restore_best stage ended: its best weights
             end = resolved.end_epoch if resolved.end_epoch is not None else math.inf  # ramping: every step
             self._next_step = trainer.global_step + 1 if resolved.ramping else end

@@ -14,6 +14,11 @@ With ``--nan-gradient``: every loss is finite, but rank 1's gradient is NaN at t
 DDP's all-reduce spreads to both ranks' weights; a validation every epoch scores them best for a ``restore_best``
 stage (``best_weights="file"``), and ``OnExceptionCheckpoint`` is there. Both ranks must stop with the same error at
 that validation's end: no checkpoint of epoch 1, the best-weights file still epoch 0's.
+
+With ``--distill-first-step``: a distilling stage begins at step 6, and rank 1's distillation loss is NaN there
+(the first-step check of ``DistillationModule``), with ``ModelCheckpoint(save_on_exception=True)``. That check ran
+on rank 1 alone: rank 0 died on a closed connection, or both hung (rank 1 gathering the weights for the save on
+exception, rank 0 waiting in the backward's all-reduce). Both ranks must stop with a ``DistillationStepError``.
 """
 
 from __future__ import annotations
@@ -60,12 +65,40 @@ class NaNGradientOnOneRank(TinyNet):
         self.log("val_acc", (self(batch[0]).argmax(-1) == 0).float().mean(), sync_dist=True)
 
 
+class NaNDistillationOnOneRank(TinyNet):
+    def distill_losses(self, logits, x):
+        losses = super().distill_losses(logits, x)
+        return {k: v * float("nan") for k, v in losses.items()} if self.trainer.global_rank == BAD_RANK else losses
+
+
+def distill_first_step(out: Path) -> int:
+    stages = [{"name": "plain", "start_step": 0, "end_step": 6}, {"name": "kd", "start_step": 6, "distillation": True}]
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g))
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=12, default_root_dir=str(out),
+        callbacks=[StageScheduleCallback(stages), ModelCheckpoint(
+            dirpath=out / "ckpt", save_top_k=-1, filename="{step}", save_last=True, save_on_exception=True)],
+        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    try:
+        trainer.fit(NaNDistillationOnOneRank(), DataLoader(data, batch_size=4))
+    except Exception as err:
+        (out / f"rank{trainer.global_rank}.txt").write_text(f"{type(err).__name__}: {err}")
+        return 1
+    (out / f"rank{trainer.global_rank}.txt").write_text("finished")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--skipped", action="store_true")
     parser.add_argument("--nan-gradient", action="store_true")
+    parser.add_argument("--distill-first-step", action="store_true")
     args = parser.parse_args()
+    if args.distill_first_step:
+        return distill_first_step(args.out)
     if args.nan_gradient:
         return nan_gradient(args.out)
     checkpoints = (ModelCheckpoint(dirpath=args.out / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}")

@@ -139,6 +139,25 @@ def test_every_supported_container_comes_back_as_its_own_type(tmp_path, where):
     assert type(got["plain"]) is list and type(got["plain"][1]) is tuple and torch.equal(got["plain"][0]["k"], x[rows])
 
 
+@pytest.mark.parametrize("where", ["memory", "files"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int64, torch.bool])
+def test_a_leaf_of_no_elements_per_sample_comes_back_with_its_shape_and_dtype(tmp_path, where, dtype):
+    """An ``(N, 0)`` output (an empty set of heads) beside an ordinary one: the directory's read viewed its 0 bytes as
+    the dtype and raised a raw ``RuntimeError`` from the second epoch on."""
+    x = torch.arange(12.0).reshape(4, 3)
+    outputs = {"logits": x, "empty": torch.zeros(4, 0, 2, dtype=dtype), "after": -x}
+    cache = TeacherCache() if where == "memory" else TeacherCache(directory=tmp_path)
+    cache.bind("fingerprint")
+    cache.store(torch.arange(4), outputs, {}, inputs=x)
+    if where == "files":
+        cache.close()
+        cache = TeacherCache(directory=tmp_path)
+        assert cache.bind("fingerprint")
+    got, _ = cache.lookup(torch.tensor([2, 0]), inputs=x[[2, 0]])
+    assert got["empty"].shape == (2, 0, 2) and got["empty"].dtype == dtype
+    assert torch.equal(got["logits"], x[[2, 0]]) and torch.equal(got["after"], -x[[2, 0]])
+
+
 class Box(dict):
     """A dict subclass the cache cannot know how to rebuild."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 import sys
@@ -15,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lightning_stages.cli import main
 from lightning_stages.cli.compare import run_compare
 from lightning_stages.cli.compare_report import verdict
-from lightning_stages.cli.lightning_config import like_for_like_differences
+from lightning_stages.cli.like_for_like import like_for_like_differences
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -233,6 +234,54 @@ def test_like_for_like_differences_name_the_setting(tiny_config: Callable[..., P
     a = tiny_config("joint", tmp_path, teacher=None, file_name="a.yaml")
     b = tiny_config("no_schedule", tmp_path, teacher=None, file_name="b.yaml", data={"num_train": 48})
     assert like_for_like_differences([a, b]) == ["b.yaml: data.init_args.num_train = 48, but 32 in a.yaml"]
+
+
+def _nested(folder: Path, name: str, model: str, width: int) -> Path:
+    """A config in ``folder`` whose model is the nested file ``model.yaml`` there (LightningCLI reads it from the
+    config's folder), with ``width`` as its one setting."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.yaml").write_text(f"class_path: my.Net\ninit_args: {{width: {width}, lambda_coef: 1.0}}\n")
+    path = folder / name
+    path.write_text(f"trainer: {{max_epochs: 2}}\nmodel: {model}\ndata: {{init_args: {{num_train: 8}}}}\n")
+    return path
+
+
+def test_like_for_like_differences_is_still_importable_from_lightning_config() -> None:
+    from lightning_stages.cli import lightning_config
+
+    assert lightning_config.like_for_like_differences is like_for_like_differences
+
+
+def test_like_for_like_reads_a_nested_config_file_by_its_content(tmp_path: Path) -> None:
+    a = _nested(tmp_path / "x", "a.yaml", "model.yaml", width=8)
+    b = _nested(tmp_path / "y", "b.yaml", "model.yaml", width=16)  # one name, another model: compared as equal before
+    assert like_for_like_differences([a, b]) == ["b.yaml: model.init_args.width = 16, but 8 in a.yaml"]
+    inline = tmp_path / "y" / "c.yaml"  # the same model written out: alike (a difference before), schedule keys aside
+    inline.write_text("trainer: {max_epochs: 2}\nmodel: {class_path: my.Net, init_args: {width: 8, lambda_coef: 2}}"
+                      "\ndata: {init_args: {num_train: 8}}\n")
+    assert like_for_like_differences([a, inline]) == []
+    bare = tmp_path / "y" / "d.yaml"  # a bare class path counts as the class path
+    bare.write_text("trainer: {max_epochs: 2}\nmodel: other.Net\ndata: {init_args: {num_train: 8}}\n")
+    assert like_for_like_differences([inline, bare])[0] == "d.yaml: model.class_path = 'other.Net', but 'my.Net' in c.yaml"
+
+
+def test_like_for_like_with_a_nested_file_that_names_itself_or_cannot_be_read(tmp_path: Path) -> None:
+    a = _nested(tmp_path / "x", "a.yaml", "model.yaml", width=8)
+    (tmp_path / "x" / "model.yaml").write_text("class_path: my.Net\ninit_args: {sub: model.yaml}\n")
+    b = _nested(tmp_path / "y", "b.yaml", "model.yaml", width=8)
+    (tmp_path / "y" / "model.yaml").write_bytes(b"\xff\xfe")  # not text: counts by its name
+    assert like_for_like_differences([a, b]) == [
+        "b.yaml: model.class_path = 'model.yaml', but 'my.Net' in a.yaml",
+        "b.yaml: model.init_args.sub = None, but 'model.yaml' in a.yaml",
+    ]
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS file names must be UTF-8")
+def test_like_for_like_names_a_config_whose_name_is_not_utf8_as_its_bytes(tmp_path: Path) -> None:
+    a = _nested(tmp_path, "a.yaml", "{class_path: my.Net}", width=8)
+    b = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9\n.yaml"))
+    b.write_text("trainer: {max_epochs: 3}\n")
+    assert like_for_like_differences([a, b])[-1] == "caf\\xe9\\n.yaml: trainer.max_epochs = 3, but 2 in a.yaml"
 
 
 def test_compare_warns_when_not_like_for_like(tiny_config: Callable[..., Path], tmp_path: Path) -> None:

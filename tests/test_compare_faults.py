@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import statistics
 import subprocess
@@ -16,7 +17,7 @@ from scipy import stats
 
 from lightning_stages.cli import main
 from lightning_stages.cli.compare import LOCK_FILE, OutputInUseError, _line, run_compare
-from lightning_stages.cli.compare_report import RunOutcome, metric_verdict
+from lightning_stages.cli.compare_report import RunOutcome, metric_verdict, write_report
 from lightning_stages.cli.run_store import RESULT_FILE, load_result, run_dir, save_result, schedule_names
 from lightning_stages.cli.stats import paired_verdict
 from lightning_stages.cli.training_run import RunSpec, execute_run
@@ -390,3 +391,17 @@ def test_a_failed_run_s_line_shows_the_problem_not_only_the_error_s_first_line()
     # before: "FAILED: StageConfigError: 1 problem in the stage schedule:" and nothing of the problem
     assert line == ("[1/2] a seed 0: FAILED: StageConfigError: 1 problem in the stage schedule: - stage 1 "
                     "('kd\\x1b[2J'): `lambda_coef` = -1: must be >= 0  (1.2 s)")
+
+
+def test_a_schedule_name_with_a_bar_or_a_line_break_stays_one_table_cell(tmp_path: Path) -> None:
+    names = ["a|b", "c\nd"]  # config file names may hold both
+    runs = {name: [RunOutcome(name, seed, metrics={"test/iou": 0.5 + 0.1 * seed + 0.01 * i}, seconds=1.0)
+                   for seed in (0, 1, 2)] for i, name in enumerate(names)}
+    report = write_report(runs, {n: tmp_path / f"{n}.yaml" for n in names}, [0, 1, 2], ["test/iou"], {}, [], None,
+                          tmp_path, None).read_text()
+    assert "| a\\|b | 0.600" in report and "| c\\nd | 0.610" in report
+    tables = [t.splitlines() for t in report.split("\n\n") if t.startswith("|")]
+    assert len(tables) == 4  # the summary, the verdict, the costs and the runs
+    for table in tables:  # every row has as many cells as the separator row (a bar in a name is escaped)
+        assert all(line.startswith("|") for line in table)
+        assert {len(re.findall(r"(?<!\\)\|", line)) for line in table} == {table[1].count("|")}, table

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -424,3 +426,145 @@ def test_a_trainer_max_epochs_the_parser_takes_is_taken(tmp_path: Path, value: s
     path.write_text(f"trainer:\n  max_epochs: {value}\n  callbacks:\n  - class_path: lightning_stages.StageScheduleCallback\n"
                     "    init_args: {stage_schedule: [{start_epoch: 0, end_epoch: 3}]}\n")
     assert schedule_of_config(path).total_epochs == epochs  # no error; the run's epochs when it has some
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+def test_a_stream_that_never_ends_is_refused_at_the_size_limit(capsys: pytest.CaptureFixture,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lightning_stages.schedule.config_files.MAX_BYTES", 3 << 20)  # the real one is 256 MiB
+    code, out, err = _run(capsys, "validate", "/dev/zero")  # read for ever before: memory without end
+    assert code == 2 and out == ""
+    assert err.strip() == "/dev/zero: larger than 3 MiB, not a config file"
+
+
+def test_a_regular_file_beyond_the_size_limit_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("lightning_stages.schedule.config_files.MAX_BYTES", 1 << 20)
+    path = tmp_path / "big.json"
+    path.write_text('{"stage_schedule": []' + " " * (1 << 20) + "}")
+    code, _, err = _run(capsys, "validate", str(path))
+    assert code == 2 and err.strip() == f"{path}: larger than 1 MiB, not a config file"
+    path.write_text('{"stage_schedule": []' + " " * ((1 << 20) - 22) + "}")  # 1 MiB exactly: read
+    assert len(path.read_bytes()) == 1 << 20
+    assert _run(capsys, "validate", str(path))[0] == 0
+
+
+def _through_a_pipe(tmp_path: Path, data: bytes) -> Path:
+    """A FIFO (what a shell's ``<(...)`` gives) that a thread fills with ``data``."""
+    fifo = tmp_path / "stream.yaml"
+    os.mkfifo(fifo)
+
+    def write() -> None:
+        with open(fifo, "wb") as handle:
+            handle.write(data)
+
+    threading.Thread(target=write, daemon=True).start()
+    return fifo
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_config_read_through_a_pipe_is_checked_as_a_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    text = "stage_schedule:\n  - {name: a, start_epoch: 0, end_epoch: 2}\n"
+    code, out, _ = _run(capsys, "validate", str(_through_a_pipe(tmp_path, text.encode())))
+    assert code == 0 and "1 stage (a [0, 2)" in out
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize(("data", "byte", "offset"), [
+    (b"stage_schedule: []\n\xff", 0xFF, 19),
+    (b"#" * ((1 << 20) - 1) + b"\n\xe9x", 0xE9, 1 << 20),  # the bad byte in the second block read
+    (b"stage_schedule: []\n# \xc3", 0xC3, 21),  # cut off inside a two-byte character, at the end
+])
+def test_binary_data_through_a_pipe_is_named_with_its_offset(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                             data: bytes, byte: int, offset: int) -> None:
+    fifo = _through_a_pipe(tmp_path, data)
+    code, _, err = _run(capsys, "validate", str(fifo))
+    assert code == 2 and err.strip() == f"{fifo}: not a text file (not UTF-8: byte {byte:#04x} at offset {offset})"
+
+
+def test_yaml_is_read_with_the_types_lightningcli_reads_it_with(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """jsonargparse (LightningCLI's parser) reads ``2024-01-01`` as a string and ``1e-3`` as a number; YAML 1.1 reads
+    a date and a string, so ``validate`` refused configs that train."""
+    path = tmp_path / "c.yaml"
+    path.write_text("trainer:\n  max_epochs: 5\n  callbacks:\n    - class_path: lightning_stages.StageScheduleCallback\n"
+                    "      init_args:\n        stage_schedule:\n          - {name: 2024-01-01, start_epoch: 0, "
+                    "end_epoch: 3, distillation: true, lambda_coef: 1e-3}\n")
+    code, out, err = _run(capsys, "show", str(path), "--no-import")
+    assert code == 0, err
+    assert "[0, 3)  2024-01-01 (1/1)  on            0.001" in out
+    from lightning_stages.schedule.config_input import parse_yaml
+
+    assert parse_yaml("a: 1e-3\nb: 2024-01-01\nc: -2E+2\nd: 1.5\ne: 7\nf: .inf") == {
+        "a": 0.001, "b": "2024-01-01", "c": -200.0, "d": 1.5, "e": 7, "f": math.inf}
+
+
+@pytest.mark.parametrize("model", ["model: {class_path: not_imported.Net}\n", ""])
+def test_a_stage_weight_the_callbacks_own_weights_lack_is_taken_when_the_modules_are_unknown(
+        tmp_path: Path, capsys: pytest.CaptureFixture, model: str) -> None:
+    """With ``--no-import`` (or no model class) the module's weights are unknown: a stage weight that the callback's
+    ``loss_weights`` do not name may be one of the module's, as the README says; it was refused."""
+    path = tmp_path / "c.yaml"
+    callback = ("trainer:\n  max_epochs: 5\n  callbacks:\n    - class_path: lightning_stages.StageScheduleCallback\n"
+                "      init_args:\n        loss_weights: {bce: 2}\n        stage_schedule:\n"
+                "          - {name: a, start_epoch: 0, end_epoch: 3, loss_weights: {dice: %s}}\n")
+    path.write_text(model + callback % "0")
+    code, out, err = _run(capsys, "validate", str(path), "--no-import")
+    assert code == 0 and out.startswith(f"OK {path}: 1 stage"), err
+    path.write_text(model + callback % "-1")  # what can be checked still is
+    code, _, err = _run(capsys, "validate", str(path), "--no-import")
+    assert code == 2 and "stage 0 ('a'): `loss_weights.dice` = -1.0: must be >= 0" in err
+
+
+@pytest.mark.parametrize("text", ["", "   \n", "---\n...\n", "~\n", "trainer: {max_epochs: 3}\n"])
+def test_a_schedule_file_that_holds_no_schedule_is_refused(tmp_path: Path, text: str) -> None:
+    """``config=`` (and ``--stages``) naming an empty file, or a LightningCLI config, trained single-stage in silence."""
+    from lightning_stages import StageConfigError, StageScheduleCallback
+
+    path = tmp_path / "stages.yaml"
+    path.write_text(text)
+    with pytest.raises(StageConfigError, match=r"`config` = '.*stages.yaml': holds none of stage_schedule, train, "
+                                               r"distillation: no schedule to read"):
+        StageScheduleCallback(config=path)
+    path.write_text("train: {epochs: 3}\n")
+    assert StageScheduleCallback(config=path) is not None  # a base alone is a schedule (single-stage)
+
+
+@pytest.mark.parametrize("verbose", ["no", 0, None, [False]])
+def test_verbose_that_is_not_true_or_false_is_refused(verbose: object) -> None:
+    """``verbose="no"`` was taken as true: a string is truthy."""
+    import numpy as np
+
+    from lightning_stages import StageConfigError, StageScheduleCallback
+
+    with pytest.raises(StageConfigError, match=r"StageScheduleCallback: `verbose` = .*: must be true or false, not "):
+        StageScheduleCallback(verbose=verbose)
+    assert StageScheduleCallback(verbose=np.bool_(False)).verbose is False
+
+
+def test_thousands_of_overlapping_stages_give_a_message_of_bounded_length() -> None:
+    """2000 stages all starting at epoch 0 gave 1,999,000 problems (270 MB of message, 2 GB of memory); each stage now
+    names at most 5 of the stages it overlaps, at most 100 problems are listed, and one more counts the rest."""
+    from lightning_stages import StageConfigError, StageScheduleCallback
+
+    with pytest.raises(StageConfigError) as caught:
+        StageScheduleCallback(stage_schedule=[{"start_epoch": 0} for _ in range(2000)])
+    problems = caught.value.problems
+    assert len(problems) == 101
+    assert str(problems[0]) == ("stage 1: `start_epoch` = 0: overlaps stage 0 which covers epochs [0, end); a stage "
+                                "without `end_epoch` runs to the last epoch")
+    assert [p.index for p in problems[:15]] == [1, 2, 2, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 5]
+    assert [p.index for p in problems[15:20]] == [6] * 5  # stage 6 overlaps 6 stages: 5 are named
+    # 1999 * 2000 / 2 overlapping pairs, 100 of them listed
+    assert str(problems[-1]) == f"schedule: {1999 * 2000 // 2 - 100} more overlaps of one stage with another, not listed"
+
+
+def test_every_overlap_of_a_few_stages_is_still_named() -> None:
+    from lightning_stages import StageConfigError, StageScheduleCallback
+
+    with pytest.raises(StageConfigError) as caught:  # [0, 10) overlaps both; [2, 4) and [5, 8) do not meet
+        StageScheduleCallback(stage_schedule=[{"start_epoch": 0, "end_epoch": 10}, {"start_epoch": 2, "end_epoch": 4},
+                                              {"start_epoch": 5, "end_epoch": 8}, {"start_epoch": 3, "end_epoch": 6}])
+    assert sorted((p.index, p.message) for p in caught.value.problems) == [
+        (1, "overlaps stage 0 which covers epochs [0, 10)"), (2, "overlaps stage 0 which covers epochs [0, 10)"),
+        (2, "overlaps stage 3 which covers epochs [3, 6)"), (3, "overlaps stage 0 which covers epochs [0, 10)"),
+        (3, "overlaps stage 1 which covers epochs [2, 4)")]

@@ -150,3 +150,31 @@ def test_no_schedule_is_bitwise_the_plain_single_stage_training(tmp_path, weight
     assert torch.equal(torch.stack(plain.losses), torch.stack(plugin.losses))
     assert all(row[1:] == ("base", False, 1.0, dict(weights or FIVE_WEIGHTS)) for row in plugin.seen)
     assert plugin.teacher_builds == 0
+
+
+class ConvertedStudent(Student):
+    """The conftest student, its batches in the module's dtype (as with ``Trainer(precision="bf16-true")``)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return super().training_step((x.to(self.dtype), y), batch_idx)
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16-true", torch.bfloat16), ("64-true", torch.float64)])
+def test_teachers_built_after_the_trainer_converted_the_module_follow_its_dtype(tmp_path, precision, dtype):
+    """The callback builds the teachers after Lightning converted the module: they stayed float32, and the first
+    distilling step failed with a dtype mismatch."""
+    model = ConvertedStudent()
+    callback = StageScheduleCallback(stage_schedule=[{"name": "kd", "start_epoch": 0, "distillation": True}],
+                                     verbose=False)
+    trainer(tmp_path, max_epochs=1, callbacks=[callback], precision=precision, deterministic=False).fit(model, loader())
+    teacher = model.teachers["teacher"]
+    assert {p.dtype for p in teacher.parameters()} == {dtype} == {p.dtype for p in model.parameters()}
+    assert teacher.calls == 2 and all(torch.isfinite(loss) for loss in model.losses)
+
+
+def test_teachers_keep_their_dtype_beside_a_student_of_mixed_or_default_dtypes():
+    model = Student()
+    model.body.half()  # mixed: which dtype the teachers should take is not known
+    model.prepare_teachers()
+    assert {p.dtype for p in model.teachers["teacher"].parameters()} == {torch.float32}

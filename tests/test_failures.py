@@ -234,7 +234,7 @@ def test_non_finite_distillation_loss_names_the_loss_the_epoch_and_the_stage(tmp
 def test_finite_check_runs_once_per_stage_not_once_per_step(tmp_path, monkeypatch):
     calls = []
     check = distillation_module.check_finite
-    monkeypatch.setattr(distillation_module, "check_finite", lambda *args: calls.append(args[1:]) or check(*args))
+    monkeypatch.setattr(distillation_module, "check_finite", lambda *args: calls.append(args[1:3]) or check(*args))
     schedule = [
         {"name": "distill", "start_epoch": 0, "end_epoch": 2, "distillation": True},
         {"name": "finetune", "start_epoch": 2, "end_epoch": 3, "distillation": False},

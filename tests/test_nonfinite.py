@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -540,3 +541,41 @@ def test_manual_optimization_that_returns_no_loss_still_never_checkpoints_nan_we
         run.fit(NoReturn(), tiny_loader())
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt", "step=4.ckpt"]
     assert _all_finite(torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["state_dict"])
+
+
+def test_a_nan_distillation_loss_at_a_stages_first_step_on_one_ddp_rank_stops_every_rank(tmp_path):
+    """The first-step check of the distillation losses ran on one rank alone: with ``save_on_exception`` both ranks
+    hung, without it the other rank died on a closed connection."""
+    import subprocess
+    import sys
+
+    from conftest import ddp_env
+
+    worker = Path(__file__).with_name("_ddp_nonfinite_worker.py")
+    proc = subprocess.run([sys.executable, str(worker), "--out", str(tmp_path), "--distill-first-step"], cwd=tmp_path,
+                          env=ddp_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240)
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    errors = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert all(e.startswith("DistillationStepError: 1 problem at the first step of stage 'kd'") for e in errors), errors
+    assert "`distill_losses.kd` = nan: is not finite at epoch 1" in errors[1]
+    assert "`distill_losses` = 'not finite': is not finite on rank 1 at epoch 1" in errors[0]
+    for path in (tmp_path / "ckpt").iterdir():  # what was saved, on the exception too, is before the NaN step
+        assert _all_finite(torch.load(path, weights_only=True)["state_dict"]), path
+
+
+def test_nan_weights_at_the_end_of_a_restore_best_stage_in_steps_stop_the_run(tmp_path):
+    """A step schedule: stage ``a`` (steps 0..4, ``restore_best``) ends at step 5, and the batch that makes step 5
+    has a finite loss with a NaN gradient. The stage-end check read the losses only, so the best weights were restored
+    over the NaN ones and the run went on without a word; it now stops, naming the weights."""
+
+    class Validated(NaNGradientAt):
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", torch.nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+    stages = [{"name": "a", "start_step": 0, "end_step": 5, "monitor": "val_loss", "restore_best": True},
+              {"name": "b", "start_step": 5}]
+    run = trainer(tmp_path, max_epochs=-1, max_steps=12, val_check_interval=2,
+                  callbacks=[StageScheduleCallback(stages)])
+    with pytest.raises(DistillationStepError, match=r"`head.weight` holds NaN .* at global step 5 .*\(found at the "
+                                                    r"end of the stage\)"):
+        run.fit(Validated(epoch=1, batch=0), tiny_loader(), tiny_loader(n=8))

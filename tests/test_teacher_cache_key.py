@@ -3,6 +3,7 @@ runs that differ in it (the autocast the teachers run under, their non-persisten
 still share them."""
 
 import contextlib
+from pathlib import Path
 
 import _cache_ddp_worker as worker
 import lightning.pytorch as pl
@@ -16,8 +17,9 @@ from lightning_stages.distillation.teacher_fingerprint import teacher_fingerprin
 from lightning_stages.losses import logit_kd
 
 STEPS = worker.N_SAMPLES // worker.BATCH_SIZE
-#: the fingerprint of the plain ``nn.Linear`` below, as 0.2 computed it
-PLAIN_KEY = "24f3ed5cf4d42a14a0fd6b00b0bfd98f"
+#: the fingerprint of the plain ``nn.Linear`` below (since the tenth session, when the modules' settings began to
+#: count: 0.2 computed "24f3ed5cf4d42a14a0fd6b00b0bfd98f"); it must not change by accident
+PLAIN_KEY = "894007117193b933e9f1bf8f5ca1a695"
 
 
 class Shifted(nn.Module):
@@ -135,7 +137,7 @@ def test_the_fingerprint_reads_non_persistent_buffers_and_keeps_the_other_teache
     assert teacher_fingerprint({"t": a}) != teacher_fingerprint({"t": b})
     b.shift = torch.zeros(5, dtype=torch.float64)  # the same values in another dtype
     assert teacher_fingerprint({"t": a}) != teacher_fingerprint({"t": b})
-    # a teacher without non-persistent buffers keeps the key it had (one of 0.2's, computed then)
+    # a teacher without non-persistent buffers keeps its key
     plain = nn.Linear(2, 1)
     with torch.no_grad():
         plain.weight.copy_(torch.tensor([[1.0, -2.0]]))
@@ -174,3 +176,100 @@ def test_teacher_weights_changed_in_place_during_a_fit_are_not_served_the_old_ro
     for step, (x, served) in enumerate(model.seen):
         with torch.no_grad():
             torch.testing.assert_close(served, reference[step // STEPS](x))
+
+
+class Scaled(nn.Module):
+    """A linear layer, a LayerNorm and plain settings that change the outputs without changing a weight."""
+
+    def __init__(self, temperature: float = 1.0, eps: float = 1e-5, act=torch.tanh, helper=None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.norm = nn.Linear(5, 3), nn.LayerNorm(3, eps=eps)
+        self.temperature, self.act, self.helper = temperature, act, helper
+
+    def forward(self, x):
+        return self.act(self.norm(self.lin(x))) / self.temperature
+
+
+def test_teachers_that_differ_only_in_a_plain_setting_have_other_keys():
+    key = teacher_fingerprint({"t": Scaled()})
+    assert teacher_fingerprint({"t": Scaled()}) == key
+    for other in (Scaled(temperature=4.0), Scaled(eps=10.0), Scaled(act=torch.sigmoid), Scaled(temperature=float("nan"))):
+        assert teacher_fingerprint({"t": other}) != key
+    assert teacher_fingerprint({"t": Scaled()}, version="v1") != teacher_fingerprint({"t": Scaled(eps=10.0)},
+                                                                                     version="v1")
+    # where a teacher says it runs does not change its outputs: two DDP ranks on two devices share one key
+    assert teacher_fingerprint({"t": Scaled(helper=torch.device("cuda", 0))}) == teacher_fingerprint(
+        {"t": Scaled(helper=torch.device("cuda", 1))})
+
+
+def test_a_huggingface_teacher_with_other_attention_heads_and_the_same_weights_has_another_key():
+    pytest.importorskip("transformers")
+    from transformers import BertConfig, BertModel
+
+    def bert(heads: int) -> nn.Module:
+        torch.manual_seed(1)
+        return BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=heads,
+                                    intermediate_size=32, max_position_embeddings=16))
+
+    one, four = bert(1), bert(4)
+    four.load_state_dict(one.state_dict())  # the same weights: only the config differs, and the outputs
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert not torch.allclose(one(ids).last_hidden_state, four(ids).last_hidden_state)
+    assert teacher_fingerprint({"t": one}) != teacher_fingerprint({"t": four})
+    assert teacher_fingerprint({"t": one}) == teacher_fingerprint({"t": bert(1)})
+
+
+class _Opaque:
+    """An object whose repr holds its address."""
+
+
+def test_the_key_of_a_teacher_with_functions_objects_and_tensors_as_settings_is_the_same_in_another_process():
+    import functools
+    import subprocess
+    import sys
+
+    code = ("import functools, torch, sys; sys.path.insert(0, {tests!r}); import test_teacher_cache_key as t; "
+            "from lightning_stages.distillation.teacher_fingerprint import teacher_fingerprint; "
+            "m = t.Scaled(act=functools.partial(torch.clamp, min=0.0), helper=[t._Opaque(), torch.arange(3.0)]); "
+            "print(teacher_fingerprint({{'t': m}}))")
+    here = Scaled(act=functools.partial(torch.clamp, min=0.0), helper=[_Opaque(), torch.arange(3.0)])
+    there = subprocess.run([sys.executable, "-c", code.format(tests=str(Path(__file__).parent))], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    assert there == teacher_fingerprint({"t": here})
+    other = Scaled(act=functools.partial(torch.clamp, min=1.0), helper=[_Opaque(), torch.arange(3.0)])
+    assert teacher_fingerprint({"t": other}) != there
+    other = Scaled(act=functools.partial(torch.clamp, min=0.0), helper=[_Opaque(), torch.arange(4.0)])
+    assert teacher_fingerprint({"t": other}) != there
+
+
+def test_a_teacher_with_another_plain_setting_is_not_served_the_old_rows(tmp_path):
+    """End to end: a directory filled by one teacher, read by a fit whose teacher divides by another temperature."""
+    _fit_once(tmp_path, TemperatureTeacher(1.0))
+    other = _fit_once(tmp_path, TemperatureTeacher(4.0))
+    assert other.teacher_calls > 0
+    _assert_live(other, TemperatureTeacher(4.0), None)
+
+
+class TemperatureTeacher(nn.Module):
+    """The worker's teacher, its outputs divided by a plain ``temperature`` attribute."""
+
+    def __init__(self, temperature: float) -> None:
+        super().__init__()
+        self.net, self.temperature = worker.make_teacher(), temperature
+
+    def forward(self, x):
+        return self.net(x) / self.temperature
+
+
+def test_numpy_settings_count_by_their_values():
+    import numpy as np
+
+    def key(helper) -> str:
+        return teacher_fingerprint({"t": Scaled(helper=helper)})
+
+    assert key(np.arange(3.0)) == key(np.arange(3.0)) != key(np.arange(3.0) + 1)
+    assert key(np.arange(3.0)) != key(np.arange(3.0).astype(np.float32))  # the same values in another dtype
+    assert key(np.float32(0.5)) == key(np.float32(0.5)) != key(np.float32(0.25))
+    assert key(np.array(2.0)) != key(np.array(3.0))  # 0-d

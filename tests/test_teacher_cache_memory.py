@@ -98,3 +98,44 @@ def test_a_stored_batch_of_compact_indices_is_read_through_the_table_alone(check
     hit = cache.lookup(index, inputs=((INPUTS[rows],), {})) if checked else cache.lookup(index)
     assert hit is not None
     torch.testing.assert_close(hit[0]["t"], OUTPUTS[rows], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_rows_stored_under_a_bf16_autocast_are_stored_and_served(dtype):
+    """A ``Trainer(precision="bf16-mixed")`` with ``teacher_precision="16-mixed"``: the store ran under the CPU bf16
+    autocast, whose ``torch.cat`` refused float16 rows (a raw ``RuntimeError``, then an ``IndexError`` at every read)."""
+    cache = TeacherCache()
+    cache.bind("fingerprint")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for start in range(0, 16, 4):  # four stores: the rows grow three times
+            rows = list(range(start, start + 4))
+            cache.store(torch.tensor(rows), {"t": OUTPUTS[rows].to(dtype)}, {}, inputs=((INPUTS[rows],), {}))
+        hit = read(cache, [3, 9, 0])
+    assert hit is not None and torch.equal(hit[0]["t"], OUTPUTS[[3, 9, 0]].to(dtype))
+
+
+def test_a_store_that_fails_leaves_none_of_its_samples_served_and_the_others_intact(monkeypatch):
+    cache = stored_cache(list(range(8)))
+    storage = cache._bound()
+    copies = []
+
+    def failing_copy(self, dim, index, source):  # the checksums' copy fails: the leaf's wrote the new rows
+        copies.append(1)
+        if len(copies) == 2:
+            raise RuntimeError("disk full, say")
+        return original(self, dim, index, source)
+
+    original = torch.Tensor.index_copy_
+    monkeypatch.setattr(torch.Tensor, "index_copy_", failing_copy)
+    other = torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="disk full"):  # samples 6, 7 stored again (new values), 8, 9 new
+        storage.put([6, 7, 8, 9], torch.arange(4), [other, other])
+    monkeypatch.undo()
+    assert len(storage) == 6  # samples 6 and 7 are forgotten: their rows may hold part of the failed batch
+    assert read(cache, [6]) is None and read(cache, [8]) is None
+    hit = read(cache, [5, 0])
+    assert hit is not None and torch.equal(hit[0]["t"], OUTPUTS[[5, 0]])
+    # new samples get new slots, never one a forgotten sample's rows may be read from
+    cache.store(torch.tensor([20, 6]), {"t": OUTPUTS[[20, 6]]}, {}, inputs=((INPUTS[[20, 6]],), {}))
+    hit = read(cache, [20, 6, 5])
+    assert hit is not None and torch.equal(hit[0]["t"], OUTPUTS[[20, 6, 5]])

@@ -20,11 +20,8 @@ from tqdm.auto import tqdm
 
 from lightning_stages.cli.compare_report import RunOutcome, metric_verdict, plot_curves, write_report
 from lightning_stages.cli.launchers import LocalLauncher, RayLauncher, default_jobs
-from lightning_stages.cli.lightning_config import (
-    add_working_directory_to_path,
-    like_for_like_differences,
-    schedule_of_config,
-)
+from lightning_stages.cli.lightning_config import add_working_directory_to_path, schedule_of_config
+from lightning_stages.cli.like_for_like import like_for_like_differences
 from lightning_stages.cli.run_fingerprint import run_fingerprints
 from lightning_stages.cli.run_store import (
     LOCK_FILE,

@@ -12,6 +12,7 @@ from typing import Any, Optional, Union
 
 from lightning_stages.cli.plots import PLOT_HINT, require_matplotlib
 from lightning_stages.cli.stats import TEST_SENTENCE, MetricVerdict, higher_is_better, paired_verdict
+from lightning_stages.errors import printable
 
 __all__ = ["RunOutcome", "metric_verdict", "plot_curves", "verdict", "write_report"]
 
@@ -88,6 +89,18 @@ def verdict(scores: Mapping[str, Union[Sequence[float], Mapping[int, float]]], m
     """
     by_seed = {name: dict(v) if isinstance(v, Mapping) else dict(enumerate(v)) for name, v in scores.items()}
     return paired_verdict(by_seed, metric, higher_is_better).text
+
+
+def _cell(text: object) -> str:
+    r"""``text`` as one cell of a Markdown table row: a ``|`` escaped (``\|``), a line break and other control
+    characters written as escapes (a file name may hold either).
+
+    Example::
+
+        >>> _cell("a|b\nc")
+        'a\\|b\\nc'
+    """
+    return printable(text, limit=4096).replace("|", "\\|")
 
 
 def _label(metric: str) -> str:
@@ -195,7 +208,7 @@ def _verdict_lines(result_runs: Mapping[str, Sequence[RunOutcome]], metrics: Seq
         best = result.ranking[0][0] if result.ranking else "-"
         for c in result.comparisons:
             interval = f"{c.low:.3f} to {c.high:.3f} ({c.level:.1%})" if math.isfinite(c.high) else "-"
-            table.append(f"| {_label(metric)} | {best} | {c.other} | {c.seeds} | {c.difference:.4f} | {interval} | "
+            table.append(f"| {_cell(_label(metric))} | {_cell(best)} | {_cell(c.other)} | {c.seeds} | {c.difference:.4f} | {interval} | "
                          f"{c.p_holm:.3g} | {'yes' if c.separated else 'no'} |")
     return lines + (table if len(table) > 3 else [])
 
@@ -209,11 +222,11 @@ def _cost_lines(result_runs: Mapping[str, Sequence[RunOutcome]]) -> list[str]:
     for name, runs in result_runs.items():
         ok = [r for r in runs if r.error is None]
         if not ok:
-            lines.append(f"| {name} | - | - | - | - | - |")
+            lines.append(f"| {_cell(name)} | - | - | - | - | - |")
             continue
         mean = {key: statistics.fmean(getattr(r, key) for r in ok)
                 for key in ("seconds", "distill_seconds", "other_seconds", "teacher_forwards", "teacher_samples")}
-        lines.append(f"| {name} | {mean['seconds']:.1f} s | {mean['distill_seconds']:.1f} s | "
+        lines.append(f"| {_cell(name)} | {mean['seconds']:.1f} s | {mean['distill_seconds']:.1f} s | "
                      f"{mean['other_seconds']:.1f} s | {mean['teacher_forwards']:.0f} | {mean['teacher_samples']:.0f} |")
     return lines
 
@@ -268,7 +281,7 @@ def write_report(result_runs: Mapping[str, Sequence[RunOutcome]], configs: Mappi
         lines.append("> **Warning: not like for like.** The configs differ in more than the schedule:")
         lines += [f"> - {d}" for d in differences]
         lines.append("")
-    header = ["schedule", *(_label(m) for m in metrics), "wall time per run", "runs ok"]
+    header = ["schedule", *(_cell(_label(m)) for m in metrics), "wall time per run", "runs ok"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for name, runs in result_runs.items():
@@ -276,10 +289,10 @@ def write_report(result_runs: Mapping[str, Sequence[RunOutcome]], configs: Mappi
         cells = [_format_mean_std([r.metrics[m] for r in ok if m in r.metrics]) for m in metrics]
         seconds = f"{statistics.fmean([r.seconds for r in runs]):.1f}" if runs else "-"
         status = f"{len(ok)}/{len(runs)}" + (" (FAILED)" if len(ok) < len(runs) else "")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {seconds} s | {status} |")
+        lines.append(f"| {_cell(name)} | " + " | ".join(cells) + f" | {seconds} s | {status} |")
     for name, values in (reference or {}).items():
         cells = [f"{values[m]:.3f}" if m in values else "-" for m in metrics]
-        lines.append(f"| {name} | " + " | ".join(cells) + " | - | reference |")
+        lines.append(f"| {_cell(name)} | " + " | ".join(cells) + " | - | reference |")
     lines += ["", *_verdict_lines(result_runs, metrics), "", *_cost_lines(result_runs)]
     failed = [(name, r.seed, r.error.splitlines() or [""]) for name, runs in result_runs.items() for r in runs
               if r.error is not None]
@@ -292,14 +305,14 @@ def write_report(result_runs: Mapping[str, Sequence[RunOutcome]], configs: Mappi
         folder = (folders or {}).get(name, name)
         where = f"`{config}`" + (f", runs in `runs/{folder}/`" if folder != name else "")
         lines.append(f"- **{name}** ({where}): {schedules.get(name, 'not read')}")
-    metric_cells = " | ".join(_label(m) for m in metrics)
+    metric_cells = " | ".join(_cell(_label(m)) for m in metrics)
     lines += ["", "## Runs", "", f"| schedule | seed | {metric_cells} | seconds | status |",
               "|" + "---|" * (len(metrics) + 4)]
     for name, runs in result_runs.items():
         for r in runs:
             cells = [f"{r.metrics[m]:.4f}" if m in r.metrics else "-" for m in metrics]
             status = "failed" if r.error is not None else "ok (reused)" if r.reused else "ok"
-            lines.append(f"| {name} | {r.seed} | " + " | ".join(cells) + f" | {r.seconds:.1f} | {status} |")
+            lines.append(f"| {_cell(name)} | {r.seed} | " + " | ".join(cells) + f" | {r.seconds:.1f} | {status} |")
     lines += ["", "## Files", ""]
     if curves is not None:
         lines.append(f"- `{curves.name}`: validation curves per schedule, stage boundaries dashed.")

@@ -13,8 +13,7 @@ import dataclasses
 import inspect
 import os
 import sys
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Optional, Union
 
 from lightning_stages.best_weights import best_weights_problem
@@ -28,7 +27,6 @@ from lightning_stages.stage_schedule_callback import StageScheduleCallback
 __all__ = [
     "add_working_directory_to_path",
     "check_lightning_config",
-    "like_for_like_differences",
     "schedule_of_config",
     "two_schedules_problem",
 ]
@@ -36,6 +34,8 @@ __all__ = [
 _CALLBACK_NAME = StageScheduleCallback.__name__
 # the problem that only the module's declared weights can decide (schedule.checks.missing_weight_problems)
 _NO_BASE_WEIGHT = "is not set and has no base weight"
+# the problem of a stage weight that the module's weights (here: the callback's own, the module's being unknown) lack
+_NOT_A_TASK_LOSS = "is not a task loss of this module"
 # model settings that belong to the schedule, not to the model: the base the callback takes from the module, and
 # what is left out when judging whether two configs compare like for like
 _SCHEDULE_MODEL_KEYS = ("loss_weights", "use_distillation", "lambda_coef")
@@ -264,11 +264,14 @@ def schedule_of_config(
     except StageConfigError as err:
         if read or declared["loss_weights"] is not None:
             raise
-        # the module's weights are unknown (a warning said so): a stage weight without a base one may be declared
-        # there, so only the rest is checked
-        rest = [p for p in err.problems if p.message != _NO_BASE_WEIGHT]
+        # the module's weights are unknown (a warning said so): a stage weight without a base one, or that the
+        # callback's own weights do not name, may be declared there, so only the rest is checked
+        rest = [p for p in err.problems if p.message not in (_NO_BASE_WEIGHT, _NOT_A_TASK_LOSS)]
         if rest:
             raise StageConfigError(rest) from None
+    if isinstance(overrides, Mapping) and any(key not in overrides for stage in schedule.stages
+                                              if isinstance(stage.loss_weights, Mapping) for key in stage.loss_weights):
+        overrides = None  # the callback's own weights are not all of the module's (unknown here): none is the base
     return StageSchedule(schedule.stages, overrides, declared["distillation"] if schedule.distillation is None
                          else schedule.distillation, declared["lambda_coef"] if schedule.lambda_coef is None
                          else schedule.lambda_coef, total if schedule.total_epochs is None else schedule.total_epochs,
@@ -300,46 +303,11 @@ def two_schedules_problem(stages: Union[str, os.PathLike]) -> StageProblem:
                         name="config", field="stages", value=os.fspath(stages))
 
 
-def like_for_like_differences(configs: Sequence[Union[str, os.PathLike]]) -> list[str]:
-    """Data, model or epoch settings in which the configs differ from the first (the schedule aside).
+def __getattr__(name: str) -> Any:
+    """``like_for_like_differences``, moved to :mod:`~lightning_stages.cli.like_for_like`, still importable from here
+    (that module builds on this one)."""
+    if name == "like_for_like_differences":
+        from lightning_stages.cli.like_for_like import like_for_like_differences
 
-    Everything under ``data`` and ``model`` counts, except the model's schedule settings (``loss_weights``,
-    ``use_distillation``, ``lambda_coef``); so does ``trainer.max_epochs``.
-
-    Example::
-
-        >>> import tempfile, pathlib
-        >>> d = pathlib.Path(tempfile.mkdtemp())
-        >>> _ = (d / "a.yaml").write_text("data: {init_args: {num_train: 64}}\\nmodel: {init_args: {lambda_coef: 1}}")
-        >>> _ = (d / "b.yaml").write_text("data: {init_args: {num_train: 32}}\\nmodel: {init_args: {lambda_coef: 2}}")
-        >>> like_for_like_differences([d / "a.yaml", d / "b.yaml"])
-        ['b.yaml: data.init_args.num_train = 32, but 64 in a.yaml']
-    """
-
-    def settings(path: Union[str, os.PathLike]) -> dict[str, Any]:
-        data = _fit_section(load_config(path))
-        flat: dict[str, Any] = {}
-
-        def walk(prefix: str, value: Any) -> None:
-            if isinstance(value, Mapping):
-                for key, item in value.items():
-                    walk(f"{prefix}.{key}", item)
-            else:
-                flat[prefix] = value
-
-        walk("data", data.get("data"))
-        model = {k: v for k, v in _section(data, "model").items() if k not in _SCHEDULE_MODEL_KEYS}
-        model["init_args"] = {k: v for k, v in _section(model, "init_args").items() if k not in _SCHEDULE_MODEL_KEYS}
-        walk("model", model)
-        flat["trainer.max_epochs"] = _max_epochs_of(data)
-        return flat
-
-    out: list[str] = []
-    if len(configs) < 2:
-        return out
-    first, first_name = settings(configs[0]), Path(configs[0]).name
-    for path in configs[1:]:
-        other = settings(path)
-        out += [f"{Path(path).name}: {key} = {other.get(key)!r}, but {first.get(key)!r} in {first_name}"
-                for key in sorted(set(first) | set(other)) if first.get(key) != other.get(key)]
-    return out
+        return like_for_like_differences
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -306,7 +306,7 @@ class DistillationModule:
         trainer = getattr(self, "_trainer", None)
         guard = self._distillation_state.guard
         if guard.enter((self.stage_token, self.stage_name, self._distillation_state.use_distillation, id(trainer))):
-            check_finite(named, self.stage_name, getattr(trainer, "current_epoch", None))
+            check_finite(named, self.stage_name, getattr(trainer, "current_epoch", None), trainer)
             if _ddp_needs_every_parameter(trainer):
                 guard.unused = tuple(unreached_parameters(total, self.parameters()))  # type: ignore[attr-defined]
         return guard.keep(total)

@@ -44,11 +44,17 @@ def named_losses(losses: Union[Mapping[str, Tensor], Sequence[Tensor], Tensor]) 
     return [(f"distill_losses[{i}]", v) for i, v in enumerate(losses)]
 
 
-def check_finite(named: Sequence[tuple[str, Tensor]], stage: Optional[str], epoch: Optional[int]) -> None:
+def check_finite(named: Sequence[tuple[str, Tensor]], stage: Optional[str], epoch: Optional[int],
+                 trainer: Any = None) -> None:
     """Raise if a distillation loss is NaN or infinite. One host sync per loss: call once per stage, not per step.
 
+    With a ``trainer`` of more than one process (DDP), the verdict is gathered over the ranks (one collective), so
+    that every rank raises at this step: one rank raising alone would leave the others waiting in the backward's
+    gradient reduction.
+
     Raises:
-        DistillationStepError: naming each loss that is not finite, the epoch and the stage.
+        DistillationStepError: naming each loss that is not finite, the epoch and the stage (on the other ranks:
+            the ranks where a loss was not finite).
 
     Example::
 
@@ -71,6 +77,14 @@ def check_finite(named: Sequence[tuple[str, Tensor]], stage: Optional[str], epoc
                     name=stage_where(stage), field=f"distill_losses.{name}", value=shown,
                 )
             )
+    if getattr(trainer, "world_size", 1) > 1:
+        flags = trainer.strategy.all_gather(torch.tensor(float(bool(problems)), device=trainer.strategy.root_device))
+        ranks = [rank for rank, flag in enumerate(flags.reshape(-1).tolist()) if flag]
+        if ranks and not problems:
+            problems.append(StageProblem(
+                f"is not finite on rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))} at epoch {epoch}, the "
+                "first training step of the stage (every rank stops here); see that rank's error",
+                name=stage_where(stage), field="distill_losses", value="not finite"))
     if problems:
         raise DistillationStepError(problems, stage=stage)
 

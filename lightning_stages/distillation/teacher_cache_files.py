@@ -249,6 +249,9 @@ class FileRows(RowStorage):
         leaves, start = [], ROW_HEAD
         for shape, dtype, nbytes in specs:
             # a copy that starts the storage, aligned for any dtype (a one-row slice is contiguous at offset 24)
+            if not nbytes:  # a leaf of no elements per sample, (N, 0): nothing stored, nothing to view
+                leaves.append(torch.empty((len(index), *shape), dtype=dtype))
+                continue
             leaf = rows[:, start:start + nbytes].clone(memory_format=torch.contiguous_format)
             leaves.append(leaf.view(dtype).view(len(index), *shape))
             start += align8(nbytes)

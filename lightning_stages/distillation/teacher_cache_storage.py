@@ -134,7 +134,8 @@ class MemoryRows(RowStorage):
 
     def __init__(self) -> None:
         self.layout = None
-        self._slot: dict[int, int] = {}
+        self._slot: dict[int, int] = {}  # sample index -> its slot
+        self._used = 0  # slots given out
         self._leaves: list[Tensor] = []
         self._fingerprints = torch.zeros(0, dtype=torch.int64)
         self._table: Optional[Tensor] = None  # sample index -> slot, -1 for none; None while the indices are sparse
@@ -142,7 +143,7 @@ class MemoryRows(RowStorage):
 
     def set_layout(self, layout: dict[str, Any]) -> None:
         if layout != self.layout:
-            self.layout, self._slot, self._table, self._top = layout, {}, None, 0
+            self.layout, self._slot, self._table, self._top, self._used = layout, {}, None, 0, 0
             self._leaves = [torch.empty((0, *shape), dtype=dtype) for shape, dtype, _ in leaf_specs(layout)]
             self._fingerprints = torch.zeros(0, dtype=torch.int64)
 
@@ -169,18 +170,38 @@ class MemoryRows(RowStorage):
         return [leaf.index_select(0, present) for leaf in self._leaves], 0
 
     def put(self, index: list[int], fingerprints: Tensor, leaves: list[Tensor]) -> None:
-        slots = [self._slot.setdefault(i, len(self._slot)) for i in index]
-        if len(self._slot) > len(self._fingerprints):
-            capacity = max(len(self._slot), 2 * len(self._fingerprints))
-            self._leaves = [torch.cat([old, old.new_empty((capacity - len(old), *old.shape[1:]))])
-                            for old in self._leaves]
-            self._fingerprints = torch.cat([self._fingerprints,
-                                            torch.zeros(capacity - len(self._fingerprints), dtype=torch.int64)])
-        rows = torch.tensor(slots, dtype=torch.int64)
-        for stored, leaf in zip(self._leaves, leaves):
-            stored.index_copy_(0, rows, leaf)
-        self._fingerprints.index_copy_(0, rows, fingerprints)
+        slots = []
+        for i in index:
+            slot = self._slot.get(i)
+            if slot is None:  # a new slot: never one of a forgotten sample's (it may hold part of a failed batch)
+                slot = self._slot[i] = self._used
+                self._used += 1
+            slots.append(slot)
+        try:
+            # the caller's autocast (a bf16-mixed Trainer) must not reach torch.cat: it refuses float16 rows on the CPU
+            with torch.autocast("cpu", enabled=False):
+                if self._used > len(self._fingerprints):
+                    capacity = max(self._used, 2 * len(self._fingerprints))
+                    self._leaves = [torch.cat([old, old.new_empty((capacity - len(old), *old.shape[1:]))])
+                                    for old in self._leaves]
+                    self._fingerprints = torch.cat([self._fingerprints, torch.zeros(
+                        capacity - len(self._fingerprints), dtype=torch.int64)])
+                rows = torch.tensor(slots, dtype=torch.int64)
+                for stored, leaf in zip(self._leaves, leaves):
+                    stored.index_copy_(0, rows, leaf)
+                self._fingerprints.index_copy_(0, rows, fingerprints)
+        except BaseException:  # none of these samples keeps a row (some may hold part of this batch): all are missed
+            self._forget(index)
+            raise
         self._map(index, rows)
+
+    def _forget(self, index: list[int]) -> None:
+        """Drop the samples ``index``: their slots stay allocated and are never read or given again."""
+        for i in index:
+            self._slot.pop(i, None)
+        if self._table is not None:
+            known = torch.tensor([i for i in index if i < len(self._table)], dtype=torch.int64)
+            self._table[known] = -1
 
     def _read_by_table(self, index_tensor: Tensor, fingerprints: Optional[Tensor]) -> Optional[list[Tensor]]:
         """The leaves of the rows ``index_tensor`` if every one is stored (for ``fingerprints``, if given), else

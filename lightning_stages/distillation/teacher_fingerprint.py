@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import enum
 import functools
 import hashlib
 import inspect
 import json
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 __all__ = ["teacher_fingerprint"]
 
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3  # 3: the modules' plain settings count
 
 
 @functools.lru_cache(maxsize=256)
@@ -70,6 +73,10 @@ def teacher_fingerprint(
         classes = dict.fromkeys(type(module) for module in teachers[name].modules())
         for cls in classes:
             digest.update((f"{cls.__module__}.{cls.__qualname__}" if version is not None else _class_code(cls)).encode())  # type: ignore[arg-type]
+        for path, module in teachers[name].named_modules():
+            settings = _settings(module)
+            if settings:
+                digest.update(json.dumps([f"settings:{path}", settings], sort_keys=True).encode())
         state = teachers[name].state_dict()
         for key, value in state.items():
             _update(digest, key, value)
@@ -79,6 +86,54 @@ def teacher_fingerprint(
             if key not in state:
                 _update(digest, f"buffer:{key}", buffer)
     return digest.hexdigest()[:32]
+
+
+def _settings(module: nn.Module) -> dict[str, Any]:
+    """A module's own settings that are not weights: its public attributes (``eps``, ``stride``, ``p``, a
+    ``temperature``, a HuggingFace ``config``), each as plain JSON data (:func:`_plain`); its mode aside."""
+    return {key: _plain(value) for key, value in sorted(vars(module).items())
+            if not key.startswith("_") and key != "training"}
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """``value`` as JSON data that is the same in every process: numbers, strings and containers as they are, a
+    tensor by a hash of its bytes, a function or class by its name, an object with ``to_dict()`` (a HuggingFace
+    config) by that, any other object by its type alone (its ``repr`` may hold an address)."""
+    if depth > 20:
+        return "..."
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return repr(value)  # nan and inf too
+    if isinstance(value, torch.device):  # its type only: DDP ranks on cuda:0 and cuda:1 share one key
+        return value.type
+    if isinstance(value, (complex, torch.dtype, torch.Size, enum.Enum)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return [type(value).__name__, [_plain(item, depth + 1) for item in value]]
+    if isinstance(value, Mapping):
+        return sorted([repr(key), _plain(item, depth + 1)] for key, item in value.items())
+    if isinstance(value, np.generic):  # a numpy number: the Python value it holds
+        return [type(value).__name__, _plain(value.item(), depth + 1)]
+    if isinstance(value, np.ndarray) and value.dtype != object:  # an object array's bytes are addresses
+        return ["ndarray", str(value.dtype), list(value.shape),
+                hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()]
+    if isinstance(value, Tensor):
+        digest = hashlib.sha256()
+        _update(digest, "", value)
+        return digest.hexdigest()
+    if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, type, functools.partial)):
+        if isinstance(value, functools.partial):
+            return ["partial", _plain(value.func, depth + 1), _plain(value.args, depth + 1),
+                    _plain(value.keywords, depth + 1)]
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
+    to_dict = getattr(value, "to_dict", None)
+    if callable(to_dict) and not isinstance(value, nn.Module):
+        try:
+            return [type(value).__qualname__, _plain(to_dict(), depth + 1)]
+        except Exception:  # a to_dict that fails: the type alone
+            pass
+    return f"<{type(value).__module__}.{type(value).__qualname__}>"
 
 
 def _update(digest: Any, key: str, value: Any) -> None:

@@ -1,16 +1,18 @@
 """The teachers' cost options: ``teacher_precision`` (the autocast the teachers run under), ``offload_teachers`` and
-``teacher_cache``: their values, their checks and what they decide."""
+``teacher_cache``: their values, their checks and what they decide; and the strategies teachers cannot run under."""
 
 from __future__ import annotations
 
 from typing import Any, Optional, Union
 
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
 from lightning_stages.distillation.teacher_cache import TeacherCache
 from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
 
-__all__ = ["AUTOCAST_DTYPES", "OFFLOAD_MODES", "autocast_in_force", "check_cost_options", "wants_offload"]
+__all__ = ["AUTOCAST_DTYPES", "OFFLOAD_MODES", "autocast_in_force", "check_cost_options", "refuse_sharded_strategy",
+           "wants_offload"]
 
 #: ``teacher_precision`` values and the autocast dtype each runs the teachers under (``None``: no autocast)
 AUTOCAST_DTYPES: dict[Optional[str], Optional[torch.dtype]] = {
@@ -97,3 +99,18 @@ def wants_offload(mode: Union[bool, str], distills_now: bool, distills_later: bo
     if mode == "idle":
         return not distills_now
     return not (distills_now or distills_later)
+
+
+def refuse_sharded_strategy(trainer: Any, needed_by: str) -> None:
+    """Teachers live outside the module that FSDP, DeepSpeed and ModelParallel shard; refuse them there, at setup."""
+    strategy = getattr(trainer, "strategy", None)
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+        raise StageConfigError(
+            StageProblem(
+                f"distillation is not supported under {type(strategy).__name__}: the teachers are kept outside the "
+                "module this strategy shards, so every rank would hold a whole, unsharded copy that the strategy "
+                "neither shards nor places on the device",
+                name=needed_by, field="distillation", value=True,
+                hint="use strategy='ddp' (or 'ddp_spawn'), or a schedule whose stages do not distill",
+            )
+        )

@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Optional
 
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import Tensor, nn
 
 from lightning_stages.distillation.feature_hooks import (
@@ -26,6 +25,7 @@ from lightning_stages.distillation.teacher_options import (  # re-exported: impo
     OFFLOAD_MODES,
     autocast_in_force,
     check_cost_options,
+    refuse_sharded_strategy,
     wants_offload,
 )
 from lightning_stages.errors import DistillationStepError, StageConfigError, StageProblem
@@ -151,6 +151,16 @@ class Teachers:
             for teacher in self.modules.values():
                 teacher.to("cpu" if offload else device)
             self.offloaded = offload
+
+    def follow_dtype_of(self, student: nn.Module) -> None:
+        """Convert the teachers' floating-point weights and buffers to the ``student``'s floating-point dtype when all
+        of its parameters share one other than the default: teachers built after the student was converted
+        (``Trainer(precision="bf16-true")`` or ``"64-true"`` convert it before the callback builds them, and
+        ``model.half()`` before a fit) follow it, as later conversions do through :meth:`follow`."""
+        dtypes = {p.dtype for p in student.parameters() if p.is_floating_point()}
+        if len(dtypes) == 1 and (dtype := dtypes.pop()) != torch.get_default_dtype():
+            for teacher in self.modules.values():
+                teacher.to(dtype=dtype)
 
     def follow(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> None:
         """Apply a module's ``_apply`` function: offloaded teachers follow dtype changes, not device moves."""
@@ -331,20 +341,6 @@ def prepare(
         let_compile_see_hooks()
     per_teacher = spec and isinstance(raw_spec.get(STUDENT), Mapping)  # else the student's list pairs with each
     pairing = student_pairing(raw_spec, list(modules)) if per_teacher else {}
-    return (Teachers(modules, device=next((p.device for p in student.parameters()), None)),
-            FeatureHooks(spec, pairing))
-
-
-def refuse_sharded_strategy(trainer: Any, needed_by: str) -> None:
-    """Teachers live outside the module that FSDP, DeepSpeed and ModelParallel shard; refuse them there, at setup."""
-    strategy = getattr(trainer, "strategy", None)
-    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
-        raise StageConfigError(
-            StageProblem(
-                f"distillation is not supported under {type(strategy).__name__}: the teachers are kept outside the "
-                "module this strategy shards, so every rank would hold a whole, unsharded copy that the strategy "
-                "neither shards nor places on the device",
-                name=needed_by, field="distillation", value=True,
-                hint="use strategy='ddp' (or 'ddp_spawn'), or a schedule whose stages do not distill",
-            )
-        )
+    teachers = Teachers(modules, device=next((p.device for p in student.parameters()), None))
+    teachers.follow_dtype_of(student)
+    return teachers, FeatureHooks(spec, pairing)

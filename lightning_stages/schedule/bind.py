@@ -9,7 +9,7 @@ from typing import Any, Optional, Union
 from lightning_stages.errors import StageConfigError, StageProblem
 from lightning_stages.schedule import checks, unit_checks
 from lightning_stages.schedule.adaptive_checks import min_length_problems
-from lightning_stages.schedule.seed_format import config_path_problems
+from lightning_stages.schedule.seed_format import ROOT_KEYS, config_path_problems, load_config
 from lightning_stages.schedule.stage import BASE_STAGE_NAME, plain
 from lightning_stages.schedule.stage_schedule import StageSchedule
 
@@ -159,7 +159,13 @@ def given_schedule(
     if config is not None:
         if not_a_path := config_path_problems(config, name=owner):
             raise StageConfigError(not_a_path)
-        from_file = StageSchedule.from_config(config)
+        data = load_config(config)
+        if not any(key in data for key in ROOT_KEYS):  # nothing of a schedule: it would train single-stage, silently
+            raise StageConfigError(StageProblem(
+                f"holds none of {', '.join(ROOT_KEYS)}: no schedule to read", name=owner, field="config",
+                value=os.fspath(config), hint="an empty file, or a LightningCLI config (which gives the callback in "
+                "trainer.callbacks)? give a file in the seed's format, with `stage_schedule`"))
+        from_file = StageSchedule.from_config(data)
         if from_file.loss_weights is not None or loss_weights is not None:
             loss_weights = {**(from_file.loss_weights or {}), **(loss_weights or {})}
         problems += checks.base_problems(distillation=distillation, lambda_coef=lambda_coef)

@@ -11,9 +11,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Optional
 
-from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean, short_repr, stage_label
+from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
 from lightning_stages.schedule.adaptive_checks import adaptive_problems
 from lightning_stages.schedule.stage import BASE_STAGE_NAME, STAGE_FIELDS, TOO_LARGE, Stage, too_large
+from lightning_stages.schedule.unit_checks import overlap_problems  # re-exported: checked with the others
 
 __all__ = [
     "base_problems",
@@ -256,35 +257,6 @@ def base_problems(
     elif total_epochs is not None and not (_is_int(total_epochs) and total_epochs >= 1):
         problems.append(StageProblem("must be a positive integer", name=BASE_STAGE_NAME, field="total_epochs",
                                      value=total_epochs))
-    return problems
-
-
-def overlap_problems(ranged: Iterable[tuple[int, Stage]]) -> list[StageProblem]:
-    """Stages (``(index as written, stage)``, epoch ranges well-formed) whose epochs overlap an earlier-starting one.
-
-    Each stage is compared with every earlier-starting stage still running, not only its neighbour:
-    ``[0, 10), [2, 4), [5, 8)`` has two overlaps.
-
-    Example::
-
-        >>> a, b = Stage(name="a", start_epoch=0, end_epoch=4), Stage(start_epoch=2)
-        >>> print(overlap_problems([(0, a), (1, b)])[0])
-        stage 1: `start_epoch` = 2: overlaps stage 0 ('a') which covers epochs [0, 4)
-    """
-    problems = []
-    ordered = sorted(((i, s) for i, s in ranged if s.start is not None), key=lambda item: item[1].start)
-    for pos, (cur, b) in enumerate(ordered):
-        for prev, a in ordered[:pos]:
-            a_end = a.end if a.end is not None else math.inf
-            if a.unit == b.unit and b.start < a_end:
-                a_range = f"[{short_repr(a.start)}, {short_repr(a.end) if a.end is not None else 'end'})"
-                problems.append(
-                    StageProblem(
-                        f"overlaps {stage_label(prev, a.name if a.name else None)} which covers {a.unit}s {a_range}",
-                        index=cur, name=b.name, field=f"start_{b.unit}", value=b.start,
-                        hint=None if a.end is not None else f"a stage without `end_{a.unit}` runs to the last {a.unit}",
-                    )
-                )
     return problems
 
 

@@ -1,7 +1,7 @@
 """Reading config text that may be hostile: every way it can go wrong is a :class:`~lightning_stages.StageConfigError`
 naming the file (and the line where there is one), never a raw exception.
 
-* the file is read as UTF-8 (a binary file is named as such);
+* the file is read as UTF-8, at most 256 MiB of it (:mod:`.config_files`; a binary file is named as such);
 * JSON is read by ``json.loads`` (plain JSON at C speed) and, for JSON with comments, ``json5``; YAML by a safe loader;
 * a key given twice in one mapping is an error naming the key and both lines (JSON and YAML would keep the last);
 * a number with more digits than Python converts, nesting deeper than :data:`MAX_DEPTH`, a YAML value that refers
@@ -14,15 +14,15 @@ import json
 import re
 import sys
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any, Optional
 
 import json5
 import yaml
 
 from lightning_stages.errors import StageConfigError, StageProblem, short_repr
+from lightning_stages.schedule.config_files import MAX_BYTES, read_text  # re-exported: read from here too
 
-__all__ = ["MAX_DEPTH", "MAX_VALUES", "check_shape", "parse_json", "parse_yaml", "read_text"]
+__all__ = ["MAX_BYTES", "MAX_DEPTH", "MAX_VALUES", "check_shape", "parse_json", "parse_yaml", "read_text"]
 
 #: the deepest nesting of mappings and lists a config may have
 MAX_DEPTH = 100
@@ -204,6 +204,27 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def _read_as_jsonargparse_does(loader: type[yaml.SafeLoader]) -> None:
+    """Give ``loader`` the implicit types of jsonargparse's YAML loader, which LightningCLI reads configs with: a
+    date (``name: 2024-01-01``) stays a string, and a number with an exponent but no dot (``1e-3``) is a float (YAML
+    1.1 reads the first as a date and the second as a string)."""
+    loader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers
+                if tag not in ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:float")]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:
+        [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+_read_as_jsonargparse_does(_UniqueKeyLoader)
+
+
 def parse_yaml(text: str, source: str = "<string>") -> Any:
     """Parse YAML with the safe loader; a key given twice in one mapping is an error, and so is a value that refers to
     itself, too deep or, through aliases, too large (:func:`check_shape`).
@@ -289,20 +310,3 @@ def check_shape(value: Any, source: str = "<string>") -> None:
         open_ids.add(id(item))
         stack.append((item, True))
         stack.extend((c, False) for c in children if isinstance(c, (Mapping, list, tuple)))
-
-
-def read_text(path: Path) -> str:
-    """The file's text (UTF-8).
-
-    Raises:
-        StageConfigError: the file is missing or unreadable, or is not UTF-8 text (e.g. a binary file).
-    """
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise _error(f"cannot read config file {str(path)!r}: {err.strerror or err}") from None
-    except UnicodeDecodeError as err:
-        byte = err.object[err.start]
-        raise _error(f"{path}: not a text file (not UTF-8: byte {byte:#04x} at offset {err.start})") from None
-    except MemoryError:
-        raise _error(f"{path}: too large to read into memory") from None

@@ -15,7 +15,8 @@ __all__ = ["format_range", "format_stage_line", "format_summary", "format_table"
            "weight_keys"]
 
 
-def format_range(schedule: StageSchedule, resolved: ResolvedStage, ended: Collection[int] = ()) -> str:
+def format_range(schedule: StageSchedule, resolved: ResolvedStage, ended: Collection[int] = (),
+                 plateau_caps: Optional[Collection[Optional[int]]] = None) -> str:
     """``[start, end)`` of a range of the timeline; a stage a plateau may end shows ``up to`` its cap, and so does the
     start of what follows it. ``ended``: indices of stages whose plateau already ended them (no longer "up to").
 
@@ -26,13 +27,19 @@ def format_range(schedule: StageSchedule, resolved: ResolvedStage, ended: Collec
         >>> [format_range(s, r) for r in s.timeline()]
         ['[0, up to 6)', '[up to 6, 9)']
     """
-    plateau_caps = {schedule.end_of(stage) for index, stage in enumerate(schedule.stages)
-                    if stage.ends_on_plateau and index not in ended}
+    if plateau_caps is None:  # given by the callers that format every range: a schedule of many stages stays fast
+        plateau_caps = _plateau_caps(schedule, ended)
     start = f"up to {resolved.start_epoch}" if resolved.start_epoch in plateau_caps else str(resolved.start_epoch)
     end = str(resolved.end_epoch) if resolved.end_epoch is not None else "end"
     if resolved.index is not None and resolved.index not in ended and schedule.stages[resolved.index].ends_on_plateau:
         end = f"up to {end}"
     return f"[{start}, {end})"
+
+
+def _plateau_caps(schedule: StageSchedule, ended: Collection[int]) -> set[Optional[int]]:
+    """The epochs at which a stage that a plateau may end is cut at the latest (those in ``ended`` aside)."""
+    return {schedule.end_of(stage) for index, stage in enumerate(schedule.stages)
+            if stage.ends_on_plateau and index not in ended}
 
 
 def format_summary(schedule: StageSchedule, ended: Collection[int] = ()) -> str:
@@ -50,7 +57,8 @@ def format_summary(schedule: StageSchedule, ended: Collection[int] = ()) -> str:
     if not schedule.stages:
         return "no stage schedule: single-stage training with the base settings"
     total = schedule.total_steps if schedule.unit == "step" else schedule.total_epochs
-    parts = [f"{printable(r.name, 40)} {format_range(schedule, r, ended)}" for r in schedule.timeline()]
+    caps = _plateau_caps(schedule, ended)
+    parts = [f"{printable(r.name, 40)} {format_range(schedule, r, ended, caps)}" for r in schedule.timeline()]
     over = f" over {total} {schedule.unit}s" if total is not None else ""
     teachers = "; teachers needed" if schedule.needs_teachers else "; no teacher needed"
     count = len(schedule.stages)
@@ -121,13 +129,14 @@ def format_table(schedule: StageSchedule, ended: Collection[int] = ()) -> str:
     header = [f"{schedule.unit}s", "stage", "distillation", "lambda", *(printable(k, 40) for k in keys), *(["ramp"] if ramps else []),
               *(["data"] if with_data else [])]
     rows = [header]
+    caps = _plateau_caps(schedule, ended)
 
     def cell(before: str, after: str) -> str:
         return after if before == after else f"{before} -> {after}"
 
     for r in timeline:
         b = ramp_start(schedule, r) or r
-        rows.append([format_range(schedule, r, ended), printable(r.label if not r.is_base else r.name, 60),
+        rows.append([format_range(schedule, r, ended, caps), printable(r.label if not r.is_base else r.name, 60),
                      cell("on" if b.distillation else "off", "on" if r.distillation else "off"),
                      cell(_number(b.lambda_coef), _number(effective_lambda(r) if b is not r else r.lambda_coef)),
                      *(cell(_number(b.loss_weights[k]), _number(r.loss_weights[k])) if k in r.loss_weights else "-"

@@ -1,23 +1,25 @@
 """Checks of the step and ramp fields (``start_step``, ``end_step``, ``ramp_epochs``, ``ramp_steps``,
 ``ramp_shape``), each a function returning ``list[StageProblem]`` (empty: nothing wrong).
 
-A stage counts in epochs or in optimizer steps, and one schedule uses one unit. A ramp is a finite length > 0 that
-fits in its stage.
+A stage counts in epochs or in optimizer steps, and one schedule uses one unit; stages of one unit do not overlap
+(:func:`overlap_problems`). A ramp is a finite length > 0 that fits in its stage.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Optional
 
-from lightning_stages.errors import StageProblem, did_you_mean, stage_label
+from lightning_stages.errors import StageProblem, did_you_mean, short_repr, stage_label
 from lightning_stages.schedule.stage import TOO_LARGE, Stage, too_large
 
 if TYPE_CHECKING:
     from lightning_stages.schedule.stage_schedule import StageSchedule
 
-__all__ = ["RAMP_SHAPES", "epoch_ramp_problems", "mixed_unit_problems", "ramp_length_problems", "step_field_problems"]
+__all__ = ["RAMP_SHAPES", "epoch_ramp_problems", "mixed_unit_problems", "overlap_problems", "ramp_length_problems",
+           "step_field_problems"]
 
 RAMP_SHAPES = ("linear", "cosine")
 
@@ -166,3 +168,45 @@ def epoch_ramp_problems(schedule: StageSchedule, batches_per_epoch: float, accum
                              hint="give the loader a length, or count the schedule in steps (`start_step`, `ramp_steps`)")
                 for i, s in ramped]
     return ramp_length_problems(ramped, schedule.total_epochs, math.ceil(batches_per_epoch / accumulate_grad_batches))
+
+
+def overlap_problems(ranged: Iterable[tuple[int, Stage]]) -> list[StageProblem]:
+    """Stages (``(index as written, stage)``, epoch ranges well-formed) whose epochs overlap an earlier-starting one.
+
+    Each stage is compared with every earlier-starting stage still running, not only its neighbour:
+    ``[0, 10), [2, 4), [5, 8)`` has two overlaps. A stage names at most :data:`_OVERLAPS_NAMED` of them, and at most
+    :data:`_OVERLAPS_LISTED` problems are listed (then how many more): thousands of stages that all overlap give a
+    readable message, in time linear in their number.
+
+    Example::
+
+        >>> a, b = Stage(name="a", start_epoch=0, end_epoch=4), Stage(start_epoch=2)
+        >>> print(overlap_problems([(0, a), (1, b)])[0])
+        stage 1: `start_epoch` = 2: overlaps stage 0 ('a') which covers epochs [0, 4)
+    """
+    problems: list[StageProblem] = []
+    more = 0
+    running: dict[str, tuple[list[tuple[float, int]], dict[int, tuple[int, Stage]]]] = {}  # per unit: ends, stages
+    ordered = sorted(((i, s) for i, s in ranged if s.start is not None), key=lambda item: item[1].start)
+    for pos, (cur, b) in enumerate(ordered):
+        ends, active = running.setdefault(b.unit, ([], {}))  # a heap of the running stages' ends; them, by start
+        while ends and ends[0][0] <= b.start:
+            active.pop(heapq.heappop(ends)[1], None)
+        for count, (prev, a) in enumerate(active.values()):
+            if count == _OVERLAPS_NAMED or len(problems) == _OVERLAPS_LISTED:
+                more += len(active) - count
+                break
+            a_range = f"[{short_repr(a.start)}, {short_repr(a.end) if a.end is not None else 'end'})"
+            problems.append(StageProblem(
+                f"overlaps {stage_label(prev, a.name if a.name else None)} which covers {a.unit}s {a_range}",
+                index=cur, name=b.name, field=f"start_{b.unit}", value=b.start,
+                hint=None if a.end is not None else f"a stage without `end_{a.unit}` runs to the last {a.unit}"))
+        heapq.heappush(ends, (b.end if b.end is not None else math.inf, pos))
+        active[pos] = (cur, b)
+    if more:
+        problems.append(StageProblem(f"{more} more overlaps of one stage with another, not listed", name="schedule"))
+    return problems
+
+
+#: the most overlapped stages one stage's problems name, and the most overlap problems listed in all
+_OVERLAPS_NAMED, _OVERLAPS_LISTED = 5, 100

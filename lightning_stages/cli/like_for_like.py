@@ -1,0 +1,111 @@
+"""Whether the configs of a ``compare`` differ in more than their schedules (:func:`like_for_like_differences`).
+
+A nested config file that a setting names (``model: model.yaml``, as LightningCLI reads it) counts by its content,
+not by its name: two configs naming files of one name with different content differ, and a file named by one config
+and written out in the other does not.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from lightning_stages.cli.lightning_config import _SCHEDULE_MODEL_KEYS, _fit_section, _max_epochs_of, _section
+from lightning_stages.errors import StageConfigError, printable
+from lightning_stages.schedule.config_input import MAX_DEPTH
+from lightning_stages.schedule.seed_format import load_config
+
+__all__ = ["like_for_like_differences"]
+
+_NESTED = (".yaml", ".yml", ".json")
+
+
+def _nested_file(value: Any, folder: Path) -> Optional[Path]:
+    """The config file a setting's string names, relative to the config's folder (where LightningCLI reads it, not
+    the working directory); ``None`` if it names none."""
+    if not isinstance(value, str) or not value.lower().endswith(_NESTED) or "\n" in value or len(value) > 4096:
+        return None
+    try:
+        path = folder / value
+        return path.resolve() if path.is_file() else None
+    except (OSError, ValueError):  # a name the file system refuses (a NUL byte, too long)
+        return None
+
+
+def _expanded(value: Any, folder: Path, open_files: tuple[Path, ...] = ()) -> Any:
+    """``value`` with every string that names a nested config file replaced by that file's content (expanded in
+    turn, relative to its own folder); a file that cannot be read, or that names itself, stays a name."""
+    if len(open_files) > MAX_DEPTH:
+        return value
+    if isinstance(value, Mapping):
+        return {key: _expanded(item, folder, open_files) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_expanded(item, folder, open_files) for item in value]
+    nested = _nested_file(value, folder)
+    if nested is None or nested in open_files:
+        return value
+    try:
+        content = load_config(nested)
+    except StageConfigError:  # compare names the file when it runs the config
+        return value
+    return _expanded(content, nested.parent, (*open_files, nested))
+
+
+def _settings(path: Union[str, os.PathLike]) -> dict[str, Any]:
+    """The settings that must be equal for a like-for-like comparison, flattened to ``{"data.init_args.x": value}``."""
+    folder = Path(path).resolve().parent
+    data = _fit_section(load_config(path))
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}", item)
+        else:
+            flat[prefix] = value
+
+    walk("data", _expanded(data.get("data"), folder))
+    expanded = _expanded(data.get("model"), folder)
+    model = {k: v for k, v in (expanded if isinstance(expanded, Mapping) else {}).items()
+             if k not in _SCHEDULE_MODEL_KEYS}
+    if expanded is not None and not isinstance(expanded, Mapping):
+        model["class_path"] = expanded  # a bare class path (``model: my.Net``)
+    model["init_args"] = {k: v for k, v in _section(model, "init_args").items() if k not in _SCHEDULE_MODEL_KEYS}
+    walk("model", model)
+    flat["trainer.max_epochs"] = _max_epochs_of(data)
+    return flat
+
+
+def _name(path: Union[str, os.PathLike]) -> str:
+    """A config's file name as the terminal and the report show it (bytes that are not UTF-8 as ``\\xe9``)."""
+    return printable(Path(path).name, limit=4096)
+
+
+def like_for_like_differences(configs: Sequence[Union[str, os.PathLike]]) -> list[str]:
+    """Data, model or epoch settings in which the configs differ from the first (the schedule aside).
+
+    Everything under ``data`` and ``model`` counts, except the model's schedule settings (``loss_weights``,
+    ``use_distillation``, ``lambda_coef``); so does ``trainer.max_epochs``. A nested config file counts by its
+    content (see the module's description).
+
+    Example::
+
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / "a.yaml").write_text("data: {init_args: {num_train: 64}}\\nmodel: {init_args: {lambda_coef: 1}}")
+        >>> _ = (d / "b.yaml").write_text("data: {init_args: {num_train: 32}}\\nmodel: {init_args: {lambda_coef: 2}}")
+        >>> like_for_like_differences([d / "a.yaml", d / "b.yaml"])
+        ['b.yaml: data.init_args.num_train = 32, but 64 in a.yaml']
+    """
+    out: list[str] = []
+    if len(configs) < 2:
+        return out
+    first, first_name = _settings(configs[0]), _name(configs[0])
+    for path in configs[1:]:
+        other = _settings(path)
+        out += [printable(f"{_name(path)}: {key} = {other.get(key)!r}, but {first.get(key)!r} in {first_name}",
+                          limit=4096)
+                for key in sorted(set(first) | set(other)) if first.get(key) != other.get(key)]
+    return out
