@@ -277,6 +277,19 @@ def test_like_for_like_with_a_nested_file_that_names_itself_or_cannot_be_read(tm
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="macOS file names must be UTF-8")
+def test_like_for_like_of_nested_files_that_each_name_the_next_twice_ends(tmp_path: Path) -> None:
+    """``f{i}.yaml`` = ``{a: f{i+1}.yaml, b: f{i+1}.yaml}``: every level doubled the expansion (40 levels: 2**40
+    values, a hang); each file is now read once, and beyond 10,000 values in all a file counts by its name."""
+    for i in range(40):
+        (tmp_path / f"f{i}.yaml").write_text(f"a: f{i + 1}.yaml\nb: f{i + 1}.yaml\n")
+    (tmp_path / "f40.yaml").write_text("leaf: 1\n")
+    for name, leaf in (("a.yaml", "f0.yaml"), ("b.yaml", "f0.yaml"), ("c.yaml", "f39.yaml")):
+        (tmp_path / name).write_text(f"model: {{init_args: {{x: {leaf}}}}}\n")
+    assert like_for_like_differences([tmp_path / "a.yaml", tmp_path / "b.yaml"]) == []
+    assert like_for_like_differences([tmp_path / "c.yaml", tmp_path / "c.yaml"]) == []
+    assert like_for_like_differences([tmp_path / "a.yaml", tmp_path / "c.yaml"])  # they differ, whatever the depth
+
+
 def test_like_for_like_names_a_config_whose_name_is_not_utf8_as_its_bytes(tmp_path: Path) -> None:
     a = _nested(tmp_path, "a.yaml", "{class_path: my.Net}", width=8)
     b = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9\n.yaml"))

@@ -527,6 +527,9 @@ def test_a_schedule_file_that_holds_no_schedule_is_refused(tmp_path: Path, text:
         StageScheduleCallback(config=path)
     path.write_text("train: {epochs: 3}\n")
     assert StageScheduleCallback(config=path) is not None  # a base alone is a schedule (single-stage)
+    path.write_text("stage_shedule: [{start_epoch: 0}]\n")  # a misspelt key is named as such first
+    with pytest.raises(StageConfigError, match="did you mean `stage_schedule`"):
+        StageScheduleCallback(config=path)
 
 
 @pytest.mark.parametrize("verbose", ["no", 0, None, [False]])

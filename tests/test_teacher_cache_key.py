@@ -3,6 +3,7 @@ runs that differ in it (the autocast the teachers run under, their non-persisten
 still share them."""
 
 import contextlib
+import enum
 from pathlib import Path
 
 import _cache_ddp_worker as worker
@@ -225,6 +226,10 @@ class _Opaque:
     """An object whose repr holds its address."""
 
 
+class _Kind(enum.Enum):
+    OPAQUE = _Opaque()
+
+
 def test_the_key_of_a_teacher_with_functions_objects_and_tensors_as_settings_is_the_same_in_another_process():
     import functools
     import subprocess
@@ -235,6 +240,10 @@ def test_the_key_of_a_teacher_with_functions_objects_and_tensors_as_settings_is_
             "m = t.Scaled(act=functools.partial(torch.clamp, min=0.0), helper=[t._Opaque(), torch.arange(3.0)]); "
             "print(teacher_fingerprint({{'t': m}}))")
     here = Scaled(act=functools.partial(torch.clamp, min=0.0), helper=[_Opaque(), torch.arange(3.0)])
+    # dict keys and enum values whose repr holds an address: the key was another in every process
+    here.names, here.kind = {torch.tanh: "act", _Opaque: 1, torch.device("cpu"): 2}, _Kind.OPAQUE
+    code = code.replace("; print(", "; m.names, m.kind = {{torch.tanh: 'act', t._Opaque: 1, torch.device('cpu'): 2}}, "
+                                    "t._Kind.OPAQUE; print(")
     there = subprocess.run([sys.executable, "-c", code.format(tests=str(Path(__file__).parent))], capture_output=True,
                            text=True, check=True).stdout.strip()
     assert there == teacher_fingerprint({"t": here})
@@ -273,3 +282,16 @@ def test_numpy_settings_count_by_their_values():
     assert key(np.arange(3.0)) != key(np.arange(3.0).astype(np.float32))  # the same values in another dtype
     assert key(np.float32(0.5)) == key(np.float32(0.5)) != key(np.float32(0.25))
     assert key(np.array(2.0)) != key(np.array(3.0))  # 0-d
+
+
+def test_a_sparse_tensor_among_the_settings_counts_by_its_indices_and_values():
+    """A graph teacher keeping its adjacency as a plain sparse attribute: the key raised a raw ``RuntimeError``."""
+    indices = torch.tensor([[0, 1, 2], [1, 2, 0]])
+
+    def key(values, layout=torch.sparse_coo) -> str:
+        adjacency = torch.sparse_coo_tensor(indices, torch.tensor(values), (3, 3))
+        return teacher_fingerprint({"t": Scaled(helper=adjacency if layout == torch.sparse_coo
+                                                else adjacency.to_sparse_csr())})
+
+    assert key([1.0, 2.0, 3.0]) == key([1.0, 2.0, 3.0]) != key([1.0, 2.0, 4.0])
+    assert key([1.0, 2.0, 3.0], torch.sparse_csr) != key([1.0, 2.0, 4.0], torch.sparse_csr)

@@ -34,23 +34,69 @@ def _nested_file(value: Any, folder: Path) -> Optional[Path]:
         return None
 
 
-def _expanded(value: Any, folder: Path, open_files: tuple[Path, ...] = ()) -> Any:
+#: the most nested file contents one config may expand to, in values (files named many times count each time)
+_MAX_EXPANDED = 10_000
+
+
+def _expanded(value: Any, folder: Path, open_files: tuple[Path, ...] = (), read: Optional[_Read] = None) -> Any:
     """``value`` with every string that names a nested config file replaced by that file's content (expanded in
-    turn, relative to its own folder); a file that cannot be read, or that names itself, stays a name."""
+    turn, relative to its own folder); a file that cannot be read, that names itself, or beyond :data:`_MAX_EXPANDED`
+    values in all (files that each name the next twice would double at every level) stays a name."""
+    read = _Read() if read is None else read
     if len(open_files) > MAX_DEPTH:
         return value
     if isinstance(value, Mapping):
-        return {key: _expanded(item, folder, open_files) for key, item in value.items()}
+        return {key: _expanded(item, folder, open_files, read) for key, item in value.items()}
     if isinstance(value, list):
-        return [_expanded(item, folder, open_files) for item in value]
-    nested = _nested_file(value, folder)
+        return [_expanded(item, folder, open_files, read) for item in value]
+    nested = read.named(value, folder)
     if nested is None or nested in open_files:
         return value
-    try:
-        content = load_config(nested)
-    except StageConfigError:  # compare names the file when it runs the config
+    content = read.content(nested)
+    if content is None:
         return value
-    return _expanded(content, nested.parent, (*open_files, nested))
+    return _expanded(content, nested.parent, (*open_files, nested), read)
+
+
+class _Read:
+    """The nested files of one config, each read once, and how many values their contents may still add."""
+
+    def __init__(self) -> None:
+        self.files: dict[Path, tuple[Any, int]] = {}  # each file's content and its size in values
+        self.names: dict[tuple[str, Path], Optional[Path]] = {}  # what each string names, from each folder
+        self.left = _MAX_EXPANDED
+
+    def named(self, value: Any, folder: Path) -> Optional[Path]:
+        """:func:`_nested_file`, looked up once per string and folder."""
+        if not isinstance(value, str):
+            return None
+        if (value, folder) not in self.names:
+            self.names[(value, folder)] = _nested_file(value, folder)
+        return self.names[(value, folder)]
+
+    def content(self, path: Path) -> Any:
+        """``path``'s content, or ``None`` when it cannot be read (compare names the file when it runs the config)
+        or would add more values than are left."""
+        if path not in self.files:
+            try:
+                content: Any = load_config(path)
+            except StageConfigError:
+                content = None
+            self.files[path] = (content, _size(content))
+        content, size = self.files[path]
+        if content is None or size > self.left:
+            return None
+        self.left -= size
+        return content
+
+
+def _size(value: Any) -> int:
+    """How many values ``value`` holds, itself included."""
+    if isinstance(value, Mapping):
+        return 1 + sum(_size(item) for item in value.values())
+    if isinstance(value, list):
+        return 1 + sum(_size(item) for item in value)
+    return 1
 
 
 def _settings(path: Union[str, os.PathLike]) -> dict[str, Any]:

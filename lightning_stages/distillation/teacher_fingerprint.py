@@ -107,12 +107,15 @@ def _plain(value: Any, depth: int = 0) -> Any:
         return repr(value)  # nan and inf too
     if isinstance(value, torch.device):  # its type only: DDP ranks on cuda:0 and cuda:1 share one key
         return value.type
-    if isinstance(value, (complex, torch.dtype, torch.Size, enum.Enum)):
+    if isinstance(value, enum.Enum):  # by its name: its value may be an object whose repr holds an address
+        return f"{type(value).__qualname__}.{value.name}"
+    if isinstance(value, (complex, torch.dtype, torch.Size)):
         return repr(value)
     if isinstance(value, (list, tuple)):
         return [type(value).__name__, [_plain(item, depth + 1) for item in value]]
-    if isinstance(value, Mapping):
-        return sorted([repr(key), _plain(item, depth + 1)] for key, item in value.items())
+    if isinstance(value, Mapping):  # keys as plain as the values (a function or a device may be a key)
+        return sorted([json.dumps(_plain(key, depth + 1), sort_keys=True), _plain(item, depth + 1)]
+                      for key, item in value.items())
     if isinstance(value, np.generic):  # a numpy number: the Python value it holds
         return [type(value).__name__, _plain(value.item(), depth + 1)]
     if isinstance(value, np.ndarray) and value.dtype != object:  # an object array's bytes are addresses
@@ -120,7 +123,14 @@ def _plain(value: Any, depth: int = 0) -> Any:
                 hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()]
     if isinstance(value, Tensor):
         digest = hashlib.sha256()
-        _update(digest, "", value)
+        try:
+            if value.layout != torch.strided and not value.is_nested:  # sparse (an adjacency): indices and values
+                coo = (value if value.layout == torch.sparse_coo else value.to_sparse()).coalesce()
+                _update(digest, f"sparse{tuple(value.shape)}", coo.indices())
+                value = coo.values()
+            _update(digest, "", value)
+        except (RuntimeError, TypeError, NotImplementedError):  # nested, quantized: by dtype, shape and layout
+            return ["tensor", str(value.dtype), str(value.layout), value.is_nested or list(value.shape)]
         return digest.hexdigest()
     if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, type, functools.partial)):
         if isinstance(value, functools.partial):

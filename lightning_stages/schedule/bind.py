@@ -160,12 +160,12 @@ def given_schedule(
         if not_a_path := config_path_problems(config, name=owner):
             raise StageConfigError(not_a_path)
         data = load_config(config)
+        from_file = StageSchedule.from_config(data)  # a misspelt `stage_schedule` is named there first
         if not any(key in data for key in ROOT_KEYS):  # nothing of a schedule: it would train single-stage, silently
             raise StageConfigError(StageProblem(
                 f"holds none of {', '.join(ROOT_KEYS)}: no schedule to read", name=owner, field="config",
                 value=os.fspath(config), hint="an empty file, or a LightningCLI config (which gives the callback in "
                 "trainer.callbacks)? give a file in the seed's format, with `stage_schedule`"))
-        from_file = StageSchedule.from_config(data)
         if from_file.loss_weights is not None or loss_weights is not None:
             loss_weights = {**(from_file.loss_weights or {}), **(loss_weights or {})}
         problems += checks.base_problems(distillation=distillation, lambda_coef=lambda_coef)
