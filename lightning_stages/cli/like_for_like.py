@@ -13,14 +13,12 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from lightning_stages.cli.lightning_config import _SCHEDULE_MODEL_KEYS, _fit_section, _max_epochs_of, _section
+from lightning_stages.cli.run_fingerprint import _NESTED  # the suffixes of a nested config file, as fingerprinted
 from lightning_stages.errors import StageConfigError, printable
 from lightning_stages.schedule.config_input import MAX_DEPTH
 from lightning_stages.schedule.seed_format import load_config
 
 __all__ = ["like_for_like_differences"]
-
-_NESTED = (".yaml", ".yml", ".json")
-
 
 def _nested_file(value: Any, folder: Path) -> Optional[Path]:
     """The config file a setting's string names, relative to the config's folder (where LightningCLI reads it, not
