@@ -7,6 +7,7 @@ import os
 import re
 import statistics
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -192,6 +193,19 @@ def test_show_plot_writes_a_png(tmp_path: Path) -> None:
     assert main(["show", str(CONFIGS / "segmentation_distill_finetune.yaml"), "--plot", str(png)]) == 0
     assert png.stat().st_size > 1000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_show_plot_of_a_schedule_without_weights_warns_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # no loss weights anywhere: matplotlib's "No artists with labels found to put in legend" used to reach the user
+    config = tmp_path / "kd.json"
+    config.write_text(json.dumps({"stage_schedule": [
+        {"name": "kd", "start_epoch": 0, "end_epoch": 2, "distillation": True}]}))
+    png = tmp_path / "timeline.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["show", str(config), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "warning" not in capsys.readouterr().err.lower()
 
 
 def test_show_plot_without_matplotlib_says_how_to_get_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -571,3 +571,59 @@ def test_every_overlap_of_a_few_stages_is_still_named() -> None:
         (1, "overlaps stage 0 which covers epochs [0, 10)"), (2, "overlaps stage 0 which covers epochs [0, 10)"),
         (2, "overlaps stage 3 which covers epochs [3, 6)"), (3, "overlaps stage 0 which covers epochs [0, 10)"),
         (3, "overlaps stage 1 which covers epochs [2, 4)")]
+
+
+@pytest.mark.parametrize("command", ["validate", "show"])
+@pytest.mark.parametrize(("option", "value", "field"), [("--model", "my_project.models.MyModel", "model"),
+                                                         ("--stages", "other.json", "stages")])
+def test_options_of_a_lightning_config_are_refused_with_a_schedule_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture, command: str, option: str, value: str, field: str) -> None:
+    # a schedule file builds no model and holds its own schedule: --model used to be ignored without a word
+    path = _json(tmp_path, {"stage_schedule": [{"name": "kd", "start_epoch": 0, "end_epoch": 2, "distillation": True}]})
+    code, _, err = _run(capsys, command, str(path), option, value)
+    assert code == 2
+    assert f"config: `{field}` = {value!r}: `{option}` goes with a LightningCLI config, not a schedule file" in err
+    assert "Traceback" not in err
+
+
+def test_every_problem_of_a_lightning_config_is_reported_at_once(tmp_path: Path, capsys: pytest.CaptureFixture
+                                                                 ) -> None:
+    path = _json(tmp_path, {"trainer": {"max_epochs": -3, "max_steps": -5, "callbacks": [{"init_args": {}}]}})
+    code, _, err = _run(capsys, "validate", "--no-import", str(path))
+    assert code == 2
+    assert "3 problems" in err
+    for field in ("trainer.callbacks[0]", "trainer.max_epochs", "trainer.max_steps"):
+        assert f"`{field}`" in err
+
+
+_KD_CALLBACK = {"class_path": "lightning_stages.StageScheduleCallback",
+                "init_args": {"stage_schedule": [{"name": "kd", "start_epoch": 0, "end_epoch": 2, "distillation": True}]}}
+
+
+@pytest.mark.parametrize(("trainer", "field", "message"), [
+    ({"callbacks": [_KD_CALLBACK, {"init_args": {"monitor": "val/loss"}}]}, "trainer.callbacks[1]",
+     "has no `class_path`"),
+    ({"callbacks": [_KD_CALLBACK, ["lightning.pytorch.callbacks.EarlyStopping"]]}, "trainer.callbacks[1]",
+     "has no `class_path`"),
+    ({"callbacks": [None, _KD_CALLBACK]}, "trainer.callbacks[0]", "has no `class_path`"),
+    ([1, 2], "trainer", "must be a mapping of Trainer arguments, not list"),
+    ({"max_epochs": -3, "callbacks": [_KD_CALLBACK]}, "trainer.max_epochs", "must be a non-negative integer or -1"),
+    ({"max_steps": -2, "callbacks": [_KD_CALLBACK]}, "trainer.max_steps", "must be a non-negative integer or -1"),
+])
+def test_validate_refuses_what_lightning_refuses_when_the_run_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture, trainer: object, field: str, message: str) -> None:
+    # these passed `validate` (exit 0), and LightningCLI or the Trainer refused them only when the run started
+    path = _json(tmp_path, {"trainer": trainer, "model": {"class_path": "torch.nn.Identity"}})
+    code, _, err = _run(capsys, "validate", "--no-import", str(path))
+    assert code == 2, err
+    assert f"`{field}`" in err and message in err
+    assert "Traceback" not in err
+
+
+def test_validate_keeps_passing_what_lightning_takes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # a callback given as its class path alone, max_epochs -1 (no limit) with max_steps, and a null trainer key
+    path = _json(tmp_path, {"trainer": {"max_epochs": -1, "max_steps": 40, "logger": None, "callbacks": [
+        "lightning.pytorch.callbacks.LearningRateMonitor", _KD_CALLBACK]}})
+    code, out, err = _run(capsys, "validate", "--no-import", str(path))
+    assert code == 0, err
+    assert "OK" in out

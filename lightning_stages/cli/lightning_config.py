@@ -71,20 +71,27 @@ def _callback_entries(data: Mapping[str, Any], import_modules: bool = True
     """``(position in trainer.callbacks, init_args)`` of every StageScheduleCallback in a LightningCLI config, and
     the problems of class paths that cannot be imported. Without ``import_modules``, a callback is recognised by its
     class name alone (``StageScheduleCallback`` or ``<anything>.StageScheduleCallback``) and nothing is imported."""
+    found: list[tuple[int, dict[str, Any]]] = []
+    problems: list[StageProblem] = []
+    trainer = _fit_section(data).get("trainer")
+    if trainer is not None and not isinstance(trainer, Mapping):  # LightningCLI's parser refuses it
+        problems.append(StageProblem(f"must be a mapping of Trainer arguments, not {type(trainer).__name__}",
+                                     name="config", field="trainer", value=trainer))
     callbacks = _section(_fit_section(data), "trainer").get("callbacks")
     if isinstance(callbacks, (Mapping, str)):
         callbacks = [callbacks]
-    found: list[tuple[int, dict[str, Any]]] = []
-    problems: list[StageProblem] = []
     if callbacks is not None and not isinstance(callbacks, (list, tuple)):
-        return found, [StageProblem(f"must be a list of callbacks, not {type(callbacks).__name__}", name="config",
-                                    field="trainer.callbacks", value=callbacks)]
+        return found, [*problems, StageProblem(f"must be a list of callbacks, not {type(callbacks).__name__}",
+                                               name="config", field="trainer.callbacks", value=callbacks)]
     for position, entry in enumerate(callbacks or []):
         if isinstance(entry, str):
             class_path: Any = entry
         else:
             class_path = entry.get("class_path") if isinstance(entry, Mapping) else None
-        if not isinstance(class_path, str):
+        if not isinstance(class_path, str):  # LightningCLI's parser refuses a callback it cannot build
+            problems.append(StageProblem("has no `class_path` (a callback is a class path, or a mapping of "
+                                         "`class_path` and `init_args`)", name="config",
+                                         field=f"trainer.callbacks[{position}]", value=entry))
             continue
         cls = None
         if not import_modules:
@@ -191,6 +198,9 @@ def _max_epochs_of(data: Mapping[str, Any], key: str = "max_epochs") -> Optional
     if value is not None and (not isinstance(value, int) or isinstance(value, bool)):  # the parser refuses it too
         raise StageConfigError(StageProblem("must be an integer or null", name="config", field=f"trainer.{key}",
                                             value=value))
+    if value is not None and value < -1:  # the Trainer refuses it when the fit starts
+        raise StageConfigError(StageProblem("must be a non-negative integer or -1 (no limit)", name="config",
+                                            field=f"trainer.{key}", value=value))
     return value if value is not None and value >= 0 else None
 
 
@@ -244,11 +254,25 @@ def schedule_of_config(
         if stages is not None:
             raise StageConfigError(StageProblem("`--stages` goes with a LightningCLI config, not a schedule file",
                                                 name="config", field="stages", value=str(stages)))
+        if model_class is not None:  # a schedule file builds no model: the class would be ignored without a word
+            raise StageConfigError(StageProblem("`--model` goes with a LightningCLI config, not a schedule file",
+                                                name="config", field="model", value=str(model_class)))
         total = max_epochs if max_epochs is not None else schedule.total_epochs
         # the seed's own train.loss_weights are the module's task losses; the run's epochs end open stages
         return bind_schedule(schedule.with_total_epochs(None), declared={"loss_weights": schedule.loss_weights},
                              max_epochs=total)
-    given = check_lightning_config(data, import_modules)
+    limits: list[StageProblem] = []  # reported with the callbacks' problems, all at once
+    for key in ("max_epochs", "max_steps"):
+        try:
+            _max_epochs_of(data, key)
+        except StageConfigError as err:
+            limits += err.problems
+    try:
+        given = check_lightning_config(data, import_modules)
+    except StageConfigError as err:
+        raise StageConfigError([*err.problems, *limits]) from None
+    if limits:
+        raise StageConfigError(limits)
     if stages is not None:
         if given:
             raise StageConfigError(two_schedules_problem(stages))

@@ -129,7 +129,10 @@ def _draw(fig: Any, ax_w: Any, ax_l: Any, schedule: StageSchedule, timeline: lis
         ax_w.plot(xs, [r.loss_weights.get(key, math.nan) + shift for _, r in points], label=_label(key), lw=2,
                   color=f"C{j % 10}")
     ax_w.set_ylabel("loss weight (lines nudged apart)")
-    ax_w.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    if keys:
+        ax_w.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    else:  # an empty legend would be a matplotlib warning on the user's terminal
+        ax_w.text(0.5, 0.5, "no loss weights in this schedule", transform=ax_w.transAxes, ha="center", va="center")
     ax_l.plot(xs, [effective_lambda(r) for _, r in points], label="lambda_coef (0 when off)", lw=2, color="k")
     ax_l.plot(xs, [1.0 if r.distillation else 0.0 for _, r in points], label="distillation on", lw=1.5, ls="--",
               color="C3")
