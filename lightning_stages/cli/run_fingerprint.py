@@ -5,13 +5,17 @@ content of every file they name (a teacher checkpoint), relative to the working 
 what a named YAML file (a nested config, ``model: model.yaml``) names in turn; and the source of your own classes:
 a config names its model, data module and callbacks by ``class_path``, and where the module a ``class_path`` names
 lies in the working directory (your project, not an installed package), that module's source file counts, so editing
-the model's code makes the finished runs of that config stale, as editing the config does. Only that module counts,
-not the modules it imports (a class re-exported by a package's ``__init__.py``: that file only).
+the model's code makes the finished runs of that config stale, as editing the config does. So do the modules of the
+working directory that it imports, read from their source (``import``/``from ... import`` statements, relative ones
+resolved, in functions too), and theirs in turn, and the packages they lie in: a helper module the model imports
+counts like the model's own. Installed packages never count (their versions are saved with each result).
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -67,8 +71,71 @@ def _project_source(module: str, project: Path) -> Path | None:
     return path
 
 
-def source_digests(configs: Iterable[Any]) -> dict[str, str]:
-    """``{module: sha256 of its source}`` of each module in the working directory that a ``class_path`` names.
+_MAX_MODULES = 2000  # project modules followed through their imports, at most
+
+
+def _imports(source: Path, module: str) -> list[str]:
+    """The modules the source file of ``module`` imports, as absolute names (relative imports resolved); ``from a
+    import b`` gives ``a`` and ``a.b`` (``b`` may be a submodule). A file that does not parse imports nothing."""
+    try:
+        stat = source.stat()
+        return list(_parsed_imports(str(source), module, stat.st_mtime_ns, stat.st_size))
+    except OSError:
+        return []
+
+
+@functools.lru_cache(maxsize=4096)  # each config of a comparison follows the same modules: each file parsed once
+def _parsed_imports(source: str, module: str, mtime_ns: int, size: int) -> tuple[str, ...]:
+    try:
+        tree = ast.parse(Path(source).read_bytes(), filename=source)
+    except (SyntaxError, ValueError, OSError, RecursionError, MemoryError):
+        return ()
+    package = module.split(".") if Path(source).name == "__init__.py" else module.split(".")[:-1]
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level and node.level - 1 > len(package):  # beyond the top package: Python refuses it too
+                continue
+            base = package[:len(package) - node.level + 1] if node.level else []
+            target = ".".join([*base, *([node.module] if node.module else [])])
+            if target:
+                names.append(target)
+                names += [f"{target}.{alias.name}" for alias in node.names if alias.name != "*"]
+    return tuple(names)
+
+
+def _in_project(top: str, project: Path) -> bool:
+    """Whether the top-level module or package ``top`` lies in ``project`` (found without importing anything)."""
+    try:
+        spec = importlib.util.find_spec(top)
+    except Exception:  # a broken name (any error): not followed
+        return False
+    if spec is None:
+        return False
+    places = [spec.origin] if spec.origin and spec.origin not in ("built-in", "frozen") else []
+    places += list(spec.submodule_search_locations or [])
+    for place in places:
+        named = Path(os.path.abspath(place))
+        if any(part in _INSTALLED for part in named.parts):
+            continue
+        if named.is_relative_to(project) or named.is_relative_to(Path.cwd()) or named.resolve().is_relative_to(project):
+            return True
+    return False
+
+
+def _parents(module: str) -> list[str]:
+    """``a``, ``a.b`` for ``a.b.c``: the packages importing it runs."""
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def source_digests(configs: Iterable[Any], imported: bool = True) -> dict[str, str]:
+    """``{module: sha256 of its source}`` of each module in the working directory that a ``class_path`` names and,
+    with ``imported``, of the working directory's modules they import, through their imports in turn, and the
+    packages those lie in (``imported=False``: the named modules only, the fingerprint of results saved before
+    imports counted).
 
     Example::
 
@@ -84,15 +151,31 @@ def source_digests(configs: Iterable[Any]) -> dict[str, str]:
     """
     project = Path.cwd().resolve()
     found: dict[str, str] = {}
-    for config in configs:
-        for class_path in _class_paths(config):
-            module = class_path.rpartition(".")[0]
-            if not module or module in found:
+    pending = [class_path.rpartition(".")[0] for config in configs for class_path in _class_paths(config)]
+    named = set(pending)
+    local: dict[str, bool] = {}  # top-level name -> whether it lies in the project
+    sources: dict[str, Optional[Path]] = {}  # module -> its source file in the project, None: not there
+    while pending and len(sources) < _MAX_MODULES:
+        module = pending.pop(0)
+        if not module or module in sources:
+            continue
+        parent = module.rpartition(".")[0]
+        if module not in named:  # an import: followed only into the project, so nothing installed is imported
+            top = module.partition(".")[0]
+            if top not in local:
+                local[top] = _in_project(top, project)
+            # `from a import b` names a.b, a submodule only if a is a package (else b is a name in a: not looked up)
+            known = sources.get(parent, Path("__init__.py")) if parent else Path("__init__.py")
+            if not local[top] or known is None or known.name != "__init__.py":
+                sources[module] = None
                 continue
-            source = _project_source(module, project)
-            if source is not None:
-                with contextlib.suppress(OSError):
-                    found[module] = hashlib.sha256(source.read_bytes()).hexdigest()
+        source = sources[module] = _project_source(module, project)
+        if source is None:
+            continue
+        with contextlib.suppress(OSError):
+            found[module] = hashlib.sha256(source.read_bytes()).hexdigest()
+        if imported:
+            pending += [*_imports(source, module), *_parents(module)]
     return found
 
 
@@ -156,7 +239,7 @@ def _referenced_files(value: Any, base: Optional[Path] = None, seen: Optional[se
 def config_fingerprint(config: Union[str, os.PathLike], stages: Optional[Union[str, os.PathLike]] = None,
                        code: bool = True) -> str:
     """A hash of what a run of this config depends on: the config, the ``--stages`` file, the files they name and
-    (``code``) the source of the modules in the working directory that their ``class_path`` s name.
+    (``code``) the source of the modules in the working directory that their ``class_path`` s name and import.
 
     The YAML is hashed as parsed data, so comments and formatting do not count; a file named in it (such as a
     teacher checkpoint, relative to the working directory or to the config's folder) counts by its content, and a
@@ -174,21 +257,23 @@ def config_fingerprint(config: Union[str, os.PathLike], stages: Optional[Union[s
         >>> config_fingerprint(d / "a.yaml") == config_fingerprint(d / "b.yaml")
         False
     """
-    with_code, without_code = config_fingerprints(config, stages)
+    with_code, _, without_code = config_fingerprints(config, stages)
     return with_code if code else without_code
 
 
 def config_fingerprints(config: Union[str, os.PathLike],
-                        stages: Optional[Union[str, os.PathLike]] = None) -> tuple[str, str]:
-    """:func:`config_fingerprint` with and without ``code``, reading each named file once (a teacher checkpoint may
-    be gigabytes).
+                        stages: Optional[Union[str, os.PathLike]] = None) -> tuple[str, str, str]:
+    """:func:`config_fingerprint` with ``code``, with the code of the modules named by ``class_path`` only (what
+    results saved before the modules they import counted were saved under), and without ``code``, reading each named
+    file once (a teacher checkpoint may be gigabytes).
 
     Example::
 
         >>> import tempfile, pathlib
         >>> d = pathlib.Path(tempfile.mkdtemp())
         >>> _ = (d / "a.yaml").write_text("trainer: {max_epochs: 2}")
-        >>> config_fingerprints(d / "a.yaml") == (config_fingerprint(d / "a.yaml"), config_fingerprint(d / "a.yaml", code=False))
+        >>> with_code, _, without_code = config_fingerprints(d / "a.yaml")
+        >>> (with_code, without_code) == (config_fingerprint(d / "a.yaml"), config_fingerprint(d / "a.yaml", code=False))
         True
     """
     parts: dict[str, Any] = {"format": _FORMAT}
@@ -201,20 +286,22 @@ def config_fingerprints(config: Union[str, os.PathLike],
         parsed.append(data)
         parts[f"{key}_files"] = _referenced_files(data, Path(path).resolve().parent, {Path(path).resolve()}, parsed)
     without_code = _digest(parts)
-    sources = source_digests(parsed)
-    # only with code: a fingerprint without code is the one of results saved before code counted
-    return (_digest({**parts, "code": sources}) if sources else without_code), without_code
+    sources, named = source_digests(parsed), source_digests(parsed, imported=False)
+    # only with code: a fingerprint without code is the one of results saved before code counted, and one with the
+    # named modules only that of results saved before the modules they import counted
+    with_code = _digest({**parts, "code": sources}) if sources else without_code
+    return with_code, (_digest({**parts, "code": named}) if named else without_code), without_code
 
 
-def run_fingerprints(config: Path, stages: Optional[str]) -> tuple[str, str]:
-    """:func:`config_fingerprints`, or for a config that cannot be read or parsed a fingerprint of its bytes (twice):
-    its runs fail, and are never reused."""
+def run_fingerprints(config: Path, stages: Optional[str]) -> tuple[str, ...]:
+    """:func:`config_fingerprints`, or for a config that cannot be read or parsed a fingerprint of its bytes: its
+    runs fail, and are never reused. The first is the fingerprint a run is saved under; a result saved under any of
+    them is reused."""
     try:
         return config_fingerprints(config, stages)
     except (OSError, ValueError, yaml.YAMLError):
         data = config.read_bytes() if config.is_file() else str(config).encode()
-        unreadable = "unreadable-" + hashlib.sha256(data).hexdigest()[:16]
-        return unreadable, unreadable
+        return ("unreadable-" + hashlib.sha256(data).hexdigest()[:16],)
 
 
 def _str_keys(value: Any) -> Any:

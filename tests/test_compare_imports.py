@@ -1,0 +1,132 @@
+"""``compare``'s fingerprint of a run counts the working directory's modules that the model's module imports, through
+their imports in turn: editing a helper module makes the finished runs stale, as editing the model's module does."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_stages.cli.compare import run_compare
+from lightning_stages.cli.run_fingerprint import config_fingerprint, config_fingerprints, source_digests
+from lightning_stages.cli.run_store import save_result
+
+pytestmark = pytest.mark.filterwarnings("ignore:compare. not like for like")
+
+MODEL = """
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from imports_helper import OFFSET
+
+
+class Scored(pl.LightningModule):
+    \"\"\"test/score = OFFSET (from the helper module it imports) + bias.\"\"\"
+
+    def __init__(self, bias: float = 0.0) -> None:
+        super().__init__()
+        self.bias = bias
+        self.layer = torch.nn.Linear(2, 1)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.ones(4, 2)), batch_size=2)
+
+    def test_dataloader(self):
+        return self.train_dataloader()
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).sum()
+
+    def test_step(self, batch, batch_idx):
+        self.log("test/score", OFFSET + self.bias)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+"""
+
+
+def _forget(*modules: str) -> None:
+    for name in modules:
+        sys.modules.pop(name, None)
+
+
+def _write(folder: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+
+
+def test_the_modules_a_named_module_imports_count_and_nothing_installed(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _write(tmp_path, {
+        "fp_pkg/__init__.py": "",
+        # relative, absolute, in a function, a submodule taken with `from package import`, a name taken from a module
+        "fp_pkg/model.py": ("from .layers import Block\nimport fp_helpers\nimport torch\nimport json.decoder\n"
+                            "def make():\n    from fp_pkg import losses\n    return losses\n"),
+        "fp_pkg/layers.py": "from . import deep\nfrom .deep import DEPTH\nclass Block: pass\n",
+        "fp_pkg/deep.py": "DEPTH = 2\n",
+        "fp_pkg/losses.py": "",
+        "fp_pkg/unused.py": "",
+        "fp_helpers.py": "import fp_pkg.model\n",  # a cycle
+    })
+    _forget("fp_pkg", "fp_pkg.model", "fp_pkg.layers", "fp_pkg.deep", "fp_pkg.losses", "fp_helpers")
+    config = [{"model": {"class_path": "fp_pkg.model.Net"}}]
+    # before: only the named module counted
+    assert sorted(source_digests(config)) == ["fp_helpers", "fp_pkg", "fp_pkg.deep", "fp_pkg.layers", "fp_pkg.losses",
+                                              "fp_pkg.model"]
+    assert list(source_digests(config, imported=False)) == ["fp_pkg.model"]
+    # `from .deep import DEPTH`: DEPTH is a name in a module, never looked up as a module (which would import it)
+    assert "fp_pkg.deep" not in sys.modules
+
+
+def test_editing_an_imported_helper_changes_the_fingerprint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _write(tmp_path, {"imports_model.py": MODEL, "imports_helper.py": "OFFSET = 0.0\n", "unrelated.py": "X = 1\n",
+                      "a.yaml": "model: {class_path: imports_model.Scored}\n"})
+    _forget("imports_model", "imports_helper")
+    before = config_fingerprint(tmp_path / "a.yaml")
+    (tmp_path / "unrelated.py").write_text("X = 2\n")
+    assert config_fingerprint(tmp_path / "a.yaml") == before
+    (tmp_path / "imports_helper.py").write_text("OFFSET = 5.0\n")
+    # before: the same fingerprint, so compare reused the runs of the helper as it was
+    assert config_fingerprint(tmp_path / "a.yaml") != before
+
+
+def test_compare_reruns_after_a_helper_edit_and_reuses_results_saved_before_imports_counted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    trainer = ("trainer: {max_epochs: 1, logger: false, enable_checkpointing: false, accelerator: cpu, devices: 1, "
+               "enable_progress_bar: false}\n")
+    _write(tmp_path, {"imports_model.py": MODEL, "imports_helper.py": "OFFSET = 0.0\n",
+                      "a.yaml": trainer + "model: {class_path: imports_model.Scored, init_args: {bias: 0.1}}\n",
+                      "b.yaml": trainer + "model: {class_path: imports_model.Scored, init_args: {bias: 0.2}}\n"})
+    configs, out = [tmp_path / "a.yaml", tmp_path / "b.yaml"], tmp_path / "out"
+
+    def compare():
+        _forget("imports_model", "imports_helper")  # as a new compare process imports them
+        return run_compare(configs, seeds=1, out=out, jobs=1, metrics=["test/score"], curve_metric="val/x",
+                           echo=lambda line: None)
+
+    first = compare()
+    assert first.trained == 2 and first.runs["a"][0].metrics["test/score"] == pytest.approx(0.1)
+    (tmp_path / "imports_helper.py").write_text("OFFSET = 5.0\n")
+    second = compare()
+    # before: both reused, test/score 0.1 from the helper as it was, not 5.1
+    assert second.trained == 2 and second.runs["a"][0].metrics["test/score"] == pytest.approx(5.1)
+    assert compare().trained == 0
+
+    # a result saved by an earlier version (the named module's code only) is reused, not trained again...
+    current, named_only, without_code = config_fingerprints(configs[0])
+    assert len({current, named_only, without_code}) == 3
+    save_result(out / "runs" / "a" / "seed_0", second.runs["a"][0], named_only)
+    assert compare().trained == 0
+    # ... and from then on it is the result of the helper as it is now: editing it again reruns it
+    (tmp_path / "imports_helper.py").write_text("OFFSET = 7.0\n")
+    third = compare()
+    assert third.trained == 2 and third.runs["a"][0].metrics["test/score"] == pytest.approx(7.1)
