@@ -120,11 +120,12 @@ class CheckpointGuard(Callback):
                            f"run stops: its weights would not be finite ({err.problems[0].message})")
 
     @override
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # before anything acts on the metrics of weights trained on a NaN: ModelCheckpoint's top-k (which would name
-        # as its best a checkpoint it is then refused), EarlyStopping, restore_best keeping them as a stage's best
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # before weights trained on a NaN are scored, so that nothing acts on their metrics: ModelCheckpoint's top-k
+        # (which would name as its best a checkpoint it is then refused), EarlyStopping (in whatever place of the
+        # callback list: at the end of a validation Lightning runs callbacks in the user's order), restore_best
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
-            self.stop_if_nonfinite(trainer, pl_module, "at the end of a validation", weights=True)
+            self.stop_if_nonfinite(trainer, pl_module, "before a validation", weights=True)
 
     def stop_if_nonfinite(self, trainer: pl.Trainer, pl_module: pl.LightningModule, when: str, weights: bool = False
                           ) -> None:

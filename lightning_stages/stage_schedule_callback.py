@@ -242,7 +242,7 @@ class StageScheduleCallback(CheckpointGuard):
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)  # no NaN-trained weights are scored (CheckpointGuard)
+        # no NaN-trained weights were scored: CheckpointGuard.on_validation_start stopped the run before
         fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
         if fitting and self.adaptive.after_validation(trainer, pl_module, self._bound()):  # a step stage ended here
             self._next_step = min(self._next_step, trainer.global_step)  # enter the next at the next batch

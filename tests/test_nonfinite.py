@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import ManualTinyNet, PlainStudent, TinyNet, loader, trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stages import DistillationStepError, StageScheduleCallback
@@ -365,10 +366,10 @@ def test_a_finite_loss_with_a_nan_gradient_never_writes_its_weights(tmp_path, we
 
 
 def test_a_nan_before_a_validation_never_replaces_the_stages_best_weights_file(tmp_path):
-    """``restore_best`` with ``best_weights="file"``: the loss is NaN at batch 1 of epoch 1, and the validation at that
-    epoch's end scores the NaN weights best (NaN logits all "predict" class 0, the label of every validation sample).
-    The run stops at that validation's end, before they are kept: the best-weights file still holds epoch 0's weights,
-    which ``last.ckpt`` names (overwritten, a run resumed from ``last.ckpt`` would have lost them)."""
+    """``restore_best`` with ``best_weights="file"``: the loss is NaN at batch 1 of epoch 1, and a validation at that
+    epoch's end would score the NaN weights best (NaN logits all "predict" class 0, the label of every validation
+    sample). The run stops before that validation: the best-weights file still holds epoch 0's weights, which
+    ``last.ckpt`` names (overwritten, a run resumed from ``last.ckpt`` would have lost them)."""
 
     class AccuracyOnNaN(NaNAt):
         def validation_step(self, batch, batch_idx):
@@ -386,14 +387,14 @@ def test_a_nan_before_a_validation_never_replaces_the_stages_best_weights_file(t
     model = AccuracyOnNaN(epoch=1, batch=1)
     with pytest.raises(DistillationStepError, match=r"at batch 1 of epoch 1 \(found ") as caught:
         run.fit(model, tiny_loader(), val)
-    assert model.scores[0] < 1.0 == model.scores[1]  # the NaN weights did score best
+    assert len(model.scores) == 1 and model.scores[0] < 1.0  # the NaN weights, which would score 1.0, never scored
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 4
     assert last["callbacks"]["StageScheduleCallback"]["adaptive"]["best_weights"]["step"] == 4
     best = torch.load(next(tmp_path.rglob("stage_0.pt")), weights_only=True)
     assert best["step"] == 4 and _all_finite(best["weights"])
     assert all(torch.equal(best["weights"][k], v) for k, v in last["state_dict"].items())
-    assert "(found at the end of a validation; batches 0..3 were watched" in str(caught.value)
+    assert "(found before a validation; batches 0..3 were watched" in str(caught.value)
 
 
 def test_save_on_exception_never_points_last_ckpt_at_a_checkpoint_that_was_not_written(tmp_path):
@@ -451,7 +452,7 @@ def test_modelcheckpoint_never_names_as_its_best_a_checkpoint_that_was_not_writt
     best = torch.load(written[0], weights_only=True)
     assert best["global_step"] <= 5 and _all_finite(best["state_dict"])
     run.test(Accuracy(epoch=9, batch=0), val, ckpt_path="best", verbose=False)  # loads it
-    assert "(found at the end of a validation" in str(caught.value)
+    assert "(found before a validation" in str(caught.value)
 
 
 def test_a_checkpoint_every_n_steps_refused_is_never_named_best(tmp_path):
@@ -501,7 +502,7 @@ def test_ddp_a_nan_gradient_on_one_rank_stops_every_rank_before_its_weights_are_
     assert errors[0] == errors[1], errors
     assert errors[0].startswith("DistillationStepError: 1 problem at epoch 1 of stage 'main'"), errors[0]
     assert ("the weights are not finite (`head.weight` holds NaN or infinite values) at global step 8 of epoch 1, "
-            "although no loss `training_step` returned was (found at the end of a validation)") in errors[0]
+            "although no loss `training_step` returned was (found before a validation)") in errors[0]
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0.ckpt", "last.ckpt"]
     assert not (tmp_path / "exc").exists() or list((tmp_path / "exc").iterdir()) == []
     best = torch.load(tmp_path / "best_weights" / "stage_0.pt", weights_only=True)
@@ -579,3 +580,31 @@ def test_nan_weights_at_the_end_of_a_restore_best_stage_in_steps_stop_the_run(tm
     with pytest.raises(DistillationStepError, match=r"`head.weight` holds NaN .* at global step 5 .*\(found at the "
                                                     r"end of the stage\)"):
         run.fit(Validated(epoch=1, batch=0), tiny_loader(), tiny_loader(n=8))
+
+
+@pytest.mark.parametrize("early_stopping_first", [True, False])
+def test_early_stopping_never_sees_a_metric_of_nan_trained_weights(tmp_path, early_stopping_first):
+    """A validation every half epoch and a NaN loss at batch 1 of epoch 1: the validation after it would score NaN
+    weights (``val_loss`` NaN). Lightning runs ``on_validation_end`` in the user's order, so an ``EarlyStopping``
+    listed before ``StageScheduleCallback`` saw that NaN and signalled a stop; the weights are now read before the
+    validation, wherever EarlyStopping stands."""
+
+    class Scored(NaNAt):
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    class Watching(EarlyStopping):
+        def on_validation_end(self, trainer, pl_module):
+            self.shown = [*getattr(self, "shown", []), float(trainer.callback_metrics["val_loss"])]
+            super().on_validation_end(trainer, pl_module)
+
+    early = Watching(monitor="val_loss", patience=100)
+    guard = StageScheduleCallback()
+    run = trainer(tmp_path, max_epochs=3, val_check_interval=0.5,
+                  callbacks=[early, guard] if early_stopping_first else [guard, early])
+    g = torch.Generator().manual_seed(1)
+    val = DataLoader(TensorDataset(torch.randn(8, 4, generator=g), torch.zeros(8, dtype=torch.long)), batch_size=8)
+    with pytest.raises(DistillationStepError, match=r"at batch 1 of epoch 1 \(found before a validation"):
+        run.fit(Scored(epoch=1, batch=1), tiny_loader(), val)
+    assert early.shown and all(math.isfinite(v) for v in early.shown)  # before: the last one NaN (listed first)
+    assert not run.should_stop and early.stopped_epoch == 0
