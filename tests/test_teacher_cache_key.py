@@ -138,8 +138,9 @@ def test_the_fingerprint_reads_non_persistent_buffers_and_keeps_the_other_teache
     assert teacher_fingerprint({"t": a}) != teacher_fingerprint({"t": b})
     b.shift = torch.zeros(5, dtype=torch.float64)  # the same values in another dtype
     assert teacher_fingerprint({"t": a}) != teacher_fingerprint({"t": b})
-    # a teacher without non-persistent buffers keeps its key
-    plain = nn.Linear(2, 1)
+    # a teacher without non-persistent buffers keeps its key (in eval mode, as every teacher is prepared: one left in
+    # training mode has another key since the eleventh session)
+    plain = nn.Linear(2, 1).eval()
     with torch.no_grad():
         plain.weight.copy_(torch.tensor([[1.0, -2.0]]))
         plain.bias.fill_(0.5)

@@ -28,7 +28,7 @@ from torch import Tensor
 from lightning_stages.distillation.indexed_dataset import IndexedDataset
 from lightning_stages.distillation.teacher_cache_files import FileRows, drop_unused
 from lightning_stages.distillation.teacher_cache_inputs import InputChecksums, sample_indices
-from lightning_stages.distillation.teacher_cache_rows import flatten, too_large, unflatten
+from lightning_stages.distillation.teacher_cache_rows import flatten_named, rows_problem, too_large, unflatten
 from lightning_stages.distillation.teacher_cache_storage import (
     MemoryRows,
     RowStorage,
@@ -317,16 +317,16 @@ class TeacherCache:
         """
         index = sample_indices(sample_index, self.num_samples)
         leaves: list[Tensor] = []
+        names: list[str] = []  # the output or feature of each leaf, for messages
         layout: dict[str, Any] = {
-            "outputs": {name: flatten(value, leaves, f"output of teacher {name!r}") for name, value in outputs.items()},
-            "features": {name: {path: flatten(value, leaves, f"feature {name}.{path}") for path, value in paths.items()}
+            "outputs": {name: flatten_named(value, leaves, names, f"output of teacher {name!r}")
+                        for name, value in outputs.items()},
+            "features": {name: {path: flatten_named(value, leaves, names, f"feature {name}.{path}")
+                                for path, value in paths.items()}
                          for name, paths in features.items()} if self.store_features else {},
         }
-        for position, leaf in enumerate(leaves):
-            if leaf.dim() == 0 or leaf.shape[0] != len(index):
-                raise _step_error(_problem(f"has shape {tuple(leaf.shape)} but the batch has {len(index)} sample "
-                                           "indices; the cache needs one row per sample", f"tensor {position}",
-                                           tuple(leaf.shape)))
+        if (problem := rows_problem(leaves, names, len(index), first=self._layout is None)) is not None:
+            raise _step_error(problem)
         stored = [self.dtype if self.dtype is not None and leaf.is_floating_point() else leaf.dtype for leaf in leaves]
         layout["leaves"] = [[list(leaf.shape[1:]), str(leaf.dtype).replace("torch.", "")] for leaf in leaves]
         layout["stored"] = [str(dtype).replace("torch.", "") for dtype in stored]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
@@ -21,7 +22,8 @@ from torch import Tensor
 
 from lightning_stages.errors import StageConfigError, StageProblem
 
-__all__ = ["check_spec", "flatten", "position_multipliers", "row_hash", "too_large", "unflatten"]
+__all__ = ["check_spec", "flatten", "flatten_named", "position_multipliers", "row_hash", "rows_problem", "too_large",
+           "unflatten"]
 
 _MASK32 = 0xFFFFFFFF
 _MASK35 = (1 << 35) - 1
@@ -222,3 +224,35 @@ def row_hash(words: Tensor) -> Tensor:
     x = words * position_multipliers(words.shape[-1], words.device)
     x ^= (x >> 29) & _MASK35
     return x.sum(-1)
+
+
+def flatten_named(value: Any, leaves: list[Tensor], names: list[str], where: str) -> Any:
+    """:func:`flatten`, with ``where`` (the teacher's output or the layer) added to ``names`` for each leaf it adds."""
+    spec = flatten(value, leaves, where)
+    names += [where] * (len(leaves) - len(names))
+    return spec
+
+
+def rows_problem(leaves: Sequence[Tensor], names: Sequence[str], rows: int, first: bool) -> Optional[StageProblem]:
+    """The problem of a batch's tensors that do not have one row per sample (``rows``), or ``None``. With ``first``
+    (the first batch of a layout), warn once of a tensor whose second dimension has the batch's size too: a
+    sequence-first output (``nn.MultiheadAttention`` or ``nn.LSTM`` without ``batch_first=True``, an LSTM's ``h_n``)
+    whose length happens to equal the batch size looks batch-first, and its rows are not samples.
+
+    Example::
+
+        >>> rows_problem([torch.ones(3, 2)], ["output of teacher 't'"], rows=4, first=True).message
+        'has shape (3, 2) but the batch has 4 sample indices; the cache needs one row per sample'
+    """
+    for leaf, name in zip(leaves, names):
+        if leaf.dim() == 0 or leaf.shape[0] != rows:
+            return StageProblem(f"has shape {tuple(leaf.shape)} but the batch has {rows} sample indices; the cache needs "
+                                "one row per sample", name="teacher_cache", field=name, value=tuple(leaf.shape))
+    for leaf, name in zip(leaves, names):
+        if first and rows > 1 and leaf.dim() >= 3 and leaf.shape[1] == rows:
+            warnings.warn(f"TeacherCache: the {name} has shape {tuple(leaf.shape)}: its first two dimensions both "
+                          f"have the batch's {rows} samples, and the cache stores its first as the samples'. If it is "
+                          "sequence-first (nn.MultiheadAttention or nn.LSTM without batch_first=True, an LSTM's h_n), "
+                          "its rows are not samples and later epochs would be served another sample's values: make "
+                          "it batch-first, or use a batch size that no other dimension has", UserWarning, stacklevel=4)
+    return None

@@ -14,6 +14,11 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
+
+from lightning_stages.errors import DistillationStepError, StageProblem
 
 __all__ = ["teacher_fingerprint"]
 
@@ -77,6 +82,12 @@ def teacher_fingerprint(
             settings = _settings(module)
             if settings:
                 digest.update(json.dumps([f"settings:{path}", settings], sort_keys=True).encode())
+            hooks = _hooks(module)  # counted only where there are some: a teacher without keeps its fingerprint
+            if hooks:
+                digest.update(json.dumps([f"hooks:{path}", hooks], sort_keys=True).encode())
+        training = [path for path, module in teachers[name].named_modules() if module.training]
+        if training:  # eval mode (the usual) keeps the fingerprint; a module in training mode may compute otherwise
+            digest.update(json.dumps(["training", training]).encode())
         state = teachers[name].state_dict()
         for key, value in state.items():
             _update(digest, key, value)
@@ -93,6 +104,36 @@ def _settings(module: nn.Module) -> dict[str, Any]:
     ``temperature``, a HuggingFace ``config``), each as plain JSON data (:func:`_plain`); its mode aside."""
     return {key: _plain(value) for key, value in sorted(vars(module).items())
             if not key.startswith("_") and key != "training"}
+
+
+def _hooks(module: nn.Module) -> list[Any]:
+    """The forward pre-hooks and forward hooks of ``module`` (they change its output), by their code; the package's
+    own feature hooks aside (the hooked layers count on their own)."""
+    found = []
+    for kind, hooks in (("pre", module._forward_pre_hooks), ("post", module._forward_hooks)):
+        for hook in hooks.values():
+            if not type(hook).__module__.startswith("lightning_stages."):
+                found.append([kind, _plain(hook)])
+    return found
+
+
+def _code(code: types.CodeType, depth: int) -> list[Any]:
+    """A function's code as plain data: its bytecode, constants (nested functions' code too) and names."""
+    constants = [_code(c, depth + 1) if isinstance(c, types.CodeType) else _plain(c, depth + 1) for c in code.co_consts]
+    return [code.co_code.hex(), constants, list(code.co_names), code.co_argcount, code.co_kwonlyargcount]
+
+
+def _function(value: types.FunctionType, depth: int) -> list[Any]:
+    """A Python function by its name, its code, its defaults and the values it closes over: two lambdas, or a
+    function edited between fits, are told apart."""
+    cells = []
+    for cell in value.__closure__ or ():
+        try:
+            cells.append(_plain(cell.cell_contents, depth + 1))
+        except ValueError:  # a cell not yet filled
+            cells.append(None)
+    return [f"{value.__module__}.{value.__qualname__}", _code(value.__code__, depth), cells,
+            _plain(value.__defaults__, depth + 1), _plain(value.__kwdefaults__, depth + 1)]
 
 
 def _plain(value: Any, depth: int = 0) -> Any:
@@ -132,7 +173,11 @@ def _plain(value: Any, depth: int = 0) -> Any:
         except (RuntimeError, TypeError, NotImplementedError):  # nested, quantized: by dtype, shape and layout
             return ["tensor", str(value.dtype), str(value.layout), value.is_nested or list(value.shape)]
         return digest.hexdigest()
-    if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, type, functools.partial)):
+    if isinstance(value, types.FunctionType):
+        return _function(value, depth + 1)
+    if isinstance(value, types.MethodType):  # a bound method: its function and the type it is bound to
+        return ["method", _plain(value.__func__, depth + 1), f"<{type(value.__self__).__qualname__}>"]
+    if isinstance(value, (types.BuiltinFunctionType, type, functools.partial)):
         if isinstance(value, functools.partial):
             return ["partial", _plain(value.func, depth + 1), _plain(value.args, depth + 1),
                     _plain(value.keywords, depth + 1)]
@@ -157,3 +202,41 @@ def _update(digest: Any, key: str, value: Any) -> None:
         return
     flat = tensor.cpu().contiguous().reshape(-1)
     digest.update(flat.view(torch.uint8).numpy())
+
+
+_registered = [0, False]  # weights, buffers and submodules set on any module since the hooks below were installed
+
+
+def registrations() -> int:
+    """How many parameters, buffers and submodules have been set on modules in this process since the first call: a
+    weight replaced rather than written (``load_state_dict(assign=True)``, ``teacher.head = new_head``) moves it,
+    while an in-place write moves the tensors' version counters only. One integer to compare at each cached step."""
+    if not _registered[1]:
+        def count(*_: Any) -> None:
+            _registered[0] += 1
+
+        torch_module.register_module_parameter_registration_hook(count)
+        torch_module.register_module_buffer_registration_hook(count)
+        torch_module.register_module_module_registration_hook(count)
+        _registered[1] = True
+    return int(_registered[0])
+
+
+def refuse_random_teachers(teachers: Mapping[str, nn.Module], stage: Optional[str]) -> None:
+    """Refuse a teacher with dropout or batch normalization in training mode, whose outputs are random or depend on
+    the batch: a stored row would serve one draw for every later epoch.
+
+    Raises:
+        DistillationStepError: naming the teacher and the layer (the caller names the stage).
+    """
+    for name, teacher in teachers.items():
+        for path, module in teacher.named_modules():
+            if module.training and isinstance(module, (_DropoutNd, _BatchNorm)):
+                where = f"{name}.{path}" if path else name
+                raise DistillationStepError(StageProblem(
+                    f"is in training mode, so teacher {name!r} computes a random or batch-dependent output, and a "
+                    "stored row would stand for one draw in every later epoch", name=None,
+                    field=f"teachers.{where}", value=type(module).__name__,
+                    hint="teachers are put in eval mode when prepared: keep them there (something called .train() "
+                    "on it), or set teacher_cache = None to run the teacher at every step"), stage=stage,
+                    when="a training step")

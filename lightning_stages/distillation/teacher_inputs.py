@@ -3,7 +3,9 @@ teacher's forward whose input mistakes name the teacher."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import copy
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from typing import Any, Optional
 
@@ -11,9 +13,11 @@ import torch
 from torch import nn
 
 from lightning_stages.distillation.step_checks import stage_where
+from lightning_stages.distillation.teacher_cache_inputs import input_versions
+from lightning_stages.distillation.teacher_options import autocast_in_force
 from lightning_stages.errors import DistillationStepError, StageProblem, did_you_mean
 
-__all__ = ["forward_named", "teacher_calls"]
+__all__ = ["containers_copied", "deferred_run", "forward_named", "teacher_calls"]
 
 
 def teacher_calls(names: list[str], args: tuple, kwargs: Mapping[str, Any], inputs: Optional[Mapping[str, Any]],
@@ -79,3 +83,53 @@ def forward_named(name: str, teacher: nn.Module, call: tuple[tuple, dict], stage
             field=f"teachers.{name}", value=type(teacher).__name__, hint=hint), stage=stage, when="a step") from err
     finally:
         RUNNING_TEACHER.reset(token)
+
+
+def containers_copied(value: Any, depth: int = 0) -> Any:
+    """``value`` with its tuples, lists and dicts copied (their tensors and other items are the same objects), so that
+    a caller who puts another tensor into a dict or list it passed to ``run_teachers`` does not change what the
+    teachers are later run on. Other containers (a ``BatchEncoding``) are copied shallowly, keeping their type.
+
+    Example::
+
+        >>> given = {"x": [1, 2]}
+        >>> copied = containers_copied(given)
+        >>> given["x"].append(3); copied
+        {'x': [1, 2]}
+    """
+    if depth > 100 or isinstance(value, torch.Tensor):
+        return value
+    if type(value) is tuple:
+        return tuple(containers_copied(item, depth + 1) for item in value)
+    if type(value) is list:
+        return [containers_copied(item, depth + 1) for item in value]
+    if type(value) is dict:
+        return {key: containers_copied(item, depth + 1) for key, item in value.items()}
+    if isinstance(value, (list, Mapping)):
+        try:
+            return copy.copy(value)
+        except Exception:  # a container that cannot be copied: as it is
+            return value
+    return value
+
+
+def deferred_run(run: Callable[[list[str]], Any], given: Any, device_type: str, stage: Optional[str]
+              ) -> Callable[[list[str]], Any]:
+    """``run`` (the hooked teachers on a batch the cache served without features, when a feature is first read) as
+    ``run_teachers`` would have run them: under the autocast in force then, and refused if the inputs were changed
+    in place since (the features would be another input's). ``given`` holds the inputs' containers as they were
+    (:func:`containers_copied`): a container the caller changes afterwards is not read."""
+    versions, autocast = input_versions(given), autocast_in_force(device_type)
+
+    def deferred(names: list[str]) -> Any:
+        if versions is not None and input_versions(given) != versions:
+            raise DistillationStepError(StageProblem(
+                "were changed in place after run_teachers, before a teacher feature was read; with "
+                "TeacherCache(store_features=False) a served batch's features are computed when first read, from "
+                "the inputs as they are then", name=stage_where(stage), field="teacher inputs", value="changed",
+                hint="read the features (feature_losses, captured_features) before changing the inputs, change a "
+                "copy, or use store_features=True"), stage=stage, when="a training step")
+        same = autocast_in_force(device_type) == autocast
+        with contextlib.nullcontext() if same else torch.autocast(device_type, dtype=autocast, enabled=bool(autocast)):
+            return run(names)
+    return deferred

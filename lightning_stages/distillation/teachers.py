@@ -18,8 +18,13 @@ from lightning_stages.distillation.feature_hooks import (
 )
 from lightning_stages.distillation.step_checks import stage_where
 from lightning_stages.distillation.teacher_cache import TeacherCache, teacher_fingerprint
-from lightning_stages.distillation.teacher_cache_inputs import input_versions
-from lightning_stages.distillation.teacher_inputs import forward_named, teacher_calls
+from lightning_stages.distillation.teacher_fingerprint import refuse_random_teachers, registrations
+from lightning_stages.distillation.teacher_inputs import (
+    containers_copied,
+    deferred_run,
+    forward_named,
+    teacher_calls,
+)
 from lightning_stages.distillation.teacher_options import (  # re-exported: imported from here too
     AUTOCAST_DTYPES,
     OFFLOAD_MODES,
@@ -144,6 +149,8 @@ class Teachers:
         self._bound_extra: Optional[dict[str, Any]] = None
         self._watched: list[Tensor] = []  # the teachers' parameters and buffers at that binding
         self._versions: Optional[list[int]] = None  # and their version counters then
+        self._registrations = -1  # weights set on any module then (registrations())
+        self._modes: tuple[bool, ...] = ()  # and the teachers' modes
 
     def place(self, offload: bool, device: torch.device) -> None:
         """Move the teachers to CPU (``offload``) or back to ``device``; nothing if they are there already."""
@@ -224,20 +231,23 @@ class Teachers:
             # the autocast in force changes the outputs: a Trainer's bf16-mixed, or the caller's own autocast
             place = device()
             extra = {"precision": precision, "autocast": str(autocast_in_force(place.type, precision))}
-            if bind or extra != self._bound_extra or self._changed_in_place():
+            if bind or extra != self._bound_extra or self._changed():
+                refuse_random_teachers(self.modules, stage)
                 layers = {name: hooks.spec.get(name, ()) for name in self.modules}
                 cache.bind(teacher_fingerprint(self.modules, layers, extra, version=cache.version))
                 self._bound_extra = extra
                 self._watched = [t for m in self.modules.values() for t in (*m.parameters(), *m.buffers())]
                 self._versions = self._current_versions()
+                self._registrations, self._modes = registrations(), self._current_modes()
             hit = cache.lookup(sample_index, device=place, inputs=given)
         if hit is not None:
             outputs, features = hit
             hooks.put(features)
-            if not cache.store_features:
-                self._defer_features(hooks, _as_given(
+            if not cache.store_features:  # the features are computed when first read, from the inputs as now
+                args, kwargs, inputs = containers_copied((args, kwargs, inputs))
+                self._defer_features(hooks, deferred_run(
                     lambda names: self.run(args, kwargs, precision, device, inputs=inputs, stage=stage, names=names),
-                    given, place.type, stage))
+                    (args, kwargs) if inputs is None else inputs, place.type, stage))
             return outputs
         outputs = self.run(args, kwargs, precision, device, inputs=inputs, stage=stage)
         features = hooks.snapshot(list(self.modules), stage) if cache.store_features else {}
@@ -252,9 +262,21 @@ class Teachers:
         except RuntimeError:  # an inference tensor has no version counter
             return None
 
-    def _changed_in_place(self) -> bool:
-        """Whether the teachers' weights or buffers changed in place since the cache was bound to them (e.g.
-        ``load_state_dict``, an EMA update under ``no_grad``; a write through ``.data`` moves no counter)."""
+    def _current_modes(self) -> tuple[bool, ...]:
+        return tuple(teacher.training for teacher in self.modules.values())
+
+    def _changed(self) -> bool:
+        """Whether the teachers changed since the cache was bound to them: their weights or buffers written in place
+        (``load_state_dict``, an EMA update under ``no_grad``; a write through ``.data`` moves no counter) or replaced
+        (``load_state_dict(assign=True)``, a new submodule: looked at only when some module got a new weight), or a
+        teacher put in another mode (``teacher.train()``)."""
+        if registrations() != self._registrations:
+            self._registrations = registrations()
+            now = [t for m in self.modules.values() for t in (*m.parameters(), *m.buffers())]
+            if len(now) != len(self._watched) or any(a is not b for a, b in zip(now, self._watched)):
+                return True
+        if self._current_modes() != self._modes:
+            return True
         return self._versions is not None and self._current_versions() != self._versions
 
     def _defer_features(self, hooks: FeatureHooks, run: Callable[[list[str]], Any]) -> None:
@@ -268,27 +290,6 @@ class Teachers:
                 run(hooked)
 
         hooked += hooks.defer(list(self.modules), lambda store, path: _LiveFeature(store, path, run_once))
-
-
-def _as_given(run: Callable[[list[str]], Any], given: Any, device_type: str, stage: Optional[str]
-              ) -> Callable[[list[str]], Any]:
-    """``run`` (the hooked teachers on a batch the cache served without features, when a feature is first read) as
-    ``run_teachers`` would have run them: under the autocast in force then, and refused if the inputs were changed
-    in place since (the features would be another input's)."""
-    versions, autocast = input_versions(given), autocast_in_force(device_type)
-
-    def deferred(names: list[str]) -> Any:
-        if versions is not None and input_versions(given) != versions:
-            raise DistillationStepError(StageProblem(
-                "were changed in place after run_teachers, before a teacher feature was read; with "
-                "TeacherCache(store_features=False) a served batch's features are computed when first read, from "
-                "the inputs as they are then", name=stage_where(stage), field="teacher inputs", value="changed",
-                hint="read the features (feature_losses, captured_features) before changing the inputs, change a "
-                "copy, or use store_features=True"), stage=stage, when="a training step")
-        same = autocast_in_force(device_type) == autocast
-        with contextlib.nullcontext() if same else torch.autocast(device_type, dtype=autocast, enabled=bool(autocast)):
-            return run(names)
-    return deferred
 
 
 def let_compile_see_hooks() -> None:

@@ -1,0 +1,229 @@
+"""The teacher cache never serves rows computed by a teacher other than the one running now: replaced weights, a
+teacher put in training mode, a hook or a lambda that differs, a sequence-first output that looks batch-first, and
+(with ``store_features=False``) inputs the caller rebinds before the features are read."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_stages import (
+    DistillationModule,
+    DistillationStepError,
+    IndexedDataset,
+    StageScheduleCallback,
+    TeacherCache,
+)
+from lightning_stages.distillation.teacher_fingerprint import teacher_fingerprint
+
+N, BATCH = 8, 4
+
+
+def make_teacher(seed: int = 0, dropout: float = 0.0) -> nn.Sequential:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(4, 8), nn.Dropout(dropout), nn.ReLU(), nn.Linear(8, 3)).eval()
+
+
+def loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(N, 4, generator=g), torch.randint(0, 3, (N,), generator=g))
+    return DataLoader(IndexedDataset(data), batch_size=BATCH)
+
+
+class Student(DistillationModule, pl.LightningModule):
+    """Keeps each step's input and the teacher output it was given."""
+
+    def __init__(self, teacher: nn.Module, cache: TeacherCache | None = None, hooks: dict | None = None) -> None:
+        super().__init__()
+        self.net = nn.Linear(4, 3)
+        self.loss_weights = {"ce": 1.0}
+        self.teacher_cache = cache or TeacherCache()
+        self.__dict__["teacher"] = teacher
+        self.hooks = hooks or {}
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def configure_teachers(self):
+        return {"t": self.teacher}
+
+    def configure_feature_hooks(self):
+        return self.hooks
+
+    def training_step(self, batch, batch_idx):
+        x, y, index = batch
+        out = self.run_teachers(x, sample_index=index)["t"]
+        self.seen.append((x.clone(), out.detach().clone()))
+        logits = self.net(x)
+        return self.weighted_loss({"ce": F.cross_entropy(logits, y)}, {"kd": F.mse_loss(logits, out)})
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit(model: Student, epochs: int = 3, callbacks: list | None = None) -> None:
+    pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0,
+               callbacks=[StageScheduleCallback(stage_schedule=[{"name": "kd", "start_epoch": 0, "distillation": True}],
+                                                verbose=False), *(callbacks or [])]).fit(model, loader())
+
+
+class AtEpoch(pl.Callback):
+    def __init__(self, epoch: int, action) -> None:
+        self.epoch, self.action = epoch, action
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            self.action(pl_module.teachers["t"])
+
+
+@pytest.mark.parametrize("how", ["assign", "submodule"])
+def test_teacher_weights_replaced_during_a_fit_are_not_served_the_old_rows(how):
+    other = make_teacher(seed=1)
+
+    def replace(teacher: nn.Sequential) -> None:
+        if how == "assign":  # new Parameter objects: no version counter of the old ones moves
+            teacher.load_state_dict(other.state_dict(), assign=True)
+        else:
+            teacher[3] = other[3]
+
+    reference = make_teacher(seed=1) if how == "assign" else make_teacher()
+    if how == "submodule":
+        reference[3] = make_teacher(seed=1)[3]
+    model = Student(make_teacher())
+    fit(model, callbacks=[AtEpoch(2, replace)])
+    steps = N // BATCH
+    # before: epoch 2 was served the rows of the teacher as it was (max error about 0.5)
+    for x, served in model.seen[2 * steps:]:
+        with torch.no_grad():
+            torch.testing.assert_close(served, reference(x))
+
+
+def test_a_teacher_put_in_training_mode_with_dropout_is_refused_naming_the_layer():
+    model = Student(make_teacher(dropout=0.5))
+    with pytest.raises(DistillationStepError, match=r"`teachers\.t\.1` = 'Dropout': is in training mode"):
+        fit(model, callbacks=[AtEpoch(1, lambda teacher: teacher.train())])
+    # before: every later epoch was served the one dropout draw of epoch 0's rows
+
+
+def test_a_teacher_in_training_mode_has_another_key():
+    class Noisy(nn.Module):  # an output that depends on the mode without dropout or batch norm
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.lin(x) + (1.0 if self.training else 0.0)
+
+    teacher = Noisy().eval()
+    key = teacher_fingerprint({"t": teacher})
+    # before: the same key, so an eval-mode run read the rows a training-mode run stored in the directory
+    assert teacher_fingerprint({"t": teacher.train()}) != key
+    assert teacher_fingerprint({"t": teacher.eval()}) == key
+
+
+class Acted(nn.Module):
+    def __init__(self, act) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.act = nn.Linear(3, 3), act
+
+    def forward(self, x):
+        return self.act(self.lin(x))
+
+
+def _scale(factor: float):
+    return lambda z: z * factor  # a closure: the factor is in its cell
+
+
+def test_teachers_that_differ_only_in_a_lambda_or_a_hook_have_other_keys():
+    double = teacher_fingerprint({"t": Acted(lambda z: z * 2)})
+    assert teacher_fingerprint({"t": Acted(lambda z: z * 2)}) == double  # another lambda with the same code
+    # before: every lambda was keyed `<lambda>`, so these read each other's rows
+    assert teacher_fingerprint({"t": Acted(lambda z: z * 3)}) != double
+    assert teacher_fingerprint({"t": Acted(_scale(2.0))}) == teacher_fingerprint({"t": Acted(_scale(2.0))})
+    assert teacher_fingerprint({"t": Acted(_scale(2.0))}) != teacher_fingerprint({"t": Acted(_scale(255.0))})
+
+    plain, scaled, other = Acted(torch.tanh), Acted(torch.tanh), Acted(torch.tanh)
+    key = teacher_fingerprint({"t": plain})
+    scaled.register_forward_pre_hook(lambda module, args: (args[0] / 255,))
+    other.register_forward_pre_hook(lambda module, args: (args[0] / 1,))
+    # before: hooks were not read, so an input scaled by a pre-hook was served the unscaled rows
+    assert len({key, teacher_fingerprint({"t": scaled}), teacher_fingerprint({"t": other})}) == 3
+
+
+def test_a_sequence_first_output_as_long_as_the_batch_is_warned_of():
+    cache = TeacherCache()
+    cache.bind("key")
+    with pytest.warns(UserWarning, match=r"the output of teacher 't' has shape \(4, 4, 2\).*sequence-first"):
+        cache.store([0, 1, 2, 3], {"t": torch.zeros(4, 4, 2)}, {})
+    other = TeacherCache()
+    other.bind("key")
+    with warnings.catch_warnings(record=True) as caught:  # batch-first with another length, or 2-d: no warning
+        warnings.simplefilter("always")
+        other.store([0, 1, 2, 3], {"t": torch.zeros(4, 5, 2), "u": torch.zeros(4, 4)}, {})
+    assert not [w for w in caught if "sequence-first" in str(w.message)]
+    with pytest.raises(DistillationStepError, match=r"`output of teacher 'u'` = \(3, 2\): has shape \(3, 2\)"):
+        other.store([4, 5, 6, 7], {"t": torch.zeros(4, 5, 2), "u": torch.zeros(3, 2)}, {})
+
+
+class _Body(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+def _body_teacher() -> _Body:
+    torch.manual_seed(0)
+    return _Body().eval()
+
+
+class _Masking(DistillationModule, pl.LightningModule):
+    """Runs the teacher on ``{"x": x}``, then puts a masked copy into that dict for itself; keeps the teacher feature
+    it reads and the one of the input the teacher was run on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.loss_weights = {"ce": 1.0}
+        self.teacher_cache = TeacherCache(store_features=False)
+        self.read: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def configure_teachers(self):
+        return {"t": _body_teacher()}
+
+    def configure_feature_hooks(self):
+        return {"student": ["body"], "t": ["body"]}
+
+    def training_step(self, batch, batch_idx):
+        x, y, index = batch
+        given = {"x": x}
+        out = self.run_teachers(inputs={"t": given}, sample_index=index)
+        given["x"] = x * (torch.rand_like(x) > 0.5)  # the student trains on a masked copy (x is untouched)
+        logits = self.head(torch.relu(self.body(given["x"])))
+        feature = self.captured_features("t")["body"]
+        with torch.no_grad():
+            self.read.append((feature.detach().clone(), _body_teacher().body(x)))
+        distill = {"kd": F.mse_loss(logits, out["t"]), **self.feature_losses()}
+        return self.weighted_loss({"ce": F.cross_entropy(logits, y)}, distill)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_features_computed_later_read_the_inputs_as_they_were_given():
+    """``store_features=False``: a served batch's features are computed when first read. A caller that put another
+    tensor into the dict it gave ``run_teachers`` (no tensor changed in place) got the features of that tensor."""
+    model = _Masking()
+    fit(model)
+    assert len(model.read) == 3 * N // BATCH and model.teacher_cache.hits == 2 * N // BATCH
+    for feature, expected in model.read:  # before: from epoch 1, errors up to 1.2
+        torch.testing.assert_close(feature, expected)
