@@ -130,3 +130,18 @@ def test_compare_reruns_after_a_helper_edit_and_reuses_results_saved_before_impo
     (tmp_path / "imports_helper.py").write_text("OFFSET = 7.0\n")
     third = compare()
     assert third.trained == 2 and third.runs["a"][0].metrics["test/score"] == pytest.approx(7.1)
+
+
+def test_a_folder_without_init_counts_its_modules_and_the_standard_library_never(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _write(tmp_path, {"ns_models/net.py": "from . import layers\nfrom ns_models import blocks\n",
+                      "ns_models/layers.py": "", "ns_models/blocks.py": ""})  # no __init__.py: a namespace package
+    _forget("ns_models", "ns_models.net", "ns_models.layers", "ns_models.blocks")
+    # before: ['ns_models.net'] only, so editing layers.py reused the stale runs
+    assert sorted(source_digests([{"model": {"class_path": "ns_models.net.Net"}}])) == [
+        "ns_models.blocks", "ns_models.layers", "ns_models.net"]
+    # a working directory that holds this Python (a conda env made inside the project): its library never counts
+    monkeypatch.chdir("/")
+    assert source_digests([{"model": {"class_path": "json.decoder.JSONDecoder"}}]) == {}

@@ -21,6 +21,8 @@ import importlib.util
 import json
 import os
 import re
+import sys
+import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -54,21 +56,37 @@ def _class_paths(value: Any, key: Any = None) -> Iterator[str]:
         yield value
 
 
-def _project_source(module: str, project: Path) -> Path | None:
-    """The source file of ``module`` if it lies in ``project`` (and not in an installed package there, a venv)."""
+def _python_paths() -> list[Path]:
+    """Where this Python's standard library and installed packages lie (a conda env inside the project, too)."""
+    paths = sysconfig.get_paths()
+    return [Path(paths[key]).resolve() for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths]
+
+
+def _project_spec(module: str, project: Path) -> tuple[Optional[Path], bool]:
+    """The source file of ``module`` if it lies in ``project`` (not in an installed package there, a venv, nor in
+    this Python's own library), and whether it is a package of the project (a folder without ``__init__.py`` too),
+    whose submodules a ``from package import name`` may name."""
     try:
         spec = importlib.util.find_spec(module)
     except Exception:  # a parent package that cannot be imported (any error): the run reports it
-        return None
-    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-        return None
-    named = Path(os.path.abspath(spec.origin))  # a module linked into the project from elsewhere lies in it too
-    path = named.resolve()
-    if not (path.is_relative_to(project) or named.is_relative_to(project) or named.is_relative_to(Path.cwd())):
-        return None
-    if any(part in _INSTALLED for part in (*path.parts, *named.parts)):
-        return None
-    return path
+        return None, False
+    if spec is None:
+        return None, False
+    places = [spec.origin] if spec.origin and spec.origin.endswith(".py") else []
+    places += list(spec.submodule_search_locations or [])
+    local = []
+    for place in places:
+        named = Path(os.path.abspath(place))  # a module linked into the project from elsewhere lies in it too
+        path = named.resolve()
+        if not (path.is_relative_to(project) or named.is_relative_to(project) or named.is_relative_to(Path.cwd())):
+            continue
+        if any(part in _INSTALLED for part in (*path.parts, *named.parts)):
+            continue
+        if any(path.is_relative_to(python) for python in _python_paths()):
+            continue
+        local.append(place)
+    source = Path(os.path.abspath(spec.origin)).resolve() if spec.origin in local else None
+    return source, bool(spec.submodule_search_locations) and any(p != spec.origin for p in local)
 
 
 _MAX_MODULES = 2000  # project modules followed through their imports, at most
@@ -108,6 +126,8 @@ def _parsed_imports(source: str, module: str, mtime_ns: int, size: int) -> tuple
 
 def _in_project(top: str, project: Path) -> bool:
     """Whether the top-level module or package ``top`` lies in ``project`` (found without importing anything)."""
+    if top in sys.stdlib_module_names:
+        return False
     try:
         spec = importlib.util.find_spec(top)
     except Exception:  # a broken name (any error): not followed
@@ -118,7 +138,8 @@ def _in_project(top: str, project: Path) -> bool:
     places += list(spec.submodule_search_locations or [])
     for place in places:
         named = Path(os.path.abspath(place))
-        if any(part in _INSTALLED for part in named.parts):
+        if any(part in _INSTALLED for part in named.parts) or any(named.resolve().is_relative_to(python)
+                                                                    for python in _python_paths()):
             continue
         if named.is_relative_to(project) or named.is_relative_to(Path.cwd()) or named.resolve().is_relative_to(project):
             return True
@@ -155,6 +176,7 @@ def source_digests(configs: Iterable[Any], imported: bool = True) -> dict[str, s
     named = set(pending)
     local: dict[str, bool] = {}  # top-level name -> whether it lies in the project
     sources: dict[str, Optional[Path]] = {}  # module -> its source file in the project, None: not there
+    packages: set[str] = set()  # the project's packages met (a folder without __init__.py too)
     while pending and len(sources) < _MAX_MODULES:
         module = pending.pop(0)
         if not module or module in sources:
@@ -165,11 +187,13 @@ def source_digests(configs: Iterable[Any], imported: bool = True) -> dict[str, s
             if top not in local:
                 local[top] = _in_project(top, project)
             # `from a import b` names a.b, a submodule only if a is a package (else b is a name in a: not looked up)
-            known = sources.get(parent, Path("__init__.py")) if parent else Path("__init__.py")
-            if not local[top] or known is None or known.name != "__init__.py":
+            if not local[top] or (parent in sources and parent not in packages):
                 sources[module] = None
                 continue
-        source = sources[module] = _project_source(module, project)
+        source, package = _project_spec(module, project)
+        sources[module] = source
+        if package:
+            packages.add(module)
         if source is None:
             continue
         with contextlib.suppress(OSError):

@@ -325,7 +325,7 @@ class TeacherCache:
                                 for path, value in paths.items()}
                          for name, paths in features.items()} if self.store_features else {},
         }
-        if (problem := rows_problem(leaves, names, len(index), first=self._layout is None)) is not None:
+        if (problem := rows_problem(leaves, names, len(index))) is not None:
             raise _step_error(problem)
         stored = [self.dtype if self.dtype is not None and leaf.is_floating_point() else leaf.dtype for leaf in leaves]
         layout["leaves"] = [[list(leaf.shape[1:]), str(leaf.dtype).replace("torch.", "")] for leaf in leaves]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
@@ -233,26 +232,16 @@ def flatten_named(value: Any, leaves: list[Tensor], names: list[str], where: str
     return spec
 
 
-def rows_problem(leaves: Sequence[Tensor], names: Sequence[str], rows: int, first: bool) -> Optional[StageProblem]:
-    """The problem of a batch's tensors that do not have one row per sample (``rows``), or ``None``. With ``first``
-    (the first batch of a layout), warn once of a tensor whose second dimension has the batch's size too: a
-    sequence-first output (``nn.MultiheadAttention`` or ``nn.LSTM`` without ``batch_first=True``, an LSTM's ``h_n``)
-    whose length happens to equal the batch size looks batch-first, and its rows are not samples.
+def rows_problem(leaves: Sequence[Tensor], names: Sequence[str], rows: int) -> Optional[StageProblem]:
+    """The problem of a batch's tensors that do not have one row per sample (``rows``), or ``None``.
 
     Example::
 
-        >>> rows_problem([torch.ones(3, 2)], ["output of teacher 't'"], rows=4, first=True).message
+        >>> rows_problem([torch.ones(3, 2)], ["output of teacher 't'"], rows=4).message
         'has shape (3, 2) but the batch has 4 sample indices; the cache needs one row per sample'
     """
     for leaf, name in zip(leaves, names):
         if leaf.dim() == 0 or leaf.shape[0] != rows:
             return StageProblem(f"has shape {tuple(leaf.shape)} but the batch has {rows} sample indices; the cache needs "
                                 "one row per sample", name="teacher_cache", field=name, value=tuple(leaf.shape))
-    for leaf, name in zip(leaves, names):
-        if first and rows > 1 and leaf.dim() >= 3 and leaf.shape[1] == rows:
-            warnings.warn(f"TeacherCache: the {name} has shape {tuple(leaf.shape)}: its first two dimensions both "
-                          f"have the batch's {rows} samples, and the cache stores its first as the samples'. If it is "
-                          "sequence-first (nn.MultiheadAttention or nn.LSTM without batch_first=True, an LSTM's h_n), "
-                          "its rows are not samples and later epochs would be served another sample's values: make "
-                          "it batch-first, or use a batch size that no other dimension has", UserWarning, stacklevel=4)
     return None

@@ -8,6 +8,7 @@ import hashlib
 import inspect
 import json
 import types
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
@@ -112,7 +113,8 @@ def _hooks(module: nn.Module) -> list[Any]:
     found = []
     for kind, hooks in (("pre", module._forward_pre_hooks), ("post", module._forward_hooks)):
         for hook in hooks.values():
-            if not type(hook).__module__.startswith("lightning_stages."):
+            owner = getattr(hook, "__func__", hook)  # a bound method: its function (compare's cost meter)
+            if not any(str(getattr(x, "__module__", "")).startswith("lightning_stages.") for x in (type(hook), owner)):
                 found.append([kind, _plain(hook)])
     return found
 
@@ -123,17 +125,37 @@ def _code(code: types.CodeType, depth: int) -> list[Any]:
     return [code.co_code.hex(), constants, list(code.co_names), code.co_argcount, code.co_kwonlyargcount]
 
 
+_CONSTANT = (type(None), bool, int, float, complex, str, bytes, enum.Enum, torch.dtype, torch.device, type,
+             types.BuiltinFunctionType, Tensor, np.ndarray, np.generic)
+
+
+def _captured(value: Any, depth: int) -> Any:
+    """A value a function closes over or defaults to. Constants (numbers, strings, tensors, tuples of them) count as
+    plain data, a function by its name and code; a mutable container or object by its type alone: a hook's state
+    (the dict it puts the last activations into) changes as the teacher runs, and must not change the key."""
+    if depth > 20:
+        return "..."
+    if type(value) is tuple:
+        return ["tuple", [_captured(item, depth + 1) for item in value]]
+    if isinstance(value, types.FunctionType):  # not its own closure: helpers that call each other stay bounded
+        return [f"{value.__module__}.{value.__qualname__}", _code(value.__code__, depth + 1)]
+    if isinstance(value, _CONSTANT):
+        return _plain(value, depth + 1)
+    return f"<{type(value).__module__}.{type(value).__qualname__}>"
+
+
 def _function(value: types.FunctionType, depth: int) -> list[Any]:
-    """A Python function by its name, its code, its defaults and the values it closes over: two lambdas, or a
+    """A Python function by its name, its code, its defaults and the constants it closes over: two lambdas, or a
     function edited between fits, are told apart."""
     cells = []
     for cell in value.__closure__ or ():
         try:
-            cells.append(_plain(cell.cell_contents, depth + 1))
+            cells.append(_captured(cell.cell_contents, depth + 1))
         except ValueError:  # a cell not yet filled
             cells.append(None)
+    keywords = sorted([name, _captured(item, depth + 1)] for name, item in (value.__kwdefaults__ or {}).items())
     return [f"{value.__module__}.{value.__qualname__}", _code(value.__code__, depth), cells,
-            _plain(value.__defaults__, depth + 1), _plain(value.__kwdefaults__, depth + 1)]
+            _captured(value.__defaults__, depth + 1), keywords]
 
 
 def _plain(value: Any, depth: int = 0) -> Any:
@@ -155,8 +177,8 @@ def _plain(value: Any, depth: int = 0) -> Any:
     if isinstance(value, (list, tuple)):
         return [type(value).__name__, [_plain(item, depth + 1) for item in value]]
     if isinstance(value, Mapping):  # keys as plain as the values (a function or a device may be a key)
-        return sorted([json.dumps(_plain(key, depth + 1), sort_keys=True), _plain(item, depth + 1)]
-                      for key, item in value.items())
+        return sorted(([json.dumps(_plain(key, depth + 1), sort_keys=True), _plain(item, depth + 1)]
+                       for key, item in value.items()), key=lambda pair: json.dumps(pair, sort_keys=True))
     if isinstance(value, np.generic):  # a numpy number: the Python value it holds
         return [type(value).__name__, _plain(value.item(), depth + 1)]
     if isinstance(value, np.ndarray) and value.dtype != object:  # an object array's bytes are addresses
@@ -240,3 +262,40 @@ def refuse_random_teachers(teachers: Mapping[str, nn.Module], stage: Optional[st
                     hint="teachers are put in eval mode when prepared: keep them there (something called .train() "
                     "on it), or set teacher_cache = None to run the teacher at every step"), stage=stage,
                     when="a training step")
+
+
+def sequence_first_layers(teachers: Mapping[str, nn.Module], layers: Mapping[str, Sequence[str]]) -> list[str]:
+    """The hooked teacher layers whose selected output has its samples in the second dimension: an
+    ``nn.MultiheadAttention`` or transformer layer without ``batch_first=True`` (its output, not its attention weights),
+    an ``nn.RNN``/``LSTM``/``GRU`` without it, and any recurrent layer's ``h_n``/``c_n`` (``lstm[1]``)."""
+    from lightning_stages.distillation.feature_selectors import split_hook_path
+
+    found = []
+    for name, paths in layers.items():
+        for path in paths:
+            try:
+                module_path, steps = split_hook_path(path)
+                module = teachers[name].get_submodule(module_path)
+            except (ValueError, AttributeError, KeyError):
+                continue
+            attention = getattr(module, "self_attn", None)
+            batch_first = getattr(module, "batch_first", getattr(attention, "batch_first", True))
+            if isinstance(module, nn.RNNBase):
+                late = (steps[:1] == (1,)) or (not batch_first and steps[:1] in ((), (0,)))
+            elif isinstance(module, nn.MultiheadAttention) or isinstance(attention, nn.MultiheadAttention):
+                late = not batch_first and steps[:1] in ((), (0,))
+            else:
+                late = False
+            if late:
+                found.append(f"{name}.{path} ({type(module).__name__})")
+    return found
+
+
+def warn_sequence_first(teachers: Mapping[str, nn.Module], layers: Mapping[str, Sequence[str]], stored: bool) -> None:
+    """Warn of each hooked layer of :func:`sequence_first_layers` when the cache stores features (``stored``): its
+    first dimension is stored as the samples'. Refused with a clear error when its length differs from the batch
+    size, it would be served to other batches when they are equal."""
+    for layer in sequence_first_layers(teachers, layers) if stored else ():
+        warnings.warn(f"TeacherCache: the hooked layer {layer} outputs its samples in the second dimension, and the "
+                      "cache stores the first as the samples': make it batch-first (batch_first=True, or select its "
+                      "batch-first output), or use TeacherCache(store_features=False)", UserWarning, stacklevel=2)

@@ -18,7 +18,7 @@ from lightning_stages.distillation.feature_hooks import (
 )
 from lightning_stages.distillation.step_checks import stage_where
 from lightning_stages.distillation.teacher_cache import TeacherCache, teacher_fingerprint
-from lightning_stages.distillation.teacher_fingerprint import refuse_random_teachers, registrations
+from lightning_stages.distillation.teacher_fingerprint import refuse_random_teachers, registrations, warn_sequence_first
 from lightning_stages.distillation.teacher_inputs import (
     containers_copied,
     deferred_run,
@@ -234,6 +234,7 @@ class Teachers:
             if bind or extra != self._bound_extra or self._changed():
                 refuse_random_teachers(self.modules, stage)
                 layers = {name: hooks.spec.get(name, ()) for name in self.modules}
+                warn_sequence_first(self.modules, layers, cache.store_features)
                 cache.bind(teacher_fingerprint(self.modules, layers, extra, version=cache.version))
                 self._bound_extra = extra
                 self._watched = [t for m in self.modules.values() for t in (*m.parameters(), *m.buffers())]
