@@ -126,24 +126,7 @@ def _parsed_imports(source: str, module: str, mtime_ns: int, size: int) -> tuple
 
 def _in_project(top: str, project: Path) -> bool:
     """Whether the top-level module or package ``top`` lies in ``project`` (found without importing anything)."""
-    if top in sys.stdlib_module_names:
-        return False
-    try:
-        spec = importlib.util.find_spec(top)
-    except Exception:  # a broken name (any error): not followed
-        return False
-    if spec is None:
-        return False
-    places = [spec.origin] if spec.origin and spec.origin not in ("built-in", "frozen") else []
-    places += list(spec.submodule_search_locations or [])
-    for place in places:
-        named = Path(os.path.abspath(place))
-        if any(part in _INSTALLED for part in named.parts) or any(named.resolve().is_relative_to(python)
-                                                                    for python in _python_paths()):
-            continue
-        if named.is_relative_to(project) or named.is_relative_to(Path.cwd()) or named.resolve().is_relative_to(project):
-            return True
-    return False
+    return top not in sys.stdlib_module_names and any(_project_spec(top, project))
 
 
 def _parents(module: str) -> list[str]:

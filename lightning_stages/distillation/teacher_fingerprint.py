@@ -19,6 +19,7 @@ from torch.nn.modules import module as torch_module
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
+from lightning_stages.distillation.feature_selectors import split_hook_path
 from lightning_stages.errors import DistillationStepError, StageProblem
 
 __all__ = ["teacher_fingerprint"]
@@ -268,8 +269,6 @@ def sequence_first_layers(teachers: Mapping[str, nn.Module], layers: Mapping[str
     """The hooked teacher layers whose selected output has its samples in the second dimension: an
     ``nn.MultiheadAttention`` or transformer layer without ``batch_first=True`` (its output, not its attention weights),
     an ``nn.RNN``/``LSTM``/``GRU`` without it, and any recurrent layer's ``h_n``/``c_n`` (``lstm[1]``)."""
-    from lightning_stages.distillation.feature_selectors import split_hook_path
-
     found = []
     for name, paths in layers.items():
         for path in paths:
