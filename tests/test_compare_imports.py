@@ -145,3 +145,19 @@ def test_a_folder_without_init_counts_its_modules_and_the_standard_library_never
     # a working directory that holds this Python (a conda env made inside the project): its library never counts
     monkeypatch.chdir("/")
     assert source_digests([{"model": {"class_path": "json.decoder.JSONDecoder"}}]) == {}
+
+
+def test_a_project_module_named_like_a_library_module_counts_and_a_failing_package_does_not_stop_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _write(tmp_path, {"lib_named/__init__.py": "", "lib_named/model.py": "import trace\nfrom .. import beyond\n",
+                      "trace.py": "X = 1\n", "beyond.py": "",
+                      "exiting/__init__.py": "import sys\nsys.exit(3)\n", "exiting_model.py": "import exiting.sub\n"})
+    _forget("lib_named", "lib_named.model", "trace", "beyond", "exiting", "exiting.sub", "exiting_model")
+    # trace.py is what `import trace` imports from the working directory; before: never counted
+    # `from .. import beyond` goes beyond the top package (Python refuses it): nothing counts for it
+    assert sorted(source_digests([{"model": {"class_path": "lib_named.model.Net"}}])) == [
+        "lib_named", "lib_named.model", "trace"]
+    # a project package whose __init__ exits when imported; before: SystemExit out of compare
+    assert sorted(source_digests([{"model": {"class_path": "exiting_model.Net"}}])) == ["exiting_model"]

@@ -4,6 +4,7 @@ teacher put in training mode, a hook or a lambda that differs, a sequence-first 
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import lightning.pytorch as pl
@@ -20,11 +21,8 @@ from lightning_stages import (
     StageScheduleCallback,
     TeacherCache,
 )
-from lightning_stages.distillation.teacher_fingerprint import (
-    sequence_first_layers,
-    teacher_fingerprint,
-    warn_sequence_first,
-)
+from lightning_stages.distillation.teacher_changes import sequence_first_layers, warn_sequence_first
+from lightning_stages.distillation.teacher_fingerprint import teacher_fingerprint
 
 N, BATCH = 8, 4
 
@@ -162,19 +160,23 @@ def test_teachers_that_differ_only_in_a_lambda_or_a_hook_have_other_keys():
 
 
 def test_a_hooked_sequence_first_layer_is_warned_of_and_a_batch_first_one_is_not():
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2), num_layers=1, enable_nested_tensor=False)
     teacher = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "first": nn.MultiheadAttention(8, 2, batch_first=True),
-                             "lstm": nn.LSTM(8, 8, batch_first=True), "conv": nn.Conv2d(3, 64, 3)})
-    layers = {"t": ["attn[0]", "attn[1]", "first[0]", "lstm[0]", "lstm[1][0]", "conv"]}
+                             "lstm": nn.LSTM(8, 8, batch_first=True), "conv": nn.Conv2d(3, 64, 3), "enc": encoder})
+    layers = {"t": ["attn[0]", "attn[1]", "first[0]", "lstm[0]", "lstm[-2]", "lstm[1][0]", "lstm[-1]", "conv", "enc"]}
     # attention weights (attn[1]) and a batch-first output are batch-first; an LSTM's h_n never is
-    assert sequence_first_layers({"t": teacher}, layers) == ["t.attn[0] (MultiheadAttention)",
-                                                             "t.lstm[1][0] (LSTM)"]
-    with pytest.warns(UserWarning, match=r"the hooked layer t\.attn\[0\] \(MultiheadAttention\) outputs its samples "
-                                         "in the second dimension"):
+    assert sequence_first_layers({"t": teacher}, layers) == [
+        "t.attn[0] (MultiheadAttention)", "t.lstm[1][0] (LSTM)", "t.lstm[-1] (LSTM)", "t.enc (TransformerEncoder)"]
+    with pytest.warns(UserWarning, match=r"t\.attn\[0\] \(MultiheadAttention\) gives its samples in the second "
+                                         "dimension"):
         warn_sequence_first({"t": teacher}, layers, stored=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_sequence_first({"t": teacher}, layers, stored=False)  # features not stored: nothing per sample
         warn_sequence_first({"t": teacher}, {"t": ["conv", "first[0]"]}, stored=True)  # (N, 64, H, W): no warning
+    # a teacher whose own output is sequence-first: its outputs are stored whatever store_features says
+    with pytest.warns(UserWarning, match=r"TeacherCache: t \(LSTM, its output\) gives its samples"):
+        warn_sequence_first({"t": nn.LSTM(8, 8)}, {}, stored=False)
 
 
 def test_a_tensor_without_one_row_per_sample_is_refused_naming_it():
@@ -270,3 +272,62 @@ def test_features_computed_later_read_the_inputs_as_they_were_given():
     assert len(model.read) == 3 * N // BATCH and model.teacher_cache.hits == 2 * N // BATCH
     for feature, expected in model.read:  # before: from epoch 1, errors up to 1.2
         torch.testing.assert_close(feature, expected)
+
+
+class _Scale:
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+    def __call__(self, module, args):
+        return (args[0] * self.factor,)
+
+
+def _make_hook(factor: float):
+    return lambda module, args: (args[0] * factor,)
+
+
+def _save(store: dict, module, args, output) -> None:
+    store["last"] = output.detach()
+
+
+def _key_with_hook(hook, pre: bool = True) -> str:
+    teacher = Acted(torch.tanh)
+    (teacher.register_forward_pre_hook if pre else teacher.register_forward_hook)(hook)
+    return teacher_fingerprint({"t": teacher})
+
+
+def test_hooks_count_by_what_they_compute_and_not_by_the_state_they_keep():
+    # a callable object by its class and its constant attributes; before: by its class name only
+    assert _key_with_hook(_Scale(2.0)) != _key_with_hook(_Scale(3.0))
+    # a wrapped closure by the constants of the function it wraps; before: equal keys
+    assert _key_with_hook(torch.no_grad()(_make_hook(2.0))) != _key_with_hook(torch.no_grad()(_make_hook(3.0)))
+    # a closure over a partial by the partial's arguments; before: by its type
+    wrap = lambda p: lambda module, args: p(args)  # noqa: E731
+    assert (_key_with_hook(wrap(functools.partial(lambda f, a: (a[0] * f,), 2.0)))
+            != _key_with_hook(wrap(functools.partial(lambda f, a: (a[0] * f,), 3.0))))
+    # bytes and frozenset constants by their content; before: by their type
+    assert _key_with_hook(lambda m, a: (a[0] * len(b"ab"),)) != _key_with_hook(lambda m, a: (a[0] * len(b"abc"),))
+    assert (_key_with_hook(lambda m, a: (a[0] * (2 in {1, 2}),))
+            != _key_with_hook(lambda m, a: (a[0] * (2 in {1, 3}),)))
+
+    # state a hook keeps does not move the key: a partial over a dict, a tensor buffer written in place
+    store: dict[str, torch.Tensor] = {}
+    buffer = torch.zeros(2, 3)
+    teacher = Acted(torch.tanh)
+    teacher.register_forward_hook(functools.partial(_save, store))
+    teacher.register_forward_hook(lambda module, args, output: buffer.copy_(output))
+    with torch.no_grad():
+        teacher(torch.zeros(2, 3))  # the buffer is written once: from then on it counts by its dtype and shape
+        key = teacher_fingerprint({"t": teacher})
+        teacher(torch.ones(2, 3))
+        teacher(torch.full((2, 3), 5.0))
+    assert teacher_fingerprint({"t": teacher}) == key  # before: another key after every forward
+
+    class Odd:  # an attribute lookup that fails with KeyError
+        def __getattr__(self, name):
+            raise KeyError(name)
+
+        def __call__(self, module, args):
+            return None
+
+    assert _key_with_hook(Odd()) == _key_with_hook(Odd())  # before: a raw KeyError

@@ -21,7 +21,6 @@ import importlib.util
 import json
 import os
 import re
-import sys
 import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -68,7 +67,7 @@ def _project_spec(module: str, project: Path) -> tuple[Optional[Path], bool]:
     whose submodules a ``from package import name`` may name."""
     try:
         spec = importlib.util.find_spec(module)
-    except Exception:  # a parent package that cannot be imported (any error): the run reports it
+    except (Exception, SystemExit):  # a parent package that cannot be imported (any error, sys.exit): the run says
         return None, False
     if spec is None:
         return None, False
@@ -114,7 +113,7 @@ def _parsed_imports(source: str, module: str, mtime_ns: int, size: int) -> tuple
         if isinstance(node, ast.Import):
             names += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level and node.level - 1 > len(package):  # beyond the top package: Python refuses it too
+            if node.level > len(package):  # beyond the top package (`from .. import` in a top module): refused
                 continue
             base = package[:len(package) - node.level + 1] if node.level else []
             target = ".".join([*base, *([node.module] if node.module else [])])
@@ -126,7 +125,7 @@ def _parsed_imports(source: str, module: str, mtime_ns: int, size: int) -> tuple
 
 def _in_project(top: str, project: Path) -> bool:
     """Whether the top-level module or package ``top`` lies in ``project`` (found without importing anything)."""
-    return top not in sys.stdlib_module_names and any(_project_spec(top, project))
+    return any(_project_spec(top, project))  # a project module named like one of the library's (trace.py) counts
 
 
 def _parents(module: str) -> list[str]:

@@ -8,19 +8,12 @@ import hashlib
 import inspect
 import json
 import types
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.nn.modules import module as torch_module
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.dropout import _DropoutNd
-
-from lightning_stages.distillation.feature_selectors import split_hook_path
-from lightning_stages.errors import DistillationStepError, StageProblem
 
 __all__ = ["teacher_fingerprint"]
 
@@ -109,15 +102,35 @@ def _settings(module: nn.Module) -> dict[str, Any]:
 
 
 def _hooks(module: nn.Module) -> list[Any]:
-    """The forward pre-hooks and forward hooks of ``module`` (they change its output), by their code; the package's
-    own feature hooks aside (the hooked layers count on their own)."""
+    """The forward pre-hooks and forward hooks of ``module`` (they change its output), by their code (:func:`_captured`;
+    an object by its class's source and the constants among its attributes); the package's own hooks aside (its
+    feature hooks: the hooked layers count on their own; ``compare``'s cost meter)."""
     found = []
     for kind, hooks in (("pre", module._forward_pre_hooks), ("post", module._forward_hooks)):
         for hook in hooks.values():
-            owner = getattr(hook, "__func__", hook)  # a bound method: its function (compare's cost meter)
-            if not any(str(getattr(x, "__module__", "")).startswith("lightning_stages.") for x in (type(hook), owner)):
-                found.append([kind, _plain(hook)])
+            if _ours(hook):
+                continue
+            if isinstance(hook, (types.FunctionType, types.MethodType, functools.partial)):
+                found.append([kind, _captured(hook, 0, set())])
+            else:
+                code = _class_code(type(hook))  # type: ignore[arg-type]
+                found.append([kind, code, _captured(_attributes(hook), 0, set())])
     return found
+
+
+def _ours(hook: Any) -> bool:
+    try:
+        owner = getattr(hook, "__func__", hook)  # a bound method: its function
+        return any(str(getattr(x, "__module__", "")).startswith("lightning_stages.") for x in (type(hook), owner))
+    except Exception:  # an object whose attribute lookup fails its own way: not ours
+        return False
+
+
+def _attributes(value: Any) -> tuple:
+    try:
+        return tuple(sorted((str(key), item) for key, item in vars(value).items()))
+    except TypeError:  # no __dict__ (slots)
+        return ()
 
 
 def _code(code: types.CodeType, depth: int) -> list[Any]:
@@ -126,37 +139,54 @@ def _code(code: types.CodeType, depth: int) -> list[Any]:
     return [code.co_code.hex(), constants, list(code.co_names), code.co_argcount, code.co_kwonlyargcount]
 
 
-_CONSTANT = (type(None), bool, int, float, complex, str, bytes, enum.Enum, torch.dtype, torch.device, type,
-             types.BuiltinFunctionType, Tensor, np.ndarray, np.generic)
+_CONSTANT = (type(None), bool, int, float, complex, str, bytes, frozenset, enum.Enum, torch.dtype, torch.device,
+             type, types.BuiltinFunctionType, np.ndarray, np.generic)
 
 
-def _captured(value: Any, depth: int) -> Any:
-    """A value a function closes over or defaults to. Constants (numbers, strings, tensors, tuples of them) count as
-    plain data, a function by its name and code; a mutable container or object by its type alone: a hook's state
-    (the dict it puts the last activations into) changes as the teacher runs, and must not change the key."""
+def _captured(value: Any, depth: int, seen: set[int]) -> Any:
+    """A value a function closes over or defaults to, or a hook. Constants (numbers, strings, bytes, tensors never
+    written in place, tuples and frozensets of them) count as plain data; a function by its name, code and what it
+    closes over in turn (``seen``: each function once); a method by its function; a partial by its function and
+    arguments. A mutable container or object, or a tensor written in place, counts by its type (and a tensor's
+    dtype and shape): a hook's state (the dict or buffer it keeps the last activations in) changes as the teacher
+    runs, and must not change the key."""
     if depth > 20:
         return "..."
     if type(value) is tuple:
-        return ["tuple", [_captured(item, depth + 1) for item in value]]
-    if isinstance(value, types.FunctionType):  # not its own closure: helpers that call each other stay bounded
-        return [f"{value.__module__}.{value.__qualname__}", _code(value.__code__, depth + 1)]
+        return ["tuple", [_captured(item, depth + 1, seen) for item in value]]
+    if isinstance(value, types.FunctionType):
+        if id(value) in seen:  # met before in this walk (helpers that call each other): its name
+            return f"{value.__module__}.{value.__qualname__}"
+        seen.add(id(value))
+        return _function(value, depth + 1, seen)
+    if isinstance(value, types.MethodType):  # a bound method: its function and the type it is bound to
+        return ["method", _captured(value.__func__, depth + 1, seen), f"<{type(value.__self__).__qualname__}>"]
+    if isinstance(value, functools.partial):
+        return ["partial", _captured(value.func, depth + 1, seen), _captured(value.args, depth + 1, seen),
+                sorted([key, _captured(item, depth + 1, seen)] for key, item in value.keywords.items())]
+    if isinstance(value, Tensor):
+        try:
+            written = value._version > 0
+        except RuntimeError:  # an inference tensor keeps no version: a constant
+            written = False
+        return ["tensor", str(value.dtype), list(value.shape)] if written else _plain(value, depth + 1)
     if isinstance(value, _CONSTANT):
         return _plain(value, depth + 1)
     return f"<{type(value).__module__}.{type(value).__qualname__}>"
 
 
-def _function(value: types.FunctionType, depth: int) -> list[Any]:
-    """A Python function by its name, its code, its defaults and the constants it closes over: two lambdas, or a
-    function edited between fits, are told apart."""
+def _function(value: types.FunctionType, depth: int, seen: set[int]) -> list[Any]:
+    """A Python function by its name, its code, its defaults and what it closes over (:func:`_captured`): two
+    lambdas, or a function edited between fits, are told apart."""
     cells = []
     for cell in value.__closure__ or ():
         try:
-            cells.append(_captured(cell.cell_contents, depth + 1))
+            cells.append(_captured(cell.cell_contents, depth + 1, seen))
         except ValueError:  # a cell not yet filled
             cells.append(None)
-    keywords = sorted([name, _captured(item, depth + 1)] for name, item in (value.__kwdefaults__ or {}).items())
+    keywords = sorted([name, _captured(item, depth + 1, seen)] for name, item in (value.__kwdefaults__ or {}).items())
     return [f"{value.__module__}.{value.__qualname__}", _code(value.__code__, depth), cells,
-            _captured(value.__defaults__, depth + 1), keywords]
+            _captured(value.__defaults__, depth + 1, seen), keywords]
 
 
 def _plain(value: Any, depth: int = 0) -> Any:
@@ -196,21 +226,20 @@ def _plain(value: Any, depth: int = 0) -> Any:
         except (RuntimeError, TypeError, NotImplementedError):  # nested, quantized: by dtype, shape and layout
             return ["tensor", str(value.dtype), str(value.layout), value.is_nested or list(value.shape)]
         return digest.hexdigest()
-    if isinstance(value, types.FunctionType):
-        return _function(value, depth + 1)
-    if isinstance(value, types.MethodType):  # a bound method: its function and the type it is bound to
-        return ["method", _plain(value.__func__, depth + 1), f"<{type(value.__self__).__qualname__}>"]
-    if isinstance(value, (types.BuiltinFunctionType, type, functools.partial)):
-        if isinstance(value, functools.partial):
-            return ["partial", _plain(value.func, depth + 1), _plain(value.args, depth + 1),
-                    _plain(value.keywords, depth + 1)]
+    if isinstance(value, (types.FunctionType, types.MethodType, functools.partial)):
+        return _captured(value, depth, set())
+    if isinstance(value, (types.BuiltinFunctionType, type)):
         return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
-    to_dict = getattr(value, "to_dict", None)
-    if callable(to_dict) and not isinstance(value, nn.Module):
-        try:
+    if isinstance(value, bytes):
+        return ["bytes", hashlib.sha256(value).hexdigest()]
+    if isinstance(value, (set, frozenset)):  # sorted: a set's order changes between processes
+        return [type(value).__name__, sorted(json.dumps(_plain(item, depth + 1), sort_keys=True) for item in value)]
+    try:
+        to_dict = getattr(value, "to_dict", None)
+        if callable(to_dict) and not isinstance(value, nn.Module):
             return [type(value).__qualname__, _plain(to_dict(), depth + 1)]
-        except Exception:  # a to_dict that fails: the type alone
-            pass
+    except Exception:  # a to_dict that fails, an attribute lookup that fails its own way: the type alone
+        pass
     return f"<{type(value).__module__}.{type(value).__qualname__}>"
 
 
@@ -225,76 +254,3 @@ def _update(digest: Any, key: str, value: Any) -> None:
         return
     flat = tensor.cpu().contiguous().reshape(-1)
     digest.update(flat.view(torch.uint8).numpy())
-
-
-_registered = [0, False]  # weights, buffers and submodules set on any module since the hooks below were installed
-
-
-def registrations() -> int:
-    """How many parameters, buffers and submodules have been set on modules in this process since the first call: a
-    weight replaced rather than written (``load_state_dict(assign=True)``, ``teacher.head = new_head``) moves it,
-    while an in-place write moves the tensors' version counters only. One integer to compare at each cached step."""
-    if not _registered[1]:
-        def count(*_: Any) -> None:
-            _registered[0] += 1
-
-        torch_module.register_module_parameter_registration_hook(count)
-        torch_module.register_module_buffer_registration_hook(count)
-        torch_module.register_module_module_registration_hook(count)
-        _registered[1] = True
-    return int(_registered[0])
-
-
-def refuse_random_teachers(teachers: Mapping[str, nn.Module], stage: Optional[str]) -> None:
-    """Refuse a teacher with dropout or batch normalization in training mode, whose outputs are random or depend on
-    the batch: a stored row would serve one draw for every later epoch.
-
-    Raises:
-        DistillationStepError: naming the teacher and the layer (the caller names the stage).
-    """
-    for name, teacher in teachers.items():
-        for path, module in teacher.named_modules():
-            if module.training and isinstance(module, (_DropoutNd, _BatchNorm)):
-                where = f"{name}.{path}" if path else name
-                raise DistillationStepError(StageProblem(
-                    f"is in training mode, so teacher {name!r} computes a random or batch-dependent output, and a "
-                    "stored row would stand for one draw in every later epoch", name=None,
-                    field=f"teachers.{where}", value=type(module).__name__,
-                    hint="teachers are put in eval mode when prepared: keep them there (something called .train() "
-                    "on it), or set teacher_cache = None to run the teacher at every step"), stage=stage,
-                    when="a training step")
-
-
-def sequence_first_layers(teachers: Mapping[str, nn.Module], layers: Mapping[str, Sequence[str]]) -> list[str]:
-    """The hooked teacher layers whose selected output has its samples in the second dimension: an
-    ``nn.MultiheadAttention`` or transformer layer without ``batch_first=True`` (its output, not its attention weights),
-    an ``nn.RNN``/``LSTM``/``GRU`` without it, and any recurrent layer's ``h_n``/``c_n`` (``lstm[1]``)."""
-    found = []
-    for name, paths in layers.items():
-        for path in paths:
-            try:
-                module_path, steps = split_hook_path(path)
-                module = teachers[name].get_submodule(module_path)
-            except (ValueError, AttributeError, KeyError):
-                continue
-            attention = getattr(module, "self_attn", None)
-            batch_first = getattr(module, "batch_first", getattr(attention, "batch_first", True))
-            if isinstance(module, nn.RNNBase):
-                late = (steps[:1] == (1,)) or (not batch_first and steps[:1] in ((), (0,)))
-            elif isinstance(module, nn.MultiheadAttention) or isinstance(attention, nn.MultiheadAttention):
-                late = not batch_first and steps[:1] in ((), (0,))
-            else:
-                late = False
-            if late:
-                found.append(f"{name}.{path} ({type(module).__name__})")
-    return found
-
-
-def warn_sequence_first(teachers: Mapping[str, nn.Module], layers: Mapping[str, Sequence[str]], stored: bool) -> None:
-    """Warn of each hooked layer of :func:`sequence_first_layers` when the cache stores features (``stored``): its
-    first dimension is stored as the samples'. Refused with a clear error when its length differs from the batch
-    size, it would be served to other batches when they are equal."""
-    for layer in sequence_first_layers(teachers, layers) if stored else ():
-        warnings.warn(f"TeacherCache: the hooked layer {layer} outputs its samples in the second dimension, and the "
-                      "cache stores the first as the samples': make it batch-first (batch_first=True, or select its "
-                      "batch-first output), or use TeacherCache(store_features=False)", UserWarning, stacklevel=2)

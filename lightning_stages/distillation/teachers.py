@@ -18,7 +18,7 @@ from lightning_stages.distillation.feature_hooks import (
 )
 from lightning_stages.distillation.step_checks import stage_where
 from lightning_stages.distillation.teacher_cache import TeacherCache, teacher_fingerprint
-from lightning_stages.distillation.teacher_fingerprint import refuse_random_teachers, registrations, warn_sequence_first
+from lightning_stages.distillation.teacher_changes import refuse_random_teachers, registrations, warn_sequence_first
 from lightning_stages.distillation.teacher_inputs import (
     containers_copied,
     deferred_run,
