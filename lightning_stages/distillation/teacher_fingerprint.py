@@ -190,9 +190,10 @@ def _function(value: types.FunctionType, depth: int, seen: set[int]) -> list[Any
 
 
 def _plain(value: Any, depth: int = 0) -> Any:
-    """``value`` as JSON data that is the same in every process: numbers, strings and containers as they are, a
-    tensor by a hash of its bytes, a function or class by its name, an object with ``to_dict()`` (a HuggingFace
-    config) by that, any other object by its type alone (its ``repr`` may hold an address)."""
+    """``value`` as JSON data that is the same in every process: numbers, strings and containers as they are (sets
+    sorted), bytes and a tensor by a hash of their bytes, a Python function, method or partial as
+    :func:`_captured` counts it, a class or builtin function by its name, an object with ``to_dict()`` (a
+    HuggingFace config) by that, any other object by its type alone (its ``repr`` may hold an address)."""
     if depth > 20:
         return "..."
     if value is None or isinstance(value, (bool, int, str)):
