@@ -161,3 +161,16 @@ def test_a_project_module_named_like_a_library_module_counts_and_a_failing_packa
         "lib_named", "lib_named.model", "trace"]
     # a project package whose __init__ exits when imported; before: SystemExit out of compare
     assert sorted(source_digests([{"model": {"class_path": "exiting_model.Net"}}])) == ["exiting_model"]
+
+
+def test_more_project_modules_than_followed_are_said(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_stages.cli import run_fingerprint
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(run_fingerprint, "_MAX_MODULES", 3)
+    _write(tmp_path, {f"chain_{i}.py": f"import chain_{i + 1}\n" for i in range(6)})
+    _forget(*(f"chain_{i}" for i in range(7)))
+    # before: the modules past the limit were dropped without a word (an edit of one reused stale runs)
+    with pytest.warns(UserWarning, match=r"import more than 3 modules of the working directory.*--fresh"):
+        assert sorted(source_digests([{"model": {"class_path": "chain_0.Net"}}])) == ["chain_0", "chain_1", "chain_2"]

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import sysconfig
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -159,10 +160,15 @@ def source_digests(configs: Iterable[Any], imported: bool = True) -> dict[str, s
     local: dict[str, bool] = {}  # top-level name -> whether it lies in the project
     sources: dict[str, Optional[Path]] = {}  # module -> its source file in the project, None: not there
     packages: set[str] = set()  # the project's packages met (a folder without __init__.py too)
-    while pending and len(sources) < _MAX_MODULES:
+    while pending:
         module = pending.pop(0)
         if not module or module in sources:
             continue
+        if len(found) >= _MAX_MODULES:
+            warnings.warn(f"compare: the configs' classes import more than {_MAX_MODULES} modules of the working "
+                          "directory; the others do not count in the runs' fingerprint, so an edit of one of them "
+                          "reuses the finished runs: use --fresh after such an edit", UserWarning, stacklevel=2)
+            break
         parent = module.rpartition(".")[0]
         if module not in named:  # an import: followed only into the project, so nothing installed is imported
             top = module.partition(".")[0]
