@@ -470,3 +470,15 @@ class CrashAtStep(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step:
             raise Crash(f"crash before step {self.step}")
+
+
+def save_earlier_result(folder, run, fingerprint: str) -> None:
+    """A ``result.json`` as a version before the eleventh session wrote it: no ``fingerprint_format``."""
+    import json
+
+    from lightning_stages.cli.run_store import RESULT_FILE, save_result
+
+    path = save_result(folder, run, fingerprint)
+    data = json.loads(path.read_text())
+    data.pop("fingerprint_format")
+    (path.parent / RESULT_FILE).write_text(json.dumps(data))

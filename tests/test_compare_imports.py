@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import save_earlier_result
 
 from lightning_stages.cli.compare import run_compare
 from lightning_stages.cli.run_fingerprint import config_fingerprint, config_fingerprints, source_digests
@@ -124,7 +125,7 @@ def test_compare_reruns_after_a_helper_edit_and_reuses_results_saved_before_impo
     # a result saved by an earlier version (the named module's code only) is reused, not trained again...
     current, named_only, without_code = config_fingerprints(configs[0])
     assert len({current, named_only, without_code}) == 3
-    save_result(out / "runs" / "a" / "seed_0", second.runs["a"][0], named_only)
+    save_earlier_result(out / "runs" / "a" / "seed_0", second.runs["a"][0], named_only)
     assert compare().trained == 0
     # ... and from then on it is the result of the helper as it is now: editing it again reruns it
     (tmp_path / "imports_helper.py").write_text("OFFSET = 7.0\n")
@@ -174,3 +175,44 @@ def test_more_project_modules_than_followed_are_said(tmp_path: Path, monkeypatch
     # before: the modules past the limit were dropped without a word (an edit of one reused stale runs)
     with pytest.warns(UserWarning, match=r"import more than 3 modules of the working directory.*--fresh"):
         assert sorted(source_digests([{"model": {"class_path": "chain_0.Net"}}])) == ["chain_0", "chain_1", "chain_2"]
+
+
+def test_a_result_this_version_saved_without_code_is_not_taken_for_an_earlier_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From another working directory the model's module is not the project's, so a run is saved under the
+    fingerprint without code. Back in the project, that result must not pass for one an earlier version saved (it
+    was reused, and adopted, for every later edit of the model)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    trainer = ("trainer: {max_epochs: 1, logger: false, enable_checkpointing: false, accelerator: cpu, devices: 1, "
+               "enable_progress_bar: false}\n")
+    _write(tmp_path, {"imports_model.py": MODEL, "imports_helper.py": "OFFSET = 0.0\n",
+                      "a.yaml": trainer + "model: {class_path: imports_model.Scored, init_args: {bias: 0.1}}\n"})
+    out = tmp_path / "out"
+
+    def compare():
+        _forget("imports_model", "imports_helper")
+        return run_compare([tmp_path / "a.yaml"], seeds=1, out=out, jobs=1, metrics=["test/score"],
+                           curve_metric="val/x", echo=lambda line: None)
+
+    first = compare()
+    _, _, without_code = config_fingerprints(tmp_path / "a.yaml")
+    save_result(out / "runs" / "a" / "seed_0", first.runs["a"][0], without_code)  # as saved from elsewhere
+    (tmp_path / "imports_helper.py").write_text("OFFSET = 5.0\n")
+    again = compare()
+    # before: reused (test/score 0.1), and from then on for every edit
+    assert again.trained == 1 and again.runs["a"][0].metrics["test/score"] == pytest.approx(5.1)
+
+
+def test_a_function_named_by_its_import_path_in_init_args_counts(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _write(tmp_path, {"scorefns.py": "def score(x):\n    return 1.0\n", "other_data.py": "",
+                      "a.yaml": "model: {class_path: torch.nn.Identity, init_args: {fn: scorefns.score}}\n"
+                                "data: {init_args: {file: other_data.csv}}\n"})
+    _forget("scorefns", "other_data")
+    before = config_fingerprint(tmp_path / "a.yaml")
+    (tmp_path / "scorefns.py").write_text("def score(x):\n    return 2.0\n")
+    # before: the same fingerprint (a bare import path counted only under model, data, callbacks...)
+    assert config_fingerprint(tmp_path / "a.yaml") != before

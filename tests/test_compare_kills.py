@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import ddp_env
+from conftest import ddp_env, save_earlier_result
 
 from lightning_stages.cli.compare import run_compare
 from lightning_stages.cli.run_store import RESULT_FILE
@@ -347,7 +347,7 @@ def test_finished_runs_replaced_because_their_config_changed_are_named_first(tmp
 
 def test_an_edited_model_module_reruns_its_schedule_and_older_results_are_still_reused(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lightning_stages.cli.run_store import config_fingerprint, save_result
+    from lightning_stages.cli.run_store import config_fingerprint
 
     monkeypatch.chdir(tmp_path)
     configs = [blocking_config(tmp_path, "a", 0.1), blocking_config(tmp_path, "b")]
@@ -366,7 +366,7 @@ def test_an_edited_model_module_reruns_its_schedule_and_older_results_are_still_
     # a result saved before the code counted (its fingerprint without it) is reused, not trained again
     old = config_fingerprint(configs[0], code=False)
     assert old != config_fingerprint(configs[0])
-    save_result(out / "runs" / "a" / "seed_0", first.runs["a"][0], old)
+    save_earlier_result(out / "runs" / "a" / "seed_0", first.runs["a"][0], old)
     assert compare(configs, out).trained == 0
     # ... but from then on it is the result of the code as it is now: editing the module again reruns it
     module.write_text(module.read_text().replace("2 * self.bias + 0.01 *", "3 * self.bias + 0.01 *"))

@@ -254,8 +254,9 @@ def run_compare(
                 summaries[shown[name]] = "invalid: " + str(err).replace("\n", " ")
         every = {name: run_fingerprints(path, stage_file) for name, path, stage_file in zip(names, paths, stage_files)}
         fingerprints = {name: found[0] for name, found in every.items()}
-        # results saved before the model's code (or the modules it imports) counted are reused when the rest matches
-        accepted = {name: set(found) for name, found in every.items()}
+        # results an earlier version saved before the model's code (or the modules it imports) counted are reused
+        # when the rest matches: the current fingerprint first, then those
+        accepted = every
         runs: dict[str, dict[int, RunOutcome]] = {name: {} for name in names}
         pool = (RayLauncher(ray_num_cpus, ray_num_gpus) if launcher == "ray"
                 else LocalLauncher(jobs if jobs is not None else default_jobs()))

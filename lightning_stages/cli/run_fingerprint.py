@@ -155,8 +155,14 @@ def source_digests(configs: Iterable[Any], imported: bool = True) -> dict[str, s
     """
     project = Path.cwd().resolve()
     found: dict[str, str] = {}
+    configs = list(configs)
     pending = [class_path.rpartition(".")[0] for config in configs for class_path in _class_paths(config)]
     named = set(pending)
+    if imported:  # any value that reads as an import path (LightningCLI turns `fn: my_fns.score` into the function
+        # for a Callable argument, whatever the key), followed like an import: only into the project
+        pending += [name for config in configs for value in _named(config)
+                    if _DOTTED.fullmatch(value) and not value.lower().endswith(_NESTED)
+                    for name in (value.rpartition(".")[0], value)]
     local: dict[str, bool] = {}  # top-level name -> whether it lies in the project
     sources: dict[str, Optional[Path]] = {}  # module -> its source file in the project, None: not there
     packages: set[str] = set()  # the project's packages met (a folder without __init__.py too)

@@ -18,7 +18,7 @@ import importlib.metadata
 import json
 import os
 from collections import Counter
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -27,11 +27,13 @@ from filelock import FileLock, Timeout
 from lightning_stages.cli.compare_report import RunOutcome
 from lightning_stages.cli.run_fingerprint import config_fingerprint
 
-__all__ = ["LOCK_FILE", "RESULT_FILE", "OutputInUseError", "adopt_fingerprint", "config_fingerprint", "finished_bytes",
+__all__ = ["FINGERPRINT_FORMAT", "LOCK_FILE", "RESULT_FILE", "OutputInUseError", "adopt_fingerprint", "config_fingerprint", "finished_bytes",
            "load_result", "lock_out", "package_versions", "record_result", "replaced_runs", "restore_result", "run_dir",
            "save_result", "schedule_names", "version_note"]
 
 RESULT_FILE = "result.json"
+#: in each result.json this version writes: its fingerprint counts the model's code and the modules it imports
+FINGERPRINT_FORMAT = 2
 #: the lock file in ``OUT`` that a running ``compare`` holds
 LOCK_FILE = ".compare.lock"
 
@@ -162,7 +164,8 @@ def save_result(folder: Union[str, os.PathLike], run: RunOutcome, fingerprint: s
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    data = {"fingerprint": fingerprint, **dataclasses.asdict(run), "versions": package_versions()}
+    data = {"fingerprint": fingerprint, "fingerprint_format": FINGERPRINT_FORMAT, **dataclasses.asdict(run),
+            "versions": package_versions()}
     data.pop("reused", None)
     return _write_result(folder, json.dumps(data, indent=1).encode("utf-8"))
 
@@ -216,7 +219,7 @@ def adopt_fingerprint(folder: Union[str, os.PathLike], fingerprint: str) -> None
         data = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(data, dict) or data.get("fingerprint") == fingerprint:
             return
-        data["fingerprint"] = fingerprint
+        data["fingerprint"], data["fingerprint_format"] = fingerprint, FINGERPRINT_FORMAT
         _write_result(Path(folder), json.dumps(data, indent=1).encode("utf-8"))
 
 
@@ -261,7 +264,7 @@ _FIELDS = {
 
 
 def replaced_runs(out: Union[str, os.PathLike], schedule: str, seeds: Sequence[int],
-                  fingerprint: Union[str, Collection[str]]) -> Optional[str]:
+                  fingerprint: Union[str, Sequence[str]]) -> Optional[str]:
     """A warning naming the finished runs of ``schedule`` that a changed config (or a file it names) makes stale,
     and that training it again replaces; ``None`` when there are none.
 
@@ -281,7 +284,7 @@ def replaced_runs(out: Union[str, os.PathLike], schedule: str, seeds: Sequence[i
             data = json.loads((run_dir(out, schedule, seed) / RESULT_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if isinstance(data, dict) and data.get("fingerprint") not in _accepted(fingerprint) and data.get("error") is None:
+        if isinstance(data, dict) and not _matches(data, fingerprint) and data.get("error") is None:
             stale.append(seed)
     if not stale:
         return None
@@ -292,15 +295,23 @@ def replaced_runs(out: Union[str, os.PathLike], schedule: str, seeds: Sequence[i
             "(kept where the new run fails)")
 
 
-def _accepted(fingerprint: Union[str, Collection[str]]) -> Collection[str]:
-    return (fingerprint,) if isinstance(fingerprint, str) else fingerprint
+def _matches(data: dict, fingerprint: Union[str, Sequence[str]]) -> bool:
+    """Whether a ``result.json``'s fingerprint is ``fingerprint``. Of several, the first is the current one; the others
+    (what earlier versions computed for the same config: before the model's code, or the modules it imports,
+    counted) match only a result such a version saved, one without ``fingerprint_format``: a result this version
+    saved without code (its model module lay outside the working directory then) is never taken for one."""
+    found = data.get("fingerprint")
+    if isinstance(fingerprint, str):
+        return found == fingerprint
+    current, *earlier = fingerprint
+    return found == current or (found in earlier and "fingerprint_format" not in data)
 
 
-def load_result(folder: Union[str, os.PathLike], fingerprint: Union[str, Collection[str]],
+def load_result(folder: Union[str, os.PathLike], fingerprint: Union[str, Sequence[str]],
                 metrics: Sequence[str]) -> Optional[RunOutcome]:
     """The run's finished result if it is the run of this folder and config; else ``None`` (the run is trained again).
 
-    That is: ``result.json`` parses, its fingerprint is ``fingerprint`` (or one of them), it did not fail, every field has its type (numbers
+    That is: ``result.json`` parses, its fingerprint is ``fingerprint`` (or one of them, see :func:`_matches`), it did not fail, every field has its type (numbers
     for metrics and seconds, ``[epoch, value]`` curve points, ``[epoch, name]`` boundaries), its ``schedule`` and
     ``seed`` are those of the folder ``runs/<schedule>/seed_<seed>``. A run without one of ``metrics`` is returned
     failed, with the error a new run would give: the same config logs the same metrics, so training it again would
@@ -317,8 +328,7 @@ def load_result(folder: Union[str, os.PathLike], fingerprint: Union[str, Collect
         data = json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if (not isinstance(data, dict) or data.pop("fingerprint", None) not in _accepted(fingerprint)
-            or data.get("error") is not None):
+    if not isinstance(data, dict) or not _matches(data, fingerprint) or data.get("error") is not None:
         return None
     known = {k: v for k, v in data.items() if k in _FIELDS}
     if not {"schedule", "seed"} <= set(known) or not all(_FIELDS[k](v) for k, v in known.items()):
