@@ -59,6 +59,24 @@ def _write(folder: Path, files: dict[str, str]) -> None:
         (folder / name).write_text(text)
 
 
+TRAINER = ("trainer: {max_epochs: 1, logger: false, enable_checkpointing: false, accelerator: cpu, devices: 1, "
+           "enable_progress_bar: false}\n")
+
+
+def _scored_project(folder: Path, biases: dict[str, float]):
+    """The model importing its helper (OFFSET 0.0), a config per ``{name: bias}``; returns ``compare()``, one
+    comparison of them into ``folder / "out"`` as a new process would run it (the modules imported afresh)."""
+    _write(folder, {"imports_model.py": MODEL, "imports_helper.py": "OFFSET = 0.0\n",
+                    **{f"{name}.yaml": TRAINER + f"model: {{class_path: imports_model.Scored, init_args: {{bias: {bias}}}}}\n"
+                       for name, bias in biases.items()}})
+
+    def compare():
+        _forget("imports_model", "imports_helper")
+        return run_compare([folder / f"{name}.yaml" for name in biases], seeds=1, out=folder / "out", jobs=1,
+                           metrics=["test/score"], curve_metric="val/x", echo=lambda line: None)
+    return compare
+
+
 def test_the_modules_a_named_module_imports_count_and_nothing_installed(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
@@ -102,18 +120,8 @@ def test_compare_reruns_after_a_helper_edit_and_reuses_results_saved_before_impo
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    trainer = ("trainer: {max_epochs: 1, logger: false, enable_checkpointing: false, accelerator: cpu, devices: 1, "
-               "enable_progress_bar: false}\n")
-    _write(tmp_path, {"imports_model.py": MODEL, "imports_helper.py": "OFFSET = 0.0\n",
-                      "a.yaml": trainer + "model: {class_path: imports_model.Scored, init_args: {bias: 0.1}}\n",
-                      "b.yaml": trainer + "model: {class_path: imports_model.Scored, init_args: {bias: 0.2}}\n"})
+    compare = _scored_project(tmp_path, {"a": 0.1, "b": 0.2})
     configs, out = [tmp_path / "a.yaml", tmp_path / "b.yaml"], tmp_path / "out"
-
-    def compare():
-        _forget("imports_model", "imports_helper")  # as a new compare process imports them
-        return run_compare(configs, seeds=1, out=out, jobs=1, metrics=["test/score"], curve_metric="val/x",
-                           echo=lambda line: None)
-
     first = compare()
     assert first.trained == 2 and first.runs["a"][0].metrics["test/score"] == pytest.approx(0.1)
     (tmp_path / "imports_helper.py").write_text("OFFSET = 5.0\n")
@@ -184,16 +192,8 @@ def test_a_result_this_version_saved_without_code_is_not_taken_for_an_earlier_on
     was reused, and adopted, for every later edit of the model)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    trainer = ("trainer: {max_epochs: 1, logger: false, enable_checkpointing: false, accelerator: cpu, devices: 1, "
-               "enable_progress_bar: false}\n")
-    _write(tmp_path, {"imports_model.py": MODEL, "imports_helper.py": "OFFSET = 0.0\n",
-                      "a.yaml": trainer + "model: {class_path: imports_model.Scored, init_args: {bias: 0.1}}\n"})
+    compare = _scored_project(tmp_path, {"a": 0.1})
     out = tmp_path / "out"
-
-    def compare():
-        _forget("imports_model", "imports_helper")
-        return run_compare([tmp_path / "a.yaml"], seeds=1, out=out, jobs=1, metrics=["test/score"],
-                           curve_metric="val/x", echo=lambda line: None)
 
     first = compare()
     _, _, without_code = config_fingerprints(tmp_path / "a.yaml")
