@@ -56,6 +56,7 @@ def _class_paths(value: Any, key: Any = None) -> Iterator[str]:
         yield value
 
 
+@functools.lru_cache(maxsize=1)  # read for every module followed
 def _python_paths() -> list[Path]:
     """Where this Python's standard library and installed packages lie (a conda env inside the project, too)."""
     paths = sysconfig.get_paths()
@@ -313,8 +314,8 @@ def config_fingerprints(config: Union[str, os.PathLike],
 
 def run_fingerprints(config: Path, stages: Optional[str]) -> tuple[str, ...]:
     """:func:`config_fingerprints`, or for a config that cannot be read or parsed a fingerprint of its bytes: its
-    runs fail, and are never reused. The first is the fingerprint a run is saved under; a result saved under any of
-    them is reused."""
+    runs fail, and are never reused. The first is the fingerprint a run is saved under; the others match only a
+    result an earlier version saved (see :func:`~lightning_stages.cli.run_store.load_result`)."""
     try:
         return config_fingerprints(config, stages)
     except (OSError, ValueError, yaml.YAMLError):

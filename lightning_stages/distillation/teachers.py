@@ -271,8 +271,8 @@ class Teachers:
         (``load_state_dict``, an EMA update under ``no_grad``; a write through ``.data`` moves no counter) or replaced
         (``load_state_dict(assign=True)``, a new submodule: looked at only when some module got a new weight), or a
         teacher put in another mode (``teacher.train()``)."""
-        if registrations() != self._registrations:
-            self._registrations = registrations()
+        if (registered := registrations()) != self._registrations:
+            self._registrations = registered
             now = [t for m in self.modules.values() for t in (*m.parameters(), *m.buffers())]
             if len(now) != len(self._watched) or any(a is not b for a, b in zip(now, self._watched)):
                 return True
