@@ -32,15 +32,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stages import IndexedDataset, StageConfigError, StageScheduleCallback, TeacherCache
 from lightning_stages.distillation import teacher_cache_inputs
-from lightning_stages.distillation.teacher_cache_bytes import (
-    byte_hash,
-    byte_multipliers,
-    byte_sums,
-    padded_int_mm,
-    products_and_sums,
-)
+from lightning_stages.distillation.teacher_cache_bytes import byte_hash
 from lightning_stages.distillation.teacher_cache_inputs import input_fingerprints
-from lightning_stages.distillation.teacher_cache_rows import row_hash
+from lightning_stages.distillation.teacher_cache_rows import row_hash, word_hash
 from lightning_stages.distillation.teacher_fingerprint import teacher_fingerprint
 from lightning_stages.errors import DistillationStepError
 
@@ -112,71 +106,71 @@ def signed64(total: int) -> int:
     return total - (1 << 64) if total >= 1 << 63 else total
 
 
-def test_row_hash_equals_a_python_reference():
-    def python_hash(words: list[int]) -> int:
-        products = [(word * python_multiplier(p)) & MASK64 for p, word in enumerate(words, start=1)]
-        return signed64(sum(x ^ (x >> 29) for x in products))
-
-    words = torch.randint(-(2**63), 2**63 - 1, (5, 7), generator=torch.Generator().manual_seed(0))
-    assert row_hash(words).tolist() == [python_hash([w & MASK64 for w in row]) for row in words.tolist()]
-    flipped = words.clone()
-    flipped[:, 3] ^= 1 << 63  # the top bit of one word
-    assert (row_hash(flipped) != row_hash(words)).all()
-
-
-def _python_byte_hash(row: bytes) -> int:
-    """byte_hash of one row, in plain Python: per 32 KiB chunk 8 sums of signed byte * multiplier, where column 0
-    is 1, columns 1-3 the base-127 digits of the byte's position + 1 and columns 4-7 bytes 1-4 of the position's
-    64-bit word (row_hash's multipliers) mapped to -127..-1, 1..127 (column 6 moved by one where the even columns
-    would add up even); the 32-bit sums, two per little-endian 64-bit
-    word, times those odd multipliers of the word's position, summed modulo 2**64."""
-    chunk = 1 << 15
-    if len(row) > chunk:
-        row = row + bytes(-len(row) % chunk)
-    sums = []
-    for start in range(0, len(row), chunk):
-        part = row[start:start + chunk]
-        columns = [0] * 8
-        for position, byte in enumerate(part):
-            value = byte - 256 if byte > 127 else byte
-            word = python_multiplier(position + 1) & MASK64
-            noise = [((word >> (8 * k + 8)) & 0xFF) % 254 - 127 for k in range(4)]
-            multipliers = [1, *(position // 127**k % 127 + 1 for k in range(3)), *(n + 1 if n >= 0 else n for n in noise)]
-            if sum(multipliers[0::2]) % 2 == 0:  # column 6 moved by one, so that the even columns add up odd
-                multipliers[6] = -2 if multipliers[6] == -1 else 126 if multipliers[6] == 127 else multipliers[6] + 1
-            for k in range(8):
-                columns[k] += value * multipliers[k]
-        sums += columns
-    words = [(sums[2 * i] & 0xFFFFFFFF) | ((sums[2 * i + 1] & 0xFFFFFFFF) << 32) for i in range(len(sums) // 2)]
+def _python_word_hash(words: list[int]) -> int:
+    """word_hash of one row in plain Python: each 32-bit word, signed, times the odd multiplier of its position
+    (from 1), summed modulo 2**64."""
     return signed64(sum(w * python_multiplier(p) for p, w in enumerate(words, start=1)))
 
 
+def _python_byte_hash(row: bytes) -> int:
+    """byte_hash of one row in plain Python: zero bytes up to a multiple of 4, read as little-endian signed 32-bit
+    words, then _python_word_hash."""
+    row = row + bytes(-len(row) % 4)
+    return _python_word_hash([int.from_bytes(row[i:i + 4], "little", signed=True) for i in range(0, len(row), 4)])
+
+
+def test_word_hash_and_row_hash_equal_a_python_reference():
+    gen = torch.Generator().manual_seed(0)
+    words = torch.randint(-(2**31), 2**31, (5, 9), dtype=torch.int64, generator=gen).to(torch.int32)
+    words[0] = -(2**31)  # the extremes: the products and sums wrap as in Python modulo 2**64
+    words[1] = 2**31 - 1
+    assert word_hash(words).tolist() == [_python_word_hash(row) for row in words.tolist()]
+    wide = torch.randint(-(2**63), 2**63 - 1, (5, 7), generator=gen)
+    halves = [[h for w in row for h in (w & 0xFFFFFFFF, w >> 32)] for row in wide.tolist()]  # low half first
+    assert row_hash(wide).tolist() == [_python_word_hash([h - 2**32 if h >= 2**31 else h for h in row])
+                                       for row in halves]
+    assert torch.equal(row_hash(wide[:, 1:]), row_hash(wide[:, 1:].clone()))  # a slice with strides (7, 1)
+
+
+def test_row_hash_sees_two_flipped_signs():
+    """Two stored float32 values with their signs flipped (the top bit of two 64-bit words; a linear sum of the
+    64-bit words times odd multipliers cannot see an even number of those, nor could the 0.2 checksum's mixing in
+    about half of the pairs): every pair of 32 words changes the checksum."""
+    words = torch.randn(1, 64).view(torch.int64)
+    base = row_hash(words)
+    pairs = [(i, j) for i in range(32) for j in range(i + 1, 32)]
+    changed = words.repeat(len(pairs), 1)
+    for k, (i, j) in enumerate(pairs):
+        changed[k, i] ^= -(2**63)
+        changed[k, j] ^= -(2**63)
+    assert (row_hash(changed) != base).all()
+    negated = torch.randn(len(pairs), 64)  # the same with float32 inputs, through byte_hash
+    flipped = negated.clone()
+    at = torch.arange(len(pairs))
+    flipped[at, torch.tensor([2 * i + 1 for i, _ in pairs])] *= -1
+    flipped[at, torch.tensor([2 * j + 1 for _, j in pairs])] *= -1
+    assert (byte_hash(flipped.view(torch.int8)) != byte_hash(negated.view(torch.int8))).all()
+
+
 def test_byte_hash_equals_a_python_reference_and_sees_every_one_and_two_byte_change():
-    """The input checksum, against a plain-Python reference; the CPU path (an int8 matrix product and a matrix-vector
-    product) and the other devices' (products and sums) agree; one or two changed bytes always change it."""
+    """The input checksum, against a plain-Python reference; one or two changed bytes always change it."""
     data = torch.randint(-128, 128, (3, 13), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
     expected = [_python_byte_hash(bytes(row)) for row in data.view(torch.uint8).tolist()]
     assert byte_hash(data).tolist() == expected
-    # what byte_sums computes off the CPU: the same sums
-    multipliers = byte_multipliers(13, data.device)
-    reference = (data.to(torch.int64).unsqueeze(-1) * multipliers.to(torch.int64)).sum(1)
-    assert torch.equal(byte_sums(data).to(torch.int64), reference)
-    assert torch.equal(products_and_sums(data, multipliers).to(torch.int64), reference)
-    # CUDA's integer product takes more than 16 rows and a multiple of 8 columns: padded, the same sums
-    assert torch.equal(padded_int_mm(data, multipliers).to(torch.int64), reference)
+    assert byte_hash(data[:, 1:]).tolist() == [_python_byte_hash(bytes(row[1:])) for row in data.view(torch.uint8).tolist()]
     base = byte_hash(data)
     for position in range(13):
-        for delta in (1, 128, 255):  # the lowest bit, the sign bit of a byte, every bit
-            changed = data.view(torch.uint8).clone()
-            changed[:, position] ^= delta
+        for delta in (1, 127, -128):
+            changed = data.clone().view(torch.uint8)
+            changed[:, position] += delta
             assert (byte_hash(changed.view(torch.int8)) != base).all(), (position, delta)
-    for a in range(13):  # every pair of bytes, each changed by opposite amounts (a plain sum would not see it)
+    for a in range(13):
         for b in range(a + 1, 13):
-            changed = data.view(torch.uint8).clone()
+            changed = data.clone().view(torch.uint8)
             changed[:, a] += 1
-            changed[:, b] -= 1
+            changed[:, b] += 128
             assert (byte_hash(changed.view(torch.int8)) != base).all(), (a, b)
-    swapped = data[:, [1, 0, *range(2, 13)]]
+    swapped = data.flip(1)
     differs = (swapped != data).any(1)
     assert (byte_hash(swapped.contiguous()) != base)[differs].all()
 
@@ -189,61 +183,20 @@ def test_byte_hash_adds_a_constant_modulo_two_to_the_64(constant):
     assert byte_hash(data, torch.tensor(constant)).tolist() == wrapped
 
 
-def test_byte_hash_without_an_integer_matrix_product_gives_the_same_checksums(monkeypatch):
-    """A device or build where torch._int_mm does not run: the products and sums from then on, the same numbers."""
-    from lightning_stages.distillation import teacher_cache_bytes
-
-    data = torch.randint(-128, 128, (5, 40), dtype=torch.int8, generator=torch.Generator().manual_seed(4))
-    expected = byte_hash(data)
-    calls = []
-
-    def refuse(*args):
-        calls.append(1)
-        raise NotImplementedError("_int_mm: not on this device")
-
-    monkeypatch.setattr(torch, "_int_mm", refuse)
-    monkeypatch.setitem(teacher_cache_bytes._int_mm_works, "cpu", True)
-    assert torch.equal(byte_hash(data), expected)
-    assert torch.equal(byte_hash(data), expected)
-    assert calls == [1] and teacher_cache_bytes._int_mm_works["cpu"] is False  # tried once, then not again
-
-
-def test_an_integer_matrix_product_that_gives_other_sums_is_not_used(monkeypatch):
-    """A kernel that runs but gives wrong numbers (zeros here) is found by the one check on a fixed matrix; the sums
-    then come from products and sums, and the checksums are the right ones."""
-    from lightning_stages.distillation import teacher_cache_bytes
-
-    data = torch.randint(-128, 128, (5, 40), dtype=torch.int8, generator=torch.Generator().manual_seed(5))
-    expected = byte_hash(data)
-    monkeypatch.setattr(torch, "_int_mm", lambda a, b: torch.zeros(a.shape[0], b.shape[1], dtype=torch.int32))
-    monkeypatch.delitem(teacher_cache_bytes._int_mm_works, "cpu", raising=False)
-    assert torch.equal(byte_hash(data), expected)
-    assert teacher_cache_bytes._int_mm_works["cpu"] is False
-
-
-def test_byte_hash_of_rows_longer_than_a_chunk_sees_a_change_and_a_move_of_chunks():
+def test_byte_hash_of_long_rows_sees_a_change_and_a_move_of_halves():
     gen = torch.Generator().manual_seed(1)
-    data = torch.randint(-128, 128, (2, (1 << 15) + 40), dtype=torch.int8, generator=gen)  # a chunk and 40 bytes
+    data = torch.randint(-128, 128, (2, (1 << 15) + 40), dtype=torch.int8, generator=gen)
     assert byte_hash(data).tolist() == [_python_byte_hash(bytes(row)) for row in data.view(torch.uint8).tolist()]
     changed = data.clone()
-    changed[:, -1] += 1  # in the partial chunk
+    changed[:, -1] += 1
     assert (byte_hash(changed) != byte_hash(data)).all()
     halves = torch.randint(-128, 128, (1, 1 << 15), dtype=torch.int8, generator=gen)
     other = torch.randint(-128, 128, (1, 1 << 15), dtype=torch.int8, generator=gen)
     assert byte_hash(torch.cat([halves, other], 1)) != byte_hash(torch.cat([other, halves], 1))
 
 
-def test_byte_multipliers_have_no_zero_no_two_equal_rows_and_an_odd_sum_of_even_columns():
-    multipliers = byte_multipliers(1 << 15, torch.device("cpu"))
-    assert multipliers.dtype == torch.int8 and multipliers.shape == (1 << 15, 8)
-    assert (multipliers != 0).all()
-    assert len(set(map(tuple, multipliers.tolist()))) == 1 << 15
-    assert (multipliers[:, 0::2].to(torch.int64).sum(1) % 2 == 1).all()  # what makes every one-byte change seen
-    assert torch.equal(byte_multipliers(40, torch.device("cpu")), multipliers[:40])  # a position's own, any width
-
-
-def test_byte_hash_sees_every_change_of_one_byte_at_every_position_of_a_chunk():
-    """Every position of a whole 32 KiB chunk, each changed by +1 and by -128: every checksum changes."""
+def test_byte_hash_sees_every_change_of_one_byte_at_every_position_of_a_long_row():
+    """Every position of a 32 KiB row, each changed by +1 and by -128: every checksum changes."""
     gen = torch.Generator().manual_seed(2)
     row = torch.randint(-128, 128, (1, 1 << 15), dtype=torch.int8, generator=gen)
     base = byte_hash(row)
@@ -253,15 +206,6 @@ def test_byte_hash_sees_every_change_of_one_byte_at_every_position_of_a_chunk():
             at = torch.arange(4096)
             changed[at, start + at] = (changed[at, start + at].to(torch.int64) + delta).to(torch.int8)  # wraps
             assert (byte_hash(changed) != base).all(), (delta, start)
-
-
-@pytest.mark.parametrize("fill", [-128, 127])
-def test_byte_sums_of_a_whole_chunk_of_extreme_bytes_are_exact(fill):
-    """The largest sums a chunk can give: this CPU's integer matrix product neither wraps nor saturates them."""
-    data = torch.full((3, 1 << 15), fill, dtype=torch.int8)
-    multipliers = byte_multipliers(1 << 15, data.device)
-    expected = (data.to(torch.int64).unsqueeze(-1) * multipliers.to(torch.int64)).sum(1)
-    assert torch.equal(byte_sums(data).to(torch.int64), expected)
 
 
 @pytest.mark.parametrize("make", [
@@ -274,8 +218,8 @@ def test_byte_sums_of_a_whole_chunk_of_extreme_bytes_are_exact(fill):
 ])
 def test_an_input_checksum_ignores_the_strides_of_dimensions_of_size_one(make):
     """A dimension of size 1 may have any stride in a contiguous tensor: the same checksum as a fresh copy's, at
-    every call (torch._int_mm misread a (1, n) int8 matrix of strides (1, 1); view(torch.int8) refused (n, 1)
-    float32 rows of strides (1, n))."""
+    every call (an earlier checksum's kernel misread a (1, n) int8 matrix of strides (1, 1); view(torch.int8) refused
+    (n, 1) float32 rows of strides (1, n))."""
     x = make()
     assert x.is_contiguous() and x.stride() != torch.empty_like(x, memory_format=torch.contiguous_format).stride()
     expected = input_fingerprints(((x.reshape(-1).clone().view(x.shape),), {}), x.shape[0])
@@ -283,7 +227,7 @@ def test_an_input_checksum_ignores_the_strides_of_dimensions_of_size_one(make):
         assert torch.equal(input_fingerprints(((x,), {}), x.shape[0]), expected)
         assert torch.equal(input_fingerprints(([x], {}), x.shape[0]), input_fingerprints(([x.clone()], {}), x.shape[0]))
     data = x.reshape(x.shape[0], -1).view(torch.uint8) if x.dtype == torch.uint8 else None
-    if data is not None:  # byte_hash and byte_sums themselves, on such a matrix
+    if data is not None:  # byte_hash itself, on such a matrix
         data = data.view(torch.int8)
         assert torch.equal(byte_hash(data), byte_hash(data.clone().reshape(-1).view(data.shape)))
 

@@ -40,7 +40,7 @@ from lightning_stages.errors import DistillationStepError, StageConfigError, Sta
 
 __all__ = ["IndexedDataset", "TeacherCache", "teacher_fingerprint"]  # the first and last: kept here for 0.1 imports
 
-_FORMAT_VERSION = 7  # 7: the checksum marks where row tensors stand, mappings and shared shapes; 6: input checksums by byte_hash; 5: of every input's content and structure; 4: by word_hash; 3: container types are rebuilt (2: ModelOutputs as dicts)
+_FORMAT_VERSION = 8  # 8: input and row checksums of 32-bit words times 64-bit multipliers; 7: the checksum marks where row tensors stand, mappings and shared shapes; 6: input checksums by byte_hash; 5: of every input's content and structure; 4: by word_hash; 3: container types are rebuilt (2: ModelOutputs as dicts)
 
 
 def _problem(message: str, field: str, value: Any, hint: Optional[str] = None) -> StageProblem:

@@ -22,7 +22,7 @@ from lightning_stages.distillation.teacher_cache_storage import leaf_specs
 __all__ = ["ROW_HEAD", "Shard", "align8", "header_bytes", "read_header", "record_bytes"]
 
 _MAGIC = b"LSTCROW2"
-_FORMAT = 2
+_FORMAT = 3  # 3: row checksums of 32-bit words (row_hash)
 _HEAD = 16  # magic (8 bytes), header length (4), header CRC-32 (4), then the JSON header
 ROW_HEAD = 24  # per record: checksum, sample index, input fingerprint (int64 each), then the leaves' bytes
 
