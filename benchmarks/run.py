@@ -357,6 +357,8 @@ def machine() -> dict[str, Any]:
     info: dict[str, Any] = {
         "python": platform.python_version(), "torch": torch.__version__, "lightning": pl.__version__,
         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+        # the vector instructions torch's kernels use here (e.g. AVX2, AVX512): small kernels' costs differ by them
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     try:
         with open("/proc/cpuinfo") as handle:
@@ -434,7 +436,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"student {student_params / 1e6:.2f}M parameters, teacher {teacher_params / 1e6:.2f}M "
           f"({teacher_params / student_params:.1f}x); {settings['batches']} batches of {settings['batch_size']} "
           f"per epoch; {settings['repetitions']} repetitions after a warm-up; torch threads "
-          f"{torch.get_num_threads()}", flush=True)
+          f"{torch.get_num_threads()}; {info['cpu']} ({info['cpu_capability']})", flush=True)
 
     variants: list[tuple[str, Callable[[], dict[str, list[float]]]]] = [
         ("plain", lambda: run_plain(batches)),

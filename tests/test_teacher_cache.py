@@ -133,9 +133,9 @@ def test_word_hash_and_row_hash_equal_a_python_reference():
 
 
 def test_row_hash_sees_two_flipped_signs():
-    """Two stored float32 values with their signs flipped (the top bit of two 64-bit words; a linear sum of the
-    64-bit words times odd multipliers cannot see an even number of those, nor could the 0.2 checksum's mixing in
-    about half of the pairs): every pair of 32 words changes the checksum."""
+    """Two stored float32 values with their signs flipped (the top bit of two 64-bit words: a sum of the 64-bit words
+    times odd multipliers cannot see an even number of those, and the earlier checksum, which mixed each product
+    with its own shifted bits, missed about half of the pairs): every pair of 32 words changes the checksum."""
     words = torch.randn(1, 64).view(torch.int64)
     base = row_hash(words)
     pairs = [(i, j) for i in range(32) for j in range(i + 1, 32)]
