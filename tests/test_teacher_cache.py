@@ -132,6 +132,21 @@ def test_word_hash_and_row_hash_equal_a_python_reference():
     assert torch.equal(row_hash(wide[:, 1:]), row_hash(wide[:, 1:].clone()))  # a slice with strides (7, 1)
 
 
+@pytest.mark.parametrize("columns", [1, 2, 4])
+def test_word_hash_in_blocks_of_columns_gives_the_same_checksum(monkeypatch, columns):
+    """A batch of large inputs is widened a block of columns at a time (so that the copy stays small): the same sums,
+    the constant added once."""
+    from lightning_stages.distillation import teacher_cache_rows
+
+    words = torch.randint(-(2**31), 2**31, (5, 9), dtype=torch.int64, generator=torch.Generator().manual_seed(3))
+    words = words.to(torch.int32)
+    monkeypatch.setattr(teacher_cache_rows, "_WIDENED_BYTES", 8 * 5 * columns)
+    expected = [_python_word_hash(row) for row in words.tolist()]
+    assert word_hash(words).tolist() == expected
+    assert word_hash(words, torch.tensor(7)).tolist() == [signed64(h + 7) for h in expected]
+    assert word_hash(words[:, :0], torch.tensor(7)).tolist() == [7] * 5  # no words: the constant alone
+
+
 def test_row_hash_sees_two_flipped_signs():
     """Two stored float32 values with their signs flipped (the top bit of two 64-bit words: a sum of the 64-bit words
     times odd multipliers cannot see an even number of those, and the earlier checksum, which mixed each product

@@ -26,6 +26,7 @@ __all__ = ["check_spec", "flatten", "flatten_named", "position_multipliers", "ro
            "unflatten", "word_hash"]
 
 _MASK32 = 0xFFFFFFFF
+_WIDENED_BYTES = 1 << 23  # word_hash widens at most 8 MiB of words at a time (for more than 131072 rows, one column)
 _MIX = -0x40A7B892E31B1A47  # 0xBF58476D1CE4E5B9 as a signed 64-bit integer (splitmix64's first multiplier)
 _GOLDEN = -0x61C8864680B583EB  # 0x9E3779B97F4A7C15
 _multipliers_cache: dict[tuple[int, torch.device], Tensor] = {}
@@ -210,7 +211,8 @@ def word_hash(words: Tensor, constant: Optional[Tensor] = None) -> Tensor:
     """A 64-bit checksum of each row of the ``int32`` matrix ``words``, plus ``constant`` (a 0-d ``int64`` tensor on
     ``words``' device): the words, sign-extended to 64 bits, times odd pseudo-random multipliers of their positions
     (:func:`position_multipliers`), summed modulo 2**64 (one widening and one integer matrix-vector product on the
-    CPU; products and a sum on other devices; integer sums are exact in any order, so every device gives the same).
+    CPU, per block of columns of at most 8 MiB widened; products and a sum on other devices; integer sums are exact
+    in any order, so every device and block size gives the same).
 
     A changed word (so any change of one byte) always changes the checksum: the difference is non-zero and below
     2**32 in magnitude, and an odd multiplier keeps it non-zero modulo 2**64. Any other change, reordered words
@@ -224,12 +226,24 @@ def word_hash(words: Tensor, constant: Optional[Tensor] = None) -> Tensor:
         >>> bool(h[0] == h[1]), bool(h[0] == h[2])
         (True, False)
     """
-    wide = words.to(torch.int64)
-    multipliers = position_multipliers(words.shape[-1], words.device)
-    if wide.device.type == "cpu":  # integer arithmetic wraps: the sum modulo 2**64
-        return torch.mv(wide, multipliers) if constant is None else torch.addmv(constant, wide, multipliers)
-    hashed = (wide * multipliers).sum(-1)  # integer matrix-vector products are CPU-only
-    return hashed if constant is None else hashed + constant
+    rows, width = words.shape
+    multipliers = position_multipliers(width, words.device)
+    step = max(1, _WIDENED_BYTES // (8 * max(rows, 1)))  # columns widened at a time: a batch of large images is
+    # hashed in blocks of columns (the sum is linear), so the widened copy never takes more than a few MiB
+    total = constant
+    for start in range(0, width, step):
+        block, factors = (words, multipliers) if step >= width else (words[:, start:start + step],
+                                                                     multipliers[start:start + step])
+        wide = block.to(torch.int64)
+        if wide.device.type == "cpu":  # integer arithmetic wraps: the sum modulo 2**64
+            total = torch.mv(wide, factors) if total is None else torch.addmv(total, wide, factors)
+        else:  # integer matrix-vector products are CPU-only
+            part = (wide * factors).sum(-1)
+            total = part if total is None else total + part
+    if total is None or total.dim() == 0:  # rows of no words: only the constant
+        zeros = torch.zeros(rows, dtype=torch.int64, device=words.device)
+        return zeros if total is None else zeros + total
+    return total
 
 
 def row_hash(words: Tensor) -> Tensor:
