@@ -31,7 +31,7 @@ from conftest import ddp_env
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stages import IndexedDataset, StageConfigError, StageScheduleCallback, TeacherCache
-from lightning_stages.distillation import teacher_cache_inputs
+from lightning_stages.distillation import teacher_cache_inputs, teacher_cache_shards
 from lightning_stages.distillation.teacher_cache_bytes import byte_hash
 from lightning_stages.distillation.teacher_cache_inputs import input_fingerprints
 from lightning_stages.distillation.teacher_cache_rows import row_hash, word_hash
@@ -96,9 +96,15 @@ MASK64 = (1 << 64) - 1
 
 
 def python_multiplier(position: int) -> int:
-    """The odd multiplier of a word position (from 1), written out in Python: splitmix64's first steps."""
+    """The odd multiplier of a word position (from 1), written out in Python: the high 31 bits from splitmix64's
+    first steps, the low 33 bits 2 * p + 1 for p a multiply-xorshift bijection of the position's low 31 bits."""
     m = (position * 0x9E3779B97F4A7C15) & MASK64
-    return (((m ^ ((m >> 31) & 0xFFFFFFFF)) * 0xBF58476D1CE4E5B9) & MASK64) | 1
+    m = ((m ^ ((m >> 31) & 0xFFFFFFFF)) * 0xBF58476D1CE4E5B9) & MASK64
+    low = (position & (2**31 - 1)) * 0x2C1B3C6D % 2**31
+    low ^= low >> 16
+    low = low * 0x297A2D39 % 2**31
+    low ^= low >> 15
+    return (m & ~(2**33 - 1) & MASK64) | (2 * low + 1)
 
 
 def signed64(total: int) -> int:
@@ -165,10 +171,49 @@ def test_row_hash_sees_two_flipped_signs():
     flipped[at, torch.tensor([2 * i + 1 for i, _ in pairs])] *= -1
     flipped[at, torch.tensor([2 * j + 1 for _, j in pairs])] *= -1
     assert (byte_hash(flipped.view(torch.int8)) != byte_hash(negated.view(torch.int8))).all()
+    # a long row (one 3 x 224 x 224 float32 image): pairs of positions whose pseudo-random multipliers were equal or
+    # opposite modulo 2**33 (this checksum's first multipliers had three such pairs in it), and pairs far apart
+    image = torch.randn(1, 3 * 224 * 224).abs()
+    for i, j in [(119743, 131367), (59871, 65683), (47881, 56352), (0, 150527), (1, 2)]:
+        changed = image.clone()
+        changed[0, i] *= -1
+        changed[0, j] *= -1
+        assert byte_hash(changed.view(torch.int8)) != byte_hash(image.view(torch.int8)), (i, j)
+        before = image.clone()
+        before[0, i], before[0, j] = 3.0, -3.0
+        after = image.clone()
+        after[0, i], after[0, j] = -3.0, 3.0  # the two swapped: one sign flipped each way
+        assert input_fingerprints(((after,), {}), 1) != input_fingerprints(((before,), {}), 1), (i, j)
+
+
+def test_a_long_row_is_hashed_in_blocks_and_keeps_few_multipliers():
+    """A tensor hashed as one row (an input that is not per-sample, or a batch of one) of 3 * 2**17 words: three
+    blocks, the Python reference's sum, and at most 8 MiB of multipliers kept afterwards (they once took twice the
+    row's bytes, kept per row length)."""
+    from lightning_stages.distillation import teacher_cache_rows
+
+    words = torch.randint(-(2**31), 2**31, (1, 3 << 17), dtype=torch.int64, generator=torch.Generator().manual_seed(8))
+    words = words.to(torch.int32)
+    assert word_hash(words).tolist() == [_python_word_hash(words[0].tolist())]
+    kept = sum(m.numel() * 8 for m in teacher_cache_rows._multipliers_cache.values())
+    assert kept <= 1 << 23
+
+
+def test_no_two_positions_have_multipliers_equal_or_opposite_modulo_two_to_the_33():
+    """What makes any two flipped signs seen, checked on the first 2**22 positions (a 16 MiB row of words)."""
+    from lightning_stages.distillation.teacher_cache_rows import position_multipliers
+
+    low = position_multipliers(1 << 22, torch.device("cpu")) & (2**33 - 1)
+    assert (low % 2 == 1).all()
+    both = torch.cat([low, (2**33 - low) % 2**33])  # each multiplier and its opposite, modulo 2**33
+    assert both.unique().numel() == both.numel()
+    assert [int(m) for m in position_multipliers(5, torch.device("cpu"), first=3)] == \
+        [signed64(python_multiplier(p)) for p in range(4, 9)]
 
 
 def test_byte_hash_equals_a_python_reference_and_sees_every_one_and_two_byte_change():
-    """The input checksum, against a plain-Python reference; one or two changed bytes always change it."""
+    """The input checksum, against a plain-Python reference; one changed byte always changes it, and every change of
+    two bytes of these rows does too."""
     data = torch.randint(-128, 128, (3, 13), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
     expected = [_python_byte_hash(bytes(row)) for row in data.view(torch.uint8).tolist()]
     assert byte_hash(data).tolist() == expected
@@ -509,7 +554,8 @@ def _damage(path: Path, kind: str) -> set[int]:
         path.write_bytes(bytes(data))
         return set()
     assert kind == "metadata"  # a valid checksum over a header that makes no sense
-    body = json.dumps({"format": 2, "key": path.parent.name[4:], "layout": {"leaves": "12x"}, "record_bytes": "12x"})
+    body = json.dumps({"format": teacher_cache_shards._FORMAT, "key": path.parent.name[4:], "layout": {"leaves": "12x"},
+                       "record_bytes": "12x"})
     head = b"LSTCROW2" + len(body).to_bytes(4, "little") + zlib.crc32(body.encode()).to_bytes(4, "little")
     path.write_bytes(head + body.encode() + bytes(data[offset:]))
     return set()

@@ -26,10 +26,16 @@ __all__ = ["check_spec", "flatten", "flatten_named", "position_multipliers", "ro
            "unflatten", "word_hash"]
 
 _MASK32 = 0xFFFFFFFF
-_WIDENED_BYTES = 1 << 23  # word_hash widens at most 8 MiB of words at a time (for more than 131072 rows, one column)
+_WIDENED_BYTES = 1 << 23  # word_hash widens about 8 MiB of words at a time
+_BLOCK_COLUMNS = 1 << 17  # and at most this many columns (1 MiB of multipliers)
 _MIX = -0x40A7B892E31B1A47  # 0xBF58476D1CE4E5B9 as a signed 64-bit integer (splitmix64's first multiplier)
 _GOLDEN = -0x61C8864680B583EB  # 0x9E3779B97F4A7C15
-_multipliers_cache: dict[tuple[int, torch.device], Tensor] = {}
+_MASK31 = (1 << 31) - 1
+_HIGH31 = -(1 << 33)  # the high 31 bits of a 64-bit word
+_SPREAD1, _SPREAD2 = 0x2C1B3C6D, 0x297A2D39  # odd: multiplying by them modulo 2**31 is a bijection
+_MULTIPLIERS_KEPT = 1 << 23  # bytes of multipliers kept between calls
+_multipliers_cache: dict[tuple[int, int, torch.device], Tensor] = {}
+_multipliers_bytes = 0
 
 
 _SUPPORTED = ("tensors, None, and tuples, lists, namedtuples, dicts, OrderedDicts, dataclasses and ModelOutputs of "
@@ -193,31 +199,46 @@ def too_large(values: Tensor, dtype: torch.dtype) -> Optional[float]:
     return largest if largest > torch.finfo(dtype).max else None
 
 
-def position_multipliers(count: int, device: torch.device) -> Tensor:
-    """``count`` odd pseudo-random 64-bit multipliers, one per word position (the same on every device)."""
-    key = (count, device)
+def position_multipliers(count: int, device: torch.device, first: int = 0) -> Tensor:
+    """The odd pseudo-random 64-bit multipliers of the word positions ``first + 1`` to ``first + count`` (the same
+    on every device): the high 31 bits from splitmix64's first steps, the low 33 bits ``2 * p(position) + 1``, where
+    ``p`` is a bijection of ``[0, 2**31)`` (multiply-xorshift). So no two positions below ``2**31`` have multipliers
+    equal or opposite modulo ``2**33``, which is what makes two flipped signs always seen (see :func:`word_hash`).
+    Kept per count and device while they take at most 8 MiB in all."""
+    key = (first, count, device)
     cached = _multipliers_cache.get(key)
-    if cached is None:
-        m = torch.arange(1, count + 1, dtype=torch.int64, device=device) * _GOLDEN
-        m = (m ^ ((m >> 31) & _MASK32)) * _MIX
-        cached = m | 1
-        if len(_multipliers_cache) > 64:
-            _multipliers_cache.clear()
-        _multipliers_cache[key] = cached
-    return cached
+    if cached is not None:
+        return cached
+    position = torch.arange(first + 1, first + count + 1, dtype=torch.int64, device=device)
+    m = position * _GOLDEN
+    m = (m ^ ((m >> 31) & _MASK32)) * _MIX
+    low = (position & _MASK31) * _SPREAD1 & _MASK31  # each step a bijection of [0, 2**31)
+    low ^= low >> 16
+    low = low * _SPREAD2 & _MASK31
+    low ^= low >> 15
+    multipliers = (m & _HIGH31) | (low * 2 + 1)
+    global _multipliers_bytes
+    if _multipliers_bytes + 8 * count > _MULTIPLIERS_KEPT:
+        _multipliers_cache.clear()
+        _multipliers_bytes = 0
+    if 8 * count <= _MULTIPLIERS_KEPT:
+        _multipliers_cache[key] = multipliers
+        _multipliers_bytes += 8 * count
+    return multipliers
 
 
 def word_hash(words: Tensor, constant: Optional[Tensor] = None) -> Tensor:
     """A 64-bit checksum of each row of the ``int32`` matrix ``words``, plus ``constant`` (a 0-d ``int64`` tensor on
     ``words``' device): the words, sign-extended to 64 bits, times odd pseudo-random multipliers of their positions
     (:func:`position_multipliers`), summed modulo 2**64 (one widening and one integer matrix-vector product on the
-    CPU, per block of columns of at most 8 MiB widened; products and a sum on other devices; integer sums are exact
-    in any order, so every device and block size gives the same).
+    CPU, per block of columns of about 8 MiB widened; products and a sum on other devices; integer sums are exact in
+    any order, so every device and block size gives the same).
 
     A changed word (so any change of one byte) always changes the checksum: the difference is non-zero and below
-    2**32 in magnitude, and an odd multiplier keeps it non-zero modulo 2**64. Any other change, reordered words
-    included, is missed only if its products cancel exactly: for a given change, at most about 2**-32 over the
-    multipliers (a change confined to the words' top bits, such as two flipped signs), far less for most.
+    2**32 in magnitude, and an odd multiplier keeps it non-zero modulo 2**64. So do two words changed only in their
+    top bit (two flipped float32 signs): that needs two multipliers equal or opposite modulo 2**33, which no two
+    positions below 2**31 have. Any other change, reordered words included, is missed only if its products cancel
+    exactly: at most about 2**-32 for a given change over pseudo-random multipliers, far less for most.
 
     Example::
 
@@ -227,13 +248,13 @@ def word_hash(words: Tensor, constant: Optional[Tensor] = None) -> Tensor:
         (True, False)
     """
     rows, width = words.shape
-    multipliers = position_multipliers(width, words.device)
-    step = max(1, _WIDENED_BYTES // (8 * max(rows, 1)))  # columns widened at a time: a batch of large images is
-    # hashed in blocks of columns (the sum is linear), so the widened copy never takes more than a few MiB
+    # columns widened at a time: a batch of large images is hashed in blocks of columns (the sum is linear), so the
+    # widened copy and the multipliers take a few MiB at most (beyond 1048576 rows, one column: 8 bytes a row)
+    step = max(1, min(_BLOCK_COLUMNS, _WIDENED_BYTES // (8 * max(rows, 1))))
     total = constant
     for start in range(0, width, step):
-        block, factors = (words, multipliers) if step >= width else (words[:, start:start + step],
-                                                                     multipliers[start:start + step])
+        block = words if step >= width else words[:, start:start + step]
+        factors = position_multipliers(block.shape[1], words.device, first=start)
         wide = block.to(torch.int64)
         if wide.device.type == "cpu":  # integer arithmetic wraps: the sum modulo 2**64
             total = torch.mv(wide, factors) if total is None else torch.addmv(total, wide, factors)
