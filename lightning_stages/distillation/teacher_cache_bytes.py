@@ -34,8 +34,9 @@ def byte_hash(data: Tensor, constant: Optional[Tensor] = None) -> Tensor:
 
     The row's bytes are read in place as little-endian 32-bit words (zero bytes added at the end of a row whose length
     is not a multiple of 4, or that does not start at a multiple of 4, in a copy) and hashed by
-    :func:`~lightning_stages.distillation.teacher_cache_rows.word_hash`: one changed byte always changes the
-    checksum, any other change is missed only by a coincidence of at most about 2**-32. The row's length is not in
+    :func:`~lightning_stages.distillation.teacher_cache_rows.word_hash`: one changed byte, or two flipped
+    float32 signs, always change the checksum; any other change is missed only by a coincidence of at most about
+    2**-32. The row's length is not in
     it (the caller adds the row shape). About 0.1 to 0.2 ms for 256 rows of 512 float32 values on one CPU thread,
     whatever the CPU's instruction set.
 
