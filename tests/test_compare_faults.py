@@ -154,6 +154,16 @@ def test_fewer_than_two_paired_seeds_after_failures_name_the_failed_runs_not_one
 # ------------------------------------------------------------------------------------------------------- Ctrl-C
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """Ctrl-C raises KeyboardInterrupt, as in a terminal, also when the tests run in a background job (which starts
+    with SIGINT ignored, so raising it would do nothing)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_ctrl_c_in_a_run_of_the_compare_process_stops_the_comparison(here: Path,
                                                                     capsys: pytest.CaptureFixture) -> None:
     configs = [fault_config(here, "a"), fault_config(here, "b", interrupt_seed=1)]
