@@ -204,7 +204,7 @@ def position_multipliers(count: int, device: torch.device, first: int = 0) -> Te
     on every device): the high 31 bits from splitmix64's first steps, the low 33 bits ``2 * p(position) + 1``, where
     ``p`` is a bijection of ``[0, 2**31)`` (multiply-xorshift). So no two positions below ``2**31`` have multipliers
     equal or opposite modulo ``2**33``, which is what makes two flipped signs always seen (see :func:`word_hash`).
-    Kept per count and device while they take at most 8 MiB in all."""
+    Kept per first position, count and device while they take at most 8 MiB in all."""
     key = (first, count, device)
     cached = _multipliers_cache.get(key)
     if cached is not None:
@@ -218,10 +218,10 @@ def position_multipliers(count: int, device: torch.device, first: int = 0) -> Te
     low ^= low >> 15
     multipliers = (m & _HIGH31) | (low * 2 + 1)
     global _multipliers_bytes
-    if _multipliers_bytes + 8 * count > _MULTIPLIERS_KEPT:
-        _multipliers_cache.clear()
-        _multipliers_bytes = 0
-    if 8 * count <= _MULTIPLIERS_KEPT:
+    if 8 * count <= _MULTIPLIERS_KEPT:  # larger ones (never a block of word_hash's) are made for this call only
+        if _multipliers_bytes + 8 * count > _MULTIPLIERS_KEPT:
+            _multipliers_cache.clear()
+            _multipliers_bytes = 0
         _multipliers_cache[key] = multipliers
         _multipliers_bytes += 8 * count
     return multipliers
