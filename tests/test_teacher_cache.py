@@ -310,7 +310,10 @@ def test_an_input_checksum_changes_in_the_changed_row_only(make):
 
 
 @pytest.mark.parametrize("x", [torch.randn(4, 6), torch.randint(0, 9, (4, 3, 2)), torch.rand(4, 5) > 0.5,
-                               torch.randn(4, 7).half(), torch.randn(6, 4).t(), torch.zeros(4, 0), torch.arange(4)])
+                               torch.randn(4, 7).half(), torch.randn(6, 4).t(), torch.zeros(4, 0), torch.arange(4),
+                               # 4-byte values read in place as words: 3-d, int32, a slice, a tensor with a gradient
+                               torch.randn(4, 3, 5), torch.randint(-9, 9, (4, 3), dtype=torch.int32),
+                               torch.randn(5, 6)[1:], torch.randn(4, 6, requires_grad=True)])
 def test_the_lone_tensor_shortcut_gives_the_checksums_of_the_walk_over_any_inputs(x):
     inputs = ((x,), {})
     assert teacher_cache_inputs._lone_batch_tensor(inputs, 4) is x  # run_teachers(x): the shortcut is taken
