@@ -22,7 +22,7 @@ over steps of its step time minus the plain step's taken just before it on the s
 
 The forward hooks of the distilling stage stay attached for every variant (the plain step captures the student's
 feature too, about 5 us); the Trainer's loop and the callback's per-batch work are not in any variant (``run.py``'s
-distilling stage that reads nothing measures them: within 1 % of a plain epoch).
+``off_stage_ratio``, a plugin epoch that does not distill against a plain one, includes them: 0.99 to 1.01).
 """
 
 from __future__ import annotations
