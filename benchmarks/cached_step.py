@@ -9,7 +9,7 @@ bursts move one repetition's ratio by several percent either way. This script re
 ``PluginStudent`` with an in-memory ``TeacherCache``, filled and bound by a real two-epoch fit under
 ``StageScheduleCallback``) and one SGD optimizer run every variant below on ``run.py``'s batches, in turns, one
 optimizer step each (zero_grad, the variant's loss, backward, step), in one thread. Each variant's cost is the median
-over steps of its step time minus the plain step's taken just before it on the same batch (the "paired difference").
+over steps of its step time minus the plain step's on the same batch in the same turn (the "paired difference").
 
 * ``plain``: the student and cross-entropy (the reference).
 * ``cached``: ``PluginStudent.training_step``'s losses: ``run_teachers`` reads the cache (input checksum, rows,
@@ -87,6 +87,7 @@ def measure(rounds: int) -> dict[str, Any]:
     cache = model.teacher_cache
     assert cache is not None and cache.hits == len(batches), "the cache was not filled"
     steps = variants(model, batches)
+    hits_before = cache.hits
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     seconds: dict[str, list[float]] = {name: [] for name in steps}
     for round_ in range(rounds + 1):  # the first round is a warm-up
@@ -98,9 +99,10 @@ def measure(rounds: int) -> dict[str, Any]:
                 optimizer.step()
                 if round_:
                     seconds[name].append(time.perf_counter() - start)
-    hits = cache.hits
+    # every batch of the cached and read variants must have been served from the cache, or the times are the teacher's
+    assert cache.hits - hits_before == 2 * (rounds + 1) * len(batches), "the cache missed during the measurement"
     plain = seconds["plain"]
-    result: dict[str, Any] = {"rounds": rounds, "steps": len(plain), "cache_hits": hits, "variants": {}}
+    result: dict[str, Any] = {"rounds": rounds, "steps": len(plain), "variants": {}}
     for name, times in seconds.items():
         paired = [t - p for t, p in zip(times, plain)]
         result["variants"][name] = {
