@@ -20,8 +20,8 @@ over steps of its step time minus the plain step's on the same batch in the same
 * ``losses``: cross-entropy + ``logit_kd`` + mean squared error against fixed tensors of the teacher's shapes, no
   plugin: what the distillation losses cost by themselves, whatever stores the teacher's outputs.
 
-The forward hooks of the distilling stage stay attached for every variant (the plain step captures the student's
-feature too, about 5 us); the Trainer's loop and the callback's per-batch work are not in any variant (``run.py``'s
+The forward hooks of the distilling stage stay attached for every variant, and so does this script's own hook on
+the same layer for ``losses`` (the plain step captures the student's feature twice too, a few us); the Trainer's loop and the callback's per-batch work are not in any variant (``run.py``'s
 ``off_stage_ratio``, a plugin epoch that does not distill against a plain one, includes them: 0.99 to 1.01).
 """
 
