@@ -19,6 +19,10 @@ over steps of its step time minus the plain step's on the same batch in the same
   rows are for these inputs.
 * ``losses``: cross-entropy + ``logit_kd`` + mean squared error against fixed tensors of the teacher's shapes, no
   plugin: what the distillation losses cost by themselves, whatever stores the teacher's outputs.
+* ``offline``: the same losses against the teacher's own logits and neck features, held for every sample in two
+  plain tensors and gathered by the batch's sample indices (``index_select``), no plugin: offline distillation as
+  one writes it by hand, with no check that a row is for this input. ``cached`` minus ``offline`` is what the
+  ``TeacherCache`` costs over it (the input checksum, the lookup, the features put into the hooks).
 
 The forward hooks of the distilling stage stay attached for every variant, and so does this script's own hook on
 the same layer for ``losses`` (the plain step captures the student's feature twice too, a few us); the Trainer's loop and the callback's per-batch work are not in any variant (``run.py``'s
@@ -51,6 +55,9 @@ def variants(model: bench.PluginStudent, batches: list) -> dict[str, Step]:
     fixed_logits, fixed_features = torch.randn_like(stored), torch.randn(stored.shape[0], bench.NECK)
     captured: dict[str, torch.Tensor] = {}
     model.net.neck.register_forward_hook(lambda module, args, output: captured.__setitem__("neck", output))
+    all_logits, all_features = teacher_outputs(batches)
+    assert torch.allclose(all_logits.index_select(0, index0), stored, rtol=0, atol=1e-5), \
+        "the cache did not serve the teacher's outputs"
 
     def plain(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(x), y)
@@ -74,7 +81,28 @@ def variants(model: bench.PluginStudent, batches: list) -> dict[str, Step]:
         return (F.cross_entropy(logits, y) + bench.logit_kd(logits, fixed_logits[:rows], temperature=2.0)
                 + F.mse_loss(captured["neck"], fixed_features[:rows]))
 
-    return {"plain": plain, "cached": cached, "read": read, "checksum": checksum, "losses": losses}
+    def offline(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        logits = model(x)
+        teacher_logits, teacher_features = all_logits.index_select(0, index), all_features.index_select(0, index)
+        return (F.cross_entropy(logits, y) + bench.logit_kd(logits, teacher_logits, temperature=2.0)
+                + F.mse_loss(captured["neck"], teacher_features))
+
+    return {"plain": plain, "cached": cached, "read": read, "checksum": checksum, "losses": losses,
+            "offline": offline}
+
+
+def teacher_outputs(batches: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's logits and neck features of every sample, row ``i`` for sample index ``i``."""
+    teacher = bench.make_teacher()
+    rows = sum(len(index) for _, _, index in batches)
+    logits, features = torch.empty(rows, bench.CLASSES), torch.empty(rows, bench.NECK)
+    captured: dict[str, torch.Tensor] = {}
+    teacher.neck.register_forward_hook(lambda module, args, output: captured.__setitem__("neck", output))
+    with torch.no_grad():
+        for x, _, index in batches:
+            logits[index] = teacher(x)
+            features[index] = captured["neck"]
+    return logits, features
 
 
 def measure(rounds: int) -> dict[str, Any]:
