@@ -19,20 +19,15 @@ __all__ = ["FeatureAdapter", "feature_mse", "feature_pair_name", "logit_kd", "ma
 
 
 def _check_temperature(temperature: float) -> None:
-    if (
-        not isinstance(temperature, (int, float))
-        or isinstance(temperature, bool)
-        or not math.isfinite(temperature)
-        or not temperature > 0
-    ):
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"Expected argument `temperature` to be a positive finite number but got {temperature!r}")
 
 
 def _check_shapes(student: Tensor, teacher: Tensor, name: str) -> None:
     if student.shape != teacher.shape:
-        raise ValueError(
-            f"{name}: student shape {tuple(student.shape)} does not match teacher shape {tuple(teacher.shape)}"
-        )
+        raise ValueError(f"{name}: student shape {tuple(student.shape)} does not match teacher shape "
+                         f"{tuple(teacher.shape)}")
 
 
 def _shape_hint(student: tuple[int, ...], teacher: tuple[int, ...], fix: str) -> str:
@@ -87,6 +82,19 @@ def feature_pair_name(student_layer: str, teacher: str, teacher_layer: str) -> s
     return f"{safe(student_layer)}__{safe(teacher)}.{safe(teacher_layer)}".replace(".__", "__")
 
 
+@functools.lru_cache(maxsize=1)
+def _avx512() -> bool:
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def _on_transpose(logits: Tensor, classes: int) -> bool:
+    """Whether classes-last logits take their softmaxes over dim 0 of the ``(classes, positions)`` transpose: only on
+    an AVX-512 CPU for at most 16 classes, where the last dimension's kernels cost 10x more (40 against 3 us forward
+    for 256 x 10). Elsewhere it costs more: the softmaxes copy it contiguous (two more logits-sized tensors); on an
+    AVX2 CPU 0.06-0.11 ms more per 256 x 10 step, twice the time for 1000 classes or (4, 128, 32000) token logits."""
+    return logits.device.type == "cpu" and classes <= 16 and _avx512()
+
+
 def logit_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, name: str = "logit_kd",
              dim: int = 1) -> Tensor:
     """Hinton's knowledge distillation: ``T^2 * KL(softmax(teacher/T) || softmax(student/T))``, batch mean.
@@ -116,10 +124,7 @@ def logit_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float 
     classes = student_logits.shape[dim]
     positions = student_logits.numel() // classes if classes else 0  # the mean is over these
     student, teacher = student_logits, teacher_logits
-    if dim == student.dim() - 1 and student.dim() > 1:
-        # classes last, e.g. (N, C): the softmax runs over dim 0 of the (C, positions) transpose, a view. Along
-        # the last dimension the CPU kernels cost about 10x more for few classes on AVX-512 CPUs (40 us against 3 us
-        # for 256 x 10); on an AVX2 CPU both cost about 10 us forward and the transpose's backward 7 us more
+    if dim == student.dim() - 1 and student.dim() > 1 and _on_transpose(student, classes):
         student, teacher, dim = student.reshape(-1, classes).t(), teacher.reshape(-1, classes).t(), 0
     if temperature != 1:
         student, teacher = student / temperature, teacher / temperature

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lightning_stages.losses as losses
 from lightning_stages.losses import (
     FeatureAdapter,
     feature_mse,
@@ -120,11 +121,14 @@ def test_logit_kd_with_extreme_logits_stays_finite():
     assert torch.isfinite(logit_kd(teacher, student))
 
 
+@pytest.mark.parametrize("transpose", [True, False])
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 @pytest.mark.parametrize(("shape", "dim"), [((6, 4), 1), ((6, 4), -1), ((2, 3, 5), -1), ((2, 4, 3), 1), ((5, 3), 0)])
-def test_logit_kd_gradient_is_the_closed_form(temperature, shape, dim):
+def test_logit_kd_gradient_is_the_closed_form(temperature, shape, dim, transpose, monkeypatch):
     """d/ds of T^2 * mean KL = T * (softmax(s/T) - softmax(t/T)) / positions, along the class dimension: the
-    classes-last layouts (computed on a transpose) and the others alike, contiguous or not."""
+    classes-last layouts (computed on a transpose or not, whichever this CPU takes) and the others alike, contiguous
+    or not."""
+    monkeypatch.setattr(losses, "_on_transpose", lambda logits, classes: transpose)
     gen = torch.Generator().manual_seed(3)
     for student0 in (torch.randn(shape, generator=gen, dtype=torch.float64) * 2,
                      torch.randn(shape[::-1], generator=gen, dtype=torch.float64).permute(*range(len(shape))[::-1])):
@@ -137,6 +141,24 @@ def test_logit_kd_gradient_is_the_closed_form(temperature, shape, dim):
         torch.testing.assert_close(student.grad, temperature * (p_s - p_t) / positions, rtol=1e-9, atol=1e-12)
         assert float(logit_kd(student0, teacher, temperature, dim=dim)) == pytest.approx(
             _logit_kd_reference(student0.movedim(dim, 1), teacher.movedim(dim, 1), temperature), rel=1e-9)
+
+
+def test_logit_kd_takes_the_transpose_only_for_few_classes_on_an_avx512_cpu(monkeypatch):
+    """The transposed softmax pays only on an AVX-512 CPU for a few classes; elsewhere (an AVX2 CPU, 1000 classes,
+    token logits of a vocabulary, any other device) it copies the logits and costs more."""
+    dims: list[int] = []
+    log_softmax = F.log_softmax
+    monkeypatch.setattr(F, "log_softmax", lambda x, dim: dims.append(dim) or log_softmax(x, dim=dim))
+    student, teacher = torch.randn(8, 10), torch.randn(8, 10)
+    for avx512, classes_dim in ((True, 0), (False, 1)):
+        monkeypatch.setattr(losses, "_avx512", lambda avx512=avx512: avx512)
+        dims.clear()
+        logit_kd(student, teacher, temperature=2.0)
+        assert dims == [classes_dim, classes_dim]
+    monkeypatch.setattr(losses, "_avx512", lambda: True)
+    assert losses._on_transpose(torch.zeros(4, 16), 16)
+    assert not losses._on_transpose(torch.zeros(4, 17), 17)
+    assert not losses._on_transpose(torch.zeros(4, 10, device="meta"), 10)
 
 
 def test_logit_kd_of_no_logits_is_nan_as_a_mean_of_nothing():
