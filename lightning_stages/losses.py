@@ -92,7 +92,7 @@ def _on_transpose(logits: Tensor, classes: int) -> bool:
     an AVX-512 CPU for at most 16 classes, where the last dimension's kernels cost 10x more (40 against 3 us forward
     for 256 x 10). Elsewhere it costs more: the softmaxes copy it contiguous (two more logits-sized tensors); on an
     AVX2 CPU 0.06-0.11 ms more per 256 x 10 step, twice the time for 1000 classes or (4, 128, 32000) token logits."""
-    return logits.device.type == "cpu" and classes <= 16 and _avx512()
+    return logits.device.type == "cpu" and 0 < classes <= 16 and _avx512()
 
 
 def logit_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, name: str = "logit_kd",

@@ -158,6 +158,7 @@ def test_logit_kd_takes_the_transpose_only_for_few_classes_on_an_avx512_cpu(monk
     monkeypatch.setattr(losses, "_avx512", lambda: True)
     assert losses._on_transpose(torch.zeros(4, 16), 16)
     assert not losses._on_transpose(torch.zeros(4, 17), 17)
+    assert not losses._on_transpose(torch.zeros(4, 0), 0)  # no classes: nothing to reshape into (classes, positions)
     assert not losses._on_transpose(torch.zeros(4, 10, device="meta"), 10)
 
 
