@@ -22,11 +22,14 @@ over steps of its step time minus the plain step's on the same batch in the same
 * ``offline``: the same losses against the teacher's own logits and neck features, held for every sample in two
   plain tensors and gathered by the batch's sample indices (``index_select``), no plugin: offline distillation as
   one writes it by hand, with no check that a row is for this input. ``cached`` minus ``offline`` is what the
-  ``TeacherCache`` costs over it (the input checksum, the lookup, the features put into the hooks).
+  plugin costs over it: the ``TeacherCache``'s read (the input checksum, the lookup, the features put into the
+  hooks) and the loss bookkeeping (``feature_losses()``, ``weighted_loss``). Before measuring, the script checks
+  that the cache serves the teacher's own logits and features for every batch.
 
 The forward hooks of the distilling stage stay attached for every variant, and so does this script's own hook on
-the same layer for ``losses`` (the plain step captures the student's feature twice too, a few us); the Trainer's loop and the callback's per-batch work are not in any variant (``run.py``'s
-``off_stage_ratio``, a plugin epoch that does not distill against a plain one, includes them: 0.99 to 1.01).
+the same layer for ``losses`` and ``offline`` (the plain step captures the student's feature twice too, a few us);
+the Trainer's loop and the callback's per-batch work are not in any variant (``run.py``'s ``off_stage_ratio``, a
+plugin epoch that does not distill against a plain one, includes them: 0.99 to 1.01).
 """
 
 from __future__ import annotations
@@ -56,8 +59,14 @@ def variants(model: bench.PluginStudent, batches: list) -> dict[str, Step]:
     captured: dict[str, torch.Tensor] = {}
     model.net.neck.register_forward_hook(lambda module, args, output: captured.__setitem__("neck", output))
     all_logits, all_features = teacher_outputs(batches)
-    assert torch.allclose(all_logits.index_select(0, index0), stored, rtol=0, atol=1e-5), \
-        "the cache did not serve the teacher's outputs"
+    with torch.no_grad():  # the cache serves the teacher's own logits and features, for every batch
+        for x, _, index in batches:
+            model(x)
+            served = model.run_teachers(x, sample_index=index)["teacher"]
+            assert torch.allclose(served, all_logits.index_select(0, index), rtol=0, atol=1e-5), "logits differ"
+            (mse,) = model.feature_losses().values()  # the student's neck against the teacher's, as served
+            expected = F.mse_loss(captured["neck"], all_features.index_select(0, index))
+            assert torch.allclose(mse, expected, rtol=1e-6, atol=0), "features differ"
 
     def plain(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(x), y)

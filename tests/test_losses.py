@@ -162,6 +162,14 @@ def test_logit_kd_takes_the_transpose_only_for_few_classes_on_an_avx512_cpu(monk
     assert not losses._on_transpose(torch.zeros(4, 10, device="meta"), 10)
 
 
+@pytest.mark.parametrize("avx512", [True, False])
+def test_logit_kd_of_no_classes_is_zero_along_either_dimension(avx512, monkeypatch):
+    """No classes: the KL at each of the 4 positions is a sum over nothing, 0; whichever dimension holds them."""
+    monkeypatch.setattr(losses, "_avx512", lambda: avx512)
+    for shape, dim in (((4, 0), -1), ((4, 0), 1), ((4, 0, 3), 1)):
+        assert float(logit_kd(torch.zeros(shape), torch.zeros(shape), temperature=2.0, dim=dim)) == 0.0
+
+
 def test_logit_kd_of_no_logits_is_nan_as_a_mean_of_nothing():
     assert math.isnan(float(logit_kd(torch.zeros(0, 5), torch.zeros(0, 5))))
     assert math.isnan(float(logit_kd(torch.zeros(0, 5), torch.zeros(0, 5), dim=-1, temperature=2.0)))
