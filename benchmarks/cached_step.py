@@ -53,9 +53,8 @@ Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def variants(model: bench.PluginStudent, batches: list) -> dict[str, Step]:
     """The variants' losses, each computed on ``model`` (see the module docstring)."""
-    x0, _, index0 = batches[0]
-    stored = model.run_teachers(x0, sample_index=index0)["teacher"].clone()
-    fixed_logits, fixed_features = torch.randn_like(stored), torch.randn(stored.shape[0], bench.NECK)
+    rows0 = len(batches[0][2])  # the largest batch
+    fixed_logits, fixed_features = torch.randn(rows0, bench.CLASSES), torch.randn(rows0, bench.NECK)
     captured: dict[str, torch.Tensor] = {}
     model.net.neck.register_forward_hook(lambda module, args, output: captured.__setitem__("neck", output))
     all_logits, all_features = teacher_outputs(batches)
