@@ -95,6 +95,31 @@ def test_logit_kd_with_a_class_masked_in_both_models_gives_no_nan():
     assert torch.isfinite(student.grad[:, :2]).all()
 
 
+@pytest.mark.parametrize("transpose", [True, False])
+def test_logit_kd_masks_exactly_the_classes_of_teacher_probability_zero(transpose, monkeypatch):
+    # every mix of a finite, -inf and NaN logit on either side, next to finite classes: the loss and the gradient are
+    # those of the formula with an explicit where (written here), NaN where the teacher is NaN, never 0 * -inf
+    monkeypatch.setattr(losses, "_on_transpose", lambda logits, classes: transpose)
+    values = [0.5, -math.inf, math.nan, 3.0]
+    pairs = [(s, t) for s in values for t in values]
+    student = torch.tensor([[s, 1.0, -2.0] for s, _ in pairs], dtype=torch.float64)
+    teacher = torch.tensor([[t, 0.0, 1.0] for _, t in pairs], dtype=torch.float64)
+    for row in range(len(pairs)):
+        s_row = student[row:row + 1].clone().requires_grad_(True)
+        t_row = teacher[row:row + 1]
+        loss = logit_kd(s_row, t_row, temperature=2.0)
+        (grad,) = torch.autograd.grad(loss, s_row)
+        s_ref = s_row.detach().clone().requires_grad_(True)
+        log_p_s, log_p_t = torch.log_softmax(s_ref / 2.0, dim=1), torch.log_softmax(t_row / 2.0, dim=1)
+        p_t = log_p_t.exp()
+        expected = torch.where(p_t == 0, 0.0, p_t * (log_p_t - log_p_s)).sum() * 4.0
+        (expected_grad,) = torch.autograd.grad(expected, s_ref)
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0, equal_nan=True, msg=str(pairs[row]))
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-15, equal_nan=True, msg=str(pairs[row]))
+    masked = logit_kd(torch.tensor([[0.0, -math.inf]]), torch.tensor([[1.0, -math.inf]]))
+    assert float(masked) == 0.0  # both masked: the class adds 0, not NaN
+
+
 def test_weighted_sum_never_returns_the_callers_own_tensor():
     ce = torch.tensor(2.0)
     total = weighted_sum({"ce": ce}, {"ce": 1.0})
