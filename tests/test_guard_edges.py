@@ -84,3 +84,63 @@ def test_an_uninitialised_lazy_parameter_is_not_read_and_the_others_are():
     with torch.no_grad():
         model[0].bias[1] = float("nan")
     assert guard_module.nonfinite_weight(model) == "`0.bias`"
+
+
+@pytest.mark.parametrize(("dtype", "values"), [
+    (torch.float32, [3e38, 3e38, -1.0]),  # finite values whose float32 sum overflows
+    (torch.float16, [60000.0] * 4),  # past float16's largest value (65504) once summed
+    (torch.bfloat16, [3e38, 3e38]),
+    (torch.float64, [1e308, 1e308]),
+])
+def test_finite_weights_whose_sum_overflows_are_finite(dtype, values):
+    # the weights are read by their sums first; a sum that overflows must not stop a run whose values are all finite
+    model = torch.nn.Linear(len(values), 1).to(dtype)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([values], dtype=torch.float64).to(dtype))
+    assert torch.isfinite(model.weight).all()
+    assert guard_module.nonfinite_weight(model) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.complex64])
+@pytest.mark.parametrize("bad", [[float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("-inf")]])
+@pytest.mark.filterwarnings("ignore:Complex modules")
+def test_every_non_finite_value_is_found_and_named(dtype, bad):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).to(dtype)
+    assert guard_module.nonfinite_weight(model) is None
+    with torch.no_grad():
+        for i, value in enumerate(bad):
+            model[1].weight[i, 1] = value
+    assert guard_module.nonfinite_weight(model) == "`1.weight`"
+
+
+def test_every_rank_decides_alike_when_one_ranks_sum_overflows():
+    # two ranks, simulated: rank 0's sum overflows (its values are finite), rank 1's weights hold a NaN. First each
+    # rank runs alone, to record what it hands to each gather; then each rank runs against the other's records, as
+    # all_gather gives them: both must gather equally often and agree that rank 1 holds the NaN
+    models = [torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)]
+    with torch.no_grad():
+        models[0].weight.copy_(torch.tensor([[3e38, 3e38]]))
+        models[1].bias.fill_(float("nan"))
+    records: list[list[torch.Tensor]] = [[], []]
+
+    def gatherer(rank):
+        def gather(value):
+            records[rank].append(value)
+            return value.reshape(1)
+        return gather
+
+    for rank in (0, 1):
+        guard_module.nonfinite_weight(models[rank], gatherer(rank))
+    other = {0: records[1], 1: records[0]}
+    calls = {0: 0, 1: 0}
+
+    def both(rank):
+        def gather(value):
+            theirs = other[rank][calls[rank]] if calls[rank] < len(other[rank]) else torch.tensor(0)
+            calls[rank] += 1
+            return torch.stack([value, theirs])
+        return gather
+
+    assert guard_module.nonfinite_weight(models[0], both(0)) == "a weight of another process"
+    assert guard_module.nonfinite_weight(models[1], both(1)) == "`bias`"
+    assert calls == {0: 2, 1: 2}  # both ranks gathered twice: the sums' verdict, then the values'
