@@ -160,8 +160,10 @@ def nonfinite_weight(module: torch.nn.Module, gather: Optional[Callable[[Tensor]
                      device: Optional[torch.device] = None) -> Optional[str]:
     """The first trainable parameter of ``module`` that holds a NaN or infinite value, quoted (``None``: all are
     finite; buffers and frozen parameters are not read, since an attention mask may hold ``-inf`` on purpose). One
-    pass over the weights (:func:`_sums_finite`) and one host sync; under DDP (``gather``, the strategy's
-    ``all_gather``, which every rank must call alike) a rank whose own weights are finite names another rank's.
+    pass over the weights (:func:`_sums_finite`) and one host sync, and a second of each only when a sum is not
+    finite; under DDP (``gather``, the strategy's ``all_gather``, which every rank must call alike, as it does here:
+    each rank takes the second pass from the same gathered verdict) a rank whose own weights are finite names
+    another rank's.
 
     Example::
 

@@ -88,7 +88,7 @@ def test_an_uninitialised_lazy_parameter_is_not_read_and_the_others_are():
 
 @pytest.mark.parametrize(("dtype", "values"), [
     (torch.float32, [3e38, 3e38, -1.0]),  # finite values whose float32 sum overflows
-    (torch.float16, [60000.0] * 4),  # past float16's largest value (65504) once summed
+    (torch.float16, [60000.0] * 4),  # summed in float32: past float16's largest value (65504), still finite
     (torch.bfloat16, [3e38, 3e38]),
     (torch.float64, [1e308, 1e308]),
 ])
@@ -113,24 +113,27 @@ def test_every_non_finite_value_is_found_and_named(dtype, bad):
     assert guard_module.nonfinite_weight(model) == "`1.weight`"
 
 
-def test_every_rank_decides_alike_when_one_ranks_sum_overflows():
-    # two ranks, simulated: rank 0's sum overflows (its values are finite), rank 1's weights hold a NaN. First each
-    # rank runs alone, to record what it hands to each gather; then each rank runs against the other's records, as
-    # all_gather gives them: both must gather equally often and agree that rank 1 holds the NaN
+@pytest.mark.parametrize("rank0", ["finite", "overflowing"])
+def test_every_rank_gathers_alike_when_another_rank_holds_a_nan(rank0):
+    # two ranks, simulated: rank 0's weights are finite (their sum too, or a sum that overflows), rank 1's hold a NaN.
+    # First each rank runs alone, to record what it hands to each gather; then each rank runs against the other's
+    # records, as all_gather gives them: both must gather equally often (a rank that gathered once while the other
+    # waits in a second gather would hang DDP) and agree that rank 1 holds the NaN
     models = [torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)]
     with torch.no_grad():
-        models[0].weight.copy_(torch.tensor([[3e38, 3e38]]))
+        if rank0 == "overflowing":
+            models[0].weight.copy_(torch.tensor([[3e38, 3e38]]))
         models[1].bias.fill_(float("nan"))
     records: list[list[torch.Tensor]] = [[], []]
 
-    def gatherer(rank):
+    def alone(rank):
         def gather(value):
             records[rank].append(value)
             return value.reshape(1)
         return gather
 
     for rank in (0, 1):
-        guard_module.nonfinite_weight(models[rank], gatherer(rank))
+        guard_module.nonfinite_weight(models[rank], alone(rank))
     other = {0: records[1], 1: records[0]}
     calls = {0: 0, 1: 0}
 
