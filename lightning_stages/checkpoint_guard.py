@@ -188,7 +188,7 @@ def nonfinite_weight(module: torch.nn.Module, gather: Optional[Callable[[Tensor]
         return None
     # a sum that is not finite: a NaN or an infinity, or finite values whose sum overflows; each value decides (every
     # rank comes here alike, from the same gathered verdict)
-    finite = torch.stack([torch.isfinite(t).all().to(place) for _, t in named]) if named else _sums_finite([], place)
+    finite = torch.stack([torch.isfinite(_values(t)).all().to(place) for _, t in named]) if named else _sums_finite([], place)
     bad_here, bad = anywhere(finite)
     if not bad:
         return None
@@ -209,10 +209,18 @@ def _sums_finite(named: list[tuple[str, Tensor]], place: Optional[torch.device])
     if not named:
         return torch.ones(0, dtype=torch.bool, device=place)
     return torch.stack([torch.isfinite(t.sum(dtype=_WIDER_SUM.get(t.dtype)) if t.dtype in _SUMMED
-                                       else t).all().to(place) for _, t in named])
+                                       else _values(t)).all().to(place) for _, t in named])
 
 
 _SUMMED = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128})
+
+
+def _values(weight: Tensor) -> Tensor:
+    """``weight`` as ``isfinite`` reads it: float8 weights (which ``isfinite`` refuses, or reads wrong: float8_e8m0fnu's
+    NaN) and complex32 ones as float32 and complex64 values."""
+    if weight.dtype in _SUMMED:
+        return weight
+    return weight.to(torch.complex64 if weight.is_complex() else torch.float32)
 
 
 _MUTED = "_lightning_stages_muted_save_on_exception"

@@ -147,3 +147,16 @@ def test_every_rank_gathers_alike_when_another_rank_holds_a_nan(rank0):
     assert guard_module.nonfinite_weight(models[0], both(0)) == "a weight of another process"
     assert guard_module.nonfinite_weight(models[1], both(1)) == "`bias`"
     assert calls == {0: 2, 1: 2}  # both ranks gathered twice: the sums' verdict, then the values'
+
+
+@pytest.mark.parametrize("dtype", [d for d in (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz,
+                                               getattr(torch, "float8_e8m0fnu", None)) if d is not None])
+def test_a_trainable_float8_weight_is_read(dtype):
+    # isfinite refuses most float8 dtypes (NotImplementedError), and reads float8_e8m0fnu's NaN as finite
+    model = torch.nn.Module()
+    model.scale = torch.nn.Parameter(torch.tensor([1.0, 2.0, 4.0]).to(dtype))
+    assert guard_module.nonfinite_weight(model) is None
+    with torch.no_grad():
+        model.scale[1] = float("nan")
+    assert torch.isnan(model.scale.float()).any()
+    assert guard_module.nonfinite_weight(model) == "`scale`"
