@@ -160,7 +160,7 @@ def nonfinite_weight(module: torch.nn.Module, gather: Optional[Callable[[Tensor]
                      device: Optional[torch.device] = None) -> Optional[str]:
     """The first trainable parameter of ``module`` that holds a NaN or infinite value, quoted (``None``: all are
     finite; buffers and frozen parameters are not read, since an attention mask may hold ``-inf`` on purpose). One
-    pass over the weights (:func:`_sums_finite`) and one host sync, and a second of each only when a sum is not
+    pass over the weights (:func:`_each_finite`) and one host sync, and a second of each only when a sum is not
     finite; under DDP (``gather``, the strategy's ``all_gather``, which every rank must call alike, as it does here:
     each rank takes the second pass from the same gathered verdict) a rank whose own weights are finite names
     another rank's.
@@ -179,16 +179,16 @@ def nonfinite_weight(module: torch.nn.Module, gather: Optional[Callable[[Tensor]
              and not p.is_meta and not isinstance(p, torch.nn.parameter.UninitializedParameter)]  # LazyLinear's
     place = device if device is not None or not named else named[0][1].device
 
-    def anywhere(finite: Tensor) -> tuple[Tensor, bool]:  # this rank's verdict, and every rank's (the one host sync)
+    def anywhere(finite: Tensor) -> tuple[Tensor, bool]:  # this rank's verdict, and every rank's (a host sync)
         bad_here = (~finite).any().to(torch.int64)
         return bad_here, bool((gather(bad_here).max() if gather is not None else bad_here).item())
 
-    bad_here, bad = anywhere(_sums_finite(named, place))
+    bad_here, bad = anywhere(_each_finite(named, place, summed=True))
     if not bad:
         return None
     # a sum that is not finite: a NaN or an infinity, or finite values whose sum overflows; each value decides (every
     # rank comes here alike, from the same gathered verdict)
-    finite = torch.stack([torch.isfinite(_values(t)).all().to(place) for _, t in named]) if named else _sums_finite([], place)
+    finite = _each_finite(named, place, summed=False)
     bad_here, bad = anywhere(finite)
     if not bad:
         return None
@@ -198,29 +198,27 @@ def nonfinite_weight(module: torch.nn.Module, gather: Optional[Callable[[Tensor]
 
 
 _WIDER_SUM = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
-
-
-def _sums_finite(named: list[tuple[str, Tensor]], place: Optional[torch.device]) -> Tensor:
-    """Per weight, whether the sum of its values is finite (a bool tensor on ``place``): never for a weight that
-    holds a NaN or an infinity (NaN and infinities survive a sum, and +inf and -inf make NaN), rarely also not for a
-    finite one whose sum overflows (16-bit weights are summed in float32). A sum reads the weight once, with no
-    temporary of its size: on a CPU about 40 times faster than ``isfinite(weight).all()`` (0.13 against 5 ms for
-    1.2 million float32 values)."""
-    if not named:
-        return torch.ones(0, dtype=torch.bool, device=place)
-    return torch.stack([torch.isfinite(t.sum(dtype=_WIDER_SUM.get(t.dtype)) if t.dtype in _SUMMED
-                                       else _values(t)).all().to(place) for _, t in named])
-
-
 _SUMMED = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128})
 
 
-def _values(weight: Tensor) -> Tensor:
-    """``weight`` as ``isfinite`` reads it: float8 weights (which ``isfinite`` refuses, or reads wrong: float8_e8m0fnu's
-    NaN) and complex32 ones as float32 and complex64 values."""
-    if weight.dtype in _SUMMED:
-        return weight
-    return weight.to(torch.complex64 if weight.is_complex() else torch.float32)
+def _each_finite(named: list[tuple[str, Tensor]], place: Optional[torch.device], summed: bool) -> Tensor:
+    """Per weight, a bool on ``place``: whether its values are all finite, or (``summed``) whether their sum is.
+
+    A sum is never finite for a weight that holds a NaN or an infinity (NaN and infinities survive a sum, and +inf and
+    -inf make NaN), and rarely also not for a finite one whose sum overflows (16-bit weights are summed in float32).
+    A sum reads the weight once, with no temporary of its size: on a CPU about 20 to 40 times faster than
+    ``isfinite(weight).all()`` (0.13 against 3 to 5 ms for 1.2 million float32 values). float8 weights (which
+    ``isfinite`` refuses, or reads wrong: float8_e8m0fnu's NaN) and complex32 ones are read as float32 and complex64
+    values."""
+    if not named:
+        return torch.ones(0, dtype=torch.bool, device=place)
+
+    def read(t: Tensor) -> Tensor:  # one weight at a time: a float8 weight's float32 copy lives only for its check
+        if t.dtype not in _SUMMED:
+            return t.to(torch.complex64 if t.is_complex() else torch.float32)
+        return t.sum(dtype=_WIDER_SUM.get(t.dtype)) if summed else t
+
+    return torch.stack([torch.isfinite(read(t)).all().to(place) for _, t in named])
 
 
 _MUTED = "_lightning_stages_muted_save_on_exception"
