@@ -25,7 +25,7 @@ repetition is discarded. Within a fit, the first epoch of each kind is a warm-up
 epochs 1-5, plugin distill epochs 1-2 and finetune epochs 3-5 (the first one, right after the switch, included),
 cached epochs 1-5, hand-written epochs 1-2 and teacher passes 2-3. Per repetition a measurement is the median of its
 timed epochs. Each ratio is the median, over repetitions, of the variant's measurement divided by its reference's
-in the same repetition (side by side, so that slow drifts of the machine cancel):
+in the same repetition (one after the other, so that the slowest drifts of the machine cancel):
 
 * ``off_stage_ratio``: plugin finetune epoch / plain epoch. Target <= 1.02.
 * ``distill_stage_ratio``: plugin distill epoch / (plain epoch + teacher pass). Target <= 1.05.
@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # per repetition, each measurement is the median of its timed epochs
     rep = {key: [median(seconds) for seconds in values] for key, values in epochs.items()}
-    # each ratio: the median over repetitions of the ratio within a repetition (variants timed side by side)
+    # each ratio: the median over repetitions of the ratio within a repetition (variants timed one after the other)
     per_repetition = {
         "off_stage_ratio": [b / a for a, b in zip(rep["plain"], rep["plugin_finetune"])],
         "distill_stage_ratio": [d / (a + t) for a, t, d in zip(rep["plain"], rep["teacher"], rep["plugin_distill"])],
