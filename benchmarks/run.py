@@ -262,16 +262,21 @@ def run_plugin(batches: list, checkpoint: str | None = None) -> dict[str, list[f
     return {"plugin_distill": seconds[1:3], "plugin_finetune": seconds[3:6]}
 
 
-def run_cached(batches: list) -> dict[str, list[float]]:
-    # 6 epochs, as many as the plain fit: epoch 0 fills the cache, epochs 1-5 read it and are timed, so both sides
-    # of cached_distill_ratio are the median of 5 epochs
-    callback = StageScheduleCallback(
-        stage_schedule=[{"name": "distill", "start_epoch": 0, "end_epoch": 6, "distillation": True}]
-    )
-    model = PluginStudent(cache=TeacherCache())
-    seconds = fit(model, batches, 6, [callback])
+# the cached fit: 6 epochs, as many as the plain fit: epoch 0 fills the cache, epochs 1-5 read it and are timed, so
+# both sides of cached_distill_ratio are the median of 5 epochs
+CACHED_SCHEDULE = [{"name": "distill", "start_epoch": 0, "end_epoch": 6, "distillation": True}]
+
+
+def check_cache_read(model: PluginStudent, batches: list) -> None:
+    """The cached fit ran the teacher at epoch 0 only and read every later batch from the cache."""
     cache = model.teacher_cache
     assert cache is not None and cache.hits == 5 * len(batches) and cache.misses == len(batches), "cache not used"
+
+
+def run_cached(batches: list) -> dict[str, list[float]]:
+    model = PluginStudent(cache=TeacherCache())
+    seconds = fit(model, batches, 6, [StageScheduleCallback(stage_schedule=CACHED_SCHEDULE)])
+    check_cache_read(model, batches)
     return {"cached_fill": seconds[:1], "cached": seconds[1:]}
 
 
@@ -285,7 +290,6 @@ def cached_side_by_side(batches: list, runs: int, threads: int) -> tuple[float, 
     thread), 6 epochs each. An epoch's time is the sum of its steps' turns; per run, the median of epochs 1-5 of the
     cached fit over the plain fit's; the median over runs. The control's ratio shows how well the protocol agrees
     with itself."""
-    schedule = [{"name": "distill", "start_epoch": 0, "end_epoch": 6, "distillation": True}]
     names = ["plain", "control", "cached"]
     ratios: dict[str, list[float]] = {"cached_distill_ratio": [], "control_ratio": []}
     epoch_ms: dict[str, list[list[float]]] = {name: [] for name in names}
@@ -294,15 +298,14 @@ def cached_side_by_side(batches: list, runs: int, threads: int) -> tuple[float, 
         # the students are made here, one after the other: made in the fits' threads at once, the seeded global
         # generator would give them different weights (the teacher, made in the cached fit's setup, is the only
         # model left to a thread)
-        models: dict[str, pl.LightningModule] = {
-            "plain": PlainStudent(), "control": PlainStudent(), "cached": PluginStudent(cache=TeacherCache())}
+        cached = PluginStudent(cache=TeacherCache())
+        models: dict[str, pl.LightningModule] = {"plain": PlainStudent(), "control": PlainStudent(), "cached": cached}
         callbacks: dict[str, list[Callback]] = {
-            "plain": [], "control": [], "cached": [StageScheduleCallback(stage_schedule=schedule)]}
+            "plain": [], "control": [], "cached": [StageScheduleCallback(stage_schedule=CACHED_SCHEDULE)]}
         order = names if run % 2 == 0 else names[::-1]
         steps = side_by_side({name: functools.partial(_fit_with, models[name], batches, callbacks[name])
                               for name in order}, cpus=threads)
-        cache = models["cached"].teacher_cache
-        assert cache is not None and cache.hits == 5 * len(batches) and cache.misses == len(batches), "cache not used"
+        check_cache_read(cached, batches)
         epochs = {name: [1000 * sum(t for e, t in times if e == epoch) for epoch in range(1, 6)]
                   for name, times in steps.items()}
         if run:
@@ -466,8 +469,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: two threads on a shared 2-core machine turn every "
                         "other process into 10x slowdowns of whole epochs)")
-    parser.add_argument("--only", choices=ONLY, help="run this one benchmark (the epoch ratios come only together, "
-                        "from a full run)")
+    parser.add_argument("--only", choices=ONLY, help="run this one benchmark (the other epoch ratios come only "
+                        "together, from a full run)")
     args = parser.parse_args(argv)
     settings = {**SETTINGS["quick" if args.quick else "full"], "threads": args.threads}
     torch.set_num_threads(args.threads)
