@@ -2,7 +2,7 @@
 
 Run it by hand (it is not part of the test suite)::
 
-    python benchmarks/run.py [--quick] [--json PATH] [--threads N] [--only NAME]
+    python benchmarks/run.py [--quick] [--json PATH] [--threads N] [--only NAME [--parts]]
 
 Everything runs with one torch thread unless ``--threads`` says otherwise: on a shared 2-core machine, two threads
 per process make any other running process stall whole epochs (10x and more), while one thread keeps the spread of
@@ -32,7 +32,9 @@ in the same repetition (one after the other, so that the slowest drifts of the m
 * ``cached_distill_ratio``: cached epoch (read from the cache) / plain epoch, measured side by side
   (:func:`cached_side_by_side`: a plain, a second plain and a cached fit in threads taking turns one step each, on
   one CPU; ``side_by_side.py``), not from the repetitions above, whose separate fits move it by several percent
-  either way (their ratio stays in the JSON as ``cached_separate_fits_ratio``). Target <= 1.05.
+  either way (their ratio stays in the JSON as ``cached_separate_fits_ratio``). Target <= 1.05. With ``--only
+  cached_distill_ratio --parts``, the fits of :data:`PARTS` (the losses without the plugin, the read alone, the cached
+  fit without the input check) run in the same turns, each with its ratio to the plain fit.
 * ``checkpoint_size_ratio``: bytes of the plugin's checkpoint / the plain one's (same student). Target <= 1.01.
 * ``large_config_ratio``: seconds to check a 49 MB JSON config as ``lightning-stages validate`` does (read, parse,
   check duplicate keys and limits, build and bind the schedule) / seconds to read it and ``json.loads`` it, median of
@@ -284,36 +286,88 @@ def _fit_with(model: pl.LightningModule, batches: list, callbacks: list[Callback
     fit(model, batches, 6, [timer, *callbacks])
 
 
-def cached_side_by_side(batches: list, runs: int, threads: int) -> tuple[float, dict[str, Any]]:
+class LossesOnly(PlainStudent):
+    """A reference without the plugin (``--parts``): the plain student plus the cached fit's losses, ``logit_kd`` and
+    the feature MSE, against fixed tensors of the teacher's shapes (what the losses cost whoever stores the outputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(3)
+        self.teacher_logits = torch.randn(SETTINGS["full"]["batch_size"], CLASSES, generator=generator)
+        self.teacher_neck = torch.randn(SETTINGS["full"]["batch_size"], NECK, generator=generator)
+        self.neck: dict[str, torch.Tensor] = {}
+        self.net.neck.register_forward_hook(lambda m, i, o: self.neck.__setitem__("student", o))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y, _ = batch
+        logits = self(x)
+        return (F.cross_entropy(logits, y) + logit_kd(logits, self.teacher_logits[:len(y)], temperature=2.0)
+                + feature_mse(self.neck["student"], self.teacher_neck[:len(y)]))
+
+
+class ReadOnly(PluginStudent):
+    """The cached fit's read alone (``--parts``): ``run_teachers`` from the cache (the input checksum, the rows, the
+    features put into the hooks), then the task loss only."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y, index = batch
+        logits = self(x)
+        if self.use_distillation:
+            self.run_teachers(x, sample_index=index)
+        return self.weighted_loss({"cls": F.cross_entropy(logits, y)})
+
+
+class UncheckedCache(TeacherCache):
+    """A ``TeacherCache`` whose reads skip the input check (``--parts``: what the check costs; never for training,
+    where a row stored for another input would be served)."""
+
+    def lookup(self, sample_index: Any, device: Any = None, inputs: Any = None) -> Any:
+        return super().lookup(sample_index, device, None)
+
+
+# --parts: the fits run side by side with the three of cached_distill_ratio: (student, its callbacks)
+PARTS: dict[str, Callable[[], tuple[pl.LightningModule, list[Callback]]]] = {
+    "losses": lambda: (LossesOnly(), []),
+    "read": lambda: (ReadOnly(cache=TeacherCache()), [StageScheduleCallback(stage_schedule=CACHED_SCHEDULE)]),
+    "unchecked": lambda: (PluginStudent(cache=UncheckedCache()),
+                          [StageScheduleCallback(stage_schedule=CACHED_SCHEDULE)]),
+}
+
+
+def cached_side_by_side(batches: list, runs: int, threads: int, parts: bool = False) -> tuple[float, dict[str, Any]]:
     """``cached_distill_ratio``: ``runs`` times, a plain fit, a second plain fit (the control) and a cached fit
     (``run_cached``'s) side by side (``side_by_side.py``: threads taking turns one step each, on one CPU per torch
     thread), 6 epochs each. An epoch's time is the sum of its steps' turns; per run, the median of epochs 1-5 of the
     cached fit over the plain fit's; the median over runs. The control's ratio shows how well the protocol agrees
-    with itself."""
-    names = ["plain", "control", "cached"]
-    ratios: dict[str, list[float]] = {"cached_distill_ratio": [], "control_ratio": []}
+    with itself. With ``parts``, the fits of :data:`PARTS` run in the same turns, each with its ratio to plain."""
+    names = ["plain", "control", "cached", *(PARTS if parts else ())]
+    ratios: dict[str, list[float]] = {"cached_distill_ratio": [], **{f"{name}_ratio": [] for name in names
+                                                                      if name not in ("plain", "cached")}}
     epoch_ms: dict[str, list[list[float]]] = {name: [] for name in names}
     step_ms: dict[str, list[float]] = {name: [] for name in names}
     for run in range(runs + 1):  # the first run is a warm-up
         # the students are made here, one after the other: made in the fits' threads at once, the seeded global
         # generator would give them different weights (the teacher, made in the cached fit's setup, is the only
         # model left to a thread)
-        cached = PluginStudent(cache=TeacherCache())
-        models: dict[str, pl.LightningModule] = {"plain": PlainStudent(), "control": PlainStudent(), "cached": cached}
-        callbacks: dict[str, list[Callback]] = {
-            "plain": [], "control": [], "cached": [StageScheduleCallback(stage_schedule=CACHED_SCHEDULE)]}
+        made: dict[str, tuple[pl.LightningModule, list[Callback]]] = {
+            "plain": (PlainStudent(), []), "control": (PlainStudent(), []),
+            "cached": (PluginStudent(cache=TeacherCache()), [StageScheduleCallback(stage_schedule=CACHED_SCHEDULE)]),
+            **{name: PARTS[name]() for name in names[3:]}}
         order = names if run % 2 == 0 else names[::-1]
-        steps = side_by_side({name: functools.partial(_fit_with, models[name], batches, callbacks[name])
+        steps = side_by_side({name: functools.partial(_fit_with, made[name][0], batches, made[name][1])
                               for name in order}, cpus=threads)
-        check_cache_read(cached, batches)
+        for name in ("cached", "read", "unchecked"):
+            if name in made:
+                check_cache_read(made[name][0], batches)
         epochs = {name: [1000 * sum(t for e, t in times if e == epoch) for epoch in range(1, 6)]
                   for name, times in steps.items()}
         if run:
             for name, times in steps.items():
                 epoch_ms[name].append(epochs[name])
                 step_ms[name].append(1000 * median([t for e, t in times if e >= 1]))
-            ratios["cached_distill_ratio"].append(median(epochs["cached"]) / median(epochs["plain"]))
-            ratios["control_ratio"].append(median(epochs["control"]) / median(epochs["plain"]))
+            for name in names[1:]:
+                key = "cached_distill_ratio" if name == "cached" else f"{name}_ratio"
+                ratios[key].append(median(epochs[name]) / median(epochs["plain"]))
             print(f"  side by side {run}/{runs} (median ms per epoch): "
                   + ", ".join(f"{name} {median(values):.0f}" for name, values in epochs.items()), flush=True)
     raw = {"ratios_per_run": ratios, "median_ratios": {k: median(v) for k, v in ratios.items()},
@@ -471,7 +525,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "other process into 10x slowdowns of whole epochs)")
     parser.add_argument("--only", choices=ONLY, help="run this one benchmark (the other epoch ratios come only "
                         "together, from a full run)")
+    parser.add_argument("--parts", action="store_true", help="with --only cached_distill_ratio: also run, in the same "
+                        "turns, the losses without the plugin, the cache's read alone and the cached fit without the "
+                        "input check, each with its ratio to the plain fit")
     args = parser.parse_args(argv)
+    if args.parts and args.only != "cached_distill_ratio":
+        parser.error("--parts goes with --only cached_distill_ratio")
     settings = {**SETTINGS["quick" if args.quick else "full"], "threads": args.threads}
     torch.set_num_threads(args.threads)
     quiet()
@@ -481,7 +540,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"warning: load average {load:.2f} before the start: other processes share the CPUs and the timings "
               "will be noisy; run again on a quiet machine", flush=True)
     if args.only is not None:
-        return run_only(args.only, args.quick, settings, info, args.json)
+        return run_only(args.only, args.quick, settings, info, args.json, args.parts)
     batches = make_batches(settings["batches"], settings["batch_size"])
     student_params, teacher_params = count(make_student()), count(make_teacher())
     print(f"student {student_params / 1e6:.2f}M parameters, teacher {teacher_params / 1e6:.2f}M "
@@ -578,7 +637,7 @@ ONLY = ("cached_distill_ratio", "compare_throughput_ratio", "large_config_ratio"
 
 
 def run_only(name: str, quick: bool, settings: dict[str, Any], info: dict[str, Any], json_path: str | None,
-             ) -> dict[str, Any]:
+             parts: bool = False) -> dict[str, Any]:
     """One benchmark alone (``--only NAME``): print its row and, with ``--json``, write it with its raw timings."""
     raw: Any
     if name == "compare_throughput_ratio":
@@ -587,7 +646,7 @@ def run_only(name: str, quick: bool, settings: dict[str, Any], info: dict[str, A
         value, raw = run_large_config(3 if quick else 5)
     elif name == "cached_distill_ratio":
         batches = make_batches(settings["batches"], settings["batch_size"])
-        value, raw = cached_side_by_side(batches, settings["side_by_side_runs"], settings["threads"])
+        value, raw = cached_side_by_side(batches, settings["side_by_side_runs"], settings["threads"], parts)
     else:
         raw = run_stage_switches(make_batches(settings["batches"], settings["batch_size"]), settings["switch_epochs"])
         value = median(raw)
@@ -596,6 +655,8 @@ def run_only(name: str, quick: bool, settings: dict[str, Any], info: dict[str, A
     print_row(name, value, header=True)
     if name == "cached_distill_ratio":
         print(f"control (a second plain fit side by side) / plain = {raw['median_ratios']['control_ratio']:.3f}")
+        for part in PARTS if parts else ():
+            print(f"{part} / plain = {raw['median_ratios'][part + '_ratio']:.3f}")
     if json_path:
         with open(json_path, "w") as handle:
             json.dump(results, handle, indent=2)
