@@ -341,8 +341,8 @@ def cached_side_by_side(batches: list, runs: int, threads: int, parts: bool = Fa
     cached fit over the plain fit's; the median over runs. The control's ratio shows how well the protocol agrees
     with itself. With ``parts``, the fits of :data:`PARTS` run in the same turns, each with its ratio to plain."""
     names = ["plain", "control", "cached", *(PARTS if parts else ())]
-    ratios: dict[str, list[float]] = {"cached_distill_ratio": [], **{f"{name}_ratio": [] for name in names
-                                                                      if name not in ("plain", "cached")}}
+    keys = {name: "cached_distill_ratio" if name == "cached" else f"{name}_ratio" for name in names[1:]}
+    ratios: dict[str, list[float]] = {key: [] for key in keys.values()}
     epoch_ms: dict[str, list[list[float]]] = {name: [] for name in names}
     step_ms: dict[str, list[float]] = {name: [] for name in names}
     for run in range(runs + 1):  # the first run is a warm-up
@@ -356,17 +356,16 @@ def cached_side_by_side(batches: list, runs: int, threads: int, parts: bool = Fa
         order = names if run % 2 == 0 else names[::-1]
         steps = side_by_side({name: functools.partial(_fit_with, made[name][0], batches, made[name][1])
                               for name in order}, cpus=threads)
-        for name in ("cached", "read", "unchecked"):
-            if name in made:
-                check_cache_read(made[name][0], batches)
+        for model, _ in made.values():
+            if isinstance(model, PluginStudent):
+                check_cache_read(model, batches)
         epochs = {name: [1000 * sum(t for e, t in times if e == epoch) for epoch in range(1, 6)]
                   for name, times in steps.items()}
         if run:
             for name, times in steps.items():
                 epoch_ms[name].append(epochs[name])
                 step_ms[name].append(1000 * median([t for e, t in times if e >= 1]))
-            for name in names[1:]:
-                key = "cached_distill_ratio" if name == "cached" else f"{name}_ratio"
+            for name, key in keys.items():
                 ratios[key].append(median(epochs[name]) / median(epochs["plain"]))
             print(f"  side by side {run}/{runs} (median ms per epoch): "
                   + ", ".join(f"{name} {median(values):.0f}" for name, values in epochs.items()), flush=True)
