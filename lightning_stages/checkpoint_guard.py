@@ -183,7 +183,7 @@ def nonfinite_weight(module: torch.nn.Module, gather: Optional[Callable[[Tensor]
         bad_here = (~finite).any().to(torch.int64)
         return bad_here, bool((gather(bad_here).max() if gather is not None else bad_here).item())
 
-    bad_here, bad = anywhere(_each_finite(named, place, summed=True))
+    _, bad = anywhere(_each_finite(named, place, summed=True))
     if not bad:
         return None
     # a sum that is not finite: a NaN or an infinity, or finite values whose sum overflows; each value decides (every
