@@ -40,7 +40,7 @@ from lightning_stages.errors import DistillationStepError, StageConfigError, Sta
 
 __all__ = ["IndexedDataset", "TeacherCache", "teacher_fingerprint"]  # the first and last: kept here for 0.1 imports
 
-_FORMAT_VERSION = 8  # 8: input and row checksums of 32-bit words times 64-bit multipliers; 7: the checksum marks where row tensors stand, mappings and shared shapes; 6: input checksums by byte_hash; 5: of every input's content and structure; 4: by word_hash; 3: container types are rebuilt (2: ModelOutputs as dicts)
+_FORMAT_VERSION = 9  # 9: every tensor of an input takes its own word positions in the checksum; 8: input and row checksums of 32-bit words times 64-bit multipliers; 7: the checksum marks where row tensors stand, mappings and shared shapes; 6: input checksums by byte_hash; 5: of every input's content and structure; 4: by word_hash; 3: container types are rebuilt (2: ModelOutputs as dicts)
 
 
 def _problem(message: str, field: str, value: Any, hint: Optional[str] = None) -> StageProblem:
@@ -148,7 +148,7 @@ class TeacherCache:
         self._fingerprint: Optional[str] = None
         self._storage: Optional[RowStorage] = None
         self._layout: Optional[dict[str, Any]] = None  # of the rows this object stores
-        self._inputs = InputChecksums()  # the store of a missed batch reuses its lookup's checksums
+        self._inputs = InputChecksums()
         #: lookups (batches) that found every sample / that did not, since the last :meth:`bind`
         self.hits = self.misses = 0
 
@@ -262,7 +262,6 @@ class TeacherCache:
     def _miss(self, rows: int, mismatched: int = 0) -> Optional[tuple[dict, dict]]:
         self.misses, self._stats["misses"] = self.misses + 1, self._stats["misses"] + rows - mismatched
         self._stats["mismatches"] += mismatched
-        self._inputs.missed()
         return None
 
     def lookup(self, sample_index: Any, device: Union[torch.device, str, None] = None,
@@ -287,7 +286,7 @@ class TeacherCache:
         if (self._fingerprint is None and self._storage is None) or not index:  # never bound: nothing stored
             return self._miss(len(index))
         storage = self._bound()
-        fingerprints = None if inputs is None else self._inputs.checksums(inputs, len(index), lookup=True)
+        fingerprints = None if inputs is None else self._inputs.checksums(inputs, len(index))
         rows, mismatched = storage.get(index, fingerprints, _index_tensor(sample_index))
         layout = storage.layout
         if rows is None or layout is None:
@@ -345,5 +344,5 @@ class TeacherCache:
             storage.set_layout(layout)
         self._layout = layout
         if index:
-            storage.put(index, self._inputs.checksums(inputs, len(index), lookup=False),
+            storage.put(index, self._inputs.checksums(inputs, len(index)),
                               [leaf.detach().to(device="cpu", dtype=dtype) for leaf, dtype in zip(leaves, stored)])

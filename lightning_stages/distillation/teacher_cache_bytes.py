@@ -3,7 +3,8 @@ input_fingerprints` takes of the teachers' inputs at every cached step:
 
 * :func:`byte_hash`: the 64-bit checksum of each row of an ``int8`` matrix, read as 32-bit words
   (:func:`~lightning_stages.distillation.teacher_cache_rows.word_hash`);
-* :func:`plain_strides`: the strides under which such a matrix can be read as words in place.
+* :func:`plain_strides`: the strides under which such a matrix can be read as words in place;
+* :func:`row_words`: how many words a row of so many bytes is read as.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from lightning_stages.distillation.teacher_cache_rows import word_hash
 
-__all__ = ["byte_hash", "plain_strides"]
+__all__ = ["byte_hash", "plain_strides", "row_words"]
 
 
 def plain_strides(matrix: Tensor) -> Tensor:
@@ -28,9 +29,10 @@ def plain_strides(matrix: Tensor) -> Tensor:
     return matrix.as_strided(matrix.shape, (matrix.shape[1], 1))
 
 
-def byte_hash(data: Tensor, constant: Optional[Tensor] = None) -> Tensor:
+def byte_hash(data: Tensor, constant: Optional[Tensor] = None, first: int = 0) -> Tensor:
     """A 64-bit checksum of each row of the contiguous ``int8`` matrix ``data`` (a batch's bytes, a row per sample),
-    plus ``constant`` (a 0-d ``int64`` tensor on ``data``'s device).
+    plus ``constant`` (a 0-d ``int64`` tensor on ``data``'s device); its words take the positions after ``first``
+    (:func:`row_words` words a row).
 
     The row's bytes are read in place as little-endian 32-bit words (zero bytes added at the end of a row whose length
     is not a multiple of 4, or that does not start at a multiple of 4, in a copy) and hashed by
@@ -50,4 +52,16 @@ def byte_hash(data: Tensor, constant: Optional[Tensor] = None) -> Tensor:
     width = data.shape[1]
     if width % 4 or data.storage_offset() % 4:  # a copy padded with zero bytes, which starts its own storage
         data = F.pad(data, (0, -width % 4))
-    return word_hash(plain_strides(data).view(torch.int32), constant)
+    return word_hash(plain_strides(data).view(torch.int32), constant, first)
+
+
+def row_words(row_bytes: int) -> int:
+    """How many 32-bit words :func:`byte_hash` reads from a row of ``row_bytes`` bytes (zero bytes added up to a
+    multiple of 4).
+
+    Example::
+
+        >>> row_words(8), row_words(9)
+        (2, 3)
+    """
+    return -(-row_bytes // 4)

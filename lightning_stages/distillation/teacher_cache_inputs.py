@@ -3,7 +3,7 @@ is only served for the input it was computed from.
 
 * :func:`input_fingerprints`: each sample's checksum over every tensor of the inputs (and their plain values);
 * :func:`input_tensors`: the tensors of the inputs;
-* :class:`InputChecksums`: the checksums of a cache's reads and writes (a missed batch is hashed once);
+* :class:`InputChecksums`: the checksums of a cache's reads and writes;
 * :func:`sample_indices`: a batch's sample indices, checked;
 * :func:`input_versions`: the version counters of the inputs' tensors (an in-place change moves them).
 """
@@ -15,6 +15,7 @@ import dataclasses
 import enum
 import functools
 import hashlib
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any, Optional
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_stages.distillation.teacher_cache_bytes import byte_hash, plain_strides
+from lightning_stages.distillation.teacher_cache_bytes import byte_hash, plain_strides, row_words
 from lightning_stages.errors import DistillationStepError, StageProblem
 
 __all__ = ["InputChecksums", "UncheckableInput", "input_fingerprints", "input_tensors", "input_versions",
@@ -36,8 +37,8 @@ def _bytes_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
 
 
-def _tensor_rows_hash(tensor: Tensor, rows: int, constant: Optional[Tensor] = None) -> Tensor:
-    """:func:`~lightning_stages.distillation.teacher_cache_bytes.byte_hash` of each of the ``rows`` rows of ``tensor``'s bytes (unsalted; see :func:`_salt`), plus ``constant``.
+def _tensor_rows_hash(tensor: Tensor, rows: int, constant: Optional[Tensor] = None, first: int = 0) -> Tensor:
+    """:func:`~lightning_stages.distillation.teacher_cache_bytes.byte_hash` of each of the ``rows`` rows of ``tensor``'s bytes (unsalted; see :func:`_salt`), plus ``constant``, its words at the positions after ``first``.
 
     A contiguous 2-d tensor (the usual batch) is read in place, with no copy."""
     flat = tensor.detach() if tensor.requires_grad else tensor
@@ -49,7 +50,12 @@ def _tensor_rows_hash(tensor: Tensor, rows: int, constant: Optional[Tensor] = No
         return zeros if constant is None else zeros + constant
     if flat.dtype == torch.bool:
         flat = flat.view(torch.uint8)
-    return byte_hash(flat.view(torch.int8), constant)
+    return byte_hash(flat.view(torch.int8), constant, first)
+
+
+def _words(tensor: Tensor) -> int:
+    """How many 32-bit words the checksum reads from each row (the first dimension) of ``tensor``."""
+    return row_words(math.prod(tensor.shape[1:]) * tensor.element_size())
 
 
 def _salt(tensor: Tensor) -> int:
@@ -168,25 +174,30 @@ def _lone_constant(dtype: torch.dtype, row_shape: tuple[int, ...], device: torch
 def _walk(inputs: Any, rows: int, hash_rows: bool) -> Tensor:
     """:func:`input_fingerprints` of any inputs, by walking them; with ``hash_rows=False`` only the constant part
     (every row tensor's own hash counted as 0)."""
-    # each row's checksum is sum_i 31**(n-1-i) * (hash_i + salt_i) + shared, modulo 2**64, over its n row tensors;
-    # the Python-int parts (salts, shared values) are summed here and added once, so that one batch tensor costs
-    # only its own hash
+    # each row's checksum is the sum of every tensor's words (its row of each row tensor, the whole of each other
+    # tensor) times the multipliers of their positions, the tensors' words taking consecutive positions in the order
+    # walked (so two flipped signs anywhere in them are always seen), plus the structure (salts, shared values),
+    # modulo 2**64; the Python-int parts are summed here and added once, so that one batch tensor costs only its hash
     total: Optional[Tensor] = None
-    offset = shared = 0
+    offset = shared = summed = words = 0  # words: how many positions the tensors walked so far took
 
     def mix(value: int) -> None:  # a value that enters every row's checksum
         nonlocal shared
-        shared = (shared * 31 + value) & ((1 << 63) - 1)
+        shared = (shared * 31 + value) & _MASK64
 
     def add_shared(tensor: Tensor) -> None:  # the whole tensor, and its shape, enter every row's checksum
-        mix(int(_tensor_rows_hash(tensor.reshape(1, -1), 1)) + _bytes_hash(f"{tensor.dtype}{tuple(tensor.shape)}"))
+        nonlocal summed, words
+        flat = tensor.reshape(1, -1)
+        summed += int(_tensor_rows_hash(flat, 1, first=words))
+        words += _words(flat)
+        mix(_bytes_hash(f"{tensor.dtype}{tuple(tensor.shape)}"))
 
     def visit(value: Any) -> None:
         with _reading(value):
             visit_value(value)
 
     def visit_value(value: Any) -> None:
-        nonlocal total, offset
+        nonlocal total, offset, words
         if isinstance(value, np.ndarray) and value.dtype != object:  # as a tensor, in this machine's byte order
             value = torch.from_numpy(np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("=")))
         if isinstance(value, Tensor):
@@ -202,9 +213,10 @@ def _walk(inputs: Any, rows: int, hash_rows: bool) -> Tensor:
                 add_shared(coo.indices())
                 add_shared(coo.values())
             elif value.dim() and value.shape[0] == rows:
-                hashed = (_tensor_rows_hash(value, rows).cpu() if hash_rows
+                hashed = (_tensor_rows_hash(value, rows, first=words).cpu() if hash_rows
                           else torch.zeros(rows, dtype=torch.int64))
-                total = hashed if total is None else total * 31 + hashed
+                words += _words(value)
+                total = hashed if total is None else total + hashed
                 offset = (offset * 31 + _salt(value)) & _MASK64
                 mix(_ROW_MARK)  # where it stands among the shared values: (x, m, None) is not (x, None, m)
             else:
@@ -229,7 +241,7 @@ def _walk(inputs: Any, rows: int, hash_rows: bool) -> Tensor:
             raise UncheckableInput(type(value).__qualname__)
 
     visit(inputs)
-    constant = (offset + shared) & _MASK64
+    constant = (offset + shared + summed) & _MASK64
     constant -= (1 << 64) if constant >= 1 << 63 else 0  # as a signed 64-bit integer
     if total is None:
         return torch.full((rows,), constant, dtype=torch.int64)
@@ -282,14 +294,11 @@ def input_versions(inputs: Any) -> Optional[tuple[int, ...]]:
 
 
 class InputChecksums:
-    """:func:`input_fingerprints` of a cache's reads and writes. A lookup always computes them; the store that follows
-    a missed lookup for the same inputs object, with no tensor changed in place since, reuses them."""
+    """:func:`input_fingerprints` of a cache's reads and writes, computed afresh for each: a store labels its rows
+    with its inputs as they are then (a change since the lookup, also through numpy or ``.data``, which moves no
+    version counter, is in them)."""
 
-    def __init__(self) -> None:
-        # a lookup's inputs, their tensors' versions (taken once it missed) and their checksums
-        self._last: Optional[tuple[Any, Optional[tuple[int, ...]], Tensor]] = None
-
-    def checksums(self, inputs: Any, rows: int, lookup: bool) -> Tensor:
+    def checksums(self, inputs: Any, rows: int) -> Tensor:
         """The checksums of ``inputs`` (zeros for ``None``: no check).
 
         Raises:
@@ -297,21 +306,9 @@ class InputChecksums:
         """
         if inputs is None:
             return torch.zeros(rows, dtype=torch.int64)
-        last, self._last = self._last, None
-        if not lookup and last is not None and last[0] is inputs and last[1] is not None and last[1] == input_versions(inputs):
-            return last[2]
         try:
-            fingerprints = input_fingerprints(inputs, rows)
+            return input_fingerprints(inputs, rows)
         except UncheckableInput as err:
             raise _refused(f"cannot be checked by the cache: {err}, so a stored row could be stale", "inputs",
                            err.kind, "pass the teachers tensors, arrays, numbers, strings, dataclasses, or lists, "
                            "tuples and dicts of them") from err
-        if lookup:
-            self._last = (inputs, None, fingerprints)
-        return fingerprints
-
-    def missed(self) -> None:
-        """The lookup just made missed, so the batch will be stored: note its tensors' versions now (a hit, the usual
-        read, never needs them)."""
-        if self._last is not None and self._last[1] is None:
-            self._last = (self._last[0], input_versions(self._last[0]), self._last[2])

@@ -227,10 +227,10 @@ def position_multipliers(count: int, device: torch.device, first: int = 0) -> Te
     return multipliers
 
 
-def word_hash(words: Tensor, constant: Optional[Tensor] = None) -> Tensor:
+def word_hash(words: Tensor, constant: Optional[Tensor] = None, first: int = 0) -> Tensor:
     """A 64-bit checksum of each row of the ``int32`` matrix ``words``, plus ``constant`` (a 0-d ``int64`` tensor on
     ``words``' device): the words, sign-extended to 64 bits, times odd pseudo-random multipliers of their positions
-    (:func:`position_multipliers`), summed modulo 2**64 (one widening and one integer matrix-vector product on the
+    ``first + 1`` onwards (:func:`position_multipliers`), summed modulo 2**64 (one widening and one integer matrix-vector product on the
     CPU, per block of columns of about 8 MiB widened; products and a sum on other devices; integer sums are exact in
     any order, so every device and block size gives the same).
 
@@ -254,7 +254,7 @@ def word_hash(words: Tensor, constant: Optional[Tensor] = None) -> Tensor:
     total = constant
     for start in range(0, width, step):
         block = words if step >= width else words[:, start:start + step]
-        factors = position_multipliers(block.shape[1], words.device, first=start)
+        factors = position_multipliers(block.shape[1], words.device, first=first + start)
         wide = block.to(torch.int64)
         if wide.device.type == "cpu":  # integer arithmetic wraps: the sum modulo 2**64
             total = torch.mv(wide, factors) if total is None else torch.addmv(total, wide, factors)
