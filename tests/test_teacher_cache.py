@@ -629,6 +629,46 @@ def test_truncated_missing_or_damaged_data_is_never_served_and_is_recomputed(tmp
     assert served(tmp_path) == set(range(16))
 
 
+@pytest.mark.parametrize("edit", ["teacher dtype unknown", "teacher dtype quantized", "stored dtype quantized",
+                                  "more keys than items", "keys not a list", "fields without a type"])
+def test_a_header_edited_with_a_valid_checksum_is_dropped_never_raised(tmp_path, edit):
+    """A shard header whose JSON was changed and its CRC written again (so it passes as intact) but whose layout the
+    cache never writes: the shard is dropped and the batch recomputed (it raised AttributeError, ValueError or
+    TypeError from lookup)."""
+    x = torch.arange(8.0).reshape(2, 4)
+    cache = TeacherCache(directory=tmp_path)
+    cache.bind("fingerprint")
+    cache.store([0, 1], {"t": {"a": x * 2, "b": x[:, :1]}}, {}, inputs=((x,), {}))
+    cache.close()
+    (path,) = shards(tmp_path)
+    data = path.read_bytes()
+    length = int.from_bytes(data[8:12], "little")
+    meta, records = json.loads(data[16:16 + length]), data[teacher_cache_shards.align8(16 + length):]
+    layout = meta["layout"]
+    if edit == "teacher dtype unknown":
+        layout["leaves"][0][1] = "float33"
+    elif edit == "teacher dtype quantized":
+        layout["leaves"][0][1] = "qint8"
+    elif edit == "stored dtype quantized":
+        layout["stored"][0] = "qint8"
+    elif edit == "more keys than items":
+        layout["outputs"]["t"]["map"] = ["a", "b", "c"]
+    elif edit == "keys not a list":
+        layout["outputs"]["t"]["map"] = 5
+    else:
+        layout["outputs"]["t"] = {"fields": ["a", "b"], "items": [0, 1]}
+    body = json.dumps(meta).encode()
+    head = b"LSTCROW2" + len(body).to_bytes(4, "little") + zlib.crc32(body).to_bytes(4, "little") + body
+    path.write_bytes(head + bytes(teacher_cache_shards.align8(len(head)) - len(head)) + records)
+    cache = TeacherCache(directory=tmp_path)
+    cache.bind("fingerprint")
+    assert cache.lookup([0, 1], inputs=((x,), {})) is None
+    cache.store([0, 1], {"t": {"a": x * 2, "b": x[:, :1]}}, {}, inputs=((x,), {}))
+    hit = cache.lookup([0, 1], inputs=((x,), {}))
+    assert hit is not None and torch.equal(hit[0]["t"]["a"], x * 2)
+    cache.close()
+
+
 def test_files_of_the_previous_format_are_deleted_never_read(tmp_path):
     (tmp_path / "teacher_cache.json").write_text('{"version": 1, "capacity": "12x"}')
     (tmp_path / "leaf0.bin").write_bytes(bytes(64))

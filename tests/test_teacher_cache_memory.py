@@ -139,3 +139,27 @@ def test_a_store_that_fails_leaves_none_of_its_samples_served_and_the_others_int
     cache.store(torch.tensor([20, 6]), {"t": OUTPUTS[[20, 6]]}, {}, inputs=((INPUTS[[20, 6]],), {}))
     hit = read(cache, [20, 6, 5])
     assert hit is not None and torch.equal(hit[0]["t"], OUTPUTS[[20, 6, 5]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16, torch.uint32, torch.uint64,
+                                   torch.float16, torch.bool])
+@pytest.mark.parametrize("offset", [0, 10**9], ids=["table", "slots"])
+def test_outputs_of_any_dtype_are_stored_in_memory_byte_for_byte(dtype, offset):
+    """float8 and unsigned 16- to 64-bit teacher outputs (which the CPU cannot index_copy_ or cat) are kept and served
+    with their bytes, in their dtype; they raised NotImplementedError from the training step."""
+    raw = torch.randint(0, 256, (12, 2 * torch.empty((), dtype=dtype).element_size()), dtype=torch.uint8,
+                        generator=torch.Generator().manual_seed(4))
+    if dtype == torch.bool:
+        raw = raw % 2
+    outputs = raw.view(dtype)  # arbitrary bytes (NaN payloads of float8 included), 2 values a sample
+    cache = TeacherCache()
+    cache.bind("fingerprint")
+    x = torch.arange(12.0).unsqueeze(1)
+    cache.store(torch.arange(offset, offset + 8), {"t": outputs[:8]}, {}, inputs=((x[:8],), {}))
+    cache.store(torch.arange(offset + 8, offset + 12), {"t": outputs[8:]}, {}, inputs=((x[8:],), {}))  # it grows
+    order = [11, 0, 5, 8]
+    hit = cache.lookup(torch.tensor([offset + i for i in order]), inputs=((x[order],), {}))
+    assert hit is not None
+    served = hit[0]["t"]
+    assert served.dtype == dtype
+    assert torch.equal(served.view(torch.uint8), raw[order])

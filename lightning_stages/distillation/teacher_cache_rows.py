@@ -172,6 +172,10 @@ def check_spec(spec: Any, count: int) -> None:
         Traceback (most recent call last):
         ...
         ValueError: not a stored value: 3
+        >>> check_spec({"map": ["a", "b"], "items": [0]}, 1)
+        Traceback (most recent call last):
+        ...
+        ValueError: not stored names: ['a', 'b']
     """
     if isinstance(spec, int) and not isinstance(spec, bool):
         if not 0 <= spec < count:
@@ -181,6 +185,12 @@ def check_spec(spec: Any, count: int) -> None:
         raise ValueError(f"not a stored value: {spec!r}")
     if "type" in spec and not isinstance(spec["type"], str):
         raise ValueError(f"not a stored type: {spec['type']!r}")
+    for names in ("map", "fields"):  # a name per item (a fields spec, like a namedtuple's, rebuilds its type)
+        if names in spec and not (isinstance(spec[names], list) and len(spec[names]) == len(spec["items"])
+                                  and all(isinstance(name, str) for name in spec[names])):
+            raise ValueError(f"not stored names: {spec[names]!r}")
+    if ("fields" in spec or spec.get("seq") == "namedtuple") and "type" not in spec:
+        raise ValueError(f"not a stored value: {spec!r}")
     for item in spec.get("items", ()):
         check_spec(item, count)
 

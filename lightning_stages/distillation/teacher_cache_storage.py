@@ -9,6 +9,7 @@ requested one is stored for the same input; ``put`` stores rows.
 from __future__ import annotations
 
 import abc
+import functools
 import os
 from typing import Any, Optional
 
@@ -30,10 +31,11 @@ def leaf_specs(layout: dict[str, Any]) -> list[tuple[tuple[int, ...], torch.dtyp
     if len(shapes) != len(stored):
         raise ValueError("one stored dtype per leaf")
     specs = []
-    for (shape, _), name in zip(shapes, stored):
-        dtype = getattr(torch, str(name), None)
-        if not isinstance(dtype, torch.dtype) or not all(isinstance(s, int) and s >= 0 for s in shape):
-            raise ValueError(f"not a leaf: {shape} {name}")
+    for (shape, teacher_dtype), name in zip(shapes, stored):
+        dtype = _dtype_named(name)
+        if _dtype_named(teacher_dtype) is None or dtype is None or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+            raise ValueError(f"not a leaf: {shape} {teacher_dtype} {name}")
         numel = 1
         for size in shape:
             numel *= size
@@ -42,6 +44,15 @@ def leaf_specs(layout: dict[str, Any]) -> list[tuple[tuple[int, ...], torch.dtyp
         for spec in specs_of.values():
             check_spec(spec, len(specs))  # raises on a spec that names no leaf
     return specs
+
+
+_QUANTIZED = frozenset({torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4})
+
+
+def _dtype_named(name: Any) -> Optional[torch.dtype]:
+    """The dtype a layout names (``"float32"``), if it is one the cache stores (not quantized), else ``None``."""
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype not in _QUANTIZED else None
 
 
 def directory_path(directory: Any) -> tuple[Optional[str], Optional[str]]:
@@ -124,6 +135,28 @@ class RowStorage(abc.ABC):
         """Release what the storage holds (files, locks). Nothing is deleted."""
 
 
+_HELD = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@functools.cache
+def _held(dtype: torch.dtype) -> torch.dtype:
+    """The dtype :class:`MemoryRows` holds the rows of a leaf of ``dtype`` in: ``dtype`` itself where the CPU copies
+    and indexes it, else an integer of the same size, whose bytes those operations move (float8, and unsigned 16- to
+    64-bit integers, have no ``index_copy_`` or ``cat`` on the CPU).
+
+    Example::
+
+        >>> _held(torch.float32), _held(torch.uint16)
+        (torch.float32, torch.int16)
+    """
+    one, at = torch.empty(1, dtype=dtype), torch.zeros(1, dtype=torch.int64)
+    try:
+        torch.cat([one, one]).index_copy_(0, at, one).index_select(0, at)
+    except (NotImplementedError, RuntimeError):
+        return _HELD.get(one.element_size(), dtype)
+    return dtype
+
+
 class MemoryRows(RowStorage):
     """Rows in CPU tensors, one slot per stored sample (growing by doubling).
 
@@ -136,7 +169,8 @@ class MemoryRows(RowStorage):
         self.layout = None
         self._slot: dict[int, int] = {}  # sample index -> its slot
         self._used = 0  # slots given out
-        self._leaves: list[Tensor] = []
+        self._leaves: list[Tensor] = []  # each leaf's rows, held as integers of its size (see _held)
+        self._dtypes: list[torch.dtype] = []  # and the stored dtype each is read back as
         self._fingerprints = torch.zeros(0, dtype=torch.int64)
         self._table: Optional[Tensor] = None  # sample index -> slot, -1 for none; None while the indices are sparse
         self._top = 0  # 1 + the largest sample index stored
@@ -144,7 +178,9 @@ class MemoryRows(RowStorage):
     def set_layout(self, layout: dict[str, Any]) -> None:
         if layout != self.layout:
             self.layout, self._slot, self._table, self._top, self._used = layout, {}, None, 0, 0
-            self._leaves = [torch.empty((0, *shape), dtype=dtype) for shape, dtype, _ in leaf_specs(layout)]
+            specs = leaf_specs(layout)
+            self._leaves = [torch.empty((0, *shape), dtype=_held(dtype)) for shape, dtype, _ in specs]
+            self._dtypes = [dtype for _, dtype, _ in specs]
             self._fingerprints = torch.zeros(0, dtype=torch.int64)
 
     def __len__(self) -> int:
@@ -167,7 +203,7 @@ class MemoryRows(RowStorage):
             mismatched = int((self._fingerprints[present[known]] != fingerprints[known]).sum())
         if self.layout is None or -1 in slots or mismatched:
             return None, mismatched
-        return [leaf.index_select(0, present) for leaf in self._leaves], 0
+        return self._rows(present), 0
 
     def put(self, index: list[int], fingerprints: Tensor, leaves: list[Tensor]) -> None:
         slots = []
@@ -188,7 +224,7 @@ class MemoryRows(RowStorage):
                         capacity - len(self._fingerprints), dtype=torch.int64)])
                 rows = torch.tensor(slots, dtype=torch.int64)
                 for stored, leaf in zip(self._leaves, leaves):
-                    stored.index_copy_(0, rows, leaf)
+                    stored.index_copy_(0, rows, leaf if leaf.dtype == stored.dtype else leaf.view(stored.dtype))
                 self._fingerprints.index_copy_(0, rows, fingerprints)
         except BaseException:  # none of these samples keeps a row (some may hold part of this batch): all are missed
             self._forget(index)
@@ -213,7 +249,12 @@ class MemoryRows(RowStorage):
             return None
         if fingerprints is not None and not torch.equal(stored, fingerprints):
             return None
-        return [leaf.index_select(0, present) for leaf in self._leaves]
+        return self._rows(present)
+
+    def _rows(self, slots: Tensor) -> list[Tensor]:
+        """The rows in ``slots`` of every leaf, in its stored dtype."""
+        rows = [leaf.index_select(0, slots) for leaf in self._leaves]
+        return [row if row.dtype == dtype else row.view(dtype) for row, dtype in zip(rows, self._dtypes)]
 
     def _map(self, index: list[int], rows: Tensor) -> None:
         """Enter the slots ``rows`` of the samples ``index`` into the table (made again from the slots when it
