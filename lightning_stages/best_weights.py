@@ -16,6 +16,7 @@ Teachers are never stored: a :class:`~lightning_stages.DistillationModule` keeps
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -47,8 +48,9 @@ def best_weights_problem(value: Any, name: str) -> Optional[StageProblem]:
                         hint=did_you_mean(value, BEST_WEIGHTS_PLACES) if isinstance(value, str) else None)
 
 
-def student_weights(pl_module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of the module's ``state_dict()`` (teachers are not part of it), independent of later training.
+def student_weights(pl_module: torch.nn.Module) -> dict[str, Any]:
+    """A CPU copy of the module's ``state_dict()`` (teachers are not part of it), independent of later training: its
+    tensors copied to the CPU, any other value (a submodule's ``get_extra_state()``) deep-copied.
 
     Example::
 
@@ -58,13 +60,14 @@ def student_weights(pl_module: torch.nn.Module) -> dict[str, torch.Tensor]:
         >>> bool(copy["weight"].abs().sum() > 0)
         True
     """
-    return {key: value.detach().to("cpu", copy=True) for key, value in pl_module.state_dict().items()}
+    return {key: value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+            for key, value in pl_module.state_dict().items()}
 
 
 def misfit(weights: Any, pl_module: torch.nn.Module) -> Optional[str]:
-    """Why ``weights`` cannot be the module's best weights (``None``: they can): not a mapping of names to tensors,
-    names the module lacks or misses (unless its ``strict_loading`` is off), another shape, NaN or infinite values in
-    a trainable parameter.
+    """Why ``weights`` cannot be the module's best weights (``None``: they can): not a mapping of names to tensors
+    (any value where the module's own is not a tensor: a submodule's extra state), names the module lacks or misses
+    (unless its ``strict_loading`` is off), another shape, NaN or infinite values in a trainable parameter.
 
     Example::
 
@@ -74,17 +77,20 @@ def misfit(weights: Any, pl_module: torch.nn.Module) -> Optional[str]:
         >>> misfit({"weight": torch.zeros(3), "bias": torch.zeros(1)}, layer)
         '`weight` has the shape (3,), the module (1, 2)'
     """
-    if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                 for k, v in weights.items()):
-        return "they are not a mapping of names to tensors"
     own, trainable = pl_module.state_dict(), {name for name, p in pl_module.named_parameters() if p.requires_grad}
+    if not isinstance(weights, dict) or not all(
+            isinstance(k, str) and (isinstance(v, torch.Tensor) or (k in own and not isinstance(own[k], torch.Tensor)))
+            for k, v in weights.items()):
+        return "they are not a mapping of names to tensors"
     if getattr(pl_module, "strict_loading", True):
         if missing := sorted(set(own) - set(weights)):
             return f"they lack {short_repr(missing)}"
         if unknown := sorted(set(weights) - set(own)):
             return f"they hold {short_repr(unknown)}, which the module does not have"
     for key, value in weights.items():
-        if key in own and tuple(value.shape) != tuple(own[key].shape):
+        if not isinstance(value, torch.Tensor):  # extra state: the module's own to judge when it is loaded
+            continue
+        if isinstance(own.get(key), torch.Tensor) and tuple(value.shape) != tuple(own[key].shape):
             return f"`{key}` has the shape {tuple(value.shape)}, the module {tuple(own[key].shape)}"
         if key in trainable and not bool(torch.isfinite(value).all()):  # a buffer may hold -inf (a mask)
             return f"`{key}` holds NaN or infinite values"
@@ -106,7 +112,7 @@ class BestWeights:
 
     def __init__(self, where: str = "memory") -> None:
         self.where = where
-        self.weights: Optional[dict[str, torch.Tensor]] = None
+        self.weights: Optional[dict[str, Any]] = None
         self.path: Optional[str] = None
         self.step: Optional[int] = None  # the global step the file's weights were saved at
 

@@ -403,3 +403,54 @@ def test_restore_best_beside_weight_averaging_is_refused_before_the_first_batch(
                                                r"EMAWeightAveraging: validation scores the averaged weights"):
         fit(model)
     assert model.losses == []  # not one batch trained
+
+
+class StepCounter(torch.nn.Module):
+    """A submodule whose state is not a tensor (``get_extra_state``): the number of training steps it has seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps = 0
+
+    def get_extra_state(self):
+        return {"steps": self.steps}
+
+    def set_extra_state(self, state):
+        self.steps = state["steps"]
+
+
+class WithExtraState(Scripted):
+    def __init__(self, script) -> None:
+        super().__init__(script)
+        self.counter = StepCounter()
+        self.steps_at_validation: dict[int, int] = {}
+
+    def record(self, batch, batch_idx, loss):
+        super().record(batch, batch_idx, loss)
+        self.counter.steps += 1
+
+    def on_train_epoch_start(self):
+        self.at_epoch_start[self.current_epoch] = {k: v.clone() for k, v in self.state_dict().items()
+                                                   if isinstance(v, torch.Tensor)}
+        self.steps_at_epoch_start = getattr(self, "steps_at_epoch_start", {})
+        self.steps_at_epoch_start[self.current_epoch] = self.counter.steps
+
+    def validation_step(self, batch, batch_idx):
+        self.at_validation[self.current_epoch] = {k: v.clone() for k, v in self.state_dict().items()
+                                                  if isinstance(v, torch.Tensor)}
+        self.steps_at_validation[self.current_epoch] = self.counter.steps
+        self.log("val/score", float(self.script[self.current_epoch]))
+
+
+@pytest.mark.parametrize("where", ["memory", "file"])
+def test_restore_best_of_a_module_with_extra_state_restores_it_too(tmp_path, where):
+    """A submodule's extra state (not a tensor) is kept with the best weights and restored with them; it raised
+    AttributeError ('dict' object has no attribute 'detach') at the stage's first validation."""
+    model = WithExtraState(DOWN_THEN_FLAT)
+    callback = StageScheduleCallback(two_stages(patience=1, restore_best=True), verbose=False, best_weights=where)
+    trainer(tmp_path, max_epochs=7, callbacks=[callback]).fit(model)
+    assert model.stage_of[3] == "kd" and model.stage_of[4] == "ft"  # kd ends on its plateau after epoch 3
+    best = min(range(4), key=lambda e: DOWN_THEN_FLAT[e])  # epoch 2 (3.0; epoch 3 does not improve on it)
+    for key, value in model.at_validation[best].items():
+        assert torch.equal(model.at_epoch_start[4][key], value), key
+    assert model.steps_at_epoch_start[4] == model.steps_at_validation[best] == 2 * (best + 1)  # 2 batches an epoch
