@@ -248,3 +248,128 @@ def test_no_import_runs_no_code_and_checks_the_schedule(tmp_path: Path, monkeypa
     with pytest.raises(StageConfigError, match="did you mean `lambda_coef`"):
         schedule_of_config(path, import_modules=False)
     assert not (tmp_path / "IMPORTED").exists()
+
+
+# ---------------------------------------------------------------------------------------------- seventeenth session
+
+
+@pytest.mark.parametrize(("value", "tag"), [("!!timestamp foo", "!!timestamp"), ("!!bool maybe", "!!bool"),
+                                            ("!!int ''", "!!int"), ("!!float ''", "!!float")])
+def test_a_value_its_tag_cannot_read_is_named_with_its_line(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                             value: str, tag: str) -> None:
+    """PyYAML's constructors raise AttributeError, KeyError or IndexError for these: they escaped as tracebacks."""
+    path = tmp_path / "tag.yaml"
+    path.write_text(f"stage_schedule:\n- start_epoch: 0\n  name: {value}\n")
+    with pytest.raises(StageConfigError, match=rf"tag.yaml:3:\d+: not valid YAML: cannot read .* as {tag}"):
+        StageSchedule.from_config(path)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"as {tag}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    # an alias of a key already in the mapping: the same key node twice (it was read as the last value, silently)
+    ("stage_schedule:\n- {&k distillation: true, start_epoch: 0, *k : false}\n",
+     "the key 'distillation' is given twice in one mapping (line 2, column 4, and again through an alias of it)"),
+    # two merge keys: the later one's values won, silently (one merge key may list several mappings)
+    ("a: &a {distillation: true}\nb: &b {distillation: false}\nstage_schedule:\n- <<: *a\n  <<: *b\n  start_epoch: 0\n",
+     "the key '<<' is given twice in one mapping (lines 4 and 5)"),
+])
+def test_a_key_repeated_through_an_alias_or_a_second_merge_key_is_refused(tmp_path: Path, text: str,
+                                                                          expected: str) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(StageConfigError) as caught:
+        StageSchedule.from_config(path)
+    assert expected in str(caught.value)
+
+
+def test_one_merge_key_of_several_mappings_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "merge.yaml"
+    path.write_text("a: &a {distillation: true}\nb: &b {end_epoch: 2}\nstage_schedule:\n- <<: [*a, *b]\n"
+                    "  start_epoch: 0\n")
+    assert seed_format.load_config(path)["stage_schedule"][0] == {"distillation": True, "end_epoch": 2,
+                                                                  "start_epoch": 0}
+
+
+def test_a_duplicate_anchor_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "anchor.yaml"
+    path.write_text("a: &x 1\nb: &x 2\nstage_schedule: []\n")
+    with pytest.raises(StageConfigError, match=r"anchor.yaml:2:\d+: not valid YAML: found duplicate anchor 'x'; "
+                                               r"first occurrence \(line 1\), second occurrence"):
+        StageSchedule.from_config(path)
+
+
+@pytest.mark.parametrize(("name", "content"), [
+    ("esc.json", b'{"stage_schedule": [\x1b]}'),  # the parser quotes the control character
+    ("long.yaml", b"stage_schedule: *" + b"a" * 100_000 + b"\n"),  # an unknown alias of 100,000 characters
+])
+def test_the_parsers_words_reach_the_terminal_escaped_and_short(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                name: str, content: bytes) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "\x1b" not in err and len(err) <= 2100 and err.startswith(str(path))
+
+
+@pytest.mark.parametrize("plot", [".", "/", "..", ""])
+def test_show_plot_of_a_path_with_no_file_name_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                        plot: str) -> None:
+    path = tmp_path / "s.json"
+    path.write_text('{"stage_schedule": []}')
+    assert main(["show", str(path), "--plot", plot]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"--plot: {plot!r} names no file; give a path ending in .png"
+
+
+def test_show_plot_writes_the_png_it_names_even_with_leading_dots(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """matplotlib read `...png` as a name without an extension and wrote `...png.png`, which show did not report."""
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "s.json"
+    path.write_text('{"train": {"epochs": 2}, "stage_schedule": [{"name": "a", "start_epoch": 0}]}')
+    assert main(["show", str(path), "--plot", str(tmp_path / "...png")]) == 0
+    assert f"timeline written to {tmp_path / '...png'}\n" in capsys.readouterr().out
+    assert (tmp_path / "...png").read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "...png.png").exists()
+
+
+def _lightning_config(tmp_path: Path, trainer: dict, stages: list, model: dict | None = None) -> Path:
+    path = tmp_path / "cli.yaml"
+    config = {"trainer": {**trainer, "callbacks": [{"class_path": "lightning_stages.StageScheduleCallback",
+                                                    "init_args": {"stage_schedule": stages}}]}}
+    path.write_text(yaml.safe_dump({**({"model": model} if model else {}), **config}))
+    return path
+
+
+def test_a_run_of_too_many_steps_is_refused_as_too_many_epochs_are(tmp_path: Path) -> None:
+    stages = [{"name": "a", "start_step": 0, "end_step": 5}, {"name": "b", "start_step": 5}]
+    path = _lightning_config(tmp_path, {"max_steps": 10**400}, stages)
+    with pytest.raises(StageConfigError, match=r"base: `max_steps` = <an integer of more than 399 digits>: is too "
+                                               r"large"):
+        schedule_of_config(path, import_modules=False)
+
+
+def test_a_model_module_that_exits_is_named_and_the_other_files_are_checked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "exiting_module.py").write_text("import sys\nsys.exit('exiting_module: needs a GPU')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "exiting_module", raising=False)
+    exiting = _lightning_config(tmp_path, {"max_epochs": 4}, [{"start_epoch": 0}], {"class_path": "exiting_module.M"})
+    fine = tmp_path / "ok.json"
+    fine.write_text('{"train": {"epochs": 4}, "stage_schedule": [{"name": "a", "start_epoch": 0, "end_epoch": 2}]}')
+    assert main(["validate", str(exiting), str(fine)]) == 2
+    captured = capsys.readouterr()
+    assert "cannot be imported (SystemExit: exiting_module: needs a GPU)" in captured.err
+    assert captured.out.startswith(f"OK {fine}:")
+
+
+def test_strings_the_parser_reads_as_numbers_pass_beside_a_value_it_refuses(tmp_path: Path) -> None:
+    """LightningCLI reads "0" and "2" as the integers they are typed as; only `lambda_coef` = 'abc' is refused (the
+    whole stage was left as written, so "0" and "2" were named too)."""
+    pytest.importorskip("jsonargparse")
+    path = _lightning_config(tmp_path, {"max_epochs": 4},
+                             [{"name": "a", "start_epoch": "0", "end_epoch": "2", "lambda_coef": "abc"}])
+    with pytest.raises(StageConfigError) as caught:
+        schedule_of_config(path)
+    assert [(p.field, p.value) for p in caught.value.problems] == [("lambda_coef", "abc")]

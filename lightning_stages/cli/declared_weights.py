@@ -45,7 +45,7 @@ def import_class_path(class_path: str, field: str) -> tuple[Optional[Any], list[
                                    field=field, value=class_path)]
     try:
         return getattr(importlib.import_module(module), name), []
-    except Exception as err:  # whatever importing the user's module raises, it is reported, not swallowed
+    except (Exception, SystemExit) as err:  # whatever importing the user's module raises (sys.exit too) is reported
         reason = f"{type(err).__name__}: {err}"
         return None, [StageProblem(f"cannot be imported ({reason})", name="config", field=field, value=class_path)]
 
@@ -119,7 +119,7 @@ def declared_by_model(model: Mapping[str, Any], model_class: Optional[str] = Non
         raise StageConfigError(problems)
     try:
         module = _build(cls, init_args)  # type: ignore[arg-type]
-    except Exception as err:  # the user's __init__ may need files, data or a network: say so, check the rest
+    except (Exception, SystemExit) as err:  # __init__ may need files, data or a network (or exit): say so, go on
         warnings.warn(f"could not build {class_path} from the config to read the loss weights it declares in "
                       f"__init__ ({type(err).__name__}: {err}); read them from init_args and defaults only; checked "
                       "the rest", DeclaredWeightsWarning, stacklevel=2)
@@ -154,8 +154,10 @@ def as_the_parser_reads(cls: type, init_args: Mapping[str, Any]) -> dict[str, An
     def converted(built: Any, values: Mapping[str, Any]) -> Mapping[str, Any]:
         try:
             parsed = built.parse_object({"x": dict(values)}).x.as_dict()
-        except Exception:  # the parser refuses it: the library's checks say why, in its words
-            return values
+        except Exception:  # the parser refuses it: the library's checks say why, in its words; the other values of
+            if len(values) == 1:  # a stage are still read as the parser reads them, each on its own
+                return values
+            return {key: converted(built, {key: value}).get(key, value) for key, value in values.items()}
         return {key: strings_converted(value, parsed.get(key, value)) for key, value in values.items()}
 
     def strings_converted(given: Any, parsed: Any) -> Any:  # the rest as given, so a message shows it as written

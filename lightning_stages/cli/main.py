@@ -49,13 +49,16 @@ def _error_text(path: str, err: StageConfigError) -> str:
     if len(err.problems) == 1:
         problem = err.problems[0]
         if problem.index is None and problem.name is None and problem.field is None:
-            return problem.message if path in problem.message else f"{path}: {problem.message}"
+            message = printable(problem.message, 2000)  # it may quote the file (a parser's error): escaped, short
+            return message if path in problem.message else f"{printable(path, 2000)}: {message}"
     return f"{path}: {err}"
 
 
 def _plot_path(plot: str) -> tuple[Optional[Path], Optional[str]]:
     """The PNG ``--plot`` writes (``.png`` added to a name without suffix), or why it cannot be written."""
     path = Path(plot)
+    if not plot or not path.name or path.name == "..":  # "", ".", "/", "..": no file name to write
+        return None, f"--plot: {printable(plot)!r} names no file; give a path ending in .png"
     if path.suffix == "":
         return path.with_name(path.name + ".png"), None
     if path.suffix.lower() != ".png":
@@ -152,7 +155,7 @@ def _show(args: argparse.Namespace) -> int:
             return 2
         print(f"{args.checkpoint}: {text}")
         return 0
-    png, refused = _plot_path(args.plot) if args.plot else (None, None)
+    png, refused = _plot_path(args.plot) if args.plot is not None else (None, None)
     if refused:
         print(refused, file=sys.stderr)
         return 2
@@ -227,7 +230,7 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"compare: {err}", file=sys.stderr)
         return 1
     except StageConfigError as err:  # a config that cannot be read (not YAML, not a mapping): nothing trained
-        print("compare: " + "; ".join(problem.message for problem in err.problems), file=sys.stderr)
+        print("compare: " + "; ".join(printable(problem.message, 2000) for problem in err.problems), file=sys.stderr)
         return 2
     except (OutputInUseError, RayConnectError) as err:
         print(f"compare: {printable(str(err), 2000)}", file=sys.stderr)

@@ -141,5 +141,5 @@ def _draw(fig: Any, ax_w: Any, ax_l: Any, schedule: StageSchedule, timeline: lis
     ax_l.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")  # as named: matplotlib would add .png to "...png"
     return path

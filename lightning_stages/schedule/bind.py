@@ -10,7 +10,7 @@ from lightning_stages.errors import StageConfigError, StageProblem
 from lightning_stages.schedule import checks, unit_checks
 from lightning_stages.schedule.adaptive_checks import min_length_problems
 from lightning_stages.schedule.seed_format import ROOT_KEYS, config_path_problems, load_config
-from lightning_stages.schedule.stage import BASE_STAGE_NAME, plain
+from lightning_stages.schedule.stage import BASE_STAGE_NAME, TOO_LARGE, plain, too_large
 from lightning_stages.schedule.stage_schedule import StageSchedule
 
 __all__ = ["bind_schedule", "declared_settings", "given_schedule"]
@@ -105,6 +105,9 @@ def bind_schedule(
     total = schedule.total_epochs if schedule.total_epochs is not None else max_epochs
     total_steps = schedule.total_steps if schedule.total_steps is not None else max_steps
     problems += checks.base_problems(base_weights, distillation, lambda_coef, total)
+    if too_large(total_steps):  # as the run's epochs are (base_problems)
+        problems.append(StageProblem(TOO_LARGE, name=BASE_STAGE_NAME, value=total_steps,
+                                     field="total_steps" if schedule.total_steps is not None else "max_steps"))
     if base_weights is not None:
         problems += schedule.weight_key_problems(list(base_weights))
     problems += checks.missing_weight_problems(schedule.stages, base_weights)

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import json5
 import yaml
 
-from lightning_stages.errors import StageConfigError, StageProblem, short_repr
+from lightning_stages.errors import StageConfigError, StageProblem, printable, short_repr
 from lightning_stages.schedule.config_files import MAX_BYTES, read_text  # re-exported: read from here too
 
 __all__ = ["MAX_BYTES", "MAX_DEPTH", "MAX_VALUES", "check_shape", "parse_json", "parse_yaml", "read_text"]
@@ -38,9 +38,9 @@ def _error(message: str) -> StageConfigError:
 
 class _DuplicateKey(Exception):
     def __init__(self, key: Any, lines: tuple[Optional[int], Optional[int]] = (None, None),
-                 columns: Optional[tuple[int, int]] = None) -> None:
+                 columns: Optional[tuple[int, int]] = None, alias: bool = False) -> None:
         super().__init__(key)
-        self.key, self.lines, self.columns = key, lines, columns
+        self.key, self.lines, self.columns, self.alias = key, lines, columns, alias
 
 
 def _unique(pairs: Iterable[tuple[Any, Any]]) -> dict[Any, Any]:
@@ -57,10 +57,12 @@ def _unique(pairs: Iterable[tuple[Any, Any]]) -> dict[Any, Any]:
 
 
 def _duplicate_message(source: str, key: Any, lines: tuple[Optional[int], Optional[int]],
-                       columns: Optional[tuple[int, int]] = None) -> str:
+                       columns: Optional[tuple[int, int]] = None, alias: bool = False) -> str:
     where = f" (lines {lines[0]} and {lines[1]})" if None not in lines else ""
     if columns is not None and lines[0] == lines[1]:
         where = f" (line {lines[0]}, columns {columns[0]} and {columns[1]})"
+    if alias and columns is not None:  # the same key node twice: an alias of a key that is already there
+        where = f" (line {lines[0]}, column {columns[0]}, and again through an alias of it)"
     return (f"{source}: the key {short_repr(key)} is given twice in one mapping{where}; a parser would silently keep "
             "the last: give it once")
 
@@ -184,6 +186,16 @@ def parse_json(text: str, source: str = "<string>") -> Any:
         raise _error(f"{source}: not valid JSON: {short_repr(str(err))}") from None
 
 
+class _MergeKey:
+    """The merge key ``<<`` among a mapping's keys (a key of its own: not the string ``"<<"``)."""
+
+    def __repr__(self) -> str:
+        return "'<<'"
+
+
+_MERGE = _MergeKey()
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key given twice in one mapping (merge keys ``<<`` may still be overridden)."""
 
@@ -191,17 +203,28 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         if isinstance(node, yaml.MappingNode):
             seen: dict[Any, tuple[int, int]] = {}  # each key's line and column (a flow mapping is on one line)
             for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=False)
                 where = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+                # a merge key once (`<<: [*a, *b]` merges several); an explicit key may override what it merges
+                key = _MERGE if key_node.tag == "tag:yaml.org,2002:merge" else self.construct_object(key_node)
                 try:
-                    first = seen.setdefault(key, where)
+                    first = seen.get(key)
                 except TypeError:  # an unhashable key: the constructor names it
                     continue
-                if first != where:
-                    raise _DuplicateKey(key, (first[0], where[0]), (first[1], where[1]))
+                if first is not None:  # the same place twice: one key node, and an alias of it
+                    raise _DuplicateKey(key, (first[0], where[0]), (first[1], where[1]), alias=first == where)
+                seen[key] = where
         return super().construct_mapping(node, deep)
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        """PyYAML's, with a value its tag cannot read (``!!timestamp foo``, ``!!bool maybe``, ``!!int ''``) a YAML
+        error at its line: PyYAML's constructors raise ``AttributeError``, ``KeyError`` or ``IndexError`` there."""
+        try:
+            return super().construct_object(node, deep)
+        except (AttributeError, KeyError, IndexError, TypeError):
+            tag = str(node.tag).replace("tag:yaml.org,2002:", "!!")
+            value = short_repr(node.value) if isinstance(node, yaml.ScalarNode) else "the value"
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read {value} as {printable(tag)}",
+                                                    node.start_mark) from None
 
 
 def _read_as_jsonargparse_does(loader: type[yaml.SafeLoader]) -> None:
@@ -245,11 +268,15 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except _DuplicateKey as duplicate:
-        raise _error(_duplicate_message(source, duplicate.key, duplicate.lines, duplicate.columns)) from None
+        raise _error(_duplicate_message(source, duplicate.key, duplicate.lines, duplicate.columns,
+                                        duplicate.alias)) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
         reason = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context, first = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context and getattr(err, "problem", None):  # "found duplicate anchor 'x'; first occurrence": say what
+            reason = f"{context}{f' (line {first.line + 1})' if first is not None else ''}, {reason}"
         raise _error(f"{where}: not valid YAML: {reason}") from None
     except RecursionError:
         raise _error(f"{source}: nested too deeply to read (a config nests at most {MAX_DEPTH} levels)") from None
