@@ -161,7 +161,7 @@ class AdaptiveStages:
                 self.at_step(trainer, pl_module, schedule, run_ends=True)
             return
         effective = self.effective(schedule)
-        current = effective.at(epoch)
+        current = effective.stage_at(epoch)  # which stage and where it ends (no ramp: it may need the batch count)
         if current.index is None:
             return
         stage = schedule.stages[current.index]

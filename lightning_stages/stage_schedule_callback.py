@@ -281,8 +281,8 @@ class StageScheduleCallback(CheckpointGuard):
             self._next_step = trainer.global_step + 1 if resolved.ramping else end
             self._train_data.plan_cut(schedule, resolved)  # where the data changes, the epoch ends
         else:
-            resolved = schedule.at(trainer.current_epoch, batch_idx, self._batches,
-                                   accumulate_grad_batches=self._accumulate)
+            resolved = schedule.at(trainer.current_epoch, batch_idx, trainer.num_training_batches,  # this epoch's
+                                   accumulate_grad_batches=self._accumulate)  # (a stage's own `data` may have others)
             self._next_step = 0 if resolved.ramping else math.inf  # an epoch ramp changes the values every batch
         self._apply(pl_module, schedule, resolved)
         return resolved

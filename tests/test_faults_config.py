@@ -292,6 +292,17 @@ def test_one_merge_key_of_several_mappings_is_read(tmp_path: Path) -> None:
                                                                   "start_epoch": 0}
 
 
+def test_a_chain_of_merges_with_overrides_is_read(tmp_path: Path) -> None:
+    """`mid` overrides what it merges from `base`, and a stage merges `mid`: PyYAML had rewritten `mid` (its merge
+    key replaced by base's pairs) by the time `mid` itself was checked, which then showed `end_epoch` twice."""
+    path = tmp_path / "chain.yaml"
+    path.write_text("defaults:\n  base: &base {start_epoch: 0, end_epoch: 1}\n  mid: &mid\n    <<: *base\n"
+                    "    end_epoch: 2\nfirst:\n  <<: *mid\nstage_schedule:\n- <<: *mid\n  distillation: true\n")
+    data = seed_format.load_config(path)
+    assert data["stage_schedule"][0] == {"start_epoch": 0, "end_epoch": 2, "distillation": True}
+    assert data["defaults"]["mid"] == data["first"] == {"start_epoch": 0, "end_epoch": 2}
+
+
 def test_a_duplicate_anchor_is_named(tmp_path: Path) -> None:
     path = tmp_path / "anchor.yaml"
     path.write_text("a: &x 1\nb: &x 2\nstage_schedule: []\n")

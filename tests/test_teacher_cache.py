@@ -238,6 +238,27 @@ def test_two_flipped_signs_in_two_tensors_of_an_input_are_seen():
     assert (input_fingerprints(((small, table), {}), 2) != input_fingerprints(((flipped_small, flipped), {}), 2)).all()
 
 
+def test_the_multipliers_of_a_large_sample_of_two_tensors_are_made_once():
+    """An image and a mask of 1.3 million words in all: their positions follow each other, so their multipliers are
+    ten blocks of their own; kept between calls (8 MiB were kept, so each call cleared and made them again)."""
+    from lightning_stages.distillation import teacher_cache_rows
+
+    image, mask = torch.randn(1, 3 * 512 * 512), torch.zeros(1, 512 * 512, dtype=torch.int64)
+    input_fingerprints(((image, mask), {}), 1)
+    kept = {key: id(value) for key, value in teacher_cache_rows._multipliers_cache.items()}
+    assert sum(count for (_, count, _) in kept) >= 3 * 512 * 512 + 2 * 512 * 512
+    input_fingerprints(((image, mask), {}), 1)
+    assert {key: id(value) for key, value in teacher_cache_rows._multipliers_cache.items()} == kept
+
+
+def test_a_quantized_teacher_output_is_refused_naming_it():
+    cache = TeacherCache()
+    cache.bind("fingerprint")
+    quantized = torch.quantize_per_tensor(torch.ones(2, 3), 0.1, 0, torch.qint8)
+    with pytest.raises(DistillationStepError, match=r"`output of teacher 't'` = 'torch.qint8': is a quantized tensor"):
+        cache.store([0, 1], {"t": quantized}, {}, inputs=((torch.ones(2, 1),), {}))
+
+
 def test_a_store_hashes_its_inputs_as_they_are_then():
     """A change between a missed lookup and the store, also through numpy or `.data` (which move no version
     counter), is in the stored row's checksum: the row is served for the input as stored, not the one looked up."""

@@ -33,7 +33,7 @@ _GOLDEN = -0x61C8864680B583EB  # 0x9E3779B97F4A7C15
 _MASK31 = (1 << 31) - 1
 _HIGH31 = -(1 << 33)  # the high 31 bits of a 64-bit word
 _SPREAD1, _SPREAD2 = 0x2C1B3C6D, 0x297A2D39  # odd: multiplying by them modulo 2**31 is a bijection
-_MULTIPLIERS_KEPT = 1 << 23  # bytes of multipliers kept between calls
+_MULTIPLIERS_KEPT = 1 << 26  # bytes of multipliers kept between calls: 8M word positions, a sample's tensors in all
 _multipliers_cache: dict[tuple[int, int, torch.device], Tensor] = {}
 _multipliers_bytes = 0
 
@@ -214,7 +214,8 @@ def position_multipliers(count: int, device: torch.device, first: int = 0) -> Te
     on every device): the high 31 bits from splitmix64's first steps, the low 33 bits ``2 * p(position) + 1``, where
     ``p`` is a bijection of ``[0, 2**31)`` (multiply-xorshift). So no two positions below ``2**31`` have multipliers
     equal or opposite modulo ``2**33``, which is what makes two flipped signs always seen (see :func:`word_hash`).
-    Kept per first position, count and device while they take at most 8 MiB in all."""
+    Kept per first position, count and device while they take at most 64 MiB in all (the positions of a sample's
+    tensors of up to 32 MB: each takes the positions after the previous one's)."""
     key = (first, count, device)
     cached = _multipliers_cache.get(key)
     if cached is not None:
@@ -307,6 +308,10 @@ def rows_problem(leaves: Sequence[Tensor], names: Sequence[str], rows: int) -> O
         'has shape (3, 2) but the batch has 4 sample indices; the cache needs one row per sample'
     """
     for leaf, name in zip(leaves, names):
+        if leaf.is_quantized:  # its bytes are not its values, and it cannot be stored or rebuilt as it is
+            return StageProblem("is a quantized tensor, which the cache cannot store; dequantize it "
+                                "(`.dequantize()`) in the teacher's output", name="teacher_cache", field=name,
+                                value=str(leaf.dtype))
         if leaf.dim() == 0 or leaf.shape[0] != rows:
             return StageProblem(f"has shape {tuple(leaf.shape)} but the batch has {rows} sample indices; the cache needs "
                                 "one row per sample", name="teacher_cache", field=name, value=tuple(leaf.shape))

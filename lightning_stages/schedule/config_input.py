@@ -61,8 +61,10 @@ def _duplicate_message(source: str, key: Any, lines: tuple[Optional[int], Option
     where = f" (lines {lines[0]} and {lines[1]})" if None not in lines else ""
     if columns is not None and lines[0] == lines[1]:
         where = f" (line {lines[0]}, columns {columns[0]} and {columns[1]})"
-    if alias and columns is not None:  # the same key node twice: an alias of a key that is already there
+    if alias and columns is not None and lines[0] == lines[1] and columns[0] == columns[1]:
         where = f" (line {lines[0]}, column {columns[0]}, and again through an alias of it)"
+    elif alias:  # PyYAML keeps no place for an alias: the anchor's stands for it
+        where = f" (lines {lines[0]} and {lines[1]}, one of them an alias: the line of its anchor)"
     return (f"{source}: the key {short_repr(key)} is given twice in one mapping{where}; a parser would silently keep "
             "the last: give it once")
 
@@ -199,21 +201,30 @@ _MERGE = _MergeKey()
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key given twice in one mapping (merge keys ``<<`` may still be overridden)."""
 
-    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, tuple[int, int]] = {}  # each key's line and column (a flow mapping is on one line)
-            for key_node, _ in node.value:
-                where = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-                # a merge key once (`<<: [*a, *b]` merges several); an explicit key may override what it merges
-                key = _MERGE if key_node.tag == "tag:yaml.org,2002:merge" else self.construct_object(key_node)
-                try:
-                    first = seen.get(key)
-                except TypeError:  # an unhashable key: the constructor names it
-                    continue
-                if first is not None:  # the same place twice: one key node, and an alias of it
-                    raise _DuplicateKey(key, (first[0], where[0]), (first[1], where[1]), alias=first == where)
-                seen[key] = where
-        return super().construct_mapping(node, deep)
+    def flatten_mapping(self, node: Any) -> None:
+        # PyYAML calls this for every mapping before building it, and for each mapping it merges (before building
+        # that one): it then replaces the merge keys with the merged pairs, in place. So each mapping's own keys are
+        # checked here, once, as written (a chain `mid: {<<: *base, a: 2}`, `stage: {<<: *mid}` is no duplicate)
+        checked: set[int] = self.__dict__.setdefault("_checked", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            self._check_keys(node)
+        super().flatten_mapping(node)
+
+    def _check_keys(self, node: Any) -> None:
+        seen: dict[Any, tuple[int, int]] = {}  # each key's line and column (a flow mapping is on one line)
+        for key_node, _ in node.value:
+            where = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            # a merge key once (`<<: [*a, *b]` merges several); an explicit key may override what it merges
+            key = _MERGE if key_node.tag == "tag:yaml.org,2002:merge" else self.construct_object(key_node)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the constructor names it
+                continue
+            if first is not None:  # an alias of a key stands where its anchor is: outside this mapping, or the same
+                alias = first == where or not node.start_mark.index <= key_node.start_mark.index <= node.end_mark.index
+                raise _DuplicateKey(key, (first[0], where[0]), (first[1], where[1]), alias=alias)
+            seen[key] = where
 
     def construct_object(self, node: Any, deep: bool = False) -> Any:
         """PyYAML's, with a value its tag cannot read (``!!timestamp foo``, ``!!bool maybe``, ``!!int ''``) a YAML
