@@ -128,15 +128,21 @@ def test_a_misspelt_teacher_in_feature_losses_gets_a_did_you_mean():
         hooks.paired_losses(list(teachers), "aa", None, F.mse_loss, "kd")
 
 
-def test_a_module_shared_by_the_student_and_two_teachers_keeps_each_models_own_output():
+@pytest.mark.parametrize("teachers_first", [False, True])
+def test_a_module_shared_by_the_student_and_two_teachers_keeps_each_models_own_output(teachers_first):
+    """Whichever runs first: with the teachers first, the student's forward through the shared module replaced each
+    teacher's feature with the student's (a feature loss of 0)."""
     torch.manual_seed(0)
     shared = nn.Linear(2, 3)  # e.g. a tied embedding: one module object in every model
     student, teachers = nn.Sequential(shared, nn.ReLU()), {"a": nn.Sequential(shared), "b": nn.Sequential(shared)}
     run, hooks = prepare(student, lambda: teachers, lambda: {"student": ["0"], "a": ["0"], "b": ["0"]}, "stage 0")
     hooks.sync(True, {"student": student, **teachers})
     xs, xa, xb = torch.randn(5, 2), torch.randn(5, 2), torch.randn(5, 2)
-    student(xs)
+    if not teachers_first:
+        student(xs)
     run.run((), {}, None, lambda: torch.device("cpu"), inputs={"a": xa, "b": xb})  # each teacher its own inputs
+    if teachers_first:
+        student(xs)
     with torch.no_grad():
         expected = {"student": xs @ shared.weight.T + shared.bias, "a": xa @ shared.weight.T + shared.bias,
                     "b": xb @ shared.weight.T + shared.bias}

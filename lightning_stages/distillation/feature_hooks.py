@@ -34,22 +34,23 @@ class _Capture:
 
 class _FeatureHook:
     """A forward hook of ``model`` that stores a module's (selected) output under ``key``, copied if ``copy``; while
-    another model's teacher forward runs (:data:`RUNNING_TEACHER`: a module the models share) it stores nothing.
+    another model's teacher forward runs (:data:`RUNNING_TEACHER`: a module the models share) it stores nothing, nor
+    (``own_run_only``: a teacher's module that the student has too) while no teacher runs: the student's forward.
 
     A deep copy or a pickle of the hooked module (``StochasticWeightAveraging``, ``ddp_spawn``) gets a hook
     that stores nothing, so the copy never writes into the original's features.
     """
 
-    __slots__ = ("copy", "key", "model", "steps", "store")
+    __slots__ = ("copy", "key", "model", "own_run_only", "steps", "store")
 
-    def __init__(self, store: Optional[dict[str, Any]], key: str, copy: bool = False, model: str = STUDENT) -> None:
-        self.store, self.key, self.model = store, key, model
+    def __init__(self, store: Optional[dict[str, Any]], key: str, copy: bool = False, model: str = STUDENT,
+                 own_run_only: bool = False) -> None:
+        self.store, self.key, self.model, self.copy, self.own_run_only = store, key, model, copy, own_run_only
         self.steps = split_hook_path(key)[1]
-        self.copy = copy
 
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
         running = RUNNING_TEACHER.get()  # a module shared by models: only the one running it stores
-        if self.store is None or (running is not None and running != self.model):
+        if self.store is None or (running != self.model if running is not None else self.own_run_only):
             return
         try:
             value = select(output, self.steps)
@@ -66,10 +67,10 @@ class _FeatureHook:
         self.store[self.key] = _Capture(value, without_grad=without_grad)
 
     def __deepcopy__(self, memo: dict) -> _FeatureHook:
-        return _FeatureHook(None, self.key, self.copy, self.model)
+        return _FeatureHook(None, self.key, self.copy, self.model, self.own_run_only)
 
     def __reduce__(self) -> tuple:
-        return (_FeatureHook, (None, self.key, self.copy, self.model))
+        return (_FeatureHook, (None, self.key, self.copy, self.model, self.own_run_only))
 
 
 def _closest_submodules(path: str, names: Sequence[str]) -> str:
@@ -226,12 +227,14 @@ class FeatureHooks:
         Idempotent: a second call with the same ``on`` changes nothing. With ``copy`` the hooks store copies.
         """
         if on and self.spec and not self._handles:
+            student = {id(m) for m in models[STUDENT].modules()} if STUDENT in models else set()
             for model_name, paths in self.spec.items():
                 store = self._features.setdefault(model_name, {})
                 modules = dict(models[model_name].named_modules())
                 self._names[model_name] = list(modules)
-                self._handles += [modules[split_hook_path(path)[0]].register_forward_hook(
-                    _FeatureHook(store, path, copy, model_name)) for path in paths]
+                self._handles += [modules[split_hook_path(path)[0]].register_forward_hook(_FeatureHook(
+                    store, path, copy, model_name, own_run_only=model_name != STUDENT and id(
+                        modules[split_hook_path(path)[0]]) in student)) for path in paths]
         elif not on and self._handles:
             for handle in self._handles:
                 handle.remove()
