@@ -35,11 +35,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 class Fault(pl.LightningModule):
     \"\"\"test/score = bias + 0.01 * seed; the run with seed `nan_seed` logs nan, `interrupt_seed` gets Ctrl-C,
-    `exit_seed` calls sys.exit(3).\"\"\"
+    `exit_seed` calls sys.exit(3), `term_seed` gets SIGTERM.\"\"\"
 
-    def __init__(self, bias: float = 0.0, nan_seed: int = -1, interrupt_seed: int = -1, exit_seed: int = -1) -> None:
+    def __init__(self, bias: float = 0.0, nan_seed: int = -1, interrupt_seed: int = -1, exit_seed: int = -1,
+                 term_seed: int = -1) -> None:
         super().__init__()
         self.bias, self.nan_seed, self.interrupt_seed, self.exit_seed = bias, nan_seed, interrupt_seed, exit_seed
+        self.term_seed = term_seed
         self.layer = torch.nn.Linear(2, 1)
 
     def train_dataloader(self):
@@ -54,6 +56,8 @@ class Fault(pl.LightningModule):
             signal.raise_signal(signal.SIGINT)  # what Ctrl-C in a terminal does to this process
         if seed == self.exit_seed:
             sys.exit(3)
+        if seed == self.term_seed:
+            signal.raise_signal(signal.SIGTERM)  # what `kill PID` or a job scheduler's time limit does
         return self.layer(batch[0]).sum()
 
     def test_step(self, batch, batch_idx):
@@ -186,12 +190,41 @@ def test_ctrl_c_in_a_run_of_the_compare_process_stops_the_comparison(here: Path,
     assert "[3/6] a seed 1: test/score=0.010" in captured.out and "reused" in captured.out
 
 
-def test_sys_exit_in_a_run_stops_only_a_run_of_the_compare_process(here: Path) -> None:
+def test_sys_exit_in_a_run_fails_only_that_run_also_in_the_compare_process(here: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    """With --jobs 1 the SystemExit left compare with the model's own exit code: no report, the other runs untrained
+    (a worker process or a Ray task recorded it as that run's failure)."""
     config = fault_config(here, "e", exit_seed=0)
     spec = RunSpec("e", 0, str(config), None, str(run_dir(here / "out", "e", 0)), tuple(METRICS))
-    assert execute_run(spec).error == "SystemExit: 3"  # in a worker process or a Ray task: that run failed
-    with pytest.raises(SystemExit):
-        execute_run(spec, stop_on_exit=True)  # in the compare process (--jobs 1): the process exits
+    assert execute_run(spec).error == "SystemExit: 3"
+    assert execute_run(spec, stop_on_sigterm=True).error == "SystemExit: 3"
+    out = here / "cli"
+    code = main(["compare", str(config), str(fault_config(here, "f", bias=1.0)), "--seeds", "2", "--jobs", "1",
+                 "--out", str(out), "--metrics", *METRICS, "--curve-metric", "val/x"])
+    assert code == 1 and "e seed 0: FAILED: SystemExit: 3" in capsys.readouterr().out
+    assert (out / "report.md").exists() and (out / "runs/f/seed_1" / RESULT_FILE).exists()
+
+
+@pytest.fixture
+def sigterm_survivable():
+    """A Python handler for SIGTERM during the test (Lightning calls it with its own while fitting), so that a
+    SIGTERM outside a fit could never end the test process."""
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    yield
+    signal.signal(signal.SIGTERM, before)
+
+
+@pytest.mark.usefixtures("sigterm_survivable")
+def test_sigterm_in_a_run_of_the_compare_process_stops_it_with_143(here: Path, capsys: pytest.CaptureFixture) -> None:
+    """Lightning turns SIGTERM into its SIGTERMException (a SystemExit of code None): compare exited 0, as if done."""
+    configs = [fault_config(here, "a"), fault_config(here, "b", term_seed=1)]
+    out = here / "out"
+    code = main(["compare", *map(str, configs), "--seeds", "2", "--jobs", "1", "--out", str(out), "--metrics",
+                 *METRICS, "--curve-metric", "val/x"])
+    assert code == 143
+    assert f"compare: terminated (SIGTERM); the finished runs are kept in {out}" in capsys.readouterr().err
+    assert not (out / "report.md").exists() and not (out / "runs/b/seed_1" / RESULT_FILE).exists()
+    assert (out / "runs/a/seed_0" / RESULT_FILE).exists()
 
 
 # ------------------------------------------------------------------------------------------------ schedule names

@@ -147,3 +147,15 @@ def test_seeds_zero_is_an_error(tmp_path, capsys: pytest.CaptureFixture) -> None
         run_compare([config], seeds=0, out=tmp_path / "out")
     assert main(["compare", str(config), "--seeds", "3", "--max-seeds", "5"]) == 2
     assert "--max-seeds 5 goes with --seeds auto" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("metric", "higher"), [
+    ("test/iou", True), ("test/iou_terrain", True), ("test/acc_ferry", True), ("test/realtime_acc", True),
+    ("val/timestep_acc", True), ("test/score", True),
+    ("test/loss", False), ("val/bce_loss", False), ("valloss", False), ("top1_err", False), ("mean_abs_error", False),
+    ("test/mae", False), ("test/ece", False), ("test/perplexity", False), ("epoch_time_s", False), ("runtime", False),
+])
+def test_which_metrics_are_lower_is_better(metric, higher):
+    """Words of the name, not any part of it: a per-class IoU of Cityscapes' "terrain" (t-err-ain) was taken for an
+    error, so compare named the worse schedule best."""
+    assert higher_is_better(metric) is higher

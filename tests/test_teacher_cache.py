@@ -283,15 +283,18 @@ def test_a_store_hashes_its_inputs_as_they_are_then():
 
 def test_a_long_row_is_hashed_in_blocks_and_keeps_few_multipliers():
     """A tensor hashed as one row (an input that is not per-sample, or a batch of one) of 3 * 2**17 words: three
-    blocks, the Python reference's sum, and at most 8 MiB of multipliers kept afterwards (they once took twice the
-    row's bytes, kept per row length)."""
+    blocks, the Python reference's sum, and only the multipliers of those three blocks kept afterwards, 8 bytes a
+    word (they once took twice the row's bytes, kept per row length)."""
     from lightning_stages.distillation import teacher_cache_rows
 
     words = torch.randint(-(2**31), 2**31, (1, 3 << 17), dtype=torch.int64, generator=torch.Generator().manual_seed(8))
     words = words.to(torch.int32)
+    teacher_cache_rows._multipliers_cache.clear()
+    teacher_cache_rows._multipliers_bytes = 0
     assert word_hash(words).tolist() == [_python_word_hash(words[0].tolist())]
     kept = sum(m.numel() * 8 for m in teacher_cache_rows._multipliers_cache.values())
-    assert kept <= 1 << 23
+    assert kept == 8 * (3 << 17) and sorted(first for first, _, _ in teacher_cache_rows._multipliers_cache) == [
+        0, 1 << 17, 2 << 17]
 
 
 def test_no_two_positions_have_multipliers_equal_or_opposite_modulo_two_to_the_33():

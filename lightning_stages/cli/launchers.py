@@ -118,7 +118,7 @@ class LocalLauncher:
         specs = [replace(spec, threads=self.threads) for spec in specs]
         if self._pool is None:  # in this process: Ctrl-C, or Lightning's sys.exit(1) for it, stops the comparison
             for spec in specs:
-                yield execute_run(spec, stop_on_exit=True)
+                yield execute_run(spec, stop_on_sigterm=True)
             return
         yield from self._pool.run(specs)
 

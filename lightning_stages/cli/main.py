@@ -239,6 +239,12 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"compare: interrupted; the finished runs are kept in {args.out} (the same command trains the rest)",
               file=sys.stderr)
         return 130
+    except SystemExit as err:  # Lightning's SIGTERMException, from a run of --jobs 1: the process was told to stop
+        if type(err).__name__ != "SIGTERMException":
+            raise
+        print(f"compare: terminated (SIGTERM); the finished runs are kept in {args.out} (the same command trains the "
+              "rest)", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as a shell reports a process it ended
     print("\n".join(result.locations()))
     return 1 if result.failed else 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,7 +38,8 @@ TEST_SENTENCE = (
 #: power with which :attr:`PairedComparison.detectable` and :attr:`PairedComparison.seeds_needed` detect a gap
 POWER = 0.8
 _MAX_SEEDS = 1000
-_LOWER_IS_BETTER = ("loss", "err", "mse", "mae", "rmse", "nll", "ece", "perplexity", "time", "seconds")
+_LOWER_IS_BETTER = ("loss", "losses", "err", "error", "errors", "mse", "mae", "rmse", "nll", "ece", "perplexity",
+                    "time", "seconds")
 
 
 def require_scipy() -> Any:
@@ -56,15 +58,20 @@ def require_scipy() -> Any:
 
 
 def higher_is_better(metric: str) -> bool:
-    """Whether a larger value of ``metric`` is better: losses, errors and times are lower-is-better.
+    """Whether a larger value of ``metric`` is better: losses, errors and times are lower-is-better. The name after
+    its last ``/`` is split into words at every character that is not a letter; one of the words of
+    :data:`_LOWER_IS_BETTER`, or a last word that ends with one (``valloss``, ``runtime``), makes it lower-is-better
+    (a word that only contains one does not: ``iou_terrain``, ``acc_ferry``, ``realtime_acc``).
 
     Example::
 
         >>> higher_is_better("test/iou"), higher_is_better("test/loss"), higher_is_better("val/bce_loss")
         (True, False, False)
+        >>> higher_is_better("test/iou_terrain"), higher_is_better("top1_error"), higher_is_better("valloss")
+        (True, False, False)
     """
-    name = metric.rpartition("/")[2].lower()
-    return not any(word in name for word in _LOWER_IS_BETTER)
+    words = re.findall(r"[a-z]+", metric.rpartition("/")[2].lower())
+    return not (any(word in _LOWER_IS_BETTER for word in words) or (bool(words) and words[-1].endswith(_LOWER_IS_BETTER)))
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from lightning_stages.cli.compare_report import RunOutcome
@@ -239,12 +240,13 @@ def _interrupted(err: BaseException) -> bool:
                                                   and isinstance(err.__context__, KeyboardInterrupt))
 
 
-def execute_run(spec: RunSpec, *, stop_on_exit: bool = False) -> RunOutcome:
-    """Train and test one (schedule, seed) in an emptied run folder; a failure is recorded, not raised.
+def execute_run(spec: RunSpec, *, stop_on_sigterm: bool = False) -> RunOutcome:
+    """Train and test one (schedule, seed) in an emptied run folder; a failure is recorded, not raised (a
+    ``sys.exit`` in the run's code too: that run failed).
 
     Ctrl-C is raised, not recorded: a ``KeyboardInterrupt``, also when Lightning has turned it into ``sys.exit(1)``
-    (raised as ``KeyboardInterrupt`` then). With ``stop_on_exit`` (a run in the ``compare`` process itself), any
-    ``SystemExit`` is raised too, so that the comparison stops rather than recording it and going on.
+    (raised as ``KeyboardInterrupt`` then). With ``stop_on_sigterm`` (a run in the ``compare`` process itself), the
+    ``SIGTERMException`` Lightning raises on SIGTERM is raised too, so that the comparison stops.
 
     Example::
 
@@ -270,7 +272,7 @@ def execute_run(spec: RunSpec, *, stop_on_exit: bool = False) -> RunOutcome:
             if isinstance(err, KeyboardInterrupt):
                 raise
             raise KeyboardInterrupt from err
-        if stop_on_exit and isinstance(err, SystemExit):
+        if stop_on_sigterm and isinstance(err, SIGTERMException):
             raise
         run.error = f"{type(err).__name__}: {err}".strip()
         logging.getLogger(__name__).debug("run %s seed %s failed", spec.schedule, spec.seed, exc_info=True)
