@@ -448,3 +448,26 @@ def test_a_schedule_name_with_a_bar_or_a_line_break_stays_one_table_cell(tmp_pat
     for table in tables:  # every row has as many cells as the separator row (a bar in a name is escaped)
         assert all(line.startswith("|") for line in table)
         assert {len(re.findall(r"(?<!\\)\|", line)) for line in table} == {table[1].count("|")}, table
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no folder can be made")
+def test_an_out_that_cannot_be_made_a_folder_exits_2_with_one_line(here: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["compare", str(fault_config(here, "a")), "--seeds", "1", "--jobs", "1", "--out", "/proc/no_such",
+                 "--metrics", *METRICS])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == "compare: --out /proc/no_such cannot be made a folder: No such file or directory"
+
+
+def test_a_file_or_a_link_where_a_run_folder_goes_is_replaced_not_followed(here: Path) -> None:
+    """A file there raised FileExistsError out of compare; a link's target (the user's folder) is never emptied."""
+    out = here / "out"
+    (out / "runs" / "a").mkdir(parents=True)
+    (out / "runs" / "a" / "seed_0").write_text("not a run")
+    theirs = here / "theirs"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("mine")
+    (out / "runs" / "a" / "seed_1").symlink_to(theirs, target_is_directory=True)
+    result = compare([fault_config(here, "a")], out, seeds=2)
+    assert [r.error for r in result.runs["a"]] == [None, None]
+    assert (out / "runs/a/seed_0" / RESULT_FILE).is_file() and (out / "runs/a/seed_1" / RESULT_FILE).is_file()
+    assert not (out / "runs/a/seed_1").is_symlink() and (theirs / "keep.txt").read_text() == "mine"

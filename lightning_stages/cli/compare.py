@@ -235,7 +235,10 @@ def run_compare(
     if theirs and not (out / LOCK_FILE).exists():  # files of the user's, not of an earlier compare: never overwritten
         raise OutputInUseError(f"{out} holds {' and '.join(theirs)} that compare did not write (no {LOCK_FILE}); give "
                                "another --out, or move them")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file on the way, no permission, a read-only or virtual file system (/proc)
+        raise OutputInUseError(f"--out {out} cannot be made a folder: {err.strerror or err}") from None
     with lock_out(out):
         add_working_directory_to_path()
         paths = [Path(c).resolve() for c in configs]

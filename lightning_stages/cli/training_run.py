@@ -260,6 +260,8 @@ def execute_run(spec: RunSpec, *, stop_on_sigterm: bool = False) -> RunOutcome:
         os.chdir(spec.workdir)
     add_working_directory_to_path()
     run_dir = Path(spec.run_dir)
+    if run_dir.is_symlink() or run_dir.is_file():  # not a folder of compare's: the link or file goes, not its target
+        run_dir.unlink()
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     run = RunOutcome(spec.schedule, spec.seed)
