@@ -95,8 +95,8 @@ class StageScheduleCallback(CheckpointGuard):
 
     Raises:
         StageConfigError: in ``__init__`` for problems of the schedule itself, in ``setup`` for problems that need
-            the module or the Trainer (unknown loss keys, stages past ``max_epochs``, missing teachers). All before
-            the first training batch.
+            the module or the Trainer (unknown loss keys, stages past ``max_epochs``, missing teachers): all before
+            the first training batch (an epoch ramp's length: before its stage's first batch, against its loader).
 
     Example::
 
@@ -106,8 +106,7 @@ class StageScheduleCallback(CheckpointGuard):
         ...         {"name": "distill_only", "start_epoch": 0, "end_epoch": 2, "distillation": True,
         ...          "loss_weights": {"bce": 0.0}},
         ...         {"name": "finetune_only", "start_epoch": 2, "distillation": False},
-        ...     ],
-        ...     loss_weights={"bce": 1.0},
+        ...     ], loss_weights={"bce": 1.0},
         ... )
         >>> trainer = pl.Trainer(max_epochs=4, callbacks=[callback], logger=False, enable_checkpointing=False)
     """
@@ -137,13 +136,11 @@ class StageScheduleCallback(CheckpointGuard):
         # plateau-ended stages and restore_best: the transitions taken, the stage's tracker and best weights
         self.adaptive = AdaptiveStages(best_weights)
         self._resume_at: Optional[int] = None  # the epoch (or step) a resumed run trains next, from its checkpoint
-        # derived at every application, never checkpointed: the global step from which on_train_batch_start must look
-        # at the schedule again (inf: not in this epoch; 0: every batch, during an epoch ramp), the fit's batches per
-        # epoch and accumulation (what an epoch ramp reads), the last step whose stage/* scalars were logged
+        # never checkpointed: the global step from which on_train_batch_start must look at the schedule again (inf: not
+        # in this epoch; 0: every batch, during an epoch ramp), the fit's accumulation, the stages whose epoch ramp was
+        # checked against their own loader (before their first batch), the last step whose stage/* scalars were logged
         self._next_step: float = math.inf
-        self._batches: Optional[float] = None
-        self._accumulate = 1
-        self._logged_step = -1
+        self._accumulate, self._ramps_checked, self._logged_step = 1, set[Optional[int]](), -1
 
     @property
     @override
@@ -207,9 +204,8 @@ class StageScheduleCallback(CheckpointGuard):
         finish_resumed_epoch(trainer, at > 0 and effective.stage_at(at - 1).data != effective.stage_at(at).data,
                              at_epoch_end=effective.unit == "step")
         self._teachers_from(pl_module, _position(trainer, self._bound()))  # the position the loops restored
-        self._batches, self._accumulate = trainer.num_training_batches, trainer.accumulate_grad_batches
-        if problems := (epoch_ramp_problems(self._bound(), self._batches, self._accumulate)
-                        + step_data_problems(trainer, self._bound())):
+        self._accumulate, self._ramps_checked = trainer.accumulate_grad_batches, set()
+        if problems := step_data_problems(trainer, self._bound()):
             raise StageConfigError(problems)
         resolved = self._enter(trainer, pl_module, 0)
         self.adaptive.start_fit(trainer, self._bound())  # restore_best vs averaging; a plateau that ended the run
@@ -281,8 +277,12 @@ class StageScheduleCallback(CheckpointGuard):
             self._next_step = trainer.global_step + 1 if resolved.ramping else end
             self._train_data.plan_cut(schedule, resolved)  # where the data changes, the epoch ends
         else:
-            resolved = schedule.at(trainer.current_epoch, batch_idx, trainer.num_training_batches,  # this epoch's
-                                   accumulate_grad_batches=self._accumulate)  # (a stage's own `data` may have others)
+            batches = trainer.num_training_batches  # this epoch's: a stage's own `data` may have another number
+            if (index := schedule.stage_at(trainer.current_epoch).index) not in self._ramps_checked:
+                self._ramps_checked.add(index)  # its ramp against its own loader, before its first batch
+                if problems := epoch_ramp_problems(self._bound(), batches, self._accumulate, stages=[index]):
+                    raise StageConfigError(problems)
+            resolved = schedule.at(trainer.current_epoch, batch_idx, batches, accumulate_grad_batches=self._accumulate)
             self._next_step = 0 if resolved.ramping else math.inf  # an epoch ramp changes the values every batch
         self._apply(pl_module, schedule, resolved)
         return resolved

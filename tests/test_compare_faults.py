@@ -461,13 +461,15 @@ def test_an_out_that_cannot_be_made_a_folder_exits_2_with_one_line(here: Path, c
 def test_a_file_or_a_link_where_a_run_folder_goes_is_replaced_not_followed(here: Path) -> None:
     """A file there raised FileExistsError out of compare; a link's target (the user's folder) is never emptied."""
     out = here / "out"
-    (out / "runs" / "a").mkdir(parents=True)
+    (out / "runs").mkdir(parents=True)
+    (out / "runs" / "b").write_text("not a schedule's folder")  # NotADirectoryError
+    (out / "runs" / "a").mkdir()
     (out / "runs" / "a" / "seed_0").write_text("not a run")
     theirs = here / "theirs"
     theirs.mkdir()
     (theirs / "keep.txt").write_text("mine")
     (out / "runs" / "a" / "seed_1").symlink_to(theirs, target_is_directory=True)
-    result = compare([fault_config(here, "a")], out, seeds=2)
-    assert [r.error for r in result.runs["a"]] == [None, None]
+    result = compare([fault_config(here, "a"), fault_config(here, "b", bias=1.0)], out, seeds=2)
+    assert [r.error for r in result.runs["a"]] == [None, None] and [r.error for r in result.runs["b"]] == [None, None]
     assert (out / "runs/a/seed_0" / RESULT_FILE).is_file() and (out / "runs/a/seed_1" / RESULT_FILE).is_file()
     assert not (out / "runs/a/seed_1").is_symlink() and (theirs / "keep.txt").read_text() == "mine"

@@ -154,8 +154,14 @@ def test_seeds_zero_is_an_error(tmp_path, capsys: pytest.CaptureFixture) -> None
     ("val/timestep_acc", True), ("test/score", True),
     ("test/loss", False), ("val/bce_loss", False), ("valloss", False), ("top1_err", False), ("mean_abs_error", False),
     ("test/mae", False), ("test/ece", False), ("test/perplexity", False), ("epoch_time_s", False), ("runtime", False),
+    # fused and camelCase names, and Lightning's `_epoch` suffix (on_step and on_epoch both logged)
+    ("runtime_s", False), ("epochtime_sec", False), ("val/errorRate", False), ("test/errorrate", False),
+    ("valloss_epoch", False), ("trainLoss_epoch", False), ("abserr_mean", False), ("valmae_epoch", False),
+    ("errD", False), ("lossG", False), ("val_ppl", False), ("test/wer", False),
+    ("power_ratio", True), ("test/mAP", True), ("test/terrain", True),
 ])
 def test_which_metrics_are_lower_is_better(metric, higher):
     """Words of the name, not any part of it: a per-class IoU of Cityscapes' "terrain" (t-err-ain) was taken for an
-    error, so compare named the worse schedule best."""
+    error, so compare named the worse schedule best; a word that begins or ends with a lower-is-better one counts,
+    unless a word names a score."""
     assert higher_is_better(metric) is higher

@@ -10,7 +10,7 @@ from conftest import EpochShuffle, ResumableLoader, TinyNet, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import TensorDataset
 
-from lightning_stages import StageScheduleCallback
+from lightning_stages import StageConfigError, StageScheduleCallback
 
 
 class Recorded(TinyNet):
@@ -74,3 +74,49 @@ def test_an_epoch_ramp_counts_the_batches_of_its_own_stages_data_also_resumed(tm
     (checkpoint,) = (tmp_path / "ckpt").glob("epoch=0-*.ckpt")
     resumed = _fit(tmp_path / "resumed", ckpt_path=checkpoint)
     assert resumed.rows == [row for row in whole.rows if row[0] >= 1]
+
+
+class Streamed(Recorded):
+    """``sizes[stage_data]`` samples as a stream (no length) where ``sizes`` says None."""
+
+    def train_dataloader(self):
+        if self.sizes[getattr(self, "stage_data", None)] is not None:
+            return super().train_dataloader()
+
+        class Stream(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                g = torch.Generator().manual_seed(0)
+                return iter([(torch.randn(4, generator=g), torch.tensor(1)) for _ in range(8)])
+
+        return torch.utils.data.DataLoader(Stream(), batch_size=4)
+
+
+def _two_stages(ramp: dict, kd_data: str, ft_data: str) -> list[dict]:
+    return [{"name": "kd", "start_epoch": 0, "end_epoch": 1, "distillation": True, "loss_weights": {"cls": 0.0},
+             "data": kd_data},
+            {"name": "ft", "start_epoch": 1, "end_epoch": 3, "distillation": False, "data": ft_data, **ramp}]
+
+
+def test_an_epoch_ramp_is_checked_against_its_own_stages_loader(tmp_path):
+    """At the fit's start the ramp was checked against the first loader (kd's): a ramp_steps=6 in a stage of 2 x 8
+    steps was refused, one in a stage of 2 x 2 steps passed and never finished, and a stage whose loader has no
+    length failed at its second batch. Each is now checked at its stage's first batch, against its loader."""
+    long = Recorded({"small": 8, "big": 32})
+    callback = StageScheduleCallback(stage_schedule=_two_stages({"ramp_steps": 6}, "small", "big"), verbose=False)
+    trainer(tmp_path / "long", max_epochs=3, callbacks=[callback]).fit(long)
+    for epoch, batch, *values in long.rows[2:]:  # ft: 8 batches an epoch
+        assert tuple(values) == expected_ramp((8 * (epoch - 1) + batch) / 6), (epoch, batch)
+
+    short = Recorded({"small": 8, "big": 32})
+    callback = StageScheduleCallback(stage_schedule=_two_stages({"ramp_steps": 6}, "big", "small"), verbose=False)
+    with pytest.raises(StageConfigError, match=r"stage 1 \('ft'\): `ramp_steps` = 6: is longer than the stage \(4 "
+                                               r"steps: 2 epochs of 2 optimizer steps\)"):
+        trainer(tmp_path / "short", max_epochs=3, callbacks=[callback]).fit(short)
+    assert {epoch for epoch, *_ in short.rows} == {0}  # before ft's first batch
+
+    stream = Streamed({"big": 32, "stream": None})
+    callback = StageScheduleCallback(stage_schedule=_two_stages({"ramp_epochs": 1}, "big", "stream"), verbose=False)
+    with pytest.raises(StageConfigError, match=r"stage 1 \('ft'\): `ramp_epochs` = 1: needs the number of batches per "
+                                               "epoch, but the training loader has no length"):
+        trainer(tmp_path / "stream", max_epochs=3, callbacks=[callback]).fit(stream)
+    assert {epoch for epoch, *_ in stream.rows} == {0}

@@ -38,8 +38,10 @@ TEST_SENTENCE = (
 #: power with which :attr:`PairedComparison.detectable` and :attr:`PairedComparison.seeds_needed` detect a gap
 POWER = 0.8
 _MAX_SEEDS = 1000
-_LOWER_IS_BETTER = ("loss", "losses", "err", "error", "errors", "mse", "mae", "rmse", "nll", "ece", "perplexity",
-                    "time", "seconds")
+_LOWER_IS_BETTER = ("loss", "err", "mse", "mae", "rmse", "nll", "ece", "perplexity", "time", "seconds")
+_LOWER_WORDS = ("ppl", "wer", "cer")  # only as whole words ("power" is no word error rate)
+_HIGHER_WORDS = frozenset({"acc", "accuracy", "iou", "miou", "dice", "f1", "auc", "auroc", "ap", "map", "precision",
+                           "recall", "score", "bleu", "rouge", "psnr", "ssim"})
 
 
 def require_scipy() -> Any:
@@ -58,20 +60,26 @@ def require_scipy() -> Any:
 
 
 def higher_is_better(metric: str) -> bool:
-    """Whether a larger value of ``metric`` is better: losses, errors and times are lower-is-better. The name after
-    its last ``/`` is split into words at every character that is not a letter; one of the words of
-    :data:`_LOWER_IS_BETTER`, or a last word that ends with one (``valloss``, ``runtime``), makes it lower-is-better
-    (a word that only contains one does not: ``iou_terrain``, ``acc_ferry``, ``realtime_acc``).
+    """Whether a larger value of ``metric`` is better: losses, errors and times are lower-is-better.
+
+    The name after its last ``/`` is split into words (at every character that is not a letter, and where camelCase
+    turns to a capital). A word that begins or ends with one of :data:`_LOWER_IS_BETTER` (``valloss``, ``errorRate``,
+    ``runtime_s``), or is one of :data:`_LOWER_WORDS`, makes it lower-is-better, unless a word names a score
+    (:data:`_HIGHER_WORDS`: ``realtime_acc``); a word that only holds one inside does not (``iou_terrain``).
 
     Example::
 
         >>> higher_is_better("test/iou"), higher_is_better("test/loss"), higher_is_better("val/bce_loss")
         (True, False, False)
-        >>> higher_is_better("test/iou_terrain"), higher_is_better("top1_error"), higher_is_better("valloss")
-        (True, False, False)
+        >>> higher_is_better("test/iou_terrain"), higher_is_better("trainLoss_epoch"), higher_is_better("realtime_acc")
+        (True, False, True)
     """
-    words = re.findall(r"[a-z]+", metric.rpartition("/")[2].lower())
-    return not (any(word in _LOWER_IS_BETTER for word in words) or (bool(words) and words[-1].endswith(_LOWER_IS_BETTER)))
+    name = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", metric.rpartition("/")[2])
+    words = re.findall(r"[a-z]+", name.lower())
+    if any(word in _HIGHER_WORDS for word in words):
+        return True
+    return not any(word.startswith(_LOWER_IS_BETTER) or word.endswith(_LOWER_IS_BETTER) or word in _LOWER_WORDS
+                   for word in words)
 
 
 @dataclass(frozen=True)

@@ -260,8 +260,9 @@ def execute_run(spec: RunSpec, *, stop_on_sigterm: bool = False) -> RunOutcome:
         os.chdir(spec.workdir)
     add_working_directory_to_path()
     run_dir = Path(spec.run_dir)
-    if run_dir.is_symlink() or run_dir.is_file():  # not a folder of compare's: the link or file goes, not its target
-        run_dir.unlink()
+    for place in (run_dir.parent, run_dir):  # a file (or the run's link) where compare's folder goes: not its target
+        if place.is_file() or (place == run_dir and place.is_symlink()):
+            place.unlink()
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     run = RunOutcome(spec.schedule, spec.seed)

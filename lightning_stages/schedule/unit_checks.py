@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING, Any, Optional
 
 from lightning_stages.errors import StageProblem, did_you_mean, short_repr, stage_label
@@ -146,10 +146,12 @@ def ramp_length_problems(indexed: Iterable[tuple[int, Stage]], total: Optional[i
     return problems
 
 
-def epoch_ramp_problems(schedule: StageSchedule, batches_per_epoch: float, accumulate_grad_batches: int = 1
-                        ) -> list[StageProblem]:
-    """The ramps of an epoch schedule, once the run's batches per epoch are known (at train start): they need a
-    finite number of batches, and ``ramp_steps`` must fit in its stage.
+def epoch_ramp_problems(schedule: StageSchedule, batches_per_epoch: float, accumulate_grad_batches: int = 1,
+                        stages: Optional[Collection[Optional[int]]] = None) -> list[StageProblem]:
+    """The ramps of an epoch schedule (of the stages at the indices ``stages`` only, if given), once the batches per
+    epoch of their loader are known (the callback checks each stage at its first batch, against its own loader, as
+    its own `data` may have another number of batches): they need a finite number of batches, and ``ramp_steps`` must
+    fit in its stage.
 
     Example::
 
@@ -160,7 +162,8 @@ def epoch_ramp_problems(schedule: StageSchedule, batches_per_epoch: float, accum
         >>> print(epoch_ramp_problems(s, float("inf"))[0])
         stage 0 ('ft'): `ramp_steps` = 5: needs the number of batches per epoch, but the training loader has no length; give the loader a length, or count the schedule in steps (`start_step`, `ramp_steps`)
     """
-    ramped = [(i, s) for i, s in enumerate(schedule.stages) if s.ramp_length is not None and s.unit == "epoch"]
+    ramped = [(i, s) for i, s in enumerate(schedule.stages) if s.ramp_length is not None and s.unit == "epoch"
+              and (stages is None or i in stages)]
     if ramped and not math.isfinite(batches_per_epoch):
         return [StageProblem("needs the number of batches per epoch, but the training loader has no length",
                              index=i, name=s.name, field="ramp_steps" if s.ramp_steps is not None else "ramp_epochs",
