@@ -27,7 +27,7 @@ from torch import Tensor
 
 from lightning_stages.distillation.indexed_dataset import IndexedDataset
 from lightning_stages.distillation.teacher_cache_files import FileRows, drop_unused
-from lightning_stages.distillation.teacher_cache_inputs import InputChecksums, sample_indices
+from lightning_stages.distillation.teacher_cache_inputs import input_checksums, sample_indices
 from lightning_stages.distillation.teacher_cache_rows import flatten_named, rows_problem, too_large, unflatten
 from lightning_stages.distillation.teacher_cache_storage import (
     MemoryRows,
@@ -148,7 +148,6 @@ class TeacherCache:
         self._fingerprint: Optional[str] = None
         self._storage: Optional[RowStorage] = None
         self._layout: Optional[dict[str, Any]] = None  # of the rows this object stores
-        self._inputs = InputChecksums()
         #: lookups (batches) that found every sample / that did not, since the last :meth:`bind`
         self.hits = self.misses = 0
 
@@ -286,7 +285,7 @@ class TeacherCache:
         if (self._fingerprint is None and self._storage is None) or not index:  # never bound: nothing stored
             return self._miss(len(index))
         storage = self._bound()
-        fingerprints = None if inputs is None else self._inputs.checksums(inputs, len(index))
+        fingerprints = None if inputs is None else input_checksums(inputs, len(index))
         rows, mismatched = storage.get(index, fingerprints, _index_tensor(sample_index))
         layout = storage.layout
         if rows is None or layout is None:
@@ -344,5 +343,5 @@ class TeacherCache:
             storage.set_layout(layout)
         self._layout = layout
         if index:
-            storage.put(index, self._inputs.checksums(inputs, len(index)),
+            storage.put(index, input_checksums(inputs, len(index)),
                               [leaf.detach().to(device="cpu", dtype=dtype) for leaf, dtype in zip(leaves, stored)])

@@ -3,7 +3,7 @@ is only served for the input it was computed from.
 
 * :func:`input_fingerprints`: each sample's checksum over every tensor of the inputs (and their plain values);
 * :func:`input_tensors`: the tensors of the inputs;
-* :class:`InputChecksums`: the checksums of a cache's reads and writes;
+* :func:`input_checksums`: the checksums of a cache's reads and writes, an input that cannot be read refused;
 * :func:`sample_indices`: a batch's sample indices, checked;
 * :func:`input_versions`: the version counters of the inputs' tensors (an in-place change moves them).
 """
@@ -26,7 +26,7 @@ from torch import Tensor
 from lightning_stages.distillation.teacher_cache_bytes import byte_hash, plain_strides, row_words
 from lightning_stages.errors import DistillationStepError, StageProblem
 
-__all__ = ["InputChecksums", "UncheckableInput", "input_fingerprints", "input_tensors", "input_versions",
+__all__ = ["UncheckableInput", "input_checksums", "input_fingerprints", "input_tensors", "input_versions",
            "sample_indices"]
 
 _MASK64 = (1 << 64) - 1
@@ -293,22 +293,19 @@ def input_versions(inputs: Any) -> Optional[tuple[int, ...]]:
         return None
 
 
-class InputChecksums:
-    """:func:`input_fingerprints` of a cache's reads and writes, computed afresh for each: a store labels its rows
-    with its inputs as they are then (a change since the lookup, also through numpy or ``.data``, which moves no
-    version counter, is in them)."""
+def input_checksums(inputs: Any, rows: int) -> Tensor:
+    """:func:`input_fingerprints` of a cache's read or write (zeros for ``None``: no check), computed afresh for each:
+    a store labels its rows with its inputs as they are then (a change since the lookup, also through numpy or
+    ``.data``, which moves no version counter, is in them).
 
-    def checksums(self, inputs: Any, rows: int) -> Tensor:
-        """The checksums of ``inputs`` (zeros for ``None``: no check).
-
-        Raises:
-            DistillationStepError: an input the checksum cannot cover, naming ``inputs`` and its type.
-        """
-        if inputs is None:
-            return torch.zeros(rows, dtype=torch.int64)
-        try:
-            return input_fingerprints(inputs, rows)
-        except UncheckableInput as err:
-            raise _refused(f"cannot be checked by the cache: {err}, so a stored row could be stale", "inputs",
-                           err.kind, "pass the teachers tensors, arrays, numbers, strings, dataclasses, or lists, "
-                           "tuples and dicts of them") from err
+    Raises:
+        DistillationStepError: an input the checksum cannot cover, naming ``inputs`` and its type.
+    """
+    if inputs is None:
+        return torch.zeros(rows, dtype=torch.int64)
+    try:
+        return input_fingerprints(inputs, rows)
+    except UncheckableInput as err:
+        raise _refused(f"cannot be checked by the cache: {err}, so a stored row could be stale", "inputs", err.kind,
+                       "pass the teachers tensors, arrays, numbers, strings, dataclasses, or lists, tuples and dicts "
+                       "of them") from err
