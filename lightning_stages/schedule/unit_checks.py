@@ -164,7 +164,9 @@ def epoch_ramp_problems(schedule: StageSchedule, batches_per_epoch: float, accum
     """
     ramped = [(i, s) for i, s in enumerate(schedule.stages) if s.ramp_length is not None and s.unit == "epoch"
               and (stages is None or i in stages)]
-    if ramped and not math.isfinite(batches_per_epoch):
+    if not ramped:  # nothing to check (and a loader without a length needs none)
+        return []
+    if not math.isfinite(batches_per_epoch):
         return [StageProblem("needs the number of batches per epoch, but the training loader has no length",
                              index=i, name=s.name, field="ramp_steps" if s.ramp_steps is not None else "ramp_epochs",
                              value=s.ramp_length,
