@@ -278,8 +278,8 @@ class StageScheduleCallback(CheckpointGuard):
             self._train_data.plan_cut(schedule, resolved)  # where the data changes, the epoch ends
         else:
             batches = trainer.num_training_batches  # this epoch's: a stage's own `data` may have another number
-            if (index := schedule.stage_at(trainer.current_epoch).index) not in self._ramps_checked:
-                self._ramps_checked.add(index)  # its ramp against its own loader, before its first batch
+            if not batch_idx and (index := schedule.stage_at(trainer.current_epoch).index) not in self._ramps_checked:
+                self._ramps_checked.add(index)  # a stage begins at batch 0: its ramp against its own loader, once
                 if problems := epoch_ramp_problems(self._bound(), batches, self._accumulate, stages=[index]):
                     raise StageConfigError(problems)
             resolved = schedule.at(trainer.current_epoch, batch_idx, batches, accumulate_grad_batches=self._accumulate)

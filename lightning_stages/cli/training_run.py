@@ -260,9 +260,10 @@ def execute_run(spec: RunSpec, *, stop_on_sigterm: bool = False) -> RunOutcome:
         os.chdir(spec.workdir)
     add_working_directory_to_path()
     run_dir = Path(spec.run_dir)
-    for place in (run_dir.parent, run_dir):  # a file (or the run's link) where compare's folder goes: not its target
-        if place.is_file() or (place == run_dir and place.is_symlink()):
-            place.unlink()
+    if run_dir.parent.is_file():  # a file where compare's folder of the schedule goes
+        run_dir.parent.unlink()
+    if run_dir.is_symlink() or run_dir.is_file():  # a link or file where the run's folder goes: never its target
+        run_dir.unlink()
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     run = RunOutcome(spec.schedule, spec.seed)
