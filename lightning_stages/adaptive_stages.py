@@ -127,10 +127,12 @@ class AdaptiveStages:
         return False
 
     def _ends_run(self, schedule: StageSchedule, index: int) -> bool:
-        """Whether stage ``index``'s transition ends the run: it ran to the run's end and the base follows it."""
+        """Whether stage ``index``'s transition ends the run: it ran to the run's end (or past it: ``max_steps`` or
+        ``max_epochs`` cut it) and the base follows it."""
         total = schedule.total_steps if schedule.unit == "step" else schedule.total_epochs
-        return (schedule.end_of(schedule.stages[index]) == total
-                and self.effective(schedule).stage_at(self.transitions[index]).is_base)
+        end = schedule.end_of(schedule.stages[index])
+        to_the_end = end == total or (end is not None and total is not None and end > total)
+        return to_the_end and self.effective(schedule).stage_at(self.transitions[index]).is_base
 
     def start_fit(self, trainer: pl.Trainer, schedule: StageSchedule) -> None:
         """At the start of a (resumed) fit, before the first batch: refuse ``restore_best`` beside Lightning's
@@ -151,7 +153,9 @@ class AdaptiveStages:
         """At a stage's last epoch (or the run's): restore its best weights; a plateau of the run's last stage ends
         the run, since nothing follows it. In a step schedule: restore at the run's end (see :meth:`at_step`)."""
         epoch = trainer.current_epoch
-        last_of_run = max_epochs is not None and epoch + 1 >= max_epochs
+        max_steps = getattr(trainer, "max_steps", None)  # the run's last epoch: max_epochs', or max_steps' (reached)
+        last_of_run = (max_epochs is not None and epoch + 1 >= max_epochs) or (
+            max_steps is not None and 0 <= max_steps <= trainer.global_step)
         if schedule.unit == "step":
             max_steps, step = schedule.total_steps, trainer.global_step
             # a plateau of the run's last stage stopped the run here; a stop by another callback (EarlyStopping)

@@ -138,6 +138,44 @@ def test_a_plateau_of_the_last_stage_ends_the_run(tmp_path):
     assert resumed.stage_of == {}
 
 
+def test_a_plateau_of_the_last_stage_cut_by_max_epochs_ends_the_run(tmp_path):
+    # the stage's end_epoch lies past the run's end (max_epochs cuts it, with a warning): it runs to the run's end,
+    # and a plateau ends the run as above; the base settings were trained to max_epochs
+    model = Scripted(DOWN_THEN_FLAT)
+    stages = [{"name": "kd", "start_epoch": 0, "end_epoch": 2, "distillation": True},
+              {"name": "ft", "start_epoch": 2, "end_epoch": 30, "monitor": "val/score", "patience": 1}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, max_epochs=10, callbacks=[StageScheduleCallback(stages, verbose=False)]).fit(model)
+    assert model.stage_of == {0: "kd", 1: "kd", 2: "ft", 3: "ft"}
+
+
+def test_resume_after_two_plateaus_in_a_row_keeps_both(tmp_path):
+    # B starts where A's plateau ended it (epoch 2, not 6), so B's own plateau end (4) lies before B's written start:
+    # a resumed run dropped it as "not inside the stage [6, 10)" and trained B again instead of C
+    script = [1.0] * 12  # no validation improves on the first: each stage ends after its second epoch
+    stages = [{"name": "A", "start_epoch": 0, "end_epoch": 6, "monitor": "val/score", "patience": 1},
+              {"name": "B", "start_epoch": 6, "end_epoch": 10, "monitor": "val/score", "patience": 1},
+              {"name": "C", "start_epoch": 10, "end_epoch": 12}]
+    end_a = plateau_end(script, patience=1, start=0, cap=6)
+    end_b = plateau_end(script, patience=1, start=end_a, cap=10)
+    whole = Scripted(script)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
+    trainer(tmp_path, max_epochs=12, enable_checkpointing=True,
+            callbacks=[StageScheduleCallback(stages, verbose=False), checkpoints]).fit(whole)
+    assert whole.stage_of == {e: "A" if e < end_a else "B" if e < end_b else "C" for e in range(12)}
+    resumed = Scripted(script)
+    callback = StageScheduleCallback(stages, verbose=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path / "resumed", max_epochs=12, callbacks=[callback]).fit(
+            resumed, ckpt_path=tmp_path / "ckpt" / "epoch=5.ckpt")
+    assert not [w for w in caught if "transitions" in str(w.message)]  # "... are dropped"
+    assert callback.adaptive.transitions == {0: end_a, 1: end_b}
+    assert resumed.stage_of == dict.fromkeys(range(6, 12), "C")
+    assert resumed.losses == whole.losses[2 * 6:]
+
+
 def test_a_monitor_never_logged_is_named_with_what_was_logged(tmp_path):
     model = Scripted(DOWN_THEN_FLAT)
     stages = [{"name": "kd", "start_epoch": 0, "end_epoch": 6, "monitor": "val/scor", "patience": 1}]
@@ -217,6 +255,19 @@ def test_restore_best_loads_the_weights_of_the_stages_best_validation(tmp_path):
     assert model.optimizer_state[3] == len(list(model.parameters()))
     # the LR schedule follows the run's epochs, restore or not
     assert model.lr_of == {e: pytest.approx(model.lr * 0.5**e, rel=1e-12) for e in range(10)}
+
+
+def test_restore_best_when_max_steps_ends_an_epoch_schedule(tmp_path):
+    # max_steps ends the run inside the stage, at the end of epoch 2, as max_epochs=3 would: the best is restored
+    script = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0]  # the best is epoch 0's
+    stages = [{"name": "kd", "start_epoch": 0, "end_epoch": 10, "monitor": "val/score", "restore_best": True}]
+    for limits in ({"max_epochs": 3}, {"max_epochs": 10, "max_steps": 6}):  # 2 batches an epoch
+        model = Scripted(script)
+        trainer(tmp_path, callbacks=[StageScheduleCallback(stages, verbose=False)], **limits).fit(model)
+        assert sorted(model.stage_of) == [0, 1, 2]
+        assert not torch.equal(model.at_validation[2]["body.weight"], model.at_validation[0]["body.weight"])
+        for key, value in model.at_validation[0].items():
+            assert torch.equal(model.state_dict()[key], value), (limits, key)
 
 
 def test_best_weights_hold_the_student_only(tmp_path):

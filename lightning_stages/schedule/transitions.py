@@ -69,6 +69,7 @@ def transition_problems(schedule: StageSchedule, transitions: Any) -> list[Stage
     """
     if not isinstance(transitions, Mapping):
         return [StageProblem(f"must map stage indices to {schedule.unit}s", field="transitions", value=transitions)]
+    starts = _starts(schedule, transitions)
     problems = []
     for index, end in transitions.items():
         stage: Optional[Stage] = schedule.stages[index] if isinstance(index, int) and 0 <= index < len(
@@ -76,11 +77,25 @@ def transition_problems(schedule: StageSchedule, transitions: Any) -> list[Stage
         if stage is None:
             problems.append(StageProblem("there is no such stage", index=index, field="transition", value=end))
             continue
-        cap = schedule.end_of(stage)
+        cap, start = schedule.end_of(stage), starts[index]
         if not stage.ends_on_plateau:
             problems.append(StageProblem("the stage does not end on a plateau (no `monitor` and `patience`)",
                                          index=index, name=stage.name, field="transition", value=end))
-        elif not (isinstance(end, int) and (stage.start or 0) < end and (cap is None or end <= cap)):
-            problems.append(StageProblem(f"is not inside the stage [{stage.start}, {cap if cap is not None else 'end'})",
+        elif not (isinstance(end, int) and start < end and (cap is None or end <= cap)):
+            problems.append(StageProblem(f"is not inside the stage [{start}, {cap if cap is not None else 'end'})",
                                          index=index, name=stage.name, field="transition", value=end))
     return problems
+
+
+def _starts(schedule: StageSchedule, transitions: Mapping[Any, Any]) -> dict[int, int]:
+    """Each stage's start once the earlier stages' transitions moved it (as :func:`with_transitions` moves it): a
+    stage that started at an earlier plateau stage's cap starts at that stage's actual end."""
+    starts = {index: stage.start or 0 for index, stage in enumerate(schedule.stages)}
+    known = [i for i in transitions if isinstance(i, int) and not isinstance(i, bool) and i in starts
+             and isinstance(transitions[i], int)]
+    for index in sorted(known, key=lambda i: schedule.stages[i].start or 0):
+        cap = schedule.end_of(schedule.stages[index])
+        for other, stage in enumerate(schedule.stages):
+            if other != index and cap is not None and stage.start == cap:
+                starts[other] = transitions[index]
+    return starts
