@@ -30,6 +30,14 @@ def _check_shapes(student: Tensor, teacher: Tensor, name: str) -> None:
                          f"{tuple(teacher.shape)}")
 
 
+def _float_pair(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    """Both in their common floating dtype, at least float32 (a bfloat16 teacher's KL is not rounded below 0)."""
+    dtype = torch.promote_types(student.dtype, teacher.dtype)
+    if not dtype.is_floating_point or dtype.itemsize < 4:
+        dtype = torch.float32
+    return student.to(dtype), teacher.to(dtype)
+
+
 def _shape_hint(student: tuple[int, ...], teacher: tuple[int, ...], fix: str) -> str:
     """What fixes a feature shape mismatch: an adapter when the channels differ, pooling or interpolation when only
     the spatial size (or the sequence length) differs, which no channel adapter can fix."""
@@ -58,8 +66,9 @@ def _check_features(student: Tensor, teacher: Tensor, name: str, adapted: bool, 
     if student.shape != teacher.shape:
         s_shape, t_shape = tuple(student.shape), tuple(teacher.shape)
         hint = _shape_hint(s_shape, t_shape, fix)
-        if adapted and "`" in hint:  # the adapter is there: no advice to add one
-            hint = "make the adapter's output match the teacher's features"
+        if adapted and "`" in hint:  # the adapter is there: no advice to add one, but pooling still
+            hint = "make the adapter's output match the teacher's features" + (
+                "; pool or interpolate where the size (or the sequence length) differs" if "pool" in hint else "")
         how = " after the adapter" if adapted else ""
         raise ValueError(f"{name}: student features {s_shape} do not match teacher features {t_shape}{how}; {hint}")
 
@@ -76,10 +85,9 @@ def feature_pair_name(student_layer: str, teacher: str, teacher_layer: str) -> s
         'bert.encoder.layer.1.0__teacher.bert.encoder.last_hidden_state'
     """
 
-    def safe(text: str) -> str:
-        return re.sub(r"[^A-Za-z0-9_.\-]", "_", re.sub(r"\[(-?\d+)\]|:", lambda m: f".{m[1]}" if m[1] else ".", text))
-
-    return f"{safe(student_layer)}__{safe(teacher)}.{safe(teacher_layer)}".replace(".__", "__")
+    safe = [re.sub(r"[^A-Za-z0-9_.\-]", "_", re.sub(r"\[(-?\d+)\]|:", lambda m: f".{m[1]}" if m[1] else ".", text))
+            for text in (student_layer, teacher, teacher_layer)]
+    return f"{safe[0]}__{safe[1]}.{safe[2]}".replace(".__", "__")
 
 
 @functools.lru_cache(maxsize=1)
@@ -123,7 +131,7 @@ def logit_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float 
     dim %= student_logits.dim()
     classes = student_logits.shape[dim]
     positions = student_logits.numel() // classes if classes else 0  # the mean is over these
-    student, teacher = student_logits, teacher_logits
+    student, teacher = _float_pair(student_logits, teacher_logits)
     if dim == student.dim() - 1 and student.dim() > 1 and _on_transpose(student, classes):
         student, teacher, dim = student.reshape(-1, classes).t(), teacher.reshape(-1, classes).t(), 0
     if temperature != 1:
@@ -152,8 +160,9 @@ def mask_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     """
     _check_temperature(temperature)
     _check_shapes(student_logits, teacher_logits, name)
-    target = torch.sigmoid(teacher_logits / temperature)
-    return F.binary_cross_entropy_with_logits(student_logits / temperature, target) * (temperature**2)
+    student, teacher = _float_pair(student_logits, teacher_logits)
+    return F.binary_cross_entropy_with_logits(student / temperature, torch.sigmoid(teacher / temperature)) * (
+        temperature**2)
 
 
 class FeatureAdapter(nn.Module):
@@ -201,19 +210,13 @@ class FeatureAdapter(nn.Module):
         return "channels_last=True" if self.channels_last else ""
 
 
-def feature_mse(
-    student_features: Tensor,
-    teacher_features: Tensor,
-    adapter: Optional[nn.Module] = None,
-    name: str = "feature_mse",
-) -> Tensor:
+def feature_mse(student_features: Tensor, teacher_features: Tensor, adapter: Optional[nn.Module] = None,
+                name: str = "feature_mse") -> Tensor:
     """Mean squared error between (optionally adapted) student features and teacher features.
 
     Args:
-        student_features: student activations ``(N, C_s, ...)``.
-        teacher_features: teacher activations ``(N, C_t, ...)``.
-        adapter: maps student features to the teacher's shape (e.g. :class:`FeatureAdapter`); needed when
-            ``C_s != C_t``.
+        student_features, teacher_features: activations ``(N, C_s, ...)`` and ``(N, C_t, ...)``.
+        adapter: maps student features to the teacher's shape (e.g. :class:`FeatureAdapter`), when ``C_s != C_t``.
         name: names the layer pair in the error raised when the shapes do not match.
 
     Raises:
@@ -299,12 +302,9 @@ def paired_feature_losses(
     return losses
 
 
-def weighted_sum(
-    task_losses: Mapping[str, Tensor],
-    loss_weights: Mapping[str, float],
-    distill_losses: Union[Mapping[str, Tensor], Sequence[Tensor], Tensor, None] = None,
-    lambda_coef: float = 1.0,
-) -> Tensor:
+def weighted_sum(task_losses: Mapping[str, Tensor], loss_weights: Mapping[str, float],
+                 distill_losses: Union[Mapping[str, Tensor], Sequence[Tensor], Tensor, None] = None,
+                 lambda_coef: float = 1.0) -> Tensor:
     """``sum_k loss_weights[k] * task_losses[k] + lambda_coef * sum(distill_losses)``.
 
     Args:

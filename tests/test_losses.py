@@ -300,6 +300,30 @@ def test_feature_mse_mismatch_after_the_adapter_names_the_adapted_shape():
     assert "pass" not in str(info.value)  # the adapter is there: no advice to add one
 
 
+def test_a_token_length_mismatch_after_the_adapter_still_says_pool_or_interpolate():
+    adapter = FeatureAdapter(8, 32, channels_last=True)  # (N, L, C) tokens: 5 against the teacher's 17
+    with pytest.raises(ValueError, match=re.escape("student features (2, 5, 32) do not match teacher features "
+                                                   "(2, 17, 32) after the adapter")) as info:
+        feature_mse(torch.zeros(2, 5, 8), torch.zeros(2, 17, 32), adapter=adapter, name="tokens")
+    assert "pool or interpolate" in str(info.value) and "pass" not in str(info.value)
+
+
+def test_logit_kd_and_mask_kd_of_a_bfloat16_teacher_compute_in_float32():
+    # teacher_precision="bf16-mixed" hands over bfloat16 logits: the KL was computed in bfloat16, and went below 0
+    g = torch.Generator().manual_seed(0)
+    teacher = (torch.randn(4, 16, 1000, generator=g) * 3).bfloat16()
+    student = teacher.float() + 0.05 * torch.randn(4, 16, 1000, generator=g)
+    s64, t64 = student.double() / 2.0, teacher.double() / 2.0
+    reference = (F.softmax(t64, -1) * (F.log_softmax(t64, -1) - F.log_softmax(s64, -1))).sum(-1).mean() * 4.0
+    got = logit_kd(student, teacher, temperature=2.0, dim=-1)
+    assert got.dtype == torch.float32 and float(got) == pytest.approx(float(reference), rel=1e-4)
+    both = logit_kd(student.bfloat16(), teacher, temperature=2.0, dim=-1)  # both 16-bit: float32 too
+    assert both.dtype == torch.float32 and float(both) >= 0
+    mask = mask_kd(student[..., :4], teacher[..., :4], temperature=2.0)
+    mask_reference = F.binary_cross_entropy_with_logits(s64[..., :4], torch.sigmoid(t64[..., :4])) * 4.0
+    assert mask.dtype == torch.float32 and float(mask) == pytest.approx(float(mask_reference), rel=1e-5)
+
+
 def test_logit_kd_lets_a_nan_teacher_through_so_it_can_be_caught():
     teacher = torch.tensor([[float("nan"), 0.0, 1.0]])
     assert torch.isnan(logit_kd(torch.zeros(1, 3), teacher))

@@ -113,6 +113,18 @@ def test_a_selector_that_does_not_apply_names_itself_and_the_ones_that_would():
         model.captured_features("teacher")
 
 
+def test_a_selector_on_a_module_that_returns_a_tensor_names_the_bare_path():
+    # BertEmbeddings returns a tensor: the selector `[0]` does not apply, and the tensor is the module's own output
+    model = BertStudent({"student": ["model." + STUDENT_LAYER], "teacher": ["bert.embeddings[0]"]})
+    model.prepare_teachers()
+    model.use_distillation = True
+    model.run_teachers(input_ids=torch.randint(1, 50, (2, 5)))
+    with pytest.raises(DistillationStepError, match=re.escape(
+            "`configure_feature_hooks.teacher` = 'bert.embeddings[0]': the selector `[0]` needs a tuple or list, not "
+            "Tensor; select a tensor: `bert.embeddings`")):
+        model.captured_features("teacher")
+
+
 def test_a_malformed_selector_is_refused_at_setup():
     model = BertStudent({"student": ["model.bert.encoder[first]"], "teacher": [TEACHER_LAYER]})
     with pytest.raises(StageConfigError, match=re.escape("`configure_feature_hooks.student` = "

@@ -263,7 +263,7 @@ class FeatureHooks:
             module = split_hook_path(path)[0]
             source = capture.raw if capture.failed is not None else value
             base = module if capture.failed is not None else path
-            options = [f"`{base}{sel}`" for sel in tensor_selectors(source)][:6]
+            options = [f"`{base}{sel}`" for sel in ([""] if isinstance(source, Tensor) else tensor_selectors(source))][:6]
             got = f"the selector {capture.failed}" if capture.failed is not None else \
                 f"captured a {type(value).__name__}, not a tensor"
             return [StageProblem(got, name=where, field=field, value=path,
