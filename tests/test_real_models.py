@@ -334,6 +334,16 @@ def test_an_error_inside_a_teachers_forward_names_the_teacher():
     assert "give each teacher its own inputs: run_teachers(inputs=" in message
 
 
+def test_a_dict_given_positionally_to_a_transformers_teacher_names_the_teacher():
+    model = TwoTeachers()
+    model.prepare_teachers()
+    model.use_distillation = True
+    batch = {"input_ids": torch.randint(1, 50, (2, 5))}
+    with pytest.raises(DistillationStepError) as err:
+        model.run_teachers(batch)  # the BERT teacher reads input_ids.size(): an AttributeError of the dict
+    assert "teacher 'bert' raised AttributeError in its forward" in str(err.value)
+
+
 def test_per_teacher_inputs_must_name_every_teacher():
     model = TwoTeachers()
     model.prepare_teachers()

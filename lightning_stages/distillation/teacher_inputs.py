@@ -76,7 +76,7 @@ def forward_named(name: str, teacher: nn.Module, call: tuple[tuple, dict], stage
         return teacher(*args, **kwargs)
     except torch.OutOfMemoryError:
         raise
-    except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as err:
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError, RuntimeError) as err:
         hint = "give each teacher its own inputs: run_teachers(inputs={name: (args...) or {kwargs}})" if shared else None
         raise DistillationStepError(StageProblem(
             f"teacher {name!r} raised {type(err).__name__} in its forward: {err}", name=stage_where(stage),

@@ -186,7 +186,7 @@ class Teachers:
 
         Raises:
             DistillationStepError: ``inputs`` does not name every teacher, or a teacher's forward raised a
-                ``TypeError``, ``ValueError``, ``IndexError``, ``KeyError`` or a ``RuntimeError`` other than running
+                ``TypeError``, ``ValueError``, ``IndexError``, ``KeyError``, ``AttributeError`` or a ``RuntimeError`` other than running
                 out of memory (a shape or dtype that does not fit); the message names the teacher and the stage.
         """
         calls = teacher_calls(list(self.modules), args, kwargs, inputs, stage)
