@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_stages.cli import main
+from lightning_stages import StageConfigError
+from lightning_stages.cli import StagesLightningCLI, main
 from lightning_stages.cli.compare import run_compare
 from lightning_stages.cli.compare_report import verdict
 from lightning_stages.cli.like_for_like import like_for_like_differences
@@ -50,6 +51,25 @@ def test_validate_reports_every_error_with_stage_field_and_value(tmp_path: Path,
     err = capsys.readouterr().err
     assert "stage 0 ('distill_only'): `lamda_coef` = 1.0: is not a stage field; did you mean `lambda_coef`?" in err
     assert "stage 1 ('finetune_only'): `lambda_coef` = -0.5: must be >= 0" in err
+
+
+def test_a_trainer_section_in_a_file_of_its_own_is_read_and_checked(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    # trainer: trainer.yaml, read from the config's folder as LightningCLI reads it; refused as "not a mapping" before
+    (tmp_path / "trainer.yaml").write_text(
+        "max_epochs: 4\ncallbacks:\n  - class_path: lightning_stages.StageScheduleCallback\n    init_args:\n"
+        "      stage_schedule: [{name: kd, start_epoch: 0, end_epoch: 2}, {name: ft, start_epoch: 2, lamda_coef: 1}]\n")
+    config = tmp_path / "run.yaml"
+    config.write_text("trainer: trainer.yaml\nmodel: {class_path: lightning.pytorch.demos.boring_classes.BoringModel}\n")
+    assert main(["validate", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "stage 1 ('ft'): `lamda_coef` = 1: is not a stage field; did you mean `lambda_coef`?" in err
+    assert "must be a mapping" not in err
+    with pytest.raises(StageConfigError, match=r"`lamda_coef` = 1: is not a stage field"):  # before parsing
+        StagesLightningCLI(args=["--config", str(config)], run=False, save_config_callback=None)
+    (tmp_path / "trainer.yaml").write_text((tmp_path / "trainer.yaml").read_text().replace("lamda_coef: 1", "end_epoch: 4"))
+    assert main(["validate", str(config)]) == 0
+    assert "2 stages over 4 epochs (kd [0, 2), ft [2, 4))" in capsys.readouterr().out
 
 
 def test_validate_checks_loss_weights_against_the_model_of_a_lightning_config(

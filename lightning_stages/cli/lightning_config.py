@@ -14,10 +14,12 @@ import inspect
 import os
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Optional, Union
 
 from lightning_stages.best_weights import best_weights_problem
 from lightning_stages.cli.declared_weights import as_the_parser_reads, declared_by_model, import_class_path
+from lightning_stages.cli.nested_files import with_nested_trainer
 from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
 from lightning_stages.schedule import StageSchedule, bind_schedule
 from lightning_stages.schedule.bind import given_schedule
@@ -249,7 +251,9 @@ def schedule_of_config(
         [('kd', 0, 2, 0.0), ('base', 2, 6, 1.0)]
     """
     data = load_config(path)
-    if not _is_lightning_config(data):
+    if _is_lightning_config(data):
+        data = with_nested_trainer(data, Path(path).parent)  # trainer: trainer.yaml
+    else:
         schedule = StageSchedule.from_config(data)
         if stages is not None:
             raise StageConfigError(StageProblem("`--stages` goes with a LightningCLI config, not a schedule file",

@@ -13,24 +13,12 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from lightning_stages.cli.lightning_config import _SCHEDULE_MODEL_KEYS, _fit_section, _max_epochs_of, _section
-from lightning_stages.cli.run_fingerprint import _NESTED  # the suffixes of a nested config file, as fingerprinted
+from lightning_stages.cli.nested_files import nested_file
 from lightning_stages.errors import StageConfigError, printable
 from lightning_stages.schedule.config_input import MAX_DEPTH
 from lightning_stages.schedule.seed_format import load_config
 
 __all__ = ["like_for_like_differences"]
-
-def _nested_file(value: Any, folder: Path) -> Optional[Path]:
-    """The config file a setting's string names, relative to the config's folder (where LightningCLI reads it, not
-    the working directory); ``None`` if it names none."""
-    if not isinstance(value, str) or not value.lower().endswith(_NESTED) or "\n" in value or len(value) > 4096:
-        return None
-    try:
-        path = folder / value
-        return path.resolve() if path.is_file() else None
-    except (OSError, ValueError):  # a name the file system refuses (a NUL byte, too long)
-        return None
-
 
 #: the most nested file contents one config may expand to, in values (files named many times count each time)
 _MAX_EXPANDED = 10_000
@@ -65,11 +53,11 @@ class _Read:
         self.left = _MAX_EXPANDED
 
     def named(self, value: Any, folder: Path) -> Optional[Path]:
-        """:func:`_nested_file`, looked up once per string and folder."""
+        """:func:`~lightning_stages.cli.nested_files.nested_file`, looked up once per string and folder."""
         if not isinstance(value, str):
             return None
         if (value, folder) not in self.names:
-            self.names[(value, folder)] = _nested_file(value, folder)
+            self.names[(value, folder)] = nested_file(value, folder)
         return self.names[(value, folder)]
 
     def content(self, path: Path) -> Any:

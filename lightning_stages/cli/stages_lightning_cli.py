@@ -23,6 +23,7 @@ from lightning_stages.cli.lightning_config import (
     more_schedules_problem,
     two_schedules_problem,
 )
+from lightning_stages.cli.nested_files import with_nested_trainer
 from lightning_stages.errors import StageConfigError
 from lightning_stages.schedule import StageSchedule
 from lightning_stages.schedule.config_input import parse_yaml
@@ -102,7 +103,7 @@ class StagesLightningCLI(LightningCLI):
                 if Path(path).is_file():
                     # a schedule here and `--stages` is an error only if a later config does not replace it: the
                     # Trainer's callbacks after parsing tell (instantiate_trainer)
-                    check_lightning_config(load_config(path))
+                    check_lightning_config(with_nested_trainer(load_config(path), Path(path).parent))
             for _, path in _option_values(given, ("--stages", *_CONFIG_OPTIONS)):
                 StageSchedule.from_config(path)
             for option, value in _option_values(given, _SCHEDULE_OPTIONS):
