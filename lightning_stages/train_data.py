@@ -60,8 +60,10 @@ def step_data_problems(trainer: pl.Trainer, schedule: StageSchedule) -> list[Sta
     to ``fit`` (``train_dataloaders=``: there is no ``train_dataloader()`` to build them again with the new
     ``stage_data``), or a step schedule whose ``data`` changes, trained by a ``training_step`` that takes
     ``dataloader_iter`` (Lightning then decides an epoch's last batch itself after every step, from the iterator, so
-    the epoch cannot be ended at the boundary).
+    the epoch cannot be ended at the boundary); and the stages of a step schedule that the run never reaches
+    (:func:`unreached_step_problems`).
     """
+    problems = unreached_step_problems(trainer, schedule)
     source = trainer.fit_loop._data_source
     if source.instance is not None and not source.is_module():
         reason = ("but the training dataloaders were given to `fit`, so no `train_dataloader()` can build the new "
@@ -71,8 +73,7 @@ def step_data_problems(trainer: pl.Trainer, schedule: StageSchedule) -> list[Sta
         reason = ("but `training_step` takes `dataloader_iter`, whose epoch cannot be ended at a step",
                   "take `batch` in `training_step`, or give every stage in steps the same `data`")
     else:
-        return []
-    problems = []
+        return problems
     for before, after in pairwise(schedule.timeline()):
         if before.data != after.data:
             index = after.index if after.index is not None else before.index
@@ -82,6 +83,26 @@ def step_data_problems(trainer: pl.Trainer, schedule: StageSchedule) -> list[Sta
                 f"{after.data!r}), {reason[0]}", index=index, name=name, field="data",
                 value=after.data if after.index is not None else before.data, hint=reason[1]))
     return problems
+
+
+def unreached_step_problems(trainer: pl.Trainer, schedule: StageSchedule) -> list[StageProblem]:
+    """The stages of a step schedule that start at or after the last optimizer step of a run that only ``max_epochs``
+    bounds (no ``max_steps``): they would never run, as a stage in epochs that starts at ``max_epochs``. Counted
+    from this fit's loader (``ceil(batches / accumulate_grad_batches)`` steps an epoch); not when the count can
+    change (a stage's own ``data``, a reload of the loaders, a loader without a length, manual optimization)."""
+    batches, max_epochs, max_steps = trainer.num_training_batches, trainer.max_epochs, trainer.max_steps
+    reloads: int = getattr(trainer, "reload_dataloaders_every_n_epochs", 0)  # set by Lightning's data connector
+    if (schedule.unit != "step" or (max_steps is not None and max_steps >= 0) or max_epochs is None or max_epochs < 0
+            or not math.isfinite(batches) or not batches or reloads or not trainer.lightning_module.automatic_optimization
+            or any(stage.data is not None for stage in schedule.stages)):
+        return []
+    per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+    return [StageProblem(
+        f"starts at or after the run's last optimizer step: the Trainer stops after max_epochs={max_epochs} epochs of "
+        f"{per_epoch} optimizer steps ({max_epochs * per_epoch} steps; no max_steps is set), so it would never run",
+        index=index, name=stage.name, field="start_step", value=stage.start_step,
+        hint="set the Trainer's max_steps, or raise max_epochs")
+        for index, stage in enumerate(schedule.stages) if (stage.start_step or 0) >= max_epochs * per_epoch]
 
 
 def finish_resumed_epoch(trainer: pl.Trainer, data_changes: bool, at_epoch_end: bool) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,28 @@ def test_a_stage_starting_at_or_after_max_steps_is_refused_at_setup(tmp_path):
         trainer(tmp_path, max_epochs=-1, max_steps=10,
                 callbacks=[StageScheduleCallback(stage_schedule=stages)]).fit(model, _data(4))
     assert model.rows == []
+
+
+@pytest.mark.parametrize(("accumulate", "reached"), [(1, 8), (3, 4)])  # 2 epochs of ceil(4 / accumulate) steps
+def test_a_step_stage_that_max_epochs_alone_never_reaches_is_refused_before_the_first_batch(tmp_path, accumulate,
+                                                                                          reached):
+    # no max_steps: the run ends after max_epochs, and a stage in steps beyond it would never run, without a word
+    stages = [{"name": "kd", "start_step": 0, "end_step": 2, "distillation": True}, {"name": "never", "start_step": 8}]
+    model = Hooked()
+    fit = trainer(tmp_path, max_epochs=2, accumulate_grad_batches=accumulate,
+                  callbacks=[StageScheduleCallback(stage_schedule=stages, verbose=False)])
+    with pytest.raises(StageConfigError, match=re.escape(
+            f"stage 1 ('never'): `start_step` = 8: starts at or after the run's last optimizer step: the Trainer stops "
+            f"after max_epochs=2 epochs of {reached // 2} optimizer steps ({reached} steps; no max_steps is set), so it "
+            "would never run; set the Trainer's max_steps, or raise max_epochs")):
+        fit.fit(model, _data(4))
+    assert model.rows == []
+    stages[1]["start_step"] = reached - 1  # its last step: it runs
+    fit = trainer(tmp_path, max_epochs=2, accumulate_grad_batches=accumulate,
+                  callbacks=[StageScheduleCallback(stage_schedule=stages, verbose=False)])
+    with pytest.warns(UserWarning, match="no stage covers"):  # steps 2 .. reached - 2
+        fit.fit(model, _data(4))
+    assert model.rows[-1][3] == "never" and fit.global_step == reached
 
 
 def test_an_omitted_end_step_means_max_steps(tmp_path):
