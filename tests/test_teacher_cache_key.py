@@ -4,6 +4,8 @@ still share them."""
 
 import contextlib
 import enum
+import importlib.util
+import sys
 from pathlib import Path
 
 import _cache_ddp_worker as worker
@@ -145,6 +147,36 @@ def test_the_fingerprint_reads_non_persistent_buffers_and_keeps_the_other_teache
         plain.weight.copy_(torch.tensor([[1.0, -2.0]]))
         plain.bias.fill_(0.5)
     assert teacher_fingerprint({"t": plain}, {"t": [""]}, {"precision": None}) == PLAIN_KEY
+
+
+def _teacher_key(folder: Path, forward: str) -> str:
+    """The key of ``Teacher`` (fixed weights) from a module ``teacher_code`` written in ``folder``: a base class whose
+    ``forward`` is ``forward``, and a subclass (the teacher) whose own source is the same in every folder."""
+    folder.mkdir()
+    (folder / "teacher_code.py").write_text(
+        "from torch import nn\n\n\nclass Base(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        f"        self.layer = nn.Linear(2, 2)\n\n    def forward(self, x):\n        return {forward}\n\n\n"
+        "class Teacher(Base):\n    pass\n")
+    spec = importlib.util.spec_from_file_location("teacher_code", folder / "teacher_code.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["teacher_code"] = module  # where inspect finds a class's file, as for an imported module
+    try:
+        spec.loader.exec_module(module)
+        teacher = module.Teacher().eval()
+        with torch.no_grad():
+            teacher.layer.weight.fill_(0.5)
+            teacher.layer.bias.fill_(0.25)
+        return teacher_fingerprint({"t": teacher})
+    finally:
+        del sys.modules["teacher_code"]
+
+
+def test_an_edited_inherited_forward_changes_the_key(tmp_path):
+    # the teacher's class only inherits forward: editing the base class kept the key, and a cache in a directory
+    # served the rows of the old forward
+    first = _teacher_key(tmp_path / "a", "self.layer(x)")
+    assert _teacher_key(tmp_path / "b", "2 * self.layer(x)") != first
+    assert _teacher_key(tmp_path / "c", "self.layer(x)") == first  # the same code again: the same key
 
 
 class NewTeacherWeights(pl.Callback):

@@ -45,14 +45,17 @@ def refuse_random_teachers(teachers: Mapping[str, nn.Module], stage: Optional[st
     """
     for name, teacher in teachers.items():
         for path, module in teacher.named_modules():
-            if module.training and isinstance(module, (_DropoutNd, _BatchNorm)):
+            # a batch norm without running statistics normalizes by the batch's, in eval mode too
+            batch_stats = isinstance(module, _BatchNorm) and not module.training and module.running_mean is None
+            if (module.training and isinstance(module, (_DropoutNd, _BatchNorm))) or batch_stats:
                 where = f"{name}.{path}" if path else name
                 raise DistillationStepError(StageProblem(
-                    f"is in training mode, so teacher {name!r} computes a random or batch-dependent output, and a "
-                    "stored row would stand for one draw in every later epoch", name=None,
-                    field=f"teachers.{where}", value=type(module).__name__,
-                    hint="teachers are put in eval mode when prepared: keep them there (something called .train() "
-                    "on it), or set teacher_cache = None to run the teacher at every step"), stage=stage,
+                    ("keeps no running statistics (track_running_stats=False)" if batch_stats else "is in training mode")
+                    + f", so teacher {name!r} computes a random or batch-dependent output, and a stored row would "
+                    "stand for one draw in every later epoch", name=None, field=f"teachers.{where}",
+                    value=type(module).__name__, hint=("give it running statistics" if batch_stats else
+                    "teachers are put in eval mode when prepared: keep them there (something called .train() on it)")
+                    + ", or set teacher_cache = None to run the teacher at every step"), stage=stage,
                     when="a training step")
 
 

@@ -145,8 +145,10 @@ class Teachers:
         self.modules = modules
         #: whether ``offload_teachers`` keeps them on CPU now
         self.offloaded = False
-        #: the ``extra`` of the fingerprint the teacher cache was last bound to (precision and autocast in force)
+        #: the ``extra`` of the fingerprint the teacher cache was last bound to (precision and autocast in force), and
+        #: that fingerprint (a cache shared with another module, a class attribute, may be bound to another since)
         self._bound_extra: Optional[dict[str, Any]] = None
+        self._bound_key: Optional[str] = None
         self._watched: list[Tensor] = []  # the teachers' parameters and buffers at that binding
         self._versions: Optional[list[int]] = None  # and their version counters then
         self._registrations = -1  # weights set on any module then (registrations())
@@ -231,12 +233,12 @@ class Teachers:
             # the autocast in force changes the outputs: a Trainer's bf16-mixed, or the caller's own autocast
             place = device()
             extra = {"precision": precision, "autocast": str(autocast_in_force(place.type, precision))}
-            if bind or extra != self._bound_extra or self._changed():
+            if bind or extra != self._bound_extra or cache.fingerprint != self._bound_key or self._changed():
                 refuse_random_teachers(self.modules, stage)
                 layers = {name: hooks.spec.get(name, ()) for name in self.modules}
                 warn_sequence_first(self.modules, layers, cache.store_features)
                 cache.bind(teacher_fingerprint(self.modules, layers, extra, version=cache.version))
-                self._bound_extra = extra
+                self._bound_extra, self._bound_key = extra, cache.fingerprint
                 self._watched = [t for m in self.modules.values() for t in (*m.parameters(), *m.buffers())]
                 self._versions = self._current_versions()
                 self._registrations, self._modes = registrations(), self._current_modes()
