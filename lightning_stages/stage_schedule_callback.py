@@ -342,9 +342,9 @@ class StageScheduleCallback(CheckpointGuard):
         self._resume_at = checkpoint.get("global_step") if self._bound().unit == "step" else resumed_epoch(checkpoint)
         states = checkpoint.get("callbacks") or {}
         if self.state_key not in states:
-            rank_zero_warn(
-                "StageScheduleCallback: the checkpoint was written without this callback; each epoch resumes with "
-                "the stage the schedule given now assigns to it."
-            )
+            rank_zero_warn("StageScheduleCallback: the checkpoint was written without this callback; each epoch resumes "
+                           "with the stage the schedule given now assigns to it.")
+        elif not states[self.state_key]:  # an empty or zero state, which Lightning does not give load_state_dict
+            warn_about_saved_schedule(states[self.state_key], self._bound())
 
 

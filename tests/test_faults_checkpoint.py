@@ -132,3 +132,20 @@ def test_a_damaged_checkpoint_resumes_a_fit_with_a_warning(tmp_path: Path):
         trainer(tmp_path / "resumed", max_epochs=2, callbacks=[StageScheduleCallback(stages)]).fit(
             model, tiny_loader(), ckpt_path=tmp_path / "damaged.ckpt")
     assert model.stage_name == "b"
+
+
+@pytest.mark.parametrize("state", [None, {}, [], 0, ""], ids=["null", "empty mapping", "empty list", "zero", "empty"])
+def test_an_empty_or_zero_callback_state_resumes_a_fit_with_a_warning(tmp_path: Path, state):
+    # Lightning hands no empty or zero state to load_state_dict: such a damaged state resumed without a word
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    stages = [{"name": "a", "start_epoch": 0, "end_epoch": 1}, {"name": "b", "start_epoch": 1}]
+    trainer(tmp_path, max_epochs=1, callbacks=[StageScheduleCallback([stages[0]]), checkpoints],
+            enable_checkpointing=True).fit(TinyNet(), tiny_loader())
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    saved["callbacks"]["StageScheduleCallback"] = state
+    torch.save(saved, tmp_path / "damaged.ckpt")
+    model = TinyNet()
+    with pytest.warns(UserWarning, match="(?s)could not be read .*resuming with the schedule given now"):
+        trainer(tmp_path / "resumed", max_epochs=2, callbacks=[StageScheduleCallback(stages)]).fit(
+            model, tiny_loader(), ckpt_path=tmp_path / "damaged.ckpt")
+    assert model.stage_name == "b"
