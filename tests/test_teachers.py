@@ -24,6 +24,17 @@ def test_build_refuses_what_is_not_teachers(returned, message):
         build_teachers(lambda: returned, "stage 2 ('kd')")
 
 
+def test_a_lazy_teacher_is_refused_at_setup_and_one_run_once_is_taken():
+    # freezing an uninitialized lazy parameter raised torch's raw ValueError when the teachers were prepared
+    with pytest.raises(StageConfigError, match=r"`configure_teachers` = 'Sequential': teacher 't' has uninitialized "
+                                               r"parameters \(an nn.Lazy\* module\); run it once on an example batch"):
+        build_teachers(lambda: {"t": nn.Sequential(nn.LazyLinear(3))}, "stage 0")
+    lazy = nn.Sequential(nn.LazyLinear(3))
+    lazy(torch.zeros(1, 4))  # a dry run gives it its shapes
+    teachers = Teachers(build_teachers(lambda: {"t": lazy}, "stage 0"), device=None)
+    assert teachers.modules["t"][0].weight.shape == (3, 4) and not teachers.modules["t"][0].weight.requires_grad
+
+
 def test_build_names_the_exception_of_configure_teachers():
     def broken():
         raise FileNotFoundError("teacher.ckpt")

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from lightning_stages.distillation.feature_hooks import (
     STUDENT,
@@ -72,16 +73,17 @@ def build_teachers(configure_teachers: Callable[[], Any], where: str) -> dict[st
         if not isinstance(teacher, nn.Module):
             problems.append(StageProblem(f"teacher {name!r} must be an nn.Module, not {type(teacher).__name__}",
                                          name=where, field="configure_teachers", value=teacher))
+        elif any(is_lazy(t) for t in (*teacher.parameters(), *teacher.buffers())):  # freezing it would raise
+            problems.append(StageProblem(f"teacher {name!r} has uninitialized parameters (an nn.Lazy* module); run it "
+                            "once on an example batch in configure_teachers()", name=where, field="configure_teachers",
+                            value=type(teacher).__name__))
     if problems:
         raise StageConfigError(problems)
     return dict(teachers)
 
 
 def _keep_on_own_device(fn: Callable[[Tensor], Tensor], tensor: Tensor) -> Tensor:
-    """``fn(tensor)``, except that a change of device is dropped (a change of dtype is kept).
-
-    ``fn`` is first tried on an empty tensor to see what it does.
-    """
+    """``fn(tensor)``, except that a change of device is dropped (a change of dtype is kept): tried on an empty one."""
     probe = fn(tensor.new_empty(0))
     if probe.device == tensor.device:
         return fn(tensor)
@@ -143,10 +145,8 @@ class Teachers:
             if device is not None:
                 teacher.to(device)
         self.modules = modules
-        #: whether ``offload_teachers`` keeps them on CPU now
-        self.offloaded = False
-        #: the ``extra`` of the fingerprint the teacher cache was last bound to (precision and autocast in force), and
-        #: that fingerprint (a cache shared with another module, a class attribute, may be bound to another since)
+        self.offloaded = False  #: whether ``offload_teachers`` keeps them on CPU now
+        #: the ``extra`` (precision, autocast) and the fingerprint the teacher cache was last bound to (by this module)
         self._bound_extra: Optional[dict[str, Any]] = None
         self._bound_key: Optional[str] = None
         self._watched: list[Tensor] = []  # the teachers' parameters and buffers at that binding
