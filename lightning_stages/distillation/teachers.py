@@ -188,8 +188,8 @@ class Teachers:
 
         Raises:
             DistillationStepError: ``inputs`` does not name every teacher, or a teacher's forward raised a
-                ``TypeError``, ``ValueError``, ``IndexError``, ``KeyError``, ``AttributeError`` or a ``RuntimeError`` other than running
-                out of memory (a shape or dtype that does not fit); the message names the teacher and the stage.
+                ``TypeError``, ``ValueError``, ``IndexError``, ``KeyError``, ``AttributeError`` or a ``RuntimeError``
+                other than running out of memory (a shape or dtype that does not fit); it names teacher and stage.
         """
         calls = teacher_calls(list(self.modules), args, kwargs, inputs, stage)
         if self.offloaded:
