@@ -72,6 +72,21 @@ def test_a_trainer_section_in_a_file_of_its_own_is_read_and_checked(tmp_path: Pa
     assert "2 stages over 4 epochs (kd [0, 2), ft [2, 4))" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("option", ["--trainer.callbacks=[{entry}]", "--trainer.callbacks+={entry}"])
+def test_stage_schedules_of_callbacks_given_whole_on_the_command_line_are_checked_before_parsing(option: str) -> None:
+    # the parser's 77-line message named the key on line 65, with no did-you-mean
+    entry = ("{class_path: lightning_stages.StageScheduleCallback, init_args: {stage_schedule: [{start_epoch: 0, "
+             "lamda_coef: 0.5}]}}")
+    with pytest.raises(StageConfigError, match=r"stage 0: `lamda_coef` = 0.5: is not a stage field; did you mean "
+                                               r"`lambda_coef`\?"):
+        StagesLightningCLI(args=["--model=lightning.pytorch.demos.boring_classes.BoringModel",
+                                 option.format(entry=entry)], run=False, save_config_callback=None)
+    cli = StagesLightningCLI(args=["--model=lightning.pytorch.demos.boring_classes.BoringModel", "--trainer.logger=false",
+                                   option.format(entry=entry.replace("lamda_coef", "lambda_coef"))],
+                             run=False, save_config_callback=None)
+    assert [type(c).__name__ for c in cli.trainer.callbacks].count("StageScheduleCallback") == 1
+
+
 def test_validate_checks_loss_weights_against_the_model_of_a_lightning_config(
     tiny_config: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,6 +35,7 @@ __all__ = ["StagesLightningCLI"]
 
 _SCHEDULE_OPTIONS = ("--trainer.callbacks.stage_schedule", "--trainer.callbacks.init_args.stage_schedule")
 _CONFIG_OPTIONS = ("--trainer.callbacks.config", "--trainer.callbacks.init_args.config")  # a seed-format file
+_CALLBACKS_OPTIONS = ("--trainer.callbacks", "--trainer.callbacks+")  # whole callbacks: a list, or one to add
 
 
 def _option_values(args: Sequence[str], options: Sequence[str]) -> list[tuple[str, str]]:
@@ -60,6 +61,15 @@ def _check_command_line_schedule(option: str, value: str) -> None:
     if isinstance(schedule, list):
         check_lightning_config({"trainer": {"callbacks": [
             {"class_path": "lightning_stages.StageScheduleCallback", "init_args": {"stage_schedule": schedule}}]}})
+
+
+def _check_command_line_callbacks(option: str, value: str) -> None:
+    """Check the stage schedules of callbacks given whole on the command line (``--trainer.callbacks=[...]``,
+    ``--trainer.callbacks+={class_path: ..., init_args: ...}``) as the parser would read them (YAML); a value that is
+    neither a list nor a mapping (a class name, a file) is left to the parser."""
+    callbacks = parse_yaml(value, source=option)
+    if isinstance(callbacks, (list, Mapping)):
+        check_lightning_config({"trainer": {"callbacks": callbacks}})
 
 
 class StagesLightningCLI(LightningCLI):
@@ -108,6 +118,8 @@ class StagesLightningCLI(LightningCLI):
                 StageSchedule.from_config(path)
             for option, value in _option_values(given, _SCHEDULE_OPTIONS):
                 _check_command_line_schedule(option, value)
+            for option, value in _option_values(given, _CALLBACKS_OPTIONS):
+                _check_command_line_callbacks(option, value)
         with warnings.catch_warnings():
             # giving `args` from Python (compare, tests) is what we mean to do; LightningCLI warns about it anyway
             warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
