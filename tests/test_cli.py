@@ -314,6 +314,21 @@ def test_like_for_like_reads_a_nested_config_file_by_its_content(tmp_path: Path)
     assert like_for_like_differences([inline, bare])[0] == "d.yaml: model.class_path = 'other.Net', but 'my.Net' in c.yaml"
 
 
+def test_like_for_like_counts_the_trainers_and_the_optimizers_settings(tmp_path: Path) -> None:
+    # only trainer.max_epochs counted: configs with other precision, accumulation or optimizer compared silently
+    base = ("trainer: {max_epochs: 2, precision: 32-true, accumulate_grad_batches: 1, logger: {init_args: {name: %s}}}\n"
+            "model: my.Net\noptimizer: {class_path: torch.optim.SGD, init_args: {lr: %s}}\n")
+    a, b, c = tmp_path / "a.yaml", tmp_path / "b.yaml", tmp_path / "c.yaml"
+    a.write_text(base % ("a", "0.1"))
+    b.write_text((base % ("b", "0.1")).replace("32-true", "bf16-mixed").replace("batches: 1", "batches: 4"))
+    c.write_text(base % ("c", "0.01"))  # another logger name alone does not count; another learning rate does
+    assert like_for_like_differences([a, b, c]) == [
+        "b.yaml: trainer.accumulate_grad_batches = 4, but 1 in a.yaml",
+        "b.yaml: trainer.precision = 'bf16-mixed', but '32-true' in a.yaml",
+        "c.yaml: optimizer.init_args.lr = 0.01, but 0.1 in a.yaml",
+    ]
+
+
 def test_like_for_like_with_a_nested_file_that_names_itself_or_cannot_be_read(tmp_path: Path) -> None:
     a = _nested(tmp_path / "x", "a.yaml", "model.yaml", width=8)
     (tmp_path / "x" / "model.yaml").write_text("class_path: my.Net\ninit_args: {sub: model.yaml}\n")

@@ -20,6 +20,11 @@ from lightning_stages.schedule.seed_format import load_config
 
 __all__ = ["like_for_like_differences"]
 
+#: the Trainer's settings that do not change what a run trains (where it writes, what it shows), and its callbacks
+#: (where the schedule is)
+_NOT_TRAINING = frozenset({"callbacks", "logger", "default_root_dir", "enable_progress_bar", "enable_model_summary",
+                           "enable_checkpointing", "log_every_n_steps", "profiler"})
+
 #: the most nested file contents one config may expand to, in values (files named many times count each time)
 _MAX_EXPANDED = 10_000
 
@@ -106,7 +111,13 @@ def _settings(path: Union[str, os.PathLike]) -> dict[str, Any]:
         model["class_path"] = expanded  # a bare class path (``model: my.Net``)
     model["init_args"] = {k: v for k, v in _section(model, "init_args").items() if k not in _SCHEDULE_MODEL_KEYS}
     walk("model", model)
-    flat["trainer.max_epochs"] = _max_epochs_of(data)
+    trainer = _expanded(data.get("trainer"), folder)
+    trainer = trainer if isinstance(trainer, Mapping) else {}
+    walk("trainer", {k: v for k, v in trainer.items() if k not in _NOT_TRAINING})
+    for key in ("max_epochs", "max_steps"):  # as the parser reads them ("9" is 9; -1 and none are no limit)
+        flat[f"trainer.{key}"] = _max_epochs_of({"trainer": trainer}, key)
+    for key in ("optimizer", "lr_scheduler"):  # LightningCLI's own sections
+        walk(key, _expanded(data.get(key), folder))
     return flat
 
 
@@ -116,10 +127,11 @@ def _name(path: Union[str, os.PathLike]) -> str:
 
 
 def like_for_like_differences(configs: Sequence[Union[str, os.PathLike]]) -> list[str]:
-    """Data, model or epoch settings in which the configs differ from the first (the schedule aside).
+    """Data, model, Trainer or optimizer settings in which the configs differ from the first (the schedule aside).
 
     Everything under ``data`` and ``model`` counts, except the model's schedule settings (``loss_weights``,
-    ``use_distillation``, ``lambda_coef``); so does ``trainer.max_epochs``. A nested config file counts by its
+    ``use_distillation``, ``lambda_coef``); so does everything under ``trainer`` except its callbacks, logger and
+    output options, and LightningCLI's ``optimizer`` and ``lr_scheduler``. A nested config file counts by its
     content (see the module's description).
 
     Example::
