@@ -230,6 +230,16 @@ def test_sigterm_in_a_run_of_the_compare_process_stops_it_with_143(here: Path, c
 # ------------------------------------------------------------------------------------------------ schedule names
 
 
+def test_names_do_not_depend_on_the_order_of_the_configs() -> None:
+    # a-x.yaml's own name, and a/x.yaml's told-apart one: whichever came first got "a-x", the other "a-x_2", so a
+    # reordered command line took each for the other's changed config, retrained both and overwrote them
+    configs = ["a-x.yaml", "a/x.yaml", "b/x.yaml"]
+    orders = [configs, configs[::-1], [configs[1], configs[0], configs[2]]]
+    named = [dict(zip(order, schedule_names(order))) for order in orders]
+    assert named[0] == named[1] == named[2]
+    assert named[0]["a-x.yaml"] == "a-x" and len(set(named[0].values())) == 3
+
+
 def test_names_are_unique_and_do_not_depend_on_the_other_configs() -> None:
     assert schedule_names(["a/x.yaml", "b/x.yaml", "c/x_2.yaml"]) == ["a-x", "b-x", "x_2"]  # before: x, x_2, x_2
     assert schedule_names(["c/x_2.yaml", "b/x.yaml", "a/x.yaml"]) == ["x_2", "b-x", "a-x"]
@@ -388,6 +398,22 @@ def test_a_misspelt_metric_fails_the_runs_without_deleting_them_and_the_right_on
     again = compare(configs, out)
     assert again.trained == 0 and not again.failed
     assert score(again, "a", 0) == pytest.approx(score(first, "a", 0))
+
+
+def test_a_new_run_with_a_misspelt_metric_keeps_what_it_logged_and_the_right_one_reuses_it(here: Path) -> None:
+    # before: the run was saved failed with no metrics and no curves, so the right --metrics trained it again
+    configs = [fault_config(here, "a", bias=0.1), fault_config(here, "b")]
+    out = here / "out"
+    typo = run_compare(configs, seeds=1, out=out, jobs=1, metrics=["test/scroe"], curve_metric="val/x",
+                       echo=lambda line: None)
+    assert typo.trained == 2 and typo.failed
+    assert all(r.error.startswith("KeyError: the test step logged no test/scroe (logged: ")
+               for runs in typo.runs.values() for r in runs)
+    assert all(set(r.metrics) >= set(METRICS) for runs in typo.runs.values() for r in runs)  # kept
+    again = compare(configs, out)
+    assert again.trained == 0 and not again.failed
+    fresh = compare(configs, here / "fresh")
+    assert score(again, "a", 0) == score(fresh, "a", 0) and score(again, "b", 0) == score(fresh, "b", 0)
 
 
 def test_a_report_or_curves_that_compare_did_not_write_are_never_overwritten(here: Path,

@@ -54,6 +54,16 @@ class RunOutcome:
     teacher_samples: int = 0
     reused: bool = False
 
+    def check_metrics(self, metrics: Sequence[str]) -> None:
+        """Mark the run failed if it logged none of one of ``metrics`` (a misspelt ``--metrics``), with the error
+        every compare gives for it (:data:`MISSING_METRIC`); what it logged is kept, so the right names reuse it."""
+        if missing := [m for m in metrics if m not in self.metrics]:
+            self.error = f"{MISSING_METRIC}{', '.join(missing)} (logged: {', '.join(self.metrics) or 'nothing'})"
+
+
+#: how the error of a run without a metric of ``--metrics`` begins (such a run is kept, not trained again)
+MISSING_METRIC = "KeyError: the test step logged no "
+
 
 def metric_verdict(runs: Mapping[str, Sequence[RunOutcome]], metric: str, label: Optional[str] = None) -> MetricVerdict:
     """The paired verdict on ``metric`` of the finished runs (a run whose value is not finite is left out).

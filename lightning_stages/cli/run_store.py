@@ -24,7 +24,7 @@ from typing import Any, Optional, Union
 
 from filelock import FileLock, Timeout
 
-from lightning_stages.cli.compare_report import RunOutcome
+from lightning_stages.cli.compare_report import MISSING_METRIC, RunOutcome
 from lightning_stages.cli.run_fingerprint import config_fingerprint
 
 __all__ = ["FINGERPRINT_FORMAT", "LOCK_FILE", "RESULT_FILE", "OutputInUseError", "adopt_fingerprint", "config_fingerprint", "finished_bytes",
@@ -57,7 +57,8 @@ def schedule_names(configs: Sequence[Union[str, os.PathLike]]) -> list[str]:
     """The run folder name of each config: its file name without the suffix, whatever the other configs are.
 
     Only configs whose file names collide are told apart, by their folder's name (``a-x``, ``b-x``), or where that
-    does not tell them apart, by a hash of their path; a name still taken gets ``_2``, ``_3``.
+    does not tell them apart (or is another config's own file name), by a hash of their path; a name still taken
+    (the same config given twice) gets ``_2``, ``_3``. The names do not depend on the configs' order.
 
     Example::
 
@@ -67,23 +68,25 @@ def schedule_names(configs: Sequence[Union[str, os.PathLike]]) -> list[str]:
     paths = [Path(c).resolve() for c in configs]
     paths = [Path(_decoded(str(p))) for p in paths]  # a name that is not UTF-8 gets a folder Lightning can log to
     stems = Counter(p.stem for p in paths)
+    own = {p.stem for p in paths if stems[p.stem] == 1}  # file names that are a config's run folder as they are
 
     def wanted(path: Path) -> str:
         if stems[path.stem] == 1:
             return path.stem
-        if len({p.parent.name for p in paths if p.stem == path.stem}) == stems[path.stem]:
+        folders = {f"{p.parent.name}-{p.stem}" for p in paths if p.stem == path.stem}
+        if len(folders) == stems[path.stem] and not folders & own:
             return f"{path.parent.name}-{path.stem}"
         return f"{path.stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
 
     names = [wanted(p) for p in paths]
-    out: list[str] = []
-    for name in names:
-        unique, k = name, 1
-        while unique in out or (unique != name and unique in names):
+    out: dict[int, str] = {}
+    for i in sorted(range(len(paths)), key=lambda i: str(paths[i])):  # suffixes by path, not by the order given
+        unique, k = names[i], 1
+        while unique in out.values() or (unique != names[i] and unique in names):
             k += 1
-            unique = f"{name}_{k}"
-        out.append(unique)
-    return out
+            unique = f"{names[i]}_{k}"
+        out[i] = unique
+    return [out[i] for i in range(len(paths))]
 
 
 @contextlib.contextmanager
@@ -311,7 +314,7 @@ def load_result(folder: Union[str, os.PathLike], fingerprint: Union[str, Sequenc
                 metrics: Sequence[str]) -> Optional[RunOutcome]:
     """The run's finished result if it is the run of this folder and config; else ``None`` (the run is trained again).
 
-    That is: ``result.json`` parses, its fingerprint is ``fingerprint`` (or one of them, see :func:`_matches`), it did not fail, every field has its type (numbers
+    That is: ``result.json`` parses, its fingerprint is ``fingerprint`` (or one of them, see :func:`_matches`), it did not fail (but for a missing metric), every field has its type (numbers
     for metrics and seconds, ``[epoch, value]`` curve points, ``[epoch, name]`` boundaries), its ``schedule`` and
     ``seed`` are those of the folder ``runs/<schedule>/seed_<seed>``. A run without one of ``metrics`` is returned
     failed, with the error a new run would give: the same config logs the same metrics, so training it again would
@@ -328,7 +331,9 @@ def load_result(folder: Union[str, os.PathLike], fingerprint: Union[str, Sequenc
         data = json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or not _matches(data, fingerprint) or data.get("error") is not None:
+    error = data.get("error") if isinstance(data, dict) else None  # a run without a metric of --metrics is kept
+    if not isinstance(data, dict) or not _matches(data, fingerprint) or not (
+            error is None or (isinstance(error, str) and error.startswith(MISSING_METRIC))):
         return None
     known = {k: v for k, v in data.items() if k in _FIELDS}
     if not {"schedule", "seed"} <= set(known) or not all(_FIELDS[k](v) for k, v in known.items()):
@@ -336,9 +341,7 @@ def load_result(folder: Union[str, os.PathLike], fingerprint: Union[str, Sequenc
     if known["schedule"] != folder.parent.name or folder.name != f"seed_{known['seed']}":
         return None
     run = RunOutcome(**known)
-    missing = [m for m in metrics if m not in run.metrics]
-    if missing:  # e.g. a misspelt --metrics: reported as a new run would report it, the run kept as it is
-        run.error = f"KeyError: the test step logged no {', '.join(missing)} (logged: {', '.join(run.metrics) or 'nothing'})"
+    run.check_metrics(metrics)  # e.g. a misspelt --metrics: reported as a new run would report it, the run kept
     run.curves = {k: [(int(p[0]), float(p[1])) for p in v] for k, v in run.curves.items()}
     run.boundaries = [(int(b[0]), str(b[1])) for b in run.boundaries]
     run.metrics = {k: float(v) for k, v in run.metrics.items()}
