@@ -119,33 +119,34 @@ def test_a_string_in_the_state_is_never_opened_as_a_file(tmp_path: Path, monkeyp
     assert any("could not be read" in str(w.message) and "not a mapping" in str(w.message) for w in caught)
 
 
-def test_a_damaged_checkpoint_resumes_a_fit_with_a_warning(tmp_path: Path):
+TWO_STAGES = [{"name": "a", "start_epoch": 0, "end_epoch": 1}, {"name": "b", "start_epoch": 1}]
+
+
+def _resume_damaged(tmp_path: Path, damage, match: str) -> TinyNet:
+    """A fit of stage ``a`` saved to ``last.ckpt``, its callback state changed by ``damage(state)``, resumed into ``b``
+    with a warning matching ``match``."""
     checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    stages = [{"name": "a", "start_epoch": 0, "end_epoch": 1}, {"name": "b", "start_epoch": 1}]
-    trainer(tmp_path, max_epochs=1, callbacks=[StageScheduleCallback([stages[0]]), checkpoints],
+    trainer(tmp_path, max_epochs=1, callbacks=[StageScheduleCallback([TWO_STAGES[0]]), checkpoints],
             enable_checkpointing=True).fit(TinyNet(), tiny_loader())
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
-    state["callbacks"]["StageScheduleCallback"]["schedule"] = None
+    damage(state["callbacks"])
     torch.save(state, tmp_path / "damaged.ckpt")
     model = TinyNet()
-    with pytest.warns(UserWarning, match="could not be read"):
-        trainer(tmp_path / "resumed", max_epochs=2, callbacks=[StageScheduleCallback(stages)]).fit(
+    with pytest.warns(UserWarning, match=match):
+        trainer(tmp_path / "resumed", max_epochs=2, callbacks=[StageScheduleCallback(TWO_STAGES)]).fit(
             model, tiny_loader(), ckpt_path=tmp_path / "damaged.ckpt")
+    return model
+
+
+def test_a_damaged_checkpoint_resumes_a_fit_with_a_warning(tmp_path: Path):
+    model = _resume_damaged(tmp_path, lambda states: states["StageScheduleCallback"].__setitem__("schedule", None),
+                            "could not be read")
     assert model.stage_name == "b"
 
 
 @pytest.mark.parametrize("state", [None, {}, [], 0, ""], ids=["null", "empty mapping", "empty list", "zero", "empty"])
 def test_an_empty_or_zero_callback_state_resumes_a_fit_with_a_warning(tmp_path: Path, state):
     # Lightning hands no empty or zero state to load_state_dict: such a damaged state resumed without a word
-    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    stages = [{"name": "a", "start_epoch": 0, "end_epoch": 1}, {"name": "b", "start_epoch": 1}]
-    trainer(tmp_path, max_epochs=1, callbacks=[StageScheduleCallback([stages[0]]), checkpoints],
-            enable_checkpointing=True).fit(TinyNet(), tiny_loader())
-    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
-    saved["callbacks"]["StageScheduleCallback"] = state
-    torch.save(saved, tmp_path / "damaged.ckpt")
-    model = TinyNet()
-    with pytest.warns(UserWarning, match="(?s)could not be read .*resuming with the schedule given now"):
-        trainer(tmp_path / "resumed", max_epochs=2, callbacks=[StageScheduleCallback(stages)]).fit(
-            model, tiny_loader(), ckpt_path=tmp_path / "damaged.ckpt")
+    model = _resume_damaged(tmp_path, lambda states: states.__setitem__("StageScheduleCallback", state),
+                            "(?s)could not be read .*resuming with the schedule given now")
     assert model.stage_name == "b"
