@@ -35,7 +35,7 @@ def _float_pair(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
     dtype = torch.promote_types(student.dtype, teacher.dtype)
     if not dtype.is_floating_point or dtype.itemsize < 4:
         dtype = torch.float32
-    return student.to(dtype), teacher.to(dtype)
+    return (student, teacher) if student.dtype == teacher.dtype == dtype else (student.to(dtype), teacher.to(dtype))
 
 
 def _shape_hint(student: tuple[int, ...], teacher: tuple[int, ...], fix: str) -> str:
