@@ -153,9 +153,9 @@ class AdaptiveStages:
         """At a stage's last epoch (or the run's): restore its best weights; a plateau of the run's last stage ends
         the run, since nothing follows it. In a step schedule: restore at the run's end (see :meth:`at_step`)."""
         epoch = trainer.current_epoch
-        max_steps = getattr(trainer, "max_steps", None)  # the run's last epoch: max_epochs', or max_steps' (reached)
+        step_limit = getattr(trainer, "max_steps", None)  # the run's last epoch: max_epochs', or max_steps' (reached)
         last_of_run = (max_epochs is not None and epoch + 1 >= max_epochs) or (
-            max_steps is not None and 0 <= max_steps <= trainer.global_step)
+            step_limit is not None and 0 <= step_limit <= trainer.global_step)
         if schedule.unit == "step":
             max_steps, step = schedule.total_steps, trainer.global_step
             # a plateau of the run's last stage stopped the run here; a stop by another callback (EarlyStopping)
