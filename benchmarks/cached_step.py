@@ -57,7 +57,7 @@ def variants(model: bench.PluginStudent, batches: list) -> dict[str, Step]:
     fixed_logits, fixed_features = torch.randn(rows0, bench.CLASSES), torch.randn(rows0, bench.NECK)
     captured: dict[str, torch.Tensor] = {}
     model.net.neck.register_forward_hook(lambda module, args, output: captured.__setitem__("neck", output))
-    all_logits, all_features = teacher_outputs(batches)
+    all_logits, all_features = bench.teacher_outputs(batches)
     with torch.no_grad():  # the cache serves the teacher's own logits and features, for every batch
         for x, _, index in batches:
             model(x)
@@ -97,20 +97,6 @@ def variants(model: bench.PluginStudent, batches: list) -> dict[str, Step]:
 
     return {"plain": plain, "cached": cached, "read": read, "checksum": checksum, "losses": losses,
             "offline": offline}
-
-
-def teacher_outputs(batches: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's logits and neck features of every sample, row ``i`` for sample index ``i``."""
-    teacher = bench.make_teacher()
-    rows = sum(len(index) for _, _, index in batches)
-    logits, features = torch.empty(rows, bench.CLASSES), torch.empty(rows, bench.NECK)
-    captured: dict[str, torch.Tensor] = {}
-    teacher.neck.register_forward_hook(lambda module, args, output: captured.__setitem__("neck", output))
-    with torch.no_grad():
-        for x, _, index in batches:
-            logits[index] = teacher(x)
-            features[index] = captured["neck"]
-    return logits, features
 
 
 def measure(rounds: int) -> dict[str, Any]:

@@ -33,8 +33,9 @@ in the same repetition (one after the other, so that the slowest drifts of the m
   (:func:`cached_side_by_side`: a plain, a second plain and a cached fit in threads taking turns one step each, on
   one CPU; ``side_by_side.py``), not from the repetitions above, whose separate fits move it by several percent
   either way (their ratio stays in the JSON as ``cached_separate_fits_ratio``). Target <= 1.05. With ``--only
-  cached_distill_ratio --parts``, the fits of :data:`PARTS` (the losses without the plugin, the read alone, the cached
-  fit without the input check) run in the same turns, each with its ratio to the plain fit.
+  cached_distill_ratio --parts``, the fits of :data:`PARTS` (the losses without the plugin, offline distillation
+  written by hand without and with the cache's input check, the read alone, the cached fit without the input check)
+  run in the same turns, each with its ratio to the plain fit.
 * ``checkpoint_size_ratio``: bytes of the plugin's checkpoint / the plain one's (same student). Target <= 1.01.
 * ``large_config_ratio``: seconds to check a 49 MB JSON config as ``lightning-stages validate`` does (read, parse,
   check duplicate keys and limits, build and bind the schedule) / seconds to read it and ``json.loads`` it, median of
@@ -84,7 +85,8 @@ from side_by_side import side_by_side
 from torch import nn
 
 from lightning_stages import DistillationModule, StageScheduleCallback, TeacherCache
-from lightning_stages.losses import feature_mse, logit_kd  # feature_mse: only in the hand-written reference
+from lightning_stages.distillation.teacher_cache_inputs import input_fingerprints  # only in offline_checked
+from lightning_stages.losses import feature_mse, logit_kd  # feature_mse: only in the references without the plugin
 
 TARGETS = {
     "off_stage_ratio": ("<=", 1.02),
@@ -325,12 +327,56 @@ class UncheckedCache(TeacherCache):
         return super().lookup(sample_index, device, None)
 
 
-# --parts: the fits run side by side with the three of cached_distill_ratio: (student, its callbacks)
-PARTS: dict[str, Callable[[], tuple[pl.LightningModule, list[Callback]]]] = {
-    "losses": lambda: (LossesOnly(), []),
-    "read": lambda: (ReadOnly(cache=TeacherCache()), [StageScheduleCallback(stage_schedule=CACHED_SCHEDULE)]),
-    "unchecked": lambda: (PluginStudent(cache=UncheckedCache()),
-                          [StageScheduleCallback(stage_schedule=CACHED_SCHEDULE)]),
+def teacher_outputs(batches: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's logits and neck features of every sample, row ``i`` for sample index ``i``."""
+    teacher = make_teacher()
+    rows = sum(len(index) for _, _, index in batches)
+    logits, features = torch.empty(rows, CLASSES), torch.empty(rows, NECK)
+    captured: dict[str, torch.Tensor] = {}
+    teacher.neck.register_forward_hook(lambda module, args, output: captured.__setitem__("neck", output))
+    with torch.no_grad():
+        for x, _, index in batches:
+            logits[index] = teacher(x)
+            features[index] = captured["neck"]
+    return logits, features
+
+
+class OfflineKD(PlainStudent):
+    """A reference without the plugin (``--parts``): offline distillation written by hand. The cached fit's losses
+    against the teacher's own logits and neck features, computed for every sample before the fit and gathered by the
+    batch's sample indices. With ``check_inputs`` it also takes the input checksum the cache takes at every read
+    (``input_fingerprints``) and compares it with the checksum of the input each row was computed from: the floor of
+    a cache with the input check and nothing else of the plugin."""
+
+    def __init__(self, batches: list, check_inputs: bool = False) -> None:
+        super().__init__()
+        self.teacher_logits, self.teacher_neck = teacher_outputs(batches)
+        self.input_sums = torch.zeros(len(self.teacher_logits), dtype=torch.int64)
+        for x, _, index in batches:
+            self.input_sums[index] = input_fingerprints(((x,), {}), len(index))
+        self.check_inputs = check_inputs
+        self.neck: dict[str, torch.Tensor] = {}
+        self.net.neck.register_forward_hook(lambda m, i, o: self.neck.__setitem__("student", o))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y, index = batch
+        logits = self(x)
+        if self.check_inputs and not torch.equal(input_fingerprints(((x,), {}), len(index)),
+                                                 self.input_sums.index_select(0, index)):
+            raise RuntimeError("offline_checked: a batch is not the input the teacher's outputs were computed from")
+        return (F.cross_entropy(logits, y)
+                + logit_kd(logits, self.teacher_logits.index_select(0, index), temperature=2.0)
+                + feature_mse(self.neck["student"], self.teacher_neck.index_select(0, index)))
+
+
+# --parts: the fits run side by side with the three of cached_distill_ratio: (student, its callbacks) for the batches
+PARTS: dict[str, Callable[[list], tuple[pl.LightningModule, list[Callback]]]] = {
+    "losses": lambda batches: (LossesOnly(), []),
+    "offline": lambda batches: (OfflineKD(batches), []),
+    "offline_checked": lambda batches: (OfflineKD(batches, check_inputs=True), []),
+    "read": lambda batches: (ReadOnly(cache=TeacherCache()), [StageScheduleCallback(stage_schedule=CACHED_SCHEDULE)]),
+    "unchecked": lambda batches: (PluginStudent(cache=UncheckedCache()),
+                                  [StageScheduleCallback(stage_schedule=CACHED_SCHEDULE)]),
 }
 
 
@@ -352,7 +398,7 @@ def cached_side_by_side(batches: list, runs: int, threads: int, parts: bool = Fa
         made: dict[str, tuple[pl.LightningModule, list[Callback]]] = {
             "plain": (PlainStudent(), []), "control": (PlainStudent(), []),
             "cached": (PluginStudent(cache=TeacherCache()), [StageScheduleCallback(stage_schedule=CACHED_SCHEDULE)]),
-            **{name: PARTS[name]() for name in names[3:]}}
+            **{name: PARTS[name](batches) for name in names[3:]}}
         order = names if run % 2 == 0 else names[::-1]
         steps = side_by_side({name: functools.partial(_fit_with, made[name][0], batches, made[name][1])
                               for name in order}, cpus=threads)
