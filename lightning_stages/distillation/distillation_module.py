@@ -328,7 +328,8 @@ class DistillationModule:
 
         Raises:
             DistillationStepError: the layers do not pair up, a layer captured nothing or no tensor, a feature was
-                changed in place after capture, or a pair's shapes differ after its adapter (naming pair and shapes).
+                changed in place after capture, an adapter fails or is keyed by no paired student layer, two pairs
+                share a loss name, or a pair's shapes differ after its adapter (naming pair and shapes).
         """
         state = self._distillation_state
         if not state.use_distillation:
