@@ -9,7 +9,6 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parameter import is_lazy
 
 from lightning_stages.distillation.feature_hooks import (
     STUDENT,
@@ -34,53 +33,11 @@ from lightning_stages.distillation.teacher_options import (  # re-exported: impo
     refuse_sharded_strategy,
     wants_offload,
 )
+from lightning_stages.distillation.teacher_setup import build_teachers, freeze_teachers
 from lightning_stages.errors import DistillationStepError, StageConfigError, StageProblem
 
 __all__ = ["AUTOCAST_DTYPES", "OFFLOAD_MODES", "Teachers", "autocast_in_force", "build_teachers", "check_cost_options",
            "module_device", "prepare", "refuse_sharded_strategy", "wants_offload"]
-
-def build_teachers(configure_teachers: Callable[[], Any], where: str) -> dict[str, nn.Module]:
-    """Call ``configure_teachers`` and check what it returned: a non-empty mapping of names (not ``"student"``)
-    to modules.
-
-    Raises:
-        StageConfigError: ``configure_teachers`` raised, or returned something else; naming ``where`` and every
-            bad name or value.
-
-    Example::
-
-        >>> sorted(build_teachers(lambda: {"big": nn.Linear(1, 1)}, "stage 0"))
-        ['big']
-        >>> build_teachers(lambda: {"student": nn.Linear(1, 1)}, "stage 0")  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        lightning_stages.errors.StageConfigError: 1 problem ...: teacher names must be strings other than 'student'
-    """
-    try:
-        teachers = configure_teachers()
-    except Exception as err:
-        raise StageConfigError(StageProblem(f"configure_teachers() raised {type(err).__name__}: {err}", name=where,
-                                            field="configure_teachers", value=None)) from err
-    if not isinstance(teachers, Mapping) or not teachers:
-        raise StageConfigError(StageProblem(
-            "distillation is on but configure_teachers() returned no teachers; return a mapping such as "
-            "{'teacher': model}", name=where, field="configure_teachers", value=teachers))
-    problems: list[StageProblem] = []
-    for name, teacher in teachers.items():
-        if not isinstance(name, str) or name == STUDENT:
-            problems.append(StageProblem(f"teacher names must be strings other than {STUDENT!r}", name=where,
-                                         field="configure_teachers", value=name))
-        if not isinstance(teacher, nn.Module):
-            problems.append(StageProblem(f"teacher {name!r} must be an nn.Module, not {type(teacher).__name__}",
-                                         name=where, field="configure_teachers", value=teacher))
-        elif any(is_lazy(t) for t in (*teacher.parameters(), *teacher.buffers())):  # freezing it would raise
-            problems.append(StageProblem(f"teacher {name!r} has uninitialized parameters (an nn.Lazy* module); run it "
-                            "once on an example batch in configure_teachers()", name=where, field="configure_teachers",
-                            value=type(teacher).__name__))
-    if problems:
-        raise StageConfigError(problems)
-    return dict(teachers)
-
 
 def _keep_on_own_device(fn: Callable[[Tensor], Tensor], tensor: Tensor) -> Tensor:
     """``fn(tensor)``, except that a change of device is dropped (a change of dtype is kept): tried on an empty one."""
@@ -128,6 +85,7 @@ class Teachers:
     Args:
         modules: ``{name: teacher}``, as returned by :func:`checked_teachers`; frozen and put in eval mode here.
         device: the module's device, where the teachers go (``None``: leave them where they are).
+        student: the student; modules a teacher shares with it are not frozen (:func:`.freeze_teachers`).
 
     Example::
 
@@ -138,10 +96,10 @@ class Teachers:
         ['t']
     """
 
-    def __init__(self, modules: dict[str, nn.Module], device: Optional[torch.device]) -> None:
+    def __init__(self, modules: dict[str, nn.Module], device: Optional[torch.device],
+                 student: Optional[nn.Module] = None) -> None:
+        freeze_teachers(modules, student)  # not the modules shared with the student
         for teacher in modules.values():
-            teacher.eval()
-            teacher.requires_grad_(False)
             if device is not None:
                 teacher.to(device)
         self.modules = modules
@@ -338,13 +296,13 @@ def prepare(
         >>> sorted(teachers.modules), dict(hooks.spec)
         (['t'], {'student': ('0',)})
     """
-    modules = build_teachers(configure_teachers, where)
+    modules = build_teachers(configure_teachers, where, student)
     raw_spec = configure_feature_hooks() or {}
     spec = check_hook_spec(raw_spec, {STUDENT: student, **modules}, where)
     if spec:
         let_compile_see_hooks()
     per_teacher = spec and isinstance(raw_spec.get(STUDENT), Mapping)  # else the student's list pairs with each
     pairing = student_pairing(raw_spec, list(modules)) if per_teacher else {}
-    teachers = Teachers(modules, device=next((p.device for p in student.parameters()), None))
+    teachers = Teachers(modules, device=next((p.device for p in student.parameters()), None), student=student)
     teachers.follow_dtype_of(student)
     return teachers, FeatureHooks(spec, pairing)
