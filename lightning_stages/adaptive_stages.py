@@ -134,25 +134,31 @@ class AdaptiveStages:
         to_the_end = end == total or (end is not None and total is not None and end > total)
         return to_the_end and self.effective(schedule).stage_at(self.transitions[index]).is_base
 
-    def start_fit(self, trainer: pl.Trainer, schedule: StageSchedule) -> None:
+    def start_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule, schedule: StageSchedule,
+                  max_epochs: Optional[int], epoch_end_skipped: bool = False) -> None:
         """At the start of a (resumed) fit, before the first batch: refuse ``restore_best`` beside Lightning's
-        ``WeightAveraging`` (:func:`averaging_problems`); if a plateau already ended the run's last stage before the
-        position the run resumes at, stop again at once (``Trainer.should_stop`` is not part of a checkpoint).
+        ``WeightAveraging`` (:func:`averaging_problems`); do the end of the epoch before, if the fit resumed past it
+        (``epoch_end_skipped``: see :func:`epoch_end_skipped`): restore a stage's best weights there; if a plateau
+        already ended the run's last stage before the position the run resumes at, stop again at once
+        (``Trainer.should_stop`` is not part of a checkpoint).
 
         Raises:
             StageConfigError: naming each ``restore_best`` stage and the averaging callback.
         """
         if problems := averaging_problems(trainer, schedule):
             raise StageConfigError(problems)
+        if epoch_end_skipped and trainer.current_epoch > 0:
+            self.at_epoch_end(trainer, pl_module, schedule, max_epochs, epoch=trainer.current_epoch - 1)
         position = trainer.global_step if schedule.unit == "step" else trainer.current_epoch
         if any(end <= position and self._ends_run(schedule, index) for index, end in self.transitions.items()):
             trainer.should_stop = True
 
     def at_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, schedule: StageSchedule,
-                     max_epochs: Optional[int]) -> None:
+                     max_epochs: Optional[int], epoch: Optional[int] = None) -> None:
         """At a stage's last epoch (or the run's): restore its best weights; a plateau of the run's last stage ends
-        the run, since nothing follows it. In a step schedule: restore at the run's end (see :meth:`at_step`)."""
-        epoch = trainer.current_epoch
+        the run, since nothing follows it. In a step schedule: restore at the run's end (see :meth:`at_step`).
+        ``epoch``: the epoch that ended (default: the Trainer's current one)."""
+        epoch = trainer.current_epoch if epoch is None else epoch
         step_limit = getattr(trainer, "max_steps", None)  # the run's last epoch: max_epochs', or max_steps' (reached)
         last_of_run = (max_epochs is not None and epoch + 1 >= max_epochs) or (
             step_limit is not None and 0 <= step_limit <= trainer.global_step)
@@ -261,3 +267,13 @@ def _reduced(trainer: pl.Trainer, pl_module: pl.LightningModule, value: float) -
         return value
     tensor = torch.tensor(value, dtype=torch.float64, device=pl_module.device)
     return float(trainer.strategy.reduce(tensor, reduce_op="mean"))
+
+
+def epoch_end_skipped(trainer: pl.Trainer) -> bool:
+    """Whether this fit resumed from a checkpoint written at the end of an epoch's last batch
+    (``ModelCheckpoint(every_n_train_steps=...)``): Lightning (2.6) then goes on with the next epoch and never runs the
+    finished one's ``on_train_epoch_end``. Read before the loops' restart flags are reset."""
+    fit_loop = trainer.fit_loop
+    epoch_loop = fit_loop.epoch_loop
+    return bool(epoch_loop.restarted_on_train_batch_end and fit_loop.restarted_mid_epoch
+                and epoch_loop.batch_progress.is_last_batch)

@@ -12,7 +12,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from lightning_stages.adaptive_stages import AdaptiveStages
+from lightning_stages.adaptive_stages import AdaptiveStages, epoch_end_skipped
 from lightning_stages.best_weights import best_weights_problem
 from lightning_stages.checkpoint_guard import CheckpointGuard, warn_about_saved_schedule
 from lightning_stages.distillation.distillation_module import DistillationModule
@@ -199,8 +199,8 @@ class StageScheduleCallback(CheckpointGuard):
         # a run resumed within an epoch (its batches begun or done) gets no on_train_epoch_start for that epoch:
         # apply and report it here; otherwise on_train_epoch_start does. The stage's text goes to TensorBoard at the
         # first epoch of every run, as well as where a stage begins.
-        effective = self._effective()  # resumed at an epoch's end: the next epoch starts (as if never stopped)
-        at = _position(trainer, effective)
+        skipped, effective = epoch_end_skipped(trainer), self._effective()  # skipped: before the restart flags reset
+        at = _position(trainer, effective)  # resumed at an epoch's end: the next epoch starts (as if never stopped)
         finish_resumed_epoch(trainer, at > 0 and effective.stage_at(at - 1).data != effective.stage_at(at).data,
                              at_epoch_end=effective.unit == "step")
         self._teachers_from(pl_module, _position(trainer, self._bound()))  # the position the loops restored
@@ -208,7 +208,7 @@ class StageScheduleCallback(CheckpointGuard):
         if problems := step_data_problems(trainer, self._bound()):
             raise StageConfigError(problems)
         resolved = self._enter(trainer, pl_module, 0)
-        self.adaptive.start_fit(trainer, self._bound())  # restore_best vs averaging; a plateau that ended the run
+        self.adaptive.start_fit(trainer, pl_module, self._bound(), _max_epochs(trainer), skipped)  # see there
         self._train_data.want(trainer, resolved.data)  # a loader built before the resumed epoch was known
         progress: Any = trainer.fit_loop.epoch_progress.current  # a _StartedTracker, typed as its base
         if progress.started > progress.completed:
