@@ -156,10 +156,10 @@ class DistillationModule:
         latest forward; empty while not distilling.
 
         Raises:
-            DistillationStepError: a capture is not a tensor and its path has no selector (the message lists the
-                selectors that would work), or it was modified in place after capture (see ``copy_features``).
+            DistillationStepError: ``model`` is no teacher's name (once they are prepared), a capture is not a tensor
+                (the message lists selectors that would work), or it was changed in place (see ``copy_features``).
         """
-        return self._distillation_state.hooks.captured(model, self.stage_name)
+        return self._distillation_state.hooks.captured_named(model, list(self.teachers) or None, self.stage_name)
 
     def prepare_teachers(self, needed_by: Optional[str] = None) -> None:
         """Build the teachers with :meth:`configure_teachers`, freeze them and check the feature hooks.

@@ -62,7 +62,9 @@ class _FeatureHook:
         without_grad = (self.model == STUDENT and isinstance(value, Tensor) and not value.requires_grad
                         and not torch.is_grad_enabled() and module.training
                         and any(p.requires_grad for p in module.parameters()))
-        self.store[self.key] = _Capture(value, without_grad=without_grad)
+        # a selection that is no tensor keeps the module's output, whose tensors the error then offers
+        raw = output if self.steps and not isinstance(value, Tensor) else None
+        self.store[self.key] = _Capture(value, raw=raw, without_grad=without_grad)
 
     def __deepcopy__(self, memo: dict) -> _FeatureHook:
         return _FeatureHook(None, self.key, self.copy, self.model, self.own_run_only)
@@ -144,14 +146,25 @@ class FeatureHooks:
             raise DistillationStepError(problems, stage=stage, when="a step")
         return MappingProxyType({path: capture.value for path, capture in store.items()})
 
+    def captured_named(self, model: str, teachers: Optional[Sequence[str]], stage: Optional[str]) -> Mapping[str, Tensor]:
+        """:meth:`captured`, after refusing a ``model`` that is neither the student nor one of ``teachers`` (when
+        known), with a did-you-mean."""
+        if teachers is not None and model != STUDENT and model not in teachers:
+            raise DistillationStepError(StageProblem(
+                "is neither 'student' nor a teacher", name=f"stage {stage!r}" if stage is not None else
+                "the current stage", field="captured_features.model", value=model,
+                hint=did_you_mean(str(model), [STUDENT, *teachers]) or f"the teachers are: {', '.join(teachers)}"),
+                stage=stage, when="a step")
+        return self.captured(model, stage)
+
     def _problems(self, model: str, path: str, capture: _Capture, stage: Optional[str]) -> list[StageProblem]:
         where = f"stage {stage!r}" if stage is not None else "the current stage"
         field = f"configure_feature_hooks.{model}"
         value = capture.value
         if capture.failed is not None or not isinstance(value, Tensor):
             module = split_hook_path(path)[0]
-            source = capture.raw if capture.failed is not None else value
-            base = module if capture.failed is not None else path
+            source = capture.raw if capture.raw is not None else value  # the module's output, or the selection
+            base = module if capture.raw is not None else path
             options = [f"`{base}{sel}`" for sel in ([""] if isinstance(source, Tensor) else tensor_selectors(source))][:6]
             got = f"the selector {capture.failed}" if capture.failed is not None else \
                 f"captured a {type(value).__name__}, not a tensor"

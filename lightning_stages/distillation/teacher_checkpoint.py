@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -81,8 +82,11 @@ def load_teacher_checkpoint(
     try:
         saved = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as err:
-        raise ValueError(f"{where} cannot be read as a checkpoint: {type(err).__name__}: {str(err).splitlines()[0]}"
-                         ) from err
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
+        cause = next((line for line in lines[1:] if "Unsupported global" in line or "WeightsUnpickler" in line), "")
+        advice = "; if you trust the file, pass weights_only=False" if weights_only and cause else ""
+        raise ValueError(f"{where} cannot be read as a checkpoint: {type(err).__name__}: "
+                         + (cause or (lines[0] if lines else "")) + advice) from err
     if isinstance(saved, Mapping) and isinstance(saved.get("state_dict"), Mapping):
         saved = saved["state_dict"]  # a Lightning checkpoint
     if not isinstance(saved, Mapping):
@@ -97,6 +101,9 @@ def load_teacher_checkpoint(
         for k in own
         if k in saved and isinstance(saved[k], torch.Tensor) and saved[k].shape != own[k].shape
     ]
+    not_tensors = [f"{k} ({type(saved[k]).__name__})" for k in own if k in saved and not isinstance(saved[k], torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f"{where} holds values that are no tensors under {_listed(not_tensors)}")
     if missing or unexpected or mismatched:
         parts = [f"shape mismatch {_listed(mismatched)}"] if mismatched else []
         parts += [f"missing keys {_listed(missing)}"] if missing else []
