@@ -161,14 +161,10 @@ class StageScheduleCallback(CheckpointGuard):
         if needs_teachers:
             needed_by = schedule.first_distilling_label() or "base"
             if not isinstance(pl_module, DistillationModule):
-                raise StageConfigError(
-                    StageProblem(
-                        f"distillation is requested but {type(pl_module).__name__} is not a DistillationModule; "
-                        f"write `class {type(pl_module).__name__}(DistillationModule, LightningModule)` and "
-                        "override configure_teachers()",
-                        name=needed_by, field="distillation", value=True,
-                    )
-                )
+                raise StageConfigError(StageProblem(
+                    f"distillation is requested but {type(pl_module).__name__} is not a DistillationModule; write `class "
+                    f"{type(pl_module).__name__}(DistillationModule, LightningModule)` and override configure_teachers()",
+                    name=needed_by, field="distillation", value=True))
             refuse_sharded_strategy(trainer, needed_by)
             if not fitting:  # a fit builds them at on_fit_start, when it knows whether (and where) it resumes
                 pl_module.prepare_teachers(needed_by=needed_by)
@@ -219,6 +215,7 @@ class StageScheduleCallback(CheckpointGuard):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         resolved = self._enter(trainer, pl_module, 0)
+        self._train_data.refuse_empty(trainer, resolved)  # a stage's own data with no batches: not a silent end
         self._report(trainer, resolved)
         if _position(trainer, self._bound()) == resolved.start_epoch:
             add_stage_text(trainer, resolved)
@@ -235,6 +232,12 @@ class StageScheduleCallback(CheckpointGuard):
                 self._log_metrics(trainer, resolved)
         if trainer.global_step + 1 >= self._train_data.cut_at:  # the data changes after this optimizer step
             self._train_data.cut_if_due(trainer)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # the non-finite watch
+        self._train_data.cut_after_step(trainer)  # manual optimization: the batch whose step reached a change of data
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -302,9 +305,7 @@ class StageScheduleCallback(CheckpointGuard):
 
     def _report(self, trainer: pl.Trainer, resolved: ResolvedStage) -> None:
         """The stage line and the ``stage/*`` scalars of the epoch (rank zero)."""
-        if not trainer.is_global_zero:
-            return
-        if self.verbose:
+        if self.verbose and trainer.is_global_zero:
             info(format_stage_line(trainer.current_epoch, resolved))
         self._log_metrics(trainer, resolved)
 
@@ -336,9 +337,8 @@ class StageScheduleCallback(CheckpointGuard):
         warn_about_saved_schedule(state_dict, current)
 
     @override
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+                           ) -> None:
         self._resume_at = checkpoint.get("global_step") if self._bound().unit == "step" else resumed_epoch(checkpoint)
         states = checkpoint.get("callbacks") or {}
         if self.state_key not in states:

@@ -25,7 +25,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.loops.fetchers import _DataLoaderIterDataFetcher
 from lightning.pytorch.loops.loop import _Loop
 
-from lightning_stages.errors import StageProblem
+from lightning_stages.errors import StageConfigError, StageProblem
 from lightning_stages.schedule import StageSchedule
 from lightning_stages.schedule.stage import ResolvedStage
 
@@ -160,6 +160,21 @@ class TrainData:
         """The loader Lightning builds next (or has just built) sees ``stage_data == data``."""
         self.built_with = data
 
+    @staticmethod
+    def refuse_empty(trainer: pl.Trainer, resolved: ResolvedStage) -> None:
+        """Refuse a stage with its own ``data`` whose training loader, built for it, has no batches: Lightning would
+        end the fit there without a word ("No training batches"), and this stage and every later one would never run.
+
+        Raises:
+            StageConfigError: naming the stage, ``data`` and its value.
+        """
+        if resolved.data is not None and trainer.num_training_batches == 0:
+            raise StageConfigError(StageProblem(
+                "gives a training dataloader with no batches (train_dataloader() with this stage_data), so the fit "
+                "would end here and this stage and every later one would never run", index=resolved.index,
+                name=resolved.name, field="data", value=resolved.data,
+                hint="check what train_dataloader() returns for this stage_data"))
+
     def want(self, trainer: pl.Trainer, data: Optional[str]) -> bool:
         """Make the next epoch's loader one built with ``data``: if the current one was not, drop it so that the fit
         loop builds it again before the next epoch (after the caller has set ``stage_data``). Returns whether it does.
@@ -202,10 +217,18 @@ class TrainData:
         self.cut_at = end if inside and end is not None and schedule.stage_at(end).data != resolved.data else math.inf
 
     def cut_if_due(self, trainer: pl.Trainer) -> None:
-        """Before a training batch: make it the epoch's last if its optimizer step reaches :attr:`cut_at`."""
+        """Before a training batch: make it the epoch's last if its optimizer step reaches :attr:`cut_at` (automatic
+        optimization, which steps where Lightning's accumulation says)."""
         loop = trainer.fit_loop.epoch_loop
-        if trainer.global_step + 1 >= self.cut_at and loop._accumulated_batches_reached():
+        if (trainer.global_step + 1 >= self.cut_at and trainer.lightning_module.automatic_optimization
+                and loop._accumulated_batches_reached()):
             loop.batch_progress.is_last_batch = True
+
+    def cut_after_step(self, trainer: pl.Trainer) -> None:
+        """After a training batch under manual optimization, which steps where the module says (every k batches,
+        say): make it the epoch's last if its steps reached :attr:`cut_at`; no batch of the old data trains after it."""
+        if trainer.global_step >= self.cut_at and not trainer.lightning_module.automatic_optimization:
+            trainer.fit_loop.epoch_loop.batch_progress.is_last_batch = True
 
     def cut_now(self, trainer: pl.Trainer, schedule: StageSchedule) -> None:
         """After a validation that ended a step stage: if the next optimizer step trains on other data than the

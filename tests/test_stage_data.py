@@ -4,12 +4,15 @@ stage's ``data`` changes (and a resumed run building the data of the stage it re
 from __future__ import annotations
 
 import json
+import re
 
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import PlainStudent, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stages import Stage, StageConfigError, StageSchedule, StageScheduleCallback
@@ -133,3 +136,44 @@ def test_data_must_be_a_string_from_python_and_seed_json(tmp_path):
     with pytest.raises(StageConfigError, match=r"stage 0 \('kd'\): `data` = \['all'\]: must be a string"):
         StageSchedule.from_config(path)
     assert StageSchedule.from_config({"stage_schedule": [{"start_epoch": 0, "data": "all"}]}).at(0).data == "all"
+
+
+class _EmptySplit(pl.LightningModule):
+    """A module whose 'labelled' split turned out empty."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.loss_weights = {"cls": 1.0}
+        self.seen: list[tuple[int, str]] = []
+
+    def train_dataloader(self):
+        n = {"all": 16, "labelled": 0}.get(self.stage_data, 12)
+        return DataLoader(TensorDataset(torch.randn(n, 4), torch.zeros(n, dtype=torch.long)), batch_size=4)
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append((self.trainer.global_step, self.stage_name))
+        return F.cross_entropy(self.lin(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("unit", ["epoch", "step"])
+def test_a_stage_whose_data_has_no_batches_is_named_not_a_silent_end_of_the_fit(tmp_path, unit):
+    if unit == "epoch":
+        stages = [{"name": "kd", "start_epoch": 0, "end_epoch": 1, "data": "all"},
+                  {"name": "ft", "start_epoch": 1, "end_epoch": 2, "data": "labelled"}, {"name": "tail", "start_epoch": 2}]
+        limits = {"max_epochs": 4}
+    else:
+        stages = [{"name": "kd", "start_step": 0, "end_step": 3, "data": "all"},
+                  {"name": "ft", "start_step": 3, "end_step": 6, "data": "labelled"}, {"name": "tail", "start_step": 6}]
+        limits = {"max_steps": 10, "max_epochs": -1}
+    model = _EmptySplit()
+    fit = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                     callbacks=[StageScheduleCallback(stages, verbose=False)], **limits)
+    with pytest.raises(StageConfigError, match=re.escape("stage 1 ('ft'): `data` = 'labelled': gives a training "
+                                                         "dataloader with no batches")):
+        fit.fit(model)
+    assert {stage for _, stage in model.seen} == {"kd"}  # nothing of ft trained before the error

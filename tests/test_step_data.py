@@ -352,3 +352,54 @@ def test_both_ddp_ranks_cut_at_the_same_step(tmp_path):
     # the ranks trained on disjoint halves of each epoch's data
     for (step, _, _, a), (_, _, _, b) in zip(ranks[0]["trained"], ranks[1]["trained"]):
         assert not set(a) & set(b), step
+
+
+class _Ids(torch.utils.data.Dataset):
+    """Sample ``i`` is ``(x, 0, offset + i)``."""
+
+    def __init__(self, n: int, offset: int) -> None:
+        self.n, self.offset = n, offset
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return torch.zeros(4), 0, self.offset + i
+
+
+class _ManualEveryTwo(pl.LightningModule):
+    """Manual optimization with manual accumulation: one optimizer step every 2 batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.lin, self.loss_weights, self.seen, self.batches = torch.nn.Linear(4, 3), {"cls": 1.0}, [], 0
+
+    def train_dataloader(self):  # all: ids 0-15 (4 batches); labelled: ids 1000-1007 (2 batches)
+        return DataLoader(_Ids(16, 0) if self.stage_data == "all" else _Ids(8, 1000), batch_size=4)
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append((self.trainer.global_step, self.trainer.current_epoch, self.stage_name, batch[2].tolist()))
+        self.manual_backward(torch.nn.functional.cross_entropy(self.lin(batch[0]), batch[1]) / 2)
+        self.batches += 1
+        if self.batches % 2 == 0:
+            self.optimizers().step()
+            self.optimizers().zero_grad()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_under_manual_optimization_the_batch_whose_step_reaches_a_change_of_data_ends_the_epoch(tmp_path):
+    stages = [{"name": "kd", "start_step": 0, "end_step": 3, "data": "all"},
+              {"name": "ft", "start_step": 3, "end_step": 5, "data": "labelled"}]
+    model = _ManualEveryTwo()
+    pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0, max_steps=5, max_epochs=-1,
+               callbacks=[StageScheduleCallback(stages, verbose=False)]).fit(model)
+    ids = [list(range(i, i + 4)) for i in range(0, 16, 4)]
+    labelled = [list(range(1000, 1004)), list(range(1004, 1008))]
+    assert model.seen == [  # step 2 takes epoch 1's first two batches, then the data changes: no batch twice or lost
+        (0, 0, "kd", ids[0]), (0, 0, "kd", ids[1]), (1, 0, "kd", ids[2]), (1, 0, "kd", ids[3]),
+        (2, 1, "kd", ids[0]), (2, 1, "kd", ids[1]),
+        (3, 2, "ft", labelled[0]), (3, 2, "ft", labelled[1]), (4, 3, "ft", labelled[0]), (4, 3, "ft", labelled[1])]
