@@ -33,8 +33,10 @@ def callback_state(path: Union[str, os.PathLike]) -> dict[str, Any]:
 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
-        raise StageConfigError(StageProblem(f"cannot read checkpoint {os.fspath(path)!r}: {err}")) from None
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError,
+            AttributeError, IndexError, UnicodeDecodeError, MemoryError) as err:  # a damaged or foreign file
+        reason = type(err).__name__ + (f": {str(err).splitlines()[0]}" if str(err).strip() else "")
+        raise StageConfigError(StageProblem(f"cannot read checkpoint {os.fspath(path)!r}: {reason:.300}")) from None
     states = checkpoint.get("callbacks") if isinstance(checkpoint, Mapping) else None
     for key, state in (states or {}).items():
         if str(key).startswith("StageScheduleCallback") and isinstance(state, Mapping) and "schedule" in state:

@@ -206,6 +206,12 @@ def _max_epochs_of(data: Mapping[str, Any], key: str = "max_epochs") -> Optional
     return value if value is not None and value >= 0 else None
 
 
+def _epochs_by_default(data: Mapping[str, Any]) -> bool:
+    """Whether the Trainer sets ``max_epochs = 1000`` (no max_epochs, max_steps or max_time: ``_parse_loop_limits``)."""
+    trainer = _section(_fit_section(data), "trainer")
+    return trainer.get("max_epochs") is None and _max_epochs_of(data, "max_steps") is None and trainer.get("max_time") is None
+
+
 def schedule_of_config(
     path: Union[str, os.PathLike], max_epochs: Optional[int] = None, stages: Union[str, os.PathLike, None] = None,
     model_class: Optional[str] = None, import_modules: bool = True,
@@ -284,6 +290,8 @@ def schedule_of_config(
     schedule, overrides = given[0] if given else (StageSchedule(), None)
     declared, read = declared_by_model(_section(_fit_section(data), "model"), model_class, import_modules)
     total = max_epochs if max_epochs is not None else _max_epochs_of(data)
+    if total is None and _epochs_by_default(data):
+        total = 1000  # neither limit set: Lightning's Trainer runs 1000 epochs
     if total is None:
         total = schedule.total_epochs
     try:
@@ -303,7 +311,8 @@ def schedule_of_config(
     return StageSchedule(schedule.stages, overrides, declared["distillation"] if schedule.distillation is None
                          else schedule.distillation, declared["lambda_coef"] if schedule.lambda_coef is None
                          else schedule.lambda_coef, total if schedule.total_epochs is None else schedule.total_epochs,
-                         total_steps=schedule.total_steps)
+                         total_steps=_max_epochs_of(data, "max_steps") if schedule.total_steps is None
+                         else schedule.total_steps)
 
 
 def more_schedules_problem(value: Any) -> StageProblem:

@@ -1,0 +1,61 @@
+"""`validate` and `show` read a LightningCLI config's run length as the Trainer will: Lightning's default of 1000
+epochs when no limit is given, `max_steps` for a step schedule whose model is unknown; and `show --checkpoint` on a
+file that is no checkpoint is one line and exit 2."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+from lightning_stages.cli import main
+
+CALLBACK = """trainer:
+{trainer}  callbacks:
+    - class_path: lightning_stages.StageScheduleCallback
+      init_args:
+        stage_schedule:
+{stages}
+"""
+
+
+def _config(tmp_path: Path, trainer: str, stages: list[str]) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(CALLBACK.format(trainer=trainer, stages="\n".join(f"          - {s}" for s in stages)))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _no_model_note():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the config names no model class: a note, not the point here
+        yield
+
+
+@pytest.mark.parametrize("trainer", ["", "  max_steps: -1\n", "  max_epochs: null\n"])
+def test_a_config_without_limits_runs_lightnings_1000_epochs(tmp_path, capsys, trainer):
+    late = _config(tmp_path, trainer, ["{name: kd, start_epoch: 0, end_epoch: 1}", "{name: late, start_epoch: 1500}"])
+    assert main(["validate", str(late)]) == 2
+    assert "stage 1 ('late'): `start_epoch` = 1500: starts at or beyond max_epochs (1000)" in capsys.readouterr().err
+    fits = _config(tmp_path, trainer, ["{name: kd, start_epoch: 0, end_epoch: 1}", "{name: ft, start_epoch: 1}"])
+    assert main(["show", str(fits)]) == 0
+    assert "2 stages over 1000 epochs (kd [0, 1), ft [1, 1000))" in capsys.readouterr().out
+
+
+def test_a_step_schedule_of_an_unknown_model_ends_at_max_steps(tmp_path, capsys):
+    config = _config(tmp_path, "  max_steps: 3000\n  max_epochs: -1\n",
+                     ["{name: distill, start_step: 0, end_step: 900, loss_weights: {cls: 0.0}}",
+                      "{name: finetune, start_step: 900}"])  # a weight of the module's (unknown here)
+    assert main(["show", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "2 stages over 3000 steps (distill [0, 900), finetune [900, 3000))" in out and "end)" not in out
+
+
+@pytest.mark.parametrize(("content", "reason"), [(b"", "EOFError"), (b"hello\n", "KeyError")])
+def test_show_of_a_file_that_is_no_checkpoint_is_one_line(tmp_path, capsys, content, reason):
+    path = tmp_path / "bad.ckpt"
+    path.write_bytes(content)
+    assert main(["show", "--checkpoint", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cannot read checkpoint '{path}': {reason}") and len(err.strip().splitlines()) == 1, err
