@@ -59,3 +59,11 @@ def test_show_of_a_file_that_is_no_checkpoint_is_one_line(tmp_path, capsys, cont
     assert main(["show", "--checkpoint", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"cannot read checkpoint '{path}': {reason}") and len(err.strip().splitlines()) == 1, err
+
+
+def test_model_beside_a_configs_own_class_path_is_refused_not_ignored(tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text("model:\n  class_path: conftest.PlainStudent\ntrainer:\n  max_epochs: 2\n")
+    assert main(["validate", str(config), "--model", "nonexist.Mod"]) == 2
+    assert ("config: `model` = 'nonexist.Mod': the config's model.class_path (conftest.PlainStudent) is the class; "
+            "`--model` goes with a config that names none") in capsys.readouterr().err

@@ -92,7 +92,8 @@ def declared_by_model(model: Mapping[str, Any], model_class: Optional[str] = Non
             from ``init_args`` and ``__init__`` defaults alone, so weights set in ``__init__`` are not known.
 
     Raises:
-        StageConfigError: the class path cannot be imported (naming it and the error).
+        StageConfigError: the class path cannot be imported (naming it and the error), or ``model_class`` is given
+            beside the section's own ``class_path``.
 
     Example::
 
@@ -106,6 +107,10 @@ def declared_by_model(model: Mapping[str, Any], model_class: Optional[str] = Non
     for key, value in model.items():  # jsonargparse also accepts init args next to class_path
         if key not in ("class_path", "init_args", "dict_kwargs"):
             init_args.setdefault(key, value)
+    if model_class is not None and isinstance(model.get("class_path"), str):  # it would be ignored without a word
+        raise StageConfigError(StageProblem(f"the config's model.class_path ({model['class_path']}) is the class; "
+                                            "`--model` goes with a config that names none", name="config",
+                                            field="model", value=str(model_class)))
     class_path = model.get("class_path") if isinstance(model.get("class_path"), str) else model_class
     if not import_modules:  # the caller says so (the CLI prints its --no-import note)
         return _static(None, init_args), False
