@@ -67,3 +67,16 @@ def test_model_beside_a_configs_own_class_path_is_refused_not_ignored(tmp_path, 
     assert main(["validate", str(config), "--model", "nonexist.Mod"]) == 2
     assert ("config: `model` = 'nonexist.Mod': the config's model.class_path (conftest.PlainStudent) is the class; "
             "`--model` goes with a config that names none") in capsys.readouterr().err
+
+
+def test_a_run_longer_than_the_schedule_files_epochs_trains_the_base_after_them(tmp_path, capsys):
+    seed = tmp_path / "seed5.json"
+    seed.write_text('{"train": {"epochs": 5, "loss_weights": {"ce": 1.0}}, "stage_schedule": ['
+                    '{"name": "a", "start_epoch": 0, "end_epoch": 4}, {"name": "b", "start_epoch": 4}]}')
+    config = tmp_path / "config.yaml"
+    config.write_text(f"trainer:\n  max_epochs: 6\n  callbacks:\n    - class_path: lightning_stages.StageScheduleCallback\n"
+                      f"      init_args: {{config: {seed}}}\n")
+    expected = "2 stages over 6 epochs (a [0, 4), b [4, 5), base [5, 6))"  # as fit trains it: b ends at train.epochs
+    for args in (["show", str(config)], ["show", str(seed), "--max-epochs", "6"]):
+        assert main(args) == 0
+        assert expected in capsys.readouterr().out

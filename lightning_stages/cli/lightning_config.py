@@ -22,7 +22,7 @@ from lightning_stages.cli.declared_weights import as_the_parser_reads, declared_
 from lightning_stages.cli.nested_files import with_nested_trainer
 from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
 from lightning_stages.schedule import StageSchedule, bind_schedule
-from lightning_stages.schedule.bind import given_schedule
+from lightning_stages.schedule.bind import given_schedule, run_of
 from lightning_stages.schedule.seed_format import ROOT_KEYS, load_config
 from lightning_stages.stage_schedule_callback import StageScheduleCallback
 
@@ -268,9 +268,8 @@ def schedule_of_config(
             raise StageConfigError(StageProblem("`--model` goes with a LightningCLI config, not a schedule file",
                                                 name="config", field="model", value=str(model_class)))
         total = max_epochs if max_epochs is not None else schedule.total_epochs
-        # the seed's own train.loss_weights are the module's task losses; the run's epochs end open stages
-        return bind_schedule(schedule.with_total_epochs(None), declared={"loss_weights": schedule.loss_weights},
-                             max_epochs=total)
+        # the seed's own train.loss_weights are the module's task losses; its train.epochs end open stages, as in fit
+        return run_of(bind_schedule(schedule, declared={"loss_weights": schedule.loss_weights}, max_epochs=total), total)
     limits: list[StageProblem] = []  # reported with the callbacks' problems, all at once
     for key in ("max_epochs", "max_steps"):
         try:
@@ -295,8 +294,8 @@ def schedule_of_config(
     if total is None:
         total = schedule.total_epochs
     try:
-        return bind_schedule(schedule, declared=declared, weight_overrides=overrides, max_epochs=total,
-                             max_steps=_max_epochs_of(data, "max_steps"))
+        return run_of(bind_schedule(schedule, declared=declared, weight_overrides=overrides, max_epochs=total,
+                                    max_steps=_max_epochs_of(data, "max_steps")), total)
     except StageConfigError as err:
         if read or declared["loss_weights"] is not None:
             raise
@@ -308,11 +307,11 @@ def schedule_of_config(
     if isinstance(overrides, Mapping) and any(key not in overrides for stage in schedule.stages
                                               if isinstance(stage.loss_weights, Mapping) for key in stage.loss_weights):
         overrides = None  # the callback's own weights are not all of the module's (unknown here): none is the base
-    return StageSchedule(schedule.stages, overrides, declared["distillation"] if schedule.distillation is None
+    return run_of(StageSchedule(schedule.stages, overrides, declared["distillation"] if schedule.distillation is None
                          else schedule.distillation, declared["lambda_coef"] if schedule.lambda_coef is None
                          else schedule.lambda_coef, total if schedule.total_epochs is None else schedule.total_epochs,
                          total_steps=_max_epochs_of(data, "max_steps") if schedule.total_steps is None
-                         else schedule.total_steps)
+                         else schedule.total_steps), total)
 
 
 def more_schedules_problem(value: Any) -> StageProblem:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
@@ -13,7 +14,7 @@ from lightning_stages.schedule.seed_format import ROOT_KEYS, config_path_problem
 from lightning_stages.schedule.stage import BASE_STAGE_NAME, TOO_LARGE, plain, too_large
 from lightning_stages.schedule.stage_schedule import StageSchedule
 
-__all__ = ["bind_schedule", "declared_settings", "given_schedule"]
+__all__ = ["bind_schedule", "declared_settings", "given_schedule", "run_of"]
 
 
 def _plain_base(**values: Any) -> list[Any]:
@@ -124,6 +125,25 @@ def bind_schedule(
         raise StageConfigError(problems)
     return StageSchedule._checked_elsewhere(schedule.stages, base_weights, distillation, lambda_coef, total,
                                             total_steps)
+
+
+def run_of(schedule: StageSchedule, run_epochs: Optional[int]) -> StageSchedule:
+    """A bound ``schedule`` as a run of ``run_epochs`` epochs trains it, for ``show`` and ``validate``: where the run
+    is longer than the schedule's own ``total_epochs`` (a seed file's ``train.epochs``), its open stages still end
+    there and the base settings train the rest, as in ``fit``.
+
+    Example::
+
+        >>> bound = StageSchedule([{"name": "b", "start_epoch": 0}], total_epochs=5)
+        >>> [(r.name, r.start_epoch, r.end_epoch) for r in run_of(bound, 6).timeline()]
+        [('b', 0, 5), ('base', 5, 6)]
+    """
+    total = schedule.total_epochs
+    if schedule.unit != "epoch" or run_epochs is None or total is None or run_epochs <= total:
+        return schedule
+    stages = [s if s.end_epoch is not None else dataclasses.replace(s, end_epoch=total) for s in schedule.stages]
+    return StageSchedule._checked_elsewhere(stages, schedule.loss_weights, schedule.distillation, schedule.lambda_coef,
+                                            run_epochs, schedule.total_steps)
 
 
 def given_schedule(
