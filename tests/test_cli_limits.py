@@ -80,3 +80,13 @@ def test_a_run_longer_than_the_schedule_files_epochs_trains_the_base_after_them(
     for args in (["show", str(config)], ["show", str(seed), "--max-epochs", "6"]):
         assert main(args) == 0
         assert expected in capsys.readouterr().out
+
+
+def test_a_stage_that_ends_after_the_run_gets_the_note_fit_warns_with(tmp_path, capsys):
+    seed = tmp_path / "cut.json"
+    seed.write_text('{"train": {"epochs": 2, "loss_weights": {"a": 1.0}}, "stage_schedule": '
+                    '[{"name": "s", "start_epoch": 0, "end_epoch": 5}]}')
+    for command in ("show", "validate"):
+        assert main([command, str(seed)]) == 0
+        assert f"note: {seed}: stage 0 ('s') ends at epoch 5 but the run stops at 2; fit cuts it short" in \
+            capsys.readouterr().err

@@ -31,7 +31,7 @@ from lightning_stages.cli.lightning_config import (
     schedule_of_config,
 )
 from lightning_stages.cli.plots import plot_timeline
-from lightning_stages.errors import StageConfigError, printable
+from lightning_stages.errors import StageConfigError, printable, stage_label
 from lightning_stages.schedule import StageSchedule
 from lightning_stages.schedule.render import format_summary, format_table
 
@@ -78,8 +78,13 @@ def _read(path: str, args: argparse.Namespace) -> StageSchedule:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DeclaredWeightsWarning)
-            return schedule_of_config(path, args.max_epochs, args.stages, model_class=args.model,
-                                      import_modules=not args.no_import)
+            schedule = schedule_of_config(path, args.max_epochs, args.stages, model_class=args.model,
+                                          import_modules=not args.no_import)
+        total = schedule.total_steps if schedule.unit == "step" else schedule.total_epochs
+        for index, name, end in schedule.cut_short(total) if total is not None else ():  # as fit warns
+            print(f"note: {path}: {stage_label(index, name)} ends at {schedule.unit} {end} but the run stops at "
+                  f"{total}; fit cuts it short", file=sys.stderr)
+        return schedule
     finally:  # the note also goes with the problems of a config that fails; other warnings go on as they were
         for warning in caught:
             if issubclass(warning.category, DeclaredWeightsWarning):
