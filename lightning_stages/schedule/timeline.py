@@ -112,10 +112,26 @@ def distilling_until(schedule: StageSchedule) -> float:
     """
     cached = schedule.__dict__.get("_distilling_until")  # computed once: a schedule is immutable, and the callback
     if cached is None:  # asks at every batch of a ramp
-        ends = [r.end_epoch for r in schedule.timeline() if r.distillation]
+        ends = [r.end_epoch if r.distillation else _ramp_out_end(schedule, r) for r in schedule.timeline()]
         cached = schedule.__dict__["_distilling_until"] = max(
-            (math.inf if end is None else float(end) for end in ends), default=0.0)
+            (math.inf if end is None else float(end) for end in ends if end != _NOT_DISTILLING), default=0.0)
     return float(cached)
+
+
+_NOT_DISTILLING = -1
+
+
+def _ramp_out_end(schedule: StageSchedule, resolved: ResolvedStage) -> Optional[int]:
+    """Where a stage that does not distill stops using the teachers: at the end of its ramp if the settings before
+    it distill (the coefficient ramps down to 0 there, distilling until then), else never (``_NOT_DISTILLING``). A
+    ``ramp_steps`` in an epoch schedule ends in an epoch the loader decides: the stage's end bounds it."""
+    stage = schedule.stages[resolved.index] if resolved.index is not None else None
+    if stage is None or stage.ramp_length is None or not schedule._before(stage, None).distillation:
+        return _NOT_DISTILLING
+    if schedule.unit == "epoch" and stage.ramp_steps is not None:
+        return resolved.end_epoch
+    ramp_end = stage.start + math.ceil(stage.ramp_length)
+    return ramp_end if resolved.end_epoch is None else min(ramp_end, resolved.end_epoch)
 
 
 def cut_short(schedule: StageSchedule, total: int) -> list[tuple[int, str, int]]:
