@@ -125,11 +125,10 @@ def mask_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     temperature = _check_temperature(temperature)
     _check_shapes(student_logits, teacher_logits, name)
     student, teacher = _float_pair(student_logits, teacher_logits)
-    # a student logit of +-inf counts as the dtype's largest: where the teacher is as certain (a padded pixel at -inf
-    # in both) it adds 0, not -inf * 0 = NaN; a NaN still comes through
-    largest = torch.finfo(student.dtype).max
-    return F.binary_cross_entropy_with_logits((student / temperature).clamp(-largest, largest),
-                                              torch.sigmoid(teacher / temperature)) * (temperature**2)
+    # a student logit of +-inf gives NaN (-inf * 0 in the BCE), as in torch: mask such pixels out before (handling
+    # them here would cost a pass over the logits, forward and backward, at every step)
+    return F.binary_cross_entropy_with_logits(student / temperature, torch.sigmoid(teacher / temperature)) * (
+        temperature**2)
 
 
 def weighted_sum(task_losses: Mapping[str, Tensor], loss_weights: Mapping[str, float],

@@ -90,3 +90,9 @@ def test_a_stage_that_ends_after_the_run_gets_the_note_fit_warns_with(tmp_path, 
         assert main([command, str(seed)]) == 0
         assert f"note: {seed}: stage 0 ('s') ends at epoch 5 but the run stops at 2; fit cuts it short" in \
             capsys.readouterr().err
+
+
+def test_model_naming_the_configs_own_class_is_taken(tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text("model:\n  class_path: conftest.PlainStudent\ntrainer:\n  max_epochs: 2\n")
+    assert main(["validate", str(config), "--model", "conftest.PlainStudent"]) == 0  # e.g. one --model for many configs

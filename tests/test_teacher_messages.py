@@ -110,3 +110,22 @@ def test_the_readmes_hidden_states_selector_takes_the_models_own_hidden_states()
     with torch.no_grad():
         expected = teacher.bert(input_ids=ids, output_hidden_states=True).hidden_states[2]
     assert torch.equal(model.captured_features("teacher")["bert:hidden_states[2]"], expected)
+
+
+class _WithExtraState(nn.Module):
+    def __init__(self, factor: float = 1.0):
+        super().__init__()
+        self.lin, self.factor = nn.Linear(2, 2), factor
+
+    def get_extra_state(self):
+        return {"factor": self.factor}
+
+    def set_extra_state(self, state):
+        self.factor = state["factor"]
+
+
+def test_a_teacher_checkpoint_with_extra_state_loads_as_torch_loads_it(tmp_path):
+    path = tmp_path / "extra.pt"
+    torch.save(_WithExtraState(2.0).state_dict(), path)
+    loaded = load_teacher_checkpoint(_WithExtraState(), path, name="big", weights_only=False)
+    assert loaded.factor == 2.0

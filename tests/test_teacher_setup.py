@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from conftest import loader, trainer
 from torch import nn
 
-from lightning_stages import DistillationModule, StageConfigError, StageScheduleCallback
+from lightning_stages import DistillationModule, IndexedDataset, StageConfigError, StageScheduleCallback, TeacherCache
 from lightning_stages.distillation.teachers import Teachers, build_teachers
+from lightning_stages.errors import DistillationStepError
 
 
 class SharedEmbedding(DistillationModule, pl.LightningModule):
@@ -89,3 +90,25 @@ def test_a_module_dict_is_taken_and_a_lone_module_is_named_by_its_type():
     message = str(err.value)
     assert "`configure_teachers` = 'Sequential': must return a mapping of teacher names to modules, not a Sequential" \
            in message and len(message.splitlines()) == 2, message
+
+
+class _SharedCached(SharedEmbedding):
+    def __init__(self):
+        super().__init__()
+        self.teacher_cache = TeacherCache()
+
+    def training_step(self, batch, batch_idx):
+        x, y, index = batch
+        logits = self(x)
+        out = self.run_teachers(x, sample_index=index)
+        return self.weighted_loss({"ce": F.cross_entropy(logits, y)}, {"kd": F.mse_loss(logits, out["teacher"])})
+
+
+def test_a_teacher_cache_with_a_teacher_sharing_a_trained_module_is_refused(tmp_path):
+    data = IndexedDataset(loader(n=8, batch_size=4).dataset)
+    fit = trainer(tmp_path, max_epochs=2, callbacks=[StageScheduleCallback(
+        stage_schedule=[{"name": "kd", "start_epoch": 0, "distillation": True}], verbose=False)])
+    with pytest.raises(DistillationStepError, match=re.escape(
+            "`teacher_cache` = TeacherCache(in memory, dtype=None, samples=0): is set, but teacher 'teacher' shares a "
+            "module the student trains (teacher.0.0.weight)")):
+        fit.fit(_SharedCached(), torch.utils.data.DataLoader(data, batch_size=4))

@@ -107,7 +107,7 @@ def declared_by_model(model: Mapping[str, Any], model_class: Optional[str] = Non
     for key, value in model.items():  # jsonargparse also accepts init args next to class_path
         if key not in ("class_path", "init_args", "dict_kwargs"):
             init_args.setdefault(key, value)
-    if model_class is not None and isinstance(model.get("class_path"), str):  # it would be ignored without a word
+    if isinstance(model.get("class_path"), str) and model_class not in (None, model["class_path"]):  # else ignored
         raise StageConfigError(StageProblem(f"the config's model.class_path ({model['class_path']}) is the class; "
                                             "`--model` goes with a config that names none", name="config",
                                             field="model", value=str(model_class)))

@@ -101,7 +101,8 @@ def load_teacher_checkpoint(
         for k in own
         if k in saved and isinstance(saved[k], torch.Tensor) and saved[k].shape != own[k].shape
     ]
-    not_tensors = [f"{k} ({type(saved[k]).__name__})" for k in own if k in saved and not isinstance(saved[k], torch.Tensor)]
+    not_tensors = [f"{k} ({type(saved[k]).__name__})" for k, v in own.items()  # not extra state (get_extra_state)
+                   if k in saved and isinstance(v, torch.Tensor) and not isinstance(saved[k], torch.Tensor)]
     if not_tensors:
         raise ValueError(f"{where} holds values that are no tensors under {_listed(not_tensors)}")
     if missing or unexpected or mismatched:

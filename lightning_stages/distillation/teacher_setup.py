@@ -27,23 +27,29 @@ def student_in_teacher(name: str, teacher: nn.Module, student: Optional[nn.Modul
                         value=type(teacher).__name__)
 
 
-def freeze_teachers(teachers: Mapping[str, nn.Module], student: Optional[nn.Module]) -> None:
+def freeze_teachers(teachers: Mapping[str, nn.Module], student: Optional[nn.Module]) -> dict[str, str]:
     """Put each teacher in eval mode and stop its parameters' gradients, except the modules and parameters it shares
     with ``student``, which keep the student's mode and gradients. A teacher that is itself one of the student's
     submodules is frozen whole, as the user named it a teacher. Parameters are frozen one by one (a TorchScript
     module has no ``requires_grad_``).
+
+    Returns:
+        ``{teacher: the path of its first parameter the student trains}`` for each teacher that shares one: its
+        outputs change at every step, which a teacher cache cannot serve.
 
     Example::
 
         >>> shared = nn.Linear(2, 2)
         >>> student, teacher = nn.Sequential(shared), nn.Sequential(shared, nn.Linear(2, 1))
         >>> freeze_teachers({"t": teacher}, student)
+        {'t': '0.weight'}
         >>> shared.weight.requires_grad, shared.training, teacher[1].weight.requires_grad, teacher[1].training
         (True, True, False, False)
     """
     owned = {id(module) for module in student.modules()} if student is not None else set()
     trained = {id(parameter) for parameter in student.parameters()} if student is not None else set()
-    for teacher in teachers.values():
+    shared: dict[str, str] = {}
+    for name, teacher in teachers.items():
         whole = id(teacher) in owned or not any(id(module) in owned for module in teacher.modules())
         if whole:
             teacher.eval()
@@ -51,9 +57,12 @@ def freeze_teachers(teachers: Mapping[str, nn.Module], student: Optional[nn.Modu
             for module in teacher.modules():
                 if id(module) not in owned:
                     module.training = False
-        for parameter in teacher.parameters():
+        for path, parameter in teacher.named_parameters():
             if whole or id(parameter) not in trained:
                 parameter.requires_grad_(False)
+            elif parameter.requires_grad:
+                shared.setdefault(name, path)
+    return shared
 
 
 def build_teachers(configure_teachers: Callable[[], Any], where: str,

@@ -98,7 +98,7 @@ class Teachers:
 
     def __init__(self, modules: dict[str, nn.Module], device: Optional[torch.device],
                  student: Optional[nn.Module] = None) -> None:
-        freeze_teachers(modules, student)  # not the modules shared with the student
+        self.shared = freeze_teachers(modules, student)  # not the modules shared with the student: {teacher: path}
         for teacher in modules.values():
             if device is not None:
                 teacher.to(device)
@@ -192,6 +192,7 @@ class Teachers:
             place = device()
             extra = {"precision": precision, "autocast": str(autocast_in_force(place.type, precision))}
             if bind or extra != self._bound_extra or cache.fingerprint != self._bound_key or self._changed():
+                self._refuse_shared(cache, stage)
                 refuse_random_teachers(self.modules, stage)
                 layers = {name: hooks.spec.get(name, ()) for name in self.modules}
                 warn_sequence_first(self.modules, layers, cache.store_features)
@@ -216,6 +217,16 @@ class Teachers:
             cache.store(sample_index, outputs, features, inputs=given)
         return outputs
 
+
+    def _refuse_shared(self, cache: TeacherCache, stage: Optional[str]) -> None:
+        """A teacher that shares a module the student trains computes other outputs at every step: no stored row
+        would be valid (the cache would drop its rows and run it at every step, without a word)."""
+        for name, path in self.shared.items():
+            raise DistillationStepError(StageProblem(
+                f"is set, but teacher {name!r} shares a module the student trains ({name}.{path}), so its outputs "
+                "change at every step and a stored row would be stale at once", name=None, field="teacher_cache",
+                value=cache, hint="set teacher_cache = None: the teacher then runs at every "
+                "step, on the shared module as the student trains it"), stage=stage, when="a training step")
 
     def _current_versions(self) -> Optional[list[int]]:
         try:
