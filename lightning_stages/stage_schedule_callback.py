@@ -124,8 +124,7 @@ class StageScheduleCallback(CheckpointGuard):
         if problem := (best_weights_problem(best_weights, "StageScheduleCallback")
                        or flag_problem(verbose, "verbose", "StageScheduleCallback")):
             raise StageConfigError(problem)
-        # the base weights given here override the module's declared ones key by key (checked against them in
-        # setup), so they are kept apart from the schedule
+        # the base weights given here override the module's declared ones key by key: kept apart from the schedule
         schedule, self.base_loss_weights = given_schedule(stage_schedule, config, loss_weights, distillation,
                                                           lambda_coef)
         self.verbose = bool(verbose)
@@ -136,9 +135,8 @@ class StageScheduleCallback(CheckpointGuard):
         # plateau-ended stages and restore_best: the transitions taken, the stage's tracker and best weights
         self.adaptive = AdaptiveStages(best_weights)
         self._resume_at: Optional[int] = None  # the epoch (or step) a resumed run trains next, from its checkpoint
-        # never checkpointed: the global step from which on_train_batch_start must look at the schedule again (inf: not
-        # in this epoch; 0: every batch, during an epoch ramp), the fit's accumulation, the stages whose epoch ramp was
-        # checked against their own loader (before their first batch), the last step whose stage/* scalars were logged
+        # never checkpointed: the step from which on_train_batch_start looks at the schedule again (inf: not in this
+        # epoch; 0: every batch of an epoch ramp), the accumulation, the stages whose ramp was checked, the last logged step
         self._next_step: float = math.inf
         self._accumulate, self._ramps_checked, self._logged_step = 1, set[Optional[int]](), -1
 
@@ -203,13 +201,15 @@ class StageScheduleCallback(CheckpointGuard):
         self._accumulate, self._ramps_checked = trainer.accumulate_grad_batches, set()
         if problems := step_data_problems(trainer, self._bound()):
             raise StageConfigError(problems)
-        resolved = self._enter(trainer, pl_module, 0)
+        progress: Any = trainer.fit_loop.epoch_progress.current  # a _StartedTracker, typed as its base
+        batches: Any = trainer.fit_loop.epoch_loop.batch_progress.current  # a _ProcessedTracker, likewise
+        inside = progress.started > progress.completed  # resumed within an epoch: at its next batch (an epoch ramp)
+        resolved = self._enter(trainer, pl_module, batches.processed if inside and self._bound().unit == "epoch" else 0)
         self.adaptive.start_fit(trainer, pl_module, self._bound(), _max_epochs(trainer), skipped)  # see there
         self._train_data.want(trainer, resolved.data)  # a loader built before the resumed epoch was known
-        progress: Any = trainer.fit_loop.epoch_progress.current  # a _StartedTracker, typed as its base
-        if progress.started > progress.completed:
+        if inside or skipped:  # no on_train_epoch_start for this epoch (skipped: Lightning went on to the next)
             self._report(trainer, resolved)
-        if progress.started > progress.completed or _position(trainer, self._bound()) != resolved.start_epoch:
+        if inside or skipped or _position(trainer, self._bound()) != resolved.start_epoch:
             add_stage_text(trainer, resolved)
 
     @override

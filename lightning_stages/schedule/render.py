@@ -156,7 +156,8 @@ def format_stage_line(epoch: int, resolved: ResolvedStage) -> str:
         "epoch 3: stage 'distill_only' (1/2), use_distillation=True, lambda_coef=1.0, loss_weights: bce=0.0 focal=0.0"
     """
     position = f"{resolved.position}/{resolved.num_stages}" if not resolved.is_base else "no stage"
-    weights = " ".join(f"{k}={v:g}" if v != int(v) else f"{k}={v}" for k, v in resolved.loss_weights.items())
+    weights = " ".join(f"{printable(k)}={v:g}" if v != int(v) else f"{printable(k)}={v}"
+                       for k, v in resolved.loss_weights.items())  # a loss name cannot add a line either
     data = f", data={resolved.data!r}" if resolved.data is not None else ""
     return (
         f"epoch {epoch}: stage {resolved.name!r} ({position}), use_distillation={resolved.distillation}, "
