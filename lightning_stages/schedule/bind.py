@@ -90,6 +90,14 @@ def bind_schedule(
     """
     declared = declared_settings(**{key: (declared or {}).get(key) for key in ("loss_weights", "distillation",
                                                                                 "lambda_coef")})
+    max_epochs, max_steps, weight_overrides = plain(max_epochs), plain(max_steps), plain(weight_overrides)  # numpy
+    for field, limit in (("max_epochs", max_epochs), ("max_steps", max_steps)):
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
+            raise StageConfigError(StageProblem("must be an integer or None", name=BASE_STAGE_NAME, field=field,
+                                                value=limit))
+    if weight_overrides is not None and not isinstance(weight_overrides, Mapping):
+        raise StageConfigError(StageProblem("must be a mapping of task losses to weights", name=BASE_STAGE_NAME,
+                                            field="loss_weights", value=weight_overrides))
     overrides: Optional[dict[str, Any]] = None
     if schedule.loss_weights is not None or weight_overrides is not None:
         overrides = {**(schedule.loss_weights or {}), **(weight_overrides or {})}

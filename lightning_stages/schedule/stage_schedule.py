@@ -187,7 +187,7 @@ class StageSchedule:
             >>> StageSchedule([{"start_epoch": 0}], total_epochs=300).with_total_epochs(10).timeline()[0].end_epoch
             10
         """
-        problems = checks.base_problems(total_epochs=total_epochs)
+        problems = checks.base_problems(total_epochs=(total_epochs := stage_module.plain(total_epochs)))  # numpy too
         if total_epochs is not None and not problems:
             problems = checks.starts_beyond_problems(enumerate(self.stages), total_epochs, "total_epochs")
         if problems:
