@@ -211,8 +211,7 @@ class FeatureHooks:
         student = self.captured(STUDENT, stage)
         if torch.is_grad_enabled():
             self._warn_without_grad(where)
-        layers = {name: self.student_layers(name) for name in teachers}
-        paired = list(dict.fromkeys(path for paths in layers.values() for path in paths))
+        paired = list(dict.fromkeys(path for t in teachers for path in self.student_layers(t))) if adapters else []
         for key in adapters or {}:  # an adapter no pair of any teacher uses would never run (nor train)
             if key not in paired:
                 raise DistillationStepError(StageProblem(
