@@ -112,3 +112,12 @@ def test_a_teacher_cache_with_a_teacher_sharing_a_trained_module_is_refused(tmp_
             "`teacher_cache` = TeacherCache(in memory, dtype=None, samples=0): is set, but teacher 'teacher' shares a "
             "module the student trains (teacher.0.0.weight)")):
         fit.fit(_SharedCached(), torch.utils.data.DataLoader(data, batch_size=4))
+
+
+def test_placing_the_teachers_leaves_a_module_the_student_holds_where_the_student_has_it():
+    shared, own = nn.Linear(2, 2), nn.Linear(2, 2)
+    student, teacher = nn.Sequential(shared), nn.Sequential(shared, own)
+    teachers = Teachers({"t": teacher}, device=None, student=student)
+    teachers.offloaded = True  # as after an offload; bring them back to a device (meta: no data is copied)
+    teachers.place(False, torch.device("meta"))
+    assert shared.weight.device.type == "cpu" and own.weight.device.type == "meta"

@@ -99,10 +99,11 @@ class Teachers:
     def __init__(self, modules: dict[str, nn.Module], device: Optional[torch.device],
                  student: Optional[nn.Module] = None) -> None:
         self.shared = freeze_teachers(modules, student)  # not the modules shared with the student: {teacher: path}
-        for teacher in modules.values():
-            if device is not None:
-                teacher.to(device)
+        # the student's modules that a teacher holds: the student places them (an offload must not move them)
+        self._student_parts = {id(m) for m in student.modules()} if student is not None else set()
         self.modules = modules
+        if device is not None:
+            self._move(lambda t: t.to(device))
         self.offloaded = False  #: whether ``offload_teachers`` keeps them on CPU now
         #: the ``extra`` (precision, autocast) and the fingerprint the teacher cache was last bound to (by this module)
         self._bound_extra: Optional[dict[str, Any]] = None
@@ -115,9 +116,19 @@ class Teachers:
     def place(self, offload: bool, device: torch.device) -> None:
         """Move the teachers to CPU (``offload``) or back to ``device``; nothing if they are there already."""
         if offload != self.offloaded:
-            for teacher in self.modules.values():
-                teacher.to("cpu" if offload else device)
+            target = "cpu" if offload else device
+            self._move(lambda t: t.to(target))
             self.offloaded = offload
+
+    def _move(self, fn: Callable[[Tensor], Tensor]) -> None:
+        """``fn`` on the teachers' tensors, but not on those of modules the student holds too (a shared embedding)."""
+        for teacher in self.modules.values():
+            if not any(id(m) in self._student_parts for m in teacher.modules()):
+                teacher._apply(fn)
+            else:
+                for module in teacher.modules():
+                    if id(module) not in self._student_parts:
+                        module._apply(fn, recurse=False)
 
     def follow_dtype_of(self, student: nn.Module) -> None:
         """Convert the teachers' floating-point weights and buffers to the ``student``'s floating-point dtype when all
