@@ -96,3 +96,15 @@ def test_model_naming_the_configs_own_class_is_taken(tmp_path, capsys):
     config = tmp_path / "config.yaml"
     config.write_text("model:\n  class_path: conftest.PlainStudent\ntrainer:\n  max_epochs: 2\n")
     assert main(["validate", str(config), "--model", "conftest.PlainStudent"]) == 0  # e.g. one --model for many configs
+
+
+@pytest.mark.parametrize(("model", "code"), [("conftest.PlainStudent", 2), ("conftest.Student", 0)])
+def test_validate_refuses_a_distilling_schedule_for_a_model_that_is_no_distillation_module(tmp_path, capsys, model,
+                                                                                          code):
+    config = tmp_path / "config.yaml"
+    config.write_text(CALLBACK.format(trainer="  max_epochs: 2\n", stages="          - {name: kd, start_epoch: 0, "
+                                      "end_epoch: 1, distillation: true}") + f"model:\n  class_path: {model}\n")
+    assert main(["validate", str(config)]) == code
+    if code:  # the message fit gives at setup
+        assert ("stage 0 ('kd'): `distillation` = True: distillation is requested but PlainStudent is not a "
+                "DistillationModule") in capsys.readouterr().err

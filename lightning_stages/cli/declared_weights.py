@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, Optional
 
+from lightning_stages.distillation.distillation_module import DistillationModule
 from lightning_stages.errors import StageConfigError, StageProblem
 from lightning_stages.schedule.bind import declared_settings
 
@@ -76,8 +77,8 @@ def _static(cls: Optional[type], init_args: Mapping[str, Any]) -> dict[str, Any]
     return {"loss_weights": loss_weights, "distillation": distillation, "lambda_coef": lambda_coef}
 
 
-def declared_by_model(model: Mapping[str, Any], model_class: Optional[str] = None,
-                      import_modules: bool = True) -> tuple[dict[str, Any], bool]:
+def declared_by_model(model: Mapping[str, Any], model_class: Optional[str] = None, import_modules: bool = True,
+                      needed_by: Optional[str] = None) -> tuple[dict[str, Any], bool]:
     """What the ``model`` section of a LightningCLI config declares, keyed as ``bind_schedule`` reads it, and whether
     it was read from the module built from the config (``False``: from ``init_args`` and defaults only).
 
@@ -86,14 +87,17 @@ def declared_by_model(model: Mapping[str, Any], model_class: Optional[str] = Non
             ``LightningCLI(MyModel, MyData)`` config).
         model_class: the model's class path when the section has none (``--model`` of ``validate``/``show``).
         import_modules: ``False`` (``--no-import``): import and build nothing; read ``init_args`` alone.
+        needed_by: the first setting of the schedule that distills (``None``: none): the class must then be a
+            ``DistillationModule``, as the callback's setup requires.
 
     Warns:
         DeclaredWeightsWarning: there is no class to build, or building it failed; the declaration is then read
             from ``init_args`` and ``__init__`` defaults alone, so weights set in ``__init__`` are not known.
 
     Raises:
-        StageConfigError: the class path cannot be imported (naming it and the error), or ``model_class`` is given
-            beside the section's own ``class_path``.
+        StageConfigError: the class path cannot be imported (naming it and the error), ``model_class`` names another
+            class than the section's own ``class_path``, or the schedule distills and the class is no
+            ``DistillationModule``.
 
     Example::
 
@@ -122,6 +126,11 @@ def declared_by_model(model: Mapping[str, Any], model_class: Optional[str] = Non
     cls, problems = import_class_path(class_path, "model.class_path" if "class_path" in model else "--model")
     if problems:
         raise StageConfigError(problems)
+    if needed_by is not None and isinstance(cls, type) and not issubclass(cls, DistillationModule):  # as fit says
+        raise StageConfigError(StageProblem(
+            f"distillation is requested but {cls.__name__} is not a DistillationModule; write `class {cls.__name__}"
+            "(DistillationModule, LightningModule)` and override configure_teachers()", name=needed_by,
+            field="distillation", value=True))
     try:
         module = _build(cls, init_args)  # type: ignore[arg-type]
     except (Exception, SystemExit) as err:  # __init__ may need files, data or a network (or exit): say so, go on

@@ -287,7 +287,8 @@ def schedule_of_config(
             raise StageConfigError(two_schedules_problem(stages))
         given = [given_schedule(config=stages)]
     schedule, overrides = given[0] if given else (StageSchedule(), None)
-    declared, read = declared_by_model(_section(_fit_section(data), "model"), model_class, import_modules)
+    declared, read = declared_by_model(_section(_fit_section(data), "model"), model_class, import_modules,
+                                       needed_by=schedule.first_distilling_label())
     total = max_epochs if max_epochs is not None else _max_epochs_of(data)
     if total is None and _epochs_by_default(data):
         total = 1000  # neither limit set: Lightning's Trainer runs 1000 epochs
