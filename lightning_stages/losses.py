@@ -104,8 +104,9 @@ def logit_kd(student_logits: Tensor, teacher_logits: Tensor, temperature: float 
     log_p_teacher = F.log_softmax(teacher, dim=dim)
     p_teacher = log_p_teacher.exp()
     # classes the teacher gives probability 0 (a logit of -inf) add 0, not 0 * -inf = NaN as in F.kl_div; a NaN from
-    # a broken teacher still comes through (masked_fill: the values and gradient of a where, two operations fewer)
-    terms = (p_teacher * (log_p_teacher - log_p_student)).masked_fill(p_teacher == 0, 0.0)
+    # a broken teacher still comes through (masked_fill: the values and gradient of a where, two operations fewer).
+    # The difference is masked, not the product: a trainable teacher (mutual learning) then gets no NaN gradient
+    terms = p_teacher * (log_p_teacher - log_p_student).masked_fill(p_teacher == 0, 0.0)
     if not positions:  # no logits: the mean of nothing, NaN, as before
         return terms.sum(dim=dim).mean() * (temperature**2)
     return terms.sum() * (temperature**2 / positions)  # the sum over classes, averaged over positions

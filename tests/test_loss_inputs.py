@@ -148,3 +148,16 @@ def test_weighted_sum_takes_numpy_and_tensor_weights():
     total = weighted_sum({"a": torch.tensor(2.0), "b": torch.tensor(3.0)}, {"a": np.float32(0.5), "b": torch.tensor(2.0)},
                          {"kd": torch.tensor(4.0)}, lambda_coef=np.int64(3))
     assert total.item() == pytest.approx(0.5 * 2 + 2 * 3 + 3 * 4)
+
+
+def test_logit_kd_gives_a_trainable_teacher_the_closed_form_gradient_next_to_a_class_both_rule_out():
+    student = torch.tensor([[0.5, -math.inf, 1.5]], dtype=torch.float64, requires_grad=True)
+    teacher = torch.tensor([[1.0, -math.inf, -0.5]], dtype=torch.float64, requires_grad=True)  # mutual learning
+    logit_kd(student, teacher, temperature=2.0).backward()
+    # d/dt_j of T^2 * KL(p || q) = T * p_j * ((log p_j - log q_j) - KL), 0 where p_j = 0
+    t, s = [1.0 / 2, -0.5 / 2], [0.5 / 2, 1.5 / 2]
+    p = [math.exp(v) / sum(math.exp(u) for u in t) for v in t]
+    q = [math.exp(v) / sum(math.exp(u) for u in s) for v in s]
+    kl = sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
+    expected = [2 * p[0] * (math.log(p[0] / q[0]) - kl), 0.0, 2 * p[1] * (math.log(p[1] / q[1]) - kl)]
+    assert teacher.grad[0].tolist() == pytest.approx(expected, rel=1e-9, abs=1e-12)
