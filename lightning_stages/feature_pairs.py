@@ -18,8 +18,6 @@ from lightning_stages.errors import did_you_mean
 
 __all__ = ["FeatureAdapter", "feature_mse", "feature_pair_name", "paired_feature_losses"]
 
-# what a user's adapter raises when it does not fit its features (a wrong index or call, a shape torch refuses)
-_ADAPTER_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, KeyError, AttributeError)
 
 
 def _shape_hint(student: tuple[int, ...], teacher: tuple[int, ...], fix: str) -> str:
@@ -80,7 +78,7 @@ def _adapted(adapter: Callable[[Tensor], Tensor], student: Tensor, target: Tenso
     shapes = f"student features {tuple(student.shape)} (teacher features {tuple(target.shape)})"
     try:
         adapted = adapter(student)
-    except _ADAPTER_ERRORS as err:
+    except Exception as err:  # a user's module that does not fit its features: named with the pair, not raw
         raise ValueError(f"{pair}: {whose} failed on {shapes}: {type(err).__name__}: {err}") from err
     if not isinstance(adapted, Tensor):
         raise ValueError(f"{pair}: {whose} returned a {type(adapted).__name__}, not a tensor, for {shapes}; make it "

@@ -162,13 +162,14 @@ class TrainData:
 
     @staticmethod
     def refuse_empty(trainer: pl.Trainer, resolved: ResolvedStage) -> None:
-        """Refuse a stage with its own ``data`` whose training loader, built for it, has no batches: Lightning would
-        end the fit there without a word ("No training batches"), and this stage and every later one would never run.
+        """Refuse a stage whose training loader, built again for it (its ``data`` changed), has no batches: Lightning
+        would end the fit there without a word ("No training batches"), and this stage and every later one would
+        never run.
 
         Raises:
             StageConfigError: naming the stage, ``data`` and its value.
         """
-        if resolved.data is not None and trainer.num_training_batches == 0:
+        if trainer.num_training_batches == 0:  # only a loader built during the fit gets here (Lightning stops before)
             raise StageConfigError(StageProblem(
                 "gives a training dataloader with no batches (train_dataloader() with this stage_data), so the fit "
                 "would end here and this stage and every later one would never run", index=resolved.index,

@@ -108,3 +108,13 @@ def test_validate_refuses_a_distilling_schedule_for_a_model_that_is_no_distillat
     if code:  # the message fit gives at setup
         assert ("stage 0 ('kd'): `distillation` = True: distillation is requested but PlainStudent is not a "
                 "DistillationModule") in capsys.readouterr().err
+
+
+def test_a_run_shorter_than_the_schedule_files_epochs_cuts_its_open_stage_at_them(tmp_path, capsys):
+    seed = tmp_path / "s5.json"
+    seed.write_text('{"train": {"epochs": 5, "loss_weights": {"ce": 1.0}}, "stage_schedule": ['
+                    '{"name": "a", "start_epoch": 0, "end_epoch": 3}, {"name": "b", "start_epoch": 3}]}')
+    assert main(["show", str(seed), "--max-epochs", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert "2 stages over 4 epochs (a [0, 3), b [3, 5))" in out  # fit: b ends at train.epochs, cut short at 4
+    assert "stage 1 ('b') ends at epoch 5 but the run stops at 4; fit cuts it short" in err

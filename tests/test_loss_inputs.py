@@ -22,6 +22,12 @@ def test_mask_kd_lets_a_nan_student_through():
     assert math.isnan(mask_kd(torch.tensor([[math.nan, 0.0]]), torch.zeros(1, 2)).item())
 
 
+class _Asserting(nn.Module):  # an adapter that checks its input with assert
+    def forward(self, x):
+        assert x.shape[1] == 8, f"{x.shape[1]} channels"
+        return x
+
+
 class _Tuple(nn.Module):  # an adapter returning (features, attention), as nn.MultiheadAttention does
     def forward(self, x):
         return x, None
@@ -31,6 +37,7 @@ class _Tuple(nn.Module):  # an adapter returning (features, attention), as nn.Mu
     (lambda x: x[:, :, 0], "IndexError: too many indices"),
     (nn.Conv2d(8, 3, 1), "RuntimeError: "),
     (_Tuple(), "returned a tuple, not a tensor"),
+    (_Asserting(), "AssertionError: 7 channels"),
 ])
 def test_feature_mse_and_paired_feature_losses_name_an_adapter_that_fails(adapter, error):
     student, teacher = torch.zeros(2, 7), torch.zeros(2, 3)

@@ -146,9 +146,10 @@ class _EmptySplit(pl.LightningModule):
         self.lin = nn.Linear(4, 3)
         self.loss_weights = {"cls": 1.0}
         self.seen: list[tuple[int, str]] = []
+        self.without_data = 12  # samples where a stage gives no data
 
     def train_dataloader(self):
-        n = {"all": 16, "labelled": 0}.get(self.stage_data, 12)
+        n = {"all": 16, "labelled": 0}.get(self.stage_data, self.without_data)
         return DataLoader(TensorDataset(torch.randn(n, 4), torch.zeros(n, dtype=torch.long)), batch_size=4)
 
     def training_step(self, batch, batch_idx):
@@ -177,3 +178,15 @@ def test_a_stage_whose_data_has_no_batches_is_named_not_a_silent_end_of_the_fit(
                                                          "dataloader with no batches")):
         fit.fit(model)
     assert {stage for _, stage in model.seen} == {"kd"}  # nothing of ft trained before the error
+
+
+def test_a_stage_without_data_whose_rebuilt_loader_is_empty_is_named_too(tmp_path):
+    stages = [{"name": "kd", "start_epoch": 0, "end_epoch": 1, "data": "all"}, {"name": "tail", "start_epoch": 1}]
+    model = _EmptySplit()
+    model.without_data = 0
+    fit = pl.Trainer(default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0, max_epochs=3,
+                     callbacks=[StageScheduleCallback(stages, verbose=False)])
+    with pytest.raises(StageConfigError, match=re.escape("stage 1 ('tail'): `data` = None: gives a training "
+                                                         "dataloader with no batches")):
+        fit.fit(model)

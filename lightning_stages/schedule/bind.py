@@ -136,9 +136,9 @@ def bind_schedule(
 
 
 def run_of(schedule: StageSchedule, run_epochs: Optional[int]) -> StageSchedule:
-    """A bound ``schedule`` as a run of ``run_epochs`` epochs trains it, for ``show`` and ``validate``: where the run
-    is longer than the schedule's own ``total_epochs`` (a seed file's ``train.epochs``), its open stages still end
-    there and the base settings train the rest, as in ``fit``.
+    """A bound ``schedule`` as a run of ``run_epochs`` epochs trains it, for ``show`` and ``validate``: where the run's
+    length differs from the schedule's own ``total_epochs`` (a seed file's ``train.epochs``), its open stages still
+    end there, as in ``fit``: a longer run trains the base settings after them, a shorter one cuts them short.
 
     Example::
 
@@ -147,7 +147,7 @@ def run_of(schedule: StageSchedule, run_epochs: Optional[int]) -> StageSchedule:
         [('b', 0, 5), ('base', 5, 6)]
     """
     total = schedule.total_epochs
-    if schedule.unit != "epoch" or run_epochs is None or total is None or run_epochs <= total:
+    if schedule.unit != "epoch" or run_epochs is None or total is None or run_epochs == total:
         return schedule
     stages = [s if s.end_epoch is not None else dataclasses.replace(s, end_epoch=total) for s in schedule.stages]
     return StageSchedule._checked_elsewhere(stages, schedule.loss_weights, schedule.distillation, schedule.lambda_coef,
