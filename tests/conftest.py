@@ -31,6 +31,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
@@ -482,3 +483,25 @@ def save_earlier_result(folder, run, fingerprint: str) -> None:
     data = json.loads(path.read_text())
     data.pop("fingerprint_format")
     (path.parent / RESULT_FILE).write_text(json.dumps(data))
+
+
+class Capture(Logger):
+    """A logger that keeps every ``log_metrics`` call, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, dict]] = []
+
+    @property
+    def name(self):
+        return "capture"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append((step, dict(metrics)))

@@ -8,8 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import TinyNet, trainer
-from lightning.pytorch.loggers import Logger
+from conftest import Capture, TinyNet, trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stages import StageConfigError, StageSchedule, StageScheduleCallback
@@ -134,28 +133,6 @@ class Recorder(TinyNet):
         t = self.trainer
         self.rows.append((t.current_epoch, batch_idx, t.global_step, self.stage_name, self.use_distillation,
                           self.lambda_coef, self.loss_weights["cls"], self._calls))
-
-
-class Capture(Logger):
-    """Every ``log_metrics`` call, in order."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[int, dict]] = []
-
-    @property
-    def name(self):
-        return "capture"
-
-    @property
-    def version(self):
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
-
-    def log_metrics(self, metrics, step=None):
-        self.calls.append((step, dict(metrics)))
 
 
 def _data(batches: int) -> DataLoader:

@@ -8,8 +8,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Capture
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -19,26 +19,6 @@ from lightning_stages.schedule.stage import ResolvedStage
 
 DATA = TensorDataset(torch.randn(24, 4, generator=torch.Generator().manual_seed(0)),
                      torch.randint(0, 2, (24,), generator=torch.Generator().manual_seed(1)))  # 6 batches of 4
-
-
-class _Capture(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[int, dict]] = []
-
-    @property
-    def name(self):
-        return "capture"
-
-    @property
-    def version(self):
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
-
-    def log_metrics(self, metrics, step=None):
-        self.calls.append((step, dict(metrics)))
 
 
 class _Net(pl.LightningModule):
@@ -55,7 +35,7 @@ class _Net(pl.LightningModule):
 
 
 def _fit(root, stages, every, ckpt_path=None):
-    logger = _Capture()
+    logger = Capture()
     callbacks = [StageScheduleCallback(stage_schedule=stages, verbose=False)]
     if ckpt_path is None:
         callbacks.append(ModelCheckpoint(dirpath=root / "ck", every_n_train_steps=every, save_top_k=-1, filename="{step}"))
