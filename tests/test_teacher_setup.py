@@ -121,3 +121,21 @@ def test_placing_the_teachers_leaves_a_module_the_student_holds_where_the_studen
     teachers.offloaded = True  # as after an offload; bring them back to a device (meta: no data is copied)
     teachers.place(False, torch.device("meta"))
     assert shared.weight.device.type == "cpu" and own.weight.device.type == "meta"
+
+
+def test_a_hook_into_a_torchscript_teacher_is_refused_at_setup_not_raw():
+    class Scripted(DistillationModule, pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(2, 2)
+
+        def configure_teachers(self):
+            return {"teacher": torch.jit.script(nn.Sequential(nn.Linear(2, 2)))}
+
+        def configure_feature_hooks(self):
+            return {"student": ["net"], "teacher": ["0"]}
+
+    with pytest.raises(StageConfigError, match=re.escape(
+            "`configure_feature_hooks.teacher` = '0': hooks a TorchScript module ('teacher'), which takes no forward "
+            "hooks")):
+        Scripted().prepare_teachers()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_stages.distillation.feature_selectors import split_hook_path
@@ -90,6 +91,11 @@ def check_hook_spec(spec: Any, models: Mapping[str, nn.Module], where: str) -> d
             problems.append(StageProblem(_NOT_PATHS, name=where, field=field, value=paths))
             continue
         paths = _as_paths(paths)
+        if paths and isinstance(models[model_name], torch.jit.ScriptModule):  # register_forward_hook would raise
+            problems.append(StageProblem(f"hooks a TorchScript module ({model_name!r}), which takes no forward hooks",
+                                         name=where, field=field, value=paths[0],
+                                         hint="hook the module before scripting it, or distill its outputs only"))
+            continue
         names = [n for n, _ in models[model_name].named_modules()]
         problems += _hook_problems(model_name, paths, names, where, field)
         checked[model_name] = paths
