@@ -103,7 +103,7 @@ class Teachers:
         self._student_parts = {id(m) for m in student.modules()} if student is not None else set()
         self.modules = modules
         if device is not None:
-            self._move(lambda t: t.to(device))
+            self._move(device)
         self.offloaded = False  #: whether ``offload_teachers`` keeps them on CPU now
         #: the ``extra`` (precision, autocast) and the fingerprint the teacher cache was last bound to (by this module)
         self._bound_extra: Optional[dict[str, Any]] = None
@@ -116,19 +116,18 @@ class Teachers:
     def place(self, offload: bool, device: torch.device) -> None:
         """Move the teachers to CPU (``offload``) or back to ``device``; nothing if they are there already."""
         if offload != self.offloaded:
-            target = "cpu" if offload else device
-            self._move(lambda t: t.to(target))
+            self._move(torch.device("cpu") if offload else device)
             self.offloaded = offload
 
-    def _move(self, fn: Callable[[Tensor], Tensor]) -> None:
-        """``fn`` on the teachers' tensors, but not on those of modules the student holds too (a shared embedding)."""
+    def _move(self, device: torch.device) -> None:
+        """Move the teachers to ``device``, but not the modules the student holds too (a shared embedding)."""
         for teacher in self.modules.values():
             if not any(id(m) in self._student_parts for m in teacher.modules()):
-                teacher._apply(fn)
+                teacher.to(device)
             else:
                 for module in teacher.modules():
                     if id(module) not in self._student_parts:
-                        module._apply(fn, recurse=False)
+                        module._apply(lambda t: t.to(device), recurse=False)
 
     def follow_dtype_of(self, student: nn.Module) -> None:
         """Convert the teachers' floating-point weights and buffers to the ``student``'s floating-point dtype when all
