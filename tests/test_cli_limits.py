@@ -69,10 +69,16 @@ def test_model_beside_a_configs_own_class_path_is_refused_not_ignored(tmp_path, 
             "`--model` goes with a config that names none") in capsys.readouterr().err
 
 
-def test_a_run_longer_than_the_schedule_files_epochs_trains_the_base_after_them(tmp_path, capsys):
+def _seed_of_5_epochs(tmp_path: Path, a_ends: int) -> Path:
+    """A schedule file with `train.epochs: 5`: stage `a` up to `a_ends`, then `b`, open (it ends at epoch 5)."""
     seed = tmp_path / "seed5.json"
     seed.write_text('{"train": {"epochs": 5, "loss_weights": {"ce": 1.0}}, "stage_schedule": ['
-                    '{"name": "a", "start_epoch": 0, "end_epoch": 4}, {"name": "b", "start_epoch": 4}]}')
+                    f'{{"name": "a", "start_epoch": 0, "end_epoch": {a_ends}}}, {{"name": "b", "start_epoch": {a_ends}}}]}}')
+    return seed
+
+
+def test_a_run_longer_than_the_schedule_files_epochs_trains_the_base_after_them(tmp_path, capsys):
+    seed = _seed_of_5_epochs(tmp_path, a_ends=4)
     config = tmp_path / "config.yaml"
     config.write_text(f"trainer:\n  max_epochs: 6\n  callbacks:\n    - class_path: lightning_stages.StageScheduleCallback\n"
                       f"      init_args: {{config: {seed}}}\n")
@@ -111,9 +117,7 @@ def test_validate_refuses_a_distilling_schedule_for_a_model_that_is_no_distillat
 
 
 def test_a_run_shorter_than_the_schedule_files_epochs_cuts_its_open_stage_at_them(tmp_path, capsys):
-    seed = tmp_path / "s5.json"
-    seed.write_text('{"train": {"epochs": 5, "loss_weights": {"ce": 1.0}}, "stage_schedule": ['
-                    '{"name": "a", "start_epoch": 0, "end_epoch": 3}, {"name": "b", "start_epoch": 3}]}')
+    seed = _seed_of_5_epochs(tmp_path, a_ends=3)
     assert main(["show", str(seed), "--max-epochs", "4"]) == 0
     out, err = capsys.readouterr()
     assert "2 stages over 4 epochs (a [0, 3), b [3, 5))" in out  # fit: b ends at train.epochs, cut short at 4
