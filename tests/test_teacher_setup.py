@@ -139,3 +139,24 @@ def test_a_hook_into_a_torchscript_teacher_is_refused_at_setup_not_raw():
             "`configure_feature_hooks.teacher` = '0': hooks a TorchScript module ('teacher'), which takes no forward "
             "hooks")):
         Scripted().prepare_teachers()
+
+
+@pytest.mark.parametrize("model", ["teacher", "student"])
+def test_a_hook_into_a_torchscript_submodule_is_refused_at_setup_naming_it(model):
+    class PartlyScripted(DistillationModule, pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(2, 2), torch.jit.script(nn.Linear(2, 2)))
+
+        def configure_teachers(self):
+            return {"teacher": nn.Sequential(nn.Linear(2, 2), torch.jit.script(nn.Linear(2, 2)))}
+
+        def configure_feature_hooks(self):
+            return {"student": ["net.1" if model == "student" else "net.0"],
+                    "teacher": ["1" if model == "teacher" else "0"]}
+
+    path = "net.1" if model == "student" else "1"
+    with pytest.raises(StageConfigError, match=re.escape(
+            f"`configure_feature_hooks.{model}` = '{path}': hooks a TorchScript module ('{model}', '{path}'), which "
+            "takes no forward hooks")):
+        PartlyScripted().prepare_teachers()

@@ -23,7 +23,8 @@ def _closest_submodules(path: str, names: Sequence[str]) -> str:
     return "closest submodules: " + ", ".join(f"`{c}`" for c in close) if close else "the model has no submodules"
 
 
-def _hook_problems(model_name: str, paths: Any, names: Sequence[str], where: str, field: str) -> list[StageProblem]:
+def _hook_problems(model_name: str, paths: Any, model: nn.Module, where: str, field: str) -> list[StageProblem]:
+    modules = dict(model.named_modules())
     problems = []
     for path in paths:
         try:
@@ -31,9 +32,15 @@ def _hook_problems(model_name: str, paths: Any, names: Sequence[str], where: str
         except ValueError as err:
             problems.append(StageProblem(str(err), name=where, field=field, value=path))
             continue
-        if module not in names:
+        if module not in modules:
             problems.append(StageProblem(f"names no submodule of {model_name!r}", name=where, field=field, value=path,
-                                         hint=_closest_submodules(str(module if module is not None else path), names)))
+                                         hint=_closest_submodules(str(module if module is not None else path),
+                                                                  list(modules))))
+        elif isinstance(modules[module], torch.jit.ScriptModule):  # register_forward_hook would raise
+            scripted = repr(model_name) + ("" if isinstance(model, torch.jit.ScriptModule) else f", {module!r}")
+            problems.append(StageProblem(f"hooks a TorchScript module ({scripted}), which takes no forward hooks",
+                                         name=where, field=field, value=path,
+                                         hint="hook the module before scripting it, or distill its outputs only"))
     return problems
 
 
@@ -51,8 +58,9 @@ def check_hook_spec(spec: Any, models: Mapping[str, nn.Module], where: str) -> d
 
     Raises:
         StageConfigError: ``spec`` is not a mapping, names an unknown model, an entry is neither a path nor a list of
-            paths, a path names no submodule (with the closest submodule names) or has a malformed selector. Every
-            problem is reported at once.
+            paths, a path names no submodule (with the closest submodule names) or a TorchScript one (which takes no
+            forward hooks), or has a malformed selector. Every problem is
+            reported at once.
 
     Example::
 
@@ -91,13 +99,7 @@ def check_hook_spec(spec: Any, models: Mapping[str, nn.Module], where: str) -> d
             problems.append(StageProblem(_NOT_PATHS, name=where, field=field, value=paths))
             continue
         paths = _as_paths(paths)
-        if paths and isinstance(models[model_name], torch.jit.ScriptModule):  # register_forward_hook would raise
-            problems.append(StageProblem(f"hooks a TorchScript module ({model_name!r}), which takes no forward hooks",
-                                         name=where, field=field, value=paths[0],
-                                         hint="hook the module before scripting it, or distill its outputs only"))
-            continue
-        names = [n for n, _ in models[model_name].named_modules()]
-        problems += _hook_problems(model_name, paths, names, where, field)
+        problems += _hook_problems(model_name, paths, models[model_name], where, field)
         checked[model_name] = paths
     if problems:
         raise StageConfigError(problems)
