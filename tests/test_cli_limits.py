@@ -122,3 +122,13 @@ def test_a_run_shorter_than_the_schedule_files_epochs_cuts_its_open_stage_at_the
     out, err = capsys.readouterr()
     assert "2 stages over 4 epochs (a [0, 3), b [3, 5))" in out  # fit: b ends at train.epochs, cut short at 4
     assert "stage 1 ('b') ends at epoch 5 but the run stops at 4; fit cuts it short" in err
+
+
+def test_model_naming_the_configs_own_class_by_another_import_path_is_accepted(tmp_path, capsys, monkeypatch):
+    (tmp_path / "reexports_student.py").write_text("from conftest import PlainStudent\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tmp_path / "config.yaml"
+    config.write_text("model:\n  class_path: conftest.PlainStudent\ntrainer:\n  max_epochs: 2\n")
+    assert main(["validate", str(config), "--model", "reexports_student.PlainStudent"]) == 0, capsys.readouterr().err
+    assert main(["validate", str(config), "--model", "reexports_student.Other"]) == 2  # not importable: refused
+    assert "is the class; `--model` goes with a config that names none" in capsys.readouterr().err

@@ -111,7 +111,8 @@ def declared_by_model(model: Mapping[str, Any], model_class: Optional[str] = Non
     for key, value in model.items():  # jsonargparse also accepts init args next to class_path
         if key not in ("class_path", "init_args", "dict_kwargs"):
             init_args.setdefault(key, value)
-    if isinstance(model.get("class_path"), str) and model_class not in (None, model["class_path"]):  # else ignored
+    if (isinstance(model.get("class_path"), str) and model_class not in (None, model["class_path"])
+            and not (import_modules and _same_class(model["class_path"], model_class))):  # else ignored
         raise StageConfigError(StageProblem(f"the config's model.class_path ({model['class_path']}) is the class; "
                                             "`--model` goes with a config that names none", name="config",
                                             field="model", value=str(model_class)))
@@ -140,6 +141,13 @@ def declared_by_model(model: Mapping[str, Any], model_class: Optional[str] = Non
         return _static(cls, init_args), False
     return declared_settings(getattr(module, "loss_weights", None), getattr(module, "use_distillation", None),
                              getattr(module, "lambda_coef", None)), True
+
+
+def _same_class(path: str, other: Optional[str]) -> bool:
+    """Whether the class paths ``path`` and ``other`` import as one class (``pkg.Net`` and ``pkg.models.Net``)."""
+    first, first_problems = import_class_path(path, "model.class_path")
+    second, second_problems = import_class_path(str(other), "--model")
+    return not first_problems and not second_problems and first is second
 
 
 def as_the_parser_reads(cls: type, init_args: Mapping[str, Any]) -> dict[str, Any]:
