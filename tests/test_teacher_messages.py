@@ -83,6 +83,17 @@ def test_a_selection_that_is_no_tensor_offers_the_modules_tensors(kind, path, of
     assert "not a tensor" in message and f"select a tensor: {offered}" in message, message
 
 
+def test_a_teacher_selector_that_does_not_fit_is_one_problem_in_feature_losses_not_wrapped_twice():
+    model = _prepared(_Teacher("tuple"), {"student": ["net"], "teacher": ["enc:nothing"]})
+    model.net(torch.randn(2, 4))
+    model.run_teachers(torch.randn(2, 4))
+    with pytest.raises(DistillationStepError) as err:
+        model.feature_losses()
+    message = str(err.value)
+    assert message.startswith("1 problem at a step of") and message.count("problem") == 1, message
+    assert "`configure_feature_hooks.teacher` = 'enc:nothing': the selector `:nothing` is not an attribute" in message
+
+
 def test_a_lightning_checkpoint_weights_only_refuses_names_the_global_and_the_way_out(tmp_path):
     path = tmp_path / "teacher.ckpt"
     torch.save({"state_dict": nn.Linear(2, 2).state_dict(), "hyper_parameters": argparse.Namespace(lr=0.1)}, path)

@@ -226,6 +226,8 @@ class FeatureHooks:
                 found = paired_feature_losses(
                     student, self.captured(name, stage), own, self.spec.get(name, ()), loss_fn=loss_fn,
                     adapters={k: v for k, v in adapters.items() if k in own} if adapters else None, teacher=name)
+            except DistillationStepError:  # the capture's own (a selector that does not fit the output): as it is
+                raise
             except ValueError as err:
                 raise DistillationStepError(StageProblem(str(err), name=where), stage=stage) from err
             if clash := next((key for key in found if key in losses), None):  # one loss would replace the other
