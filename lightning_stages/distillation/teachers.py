@@ -231,7 +231,8 @@ class Teachers:
     def _refuse_shared(self, cache: TeacherCache, stage: Optional[str]) -> None:
         """A teacher that shares a module the student trains computes other outputs at every step: no stored row
         would be valid (the cache would drop its rows and run it at every step, without a word)."""
-        for name, path in self.shared.items():
+        if self.shared:  # the first such teacher is named
+            name, path = next(iter(self.shared.items()))
             raise DistillationStepError(StageProblem(
                 f"is set, but teacher {name!r} shares a module the student trains ({name}.{path}), so its outputs "
                 "change at every step and a stored row would be stale at once", name=None, field="teacher_cache",
