@@ -33,16 +33,30 @@ from lightning_stages.schedule import StageSchedule
 from lightning_stages.schedule.stage import Stage, stage_name_of
 from lightning_stages.schedule.transitions import transition_problems, with_transitions
 
-__all__ = ["AdaptiveStages"]
+__all__ = ["AdaptiveStages", "restore_best_problems"]
 
 
 def averaging_problems(trainer: pl.Trainer, schedule: StageSchedule) -> list[StageProblem]:
-    """``restore_best`` stages in a fit with Lightning's ``WeightAveraging`` (e.g. ``EMAWeightAveraging``): its
-    validations score the averaged weights, but a stage's best weights would be the raw ones of that validation, and
-    the callback puts its averaged weights back at the end of the fit, over a restored best."""
+    """``restore_best`` stages in a fit with Lightning's ``WeightAveraging`` (e.g. ``EMAWeightAveraging``):
+    :func:`restore_best_problems` of the Trainer's callbacks."""
     kinds = getattr(pl.callbacks, "WeightAveraging", None)  # Lightning >= 2.6
     callbacks: list[Any] = getattr(trainer, "callbacks", [])  # set by the Trainer's callback connector
-    averaging = [type(c).__name__ for c in callbacks if kinds is not None and isinstance(c, kinds)]
+    return restore_best_problems([type(c).__name__ for c in callbacks if kinds is not None and isinstance(c, kinds)],
+                                 schedule)
+
+
+def restore_best_problems(averaging: list[str], schedule: StageSchedule) -> list[StageProblem]:
+    """The problem of each ``restore_best`` stage beside the ``WeightAveraging`` callbacks ``averaging`` (their class
+    names): their validations score the averaged weights, but a stage's best weights would be the raw ones of that
+    validation, and the callback puts its averaged weights back at the end of the fit, over a restored best.
+
+    Example::
+
+        >>> schedule = StageSchedule([{"name": "ft", "start_epoch": 0, "end_epoch": 2, "monitor": "val_loss",
+        ...                            "restore_best": True}])
+        >>> [p.field for p in restore_best_problems(["EMAWeightAveraging"], schedule)]
+        ['restore_best']
+    """
     if not averaging:
         return []
     return [StageProblem(f"cannot be used beside {averaging[0]}: validation scores the averaged weights, but the "

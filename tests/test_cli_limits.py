@@ -132,3 +132,24 @@ def test_model_naming_the_configs_own_class_by_another_import_path_is_accepted(t
     assert main(["validate", str(config), "--model", "reexports_student.PlainStudent"]) == 0, capsys.readouterr().err
     assert main(["validate", str(config), "--model", "reexports_student.Other"]) == 2  # not importable: refused
     assert "is the class; `--model` goes with a config that names none" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("averaging", ["lightning.pytorch.callbacks.EMAWeightAveraging", "EMAWeightAveraging"])
+@pytest.mark.parametrize("no_import", [[], ["--no-import"]])
+def test_restore_best_beside_an_averaging_callback_is_refused_by_validate_as_by_fit(tmp_path, capsys, averaging,
+                                                                                     no_import):
+    stages = ["{name: ft, start_epoch: 0, end_epoch: 2, monitor: val_loss, restore_best: true}"]
+    config = _config(tmp_path, "  max_epochs: 4\n", stages)
+    assert main(["validate", str(config), *no_import]) == 0, capsys.readouterr().err
+    with config.open("a") as file:
+        file.write(f"    - class_path: {averaging}\n")
+    assert main(["validate", str(config), *no_import]) == 2
+    assert ("stage 0 ('ft'): `restore_best` = True: cannot be used beside EMAWeightAveraging: validation scores the "
+            "averaged weights") in capsys.readouterr().err
+
+
+def test_an_averaging_callback_without_restore_best_stages_is_accepted(tmp_path, capsys):
+    config = _config(tmp_path, "  max_epochs: 4\n", ["{name: ft, start_epoch: 0, end_epoch: 2}"])
+    with config.open("a") as file:
+        file.write("    - class_path: lightning.pytorch.callbacks.EMAWeightAveraging\n")
+    assert main(["validate", str(config)]) == 0, capsys.readouterr().err

@@ -17,7 +17,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from lightning_stages.adaptive_stages import restore_best_problems
 from lightning_stages.best_weights import best_weights_problem
+from lightning_stages.cli.config_problems import averaging_callbacks, more_schedules_problem, two_schedules_problem
 from lightning_stages.cli.declared_weights import as_the_parser_reads, declared_by_model, import_class_path
 from lightning_stages.cli.nested_files import with_nested_trainer
 from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
@@ -29,6 +31,7 @@ from lightning_stages.stage_schedule_callback import StageScheduleCallback
 __all__ = [
     "add_working_directory_to_path",
     "check_lightning_config",
+    "more_schedules_problem",
     "schedule_of_config",
     "two_schedules_problem",
 ]
@@ -287,6 +290,9 @@ def schedule_of_config(
             raise StageConfigError(two_schedules_problem(stages))
         given = [given_schedule(config=stages)]
     schedule, overrides = given[0] if given else (StageSchedule(), None)
+    callbacks = _section(_fit_section(data), "trainer").get("callbacks")
+    if problems := restore_best_problems(averaging_callbacks(callbacks, import_modules), schedule):  # as fit refuses
+        raise StageConfigError(problems)
     declared, read = declared_by_model(_section(_fit_section(data), "model"), model_class, import_modules,
                                        needed_by=schedule.first_distilling_label())
     total = max_epochs if max_epochs is not None else _max_epochs_of(data)
@@ -313,31 +319,6 @@ def schedule_of_config(
                          else schedule.lambda_coef, total if schedule.total_epochs is None else schedule.total_epochs,
                          total_steps=_max_epochs_of(data, "max_steps") if schedule.total_steps is None
                          else schedule.total_steps), total)
-
-
-def more_schedules_problem(value: Any) -> StageProblem:
-    """The problem of ``trainer.callbacks`` holding more than one ``StageScheduleCallback`` (``value``: their
-    positions in a config, or their number after LightningCLI merged the configs and the command line).
-
-    Example::
-
-        >>> more_schedules_problem(2).field
-        'trainer.callbacks'
-    """
-    return StageProblem("holds more than one StageScheduleCallback; give one schedule per run", name="config",
-                        field="trainer.callbacks", value=value)
-
-
-def two_schedules_problem(stages: Union[str, os.PathLike]) -> StageProblem:
-    """The problem of a ``--stages`` file given with a config that already has a ``StageScheduleCallback``.
-
-    Example::
-
-        >>> two_schedules_problem("s.json").field
-        'stages'
-    """
-    return StageProblem("the config already has a StageScheduleCallback in trainer.callbacks; give one schedule",
-                        name="config", field="stages", value=os.fspath(stages))
 
 
 def __getattr__(name: str) -> Any:
