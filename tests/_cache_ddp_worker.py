@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stages import DistillationModule, IndexedDataset, StageScheduleCallback, TeacherCache
-from lightning_stages.distillation import teacher_cache_files
+from lightning_stages.distillation import teacher_cache_directory
 from lightning_stages.losses import logit_kd
 
 N_SAMPLES, BATCH_SIZE, EPOCHS = 32, 4, 2  # batch size per rank
@@ -153,14 +153,14 @@ def die_mid_write(directory: str) -> None:
 def die_mid_drop(directory: str) -> None:
     """Bind another key, and die (SIGKILL) right after the first shard of the old key is deleted."""
     torch.set_num_threads(1)
-    remove = teacher_cache_files._remove
+    remove = teacher_cache_directory.remove_file
 
     def remove_then_die(path: str) -> None:
         remove(path)
         if path.endswith(".rows"):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    teacher_cache_files._remove = remove_then_die
+    teacher_cache_directory.remove_file = remove_then_die
     TeacherCache(directory).bind("another teacher")
 
 

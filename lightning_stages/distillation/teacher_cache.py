@@ -9,9 +9,9 @@ Samples are identified by their index in the dataset. The batch carries them: wr
 
 A stored row is served only for the input it was computed from: each row keeps a checksum of the sample's teacher
 inputs, compared at every read. A different input (another dataset, random augmentation) recomputes the row and is
-counted as a mismatch (:meth:`TeacherCache.take_stats`). How rows are laid out and checksummed is in
-``teacher_cache_rows.py``, the input checksum in ``teacher_cache_inputs.py``; where they are kept in ``teacher_cache_storage.py`` (memory) and ``teacher_cache_files.py``
-(files shared by processes).
+counted as a mismatch (:meth:`TeacherCache.take_stats`). Rows are laid out and checksummed in ``teacher_cache_rows``,
+inputs checksummed in ``teacher_cache_inputs``, kept in ``teacher_cache_storage`` (memory) or ``teacher_cache_files``
+(files shared by processes, in a directory tidied by ``teacher_cache_directory``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from lightning_stages.distillation.indexed_dataset import IndexedDataset
-from lightning_stages.distillation.teacher_cache_files import FileRows, drop_unused
+from lightning_stages.distillation.teacher_cache_directory import drop_unused
+from lightning_stages.distillation.teacher_cache_files import open_rows
 from lightning_stages.distillation.teacher_cache_inputs import input_checksums, sample_indices
 from lightning_stages.distillation.teacher_cache_rows import flatten_named, rows_problem, too_large, unflatten
 from lightning_stages.distillation.teacher_cache_storage import (
@@ -53,17 +54,14 @@ def _step_error(problem: StageProblem) -> DistillationStepError:
 
 def _as(row: Tensor, device: Union[torch.device, str, None], dtype: torch.dtype) -> Tensor:
     """``row`` on ``device`` in ``dtype`` (itself when it is there already: the usual CPU read)."""
-    if row.dtype == dtype and (device is None or row.device == torch.device(device)):
-        return row
-    return row.to(device=device, dtype=dtype)
+    there = row.dtype == dtype and (device is None or row.device == torch.device(device))
+    return row if there else row.to(device=device, dtype=dtype)
 
 
 def _index_tensor(sample_index: Any) -> Optional[Tensor]:
     """``sample_index`` if it is a CPU ``int64`` vector (a batch's indices, already checked), else ``None``."""
-    if isinstance(sample_index, Tensor) and sample_index.dtype == torch.int64 and sample_index.dim() == 1 \
-            and sample_index.device.type == "cpu":
-        return sample_index
-    return None
+    vector = isinstance(sample_index, Tensor) and sample_index.dtype == torch.int64 and sample_index.dim() == 1
+    return sample_index if vector and sample_index.device.type == "cpu" else None
 
 
 class TeacherCache:
@@ -118,6 +116,8 @@ class TeacherCache:
         >>> cache.bind("fingerprint-2"), len(cache)  # other teachers: nothing stored for them
         (False, 0)
     """
+
+    _opened = False  # the directory was opened in this process: opening it again may fail only with a warning
 
     def __init__(
         self, directory: Union[str, os.PathLike, None] = None, dtype: Optional[torch.dtype] = None,
@@ -177,8 +177,6 @@ class TeacherCache:
         """The fingerprint the entries belong to (``None`` before :meth:`bind`)."""
         return self._fingerprint
 
-    # ------------------------------------------------------------------ setup
-
     def _directory_problems(self, create: bool) -> list[StageProblem]:
         problem = None if self.directory is None else directory_problem(self.directory, create)
         return [] if problem is None else [_problem(problem[0], "directory", self.directory, problem[1])]
@@ -223,11 +221,14 @@ class TeacherCache:
     def _open(self) -> RowStorage:
         if self.directory is None:
             return MemoryRows()
-        self.check_directory()
+        if not self._opened:  # its first use: a directory that cannot be used is an error (later: warned, open_rows)
+            self.check_directory()
         try:
-            return FileRows(self.directory, self._key(self._fingerprint))
+            storage = open_rows(self.directory, self._key(self._fingerprint), again=self._opened)
         except OSError as err:
             raise StageConfigError(_problem(f"cannot be used: {err}", "directory", self.directory)) from err
+        self._opened = True
+        return storage
 
     def clear(self) -> None:
         """Drop every entry: in ``directory``, delete the files of every key that no live process uses."""
@@ -344,4 +345,5 @@ class TeacherCache:
         self._layout = layout
         if index:
             storage.put(index, input_checksums(inputs, len(index)),
-                              [leaf.detach().to(device="cpu", dtype=dtype) for leaf, dtype in zip(leaves, stored)])
+                        [leaf.detach().resolve_conj().resolve_neg().to(device="cpu", dtype=dtype)  # values, not views
+                         for leaf, dtype in zip(leaves, stored)])

@@ -21,89 +21,43 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import uuid
 import warnings
 from typing import Any, Optional, cast
 
 import torch
-from filelock import FileLock, Timeout
+from filelock import FileLock
 from torch import Tensor
 
+from lightning_stages.distillation.teacher_cache_directory import (
+    directory_lock,
+    remove_file,
+    share_like_directory,
+    tidy,
+)
 from lightning_stages.distillation.teacher_cache_rows import row_hash
 from lightning_stages.distillation.teacher_cache_shards import ROW_HEAD, Shard, align8, header_bytes, read_header
-from lightning_stages.distillation.teacher_cache_storage import RowStorage, leaf_specs
+from lightning_stages.distillation.teacher_cache_storage import NoRows, RowStorage, leaf_specs
 
-__all__ = ["FileRows", "drop_unused"]
+__all__ = ["FileRows", "open_rows"]
 
-_KEY_DIR = re.compile(r"tc2-[0-9a-f]{32}")
-_LEGACY = re.compile(r"teacher_cache\.json(\.tmp)?|filled\.bin|leaf\d+\.bin")  # the 0.1 single-writer format
+def open_rows(directory: str, key: str, again: bool = False) -> RowStorage:
+    """:class:`FileRows` of ``key`` in ``directory``. ``again``: the directory was in use earlier in this process
+    (the teachers changed, or the cache was cleared); if it cannot be opened now (made read-only, a full disk), that
+    is warned about as a write that fails, and the rows of this key are neither stored nor read (:class:`NoRows`):
+    training goes on, the teachers running at every step.
 
-
-def _held(path: str) -> bool:
-    """Whether a live process holds the lock file ``path``."""
-    lock = FileLock(path, timeout=0, thread_local=False)
+    Raises:
+        OSError: the directory cannot be created or written, unless ``again``.
+    """
     try:
-        lock.acquire()
-    except Timeout:
-        return True
-    except OSError:
-        return True  # cannot tell: keep
-    lock.release()
-    return False
-
-
-def _remove(path: str) -> None:
-    """Delete the file ``path`` if this process can: what it cannot delete (a read-only subdirectory, another user's
-    files) is kept, since nothing is ever read from another key's files (deleting them only frees space)."""
-    with contextlib.suppress(OSError):
-        os.remove(path)
-
-
-def drop_unused(directory: str) -> None:
-    """Delete the key subdirectories of ``directory`` (and the 0.1 format's files) that no live process uses; warn
-    when the directory cannot be locked (nothing deleted)."""
-    try:
-        with FileLock(os.path.join(directory, ".teacher_cache.lock"), thread_local=False):
-            _tidy(directory, None)
+        return FileRows(directory, key)
     except OSError as err:
-        warnings.warn(f"teacher cache: cannot delete the unused rows in {directory} ({err})", stacklevel=3)
-
-
-def _tidy(root: str, keep: Optional[str]) -> None:
-    """Under the directory lock: delete the key subdirectories nobody uses (but ``keep``), the 0.1 format's files,
-    and in ``keep`` the temporary files and lock files of dead processes. Shards go first, the directory last."""
-    names = os.listdir(root)
-    if "teacher_cache.json" in names or "filled.bin" in names:
-        for name in names:
-            if _LEGACY.fullmatch(name):
-                _remove(os.path.join(root, name))
-    for name in names:
-        path = os.path.join(root, name)
-        if not _KEY_DIR.fullmatch(name) or path == keep:
-            continue
-        if not os.path.isdir(path):
-            _remove(path)
-            continue
-        try:
-            inside = os.listdir(path)
-        except OSError:  # cannot be read (another user's, no permission): kept
-            continue
-        if any(_held(os.path.join(path, n)) for n in inside if n.endswith(".live")):
-            continue
-        for suffix in (".rows", ".tmp", ".live"):
-            for n in inside:
-                if n.endswith(suffix):
-                    _remove(os.path.join(path, n))
-        with contextlib.suppress(OSError):
-            os.rmdir(path)
-    if keep is None:
-        return
-    for name in os.listdir(keep):
-        writer, _, suffix = name.rpartition(".")
-        if suffix in ("tmp", "live") and not _held(os.path.join(keep, writer + ".live")):
-            _remove(os.path.join(keep, writer + ".tmp"))
-            _remove(os.path.join(keep, writer + ".live"))
+        if not again:
+            raise
+        warnings.warn(f"teacher cache: cannot use {directory} for the teachers as they are now ({err}); training goes "
+                      "on, and the teachers run at every step until they change again", stacklevel=3)
+        return NoRows()
 
 
 class FileRows(RowStorage):
@@ -136,15 +90,17 @@ class FileRows(RowStorage):
         self._scan()
 
     def _enter(self) -> None:
-        """Create the key's subdirectory, hold this process's lock file in it, and drop the keys nobody uses."""
+        """Drop the keys nobody uses (first: on a full disk their space makes room for this one), create the key's
+        subdirectory and hold this process's lock file in it."""
         os.makedirs(self.directory, exist_ok=True)
-        with FileLock(os.path.join(self.directory, ".teacher_cache.lock"), thread_local=False):
+        with directory_lock(self.directory):
+            tidy(self.directory, self.path)
             if not os.path.isdir(self.path):
-                _remove(self.path)
+                remove_file(self.path)
             os.makedirs(self.path, exist_ok=True)
+            share_like_directory(self.path, self.directory)
             self._live = FileLock(os.path.join(self.path, self._id + ".live"), timeout=0, thread_local=False)
             self._live.acquire()
-            _tidy(self.directory, self.path)
 
     def _enter_again(self) -> None:
         """The key's subdirectory, or this process's lock file in it, was deleted or moved while in use: forget its

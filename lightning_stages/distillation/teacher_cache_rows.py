@@ -308,6 +308,10 @@ def rows_problem(leaves: Sequence[Tensor], names: Sequence[str], rows: int) -> O
         'has shape (3, 2) but the batch has 4 sample indices; the cache needs one row per sample'
     """
     for leaf, name in zip(leaves, names):
+        if leaf.layout != torch.strided or leaf.is_nested:  # no rows of bytes to store
+            kind = "nested" if leaf.is_nested else str(leaf.layout).replace("torch.", "")
+            return StageProblem(f"is a {kind} tensor, which the cache cannot store; make it dense (`.to_dense()`, "
+                                "or padded) in the teacher's output", name="teacher_cache", field=name, value=kind)
         if leaf.is_quantized:  # its bytes are not its values, and it cannot be stored or rebuilt as it is
             return StageProblem("is a quantized tensor, which the cache cannot store; dequantize it "
                                 "(`.dequantize()`) in the teacher's output", name="teacher_cache", field=name,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import functools
 import os
+import tempfile
 from typing import Any, Optional
 
 import torch
@@ -96,11 +97,11 @@ def directory_problem(directory: str, create: bool) -> Optional[tuple[str, Optio
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"is not writable ({existing!r} is not)", None
     if create:
-        probe = os.path.join(path, f".write-probe-{os.getpid()}")
         try:
             os.makedirs(path, exist_ok=True)
-            with open(probe, "wb"):
-                pass
+            # a name of its own: processes of one pid (containers, the nodes of a run) may probe one directory at once
+            descriptor, probe = tempfile.mkstemp(prefix=".write-probe-", dir=path)
+            os.close(descriptor)
             os.remove(probe)
         except OSError as err:
             return f"is not writable: {err.strerror or err}", None
@@ -133,6 +134,24 @@ class RowStorage(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - nothing to release in memory
         """Release what the storage holds (files, locks). Nothing is deleted."""
+
+
+class NoRows(RowStorage):
+    """Keeps nothing: every read misses (the teachers run) and a store is dropped. A directory that could not be
+    opened again during a run (see :func:`~lightning_stages.distillation.teacher_cache_files.open_rows`)."""
+
+    def set_layout(self, layout: dict[str, Any]) -> None:
+        self.layout = layout
+
+    def get(self, index: list[int], fingerprints: Optional[Tensor],
+            index_tensor: Optional[Tensor] = None) -> tuple[Optional[list[Tensor]], int]:
+        return None, 0
+
+    def put(self, index: list[int], fingerprints: Tensor, leaves: list[Tensor]) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return 0
 
 
 _HELD = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
