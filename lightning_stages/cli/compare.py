@@ -1,10 +1,11 @@
 """``lightning-stages compare``: train each ``LightningCLI`` config over the same seeds and report which is better.
 
 Each run goes through :func:`~lightning_stages.cli.training_run.execute_run` in its own folder
-``OUT/runs/<schedule>/seed_<n>/`` (``<schedule>``: the config's file name without its suffix), launched by a :mod:`~lightning_stages.cli.launchers` launcher (this process, a
-pool of worker processes, or Ray). Finished runs are kept (:mod:`~lightning_stages.cli.run_store`) and reused by a
-later comparison of the same configs. One ``compare`` at a time writes into ``OUT`` (a lock file there). The report (:mod:`~lightning_stages.cli.compare_report`) names a winner only
-where the paired analysis of the seeds (:mod:`~lightning_stages.cli.stats`) allows an answer.
+``OUT/runs/<schedule>/seed_<n>/``, launched by a :mod:`~lightning_stages.cli.launchers` launcher (this process, a pool
+of worker processes, or Ray). Finished runs are kept (:mod:`~lightning_stages.cli.run_store`) and reused by a later
+comparison of the same configs; one ``compare`` at a time writes into ``OUT`` (a lock file there). The report
+(:mod:`~lightning_stages.cli.compare_report`) names a winner only where the paired analysis of the seeds
+(:mod:`~lightning_stages.cli.stats`) allows an answer.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -45,6 +46,7 @@ from lightning_stages.schedule.seed_format import load_config
 
 __all__ = ["AUTO_START_SEEDS", "LOCK_FILE", "CompareResult", "OutputInUseError", "run_compare"]
 
+_CHANGED = "ChangedDuringCompare: its config, a file it names or the model's code changed while the compare ran"
 #: ``--seeds auto`` starts with this many seeds (or ``max_seeds`` if fewer), then adds one per round
 AUTO_START_SEEDS = 3
 @dataclass
@@ -92,11 +94,8 @@ class CompareResult:
             >>> CompareResult(Path("out/report.md"), None, Path("out/runs"), {}, []).locations()
             ['report: out/report.md', 'tensorboard --logdir out/runs']
         """
-        lines = [f"report: {self.report}"]
-        if self.curves is not None:
-            lines.append(f"curves: {self.curves}")
-        lines.append(f"tensorboard --logdir {self.tensorboard}")
-        return lines
+        curves = [] if self.curves is None else [f"curves: {self.curves}"]
+        return [f"report: {self.report}", *curves, f"tensorboard --logdir {self.tensorboard}"]
 
 
 def _display_names(names: Sequence[str]) -> dict[str, str]:
@@ -250,16 +249,16 @@ def run_compare(
         for difference in differences:
             warnings.warn(f"compare: not like for like: {difference}", UserWarning, stacklevel=2)
         summaries: dict[str, str] = {}
-        for name, path, stage_file in zip(names, paths, stage_files):
+        sources = {name: (path, stage_file) for name, path, stage_file in zip(names, paths, stage_files)}
+        for name, (path, stage_file) in sources.items():
             try:
                 summaries[shown[name]] = format_summary(schedule_of_config(path, stages=stage_file))
             except StageConfigError as err:
                 summaries[shown[name]] = "invalid: " + str(err).replace("\n", " ")
-        every = {name: run_fingerprints(path, stage_file) for name, path, stage_file in zip(names, paths, stage_files)}
-        fingerprints = {name: found[0] for name, found in every.items()}
-        # results an earlier version saved before the model's code (or the modules it imports) counted are reused
-        # when the rest matches: the current fingerprint first, then those
-        accepted = every
+        # accepted: the current fingerprint first, then those of results an earlier version saved before the model's
+        # code (or the modules it imports) counted, reused when the rest matches
+        accepted = {name: run_fingerprints(*source) for name, source in sources.items()}
+        fingerprints = {name: found[0] for name, found in accepted.items()}
         runs: dict[str, dict[int, RunOutcome]] = {name: {} for name in names}
         pool = (RayLauncher(ray_num_cpus, ray_num_gpus) if launcher == "ray"
                 else LocalLauncher(jobs if jobs is not None else default_jobs()))
@@ -300,6 +299,9 @@ def run_compare(
                 outcomes = pool.run(todo)
                 try:
                     for outcome in outcomes:
+                        if outcome.error is None and run_fingerprints(*sources[outcome.schedule]) != accepted[
+                                outcome.schedule]:  # it may have trained either version: not kept
+                            outcome = replace(outcome, metrics={}, error=_CHANGED)
                         record_result(run_dir(out, outcome.schedule, outcome.seed), outcome,
                                       fingerprints[outcome.schedule], earlier.pop((outcome.schedule, outcome.seed)))
                         finished(outcome)
