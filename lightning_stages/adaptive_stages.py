@@ -33,37 +33,49 @@ from lightning_stages.schedule import StageSchedule
 from lightning_stages.schedule.stage import Stage, stage_name_of
 from lightning_stages.schedule.transitions import transition_problems, with_transitions
 
-__all__ = ["AdaptiveStages", "restore_best_problems"]
+__all__ = ["AdaptiveStages", "averaging_reason", "restore_best_problems"]
+
+
+#: why a ``restore_best`` stage cannot be beside a weight-averaging callback, by its kind
+AVERAGED_VALIDATION = ("validation scores the averaged weights, but the stage's best would be the raw ones, and the "
+                       "averaged weights replace them at the end of the fit")
+AVERAGED_AT_THE_END = "it puts its averaged weights in place of the stage's restored best at the end of the fit"
+
+
+def averaging_reason(cls: type) -> Optional[str]:
+    """Why ``restore_best`` cannot be beside a callback of class ``cls`` (Lightning's ``WeightAveraging``, e.g.
+    ``EMAWeightAveraging``, or ``StochasticWeightAveraging``), or ``None``."""
+    kinds = getattr(pl.callbacks, "WeightAveraging", None)  # Lightning >= 2.6
+    if kinds is not None and issubclass(cls, kinds):
+        return AVERAGED_VALIDATION
+    return AVERAGED_AT_THE_END if issubclass(cls, pl.callbacks.StochasticWeightAveraging) else None
 
 
 def averaging_problems(trainer: pl.Trainer, schedule: StageSchedule) -> list[StageProblem]:
-    """``restore_best`` stages in a fit with Lightning's ``WeightAveraging`` (e.g. ``EMAWeightAveraging``):
-    :func:`restore_best_problems` of the Trainer's callbacks."""
-    kinds = getattr(pl.callbacks, "WeightAveraging", None)  # Lightning >= 2.6
+    """``restore_best`` stages in a fit with a weight-averaging callback: :func:`restore_best_problems` of the
+    Trainer's callbacks."""
     callbacks: list[Any] = getattr(trainer, "callbacks", [])  # set by the Trainer's callback connector
-    return restore_best_problems([type(c).__name__ for c in callbacks if kinds is not None and isinstance(c, kinds)],
-                                 schedule)
+    return restore_best_problems([(type(c).__name__, why) for c in callbacks
+                                  if (why := averaging_reason(type(c))) is not None], schedule)
 
 
-def restore_best_problems(averaging: list[str], schedule: StageSchedule) -> list[StageProblem]:
-    """The problem of each ``restore_best`` stage beside the ``WeightAveraging`` callbacks ``averaging`` (their class
-    names): their validations score the averaged weights, but a stage's best weights would be the raw ones of that
-    validation, and the callback puts its averaged weights back at the end of the fit, over a restored best.
+def restore_best_problems(averaging: list[tuple[str, str]], schedule: StageSchedule) -> list[StageProblem]:
+    """The problem of each ``restore_best`` stage beside the weight-averaging callbacks ``averaging`` (``(class name,
+    why)`` each, see :func:`averaging_reason`).
 
     Example::
 
         >>> schedule = StageSchedule([{"name": "ft", "start_epoch": 0, "end_epoch": 2, "monitor": "val_loss",
         ...                            "restore_best": True}])
-        >>> [p.field for p in restore_best_problems(["EMAWeightAveraging"], schedule)]
+        >>> [p.field for p in restore_best_problems([("EMAWeightAveraging", AVERAGED_VALIDATION)], schedule)]
         ['restore_best']
     """
     if not averaging:
         return []
-    return [StageProblem(f"cannot be used beside {averaging[0]}: validation scores the averaged weights, but the "
-                         "stage's best would be the raw ones, and the averaged weights replace them at the end of "
-                         "the fit", index=index, name=stage.name, field="restore_best", value=True,
-                         hint=f"drop `restore_best` (the {averaging[0]} callback keeps its own averaged weights), or "
-                         "the averaging callback")
+    name, why = averaging[0]
+    return [StageProblem(f"cannot be used beside {name}: {why}", index=index, name=stage.name, field="restore_best",
+                         value=True, hint=f"drop `restore_best` (the {name} callback keeps its own averaged weights), "
+                         "or the averaging callback")
             for index, stage in enumerate(schedule.stages) if stage.restore_best]
 
 

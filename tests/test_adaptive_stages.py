@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 from conftest import TinyNet, trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stages import StageConfigError, StageSchedule, StageScheduleCallback
@@ -452,6 +452,19 @@ def test_restore_best_beside_weight_averaging_is_refused_before_the_first_batch(
         return
     with pytest.raises(StageConfigError, match=r"stage 0 \('kd'\).*`restore_best` = True: cannot be used beside "
                                                r"EMAWeightAveraging: validation scores the averaged weights"):
+        fit(model)
+    assert model.losses == []  # not one batch trained
+
+
+def test_restore_best_beside_stochastic_weight_averaging_is_refused_before_the_first_batch(tmp_path):
+    # SWA puts its averaged weights in the module at the end of the fit, over the restored best
+    model = Scripted(DOWN_THEN_FLAT)
+    stages = [{"name": "kd", "start_epoch": 0, "end_epoch": 2, "monitor": "val/score", "restore_best": True},
+              {"name": "ft", "start_epoch": 2}]
+    swa = StochasticWeightAveraging(swa_lrs=0.01)
+    fit = trainer(tmp_path, max_epochs=3, callbacks=[StageScheduleCallback(stages, verbose=False), swa]).fit
+    with pytest.raises(StageConfigError, match=r"stage 0 \('kd'\).*`restore_best` = True: cannot be used beside "
+                                               r"StochasticWeightAveraging: it puts its averaged weights in place"):
         fit(model)
     assert model.losses == []  # not one batch trained
 

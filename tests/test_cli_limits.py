@@ -153,3 +153,16 @@ def test_an_averaging_callback_without_restore_best_stages_is_accepted(tmp_path,
     with config.open("a") as file:
         file.write("    - class_path: lightning.pytorch.callbacks.EMAWeightAveraging\n")
     assert main(["validate", str(config)]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("no_import", [[], ["--no-import"]])
+def test_restore_best_beside_stochastic_weight_averaging_is_refused_by_validate_as_by_fit(tmp_path, capsys,
+                                                                                         no_import):
+    config = _config(tmp_path, "  max_epochs: 4\n",
+                     ["{name: ft, start_epoch: 0, end_epoch: 2, monitor: val_loss, restore_best: true}"])
+    with config.open("a") as file:
+        file.write("    - class_path: lightning.pytorch.callbacks.StochasticWeightAveraging\n"
+                   "      init_args: {swa_lrs: 0.01}\n")
+    assert main(["validate", str(config), *no_import]) == 2
+    assert ("stage 0 ('ft'): `restore_best` = True: cannot be used beside StochasticWeightAveraging: it puts its "
+            "averaged weights in place of the stage's restored best at the end of the fit") in capsys.readouterr().err

@@ -4,8 +4,8 @@
 
 * :func:`more_schedules_problem`: more than one schedule callback;
 * :func:`two_schedules_problem`: a ``--stages`` file beside a config's own schedule callback;
-* :func:`averaging_callbacks`: Lightning's ``WeightAveraging`` callbacks, which ``restore_best`` stages may not be
-  beside (:func:`~lightning_stages.adaptive_stages.restore_best_problems`, as ``fit`` refuses them).
+* :func:`averaging_callbacks`: Lightning's weight-averaging callbacks (EMA, SWA), which ``restore_best`` stages may
+  not be beside (:func:`~lightning_stages.adaptive_stages.restore_best_problems`, as ``fit`` refuses them).
 """
 
 from __future__ import annotations
@@ -16,13 +16,15 @@ from typing import Any, Union
 
 import lightning.pytorch as pl
 
+from lightning_stages.adaptive_stages import AVERAGED_AT_THE_END, AVERAGED_VALIDATION, averaging_reason
 from lightning_stages.cli.declared_weights import import_class_path
 from lightning_stages.errors import StageProblem
 
 __all__ = ["averaging_callbacks", "more_schedules_problem", "two_schedules_problem"]
 
-# Lightning's own WeightAveraging classes, recognised by name when nothing may be imported (--no-import)
-_AVERAGING_NAMES = ("WeightAveraging", "EMAWeightAveraging")
+# Lightning's own weight-averaging classes, recognised by name when nothing may be imported (--no-import)
+_BY_NAME = {"WeightAveraging": AVERAGED_VALIDATION, "EMAWeightAveraging": AVERAGED_VALIDATION,
+            "StochasticWeightAveraging": AVERAGED_AT_THE_END}
 
 
 def more_schedules_problem(value: Any) -> StageProblem:
@@ -50,28 +52,30 @@ def two_schedules_problem(stages: Union[str, os.PathLike]) -> StageProblem:
                         name="config", field="stages", value=os.fspath(stages))
 
 
-def averaging_callbacks(callbacks: Any, import_modules: bool = True) -> list[str]:
-    """The class names of the Lightning ``WeightAveraging`` callbacks (``EMAWeightAveraging``, subclasses) among a
-    config's ``trainer.callbacks`` (``callbacks``: the section's value). Each class path is imported (a bare name is
-    one of ``lightning.pytorch.callbacks``, as LightningCLI resolves it); with ``import_modules=False`` nothing is,
-    and Lightning's own classes are recognised by name. Entries that are no class path are left to the other checks.
+def averaging_callbacks(callbacks: Any, import_modules: bool = True) -> list[tuple[str, str]]:
+    """``(class name, why restore_best cannot be beside it)`` of each weight-averaging callback (Lightning's
+    ``WeightAveraging``, ``EMAWeightAveraging``, ``StochasticWeightAveraging``, subclasses) among a config's
+    ``trainer.callbacks`` (``callbacks``: the section's value). Each class path is imported (a bare name is one of
+    ``lightning.pytorch.callbacks``, as LightningCLI resolves it); with ``import_modules=False`` nothing is, and
+    Lightning's own classes are recognised by name. Entries that are no class path are left to the other checks.
 
     Example::
 
-        >>> averaging_callbacks([{"class_path": "lightning.pytorch.callbacks.EMAWeightAveraging"}, "ModelCheckpoint"])
-        ['EMAWeightAveraging']
+        >>> swa = {"class_path": "lightning.pytorch.callbacks.StochasticWeightAveraging"}
+        >>> [name for name, _ in averaging_callbacks([swa, "ModelCheckpoint"])]
+        ['StochasticWeightAveraging']
     """
-    kinds = getattr(pl.callbacks, "WeightAveraging", None)  # Lightning >= 2.6
     entries = [callbacks] if isinstance(callbacks, (Mapping, str)) else callbacks
     found = []
     for entry in entries if isinstance(entries, (list, tuple)) else ():
         path = entry.get("class_path") if isinstance(entry, Mapping) else entry
         if not isinstance(path, str):
             continue
-        name = path.rpartition(".")[2]
-        if not import_modules or kinds is None:
-            found += [name] if kinds is not None and name in _AVERAGING_NAMES else []
+        if not import_modules:
+            why = _BY_NAME.get(path.rpartition(".")[2])
+            found += [(path.rpartition(".")[2], why)] if why is not None else []
             continue
         cls = getattr(pl.callbacks, path, None) if "." not in path else import_class_path(path, "class_path")[0]
-        found += [cls.__name__] if isinstance(cls, type) and issubclass(cls, kinds) else []
+        if isinstance(cls, type) and (why := averaging_reason(cls)) is not None:
+            found.append((cls.__name__, why))
     return found
