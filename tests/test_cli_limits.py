@@ -166,3 +166,12 @@ def test_restore_best_beside_stochastic_weight_averaging_is_refused_by_validate_
     assert main(["validate", str(config), *no_import]) == 2
     assert ("stage 0 ('ft'): `restore_best` = True: cannot be used beside StochasticWeightAveraging: it puts its "
             "averaged weights in place of the stage's restored best at the end of the fit") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("verbose", "refused"), [("maybe", True), ("'true'", False), ("false", False), ("2", True)])
+def test_a_verbose_that_is_no_flag_is_refused_by_validate_as_by_the_cli(tmp_path, capsys, verbose, refused):
+    config = _config(tmp_path, "  max_epochs: 4\n", ["{name: kd, start_epoch: 0, end_epoch: 2}"])
+    config.write_text(config.read_text() + f"        verbose: {verbose}\n")
+    assert main(["validate", str(config)]) == (2 if refused else 0)
+    if refused:
+        assert "`verbose` = " in capsys.readouterr().err

@@ -22,7 +22,7 @@ from lightning_stages.best_weights import best_weights_problem
 from lightning_stages.cli.config_problems import averaging_callbacks, more_schedules_problem, two_schedules_problem
 from lightning_stages.cli.declared_weights import as_the_parser_reads, declared_by_model, import_class_path
 from lightning_stages.cli.nested_files import with_nested_trainer
-from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean
+from lightning_stages.errors import StageConfigError, StageProblem, did_you_mean, flag_problem
 from lightning_stages.schedule import StageSchedule, bind_schedule
 from lightning_stages.schedule.bind import given_schedule, run_of
 from lightning_stages.schedule.seed_format import ROOT_KEYS, load_config
@@ -132,6 +132,9 @@ def _callback_schedule(init_args: Mapping[str, Any], position: int
         for key, value in init_args.items() if key not in accepted
     ]
     if "best_weights" in init_args and (problem := best_weights_problem(init_args["best_weights"], where)):
+        problems.append(problem)
+    verbose = as_the_parser_reads(StageScheduleCallback, {"verbose": init_args.get("verbose", True)})["verbose"]
+    if problem := flag_problem(verbose, "verbose", where):  # the parser reads "true" as True, and refuses "maybe"
         problems.append(problem)
     # the arguments that shape the schedule (`verbose` and `best_weights` do not)
     shaping = [p for p in inspect.signature(given_schedule).parameters if p in accepted]
