@@ -175,3 +175,39 @@ def test_a_verbose_that_is_no_flag_is_refused_by_validate_as_by_the_cli(tmp_path
     assert main(["validate", str(config)]) == (2 if refused else 0)
     if refused:
         assert "`verbose` = " in capsys.readouterr().err
+
+
+PRESETS = '''
+from lightning_stages import StageScheduleCallback
+
+PRESETS = {"kd_then_ft": [{"name": "kd", "start_epoch": 0, "end_epoch": 2, "distillation": True},
+                          {"name": "ft", "start_epoch": 2}]}
+
+
+class PresetStages(StageScheduleCallback):
+    def __init__(self, preset: str = "kd_then_ft", lambda_coef: float = 1.0, verbose: bool = True) -> None:
+        super().__init__(stage_schedule=PRESETS[preset], lambda_coef=lambda_coef, verbose=verbose)
+'''
+
+
+def _preset_config(tmp_path: Path, monkeypatch, init_args: str) -> Path:
+    (tmp_path / "preset_callbacks.py").write_text(PRESETS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tmp_path / "config.yaml"
+    config.write_text("trainer:\n  max_epochs: 4\n  callbacks:\n    - class_path: preset_callbacks.PresetStages\n"
+                      f"      init_args: {init_args}\n")
+    return config
+
+
+def test_a_callback_subclass_is_checked_as_built_from_its_own_arguments(tmp_path, capsys, monkeypatch):
+    config = _preset_config(tmp_path, monkeypatch, "{preset: kd_then_ft, lambda_coef: 0.3}")
+    assert main(["show", str(config)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "2 stages over 4 epochs (kd [0, 2), ft [2, 4))" in out and "0.3" in out, out
+    config = _preset_config(tmp_path, monkeypatch, "{preset: nothing}")
+    assert main(["validate", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "trainer.callbacks[0] (PresetStages): `init_args` = " in err and "KeyError: 'nothing'" in err, err
+    config = _preset_config(tmp_path, monkeypatch, "{lambda_coef: -1}")  # the library's own check, as fit makes it
+    assert main(["validate", str(config)]) == 2
+    assert "`lambda_coef` = -1" in capsys.readouterr().err

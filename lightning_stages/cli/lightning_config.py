@@ -72,11 +72,11 @@ def _fit_section(data: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _callback_entries(data: Mapping[str, Any], import_modules: bool = True
-                      ) -> tuple[list[tuple[int, dict[str, Any]]], list[StageProblem]]:
-    """``(position in trainer.callbacks, init_args)`` of every StageScheduleCallback in a LightningCLI config, and
+                      ) -> tuple[list[tuple[int, dict[str, Any], type]], list[StageProblem]]:
+    """``(position in trainer.callbacks, init_args, class)`` of every StageScheduleCallback in a LightningCLI config, and
     the problems of class paths that cannot be imported. Without ``import_modules``, a callback is recognised by its
     class name alone (``StageScheduleCallback`` or ``<anything>.StageScheduleCallback``) and nothing is imported."""
-    found: list[tuple[int, dict[str, Any]]] = []
+    found: list[tuple[int, dict[str, Any], type]] = []
     problems: list[StageProblem] = []
     trainer = _fit_section(data).get("trainer")
     if trainer is not None and not isinstance(trainer, Mapping):  # LightningCLI's parser refuses it
@@ -116,15 +116,25 @@ def _callback_entries(data: Mapping[str, Any], import_modules: bool = True
                                              name="config", field=f"trainer.callbacks[{position}].init_args",
                                              value=init_args))
                 continue
-            found.append((position, dict(init_args or {})))
+            found.append((position, dict(init_args or {}), cls if isinstance(cls, type) else StageScheduleCallback))
     return found, problems
 
 
-def _callback_schedule(init_args: Mapping[str, Any], position: int
+def _callback_schedule(init_args: Mapping[str, Any], position: int, cls: type = StageScheduleCallback
                        ) -> tuple[StageSchedule, Optional[dict[str, float]]]:
     """The schedule and weight overrides ``StageScheduleCallback(**init_args)`` would hold, built without it; unknown
-    arguments reported like any other schedule problem."""
-    where = f"trainer.callbacks[{position}] ({_CALLBACK_NAME})"
+    arguments reported like any other schedule problem. A subclass ``cls`` is built (its ``__init__`` may take other
+    arguments, or give the schedule itself), as ``fit`` builds it."""
+    where = f"trainer.callbacks[{position}] ({cls.__name__})"
+    if cls is not StageScheduleCallback:
+        try:
+            built = cls(**as_the_parser_reads(cls, init_args))
+        except StageConfigError:
+            raise
+        except Exception as err:  # the user's __init__: its arguments or its own code
+            raise StageConfigError(StageProblem(f"cannot be built from its init_args ({type(err).__name__}: {err})",
+                                                name=where, field="init_args", value=dict(init_args))) from None
+        return built.schedule, built.base_loss_weights
     accepted = [p for p in inspect.signature(StageScheduleCallback.__init__).parameters if p != "self"]
     problems = [
         StageProblem("is not an argument of StageScheduleCallback", name=where, field=str(key), value=value,
@@ -180,13 +190,13 @@ def check_lightning_config(data: Mapping[str, Any], import_modules: bool = True
     """
     entries, problems = _callback_entries(data, import_modules)
     given = []
-    for position, init_args in entries:
+    for position, init_args, cls in entries:
         try:
-            given.append(_callback_schedule(init_args, position))
+            given.append(_callback_schedule(init_args, position, cls))
         except StageConfigError as err:
             problems += err.problems
     if len(entries) > 1:
-        problems.append(more_schedules_problem([p for p, _ in entries]))
+        problems.append(more_schedules_problem([p for p, _, _ in entries]))
     for key in ("validate", "test", "predict"):  # LightningCLI's parser reads these sections whatever it runs
         try:
             if isinstance(data.get(key), Mapping):
