@@ -5,19 +5,18 @@ Each finished run's result (metrics, curves, seconds, costs, error) is written w
 A later ``compare`` into the same ``OUT`` reuses a result whose fingerprint matches, that is well formed and the
 run of its folder, and that has every metric asked for, and trains the rest. A run that failed is trained again.
 The result is written last, atomically, so a run killed in flight leaves no result and is trained again next time.
-Each schedule's folder is named after its config's file alone (:func:`schedule_names`), so that it does not
-change with the other configs of a comparison; one ``compare`` at a time holds ``OUT``'s lock (:func:`lock_out`).
+Each schedule's folder is named after its config's file alone (:func:`~lightning_stages.cli.run_names.schedule_names`:
+one folder name, never ``.`` or ``..``), so that it does not change with the other configs of a comparison; one
+``compare`` at a time holds ``OUT``'s lock (:func:`lock_out`), which also refuses an ``OUT/runs`` that is no folder.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import importlib.metadata
 import json
 import os
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -26,6 +25,7 @@ from filelock import FileLock, Timeout
 
 from lightning_stages.cli.compare_report import MISSING_METRIC, RunOutcome
 from lightning_stages.cli.run_fingerprint import config_fingerprint
+from lightning_stages.cli.run_names import is_folder_name, schedule_names
 
 __all__ = ["FINGERPRINT_FORMAT", "LOCK_FILE", "RESULT_FILE", "OutputInUseError", "adopt_fingerprint", "config_fingerprint", "finished_bytes",
            "load_result", "lock_out", "package_versions", "record_result", "replaced_runs", "restore_result", "run_dir",
@@ -42,56 +42,10 @@ class OutputInUseError(RuntimeError):
     """Another ``compare`` is writing into the same output directory."""
 
 
-def _decoded(name: str) -> str:
-    r"""``name`` with the bytes a file name had that were not UTF-8 (surrogate escapes) written as ``\xff``.
-
-    Example::
-
-        >>> _decoded(b"caf\xe9".decode("utf-8", "surrogateescape"))
-        'caf\\xe9'
-    """
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def schedule_names(configs: Sequence[Union[str, os.PathLike]]) -> list[str]:
-    """The run folder name of each config: its file name without the suffix, whatever the other configs are.
-
-    Only configs whose file names collide are told apart, by their folder's name (``a-x``, ``b-x``), or where that
-    does not tell them apart (or is another config's own file name), by a hash of their path; a name still taken
-    (the same config given twice) gets ``_2``, ``_3``. The names do not depend on the configs' order.
-
-    Example::
-
-        >>> schedule_names(["a/x.yaml", "b/x.yaml", "c/x_2.yaml", "s_joint.yaml"])
-        ['a-x', 'b-x', 'x_2', 's_joint']
-    """
-    paths = [Path(c).resolve() for c in configs]
-    paths = [Path(_decoded(str(p))) for p in paths]  # a name that is not UTF-8 gets a folder Lightning can log to
-    stems = Counter(p.stem for p in paths)
-    own = {p.stem for p in paths if stems[p.stem] == 1}  # file names that are a config's run folder as they are
-
-    def wanted(path: Path) -> str:
-        if stems[path.stem] == 1:
-            return path.stem
-        folders = {f"{p.parent.name}-{p.stem}" for p in paths if p.stem == path.stem}
-        if len(folders) == stems[path.stem] and not folders & own:
-            return f"{path.parent.name}-{path.stem}"
-        return f"{path.stem}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
-
-    names = [wanted(p) for p in paths]
-    out: dict[int, str] = {}
-    for i in sorted(range(len(paths)), key=lambda i: str(paths[i])):  # suffixes by path, not by the order given
-        unique, k = names[i], 1
-        while unique in out.values() or (unique != names[i] and unique in names):
-            k += 1
-            unique = f"{names[i]}_{k}"
-        out[i] = unique
-    return [out[i] for i in range(len(paths))]
-
-
 @contextlib.contextmanager
 def lock_out(out: Path) -> Iterator[None]:
-    """Hold ``OUT/.compare.lock`` (an OS lock: a killed process releases it), or raise :class:`OutputInUseError`."""
+    """Hold ``OUT/.compare.lock`` (an OS lock: a killed process releases it), or raise :class:`OutputInUseError`;
+    also when ``OUT/runs``, where the run folders go, is a file (or a broken link): nothing is trained then."""
     lock = FileLock(str(out / LOCK_FILE), timeout=0, thread_local=False)
     try:
         lock.acquire()
@@ -99,19 +53,25 @@ def lock_out(out: Path) -> Iterator[None]:
         raise OutputInUseError(f"another compare is writing into {out} (it holds {out / LOCK_FILE}); wait for it "
                                "to finish or give another --out") from None
     try:
+        runs = out / "runs"
+        if (runs.exists() or runs.is_symlink()) and not runs.is_dir():  # a user's file: not removed, named
+            raise OutputInUseError(f"--out {out} cannot hold its run folders: {runs} is not a folder; move it or "
+                                   "give another --out")
         yield
     finally:
         lock.release()
 
 
 def run_dir(out: Union[str, os.PathLike], schedule: str, seed: int) -> Path:
-    """The folder of one run.
+    """The folder of one run; ``ValueError`` for a ``schedule`` that is not one folder name (``..``, ``a/b``).
 
     Example::
 
         >>> run_dir("out", "joint", 2).as_posix()
         'out/runs/joint/seed_2'
     """
+    if not is_folder_name(schedule):  # else OUT/runs/./seed_0 would be another schedule's folder
+        raise ValueError(f"the schedule name {schedule!r} is not one folder name (schedule_names gives such names)")
     return Path(out) / "runs" / schedule / f"seed_{seed}"
 
 
