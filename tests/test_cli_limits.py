@@ -211,3 +211,33 @@ def test_a_callback_subclass_is_checked_as_built_from_its_own_arguments(tmp_path
     config = _preset_config(tmp_path, monkeypatch, "{lambda_coef: -1}")  # the library's own check, as fit makes it
     assert main(["validate", str(config)]) == 2
     assert "`lambda_coef` = -1" in capsys.readouterr().err
+
+
+def _stages_key_config(tmp_path: Path, lambda_coef: float, callback: bool = False) -> Path:
+    seed = tmp_path / "stages.json"
+    seed.write_text('{"stage_schedule": [{"name": "kd", "start_epoch": 0, "end_epoch": 1, "distillation": true, '
+                    f'"lambda_coef": {lambda_coef}}}, {{"name": "ft", "start_epoch": 1}}]}}')
+    config = _config(tmp_path, "  max_epochs: 4\n", ["{name: a, start_epoch: 0}"]) if callback else (
+        tmp_path / "config.yaml")
+    if not callback:
+        config.write_text("trainer:\n  max_epochs: 4\n")
+    config.write_text(config.read_text() + f"stages: {seed}\n")  # StagesLightningCLI's --stages, set in the file
+    return config
+
+
+def test_a_stages_key_in_the_config_file_is_the_schedule_validate_and_show_check(tmp_path, capsys):
+    assert main(["show", str(_stages_key_config(tmp_path, 0.5))]) == 0
+    assert "2 stages over 4 epochs (kd [0, 1), ft [1, 4))" in capsys.readouterr().out
+    assert main(["validate", str(_stages_key_config(tmp_path, -1))]) == 2
+    assert "`lambda_coef` = -1" in capsys.readouterr().err
+    assert main(["validate", str(_stages_key_config(tmp_path, 0.5, callback=True))]) == 2
+    assert "the config already has a StageScheduleCallback in trainer.callbacks" in capsys.readouterr().err
+
+
+def test_stages_lightning_cli_checks_a_stages_key_in_a_config_file_before_parsing(tmp_path):
+    from lightning_stages.cli import StagesLightningCLI
+    from lightning_stages.errors import StageConfigError
+
+    config = _stages_key_config(tmp_path, -1)
+    with pytest.raises(StageConfigError, match="`lambda_coef` = -1"):
+        StagesLightningCLI(args=["--config", str(config)], run=False)

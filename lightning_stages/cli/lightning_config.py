@@ -298,6 +298,8 @@ def schedule_of_config(
         raise StageConfigError([*err.problems, *limits]) from None
     if limits:
         raise StageConfigError(limits)
+    if stages is None and isinstance(_fit_section(data).get("stages"), str):  # StagesLightningCLI's option, in a file
+        stages = _fit_section(data)["stages"]
     if stages is not None:
         if given:
             raise StageConfigError(two_schedules_problem(stages))

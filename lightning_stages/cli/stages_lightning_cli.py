@@ -113,7 +113,11 @@ class StagesLightningCLI(LightningCLI):
                 if Path(path).is_file():
                     # a schedule here and `--stages` is an error only if a later config does not replace it: the
                     # Trainer's callbacks after parsing tell (instantiate_trainer)
-                    check_lightning_config(with_nested_trainer(load_config(path), Path(path).parent))
+                    data = with_nested_trainer(load_config(path), Path(path).parent)
+                    check_lightning_config(data)
+                    fit: Mapping[str, Any] = data["fit"] if isinstance(data.get("fit"), Mapping) else data
+                    if isinstance(fit.get("stages"), str):  # the `--stages` option, set in the file
+                        StageSchedule.from_config(fit["stages"])
             for _, path in _option_values(given, ("--stages", *_CONFIG_OPTIONS)):
                 StageSchedule.from_config(path)
             for option, value in _option_values(given, _SCHEDULE_OPTIONS):
