@@ -35,21 +35,20 @@ _DECLARED = "_ls_declared_base"
 
 def _declared_base(pl_module: pl.LightningModule) -> dict[str, Any]:
     """What the module declared in ``__init__`` (remembered on first use, since the callback overwrites it)."""
-    declared = pl_module.__dict__.get(_DECLARED)
-    if declared is None:
-        declared = declared_settings(getattr(pl_module, "loss_weights", None),
-                                     getattr(pl_module, "use_distillation", None),
-                                     getattr(pl_module, "lambda_coef", None))
-        pl_module.__dict__[_DECLARED] = declared
-    return declared
+    if _DECLARED not in pl_module.__dict__:
+        pl_module.__dict__[_DECLARED] = declared_settings(getattr(pl_module, "loss_weights", None), getattr(
+            pl_module, "use_distillation", None), getattr(pl_module, "lambda_coef", None))
+    return pl_module.__dict__[_DECLARED]
 
 
 def _max_epochs(trainer: pl.Trainer) -> Optional[int]:
-    return trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
+    limit = None if getattr(trainer, "fast_dev_run", False) else trainer.max_epochs  # a smoke test, not a run length
+    return limit if limit is not None and limit >= 0 else None
 
 
 def _max_steps(trainer: pl.Trainer) -> Optional[int]:
-    return trainer.max_steps if trainer.max_steps is not None and trainer.max_steps >= 0 else None
+    limit = None if getattr(trainer, "fast_dev_run", False) else trainer.max_steps  # (fast_dev_run: 1 epoch, N steps)
+    return limit if limit is not None and limit >= 0 else None
 
 
 def _position(trainer: pl.Trainer, schedule: StageSchedule) -> int:
