@@ -241,3 +241,16 @@ def test_stages_lightning_cli_checks_a_stages_key_in_a_config_file_before_parsin
     config = _stages_key_config(tmp_path, -1)
     with pytest.raises(StageConfigError, match="`lambda_coef` = -1"):
         StagesLightningCLI(args=["--config", str(config)], run=False)
+
+
+def test_a_model_section_in_a_file_of_its_own_is_read_as_fit_reads_it(tmp_path, capsys, monkeypatch):
+    (tmp_path / "tiny_declares.py").write_text(
+        "import lightning.pytorch as pl\n\n\nclass Tiny(pl.LightningModule):\n    def __init__(self):\n"
+        "        super().__init__()\n        self.loss_weights = {'ce': 1.0, 'l2': 1.0}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "model.yaml").write_text("class_path: tiny_declares.Tiny\n")
+    config = _config(tmp_path, "  max_epochs: 4\n", ["{name: ft, start_epoch: 0, loss_weights: {cee: 0.0}}"])
+    config.write_text(config.read_text() + "model: model.yaml\n")
+    assert main(["validate", str(config)]) == 2  # before: a note that the config names no model class, and OK
+    err = capsys.readouterr().err
+    assert "`loss_weights.cee`" in err and "did you mean `ce`?" in err, err

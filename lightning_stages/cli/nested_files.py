@@ -2,7 +2,8 @@
 trainer.yaml``), read from the config's folder as LightningCLI reads them:
 
 * :func:`nested_file`: the file a setting's string names, if any;
-* :func:`with_nested_trainer`: a config whose ``trainer`` section is such a file, with the file's content in its place.
+* :func:`with_nested_trainer`: a config whose ``trainer`` or ``model`` section is such a file, with the file's content in
+  its place.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from lightning_stages.cli.run_fingerprint import _NESTED  # the suffixes of a ne
 from lightning_stages.schedule.seed_format import load_config
 
 __all__ = ["nested_file", "with_nested_trainer"]
+
+_READ = ("trainer", "model")  # the sections a schedule's check reads
 
 
 def nested_file(value: Any, folder: Path) -> Optional[Path]:
@@ -30,8 +33,9 @@ def nested_file(value: Any, folder: Path) -> Optional[Path]:
 
 
 def with_nested_trainer(data: Mapping[str, Any], folder: Path) -> dict[str, Any]:
-    """``data`` (a LightningCLI config read from ``folder``) with a ``trainer`` section, or ``fit.trainer``, that names
-    a config file replaced by that file's content, so that the StageScheduleCallback in it is checked.
+    """``data`` (a LightningCLI config read from ``folder``) with a ``trainer`` or ``model`` section (or ``fit.trainer``,
+    ``fit.model``) that names a config file replaced by that file's content, so that the StageScheduleCallback in it,
+    and the model's class and declared weights, are checked.
 
     Raises:
         StageConfigError: the named file cannot be read as a config (naming it).
@@ -39,5 +43,5 @@ def with_nested_trainer(data: Mapping[str, Any], folder: Path) -> dict[str, Any]
     fit = data.get("fit")
     if isinstance(fit, Mapping):
         return {**data, "fit": with_nested_trainer(fit, folder)}
-    path = nested_file(data.get("trainer"), folder)
-    return {**data} if path is None else {**data, "trainer": load_config(path)}
+    nested = {key: load_config(path) for key in _READ if (path := nested_file(data.get(key), folder)) is not None}
+    return {**data, **nested}
