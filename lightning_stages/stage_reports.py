@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoa
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from lightning_stages.schedule import StageSchedule
+from lightning_stages.schedule.bind import run_of
 from lightning_stages.schedule.render import format_stage_line
 from lightning_stages.schedule.stage import ResolvedStage
 
@@ -59,7 +60,8 @@ def report_cache(trainer: pl.Trainer, stats: dict[str, int], verbose: bool) -> N
 
 def warn_about_coverage(schedule: StageSchedule, max_epochs: Optional[int]) -> None:
     unit = schedule.unit
-    gaps = schedule.uncovered_ranges()
+    # as the run trains it: a schedule file's open stages end at its own length, which the run may outlast
+    gaps = run_of(schedule, max_epochs, max_epochs).uncovered_ranges()
     if gaps:
         ranges = ", ".join(f"[{a}, {b if b is not None else 'end'})" for a, b in gaps)
         rank_zero_warn(

@@ -254,3 +254,28 @@ def test_a_model_section_in_a_file_of_its_own_is_read_as_fit_reads_it(tmp_path, 
     assert main(["validate", str(config)]) == 2  # before: a note that the config names no model class, and OK
     err = capsys.readouterr().err
     assert "`loss_weights.cee`" in err and "did you mean `ce`?" in err, err
+
+
+def test_a_run_longer_than_a_schedule_files_own_length_warns_about_the_tail():
+    from lightning_stages.schedule import StageSchedule
+    from lightning_stages.stage_reports import warn_about_coverage
+
+    epochs = StageSchedule([{"name": "kd", "start_epoch": 0, "end_epoch": 1}, {"name": "ft", "start_epoch": 1}],
+                           total_epochs=2)  # a seed file's train.epochs: 2, in a run of max_epochs=4
+    with pytest.warns(UserWarning, match=r"no stage covers epochs \[2, 4\); they run with the base settings"):
+        warn_about_coverage(epochs, 4)
+    steps = StageSchedule([{"name": "kd", "start_step": 0, "end_step": 3}, {"name": "ft", "start_step": 3}],
+                          total_steps=6)
+    with pytest.warns(UserWarning, match=r"no stage covers steps \[6, 10\)"):
+        warn_about_coverage(steps, 10)
+
+
+def test_show_of_a_step_schedule_file_in_a_longer_run_shows_the_base_after_it(tmp_path, capsys):
+    seed = tmp_path / "steps.json"
+    seed.write_text('{"train": {"max_steps": 6}, "stage_schedule": [{"name": "kd", "start_step": 0, "end_step": 3}, '
+                    '{"name": "ft", "start_step": 3}]}')
+    config = tmp_path / "config.yaml"
+    config.write_text("trainer:\n  max_steps: 10\n  max_epochs: -1\n")
+    assert main(["show", str(config), "--stages", str(seed)]) == 0
+    out = capsys.readouterr().out
+    assert "(kd [0, 3), ft [3, 6), base [6, 10))" in out, out

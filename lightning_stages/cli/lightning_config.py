@@ -315,9 +315,10 @@ def schedule_of_config(
         total = 1000  # neither limit set: Lightning's Trainer runs 1000 epochs
     if total is None:
         total = schedule.total_epochs
+    steps = _max_epochs_of(data, "max_steps")
     try:
         return run_of(bind_schedule(schedule, declared=declared, weight_overrides=overrides, max_epochs=total,
-                                    max_steps=_max_epochs_of(data, "max_steps")), total)
+                                    max_steps=steps), total, steps)
     except StageConfigError as err:
         if read or declared["loss_weights"] is not None:
             raise
@@ -332,8 +333,7 @@ def schedule_of_config(
     return run_of(StageSchedule(schedule.stages, overrides, declared["distillation"] if schedule.distillation is None
                          else schedule.distillation, declared["lambda_coef"] if schedule.lambda_coef is None
                          else schedule.lambda_coef, total if schedule.total_epochs is None else schedule.total_epochs,
-                         total_steps=_max_epochs_of(data, "max_steps") if schedule.total_steps is None
-                         else schedule.total_steps), total)
+                         total_steps=steps if schedule.total_steps is None else schedule.total_steps), total, steps)
 
 
 def __getattr__(name: str) -> Any:

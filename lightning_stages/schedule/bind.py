@@ -135,23 +135,30 @@ def bind_schedule(
                                             total_steps)
 
 
-def run_of(schedule: StageSchedule, run_epochs: Optional[int]) -> StageSchedule:
-    """A bound ``schedule`` as a run of ``run_epochs`` epochs trains it, for ``show`` and ``validate``: where the run's
-    length differs from the schedule's own ``total_epochs`` (a seed file's ``train.epochs``), its open stages still
-    end there, as in ``fit``: a longer run trains the base settings after them, a shorter one cuts them short.
+def run_of(schedule: StageSchedule, run_epochs: Optional[int], run_steps: Optional[int] = None) -> StageSchedule:
+    """A bound ``schedule`` as a run of ``run_epochs`` epochs (a step schedule: ``run_steps`` optimizer steps) trains
+    it, for ``show`` and ``validate``: where the run's length differs from the schedule's own (a seed file's
+    ``train.epochs`` or ``train.max_steps``), its open stages still end there, as in ``fit``: a longer run trains the
+    base settings after them, a shorter one cuts them short.
 
     Example::
 
         >>> bound = StageSchedule([{"name": "b", "start_epoch": 0}], total_epochs=5)
         >>> [(r.name, r.start_epoch, r.end_epoch) for r in run_of(bound, 6).timeline()]
         [('b', 0, 5), ('base', 5, 6)]
+        >>> steps = StageSchedule([{"name": "b", "start_step": 0}], total_steps=6)
+        >>> [(r.name, r.start_epoch, r.end_epoch) for r in run_of(steps, None, 10).timeline()]
+        [('b', 0, 6), ('base', 6, 10)]
     """
-    total = schedule.total_epochs
-    if schedule.unit != "epoch" or run_epochs is None or total is None or run_epochs == total:
+    step = schedule.unit == "step"
+    total, run = (schedule.total_steps, run_steps) if step else (schedule.total_epochs, run_epochs)
+    if run is None or total is None or run == total:
         return schedule
-    stages = [s if s.end_epoch is not None else dataclasses.replace(s, end_epoch=total) for s in schedule.stages]
+    stages = [s if (s.end_step if step else s.end_epoch) is not None else
+              dataclasses.replace(s, end_step=total) if step else dataclasses.replace(s, end_epoch=total)
+              for s in schedule.stages]
     return StageSchedule._checked_elsewhere(stages, schedule.loss_weights, schedule.distillation, schedule.lambda_coef,
-                                            run_epochs, schedule.total_steps)
+                                            schedule.total_epochs if step else run, run if step else schedule.total_steps)
 
 
 def given_schedule(
