@@ -121,7 +121,8 @@ class MetricVerdict:
 
     Attributes:
         metric: the metric's label.
-        ranking: ``(schedule, mean, std, runs)`` best first.
+        ranking: ``(schedule, mean, std, runs)`` over its own finished seeds, best first by the paired differences
+            (:func:`_paired_order`): by ``mean`` when every schedule has the same seeds.
         comparisons: the best against each other schedule, in ranking order.
         winner: the best schedule when every interval excludes 0, else ``None``.
         tied: the schedules the data cannot separate from the best (with the best first), empty with a winner.
@@ -197,6 +198,26 @@ def _paired_tests(stats: Any, best: str, others: list[str], scores: Mapping[str,
     return [out[i] for i in range(m)]
 
 
+def _paired_order(ranking: list[Any], scores: Mapping[str, Mapping[int, float]], sign: float) -> list[Any]:
+    """``ranking`` (by own means) reordered by the mean paired differences on each pair's shared seeds: each place goes
+    to the first remaining schedule no remaining one is ahead of, else (a cycle: the pairs' seeds differ) to the one
+    whose largest deficit is the smallest. With the same seeds everywhere those are the means' differences: no change.
+    """
+    if len({frozenset(scores[r[0]]) for r in ranking}) <= 1:
+        return ranking
+
+    def deficit(name: str, rest: list[Any]) -> float:  # how far the furthest other is ahead (as in _paired_tests)
+        both = {o: sorted(set(scores[name]) & set(scores[o])) for o, *_ in rest if o != name}
+        ahead = [statistics.fmean([sign * (scores[o][s] - scores[name][s]) for s in b]) for o, b in both.items() if b]
+        return max([0.0, *ahead])
+
+    order: list[Any] = []
+    rest = list(ranking)
+    while rest:  # min: the first of the smallest deficits, in the order of the own means
+        order.append(rest.pop(rest.index(min(rest, key=lambda r: deficit(r[0], rest)))))
+    return order
+
+
 def _fmt(value: float) -> str:
     return f"{value:.3f}" if math.isfinite(value) else "unknown"
 
@@ -243,10 +264,22 @@ def _undecided_text(metric: str, best: str, comparisons: list[PairedComparison],
             f"of {_fmt(closest.difference)}, {needed}.")
 
 
+def _ahead_text(metric: str, best: str, ahead: list[PairedComparison], alpha: float) -> str:
+    parts = "; ".join(f"{c.other} is {_fmt(-c.difference)} ahead of it (interval {_fmt(-c.high)} to {_fmt(-c.low)} "
+                      f"over {c.seeds} seed{'s' * (c.seeds != 1)}, Holm-adjusted p = {c.p_holm:.3g}, "
+                      f"{'' if c.seeds > 1 and c.p_holm < alpha else 'not '}separated)" for c in ahead)
+    return (f"No winner on {metric}: the schedules finished different seeds (failed or not finite runs), and on the "
+            "seeds each pair finished every schedule is behind another, so the paired differences rank none first. "
+            f"Compared with **{best}**, the one with the smallest such deficit: {parts}.")
+
+
 def paired_verdict(scores: Mapping[str, Mapping[int, float]], metric: str = "test IoU",
                    higher_is_better: bool = True, alpha: float = 0.05,
                    seeds_run: Optional[Sequence[int]] = None) -> MetricVerdict:
     """Rank the schedules by mean and test the best against each other schedule on the per-seed differences.
+
+    The best is the schedule no other is ahead of on the seeds both finished (:func:`_paired_order`): the one with
+    the best mean when every schedule has the same seeds; after failed (or nan) runs the own means compare other seeds.
 
     For each other schedule, the differences ``best - other`` (``other - best`` when lower is better) on the seeds
     both finished give a mean and a t interval over the seeds. The Holm procedure orders the comparisons by p-value
@@ -297,11 +330,15 @@ def _paired_verdict(scores: Mapping[str, Mapping[int, float]], metric: str, high
             vals = list(values.values())
             ranking.append((name, statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)))
     ranking.sort(key=lambda r: sign * r[1], reverse=True)
+    ranking = _paired_order(ranking, scores, sign)
     if len(ranking) < 2:
         return MetricVerdict(metric, ranking, [], None, [r[0] for r in ranking],
                              f"Only {len(ranking)} schedule has results on {metric}; nothing to compare.")
     best = ranking[0][0]
     comparisons = _paired_tests(stats, best, [r[0] for r in ranking[1:]], scores, sign, alpha)
+    if ahead := [c for c in comparisons if c.difference < 0]:  # only when every schedule is behind another
+        tied = [best] + [c.other for c in comparisons if not c.separated and not (c.seeds > 1 and c.p_holm < alpha)]
+        return MetricVerdict(metric, ranking, comparisons, None, tied, _ahead_text(metric, best, ahead, alpha))
     if all(c.separated for c in comparisons):
         worst = max(comparisons, key=lambda c: c.p_holm)
         text = (f"**{best}** is best on {metric}: every paired interval excludes 0; the closest, {worst.other}, is "
