@@ -79,6 +79,11 @@ def restore_best_problems(averaging: list[tuple[str, str]], schedule: StageSched
             for index, stage in enumerate(schedule.stages) if stage.restore_best]
 
 
+def _minimum(trainer: pl.Trainer, unit: str) -> int:
+    """Where the Trainer may stop at the earliest, in ``unit``: its ``min_steps`` or ``min_epochs`` (0: anywhere)."""
+    return (trainer.min_steps if unit == "step" else trainer.min_epochs) or 0
+
+
 class AdaptiveStages:
     """The run-time state of plateau-ended and ``restore_best`` stages (see the module's docstring).
 
@@ -144,9 +149,15 @@ class AdaptiveStages:
         cap = schedule.end_of(stage)
         if ends and (cap is None or end < cap):
             self.transitions[index] = end
-            if schedule.unit == "step" and self._ends_run(schedule, index):  # nothing follows: stop here
-                self.transitions[index] = position
-                trainer.should_stop = True
+            if self._ends_run(schedule, index):  # nothing follows: the run stops, where the Trainer lets it stop
+                # (Trainer(min_epochs=...) or min_steps trains on, as after EarlyStopping: so does this stage)
+                stop = max(position if schedule.unit == "step" else end, _minimum(trainer, schedule.unit))
+                if cap is not None and stop >= cap:  # not before the stage's own end: it runs to it
+                    del self.transitions[index]
+                    return False
+                self.transitions[index] = stop
+                if schedule.unit == "step":  # (an epoch stage stops at its last epoch's end: at_epoch_end)
+                    trainer.should_stop = True
             return schedule.unit == "step"
         if self.transitions.get(index) == end:  # an improvement later in the same epoch
             del self.transitions[index]
