@@ -232,3 +232,19 @@ def test_when_every_schedule_is_behind_another_the_verdict_says_so() -> None:
     assert "indistinguishable" not in result.text and not NEGATIVE_GAP.search(result.text)
     assert result.text.startswith("No winner on test IoU: the schedules finished different seeds")
     assert f"{other.other} is {-other.difference:.3f} ahead of it" in result.text and "separated)" in result.text
+
+
+def test_equal_means_over_the_same_seeds_are_a_tie_not_every_schedule_behind_another():
+    # the same values in another seed order: equal means, and a mean paired difference of about -1e-17 (rounding)
+    result = paired_verdict({"x": {0: 0.1, 1: 0.7, 2: 0.2}, "y": {0: 0.7, 1: 0.2, 2: 0.1}}, "test IoU")
+    assert result.winner is None and "finished different seeds" not in result.text, result.text
+    assert result.text.startswith("No winner on test IoU: the data cannot separate **y** from the best mean (**x**)")
+
+
+def test_a_best_by_shared_seeds_is_not_called_the_best_mean():
+    nan = float("nan")
+    a = {0: 0.5, 1: 0.6, 2: 0.7, 3: 0.8, 4: nan}  # a's own mean (0.65) is over seeds 0-3 only
+    b = {0: 0.51, 1: 0.58, 2: 0.72, 3: 0.81, 4: 0.10}  # ahead of a by 0.005 on the seeds both finished
+    result = paired_verdict({"a": a, "b": b}, "test IoU")
+    assert [r[0] for r in result.ranking] == ["b", "a"] and result.winner is None
+    assert "the best on the seeds each pair finished (**b**)" in result.text and "best mean" not in result.text

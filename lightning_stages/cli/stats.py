@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from lightning_stages.cli.verdict_text import POWER, ahead_text, fmt, left_out_text, undecided_text
+
 __all__ = [
     "SCIPY_HINT",
     "TEST_SENTENCE",
@@ -36,7 +38,6 @@ TEST_SENTENCE = (
     "order, so pairing removes the seed-to-seed spread that an unpaired comparison of mean ± std would count as noise."
 )
 #: power with which :attr:`PairedComparison.detectable` and :attr:`PairedComparison.seeds_needed` detect a gap
-POWER = 0.8
 _MAX_SEEDS = 1000
 _LOWER_IS_BETTER = ("loss", "err", "mse", "mae", "rmse", "nll", "ece", "perplexity", "time", "seconds")
 _LOWER_WORDS = ("ppl", "wer", "cer")  # only as whole words ("power" is no word error rate)
@@ -205,11 +206,12 @@ def _paired_order(ranking: list[Any], scores: Mapping[str, Mapping[int, float]],
     """
     if len({frozenset(scores[r[0]]) for r in ranking}) <= 1:
         return ranking
+    tol = _tolerance(scores)
 
     def deficit(name: str, rest: list[Any]) -> float:  # how far the furthest other is ahead (as in _paired_tests)
         both = {o: sorted(set(scores[name]) & set(scores[o])) for o, *_ in rest if o != name}
         ahead = [statistics.fmean([sign * (scores[o][s] - scores[name][s]) for s in b]) for o, b in both.items() if b]
-        return max([0.0, *ahead])
+        return max([0.0, *(a for a in ahead if a > tol)])  # a rounding difference is no lead
 
     order: list[Any] = []
     rest = list(ranking)
@@ -218,59 +220,9 @@ def _paired_order(ranking: list[Any], scores: Mapping[str, Mapping[int, float]],
     return order
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.3f}" if math.isfinite(value) else "unknown"
-
-
-def _seeds_text(seeds: Sequence[int]) -> str:
-    return f"seed{'s' if len(seeds) != 1 else ''} {', '.join(map(str, seeds))}"
-
-
-def _few_pairs_text(metric: str, best: str, closest: PairedComparison, scores: Mapping[str, Mapping[int, float]],
-                    seeds_run: Sequence[int]) -> str:
-    """Why fewer than two paired seeds name no winner: one seed was run, or runs failed (or were not finite)."""
-    if len(seeds_run) < 2:
-        return (f"With one seed per schedule the spread across seeds is unknown, so no winner is named on {metric} "
-                "(run with --seeds 3 or more).")
-    missing = [f"{name} {_seeds_text(lost)}" for name in (best, closest.other)
-               if (lost := [s for s in seeds_run if s not in scores[name]])]
-    return (f"Only {closest.seeds} of the {len(seeds_run)} seeds run {'has' if closest.seeds == 1 else 'have'} a "
-            f"finite result for both {best} and {closest.other} (none for {'; '.join(missing)}: failed, or not "
-            f"finite), so the spread of their paired differences is unknown and no winner is named on {metric}. A "
-            "rerun into the same --out trains the failed runs again.")
-
-
-def _left_out_text(left_out: Sequence[tuple[str, int, float]]) -> str:
-    runs = ", ".join(f"{name} seed {seed} ({value})" for name, seed, value in left_out)
-    return f" Left out as not finite: {runs}."
-
-
-def _undecided_text(metric: str, best: str, comparisons: list[PairedComparison], tied: list[str],
-                    scores: Mapping[str, Mapping[int, float]], seeds_run: Sequence[int]) -> str:
-    open_ = [c for c in comparisons if not c.separated]
-    names = ", ".join(f"**{c.other}**" for c in open_)
-    closest = min(open_, key=lambda c: c.difference if math.isfinite(c.difference) else math.inf)
-    text = (f"No winner on {metric}: the data cannot separate {names} from the best mean (**{best}**), so the "
-            f"schedules {', '.join(tied)} are indistinguishable on this budget")
-    if closest.seeds < 2:
-        return _few_pairs_text(metric, best, closest, scores, seeds_run)
-    if closest.spread == 0 and closest.difference == 0:
-        return text + f". {closest.other} gave the same value as {best} on each of the {closest.seeds} seeds."
-    needed = (f"about {closest.seeds_needed} seeds would detect it" if closest.seeds_needed is not None
-              else "no number of seeds up to 1000 would detect it")
-    return (text + f". Closest: {closest.other}, {_fmt(closest.difference)} behind (interval {_fmt(closest.low)} to "
-            f"{_fmt(closest.high)}). At {closest.seeds} seeds the observed paired spread ({_fmt(closest.spread)}) "
-            f"detects differences of {_fmt(closest.detectable)} or more with {POWER:.0%} power; for the observed gap "
-            f"of {_fmt(closest.difference)}, {needed}.")
-
-
-def _ahead_text(metric: str, best: str, ahead: list[PairedComparison], alpha: float) -> str:
-    parts = "; ".join(f"{c.other} is {_fmt(-c.difference)} ahead of it (interval {_fmt(-c.high)} to {_fmt(-c.low)} "
-                      f"over {c.seeds} seed{'s' * (c.seeds != 1)}, Holm-adjusted p = {c.p_holm:.3g}, "
-                      f"{'' if c.seeds > 1 and c.p_holm < alpha else 'not '}separated)" for c in ahead)
-    return (f"No winner on {metric}: the schedules finished different seeds (failed or not finite runs), and on the "
-            "seeds each pair finished every schedule is behind another, so the paired differences rank none first. "
-            f"Compared with **{best}**, the one with the smallest such deficit: {parts}.")
+def _tolerance(scores: Mapping[str, Mapping[int, float]]) -> float:
+    """A mean difference this small is rounding, not a lead (equal means over other seed orders)."""
+    return 1e-12 * max([1.0, *(abs(v) for values in scores.values() for v in values.values())])
 
 
 def paired_verdict(scores: Mapping[str, Mapping[int, float]], metric: str = "test IoU",
@@ -316,7 +268,7 @@ def paired_verdict(scores: Mapping[str, Mapping[int, float]], metric: str = "tes
               for name, values in scores.items()}
     seeds = sorted(set().union(*scores.values())) if seeds_run is None else sorted(set(seeds_run))
     result = _paired_verdict(finite, metric, higher_is_better, alpha, seeds)
-    return dataclasses.replace(result, left_out=left_out, text=result.text + _left_out_text(left_out)) if left_out \
+    return dataclasses.replace(result, left_out=left_out, text=result.text + left_out_text(left_out)) if left_out \
         else result
 
 
@@ -336,15 +288,18 @@ def _paired_verdict(scores: Mapping[str, Mapping[int, float]], metric: str, high
                              f"Only {len(ranking)} schedule has results on {metric}; nothing to compare.")
     best = ranking[0][0]
     comparisons = _paired_tests(stats, best, [r[0] for r in ranking[1:]], scores, sign, alpha)
-    if ahead := [c for c in comparisons if c.difference < 0]:  # only when every schedule is behind another
+    reordered = len({frozenset(scores[r[0]]) for r in ranking}) > 1  # the seeds differ: ranked by shared seeds
+    if reordered and (ahead := [c for c in comparisons if c.difference < -_tolerance(scores)]):  # every one is behind
         tied = [best] + [c.other for c in comparisons if not c.separated and not (c.seeds > 1 and c.p_holm < alpha)]
-        return MetricVerdict(metric, ranking, comparisons, None, tied, _ahead_text(metric, best, ahead, alpha))
+        return MetricVerdict(metric, ranking, comparisons, None, tied, ahead_text(metric, best, ahead, alpha))
     if all(c.separated for c in comparisons):
         worst = max(comparisons, key=lambda c: c.p_holm)
         text = (f"**{best}** is best on {metric}: every paired interval excludes 0; the closest, {worst.other}, is "
-                f"{_fmt(worst.difference)} behind (interval {_fmt(worst.low)} to {_fmt(worst.high)} over "
+                f"{fmt(worst.difference)} behind (interval {fmt(worst.low)} to {fmt(worst.high)} over "
                 f"{worst.seeds} seeds, Holm-adjusted p = {worst.p_holm:.3g}).")
         return MetricVerdict(metric, ranking, comparisons, best, [], text)
     tied = [best] + [c.other for c in comparisons if not c.separated]
-    return MetricVerdict(metric, ranking, comparisons, None, tied,
-                         _undecided_text(metric, best, comparisons, tied, scores, seeds_run))
+    text = undecided_text(metric, best, comparisons, tied, scores, seeds_run)
+    return MetricVerdict(metric, ranking, comparisons, None, tied, text.replace(
+        f"from the best mean (**{best}**)", f"from the best on the seeds each pair finished (**{best}**)", 1)
+        if reordered else text)
