@@ -23,9 +23,9 @@ class Edits(pl.LightningModule):
     \"\"\"test/score = bias + 0.01 * seed; the run of seed 0 edits the config `edit` once (bias 0.1 -> 0.7) as it
     ends, as a user editing the file while the comparison runs.\"\"\"
 
-    def __init__(self, bias: float = 0.0, edit: str = "") -> None:
+    def __init__(self, bias: float = 0.0, edit: str = "", cache_file: str = "") -> None:
         super().__init__()
-        self.bias, self.edit = bias, edit
+        self.bias, self.edit, self.cache_file = bias, edit, cache_file
         self.layer = torch.nn.Linear(2, 1)
 
     def train_dataloader(self):
@@ -40,6 +40,8 @@ class Edits(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         seed = int(os.environ["PL_GLOBAL_SEED"])
         self.log("test/score", self.bias + 0.01 * seed)
+        if self.cache_file:  # a file the config names, which the run writes (no edit of the user's)
+            Path(self.cache_file).write_text(f"written by the run of seed {seed}")
         marker = Path(self.edit + ".edited")
         if seed == 0 and self.edit and not marker.exists():
             marker.write_text("")
@@ -78,3 +80,16 @@ def test_runs_of_a_config_edited_during_the_compare_are_not_kept_and_a_later_com
     third = _compare(config, tmp_path / "out")
     assert third.trained == 0
     assert [run.metrics["test/score"] for run in third.runs["labels"]] == pytest.approx([0.1, 0.11])
+
+
+def test_a_file_the_config_names_and_the_run_writes_is_no_edit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "compare_edit_model.py").write_text(MODEL)
+    (tmp_path / "cache.txt").write_text("there before the compare")
+    config = tmp_path / "labels.yaml"
+    config.write_text("trainer: {max_epochs: 1, logger: false, enable_checkpointing: false, accelerator: cpu, "
+                      "devices: 1, enable_progress_bar: false}\n"
+                      "model: {class_path: compare_edit_model.Edits, init_args: {bias: 0.1, cache_file: cache.txt}}\n")
+    result = _compare(config, tmp_path / "out")
+    assert [run.error for run in result.runs["labels"]] == [None, None]
+    assert [run.metrics["test/score"] for run in result.runs["labels"]] == pytest.approx([0.1, 0.11])

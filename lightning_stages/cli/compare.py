@@ -23,6 +23,7 @@ from lightning_stages.cli.compare_report import RunOutcome, metric_verdict, plot
 from lightning_stages.cli.launchers import LocalLauncher, RayLauncher, default_jobs
 from lightning_stages.cli.lightning_config import add_working_directory_to_path, schedule_of_config
 from lightning_stages.cli.like_for_like import like_for_like_differences
+from lightning_stages.cli.run_edits import edit_fingerprint
 from lightning_stages.cli.run_fingerprint import run_fingerprints
 from lightning_stages.cli.run_store import (
     LOCK_FILE,
@@ -46,7 +47,7 @@ from lightning_stages.schedule.seed_format import load_config
 
 __all__ = ["AUTO_START_SEEDS", "LOCK_FILE", "CompareResult", "OutputInUseError", "run_compare"]
 
-_CHANGED = "ChangedDuringCompare: its config, a file it names or the model's code changed while the compare ran"
+_CHANGED = "ChangedDuringCompare: its config (or a config file it names) or the model's code changed while it ran"
 #: ``--seeds auto`` starts with this many seeds (or ``max_seeds`` if fewer), then adds one per round
 AUTO_START_SEEDS = 3
 @dataclass
@@ -259,6 +260,7 @@ def run_compare(
         # code (or the modules it imports) counted, reused when the rest matches
         accepted = {name: run_fingerprints(*source) for name, source in sources.items()}
         fingerprints = {name: found[0] for name, found in accepted.items()}
+        edits = {name: edit_fingerprint(*source) for name, source in sources.items()}  # taken again after each run
         runs: dict[str, dict[int, RunOutcome]] = {name: {} for name in names}
         pool = (RayLauncher(ray_num_cpus, ray_num_gpus) if launcher == "ray"
                 else LocalLauncher(jobs if jobs is not None else default_jobs()))
@@ -299,7 +301,7 @@ def run_compare(
                 outcomes = pool.run(todo)
                 try:
                     for outcome in outcomes:
-                        if outcome.error is None and run_fingerprints(*sources[outcome.schedule]) != accepted[
+                        if outcome.error is None and edit_fingerprint(*sources[outcome.schedule]) != edits[
                                 outcome.schedule]:  # it may have trained either version: not kept
                             outcome = replace(outcome, metrics={}, error=_CHANGED)
                         record_result(run_dir(out, outcome.schedule, outcome.seed), outcome,
