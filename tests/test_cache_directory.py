@@ -93,3 +93,14 @@ def test_a_sparse_teacher_output_is_refused_naming_it():
     with pytest.raises(DistillationStepError, match=r"`output of teacher 't'` = 'sparse_coo': is a sparse_coo tensor, "
                                                     r"which the cache cannot store; make it dense"):
         cache.store([0, 1], {"t": sparse}, {}, inputs=x)
+
+
+def test_a_lock_file_made_before_without_the_shared_bits_gets_them(tmp_path):
+    directory = tmp_path / "team"
+    directory.mkdir()
+    directory.chmod(0o2775)
+    lock = directory / ".teacher_cache.lock"
+    lock.write_text("")
+    lock.chmod(0o644)  # as an earlier version, or a run before the directory was shared, made it
+    TeacherCache(directory).bind("teacher")
+    assert lock.stat().st_mode & stat.S_IWGRP

@@ -54,9 +54,9 @@ def _shared_bits(directory: str) -> int:
 
 
 def share_like_directory(path: str, directory: str) -> None:
-    """Give the subdirectory ``path`` the write bits ``directory`` has for its group and others, whatever this
-    process's umask (a team's directory, mode 2775: the other members' processes then use the key too); a
-    subdirectory of another user is left as it is."""
+    """Give ``path`` (a key's subdirectory, the lock file) the write bits ``directory`` has for its group and others,
+    whatever this process's umask (a team's directory, mode 2775: the other members' processes then use it too); one
+    of another user is left as it is."""
     with contextlib.suppress(OSError):
         if (bits := _shared_bits(directory)) and os.stat(path).st_uid == os.geteuid():
             os.chmod(path, stat.S_IMODE(os.stat(path).st_mode) | bits)
@@ -65,9 +65,10 @@ def share_like_directory(path: str, directory: str) -> None:
 def directory_lock(directory: str) -> FileLock:
     """The lock of ``directory`` (``.teacher_cache.lock``), held while key subdirectories are made or deleted. Its
     file is as writable for the group and others as the directory is, whatever the umask of the process that made it:
-    another user who may write in the directory may also lock it."""
-    return FileLock(os.path.join(directory, ".teacher_cache.lock"), mode=0o644 | _shared_bits(directory),
-                    thread_local=False)
+    another user who may write in the directory may also lock it (a lock file made before, by this user: made so)."""
+    path = os.path.join(directory, ".teacher_cache.lock")
+    share_like_directory(path, directory)  # filelock gives the mode to a file it makes only
+    return FileLock(path, mode=0o644 | _shared_bits(directory), thread_local=False)
 
 
 def drop_unused(directory: str) -> None:
