@@ -151,3 +151,12 @@ def test_a_file_where_out_runs_goes_exits_2_with_one_line(here: Path, capsys: py
     with pytest.raises(OutputInUseError, match="is not a folder"):
         compare([config], here / "out")
     assert not (here / "nowhere").exists()
+
+
+def test_a_config_given_twice_with_a_name_near_the_limit_stays_within_it(tmp_path: Path) -> None:
+    config = f"c/{'q' * 245}.yaml"  # told apart by a hash: "q...q-<8 hex>", 254 bytes; the second one's "_2" more
+    names = schedule_names([config, config])
+    assert len(names[0].encode()) == 254 and names[1] != names[0]
+    assert all(len(name.encode()) <= 255 for name in names), [len(n) for n in names]  # before: 254, then 256
+    for name in names:
+        run_dir(tmp_path, name, 0).mkdir(parents=True)

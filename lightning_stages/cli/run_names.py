@@ -108,6 +108,6 @@ def schedule_names(configs: Sequence[Union[str, os.PathLike]]) -> list[str]:
         unique, k = names[i], 1
         while unique in out.values() or (unique != names[i] and unique in names):
             k += 1
-            unique = f"{names[i]}_{k}"
+            unique = folder_name(f"{names[i]}_{k}")  # a name near the limit: shortened, not past it
         out[i] = unique
     return [out[i] for i in range(len(paths))]
