@@ -279,3 +279,10 @@ def test_show_of_a_step_schedule_file_in_a_longer_run_shows_the_base_after_it(tm
     assert main(["show", str(config), "--stages", str(seed)]) == 0
     out = capsys.readouterr().out
     assert "(kd [0, 3), ft [3, 6), base [6, 10))" in out, out
+
+
+def test_a_misspelt_argument_of_a_callback_subclass_gets_a_did_you_mean(tmp_path, capsys, monkeypatch):
+    config = _preset_config(tmp_path, monkeypatch, "{prest: kd_then_ft}")
+    assert main(["validate", str(config)]) == 2
+    assert ("trainer.callbacks[0] (PresetStages): `prest` = 'kd_then_ft': is not an argument of PresetStages; did "
+            "you mean `preset`?") in capsys.readouterr().err

@@ -120,13 +120,23 @@ def _callback_entries(data: Mapping[str, Any], import_modules: bool = True
     return found, problems
 
 
-def _callback_schedule(init_args: Mapping[str, Any], position: int, cls: type = StageScheduleCallback
+def _callback_schedule(init_args: Mapping[str, Any], position: int,
+                       cls: type[StageScheduleCallback] = StageScheduleCallback
                        ) -> tuple[StageSchedule, Optional[dict[str, float]]]:
     """The schedule and weight overrides ``StageScheduleCallback(**init_args)`` would hold, built without it; unknown
     arguments reported like any other schedule problem. A subclass ``cls`` is built (its ``__init__`` may take other
     arguments, or give the schedule itself), as ``fit`` builds it."""
     where = f"trainer.callbacks[{position}] ({cls.__name__})"
+    parameters = inspect.signature(cls.__init__).parameters  # a subclass's own (**kwargs: any name)
+    accepted = [p for p in parameters if p != "self" and parameters[p].kind != inspect.Parameter.VAR_KEYWORD]
+    problems = [
+        StageProblem(f"is not an argument of {cls.__name__}", name=where, field=str(key), value=value,
+                     hint=did_you_mean(str(key), accepted) or f"the arguments are: {', '.join(accepted)}")
+        for key, value in init_args.items() if key not in accepted and len(accepted) + 1 == len(parameters)
+    ]
     if cls is not StageScheduleCallback:
+        if problems:
+            raise StageConfigError(problems)
         try:
             built = cls(**as_the_parser_reads(cls, init_args))
         except StageConfigError:
@@ -135,12 +145,6 @@ def _callback_schedule(init_args: Mapping[str, Any], position: int, cls: type = 
             raise StageConfigError(StageProblem(f"cannot be built from its init_args ({type(err).__name__}: {err})",
                                                 name=where, field="init_args", value=dict(init_args))) from None
         return built.schedule, built.base_loss_weights
-    accepted = [p for p in inspect.signature(StageScheduleCallback.__init__).parameters if p != "self"]
-    problems = [
-        StageProblem("is not an argument of StageScheduleCallback", name=where, field=str(key), value=value,
-                     hint=did_you_mean(str(key), accepted) or f"the arguments are: {', '.join(accepted)}")
-        for key, value in init_args.items() if key not in accepted
-    ]
     if "best_weights" in init_args and (problem := best_weights_problem(init_args["best_weights"], where)):
         problems.append(problem)
     verbose = as_the_parser_reads(StageScheduleCallback, {"verbose": init_args.get("verbose", True)})["verbose"]
