@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_compare_faults import MODEL as FAULT_MODEL
 
 from lightning_stages.cli.compare import run_compare
 from lightning_stages.cli.run_store import RESULT_FILE
@@ -14,32 +15,20 @@ MODEL = """
 import os
 from pathlib import Path
 
-import lightning.pytorch as pl
-import torch
-from torch.utils.data import DataLoader, TensorDataset
+from compare_fault_model import Fault
 
 
-class Edits(pl.LightningModule):
-    \"\"\"test/score = bias + 0.01 * seed; the run of seed 0 edits the config `edit` once (bias 0.1 -> 0.7) as it
-    ends, as a user editing the file while the comparison runs.\"\"\"
+class Edits(Fault):
+    \"\"\"``Fault`` (test/score = bias + 0.01 * seed); the run of seed 0 edits the config `edit` once (bias 0.1 -> 0.7)
+    as it ends, as a user editing the file while the comparison runs; every run writes `cache_file`.\"\"\"
 
     def __init__(self, bias: float = 0.0, edit: str = "", cache_file: str = "") -> None:
-        super().__init__()
-        self.bias, self.edit, self.cache_file = bias, edit, cache_file
-        self.layer = torch.nn.Linear(2, 1)
-
-    def train_dataloader(self):
-        return DataLoader(TensorDataset(torch.ones(4, 2)), batch_size=2)
-
-    def test_dataloader(self):
-        return self.train_dataloader()
-
-    def training_step(self, batch, batch_idx):
-        return self.layer(batch[0]).sum()
+        super().__init__(bias=bias)
+        self.edit, self.cache_file = edit, cache_file
 
     def test_step(self, batch, batch_idx):
+        super().test_step(batch, batch_idx)
         seed = int(os.environ["PL_GLOBAL_SEED"])
-        self.log("test/score", self.bias + 0.01 * seed)
         if self.cache_file:  # a file the config names, which the run writes (no edit of the user's)
             Path(self.cache_file).write_text(f"written by the run of seed {seed}")
         marker = Path(self.edit + ".edited")
@@ -47,10 +36,12 @@ class Edits(pl.LightningModule):
             marker.write_text("")
             config = Path(self.edit)
             config.write_text(config.read_text().replace("bias: 0.1", "bias: 0.7"))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 """
+
+
+def _modules(folder: Path) -> None:
+    (folder / "compare_fault_model.py").write_text(FAULT_MODEL)
+    (folder / "compare_edit_model.py").write_text(MODEL)
 
 
 def _compare(config: Path, out: Path):
@@ -61,7 +52,7 @@ def _compare(config: Path, out: Path):
 def test_runs_of_a_config_edited_during_the_compare_are_not_kept_and_a_later_compare_trains_them(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "compare_edit_model.py").write_text(MODEL)
+    _modules(tmp_path)
     config = tmp_path / "labels.yaml"
     original = ("trainer: {max_epochs: 1, logger: false, enable_checkpointing: false, accelerator: cpu, devices: 1, "
                 "enable_progress_bar: false}\n"
@@ -84,7 +75,7 @@ def test_runs_of_a_config_edited_during_the_compare_are_not_kept_and_a_later_com
 
 def test_a_file_the_config_names_and_the_run_writes_is_no_edit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "compare_edit_model.py").write_text(MODEL)
+    _modules(tmp_path)
     (tmp_path / "cache.txt").write_text("there before the compare")
     config = tmp_path / "labels.yaml"
     config.write_text("trainer: {max_epochs: 1, logger: false, enable_checkpointing: false, accelerator: cpu, "

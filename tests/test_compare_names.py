@@ -6,43 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_compare_faults import fault_config
 
 from lightning_stages.cli import main
 from lightning_stages.cli.compare import OutputInUseError, run_compare
 from lightning_stages.cli.compare_report import RunOutcome
 from lightning_stages.cli.run_store import RESULT_FILE, load_result, run_dir, save_result, schedule_names
 
-MODEL = """
-import os
-
-import lightning.pytorch as pl
-import torch
-from torch.utils.data import DataLoader, TensorDataset
-
-
-class Named(pl.LightningModule):
-    \"\"\"test/score = bias + 0.01 * seed.\"\"\"
-
-    def __init__(self, bias: float = 0.0) -> None:
-        super().__init__()
-        self.bias = bias
-        self.layer = torch.nn.Linear(2, 1)
-
-    def train_dataloader(self):
-        return DataLoader(TensorDataset(torch.ones(4, 2)), batch_size=2)
-
-    def test_dataloader(self):
-        return self.train_dataloader()
-
-    def training_step(self, batch, batch_idx):
-        return self.layer(batch[0]).sum()
-
-    def test_step(self, batch, batch_idx):
-        self.log("test/score", self.bias + 0.01 * int(os.environ["PL_GLOBAL_SEED"]))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-"""
 METRICS = ["test/score"]
 pytestmark = pytest.mark.filterwarnings("ignore:compare. not like for like")  # the configs differ in bias on purpose
 DOTS = ["seed_0", ".", "..", ".hidden"]  # the file names seed_0.yaml, ..yaml, ...yaml, .hidden.yaml without suffix
@@ -51,15 +21,8 @@ ACCENTS = "\u00e9" * 120  # 240 bytes
 
 
 def named_config(folder: Path, stem: str, bias: float = 0.0) -> Path:
-    """A config of the tiny ``Named`` model, at ``folder/<stem>.yaml`` (its module in the cwd, where compare imports
-    it from)."""
-    (Path.cwd() / "compare_names_model.py").write_text(MODEL)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{stem}.yaml"
-    path.write_text("trainer: {max_epochs: 1, logger: false, enable_checkpointing: false, accelerator: cpu, devices: 1, "
-                    "enable_progress_bar: false}\n"
-                    f"model: {{class_path: compare_names_model.Named, init_args: {{bias: {bias}}}}}\n")
-    return path
+    """A config of ``test_compare_faults``' tiny model (test/score = bias + 0.01 * seed) at ``folder/<stem>.yaml``."""
+    return fault_config(folder, stem, bias=bias)
 
 
 @pytest.fixture
