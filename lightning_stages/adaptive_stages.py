@@ -19,6 +19,7 @@ transitions by the pure :func:`~lightning_stages.schedule.transitions.with_trans
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -80,8 +81,14 @@ def restore_best_problems(averaging: list[tuple[str, str]], schedule: StageSched
 
 
 def _minimum(trainer: pl.Trainer, unit: str) -> int:
-    """Where the Trainer may stop at the earliest, in ``unit``: its ``min_steps`` or ``min_epochs`` (0: anywhere)."""
-    return (trainer.min_steps if unit == "step" else trainer.min_epochs) or 0
+    """Where the Trainer may stop at the earliest, in ``unit`` (0: anywhere): its ``min_epochs``; in steps, its
+    ``min_steps`` and the optimizer steps of its ``min_epochs`` epochs (Lightning sets ``min_epochs=1`` with any
+    ``min_steps``), counted from this fit's loader (not when it has no length)."""
+    if unit != "step":
+        return trainer.min_epochs or 0
+    batches = trainer.num_training_batches
+    per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else 0
+    return max(trainer.min_steps or 0, (trainer.min_epochs or 0) * per_epoch)
 
 
 class AdaptiveStages:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import trainer
-from test_adaptive_stages import Scripted
+from test_adaptive_stages import Scripted, data
 
 from lightning_stages import StageScheduleCallback
 
@@ -43,3 +43,29 @@ def test_a_step_stage_runs_until_min_steps_lets_the_run_stop(tmp_path):
     fit.fit(model)
     assert model.stage_of == dict.fromkeys(range(5), "kd")  # before: steps 6 to 9 (epochs 3, 4) trained as "base"
     assert fit.global_step == 10
+
+
+class OneLongEpoch(Scripted):
+    """6 optimizer steps an epoch (24 samples, batches of 4); each step's stage written down."""
+
+    def __init__(self, script):
+        super().__init__(script)
+        self.stage_at_step: dict[int, str] = {}
+
+    def train_dataloader(self):
+        return data(24, 0)
+
+    def record(self, batch, batch_idx, loss):
+        super().record(batch, batch_idx, loss)
+        self.stage_at_step[self.global_step] = self.stage_name
+
+
+def test_min_steps_inside_the_first_epoch_keeps_the_stage_to_the_epochs_end(tmp_path):
+    # Lightning sets min_epochs=1 with any min_steps: the run cannot stop before the first epoch ends (step 6)
+    stages = [{"name": "kd", "start_step": 0, "distillation": True, "monitor": "val/score", "patience": 1}]
+    model = OneLongEpoch([4.0] * 4)  # the same value at every validation: a plateau at the second (step 4)
+    fit = trainer(tmp_path, max_epochs=4, max_steps=12, min_steps=4, val_check_interval=2,
+                  callbacks=[StageScheduleCallback(stages, verbose=False)])
+    fit.fit(model)
+    assert model.stage_at_step == dict.fromkeys(range(6), "kd")  # before: steps 4 and 5 trained as "base"
+    assert fit.global_step == 6
