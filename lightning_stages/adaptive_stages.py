@@ -81,14 +81,14 @@ def restore_best_problems(averaging: list[tuple[str, str]], schedule: StageSched
 
 
 def _minimum(trainer: pl.Trainer, unit: str) -> int:
-    """Where the Trainer may stop at the earliest, in ``unit`` (0: anywhere): its ``min_epochs``; in steps, its
-    ``min_steps`` and the optimizer steps of its ``min_epochs`` epochs (Lightning sets ``min_epochs=1`` with any
-    ``min_steps``), counted from this fit's loader (not when it has no length)."""
-    if unit != "step":
-        return trainer.min_epochs or 0
-    batches = trainer.num_training_batches
+    """Where the Trainer may stop at the earliest, in ``unit`` (0: anywhere): after its ``min_epochs`` and its
+    ``min_steps`` (Lightning sets ``min_epochs=1`` with any ``min_steps``), the one converted to the other by this
+    fit's optimizer steps an epoch (not for a loader without a length: the other is then left out)."""
+    batches, epochs, steps = trainer.num_training_batches, trainer.min_epochs or 0, trainer.min_steps or 0
     per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else 0
-    return max(trainer.min_steps or 0, (trainer.min_epochs or 0) * per_epoch)
+    if unit == "step":
+        return max(steps, epochs * per_epoch)
+    return max(epochs, math.ceil(steps / per_epoch) if per_epoch else 0)
 
 
 class AdaptiveStages:

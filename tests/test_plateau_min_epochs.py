@@ -69,3 +69,12 @@ def test_min_steps_inside_the_first_epoch_keeps_the_stage_to_the_epochs_end(tmp_
     fit.fit(model)
     assert model.stage_at_step == dict.fromkeys(range(6), "kd")  # before: steps 4 and 5 trained as "base"
     assert fit.global_step == 6
+
+
+def test_min_steps_in_an_epoch_schedule_keeps_the_stage_until_those_steps(tmp_path):
+    stages = [{"name": "kd", "start_epoch": 0, "distillation": True, "monitor": "val/score", "patience": 1}]
+    model = Scripted(FLAT_AFTER_1)  # 2 optimizer steps an epoch; a plateau at epoch 2
+    fit = trainer(tmp_path, max_epochs=8, min_steps=9, callbacks=[StageScheduleCallback(stages, verbose=False)])
+    fit.fit(model)
+    assert model.stage_of == dict.fromkeys(range(5), "kd")  # 9 steps: 5 epochs of 2; before: epochs 3, 4 "base"
+    assert fit.current_epoch == 5
