@@ -15,30 +15,9 @@ from typing import Any, Optional
 
 import yaml
 
-from lightning_stages.cli.run_fingerprint import _NESTED, _digest, _named, source_digests
+from lightning_stages.cli.run_fingerprint import _digest, _referenced_files, source_digests
 
 __all__ = ["edit_fingerprint"]
-
-_MAX_NESTED = 64  # config files named by config files, at most (a file naming itself, or one another, counts once)
-
-
-def _parsed_configs(data: Any, folder: Path, parsed: list[Any], seen: set[Path]) -> None:
-    """Add to ``parsed`` the content of each YAML or JSON file that a string in ``data`` names (relative to the
-    working directory, or to ``folder``, the naming file's folder), and of the files those name in turn."""
-    for name in _named(data):
-        if not name.lower().endswith(_NESTED) or len(seen) >= _MAX_NESTED:
-            continue
-        for path in (Path(name), folder / name):
-            try:
-                resolved = path.resolve()
-                if resolved in seen or not resolved.is_file() or resolved.stat().st_size >= 1 << 20:
-                    continue
-                seen.add(resolved)
-                nested = yaml.safe_load(resolved.read_text(encoding="utf-8"))
-            except (OSError, ValueError, RecursionError, yaml.YAMLError):
-                continue
-            parsed.append(nested)
-            _parsed_configs(nested, resolved.parent, parsed, seen)
 
 
 def edit_fingerprint(config: Path, stages: Optional[str]) -> str:
@@ -55,8 +34,13 @@ def edit_fingerprint(config: Path, stages: Optional[str]) -> str:
         >>> _ = (d / "cache.pt").write_bytes(b"written by the run")
         >>> edit_fingerprint(config, None) == before
         True
-        >>> _ = config.write_text("data: {cache_file: other.pt}")
+        >>> _ = config.write_text("data: {cache_file: other.pt}\\nmodel: model.yaml")
         >>> edit_fingerprint(config, None) == before
+        False
+        >>> _ = (d / "model.yaml").write_text("init_args: {lr: 0.1}")
+        >>> with_model = edit_fingerprint(config, None)
+        >>> _ = (d / "model.yaml").write_text("init_args: {lr: 0.3}")  # a nested config edited
+        >>> edit_fingerprint(config, None) == with_model
         False
     """
     parts: dict[str, Any] = {}
@@ -71,5 +55,6 @@ def edit_fingerprint(config: Path, stages: Optional[str]) -> str:
             continue
         parts[key] = data
         parsed.append(data)
-        _parsed_configs(data, Path(path).resolve().parent, parsed, {Path(path).resolve()})
+        # the config files it names, read into `parsed` (the other files it names: not read)
+        _referenced_files(data, Path(path).resolve().parent, {Path(path).resolve()}, parsed, contents=False)
     return _digest({**parts, "nested": parsed, "code": source_digests(parsed)})

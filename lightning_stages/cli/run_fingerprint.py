@@ -222,13 +222,13 @@ _NESTED = (".yaml", ".yml", ".json")  # a named file read as a config of its own
 
 
 def _referenced_files(value: Any, base: Optional[Path] = None, seen: Optional[set[Path]] = None,
-                      parsed: Optional[list[Any]] = None) -> dict[str, str]:
+                      parsed: Optional[list[Any]] = None, contents: bool = True) -> dict[str, str]:
     """``{name: sha256}`` of every string in a config that names an existing file (a teacher checkpoint, say).
 
     A name counts relative to the working directory and, where it names another file there, relative to ``base``
     (the config's folder, where LightningCLI reads a nested config file ``model: model.yaml`` from); a named YAML or
     JSON file's own names count too, relative to its folder (``model.yaml > teacher.ckpt``); its parsed content is
-    added to ``parsed``.
+    added to ``parsed``. Without ``contents`` no file is hashed (``""`` for each): the nested configs alone are read.
     """
     seen = set() if seen is None else seen
     found: dict[str, str] = {}
@@ -240,7 +240,7 @@ def _referenced_files(value: Any, base: Optional[Path] = None, seen: Optional[se
             try:
                 if not path.is_file() or (prefix and here.is_file() and here.resolve() == path.resolve()):
                     continue
-                found[prefix + name] = _file_digest(path)
+                found[prefix + name] = _file_digest(path) if contents else ""
                 resolved = path.resolve()
                 if resolved.suffix.lower() in _NESTED and resolved not in seen and path.stat().st_size < 1 << 20:
                     seen.add(resolved)
